@@ -1,0 +1,290 @@
+"""The ``intake`` command line.
+
+Every command reads settings at run time (never at import), opens the broker for its duration
+and closes it. Errors are one line on stderr with a non-zero exit, never a traceback. Untrusted
+text is shown through :func:`intake.terminal.safe`; ``--json`` output is ASCII-escaped JSON.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from intake.errors import AuditBroken, IntakeError, InvalidInput
+from intake.models import Channel, Idea, IdeaDraft, Task
+from intake.runtime import Broker, open_broker
+from intake.settings import Settings, load_settings
+from intake.terminal import safe
+
+_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,39}$")
+
+
+def _out_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=True, sort_keys=True))
+
+
+@contextmanager
+def _broker() -> Iterator[Broker]:
+    with open_broker(load_settings()) as broker:
+        yield broker
+
+
+def local_identity(name: str | None) -> str:
+    """The CLI channel's requester: ``--as NAME`` for scripts, else the local user."""
+    user = name if name is not None else getpass.getuser()
+    if not _NAME.match(user):
+        raise InvalidInput(f"--as: {user!r} is not a valid name (a-z, 0-9, '.', '_', '-')")
+    return user
+
+
+def idea_json(idea: Idea) -> dict[str, Any]:
+    return idea.model_dump(mode="json")
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    """A task for display: the bearer token itself is never printed."""
+    data = task.model_dump(mode="json", exclude={"token"})
+    data["token"] = "present" if task.token else None
+    data["approvals_count"] = len(task.approvals)
+    return data
+
+
+def _print_idea(idea: Idea) -> None:
+    click.echo(f"{idea.id}  {idea.state.value}  from {safe(idea.requester)} via {idea.channel.value}")
+    if idea.task_id:
+        click.echo(f"task: {idea.task_id}")
+    if idea.reason:
+        click.echo(f"reason: {safe(idea.reason)}")
+    click.echo(f"title: {safe(idea.title)}")
+    click.echo("text (untrusted):")
+    for line in safe(idea.text).splitlines() or [""]:
+        click.echo(f"  | {line}")
+
+
+def _print_task(task: Task) -> None:
+    spec = task.spec
+    click.echo(f"{task.id}  {task.state.value}  {spec.repo} ({spec.change_type})  idea {task.idea_id}")
+    click.echo(f"spec {task.spec_hash}  policy {spec.policy_version[:12]}  tier {task.risk_tier}")
+    approvers = ", ".join(a.approver for a in task.approvals) or "none"
+    click.echo(f"approvals: {len(task.approvals)} of {task.required} ({approvers})")
+    if task.reason:
+        click.echo(f"reason: {safe(task.reason)}")
+    if task.result:
+        for key, value in sorted(task.result.items()):
+            click.echo(f"{key}: {safe(str(value))}")
+
+
+class IntakeGroup(click.Group):
+    """Translates every failure into one line on stderr and an exit code."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            rc = super().main(*args, **kwargs)
+        except IntakeError as exc:
+            click.echo(f"intake: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"intake: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("intake: aborted", err=True)
+            sys.exit(130)
+        except redis.RedisError as exc:
+            click.echo(f"intake: Redis error: {type(exc).__name__}", err=True)
+            sys.exit(1)
+        except Exception as exc:  # the last line of defence: still one line, no traceback
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"intake: internal error: {type(exc).__name__}: {first}", err=True)
+            sys.exit(70)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+@click.group(cls=IntakeGroup)
+@click.version_option(package_name="intake")
+def cli() -> None:
+    """intake: untrusted chat ideas in, step-up-approved agent tasks out."""
+
+
+def main() -> None:
+    cli.main(prog_name="intake")
+
+
+# -- serve -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--dev", is_flag=True, help="Dev mode: keys, example policy, embedded Redis and worker.")
+def serve(dev: bool) -> None:
+    """Run the broker's web app (GET /healthz, /readyz; channels mount here)."""
+    from intake.serve import run
+
+    run(load_settings(), dev=dev)
+
+
+# -- ideas -----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("text")
+@click.option("--as", "as_name", metavar="NAME", help="Requester name (for scripts); default: local user.")
+@click.option("--title", default="", help="A short title; default: the first line of TEXT.")
+@click.option("--delivery-id", help="Idempotency key: the same id twice files one idea.")
+@click.option("--json", "as_json", is_flag=True, help="Print the idea as JSON.")
+def idea(text: str, as_name: str | None, title: str, delivery_id: str | None, as_json: bool) -> None:
+    """File TEXT as an untrusted idea (the CLI channel). TEXT '-' reads standard input."""
+    if text == "-":
+        text = sys.stdin.read()
+    requester = f"cli:{local_identity(as_name)}"
+    try:
+        draft = IdeaDraft(
+            channel=Channel.CLI,
+            requester=requester,
+            delivery_id=delivery_id or f"cli-{uuid.uuid4()}",
+            text=text,
+            title=title,
+            provenance={"host_user": getpass.getuser()},
+        )
+    except ValueError as exc:
+        raise InvalidInput(f"invalid idea: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
+    with _broker() as broker:
+        captured, created = broker.store.capture(draft, ttl_s=broker.policy.clocks.idea_ttl)
+    if as_json:
+        _out_json({**idea_json(captured), "created": created})
+    else:
+        verb = "captured" if created else "already captured"
+        click.echo(f"{verb} {captured.id}: {safe(captured.title)}")
+
+
+@cli.command(name="list")
+@click.option("--all", "show_all", is_flag=True, help="Recent ideas in every state, not only pending.")
+@click.option("--tasks", is_flag=True, help="List tasks (open ones, or recent with --all).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
+    """List pending ideas (or tasks)."""
+    with _broker() as broker:
+        store = broker.store
+        if tasks:
+            items: list[Any] = store.recent_tasks(limit) if show_all else store.open_tasks()[:limit]
+        else:
+            items = store.recent_ideas(limit) if show_all else store.pending_ideas()[:limit]
+    if as_json:
+        _out_json([task_json(i) if tasks else idea_json(i) for i in items])
+        return
+    for item in items:
+        if tasks:
+            click.echo(f"{item.id}  {item.state.value:<18} {item.spec.repo} {item.spec.change_type}")
+        else:
+            click.echo(f"{item.id}  {item.state.value:<18} {safe(item.requester):<20} {safe(item.title)}")
+    if not items:
+        click.echo("nothing pending" if not show_all else "nothing yet")
+
+
+@cli.command()
+@click.argument("ident")
+@click.option("--json", "as_json", is_flag=True)
+def show(ident: str, as_json: bool) -> None:
+    """Show an idea (I-…) or a task (T-…)."""
+    with _broker() as broker:
+        if ident.startswith("T-"):
+            task = broker.store.get_task(ident)
+            _out_json(task_json(task)) if as_json else _print_task(task)
+        else:
+            found = broker.store.get_idea(ident)
+            _out_json(idea_json(found)) if as_json else _print_idea(found)
+
+
+# -- audit -----------------------------------------------------------------------------------
+@cli.group()
+def audit() -> None:
+    """The sealed audit log."""
+
+
+@audit.command()
+@click.option("--json", "as_json", is_flag=True)
+def verify(as_json: bool) -> None:
+    """Check the whole chain; exit 1 naming the first bad event."""
+    with _broker() as broker:
+        broker.audit.seal_pending()
+        try:
+            report = broker.audit.verify()
+        except AuditBroken as exc:
+            if as_json:
+                _out_json({"ok": False, "event": exc.event_id, "error": str(exc)})
+            raise
+    if as_json:
+        _out_json({"ok": True, "events": report.events, "unsealed": report.unsealed})
+    else:
+        click.echo(f"audit log intact: {report.events} events")
+
+
+@audit.command()
+@click.option("-o", "--output", type=click.File("w"), default="-", help="File to write (default stdout).")
+def export(output: Any) -> None:
+    """Write every event as JSON Lines."""
+    with _broker() as broker:
+        for record in broker.audit.export():
+            output.write(json.dumps(record, ensure_ascii=True, sort_keys=True) + "\n")
+
+
+# -- policy ----------------------------------------------------------------------------------
+@cli.group()
+def policy() -> None:
+    """Policy as code."""
+
+
+@policy.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def check(file: Path) -> None:
+    """Validate FILE; exit 2 naming the field and what is wrong."""
+    from intake.policy import load_policy
+
+    loaded = load_policy(file)
+    click.echo(f"policy ok: {len(loaded.repos)} repos, version {loaded.version_hash[:12]}")
+
+
+@policy.command(name="show")
+@click.option("--json", "as_json", is_flag=True)
+def policy_show(as_json: bool) -> None:
+    """Show the policy in force (INTAKE_POLICY) and its version hash."""
+    from intake.policy import load_policy
+
+    settings = load_settings()
+    loaded = load_policy(settings.policy_path)
+    if as_json:
+        _out_json({"version_hash": loaded.version_hash, **loaded.model_dump(mode="json")})
+        return
+    click.echo(f"policy {settings.policy_path}  version {loaded.version} ({loaded.version_hash[:12]})")
+    for repo in loaded.repos:
+        tier = loaded.risk_tiers[repo.tier]
+        need = ", ".join(f"{n} from {g}" for g, n in tier.require.items())
+        click.echo(
+            f"  {repo.name}: tier {repo.tier} ({tier.approvals} approval(s) from {'/'.join(tier.groups)}"
+            f"{'; at least ' + need if need else ''}); change types {', '.join(repo.change_types)}"
+        )
+
+
+# -- keys ------------------------------------------------------------------------------------
+@cli.group()
+def keys() -> None:
+    """The broker's key files."""
+
+
+@keys.command()
+@click.option("--force", is_flag=True, help="Replace existing keys (breaks the old audit chain).")
+def generate(force: bool) -> None:
+    """Write the signing key (0600), its public key, the audit key and the secrets key."""
+    from intake.keys import generate_keys
+
+    settings: Settings = load_settings()
+    paths = generate_keys(settings, force=force)
+    for purpose, path in paths.items():
+        click.echo(f"{purpose}: {path}")
+

@@ -1,0 +1,216 @@
+"""Domain models (pydantic v2) and the lifecycle state machines from DESIGN.md.
+
+Ideas are untrusted: their text is data and is only ever shown (escaped) or frozen into the
+prompt of an approved :class:`TaskSpec`. A spec's :meth:`TaskSpec.spec_hash` is what approvals
+and capability tokens bind to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Channel(StrEnum):
+    SLACK = "slack"
+    EMAIL = "email"
+    GITHUB = "github"
+    GITLAB = "gitlab"
+    JIRA = "jira"
+    CLI = "cli"
+
+
+class IdeaState(StrEnum):
+    CAPTURED = "captured"
+    AWAITING_APPROVAL = "awaiting_approval"
+    PROMOTED = "promoted"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    WITHDRAWN = "withdrawn"
+
+
+class TaskState(StrEnum):
+    AWAITING_APPROVALS = "awaiting_approvals"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    DENIED = "denied"
+
+
+IDEA_PENDING = frozenset({IdeaState.CAPTURED, IdeaState.AWAITING_APPROVAL})
+_IDEA_END = {IdeaState.PROMOTED, IdeaState.DENIED, IdeaState.EXPIRED, IdeaState.WITHDRAWN}
+IDEA_TRANSITIONS: dict[IdeaState, frozenset[IdeaState]] = {
+    IdeaState.CAPTURED: frozenset({IdeaState.AWAITING_APPROVAL, *_IDEA_END}),
+    IdeaState.AWAITING_APPROVAL: frozenset(_IDEA_END),
+}
+
+TASK_OPEN = frozenset({TaskState.AWAITING_APPROVALS, TaskState.QUEUED, TaskState.RUNNING})
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.AWAITING_APPROVALS: frozenset(
+        {TaskState.QUEUED, TaskState.DENIED, TaskState.REVOKED, TaskState.EXPIRED}
+    ),
+    # queued -> awaiting_approvals is an amendment: a new spec, approvals start over.
+    TaskState.QUEUED: frozenset(
+        {
+            TaskState.AWAITING_APPROVALS,
+            TaskState.RUNNING,
+            TaskState.DENIED,
+            TaskState.REVOKED,
+            TaskState.EXPIRED,
+        }
+    ),
+    # running -> queued is a retry after an abandoned run, when policy allows one.
+    TaskState.RUNNING: frozenset(
+        {
+            TaskState.SUCCEEDED,
+            TaskState.FAILED,
+            TaskState.BLOCKED,
+            TaskState.REVOKED,
+            TaskState.QUEUED,
+        }
+    ),
+}
+
+_ID_RE = re.compile(r"^[IT]-[0-9a-f]{12}$")
+
+
+def new_id(kind: str) -> str:
+    """A fresh id such as ``I-3f9a1c2b7d0e`` (idea) or ``T-…`` (task), from a CSPRNG."""
+    return f"{kind}-{secrets.token_hex(6)}"
+
+
+def is_id(value: str, kind: str) -> bool:
+    return bool(_ID_RE.match(value)) and value[0] == kind
+
+
+def canonical_json(data: Any) -> bytes:
+    """The one canonical encoding used for hashing and signing: sorted keys, no spaces, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IdeaDraft(_Model):
+    """What a channel hands to capture after authenticating its transport.
+
+    ``requester`` is the verified identity as ``<channel>:<platform id>`` (for Slack the user
+    id, never a display name). ``delivery_id`` is the transport's id for this delivery (Slack
+    event_id or trigger_id, GitHub X-GitHub-Delivery, Message-ID, …): capture is idempotent on it.
+    ``raw_sha256`` is the hash of the raw transport payload, for provenance.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel: Channel
+    requester: str = Field(min_length=1, max_length=200)
+    delivery_id: str = Field(min_length=1, max_length=256)
+    text: str
+    title: str = Field("", max_length=200)
+    provenance: dict[str, str] = Field(default_factory=dict)
+    raw_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+
+
+class Idea(_Model):
+    id: str
+    channel: Channel
+    requester: str
+    delivery_id: str
+    title: str
+    text: str
+    provenance: dict[str, str]
+    raw_sha256: str
+    state: IdeaState
+    created_at: float
+    updated_at: float
+    expires_at: float | None = None
+    task_id: str | None = None
+    reason: str | None = None
+    # Where the idea card was posted (set by the Slack outbox): {"channel": …, "ts": …}.
+    card: dict[str, str] | None = None
+
+
+class Limits(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_timeout_s: int
+    max_output_bytes: int
+
+
+class TaskSpec(_Model):
+    """The canonical, frozen description of one unit of agent work. Approvals bind to its hash."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    idea_id: str
+    prompt: str
+    repo: str
+    base_ref: str
+    change_type: str
+    allowed_paths: tuple[str, ...]
+    blocked_paths: tuple[str, ...]
+    branch_prefix: str
+    required_checks: tuple[str, ...]
+    limits: Limits
+    policy_version: str
+
+    def spec_hash(self) -> str:
+        """SHA-256 over the canonical JSON of every field: any change is a new spec."""
+        return sha256_hex(canonical_json(self.model_dump(mode="json")))
+
+
+class Approval(_Model):
+    approver: str
+    groups: tuple[str, ...]
+    spec_hash: str
+    at: float
+    via: str = "cli"
+    note: str = ""
+
+
+class Task(_Model):
+    id: str
+    idea_id: str
+    requester: str
+    spec: TaskSpec
+    spec_hash: str
+    state: TaskState
+    risk_tier: str
+    required: int
+    approvals: list[Approval] = Field(default_factory=list)
+    created_at: float
+    updated_at: float
+    queue: str | None = None
+    token: str | None = None
+    token_expires_at: float | None = None
+    attempts: int = 0
+    reason: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class AuditEvent(_Model):
+    """One record on the audit log. ``data`` holds ids and outcomes, never secrets or codes."""
+
+    at: float
+    actor: str
+    action: str
+    subject: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    # Set when read back from the log.
+    id: str | None = None
+    seq: int | None = None

@@ -1,0 +1,201 @@
+"""Policy as code: a TOML file that says which repos and change types agents may touch, how many
+approvers each risk tier needs and from which groups, who is in each group, the Slack approvals
+channel, the three clocks, escalation and the dependency allowlist.
+
+The policy file is the authority on group membership (Redis is storage, not authority). Its
+version hash, a SHA-256 over the canonical JSON of the parsed policy, is frozen into every task
+spec, so a policy change makes every spec new.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from intake.errors import PolicyError
+from intake.models import canonical_json, sha256_hex
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^(\d{1,6})([smhd])$")
+
+
+def parse_duration(value: Any) -> int:
+    """``"90s"``, ``"30m"``, ``"72h"``, ``"2d"`` (or a whole number of seconds) -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as '30m', '72h' or '2d'")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and (m := _DURATION.match(value.strip())):
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("must be a duration such as '30m', '72h' or '2d'")
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")]
+
+
+def _glob(value: str) -> str:
+    if not value or len(value) > 200 or any(c.isspace() for c in value):
+        raise ValueError("must be a non-empty path glob without spaces")
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError("must be relative to the repo root, without '..'")
+    return value
+
+
+Glob = Annotated[str, AfterValidator(_glob)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Clocks(_Strict):
+    idea_ttl: Duration
+    approval_validity: Duration
+    run_timeout: Duration
+
+
+class Escalation(_Strict):
+    after: Duration
+    group: Name
+
+
+class Dependencies(_Strict):
+    allow: tuple[str, ...] = ()
+
+
+class ChangeType(_Strict):
+    description: str = ""
+
+
+class RiskTier(_Strict):
+    approvals: int = Field(ge=1, le=10)
+    groups: tuple[Name, ...] = Field(min_length=1)
+    require: dict[Name, int] = Field(default_factory=dict)
+    retries: int = Field(0, ge=0, le=3)
+
+
+class Group(_Strict):
+    members: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")], ...] = Field(min_length=1)
+
+
+class Limits(_Strict):
+    max_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+
+class Repo(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+    tier: Name
+    change_types: tuple[Name, ...] = Field(min_length=1)
+    branch_prefix: str = Field("intake", pattern=r"^[a-z0-9][a-z0-9/_-]{0,39}$")
+    base_ref: str = Field("main", pattern=r"^[A-Za-z0-9][A-Za-z0-9/._-]{0,99}$")
+    allowed_paths: tuple[Glob, ...] = ("**",)
+    blocked_paths: tuple[Glob, ...] = ()
+    required_checks: tuple[str, ...] = ()
+    queue: Name | None = None
+
+
+class Policy(_Strict):
+    """A validated policy. Cross-references are checked; errors name the field."""
+
+    version: str = Field(min_length=1, max_length=64)
+    approvals_channel: str = Field(pattern=r"^[CG][A-Z0-9]{8,}$")
+    clocks: Clocks
+    escalation: Escalation
+    dependencies: Dependencies = Dependencies()
+    limits: Limits = Limits()
+    change_types: dict[Name, ChangeType] = Field(min_length=1)
+    risk_tiers: dict[Name, RiskTier] = Field(min_length=1)
+    groups: dict[Name, Group] = Field(min_length=1)
+    repos: tuple[Repo, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Policy:
+        for name, tier in self.risk_tiers.items():
+            where = f"risk_tiers.{name}"
+            for j, group in enumerate(tier.groups):
+                if group not in self.groups:
+                    raise PolicyError(f"{where}.groups[{j}]", f"unknown group {group!r}")
+            for group, count in tier.require.items():
+                if group not in tier.groups:
+                    raise PolicyError(f"{where}.require.{group}", "group is not one of the tier's groups")
+                if count < 1:
+                    raise PolicyError(f"{where}.require.{group}", "must be at least 1")
+            if sum(tier.require.values()) > tier.approvals:
+                raise PolicyError(f"{where}.require", "requires more approvals than the tier's total")
+            eligible = {m for g in tier.groups for m in self.groups[g].members}
+            if len(eligible) < tier.approvals:
+                raise PolicyError(
+                    f"{where}.approvals",
+                    f"needs {tier.approvals} distinct approvers but its groups have {len(eligible)}",
+                )
+        if self.escalation.group not in self.groups:
+            raise PolicyError("escalation.group", f"unknown group {self.escalation.group!r}")
+        seen: set[str] = set()
+        for i, repo in enumerate(self.repos):
+            if repo.name in seen:
+                raise PolicyError(f"repos[{i}].name", f"duplicate repo {repo.name!r}")
+            seen.add(repo.name)
+            if repo.tier not in self.risk_tiers:
+                raise PolicyError(f"repos[{i}].tier", f"unknown risk tier {repo.tier!r}")
+            for j, ctype in enumerate(repo.change_types):
+                if ctype not in self.change_types:
+                    raise PolicyError(f"repos[{i}].change_types[{j}]", f"unknown change type {ctype!r}")
+        return self
+
+    @cached_property
+    def version_hash(self) -> str:
+        """SHA-256 of the canonical parsed policy: comments and formatting do not change it."""
+        return sha256_hex(canonical_json(self.model_dump(mode="json")))
+
+    def find_repo(self, name: str) -> Repo | None:
+        return next((r for r in self.repos if r.name == name), None)
+
+    def groups_of(self, member: str) -> tuple[str, ...]:
+        """The policy groups that list ``member`` (an approver id)."""
+        return tuple(sorted(g for g, group in self.groups.items() if member in group.members))
+
+    def queue_for(self, repo: Repo) -> str:
+        """RQ queue for a repo's tasks: the repo's own, else one per risk tier."""
+        return repo.queue or f"tier-{repo.tier}"
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_policy(data: dict[str, Any]) -> Policy:
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PolicyError(_loc(tuple(first["loc"])) or "policy", first["msg"]) from None
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and validate a policy file, or raise :class:`PolicyError` naming the field."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError("INTAKE_POLICY", f"no policy file at {path}") from None
+    except OSError as exc:
+        raise PolicyError("INTAKE_POLICY", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PolicyError("policy", f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError("policy", f"TOML syntax error: {exc}") from None
+    return parse_policy(data)

@@ -1,0 +1,77 @@
+"""The broker's runtime handle: settings, Redis, audit log, store and policy, opened together.
+
+Both the CLI (one command at a time) and ``intake serve`` (for its lifetime) use
+:func:`open_broker`, so there is one way to wire the pieces.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from intake.audit import AuditLog
+from intake.errors import ConfigError
+from intake.keys import ensure_keys, load_secret
+from intake.policy import Policy, load_policy
+from intake.redis_conn import check_server, make_client, redis_url
+from intake.settings import Settings
+from intake.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_POLICY = REPO_ROOT / "deploy" / "policy.example.toml"
+
+
+@dataclass
+class Broker:
+    settings: Settings
+    url: str
+    client: redis.Redis
+    audit: AuditLog
+    store: Store
+    _policy: Policy | None = field(default=None, repr=False)
+
+    @property
+    def policy(self) -> Policy:
+        """The policy file, read and validated on first use."""
+        if self._policy is None:
+            self._policy = load_policy(self.settings.policy_path)
+        return self._policy
+
+
+def prepare_dev(settings: Settings) -> list[str]:
+    """Dev mode's first-run setup in the data dir: keys and a copy of the example policy.
+
+    Returns one line per thing it did, for the start-up banner.
+    """
+    done = []
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if ensure_keys(settings):
+        done.append(f"generated keys in {settings.keys['signing'].parent}")
+    if not settings.policy_path.exists():
+        if not EXAMPLE_POLICY.exists():
+            raise ConfigError(f"INTAKE_POLICY: no policy at {settings.policy_path} and no example to copy")
+        shutil.copyfile(EXAMPLE_POLICY, settings.policy_path)
+        done.append(f"copied {EXAMPLE_POLICY.name} to {settings.policy_path}")
+    return done
+
+
+@contextmanager
+def open_broker(settings: Settings) -> Iterator[Broker]:
+    """Open Redis (embedded or configured) and the store on it, for the block's duration."""
+    audit_key = load_secret(settings, "audit")  # fail on a missing key before touching Redis
+    with redis_url(settings) as url:
+        client = make_client(url)
+        try:
+            check_server(client)
+            audit = AuditLog(client, audit_key, settings.key_prefix)
+            store = Store(
+                client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
+            )
+            yield Broker(settings, url, client, audit, store)
+        finally:
+            client.close()

@@ -1,0 +1,30 @@
+"""``intake serve``: validate everything up front, then run the web app until interrupted."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+from aiohttp import web
+
+from intake.app import create_app
+from intake.keys import load_secret
+from intake.policy import load_policy
+from intake.runtime import prepare_dev
+from intake.settings import Settings
+
+
+def run(settings: Settings, *, dev: bool) -> None:
+    """Start the broker in the foreground. Fails fast, with one line, on a bad setting."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if dev:
+        for line in prepare_dev(settings):
+            click.echo(f"dev: {line}")
+    policy = load_policy(settings.policy_path)
+    for purpose in ("audit", "secrets"):
+        load_secret(settings, purpose)
+    app = create_app(settings, dev=dev)
+    redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
+    click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
+    click.echo(f"intake: serving on http://{settings.host}:{settings.port}  (Ctrl-C to stop)")
+    web.run_app(app, host=settings.host, port=settings.port, print=None)

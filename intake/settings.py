@@ -1,0 +1,108 @@
+"""Settings: read once from the environment (prefix ``INTAKE_``, optional ``.env``), cast, validated.
+
+Nothing reads the environment at import time; call :func:`load_settings` at start. A missing or
+invalid value raises :class:`ConfigError` with one line that names the variable. Secrets are
+``SecretStr`` so they never show in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from intake.errors import ConfigError
+
+ENV_PREFIX = "INTAKE_"
+
+
+class Settings(BaseSettings):
+    """Every knob of the broker. Key paths default to files under ``data_dir/keys``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Path(".intake")
+    redis_url: SecretStr | None = None
+    policy: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    key_prefix: str = "intake"
+    max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
+
+    signing_key: Path | None = None
+    public_key: Path | None = None
+    audit_key: Path | None = None
+    secrets_key: Path | None = None
+
+    # Slack uses its own well-known variable names, without our prefix.
+    slack_signing_secret: SecretStr | None = Field(None, validation_alias="SLACK_SIGNING_SECRET")
+    slack_bot_token: SecretStr | None = Field(None, validation_alias="SLACK_BOT_TOKEN")
+    slack_app_token: SecretStr | None = Field(None, validation_alias="SLACK_APP_TOKEN")
+    slack_api_url: str | None = Field(None, validation_alias="SLACK_API_URL")
+    slack_max_body: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", value):
+            raise ValueError("must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(
+            r"(redis|rediss|unix)://", value.get_secret_value()
+        ):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        keys = self.data_dir / "keys"
+        self.policy = (self.policy or self.data_dir / "policy.toml").expanduser()
+        self.signing_key = self.signing_key or keys / "broker_ed25519.pem"
+        self.public_key = self.public_key or keys / "broker_ed25519.pub.pem"
+        self.audit_key = self.audit_key or keys / "audit.key"
+        self.secrets_key = self.secrets_key or keys / "secrets.key"
+        return self
+
+    # Typed accessors: the validator above guarantees these are set.
+    @property
+    def policy_path(self) -> Path:
+        assert self.policy is not None
+        return self.policy
+
+    @property
+    def keys(self) -> dict[str, Path]:
+        """Key files by purpose (one secret per purpose)."""
+        assert self.signing_key and self.public_key and self.audit_key and self.secrets_key
+        return {
+            "signing": self.signing_key,
+            "public": self.public_key,
+            "audit": self.audit_key,
+            "secrets": self.secrets_key,
+        }
+
+
+def _env_name(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, str):
+        return info.validation_alias
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment plus explicit overrides, or raise ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise ConfigError(f"{_env_name(field)}: {first['msg']}") from None

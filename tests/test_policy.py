@@ -1,0 +1,92 @@
+"""Policy as code: the example is valid; broken policies name the field and what is wrong."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from intake.errors import PolicyError
+from intake.policy import load_policy, parse_duration, parse_policy
+from intake.runtime import EXAMPLE_POLICY
+
+
+def example() -> dict[str, Any]:
+    return tomllib.loads(EXAMPLE_POLICY.read_text())
+
+
+def test_example_policy_is_valid_and_says_what_issue_requires() -> None:
+    policy = load_policy(EXAMPLE_POLICY)
+    web, payments = policy.find_repo("acme/web"), policy.find_repo("acme/payments")
+    assert web and payments
+    assert policy.risk_tiers[web.tier].approvals == 1
+    assert policy.risk_tiers[web.tier].groups == ("platform",)
+    assert set(web.change_types) == {"docs", "tests", "bugfix", "dependency-bump"}
+    tier = policy.risk_tiers[payments.tier]
+    assert tier.approvals == 2 and tier.require == {"security": 1}
+    assert "payments/keys/**" in payments.blocked_paths
+    assert policy.groups_of("carol") == ("security",)
+
+
+def test_version_hash_ignores_comments_but_not_content(tmp_path: Path) -> None:
+    text = EXAMPLE_POLICY.read_text()
+    a, b, c = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "c.toml"
+    a.write_text(text)
+    b.write_text("# a comment\n" + text)
+    c.write_text(text.replace('idea_ttl = "72h"', 'idea_ttl = "48h"'))
+    assert load_policy(a).version_hash == load_policy(b).version_hash
+    assert load_policy(a).version_hash != load_policy(c).version_hash
+
+
+def _broken(mutate: Any) -> dict[str, Any]:
+    data = example()
+    mutate(data)
+    return data
+
+
+BROKEN = [
+    ("unknown tier", lambda d: d["repos"][1].update(tier="gold"), "repos[1].tier", "unknown risk tier 'gold'"),
+    ("wrong type", lambda d: d["risk_tiers"]["standard"].update(approvals="two"),
+     "risk_tiers.standard.approvals", "valid integer"),
+    ("missing field", lambda d: d["clocks"].pop("run_timeout"), "clocks.run_timeout", "Field required"),
+    ("bad duration", lambda d: d["clocks"].update(idea_ttl="5 parsecs"), "clocks.idea_ttl", "duration"),
+    ("unknown key", lambda d: d.update(approvers_channel="C1"), "approvers_channel", "Extra inputs"),
+    ("duplicate repo", lambda d: d["repos"].append(dict(d["repos"][0])), "repos[2].name", "duplicate repo"),
+    ("unknown change type", lambda d: d["repos"][0]["change_types"].append("rewrite"),
+     "repos[0].change_types[4]", "unknown change type 'rewrite'"),
+    ("too few members", lambda d: d["groups"]["security"].update(members=["carol"]) or
+     d["risk_tiers"]["privileged"].update(groups=["security"]), "risk_tiers.privileged.approvals",
+     "needs 2 distinct approvers but its groups have 1"),
+    ("escaping glob", lambda d: d["repos"][0].update(blocked_paths=["../secrets/**"]),
+     "repos[0].blocked_paths[0]", "without '..'"),
+    ("require outside groups", lambda d: d["risk_tiers"]["standard"].update(require={"security": 1}),
+     "risk_tiers.standard.require.security", "not one of the tier's groups"),
+]
+
+
+@pytest.mark.parametrize(("kind", "mutate", "field", "message"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_policy_names_field(kind: str, mutate: Any, field: str, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(_broken(mutate))
+    assert err.value.field == field
+    assert message in str(err.value)
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    bad = tmp_path / "p.toml"
+    bad.write_text('version = "x"\n[clocks\n')
+    with pytest.raises(PolicyError, match="TOML syntax error"):
+        load_policy(bad)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("30m", 1800), ("72h", 259200), ("2d", 172800), (45, 45)])
+def test_durations(text: Any, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0s", "-5m", "5 parsecs", "1.5h", True, ""])
+def test_bad_durations(text: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)

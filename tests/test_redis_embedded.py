@@ -1,0 +1,39 @@
+"""The embedded redis-server: AOF persistence across restarts, one server per data dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from intake.redis_conn import EmbeddedRedis, make_client
+
+
+def test_data_survives_stop_and_restart(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path)
+    url = server.acquire()
+    make_client(url).set("k", "kept")
+    conf = (tmp_path / "redis" / "redis.conf").read_text()
+    assert "appendonly yes" in conf and "appendfsync everysec" in conf
+    assert "maxmemory-policy noeviction" in conf and "port 0" in conf
+    server.release()
+    assert not server.sock.exists()  # the last user out shut it down
+
+    again = EmbeddedRedis(tmp_path)
+    client = make_client(again.acquire())
+    try:
+        assert client.get("k") == "kept"
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+    finally:
+        client.close()
+        again.release()
+
+
+def test_users_share_one_server_and_last_one_stops_it(tmp_path: Path) -> None:
+    first, second = EmbeddedRedis(tmp_path), EmbeddedRedis(tmp_path)
+    first.acquire()
+    pid = (tmp_path / "redis" / "redis.pid").read_text()
+    second.acquire()
+    assert (tmp_path / "redis" / "redis.pid").read_text() == pid  # joined, not a second server
+    first.release()
+    assert make_client(second.url).ping()  # still up for the remaining user
+    second.release()
+    assert not second.sock.exists()
