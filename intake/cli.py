@@ -288,3 +288,219 @@ def generate(force: bool) -> None:
     for purpose, path in paths.items():
         click.echo(f"{purpose}: {path}")
 
+
+
+# -- approvers -------------------------------------------------------------------------------
+@cli.group()
+def approver() -> None:
+    """Register approvers and their authenticators."""
+
+
+def _show_enrolment(enrolment: Any, as_json: bool) -> None:
+    if as_json:
+        _out_json({"id": enrolment.approver.id, "otpauth_uri": enrolment.otpauth_uri, "confirmed": False})
+        return
+    import io
+
+    import qrcode
+
+    qr = qrcode.QRCode(border=1)
+    qr.add_data(enrolment.otpauth_uri)
+    buf = io.StringIO()
+    qr.print_ascii(out=buf, invert=True)
+    click.echo(buf.getvalue())
+    click.echo(f"otpauth URI (shown once): {enrolment.otpauth_uri}")
+    click.echo(f"then: intake approver confirm {enrolment.approver.id} --code CODE")
+
+
+def _code_option(func: Any) -> Any:
+    return click.option(
+        "--code", prompt="Authenticator code", hide_input=True, help="The current TOTP code (prompted if omitted)."
+    )(func)
+
+
+@approver.command(name="add")
+@click.argument("approver_id")
+@click.option("--name", required=True)
+@click.option("--groups", required=True, help="Comma-separated policy groups that list this approver.")
+@click.option("--slack-user", help="The approver's Slack user id (U…).")
+@click.option("--email")
+@click.option("--json", "as_json", is_flag=True)
+def approver_add(approver_id: str, name: str, groups: str, slack_user: str | None, email: str | None,
+                 as_json: bool) -> None:
+    """Create APPROVER_ID with a fresh TOTP secret, shown once as a URI and QR code."""
+    group_list = tuple(g.strip() for g in groups.split(",") if g.strip())
+    with _broker() as broker:
+        enrolment = broker.approvers.add(
+            broker.policy, approver_id, name=name, groups=group_list, slack_user=slack_user,
+            email=email, actor=f"cli:{local_identity(None)}",
+        )
+    _show_enrolment(enrolment, as_json)
+
+
+@approver.command(name="confirm")
+@click.argument("approver_id")
+@_code_option
+def approver_confirm(approver_id: str, code: str) -> None:
+    """Activate APPROVER_ID by proving one valid code."""
+    with _broker() as broker:
+        broker.approvers.confirm(approver_id, code, actor=f"approver:{approver_id}")
+    click.echo(f"approver {approver_id} confirmed")
+
+
+@approver.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+def approver_list(as_json: bool) -> None:
+    """Registered approvers (never their secrets)."""
+    with _broker() as broker:
+        rows = [
+            {"id": a.id, "name": a.name, "groups": list(broker.policy.groups_of(a.id)),
+             "slack_user": a.slack_user, "email": a.email, "confirmed": a.confirmed,
+             "locked": broker.approvers.is_locked(a.id)}
+            for a in broker.approvers.all()
+        ]
+    if as_json:
+        _out_json(rows)
+        return
+    for row in rows:
+        flags = ("confirmed" if row["confirmed"] else "unconfirmed") + (", LOCKED" if row["locked"] else "")
+        click.echo(f"{row['id']:<12} {safe(row['name']):<20} {','.join(row['groups']) or '-':<18} "
+                   f"{row['slack_user'] or '-':<12} {flags}")
+    if not rows:
+        click.echo("no approvers")
+
+
+@approver.command(name="remove")
+@click.argument("approver_id")
+def approver_remove(approver_id: str) -> None:
+    """Remove APPROVER_ID; their approvals stop counting."""
+    with _broker() as broker:
+        broker.approvers.remove(approver_id, actor=f"cli:{local_identity(None)}")
+    click.echo(f"approver {approver_id} removed")
+
+
+@approver.command(name="reset")
+@click.argument("approver_id")
+@click.option("--json", "as_json", is_flag=True)
+def approver_reset(approver_id: str, as_json: bool) -> None:
+    """Give APPROVER_ID a new secret; the old one stops working at once."""
+    with _broker() as broker:
+        enrolment = broker.approvers.reset(approver_id, actor=f"cli:{local_identity(None)}")
+    _show_enrolment(enrolment, as_json)
+
+
+@approver.command(name="unlock")
+@click.argument("approver_id")
+def approver_unlock(approver_id: str) -> None:
+    """Clear APPROVER_ID's failed-code lock."""
+    with _broker() as broker:
+        broker.approvers.unlock(approver_id, actor=f"cli:{local_identity(None)}")
+    click.echo(f"approver {approver_id} unlocked")
+
+
+# -- promotion -------------------------------------------------------------------------------
+def _print_decision(decision: Any, as_json: bool) -> None:
+    data = decision.as_json()
+    if as_json:
+        _out_json(data)
+        return
+    click.echo(f"task {data['task']}: {data['status']} ({data['approvals']} of {data['required']} approvals) "
+               f"spec {data['spec_hash'][:12]}")
+
+
+@cli.command()
+@click.argument("idea_id")
+@click.option("--repo", required=True)
+@click.option("--change-type", required=True)
+@click.option("--as", "as_name", required=True, metavar="APPROVER")
+@click.option("--note", default="")
+@_code_option
+@click.option("--json", "as_json", is_flag=True)
+def promote(idea_id: str, repo: str, change_type: str, as_name: str, note: str, code: str, as_json: bool) -> None:
+    """Promote IDEA_ID into a task and record the first approval."""
+    with _broker() as broker:
+        decision = broker.gatekeeper.promote(
+            idea_id, repo=repo, change_type=change_type, approver_id=as_name, code=code, note=note
+        )
+    _print_decision(decision, as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--as", "as_name", required=True, metavar="APPROVER")
+@click.option("--spec-hash", help="The spec hash you reviewed; refused if the task changed since.")
+@click.option("--note", default="")
+@_code_option
+@click.option("--json", "as_json", is_flag=True)
+def approve(task_id: str, as_name: str, spec_hash: str | None, note: str, code: str, as_json: bool) -> None:
+    """Add an approval to TASK_ID's current spec."""
+    with _broker() as broker:
+        decision = broker.gatekeeper.approve(
+            task_id, approver_id=as_name, code=code, spec_hash=spec_hash, note=note
+        )
+    _print_decision(decision, as_json)
+
+
+@cli.command()
+@click.argument("ident")
+@click.option("--as", "as_name", required=True, metavar="APPROVER")
+@click.option("--reason", required=True)
+def deny(ident: str, as_name: str, reason: str) -> None:
+    """Deny an idea or a task that has not started (deny beats approve)."""
+    with _broker() as broker:
+        ended = broker.gatekeeper.deny(ident, approver_id=as_name, reason=reason)
+    click.echo(f"{ended.id} denied")
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--as", "as_name", required=True, metavar="APPROVER")
+@click.option("--repo")
+@click.option("--change-type")
+@click.option("--json", "as_json", is_flag=True)
+def amend(task_id: str, as_name: str, repo: str | None, change_type: str | None, as_json: bool) -> None:
+    """Change TASK_ID's spec; every approval is discarded."""
+    if repo is None and change_type is None:
+        raise InvalidInput("amend: give --repo and/or --change-type")
+    with _broker() as broker:
+        task = broker.gatekeeper.amend(task_id, approver_id=as_name, repo=repo, change_type=change_type)
+    if as_json:
+        _out_json(task_json(task))
+    else:
+        click.echo(f"task {task.id} amended: spec {task.spec_hash[:12]}, approvals start over (0 of {task.required})")
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--as", "as_name", metavar="NAME", help="Who revokes (the requester or an approver).")
+@click.option("--reason", required=True)
+def revoke(task_id: str, as_name: str | None, reason: str) -> None:
+    """Stop TASK_ID for good (no code needed to stop work)."""
+    name = local_identity(as_name)
+    with _broker() as broker:
+        try:
+            broker.approvers.get(name)
+            is_approver = True
+        except IntakeError:
+            is_approver = False
+        task = broker.gatekeeper.revoke(task_id, identity=f"cli:{name}", is_approver=is_approver, reason=reason)
+    click.echo(f"task {task.id} revoked")
+
+
+@cli.command()
+@click.option("--as", "as_name", metavar="NAME")
+@click.option("--reason", required=True)
+def freeze(as_name: str | None, reason: str) -> None:
+    """Kill switch: no task starts until `intake thaw`."""
+    with _broker() as broker:
+        broker.gatekeeper.freeze(actor=f"cli:{local_identity(as_name)}", reason=reason)
+    click.echo("intake frozen: no task will start")
+
+
+@cli.command()
+@click.option("--as", "as_name", metavar="NAME")
+def thaw(as_name: str | None) -> None:
+    """Lift the kill switch."""
+    with _broker() as broker:
+        broker.gatekeeper.thaw(actor=f"cli:{local_identity(as_name)}")
+    click.echo("intake thawed: tasks may start")

@@ -203,6 +203,37 @@ class Task(_Model):
     result: dict[str, Any] | None = None
 
 
+SLACK_USER_RE = r"^[UW][A-Z0-9]{8,}$"
+APPROVER_ID_RE = r"^[a-z][a-z0-9_.-]{0,39}$"
+
+
+class Approver(_Model):
+    """A registered person who may approve, identified by immutable platform ids.
+
+    ``secret_enc`` is the TOTP secret sealed with AES-GCM under a key outside Redis; the
+    associated data binds it to ``id`` and ``slack_user``, so a record edited in Redis to point
+    at another person no longer decrypts.
+    """
+
+    id: str = Field(pattern=APPROVER_ID_RE)
+    name: str = Field(min_length=1, max_length=100)
+    groups: tuple[str, ...]
+    slack_user: str | None = Field(None, pattern=SLACK_USER_RE)
+    email: str | None = Field(None, max_length=254)
+    secret_enc: str
+    confirmed: bool = False
+    created_at: float
+
+    def identities(self) -> frozenset[str]:
+        """Every requester identity that is this person (for the no-self-approval rule)."""
+        found = {f"cli:{self.id}"}
+        if self.slack_user:
+            found.add(f"slack:{self.slack_user}")
+        if self.email:
+            found.add(f"email:{self.email.lower()}")
+        return frozenset(found)
+
+
 class AuditEvent(_Model):
     """One record on the audit log. ``data`` holds ids and outcomes, never secrets or codes."""
 

@@ -10,14 +10,18 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import redis
 
+from intake.approvers import Approvers, SecretBox
 from intake.audit import AuditLog
 from intake.errors import ConfigError
-from intake.keys import ensure_keys, load_secret
+from intake.keys import ensure_keys, load_secret, load_signing_key
+from intake.mfa import StepUp
 from intake.policy import Policy, load_policy
+from intake.promotion import Gatekeeper
 from intake.redis_conn import check_server, make_client, redis_url
 from intake.settings import Settings
 from intake.store import Store
@@ -41,6 +45,15 @@ class Broker:
         if self._policy is None:
             self._policy = load_policy(self.settings.policy_path)
         return self._policy
+
+    @cached_property
+    def approvers(self) -> Approvers:
+        box = SecretBox(load_secret(self.settings, "secrets"))
+        return Approvers(self.store, box, StepUp(self.store))
+
+    @cached_property
+    def gatekeeper(self) -> Gatekeeper:
+        return Gatekeeper(self.store, self.approvers, self.policy, load_signing_key(self.settings))
 
 
 def prepare_dev(settings: Settings) -> list[str]:

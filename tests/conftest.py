@@ -92,6 +92,24 @@ def audit(settings: Settings, rclient: redis.Redis) -> AuditLog:
     return AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix)
 
 
+class FakeClock:
+    """A settable clock: starts at the real time, moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
-def store(settings: Settings, rclient: redis.Redis, audit: AuditLog) -> Store:
-    return Store(rclient, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes)
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(settings: Settings, rclient: redis.Redis, audit: AuditLog, clock: FakeClock) -> Store:
+    return Store(rclient, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes, clock=clock)

@@ -1,0 +1,170 @@
+"""Step-up MFA: RFC 6238 TOTP (6 digits, 30 s, SHA-1, ±1 step) with single use and throttling.
+
+Order of a check (the TOTP habits of pypi/warehouse and django-otp, tightened):
+
+1. **Locked?** An approver past the hourly failure limit stays locked until ``approver unlock``.
+2. **Throttle before checking.** An attempt first reserves a slot in the approver's failure
+   window, atomically in Lua; past 5 in 5 minutes the code is not even looked at. The slot is
+   given back only on success, so concurrent guesses cannot slip past the limit.
+3. **Check.** Codes are strings matched ``^\\d{6}$`` and compared in constant time against the
+   previous, current and next step. A code that would match 2-10 steps away is reported as
+   *out of sync* (still refused).
+4. **Consume.** The matched time step must be greater than the last accepted one; the
+   compare-and-set is a Lua script, so of many concurrent uses of one code exactly one wins.
+
+Every refusal is audited with its reason; the code itself is never logged or stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+import pyotp
+
+from intake.errors import Refused
+from intake.models import Approver
+from intake.store import Store
+
+DIGITS = 6
+PERIOD = 30
+WINDOW = 1  # steps either side accepted (RFC 6238 §5.2 recommends at most one)
+SYNC_REACH = 10  # steps either side checked only to say "out of sync"
+_CODE = re.compile(r"^\d{6}$")
+
+_RESERVE = """
+-- KEYS: failures zset, lock key. ARGV: now, short window, short max, long window, long max, member
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'locked' end
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then
+  redis.call('SET', KEYS[2], ARGV[1])
+  return 'locked'
+end
+if redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[2]), '+inf') >= tonumber(ARGV[3]) then
+  return 'throttled'
+end
+redis.call('ZADD', KEYS[1], now, ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 'ok'
+"""
+
+_CONSUME = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) <= last then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def new_secret() -> str:
+    """A fresh 160-bit TOTP secret from the CSPRNG, base32 (RFC 4226 §4, RFC 6238 §5.1)."""
+    return base64.b32encode(secrets.token_bytes(20)).decode()
+
+
+def provisioning_uri(secret: str, account: str, issuer: str = "intake") -> str:
+    return pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD).provisioning_uri(
+        name=account, issuer_name=issuer
+    )
+
+
+def matching_step(secret: str, code: str, now: float, window: int = WINDOW) -> int | None:
+    """The time step whose code equals ``code`` within ±``window`` steps of ``now``, else None.
+
+    Every candidate is compared (constant time each) so timing does not tell which step matched.
+    """
+    totp = pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD)
+    current = totp.timecode(int(now))
+    found = None
+    for offset in range(-window, window + 1):
+        candidate = totp.generate_otp(current + offset)
+        if hmac.compare_digest(candidate.encode(), code.encode()) and found is None:
+            found = current + offset
+    return found
+
+
+def is_out_of_sync(secret: str, code: str, now: float) -> bool:
+    """True when ``code`` matches 2-10 steps away: the device clock drifted (still refused)."""
+    totp = pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD)
+    current = totp.timecode(int(now))
+    return any(
+        hmac.compare_digest(totp.generate_otp(current + off).encode(), code.encode())
+        for off in range(-SYNC_REACH, SYNC_REACH + 1)
+        if abs(off) > WINDOW
+    )
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Failure limits per approver: ``short_max`` in ``short_s``, then ``long_max`` in ``long_s``
+    locks the approver until an operator unlocks them."""
+
+    short_max: int = 5
+    short_s: int = 300
+    long_max: int = 20
+    long_s: int = 3600
+
+
+_MESSAGES = {
+    "invalid": "the authenticator code is not valid",
+    "out_of_sync": "the authenticator code is for another time; check the device's clock",
+    "replayed": "that authenticator code was already used; wait for the next one",
+}
+
+
+class StepUp:
+    """Verifies an approver's TOTP code against Redis-held single-use and throttle state."""
+
+    def __init__(self, store: Store, throttle: Throttle = Throttle()) -> None:
+        self.store = store
+        self.throttle = throttle
+        self._reserve = store.r.register_script(_RESERVE)
+        self._consume = store.r.register_script(_CONSUME)
+
+    def _refuse(self, approver: Approver, reason: str, message: str, purpose: str, subject: str) -> Refused:
+        self.store.audit.record(
+            f"approver:{approver.id}", "mfa.refused", subject, reason=reason, purpose=purpose
+        )
+        return Refused(reason, message)
+
+    def verify(self, approver: Approver, secret: str, code: str, *, purpose: str, subject: str) -> int:
+        """Accept ``code`` once, or raise :class:`Refused` (reason: locked, throttled, invalid,
+        out_of_sync, replayed). Returns the consumed time step."""
+        keys = self.store.keys
+        now = self.store.clock()
+        t = self.throttle
+        slot = f"{now:.6f}:{secrets.token_hex(4)}"
+        fails, lock = keys.totp_failures(approver.id), keys.totp_lock(approver.id)
+        verdict = self._reserve(keys=[fails, lock], args=[now, t.short_s, t.short_max, t.long_s, t.long_max, slot])
+        if verdict == "locked":
+            raise self._refuse(
+                approver, "locked",
+                f"approver {approver.id} is locked after too many failed codes; "
+                f"an operator must run `intake approver unlock {approver.id}`",
+                purpose, subject,
+            )
+        if verdict == "throttled":
+            oldest = self.store.r.zrangebyscore(fails, now - t.short_s, "+inf", start=0, num=1, withscores=True)
+            resets_in = int(oldest[0][1] + t.short_s - now) + 1 if oldest else t.short_s
+            raise self._refuse(
+                approver, "throttled",
+                f"too many failed codes for {approver.id}; try again in {resets_in} s",
+                purpose, subject,
+            )
+        reason = "invalid"
+        step = matching_step(secret, code, now) if _CODE.match(code) else None
+        if step is not None:
+            if self._consume(keys=[keys.totp_last_step(approver.id)], args=[step]):
+                self.store.r.zrem(fails, slot)  # success gives the reserved slot back
+                return step
+            reason = "replayed"
+        elif _CODE.match(code) and is_out_of_sync(secret, code, now):
+            reason = "out_of_sync"
+        # The reserved slot stays as the recorded failure.
+        refusal = self._refuse(approver, reason, _MESSAGES[reason], purpose, subject)
+        if self.store.r.zcard(fails) >= t.long_max and self.store.r.set(lock, now, nx=True):
+            self.store.audit.record("system", "approver.locked", approver.id, failures=t.long_max)
+        raise refusal

@@ -1,0 +1,434 @@
+"""Promotion: the only door from an untrusted idea to an executable task.
+
+Every path here (CLI today, Slack next) goes through :class:`Gatekeeper`. It checks, in order,
+who is asking (a registered, confirmed approver), the idea or task state, the no-self-approval
+rule, the policy (repo, change type, groups), and only then the step-up TOTP code, so a refusal
+for any other reason does not burn the approver's code. The state change, its approvals and its
+audit events then commit in one WATCHed transaction. When the valid approvals satisfy the risk
+tier, the broker mints a capability token and the task is queued.
+
+Refusals raise :class:`Refused` with a stable reason tag, are audited, and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from intake.approvers import Approvers
+from intake.errors import IllegalTransition, InvalidInput, NotFound, Refused, TokenInvalid
+from intake.models import (
+    IDEA_PENDING,
+    Approval,
+    Approver,
+    Idea,
+    IdeaState,
+    Limits,
+    Task,
+    TaskSpec,
+    TaskState,
+    new_id,
+)
+from intake.policy import Policy, RiskTier
+from intake.store import Pipe, Store
+from intake.tokens import mint, read_claims
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of a promote/approve, as the CLI and Slack report it."""
+
+    task: Task
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task.id,
+            "status": self.task.state.value,
+            "approvals": len(self.task.approvals),
+            "required": self.task.required,
+            "spec_hash": self.task.spec_hash,
+            "approvers": [a.approver for a in self.task.approvals],
+        }
+
+
+class Gatekeeper:
+    """Promotion, approval, denial, amendment, revocation, the kill switch and the clocks."""
+
+    def __init__(
+        self,
+        store: Store,
+        approvers: Approvers,
+        policy: Policy,
+        signing_key: Ed25519PrivateKey,
+        *,
+        on_queued: Callable[[Task], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.approvers = approvers
+        self.policy = policy
+        self._key = signing_key
+        self.on_queued = on_queued
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _refuse(self, actor: str, subject: str, reason: str, message: str, **data: Any) -> Refused:
+        self.store.audit.record(actor, "approval.refused", subject, reason=reason, **data)
+        return Refused(reason, message)
+
+    def _active(self, approver_id: str, subject: str) -> Approver:
+        try:
+            return self.approvers.active(approver_id)
+        except Refused as exc:
+            raise self._refuse(f"as:{approver_id}", subject, exc.reason, str(exc)) from None
+
+    def _tier(self, spec: TaskSpec) -> tuple[str, RiskTier]:
+        repo = self.policy.find_repo(spec.repo)
+        assert repo is not None
+        return repo.tier, self.policy.risk_tiers[repo.tier]
+
+    def build_spec(self, idea: Idea, repo_name: str, change_type: str) -> TaskSpec:
+        """Freeze the idea's text into a spec under the current policy (or refuse)."""
+        repo = self.policy.find_repo(repo_name)
+        if repo is None:
+            raise Refused("repo_not_allowed", f"repo {repo_name!r} is not in the policy")
+        if change_type not in repo.change_types:
+            raise Refused(
+                "change_type_not_allowed",
+                f"change type {change_type!r} is not allowed for {repo_name} "
+                f"(allowed: {', '.join(repo.change_types)})",
+            )
+        return TaskSpec(
+            idea_id=idea.id,
+            prompt=idea.text,
+            repo=repo.name,
+            base_ref=repo.base_ref,
+            change_type=change_type,
+            allowed_paths=repo.allowed_paths,
+            blocked_paths=repo.blocked_paths,
+            branch_prefix=repo.branch_prefix,
+            required_checks=repo.required_checks,
+            limits=Limits(
+                run_timeout_s=self.policy.clocks.run_timeout,
+                max_output_bytes=self.policy.limits.max_output_bytes,
+            ),
+            policy_version=self.policy.version_hash,
+        )
+
+    def valid_approvals(self, conn: Any, task: Task, now: float) -> list[Approval]:
+        """Approvals that still count: on the current spec hash, within the approval validity,
+        by an approver who is still registered."""
+        oldest = now - self.policy.clocks.approval_validity
+        return [
+            a
+            for a in task.approvals
+            if a.spec_hash == task.spec_hash
+            and a.at > oldest
+            and conn.exists(self.store.keys.approver(a.approver))
+        ]
+
+    @staticmethod
+    def satisfied(tier: RiskTier, approvals: list[Approval]) -> bool:
+        if len({a.approver for a in approvals}) < tier.approvals:
+            return False
+        return all(sum(g in a.groups for a in approvals) >= n for g, n in tier.require.items())
+
+    @staticmethod
+    def fit(tier: RiskTier, tier_name: str, approvals: list[Approval], groups: tuple[str, ...]) -> str | None:
+        """Why an approver with ``groups`` cannot add an approval now, or None if they can."""
+        if not set(groups) & set(tier.groups):
+            return f"approvers for {tier_name} work must be in {' or '.join(tier.groups)}"
+        after = [a.groups for a in approvals] + [groups]
+        slots = tier.approvals - len(after)
+        missing = [g for g, n in tier.require.items() if sum(g in gs for gs in after) < n]
+        unmet = sum(n - sum(g in gs for gs in after) for g, n in tier.require.items() if g in missing)
+        if unmet > max(slots, 0):
+            return f"this task still needs an approval from {' and '.join(missing)}"
+        return None
+
+    def _queue_if_satisfied(self, conn: Any, task: Task, now: float) -> Task:
+        _, tier = self._tier(task.spec)
+        if not self.satisfied(tier, self.valid_approvals(conn, task, now)):
+            return task
+        ttl = self.policy.clocks.approval_validity
+        token, claims = mint(self._key, task_id=task.id, spec=task.spec, now=now, ttl_s=ttl)
+        repo = self.policy.find_repo(task.spec.repo)
+        assert repo is not None
+        return task.model_copy(
+            update={
+                "state": TaskState.QUEUED,
+                "token": token,
+                "token_expires_at": float(claims.exp),
+                "queue": self.policy.queue_for(repo),
+            }
+        )
+
+    def burn(self, pipe: Pipe, token: str | None, now: float) -> None:
+        """Burn a token's nonce in the current MULTI, so it can never be used again."""
+        if not token:
+            return
+        try:
+            claims = read_claims(token)
+        except TokenInvalid:
+            return
+        ttl = max(int(claims.exp - now), 0) + 86400
+        pipe.set(self.store.keys.nonce(claims.nonce), "burned", ex=ttl)
+
+    def _after(self, task: Task, previous: TaskState | None = None) -> Task:
+        if task.state is TaskState.QUEUED and previous is not TaskState.QUEUED and self.on_queued:
+            self.on_queued(task)
+        return task
+
+    def _emit_task(self, pipe: Pipe, actor: str, task: Task, **data: Any) -> None:
+        if task.state is TaskState.QUEUED:
+            self.store.emit(pipe, "system", "task.queued", task.id, queue=task.queue,
+                            spec_hash=task.spec_hash, token_expires_at=task.token_expires_at, **data)
+
+    # -- promote / approve -----------------------------------------------------------------
+    def promote(
+        self, idea_id: str, *, repo: str, change_type: str, approver_id: str, code: str,
+        via: str = "cli", note: str = "",
+    ) -> Decision:
+        """Turn a pending idea into a task with its first approval (step-up code required)."""
+        actor = f"approver:{approver_id}"
+        approver = self._active(approver_id, idea_id)
+        idea = self.store.get_idea(idea_id)
+        self._check_idea_open(idea, actor)
+        if idea.requester in approver.identities():
+            raise self._refuse(actor, idea_id, "self_approval", "you cannot approve your own request")
+        try:
+            spec = self.build_spec(idea, repo, change_type)
+        except Refused as exc:
+            raise self._refuse(actor, idea_id, exc.reason, str(exc)) from None
+        tier_name, tier = self._tier(spec)
+        groups = self.policy.groups_of(approver.id)
+        if (why := self.fit(tier, tier_name, [], groups)) is not None:
+            raise self._refuse(actor, idea_id, "wrong_group", why)
+        self.approvers.check_code(approver, code, purpose="promote", subject=idea_id)
+
+        keys = self.store.keys
+
+        def build(pipe: Pipe) -> Task:
+            now = self.store.clock()
+            current = self.store.read_idea(pipe, idea_id)
+            self._check_idea_open(current, actor)
+            approval = Approval(approver=approver.id, groups=groups, spec_hash=spec.spec_hash(),
+                                at=now, via=via, note=note)
+            task = Task(
+                id=new_id("T"), idea_id=idea_id, requester=current.requester, spec=spec,
+                spec_hash=spec.spec_hash(), state=TaskState.AWAITING_APPROVALS, risk_tier=tier_name,
+                required=tier.approvals, approvals=[approval], created_at=now, updated_at=now,
+            )
+            task = self._queue_if_satisfied(pipe, task, now)
+            promoted = current.model_copy(update={"state": IdeaState.PROMOTED, "task_id": task.id, "updated_at": now})
+            pipe.multi()
+            self.store.write_idea(pipe, promoted)
+            self.store.write_task(pipe, task)
+            self.store.emit(pipe, actor, "idea.promoted", idea_id, task=task.id, via=via)
+            self.store.emit(pipe, actor, "task.created", task.id, idea=idea_id, repo=spec.repo,
+                            change_type=spec.change_type, spec_hash=task.spec_hash,
+                            policy_version=spec.policy_version)
+            self.store.emit(pipe, actor, "approval.recorded", task.id, spec_hash=task.spec_hash,
+                            groups=list(groups), via=via, count=1, required=tier.approvals)
+            self._emit_task(pipe, actor, task)
+            return task
+
+        return Decision(self._after(self.store.transact([keys.idea(idea_id)], build)))
+
+    def _check_idea_open(self, idea: Idea, actor: str) -> None:
+        if idea.state is IdeaState.DENIED:
+            raise self._refuse(actor, idea.id, "already_denied", f"idea {idea.id} was denied")
+        if idea.state is IdeaState.PROMOTED:
+            raise self._refuse(actor, idea.id, "already_promoted", f"idea {idea.id} is already task {idea.task_id}")
+        if idea.state not in IDEA_PENDING:
+            raise self._refuse(actor, idea.id, f"idea_{idea.state.value}", f"idea {idea.id} is {idea.state.value}")
+        if idea.expires_at is not None and idea.expires_at <= self.store.clock():
+            self._expire_idea(idea.id)
+            raise self._refuse(actor, idea.id, "idea_expired", f"idea {idea.id} expired before it was promoted")
+
+    def approve(
+        self, task_id: str, *, approver_id: str, code: str, spec_hash: str | None = None,
+        via: str = "cli", note: str = "",
+    ) -> Decision:
+        """Add an approval to the task's current spec hash (step-up code required)."""
+        actor = f"approver:{approver_id}"
+        approver = self._active(approver_id, task_id)
+        task = self.store.get_task(task_id)
+        groups = self.policy.groups_of(approver.id)
+        self._check_approvable(task, approver, groups, spec_hash, actor)
+        self.approvers.check_code(approver, code, purpose="approve", subject=task_id)
+
+        def build(pipe: Pipe) -> tuple[Task, TaskState]:
+            now = self.store.clock()
+            current = self.store.read_task(pipe, task_id)
+            # Anything may have changed while the code was checked: check it all again.
+            self._check_approvable(current, approver, groups, spec_hash or task.spec_hash, actor)
+            approval = Approval(approver=approver.id, groups=groups, spec_hash=current.spec_hash,
+                                at=now, via=via, note=note)
+            kept = [a for a in current.approvals if a.spec_hash == current.spec_hash]
+            updated = current.model_copy(update={"approvals": [*kept, approval], "updated_at": now})
+            updated = self._queue_if_satisfied(pipe, updated, now)
+            pipe.multi()
+            self.store.write_task(pipe, updated)
+            self.store.emit(pipe, actor, "approval.recorded", task_id, spec_hash=current.spec_hash,
+                            groups=list(groups), via=via, count=len(updated.approvals),
+                            required=updated.required)
+            self._emit_task(pipe, actor, updated)
+            return updated, current.state
+
+        updated, before = self.store.transact([self.store.keys.task(task_id)], build)
+        return Decision(self._after(updated, before))
+
+    def _check_approvable(
+        self, task: Task, approver: Approver, groups: tuple[str, ...], spec_hash: str | None, actor: str
+    ) -> None:
+        if task.state is TaskState.DENIED:
+            raise self._refuse(actor, task.id, "already_denied", f"task {task.id} was denied")
+        if task.state is not TaskState.AWAITING_APPROVALS:
+            raise self._refuse(actor, task.id, "not_awaiting",
+                               f"task {task.id} is {task.state.value}; it takes no more approvals")
+        if spec_hash is not None and spec_hash != task.spec_hash:
+            raise self._refuse(actor, task.id, "stale_spec",
+                               f"task {task.id} changed since you saw it (spec {task.spec_hash[:12]}); review it again")
+        if task.spec.policy_version != self.policy.version_hash:
+            raise self._refuse(actor, task.id, "stale_policy",
+                               f"the policy changed since task {task.id} was promoted; amend it first")
+        if task.requester in approver.identities():
+            raise self._refuse(actor, task.id, "self_approval", "you cannot approve your own request")
+        now = self.store.clock()
+        valid = self.valid_approvals(self.store.r, task, now)
+        if any(a.approver == approver.id for a in valid):
+            raise self._refuse(actor, task.id, "already_approved", f"you already approved task {task.id}")
+        tier_name, tier = self._tier(task.spec)
+        if (why := self.fit(tier, tier_name, valid, groups)) is not None:
+            raise self._refuse(actor, task.id, "wrong_group", why)
+
+    # -- deny / amend ----------------------------------------------------------------------
+    def deny(self, ident: str, *, approver_id: str, reason: str) -> Idea | Task:
+        """End an idea or a not-yet-running task. No code needed: stopping work is always safe."""
+        if not reason.strip():
+            raise InvalidInput("--reason: say why")
+        approver = self._active(approver_id, ident)
+        actor = f"approver:{approver.id}"
+        if ident.startswith("T-"):
+            return self.store.move_task(
+                ident, TaskState.DENIED, actor=actor, reason=reason,
+                also=lambda pipe, t: self.burn(pipe, t.token, self.store.clock()),
+            )
+        return self.store.move_idea(ident, IdeaState.DENIED, actor=actor, reason=reason)
+
+    def amend(self, task_id: str, *, approver_id: str, repo: str | None = None,
+              change_type: str | None = None) -> Task:
+        """A new spec (e.g. another repo or change type) under the current policy: a new spec
+        hash, every approval discarded, any token burned."""
+        approver = self._active(approver_id, task_id)
+        actor = f"approver:{approver.id}"
+
+        def build(pipe: Pipe) -> Task:
+            now = self.store.clock()
+            task = self.store.read_task(pipe, task_id)
+            if task.state not in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED):
+                raise IllegalTransition("task", task_id, task.state.value, "amended")
+            idea = self.store.read_idea(pipe, task.idea_id)
+            try:
+                spec = self.build_spec(idea, repo or task.spec.repo, change_type or task.spec.change_type)
+            except Refused as exc:
+                raise self._refuse(actor, task_id, exc.reason, str(exc)) from None
+            if spec.spec_hash() == task.spec_hash:
+                raise InvalidInput("the amended spec is the same as the current one")
+            tier_name, tier = self._tier(spec)
+            amended = task.model_copy(update={
+                "spec": spec, "spec_hash": spec.spec_hash(), "state": TaskState.AWAITING_APPROVALS,
+                "risk_tier": tier_name, "required": tier.approvals, "approvals": [],
+                "token": None, "token_expires_at": None, "queue": None, "updated_at": now,
+            })
+            pipe.multi()
+            self.store.write_task(pipe, amended)
+            self.burn(pipe, task.token, now)
+            self.store.emit(pipe, actor, "task.amended", task_id, old_spec_hash=task.spec_hash,
+                            spec_hash=amended.spec_hash, repo=spec.repo, change_type=spec.change_type,
+                            approvals_discarded=len(task.approvals))
+            return amended
+
+        return self.store.transact([self.store.keys.task(task_id)], build)
+
+    # -- revoke / kill switch --------------------------------------------------------------
+    def revoke(self, task_id: str, *, identity: str, is_approver: bool, reason: str) -> Task:
+        """Stop a task for good: by its requester or any approver, no code needed. The nonce is
+        burned in the same transaction, so its token can never be used again."""
+        if not reason.strip():
+            raise InvalidInput("--reason: say why")
+        task = self.store.get_task(task_id)
+        if not is_approver and identity != task.requester:
+            raise self._refuse(identity, task_id, "not_allowed",
+                               "only the requester or an approver can revoke a task")
+        return self.store.move_task(
+            task_id, TaskState.REVOKED, actor=identity, reason=reason,
+            also=lambda pipe, t: self.burn(pipe, t.token, self.store.clock()),
+        )
+
+    def frozen(self) -> dict[str, Any] | None:
+        raw = self.store.r.get(self.store.keys.freeze)
+        return json.loads(raw) if raw else None
+
+    def freeze(self, *, actor: str, reason: str) -> None:
+        """The kill switch: no task starts until thawed (running ones are not touched)."""
+        if not reason.strip():
+            raise InvalidInput("--reason: say why")
+
+        def build(pipe: Pipe) -> None:
+            pipe.multi()
+            pipe.set(self.store.keys.freeze, json.dumps({"by": actor, "reason": reason, "at": self.store.clock()}))
+            self.store.emit(pipe, actor, "broker.frozen", "broker", reason=reason)
+
+        self.store.transact([self.store.keys.freeze], build)
+
+    def thaw(self, *, actor: str) -> None:
+        def build(pipe: Pipe) -> None:
+            if not pipe.exists(self.store.keys.freeze):
+                raise InvalidInput("intake is not frozen")
+            pipe.multi()
+            pipe.delete(self.store.keys.freeze)
+            self.store.emit(pipe, actor, "broker.thawed", "broker")
+
+        self.store.transact([self.store.keys.freeze], build)
+
+    # -- the clocks ------------------------------------------------------------------------
+    def _expire_idea(self, idea_id: str) -> bool:
+        def due(idea: Idea) -> None:
+            if idea.expires_at is None or idea.expires_at > self.store.clock():
+                raise InvalidInput("not due")
+
+        try:
+            self.store.move_idea(idea_id, IdeaState.EXPIRED, actor="system", check=due, clock="idea_ttl")
+        except (IllegalTransition, InvalidInput, NotFound):
+            return False
+        return True
+
+    def expire_due(self) -> dict[str, int]:
+        """Expire pending ideas past their TTL and queued tasks whose token expired unstarted.
+
+        Costs O(pending ideas + open tasks). Safe to run from several processes at once.
+        """
+        now = self.store.clock()
+        ideas = sum(
+            self._expire_idea(i.id) for i in self.store.pending_ideas()
+            if i.expires_at is not None and i.expires_at <= now
+        )
+        tasks = 0
+        for task in self.store.open_tasks():
+            if task.state is TaskState.QUEUED and (task.token_expires_at or 0) <= now:
+                def due(t: Task) -> None:
+                    if t.state is not TaskState.QUEUED or (t.token_expires_at or 0) > self.store.clock():
+                        raise InvalidInput("not due")
+                try:
+                    self.store.move_task(
+                        task.id, TaskState.EXPIRED, actor="system", reason="token expired before the task started",
+                        check=due, also=lambda pipe, t: self.burn(pipe, t.token, self.store.clock()),
+                    )
+                    tasks += 1
+                except (IllegalTransition, InvalidInput):
+                    pass
+        return {"ideas": ideas, "tasks": tasks}
