@@ -1,0 +1,1 @@
+"""Slack transport: request verification and Block Kit rendering."""
