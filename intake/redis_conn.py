@@ -35,7 +35,7 @@ unixsocketperm 700
 dir {dir}
 pidfile {dir}/redis.pid
 logfile {dir}/redis.log
-daemonize no
+daemonize yes
 appendonly yes
 appendfsync everysec
 maxmemory-policy noeviction
@@ -86,7 +86,6 @@ class EmbeddedRedis:
                 f"INTAKE_DATA_DIR: path too long for a unix socket ({self.sock}); use a shorter one"
             )
         self._users: IO[str] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -145,20 +144,20 @@ class EmbeddedRedis:
     def _start(self, timeout: float) -> None:
         conf = self.dir / "redis.conf"
         conf.write_text(_CONF.format(sock=self.sock, dir=self.dir))
-        # A session of its own: Ctrl-C on `intake serve` must not kill Redis under other users.
-        self._proc = subprocess.Popen(
+        # redis-server daemonizes itself: it is nobody's child, so whichever user is last out
+        # can stop it, and Ctrl-C on `intake serve` cannot kill it under other users.
+        started = subprocess.run(
             [redis_server_binary(), str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            timeout=timeout,
+            check=False,
         )
         deadline = time.monotonic() + timeout
         while not self._ping():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                tail = self._log_tail()
-                self._proc.kill()
-                raise RedisUnavailable(f"embedded redis-server did not start: {tail}")
+            if started.returncode != 0 or time.monotonic() > deadline:
+                raise RedisUnavailable(f"embedded redis-server did not start: {self._log_tail()}")
             time.sleep(0.02)
 
     def _log_tail(self) -> str:
@@ -179,9 +178,6 @@ class EmbeddedRedis:
         deadline = time.monotonic() + 10
         while self._ping() and time.monotonic() < deadline:
             time.sleep(0.02)
-        if self._proc is not None:
-            self._proc.wait(timeout=10)
-            self._proc = None
 
 
 @contextmanager

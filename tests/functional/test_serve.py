@@ -71,6 +71,6 @@ def test_cli_shares_the_dev_servers_redis(dev_env: dict[str, str]) -> None:
         assert verified.returncode == 0 and "1 events" in verified.stdout
     finally:
         serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=30)
+        serve.communicate(timeout=30)  # waits and closes the pipe
     assert not (data / "redis" / "redis.sock").exists()  # serve was the last user; Redis stopped
     assert (data / "policy.toml").exists() and (data / "keys" / "broker_ed25519.pem").exists()
