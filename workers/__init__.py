@@ -1,0 +1,1 @@
+"""The RQ worker side of intake: workspaces, agent adapters and the gates a change must pass."""

@@ -1,0 +1,463 @@
+"""A git workspace for one agent run: clone, branch, commit, diff and push, with real git.
+
+Security notes (DESIGN.md boundary 7):
+
+* git always runs from an argv list with a minimal environment (:func:`run_git`): no user or
+  system git config, no terminal prompts, a fixed identity.
+* A repository credential never appears in a URL, an argv or a file. Git gets it from a
+  ``GIT_ASKPASS`` script in a private 0700 directory; the script prints the token from an
+  environment variable that only the git process sees, never the agent.
+* The agent edits the *work tree only*. The git directory lives in a separate private directory
+  and the work tree has no ``.git``, so a ``.git/hooks`` or ``.git/config`` the agent writes is
+  inert. The git directory's config, hooks and info files are fingerprinted after the clone and
+  checked before every later git command: an agent that tampers with them (same uid, so it can)
+  makes the worker stop instead of running attacker-chosen hooks, filters or remotes.
+* What gets pushed is decided by the worker, not by refs on disk: :meth:`Workspace.commit_all`
+  writes one commit whose parent is the commit the worker last made (starting at the base), from
+  a fresh index, and :meth:`Workspace.push` pushes that exact sha to the exact URL that was
+  cloned, never forced. History the agent might have written into the object store is neither
+  committed on top of nor pushed.
+
+Real isolation of a hostile agent (a separate uid, a sandbox) is the deployment's job; these
+measures keep a same-uid agent from turning the worker's own git commands against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+from urllib.parse import urlsplit
+
+from intake.errors import IntakeError
+
+AGENT_NAME = "intake-agent"
+AGENT_EMAIL = "agent@intake.invalid"
+TOKEN_ENV = "INTAKE_GIT_TOKEN"
+USERNAME_ENV = "INTAKE_GIT_USERNAME"
+
+# Options given to every git invocation. They override anything a repository config could say
+# (command-line -c wins), as a second line behind the config fingerprint.
+_HARDENING = (
+    "-c", "core.hooksPath=/dev/null",  # no hooks run, ever (commit, push, checkout)
+    "-c", "core.fsmonitor=false",  # fsmonitor is a command git would execute
+    "-c", "credential.helper=",  # an empty value clears helpers: only our askpass answers
+    "-c", "protocol.ext.allow=never",  # ext:: URLs run arbitrary commands
+    "-c", "submodule.recurse=false",
+)
+
+# Files in the git directory that decide what git executes or where it talks to.
+_PROTECTED = ("config", "hooks", "info", "objects/info/alternates", "commondir", "worktrees")
+
+_ASKPASS_SCRIPT = f"""#!/bin/sh
+# Git asks for a user name and then for a password; the token only ever travels in the
+# environment of the git process, never in argv, a URL or this file.
+case "$1" in
+  Username*) printf '%s\\n' "${USERNAME_ENV}" ;;
+  *) printf '%s\\n' "${TOKEN_ENV}" ;;
+esac
+"""
+
+_HEX_SHA = re.compile(r"^[0-9a-f]{7,64}$")
+_USERINFO = re.compile(r"://[^/@\s]*@")
+
+
+class GitError(IntakeError):
+    """A git command failed; the message is one line and never contains a credential."""
+
+
+Status = Literal["A", "M", "D", "R"]
+
+
+@dataclass(frozen=True)
+class ChangedFile:
+    """One path changed between the base commit and the worker's commit.
+
+    ``status`` is ``A``dded, ``M``odified (including a type change), ``D``eleted or ``R``enamed;
+    for a rename ``old_path`` is the path it had at the base.
+    """
+
+    path: str
+    status: Status
+    old_path: str | None = None
+
+
+def _scrub(text: str, env: Mapping[str, str]) -> str:
+    """Remove anything credential-shaped from a message: the token and URL user info."""
+    token = env.get(TOKEN_ENV, "")
+    if len(token) >= 4:
+        text = text.replace(token, "***")
+    return _USERINFO.sub("://***@", text)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    # git forks helpers (remote-https, pack-objects, ssh): kill the whole group, not just git.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _run(
+    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """Run git and return the completed process whatever its exit code."""
+    subcommand = args[0] if args else "(none)"
+    with tempfile.TemporaryDirectory(prefix="intake-home-") as home:
+        full_env = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "GIT_AUTHOR_NAME": AGENT_NAME,
+            "GIT_AUTHOR_EMAIL": AGENT_EMAIL,
+            "GIT_COMMITTER_NAME": AGENT_NAME,
+            "GIT_COMMITTER_EMAIL": AGENT_EMAIL,
+            "LC_ALL": "C",
+            **env,
+            # These always win over the caller: no prompts, no user or system config.
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "HOME": home,
+        }
+        try:
+            proc = subprocess.Popen(
+                ["git", *_HARDENING, *args],
+                cwd=cwd,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise GitError("git executable not found on PATH") from exc
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            raise GitError(f"git {subcommand} timed out after {timeout:g}s") from None
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_git(
+    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float = 120
+) -> str:
+    """Run ``git <args>`` in ``cwd`` and return its stdout (UTF-8, undecodable bytes replaced).
+
+    The environment is ``env`` plus a fixed minimum: ``PATH`` from this process, a fresh empty
+    ``HOME`` (so no ``~/.gitconfig``), ``GIT_CONFIG_NOSYSTEM=1``, ``GIT_TERMINAL_PROMPT=0`` and
+    the ``intake-agent`` identity. Nothing else of ``os.environ`` reaches git.
+
+    Raises :class:`GitError` naming the subcommand and the last line of stderr on a non-zero
+    exit or a timeout (the whole process group is killed then).
+    """
+    result = _run(args, cwd, env, timeout)
+    if result.returncode != 0:
+        subcommand = args[0] if args else "(none)"
+        detail = _last_line(result.stderr.decode("utf-8", "replace"))
+        message = f"git {subcommand} failed (exit {result.returncode})"
+        raise GitError(_scrub(f"{message}: {detail}" if detail else message, env))
+    return result.stdout.decode("utf-8", "replace")
+
+
+def _fingerprint(git_dir: Path) -> str:
+    """A hash over the git directory files that control what git executes or talks to."""
+    digest = hashlib.sha256()
+    for name in _PROTECTED:
+        root = git_dir / name
+        paths = [root] if not root.is_dir() else sorted(root.rglob("*"))
+        digest.update(f"{name}\0{root.exists()}\0".encode())
+        for path in paths:
+            if not path.exists() and not path.is_symlink():
+                continue
+            info = path.lstat()
+            digest.update(f"{path.relative_to(git_dir)}\0{info.st_mode}\0".encode())
+            if stat.S_ISREG(info.st_mode):
+                digest.update(path.read_bytes())
+            elif stat.S_ISLNK(info.st_mode):
+                digest.update(os.readlink(path).encode())
+    return digest.hexdigest()
+
+
+def _check_ref_arg(value: str, what: str) -> None:
+    # Anything starting with "-" would be read by git as an option.
+    if not value or value.startswith("-") or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise GitError(f"invalid {what}: {value!r}")
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url)
+
+
+class Workspace:
+    """A private clone of one repository for one task run. Use :meth:`clone` to make one.
+
+    ``path`` is the work tree handed to the agent. ``base_sha`` is the commit ``base_ref``
+    resolved to; ``head`` is the commit the worker last made (``base_sha`` until then).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        private_dir: Path,
+        url: str,
+        credential: str | None,
+        username: str,
+        ca_file: Path | None = None,
+    ) -> None:
+        self.path = path
+        self.url = url
+        self.base_sha = ""
+        self.head = ""
+        self.branch: str | None = None
+        self._private = private_dir
+        self._git_dir = private_dir / "git"
+        self._credential = credential
+        self._username = username
+        self._ca_file = ca_file
+        self._fingerprint: str | None = None
+        self._commits = 0
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def clone(
+        cls,
+        url: str,
+        base_ref: str,
+        credential: str | None,
+        *,
+        username: str = "x-access-token",
+        ca_file: Path | None = None,
+        timeout: float = 300,
+    ) -> Workspace:
+        """Clone ``url`` and check out ``base_ref`` (a branch, a tag or a commit sha).
+
+        ``credential`` is a token for an ``https://`` URL (sent as the password, with
+        ``username``), or ``None`` for repositories that need none (local paths, ``file://``).
+        Credentials embedded in the URL are refused, so that they never reach argv or logs.
+        ``ca_file`` is a PEM bundle to trust for https (a self-hosted forge's private CA).
+        """
+        _check_ref_arg(url, "repository URL")
+        _check_ref_arg(base_ref, "base ref")
+        parts = urlsplit(url) if "://" in url else None
+        if parts is not None and (parts.username or parts.password):
+            raise GitError("credentials must not be embedded in the repository URL")
+        if credential is not None and (parts is None or parts.scheme != "https"):
+            raise GitError("a repository credential is only sent over https")
+        if _is_local(url):
+            url = str(Path(url).resolve())
+        path = Path(tempfile.mkdtemp(prefix="intake-ws-"))
+        private = Path(tempfile.mkdtemp(prefix="intake-git-"))
+        ws = cls(path=path, private_dir=private, url=url, credential=credential,
+                 username=username, ca_file=ca_file)
+        try:
+            ws._clone(base_ref, timeout)
+        except BaseException:
+            ws.cleanup()
+            raise
+        return ws
+
+    def _clone(self, base_ref: str, timeout: float) -> None:
+        os.chmod(self._private, 0o700)
+        run_git(
+            [
+                "clone", "--quiet", "--no-checkout", "--no-hardlinks", "--template=",
+                f"--separate-git-dir={self._git_dir}", "--", self.url, str(self.path),
+            ],
+            cwd=self._private,
+            env=self._remote_env(),
+            timeout=timeout,
+        )
+        # The work tree must not point at the git directory: git is always told where it is.
+        (self.path / ".git").unlink()
+        self._fingerprint = _fingerprint(self._git_dir)
+        self.base_sha = self._resolve_base(base_ref)
+        self.head = self.base_sha
+        self._git(["checkout", "--quiet", "--detach", self.base_sha])
+
+    def _resolve_base(self, base_ref: str) -> str:
+        candidates = [f"refs/remotes/origin/{base_ref}", f"refs/tags/{base_ref}"]
+        if _HEX_SHA.match(base_ref):
+            candidates.append(base_ref)
+        for candidate in candidates:
+            result = self._git_result(
+                ["rev-parse", "--verify", "--quiet", f"{candidate}^{{commit}}"]
+            )
+            if result.returncode == 0:
+                return result.stdout.decode().strip()
+        raise GitError(f"base ref not found in the repository: {base_ref!r}")
+
+    # -- git plumbing -----------------------------------------------------------------------
+
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {"GIT_DIR": str(self._git_dir), "GIT_WORK_TREE": str(self.path), **(extra or {})}
+
+    def _remote_env(self) -> dict[str, str]:
+        """The environment for commands that talk to the remote: the askpass, if any."""
+        env = {"GIT_SSL_CAINFO": str(self._ca_file)} if self._ca_file is not None else {}
+        if self._credential is None:
+            return env
+        askpass = self._private / "askpass"
+        if not askpass.exists():
+            fd = os.open(askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(_ASKPASS_SCRIPT)
+        return {
+            **env,
+            "GIT_ASKPASS": str(askpass),
+            TOKEN_ENV: self._credential,
+            USERNAME_ENV: self._username,
+        }
+
+    def _verify_git_dir(self) -> None:
+        if self._fingerprint is not None and _fingerprint(self._git_dir) != self._fingerprint:
+            raise GitError(
+                "the workspace git directory was modified outside the worker; refusing to continue"
+            )
+
+    def _git(
+        self, args: list[str], extra_env: Mapping[str, str] | None = None, timeout: float = 120
+    ) -> str:
+        self._verify_git_dir()
+        return run_git(args, cwd=self.path, env=self._env(extra_env), timeout=timeout)
+
+    def _git_result(self, args: list[str]) -> subprocess.CompletedProcess[bytes]:
+        self._verify_git_dir()
+        return _run(args, cwd=self.path, env=self._env(), timeout=120)
+
+    # -- the worker's operations ------------------------------------------------------------
+
+    def create_branch(self, name: str) -> None:
+        """Create branch ``name`` at :attr:`head`; later commits go on it. It must be new."""
+        _check_ref_arg(name, "branch name")
+        if "@{" in name or name in {"@", "HEAD"}:
+            raise GitError(f"invalid branch name: {name!r}")
+        try:
+            checked = self._git(["check-ref-format", "--branch", name]).strip()
+        except GitError:
+            raise GitError(f"invalid branch name: {name!r}") from None
+        if checked != name:
+            raise GitError(f"invalid branch name: {name!r}")
+        # An all-zero old value makes update-ref refuse to overwrite an existing branch.
+        self._git(["update-ref", f"refs/heads/{name}", self.head, "0" * len(self.head)])
+        self._git(["symbolic-ref", "HEAD", f"refs/heads/{name}"])
+        self.branch = name
+
+    def commit_all(self, message: str) -> str | None:
+        """Commit the whole work tree (additions, changes, deletions) on top of :attr:`head`.
+
+        Returns the new commit sha, or ``None`` when the tree is unchanged. The index is built
+        fresh from :attr:`head` and the commit's parent is :attr:`head`, so nothing the agent
+        did to the index, HEAD or refs ends up in the commit.
+        """
+        self._commits += 1
+        index = {"GIT_INDEX_FILE": str(self._private / f"index-{self._commits}")}
+        try:
+            self._git(["read-tree", self.head], index)
+            self._git(["add", "--all", "--", "."], index)
+            tree = self._git(["write-tree"], index).strip()
+        finally:
+            Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
+        if tree == self._git(["rev-parse", f"{self.head}^{{tree}}"]).strip():
+            return None
+        sha = self._git(["commit-tree", tree, "-p", self.head, "-m", message]).strip()
+        ref = f"refs/heads/{self.branch}" if self.branch else "HEAD"
+        self._git(["update-ref", "--no-deref", ref, sha, self.head])
+        self.head = sha
+        return sha
+
+    def changed_files(self) -> list[ChangedFile]:
+        """Paths that differ between :attr:`base_sha` and :attr:`head`, renames detected."""
+        out = self._git(
+            ["diff-tree", "-r", "-z", "-M", "--name-status", "--no-commit-id", "--no-ext-diff",
+             self.base_sha, self.head]
+        )
+        fields = out.split("\0")
+        if fields and fields[-1] == "":
+            fields.pop()
+        changes: list[ChangedFile] = []
+        i = 0
+        while i < len(fields):
+            letter = fields[i][:1]  # "R087" is a rename with 87% similarity
+            if letter == "R" and i + 2 < len(fields):
+                changes.append(ChangedFile(fields[i + 2], "R", fields[i + 1]))
+                i += 3
+            elif letter in {"A", "M", "D", "T"} and i + 1 < len(fields):
+                # A type change (file <-> symlink) is a modification of that path.
+                status: Status = "M" if letter == "T" else letter  # type: ignore[assignment]
+                changes.append(ChangedFile(fields[i + 1], status))
+                i += 2
+            else:
+                raise GitError(f"git diff-tree: unexpected status {fields[i]!r}")
+        return changes
+
+    def file_at(self, rev: str, path: str) -> str | None:
+        """The text of ``path`` at ``rev`` (``HEAD`` means :attr:`head`), or ``None`` if absent.
+
+        Undecodable bytes are replaced; a directory or submodule at ``path`` counts as absent.
+        """
+        rev = self.head if rev == "HEAD" else rev
+        _check_ref_arg(rev, "revision")
+        # "<rev>:./x" and "<rev>:../x" are resolved against the cwd; only root-relative paths.
+        if not path or path.startswith(("/", "./", "../")) or path in {".", ".."}:
+            raise GitError(f"invalid repository path: {path!r}")
+        result = self._git_result(["rev-parse", "--verify", "--quiet", f"{rev}:{path}"])
+        if result.returncode != 0:
+            return None
+        oid = result.stdout.decode().strip()
+        if self._git(["cat-file", "-t", oid]).strip() != "blob":
+            return None
+        return self._git(["cat-file", "blob", oid])
+
+    def push(self, branch: str) -> str:
+        """Push :attr:`head` to ``refs/heads/<branch>`` on the cloned URL; return the sha.
+
+        Only the branch made by :meth:`create_branch` can be pushed, and never with force: an
+        existing remote branch that is not an ancestor makes git refuse.
+        """
+        if self.branch is None or branch != self.branch:
+            raise GitError(f"refusing to push {branch!r}: only the task branch may be pushed")
+        if self.head == self.base_sha:
+            raise GitError(f"refusing to push {branch!r}: it has no commits")
+        self._git(
+            ["push", "--quiet", "--no-verify", "--", self.url, f"{self.head}:refs/heads/{branch}"],
+            self._remote_env(),
+            timeout=300,
+        )
+        return self.head
+
+    def cleanup(self) -> None:
+        """Remove the work tree and the private git directory (safe to call twice)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self._private, ignore_errors=True)
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
