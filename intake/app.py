@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,11 +14,13 @@ from aiohttp import web
 
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
+from intake.slack.transport import SlackMode, mount_slack
 
 log = logging.getLogger("intake.app")
 
 BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", Settings)
+SLACK_MODE = web.AppKey("slack_mode", SlackMode)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -44,11 +47,41 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(opened.__exit__, None, None, None)
 
 
+def sweep(broker: Broker) -> None:
+    """One pass of the broker's clocks: expiries, escalations, and sealing stragglers."""
+    broker.gatekeeper.expire_due()
+    broker.gatekeeper.escalate_due()
+    broker.audit.seal_pending()
+
+
+async def _clocks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run :func:`sweep` every ``INTAKE_SWEEP_INTERVAL`` seconds for the app's lifetime."""
+    broker, interval = app[BROKER], app[SETTINGS].sweep_interval
+
+    async def loop() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(sweep, broker)
+            except Exception as exc:  # keep the clocks running through a transient fault
+                log.warning("sweep failed: %s", type(exc).__name__)
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(loop(), name="clocks")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     """Build the broker's web app (routes and resource lifecycles; nothing runs until started)."""
     app = web.Application(client_max_size=settings.slack_max_body)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(_clocks_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app[SLACK_MODE] = mount_slack(app, settings, BROKER)
     return app

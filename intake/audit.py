@@ -125,6 +125,13 @@ class AuditLog:
         return published
 
     # -- reading ---------------------------------------------------------------------------
+    def parse_entry(self, fields: dict[str, str]) -> AuditEvent | None:
+        """The event in a stream entry, or None when its MAC does not check out."""
+        body, mac = fields.get("e", ""), fields.get("m", "")
+        if not hmac.compare_digest(self._mac(body), mac):
+            return None
+        return AuditEvent.model_validate_json(body)
+
     def _entries(self) -> Iterator[tuple[str, dict[str, str], str | None]]:
         """Every (stream id, fields, stored seal) in order, a page and one HMGET at a time."""
         start = "-"

@@ -143,6 +143,7 @@ class Idea(_Model):
     reason: str | None = None
     # Where the idea card was posted (set by the Slack outbox): {"channel": …, "ts": …}.
     card: dict[str, str] | None = None
+    escalated_at: float | None = None
 
 
 class Limits(_Model):

@@ -407,6 +407,20 @@ class Gatekeeper:
             return False
         return True
 
+    def escalate_due(self) -> int:
+        """Flag pending ideas nobody acted on within the escalation delay (once each); the
+        outbox then pings the escalation group."""
+        after = self.policy.escalation.after
+
+        def due(idea: Idea) -> bool:
+            return idea.created_at + after <= self.store.clock()
+
+        return sum(
+            self.store.mark_escalated(i.id, due=due)
+            for i in self.store.pending_ideas()
+            if i.escalated_at is None and due(i)
+        )
+
     def expire_due(self) -> dict[str, int]:
         """Expire pending ideas past their TTL and queued tasks whose token expired unstarted.
 

@@ -7,7 +7,7 @@ import logging
 import click
 from aiohttp import web
 
-from intake.app import create_app
+from intake.app import SLACK_MODE, create_app
 from intake.keys import load_secret
 from intake.policy import load_policy
 from intake.runtime import prepare_dev
@@ -24,6 +24,7 @@ def run(settings: Settings, *, dev: bool) -> None:
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
     app = create_app(settings, dev=dev)
+    click.echo(f"intake: {app[SLACK_MODE].describe()}")
     redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
     click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
     click.echo(f"intake: serving on http://{settings.host}:{settings.port}  (Ctrl-C to stop)")

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     key_prefix: str = "intake"
     max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
+    sweep_interval: float = Field(5.0, gt=0, le=3600)
+    outbox_retry_ms: int = Field(5000, ge=0, le=3_600_000)
 
     signing_key: Path | None = None
     public_key: Path | None = None

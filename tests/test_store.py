@@ -10,6 +10,7 @@ from intake.audit import AuditLog
 from intake.errors import IllegalTransition, InvalidInput, NotFound
 from intake.models import Channel, IdeaState
 from intake.store import Store
+from tests.conftest import FakeClock
 from tests.factories import draft
 
 
@@ -83,8 +84,11 @@ def test_illegal_transition_raises_and_changes_nothing(store: Store, audit: Audi
     assert audit_actions(audit) == ["idea.captured", "idea.denied"]
 
 
-def test_pending_listing_tracks_state(store: Store) -> None:
-    ideas = [store.capture(draft())[0] for _ in range(3)]
+def test_pending_listing_tracks_state(store: Store, clock: FakeClock) -> None:
+    ideas = []
+    for _ in range(3):
+        ideas.append(store.capture(draft())[0])
+        clock.advance(1)
     store.move_idea(ideas[1].id, IdeaState.WITHDRAWN, actor="slack:U0REQUEST1")
     assert [i.id for i in store.pending_ideas()] == [ideas[0].id, ideas[2].id]
     assert {i.id for i in store.recent_ideas()} == {i.id for i in ideas}

@@ -180,6 +180,8 @@ def idea_card(
     state_line: str,
     spec_hash_short: str | None = None,
     buttons: bool = False,
+    task_id: str | None = None,
+    spec_hash: str | None = None,
 ) -> list[dict[str, Any]]:
     """Blocks for the card that shows one idea in Slack.
 
@@ -187,7 +189,9 @@ def idea_card(
     id, otherwise as the escaped ``requester_label``. The idea text is escaped and capped at
     :data:`DISPLAY_TEXT_MAX` for display only, with a note pointing at ``intake show``; the
     stored text is never touched. ``buttons`` adds Promote/Deny (``intake_promote`` /
-    ``intake_deny``), each carrying the idea id as its value.
+    ``intake_deny``), each carrying the idea id as its value; with ``task_id`` and ``spec_hash``
+    they are Approve/Deny for that task instead (``intake_approve`` carries ``task|spec hash``,
+    so an approval binds to the spec the card showed).
     """
     shown, truncated = cap_for_mrkdwn(text, DISPLAY_TEXT_MAX)
     items = list(provenance.items())
@@ -208,6 +212,8 @@ def idea_card(
         state_line=_cap_plain(state_line, 1000),
         spec_hash_short=spec_hash_short,
         buttons=buttons,
+        approve_value=f"{task_id}|{spec_hash}" if task_id and spec_hash else None,
+        deny_value=task_id,
     )
     return data["blocks"]
 
@@ -233,6 +239,18 @@ def promote_modal(
     )
 
 
+def approve_modal(*, task_id: str, summary: str, spec_hash: str, private_metadata: str) -> dict[str, Any]:
+    """The ``intake_approve_submit`` modal: what is approved (escaped) and the TOTP ``code``."""
+    _check_metadata(private_metadata)
+    return render(
+        "slack/approve_modal.json.j2",
+        task_id=task_id,
+        summary=_cap_plain(summary, DISPLAY_TEXT_MAX),
+        spec_hash=spec_hash,
+        private_metadata=private_metadata,
+    )
+
+
 def deny_modal(*, subject_id: str, private_metadata: str) -> dict[str, Any]:
     """The ``intake_deny_submit`` modal with one required multiline ``reason`` input."""
     _check_metadata(private_metadata)
@@ -244,9 +262,10 @@ def deny_modal(*, subject_id: str, private_metadata: str) -> dict[str, Any]:
 
 
 def status_message(
-    *, subject_id: str, state: str, detail: str, link: str | None = None
+    *, subject_id: str, state: str, detail: str, link: str | None = None, notify: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
-    """Blocks for a thread update about an idea or task.
+    """Blocks for a thread update about an idea or task; ``notify`` user ids are mentioned
+    (each must be a valid Slack user id, else ValueError).
 
     ``detail`` and ``link`` are escaped; a link is shown as text with auto-linking off
     (``verbatim``), never as ``<url|label>``, so its label cannot disguise where it goes.
@@ -258,6 +277,7 @@ def status_message(
         state=state,
         detail=shown + ("…" if truncated else ""),
         link=_cap_plain(link, 1000) if link else None,
+        mentions=" ".join(mrkdwn.mention(user) for user in notify),
     )
     return data["blocks"]
 

@@ -1,0 +1,186 @@
+"""Slack follow-ups from the outbox: idea cards, in-place card updates and thread messages.
+
+Each handler acts on the subject's *current* state, so a redelivered event is harmless: a card
+is posted only while the idea has none, and an update re-renders what is true now. All text that
+came from a channel is escaped by the templates; mentions are built only from validated ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from slack_sdk.web.async_client import AsyncWebClient
+
+from intake.models import IDEA_PENDING, AuditEvent, Idea, Task, TaskState
+from intake.mrkdwn import is_user_id
+from intake.outbox import Delivery, Outbox
+from intake.runtime import Broker
+from intake.slack import render
+
+log = logging.getLogger("intake.slack.notifier")
+
+GROUP = "slack-notifier"
+_TASK_STATES = {s.value for s in TaskState}
+# Task events the requester is told about (mentioned in the thread).
+_TELL_REQUESTER = {"queued", "running", "succeeded", "failed", "blocked", "revoked", "expired", "denied"}
+
+
+def slack_user_of(identity: str) -> str | None:
+    """The Slack user id in a ``slack:U…`` identity, if it is a valid one."""
+    kind, _, ident = identity.partition(":")
+    return ident if kind == "slack" and is_user_id(ident) else None
+
+
+def state_line(idea: Idea, task: Task | None) -> str:
+    if task is None:
+        if idea.state in IDEA_PENDING:
+            return "awaiting promotion by an approver"
+        return f"{idea.state.value}" + (f": {idea.reason}" if idea.reason else "")
+    if task.state is TaskState.AWAITING_APPROVALS:
+        names = ", ".join(a.approver for a in task.approvals) or "nobody yet"
+        return f"{len(task.approvals)} of {task.required} approvals by {names} · {task.spec.repo} {task.spec.change_type}"
+    line = f"task {task.id} {task.state.value} · {task.spec.repo} {task.spec.change_type}"
+    return line + (f": {task.reason}" if task.reason else "")
+
+
+def card_blocks(idea: Idea, task: Task | None) -> list[dict[str, Any]]:
+    """The card for an idea and its task as they are now."""
+    source = idea.channel.value
+    if channel_id := idea.provenance.get("channel_id"):
+        source += f" {channel_id}"
+    approving = task is not None and task.state is TaskState.AWAITING_APPROVALS
+    return render.idea_card(
+        idea_id=idea.id,
+        requester_slack_id=slack_user_of(idea.requester),
+        requester_label=idea.requester,
+        source_channel=source,
+        provenance=idea.provenance,
+        text=idea.text,
+        title=idea.title,
+        state_line=state_line(idea, task),
+        spec_hash_short=task.spec_hash[:12] if task else None,
+        buttons=idea.state in IDEA_PENDING or approving,
+        task_id=task.id if approving and task else None,
+        spec_hash=task.spec_hash if approving and task else None,
+    )
+
+
+class SlackNotifier:
+    """Consumes the outbox and keeps Slack in step with the store."""
+
+    def __init__(self, broker: Broker, client: AsyncWebClient, outbox: Outbox) -> None:
+        self.broker = broker
+        self.client = client
+        self.outbox = outbox
+
+    async def run(self, stop: asyncio.Event, *, block_ms: int = 500) -> None:
+        """Deliver until ``stop`` is set. Failures stay pending and are retried later."""
+        await asyncio.to_thread(self.outbox.ensure_group)
+        while not stop.is_set():
+            try:
+                deliveries = await asyncio.to_thread(self.outbox.fetch, 50, block_ms)
+            except Exception as exc:  # Redis hiccup: back off, keep the loop alive
+                log.warning("outbox fetch failed: %s", type(exc).__name__)
+                await asyncio.sleep(1)
+                continue
+            for delivery in deliveries:
+                await self.deliver(delivery)
+
+    async def deliver(self, delivery: Delivery) -> None:
+        try:
+            await self.handle(delivery.event)
+        except Exception as exc:
+            log.warning("slack delivery of %s %s failed (attempt %d): %s", delivery.event.action,
+                        delivery.event.subject, delivery.attempt, type(exc).__name__)
+            await asyncio.to_thread(self.outbox.failed, delivery, type(exc).__name__)
+            return
+        await asyncio.to_thread(self.outbox.ack, delivery)
+
+    async def handle(self, event: AuditEvent) -> None:
+        store = self.broker.store
+        action = event.action
+        if action == "idea.captured":
+            await self.post_card(await asyncio.to_thread(store.get_idea, event.subject))
+        elif action in {"idea.promoted", "idea.denied", "idea.expired", "idea.withdrawn", "idea.escalated"}:
+            idea = await asyncio.to_thread(store.get_idea, event.subject)
+            await self.refresh(idea, event)
+        elif action == "approval.recorded" or (action.startswith("task.") and action != "task.created"):
+            task = await asyncio.to_thread(store.get_task, event.subject)
+            idea = await asyncio.to_thread(store.get_idea, task.idea_id)
+            await self.refresh(idea, event, task)
+
+    async def post_card(self, idea: Idea) -> None:
+        if idea.card is not None or idea.state not in IDEA_PENDING:
+            return  # already posted, or nothing left to approve
+        channel = self.broker.policy.approvals_channel
+        resp = await self.client.chat_postMessage(
+            channel=channel,
+            blocks=card_blocks(idea, None),
+            text=render.fallback_text(f"New idea {idea.id}: {idea.title}"),
+            unfurl_links=False,
+            unfurl_media=False,
+        )
+        await asyncio.to_thread(
+            self.broker.store.announce, idea.id, {"channel": str(resp["channel"]), "ts": str(resp["ts"])}
+        )
+
+    async def refresh(self, idea: Idea, event: AuditEvent, task: Task | None = None) -> None:
+        if idea.card is None:
+            return  # the card was never posted (Slack off at the time): nothing to update
+        if task is None and idea.task_id:
+            task = await asyncio.to_thread(self.broker.store.get_task, idea.task_id)
+        channel, ts = idea.card["channel"], idea.card["ts"]
+        await self.client.chat_update(
+            channel=channel, ts=ts, blocks=card_blocks(idea, task),
+            text=render.fallback_text(f"Idea {idea.id}: {state_line(idea, task)}"),
+        )
+        state, detail, notify, link = self._thread_update(idea, task, event)
+        blocks = render.status_message(subject_id=event.subject, state=state, detail=detail, link=link, notify=notify)
+        await self.client.chat_postMessage(
+            channel=channel, thread_ts=ts, blocks=blocks,
+            text=render.fallback_text(f"{event.subject} is now {state}"),
+            unfurl_links=False, unfurl_media=False,
+        )
+
+    def _thread_update(
+        self, idea: Idea, task: Task | None, event: AuditEvent
+    ) -> tuple[str, str, tuple[str, ...], str | None]:
+        """(state word, detail, users to mention, link) for one event."""
+        who = event.actor.partition(":")[2] or event.actor
+        requester = slack_user_of(idea.requester)
+        action = event.action
+        if action == "idea.escalated":
+            return ("waiting", f"nobody has acted on this idea for {self.broker.policy.escalation.after // 60} min",
+                    self._escalation_users(), None)
+        if action == "approval.recorded":
+            return ("approved", f"approved by {who} ({event.data.get('count')} of {event.data.get('required')})", (), None)
+        if action == "idea.promoted":
+            return ("promoted", f"promoted by {who} to task {idea.task_id}", (), None)
+        if action.startswith("idea."):
+            notify = (requester,) if requester else ()
+            return (idea.state.value, idea.reason or "", notify, None)
+        state = action.partition(".")[2]
+        if state not in _TASK_STATES and state != "amended":
+            state = task.state.value if task else state
+        detail, link = "", None
+        if task is not None:
+            detail = task.reason or ""
+            if state == "amended":
+                detail = f"spec changed to {task.spec.repo} {task.spec.change_type} ({task.spec_hash[:12]}); approvals start over"
+            if task.result:
+                detail = " · ".join(f"{k}: {task.result[k]}" for k in ("branch", "commit") if task.result.get(k)) or detail
+                link = task.result.get("pr_url") or None
+        notify = (requester,) if requester and state in _TELL_REQUESTER else ()
+        return (state, detail, notify, link)
+
+    def _escalation_users(self) -> tuple[str, ...]:
+        policy = self.broker.policy
+        members = policy.groups[policy.escalation.group].members
+        found = []
+        for approver in self.broker.approvers.all():
+            if approver.id in members and approver.slack_user and is_user_id(approver.slack_user):
+                found.append(approver.slack_user)
+        return tuple(found)
+

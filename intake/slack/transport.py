@@ -1,0 +1,137 @@
+"""Mounting Slack on the aiohttp app: HTTP Events API and/or Socket Mode, and the notifier.
+
+HTTP: ``POST /slack/events`` carries events, slash commands and interactivity. The verification
+middleware checks size, timestamp and signature on the raw bytes first; only then is a bolt
+request built from those same bytes (bolt verifies again). Socket Mode: bolt's aiohttp
+``AsyncSocketModeHandler``, authenticated by the app-level token. Either way the app runs with
+``process_before_response`` so an idea is stored before Slack is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.web.async_client import AsyncWebClient
+
+from intake.errors import ConfigError
+from intake.outbox import Outbox
+from intake.runtime import Broker
+from intake.settings import Settings
+from intake.slack.listeners import SlackIntake
+from intake.slack.notifier import GROUP, SlackNotifier
+from intake.slack.verify import slack_verification_middleware, verified_body
+
+log = logging.getLogger("intake.slack")
+
+SLACK_PATH = "/slack/events"
+BOLT = web.AppKey("bolt", AsyncApp)
+
+
+@dataclass(frozen=True)
+class SlackMode:
+    http: bool
+    socket: bool
+    why_off: str = ""
+
+    @property
+    def on(self) -> bool:
+        return self.http or self.socket
+
+    def describe(self) -> str:
+        if not self.on:
+            return f"Slack off: {self.why_off}"
+        modes = [m for m, on in (("HTTP (POST /slack/events)", self.http), ("Socket Mode", self.socket)) if on]
+        return "Slack on: " + " and ".join(modes)
+
+
+def slack_mode(settings: Settings) -> SlackMode:
+    """Which Slack transports the settings turn on, or why none is."""
+    bot = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else ""
+    signing = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else ""
+    app = settings.slack_app_token.get_secret_value() if settings.slack_app_token else ""
+    if bot and not bot.startswith("xoxb-"):
+        raise ConfigError("SLACK_BOT_TOKEN: must be a bot token (xoxb-…)")
+    if app and not app.startswith("xapp-"):
+        raise ConfigError("SLACK_APP_TOKEN: must be an app-level token (xapp-…)")
+    if not bot:
+        return SlackMode(False, False, "SLACK_BOT_TOKEN is not set" if (signing or app) else
+                         "set SLACK_BOT_TOKEN with SLACK_SIGNING_SECRET (HTTP) or SLACK_APP_TOKEN (Socket Mode)")
+    if not signing and not app:
+        return SlackMode(False, False, "SLACK_BOT_TOKEN needs SLACK_SIGNING_SECRET or SLACK_APP_TOKEN")
+    return SlackMode(http=bool(signing), socket=bool(app))
+
+
+def build_bolt(settings: Settings, broker: Broker) -> AsyncApp:
+    """The bolt app with intake's listeners; its Web API client honours SLACK_API_URL."""
+    assert settings.slack_bot_token is not None
+    kwargs = {"base_url": settings.slack_api_url} if settings.slack_api_url else {}
+    client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), **kwargs)
+    signing = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
+    app = AsyncApp(
+        client=client,
+        # Socket Mode alone needs no signing secret; a random one keeps bolt's HTTP check armed
+        # (no HTTP route is mounted then anyway).
+        signing_secret=signing or secrets.token_hex(32),
+        process_before_response=True,
+    )
+    SlackIntake(broker).register(app)
+    return app
+
+
+async def slack_events(request: web.Request) -> web.StreamResponse:
+    """The one HTTP endpoint: bolt sees only bytes the middleware already verified."""
+    try:
+        body = verified_body(request).decode("utf-8")
+    except UnicodeDecodeError:
+        return web.json_response({"error": "invalid request"}, status=400)
+    bolt_request = AsyncBoltRequest(body=body, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
+    response = await request.app[BOLT].async_dispatch(bolt_request)
+    return await to_aiohttp_response(response)
+
+
+def mount_slack(app: web.Application, settings: Settings, broker_key: web.AppKey[Broker]) -> SlackMode:
+    """Add Slack's route, middleware and lifecycle to ``app`` as the settings say."""
+    mode = slack_mode(settings)
+    if mode.http:
+        assert settings.slack_signing_secret is not None
+        app.middlewares.append(slack_verification_middleware(
+            settings.slack_signing_secret.get_secret_value(), path=SLACK_PATH, max_body=settings.slack_max_body,
+        ))
+        app.router.add_post(SLACK_PATH, slack_events)
+    if mode.on:
+
+        async def slack_ctx(app: web.Application) -> AsyncIterator[None]:
+            broker = app[broker_key]
+            bolt = build_bolt(settings, broker)
+            app[BOLT] = bolt
+            stop = asyncio.Event()
+            notifier = SlackNotifier(
+                broker, bolt.client, Outbox(broker.audit, GROUP, retry_ms=settings.outbox_retry_ms)
+            )
+            task = asyncio.create_task(notifier.run(stop), name="slack-notifier")
+            handler = None
+            if mode.socket:
+                assert settings.slack_app_token is not None
+                handler = AsyncSocketModeHandler(bolt, settings.slack_app_token.get_secret_value())
+                await handler.connect_async()
+            try:
+                yield
+            finally:
+                stop.set()
+                if handler is not None:
+                    await handler.close_async()
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(task, timeout=5)
+
+        app.cleanup_ctx.append(slack_ctx)
+    return mode
