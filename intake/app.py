@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import redis
 from aiohttp import web
 
+from intake.capture_queue import CaptureQueue
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
 from intake.slack.transport import SlackMode, mount_slack
@@ -20,6 +21,7 @@ log = logging.getLogger("intake.app")
 
 BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", Settings)
+CAPTURE = web.AppKey("capture", CaptureQueue)
 SLACK_MODE = web.AppKey("slack_mode", SlackMode)
 
 
@@ -40,10 +42,17 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     opened = open_broker(app[SETTINGS])
-    app[BROKER] = await asyncio.to_thread(opened.__enter__)
+    broker = await asyncio.to_thread(opened.__enter__)
+    app[BROKER] = broker
+    broker.audit.start_sealer()  # one sealer per server: concurrent requests never contend on it
+    capture = CaptureQueue(broker.store, ttl_s=broker.policy.clocks.idea_ttl)
+    capture.start()
+    app[CAPTURE] = capture
     try:
         yield
     finally:
+        await capture.stop()
+        await asyncio.to_thread(broker.audit.stop_sealer)
         await asyncio.to_thread(opened.__exit__, None, None, None)
 
 
@@ -83,5 +92,5 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     app.cleanup_ctx.append(_clocks_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app[SLACK_MODE] = mount_slack(app, settings, BROKER)
+    app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     return app

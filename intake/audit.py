@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ import redis
 
 from intake.errors import AuditBroken
 from intake.models import AuditEvent, canonical_json
+
+log = logging.getLogger("intake.audit")
 
 GENESIS = "0" * 64
 _PAGE = 500
@@ -79,6 +83,9 @@ class AuditLog:
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
         self._cas = client.register_script(_CAS_SEALS)
+        self._wake = threading.Event()
+        self._sealer: threading.Thread | None = None
+        self._stopping = False
 
     # -- hashing ---------------------------------------------------------------------------
     def _mac(self, body: str) -> str:
@@ -89,16 +96,57 @@ class AuditLog:
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
 
     # -- writing ---------------------------------------------------------------------------
+    def seal_fields(self, event: AuditEvent) -> tuple[str, str]:
+        """The stream entry's ``e`` (canonical JSON) and ``m`` (its MAC) for ``event``."""
+        body = canonical_json(event.model_dump(mode="json", exclude={"id", "seq"})).decode()
+        return body, self._mac(body)
+
     def append(self, pipe: redis.client.Pipeline, event: AuditEvent) -> None:
         """Queue the event on ``pipe`` (a MULTI pipeline); it commits with the state change."""
-        body = canonical_json(event.model_dump(mode="json", exclude={"id", "seq"})).decode()
-        pipe.xadd(self.stream, {"e": body, "m": self._mac(body)})
+        body, mac = self.seal_fields(event)
+        pipe.xadd(self.stream, {"e": body, "m": mac})
 
     def record(self, actor: str, action: str, subject: str, **data: Any) -> None:
         """Append one event on its own (no state change) and seal it."""
         pipe = self.r.pipeline(transaction=True)
         self.append(pipe, event(actor, action, subject, **data))
         pipe.execute()
+        self.kick()
+
+    def kick(self) -> None:
+        """Seal what was just appended: at once, or by the background sealer when one runs
+        (a long-running server, where a burst of appends then costs one sealing batch)."""
+        if self._sealer is not None:
+            self._wake.set()
+        else:
+            self.seal_pending()
+
+    def start_sealer(self, idle_s: float = 1.0, gather_s: float = 0.05) -> None:
+        """Run one sealing thread for this process until :meth:`stop_sealer`. After a kick it
+        waits ``gather_s`` so a burst of appends is sealed as one batch."""
+
+        def loop() -> None:
+            while not self._stopping:
+                if self._wake.wait(idle_s) and not self._stopping:
+                    time.sleep(gather_s)
+                self._wake.clear()
+                try:
+                    self.seal_pending()
+                except Exception as exc:  # Redis hiccup: the next round picks up where it left
+                    log.warning("sealing failed: %s", type(exc).__name__)
+
+        self._stopping = False
+        self._sealer = threading.Thread(target=loop, name="audit-sealer", daemon=True)
+        self._sealer.start()
+
+    def stop_sealer(self) -> None:
+        """Stop the sealing thread, then seal whatever is left."""
+        if self._sealer is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._sealer.join(timeout=10)
+        self._sealer = None
         self.seal_pending()
 
     def seal_pending(self, max_rounds: int = 1000) -> int:

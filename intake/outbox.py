@@ -31,7 +31,6 @@ log = logging.getLogger("intake.outbox")
 class Delivery:
     id: str
     event: AuditEvent
-    attempt: int
 
 
 class Outbox:
@@ -72,11 +71,12 @@ class Outbox:
                 log.warning("outbox: ignoring event %s with a bad MAC", entry_id)
                 self.r.xack(self.audit.stream, self.group, entry_id)
                 continue
-            out.append(Delivery(entry_id, event.model_copy(update={"id": entry_id}), self._attempt(entry_id)))
+            out.append(Delivery(entry_id, event.model_copy(update={"id": entry_id})))
         return out
 
-    def _attempt(self, entry_id: str) -> int:
-        info = self.r.xpending_range(self.audit.stream, self.group, min=entry_id, max=entry_id, count=1)
+    def attempts(self, delivery: Delivery) -> int:
+        """How many times the group has handed this event out (looked up only on failure)."""
+        info = self.r.xpending_range(self.audit.stream, self.group, min=delivery.id, max=delivery.id, count=1)
         return int(info[0]["times_delivered"]) if info else 1
 
     def fetch(self, count: int = 50, block_ms: int = 1000) -> list[Delivery]:
@@ -97,7 +97,7 @@ class Outbox:
 
     def failed(self, delivery: Delivery, error: str) -> None:
         """Leave it pending for a retry, or give up after ``max_deliveries`` (audited)."""
-        if delivery.attempt < self.max_deliveries:
+        if self.attempts(delivery) < self.max_deliveries:
             return
         self.ack(delivery)
         self.audit.record(

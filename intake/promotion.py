@@ -415,22 +415,16 @@ class Gatekeeper:
         def due(idea: Idea) -> bool:
             return idea.created_at + after <= self.store.clock()
 
-        return sum(
-            self.store.mark_escalated(i.id, due=due)
-            for i in self.store.pending_ideas()
-            if i.escalated_at is None and due(i)
-        )
+        candidates = self.store.ideas_due_to_escalate(self.store.clock() - after)
+        return sum(self.store.mark_escalated(idea_id, due=due) for idea_id in candidates)
 
     def expire_due(self) -> dict[str, int]:
         """Expire pending ideas past their TTL and queued tasks whose token expired unstarted.
 
-        Costs O(pending ideas + open tasks). Safe to run from several processes at once.
+        Costs O(due ideas + open tasks). Safe to run from several processes at once.
         """
         now = self.store.clock()
-        ideas = sum(
-            self._expire_idea(i.id) for i in self.store.pending_ideas()
-            if i.expires_at is not None and i.expires_at <= now
-        )
+        ideas = sum(self._expire_idea(idea_id) for idea_id in self.store.ideas_due_to_expire(now))
         tasks = 0
         for task in self.store.open_tasks():
             if task.state is TaskState.QUEUED and (task.token_expires_at or 0) <= now:

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     slack_app_token: SecretStr | None = Field(None, validation_alias="SLACK_APP_TOKEN")
     slack_api_url: str | None = Field(None, validation_alias="SLACK_API_URL")
     slack_max_body: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024)
+    # Slack Web API calls per second from the notifier (Slack allows ~1 message/s per channel
+    # with short bursts; 429s are honoured on top).
+    slack_rate: float = Field(5.0, gt=0, le=1000)
 
     @field_validator("key_prefix")
     @classmethod

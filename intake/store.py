@@ -33,6 +33,21 @@ from intake.models import (
 )
 
 T = TypeVar("T")
+
+# Capture in one round trip: claim the delivery id, store the idea, index it and append its audit
+# event atomically; or, for a delivery seen before, change nothing and name the first idea.
+_CAPTURE = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return existing end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1]) end
+redis.call('XADD', KEYS[5], '*', 'e', ARGV[4], 'm', ARGV[5])
+return false
+"""
 Pipe = redis.client.Pipeline
 Clock = Callable[[], float]
 
@@ -62,6 +77,16 @@ class Keys:
         return f"{self.p}:ideas:pending"
 
     @property
+    def ideas_expiry(self) -> str:
+        """Pending ideas by expiry time, so the clock sweep costs O(due)."""
+        return f"{self.p}:ideas:expiry"
+
+    @property
+    def ideas_unescalated(self) -> str:
+        """Pending, not yet escalated ideas by creation time."""
+        return f"{self.p}:ideas:unescalated"
+
+    @property
     def tasks(self) -> str:
         return f"{self.p}:tasks"
 
@@ -75,6 +100,10 @@ class Keys:
     @property
     def freeze(self) -> str:
         return f"{self.p}:freeze"
+
+    def heartbeat(self, task_id: str) -> str:
+        """A running task's liveness key: holds the run id, expires unless its worker refreshes it."""
+        return f"{self.p}:run:{task_id}"
 
     def approver(self, approver_id: str) -> str:
         return f"{self.p}:approver:{approver_id}"
@@ -115,12 +144,13 @@ class Store:
         self.keys = Keys(prefix)
         self.max_text_bytes = max_text_bytes
         self.clock = clock
+        self._capture = client.register_script(_CAPTURE)
 
     # -- transactions ----------------------------------------------------------------------
     def transact(self, watch: Iterable[str], build: Callable[[Pipe], T], *, attempts: int = 100) -> T:
         """Run ``build`` under WATCH; it reads through ``pipe``, raises to abort, or calls
         ``pipe.multi()`` and queues its writes and audit events. Retries on a concurrent write,
-        then seals the audit events it appended."""
+        then has the audit events it appended sealed."""
         keys = list(watch)
         for _ in range(attempts):
             with self.r.pipeline(transaction=True) as pipe:
@@ -134,7 +164,7 @@ class Store:
                     continue
         else:
             raise IntakeError("too many concurrent changes to the same record; try again")
-        self.audit.seal_pending()
+        self.audit.kick()
         return result
 
     def emit(self, pipe: Pipe, actor: str, action: str, subject: str, **data: Any) -> AuditEvent:
@@ -176,6 +206,12 @@ class Store:
         ids = self.r.zrange(self.keys.ideas_pending, 0, -1)
         return self._many([self.keys.idea(i) for i in ids], Idea)
 
+    def ideas_due_to_expire(self, now: float) -> list[str]:
+        return list(self.r.zrangebyscore(self.keys.ideas_expiry, "-inf", now))
+
+    def ideas_due_to_escalate(self, created_before: float) -> list[str]:
+        return list(self.r.zrangebyscore(self.keys.ideas_unescalated, "-inf", created_before))
+
     def recent_ideas(self, limit: int = 100) -> list[Idea]:
         ids = self.r.zrevrange(self.keys.ideas, 0, limit - 1)
         return self._many([self.keys.idea(i) for i in ids], Idea)
@@ -190,11 +226,19 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
     def write_idea(self, pipe: Pipe, idea: Idea) -> None:
+        """Store an idea and keep its indexes (pending, expiry, escalation) in step."""
         pipe.set(self.keys.idea(idea.id), idea.model_dump_json())
-        if idea.state in IDEA_PENDING:
-            pipe.zadd(self.keys.ideas_pending, {idea.id: idea.created_at})
+        if idea.state not in IDEA_PENDING:
+            for index in (self.keys.ideas_pending, self.keys.ideas_expiry, self.keys.ideas_unescalated):
+                pipe.zrem(index, idea.id)
+            return
+        pipe.zadd(self.keys.ideas_pending, {idea.id: idea.created_at})
+        if idea.expires_at is not None:
+            pipe.zadd(self.keys.ideas_expiry, {idea.id: idea.expires_at})
+        if idea.escalated_at is None:
+            pipe.zadd(self.keys.ideas_unescalated, {idea.id: idea.created_at})
         else:
-            pipe.zrem(self.keys.ideas_pending, idea.id)
+            pipe.zrem(self.keys.ideas_unescalated, idea.id)
 
     def write_task(self, pipe: Pipe, task: Task) -> None:
         pipe.set(self.keys.task(task.id), task.model_dump_json())
@@ -219,6 +263,12 @@ class Store:
         Returns ``(idea, created)``. The same delivery again returns the first idea and writes
         nothing (no second audit event). Empty or oversize text is refused, never truncated.
         """
+        result = self.capture_many([draft], ttl_s=ttl_s)[0]
+        if isinstance(result, IntakeError):
+            raise result
+        return result
+
+    def _prepare(self, draft: IdeaDraft, ttl_s: int | None) -> tuple[Idea, list[str], list[Any]]:
         if not draft.text.strip():
             raise InvalidInput("idea text is empty")
         size = len(draft.text.encode())
@@ -226,44 +276,87 @@ class Store:
             raise InvalidInput(
                 f"idea text is {size} bytes; the limit is {self.max_text_bytes} (INTAKE_MAX_TEXT_BYTES)"
             )
-        dkey = self.keys.delivery(draft.channel.value, draft.delivery_id)
+        now = self.clock()
+        text_hash = sha256_hex(draft.text.encode())
+        idea = Idea(
+            id=new_id("I"),
+            channel=draft.channel,
+            requester=draft.requester,
+            delivery_id=draft.delivery_id,
+            title=draft.title or default_title(draft.text),
+            text=draft.text,
+            provenance=draft.provenance,
+            raw_sha256=draft.raw_sha256 or text_hash,
+            state=IdeaState.CAPTURED,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + ttl_s if ttl_s else None,
+        )
+        body, mac = self.audit.seal_fields(event(
+            draft.requester, "idea.captured", idea.id, at=now,
+            channel=draft.channel.value, text_sha256=text_hash, bytes=size,
+        ))
+        keys = [self.keys.delivery(draft.channel.value, draft.delivery_id), self.keys.idea(idea.id),
+                self.keys.ideas, self.keys.ideas_pending, self.audit.stream, self.keys.ideas_expiry,
+                self.keys.ideas_unescalated]
+        expires = "" if idea.expires_at is None else idea.expires_at
+        return idea, keys, [idea.id, idea.model_dump_json(), now, body, mac, expires]
 
-        def build(pipe: Pipe) -> tuple[Idea, bool]:
-            existing = pipe.get(dkey)
-            if existing is not None:
-                return self.read_idea(pipe, existing), False
-            now = self.clock()
-            text_hash = sha256_hex(draft.text.encode())
-            idea = Idea(
-                id=new_id("I"),
-                channel=draft.channel,
-                requester=draft.requester,
-                delivery_id=draft.delivery_id,
-                title=draft.title or default_title(draft.text),
-                text=draft.text,
-                provenance=draft.provenance,
-                raw_sha256=draft.raw_sha256 or text_hash,
-                state=IdeaState.CAPTURED,
-                created_at=now,
-                updated_at=now,
-                expires_at=now + ttl_s if ttl_s else None,
-            )
+    def capture_many(
+        self, drafts: list[IdeaDraft], *, ttl_s: int | None = None
+    ) -> list[tuple[Idea, bool] | IntakeError]:
+        """Capture several ideas in one round trip (group commit); one result per draft, in
+        order: ``(idea, created)`` or the refusal for that draft. Each capture is its own atomic
+        script, so one refused draft never affects another."""
+        results: list[tuple[Idea, bool] | IntakeError] = []
+        prepared: list[tuple[int, Idea]] = []
+        pipe = self.r.pipeline(transaction=False)
+        for i, draft in enumerate(drafts):
+            try:
+                idea, keys, args = self._prepare(draft, ttl_s)
+            except IntakeError as exc:
+                results.append(exc)
+                continue
+            results.append((idea, True))
+            prepared.append((i, idea))
+            self._capture(keys=keys, args=args, client=pipe)
+        if not prepared:
+            return results
+        for (i, idea), existing in zip(prepared, pipe.execute(), strict=True):
+            if existing is not None:  # a delivery seen before: hand back the first idea
+                results[i] = (self.get_idea(existing), False)
+        self.audit.kick()
+        return results
+
+    def announce(self, idea_id: str, card: dict[str, str]) -> Idea:
+        """Record where the idea's card was posted; a captured idea now awaits approval."""
+
+        def build(pipe: Pipe) -> Idea:
+            idea = self.read_idea(pipe, idea_id)
+            update: dict[str, Any] = {"card": card, "updated_at": self.clock()}
+            if idea.state is IdeaState.CAPTURED:
+                update["state"] = IdeaState.AWAITING_APPROVAL
+            announced = idea.model_copy(update=update)
             pipe.multi()
-            pipe.set(dkey, idea.id)
-            pipe.zadd(self.keys.ideas, {idea.id: now})
-            self.write_idea(pipe, idea)
-            self.emit(
-                pipe,
-                draft.requester,
-                "idea.captured",
-                idea.id,
-                channel=draft.channel.value,
-                text_sha256=text_hash,
-                bytes=size,
-            )
-            return idea, True
+            self.write_idea(pipe, announced)
+            self.emit(pipe, "system", "idea.announced", idea_id, state=announced.state.value, **card)
+            return announced
 
-        return self.transact([dkey], build)
+        return self.transact([self.keys.idea(idea_id)], build)
+
+    def mark_escalated(self, idea_id: str, *, due: Callable[[Idea], bool]) -> bool:
+        """Flag a pending idea as escalated, once; ``due`` re-checks it under WATCH."""
+
+        def build(pipe: Pipe) -> bool:
+            idea = self.read_idea(pipe, idea_id)
+            if idea.escalated_at is not None or idea.state not in IDEA_PENDING or not due(idea):
+                return False
+            pipe.multi()
+            self.write_idea(pipe, idea.model_copy(update={"escalated_at": self.clock()}))
+            self.emit(pipe, "system", "idea.escalated", idea_id)
+            return True
+
+        return self.transact([self.keys.idea(idea_id)], build)
 
     # -- simple transitions ----------------------------------------------------------------
     def move_idea(

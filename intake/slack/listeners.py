@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from slack_bolt.async_app import AsyncApp
@@ -45,15 +46,16 @@ _FIELD = {"repo_not_allowed": "repo", "change_type_not_allowed": "change_type", 
 
 
 def _raw_hash(request: Any) -> str:
-    raw = getattr(request, "raw_body", "") or ""
+    raw = request if isinstance(request, str) else (getattr(request, "raw_body", "") or "")
     return sha256_hex(raw.encode())
 
 
 class SlackIntake:
     """The listeners, bound to one broker."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, capture: Callable[[IdeaDraft], Awaitable[tuple[Idea, bool]]]) -> None:
         self.broker = broker
+        self.capture = capture  # durable, group-committed capture (intake.capture_queue)
 
     def register(self, app: AsyncApp) -> None:
         app.command("/intake")(self.on_command)
@@ -76,9 +78,7 @@ class SlackIntake:
                 channel=Channel.SLACK, requester=f"slack:{user}", delivery_id=delivery_id, text=text,
                 provenance={k: v for k, v in provenance.items() if v}, raw_sha256=_raw_hash(request),
             )
-            idea, created = await asyncio.to_thread(
-                self.broker.store.capture, draft, ttl_s=self.broker.policy.clocks.idea_ttl
-            )
+            idea, created = await self.capture(draft)
         except IntakeError as exc:
             return None, False, f"Not captured: {escape(str(exc))}"
         except ValueError:
@@ -112,27 +112,28 @@ class SlackIntake:
 
     # -- filing ----------------------------------------------------------------------------
     async def on_command(self, ack: Any, command: dict[str, Any], request: Any) -> None:
+        await ack(text=await self.command_reply(command, request))
+
+    async def command_reply(self, command: dict[str, Any], request: Any) -> str:
+        """Handle ``/intake …`` and return the (ephemeral) reply: help, status, revoke, or a
+        durable capture. Shared by the bolt listener and the HTTP fast path."""
         user = command.get("user_id", "")
         text = (command.get("text") or "").strip()
         if not is_user_id(user):
-            await ack(text="intake: this request has no valid Slack user")
-            return
+            return "intake: this request has no valid Slack user"
         if text in ("", "help"):
-            await ack(text=HELP)
-            return
+            return HELP
         if match := _SUBCOMMAND.match(text):
             verb, ident, rest = match.groups()
             if verb == "status":
-                await ack(text=await self._status(user, ident))
-            else:
-                await ack(text=await self._revoke(user, ident, (rest or "").strip() or "revoked from Slack"))
-            return
+                return await self._status(user, ident)
+            return await self._revoke(user, ident, (rest or "").strip() or "revoked from Slack")
         _, _, reply = await self._capture(
             user=user, delivery_id=f"cmd:{command.get('trigger_id', '')}", text=text, request=request,
             provenance={"via": "slash_command", "channel_id": command.get("channel_id", ""),
                         "team_id": command.get("team_id", "")},
         )
-        await ack(text=reply)
+        return reply
 
     async def on_mention(self, event: dict[str, Any], body: dict[str, Any], client: AsyncWebClient,
                          request: Any) -> None:

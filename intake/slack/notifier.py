@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from intake.models import IDEA_PENDING, AuditEvent, Idea, Task, TaskState
@@ -67,13 +69,39 @@ def card_blocks(idea: Idea, task: Task | None) -> list[dict[str, Any]]:
     )
 
 
+class Pacer:
+    """A token bucket for Slack Web API calls: ``rate`` per second, bursts of ``burst``; a 429's
+    Retry-After pauses it. Keeps a burst of ideas from flooding Slack (and the broker's CPU)."""
+
+    def __init__(self, rate: float, burst: int = 10) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._paused_until = 0.0
+
+    async def take(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if now >= self._paused_until and self._tokens >= 1:
+                self._tokens -= 1
+                return
+            wait = max(self._paused_until - now, (1 - self._tokens) / self.rate)
+            await asyncio.sleep(wait)
+
+    def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+
 class SlackNotifier:
     """Consumes the outbox and keeps Slack in step with the store."""
 
-    def __init__(self, broker: Broker, client: AsyncWebClient, outbox: Outbox) -> None:
+    def __init__(self, broker: Broker, client: AsyncWebClient, outbox: Outbox, pacer: Pacer | None = None) -> None:
         self.broker = broker
         self.client = client
         self.outbox = outbox
+        self.pacer = pacer or Pacer(5.0)
 
     async def run(self, stop: asyncio.Event, *, block_ms: int = 500) -> None:
         """Deliver until ``stop`` is set. Failures stay pending and are retried later."""
@@ -91,9 +119,16 @@ class SlackNotifier:
     async def deliver(self, delivery: Delivery) -> None:
         try:
             await self.handle(delivery.event)
+        except SlackApiError as exc:
+            if exc.response.status_code == 429:  # Slack says slow down: everyone waits
+                self.pacer.pause(float(exc.response.headers.get("Retry-After", 1)))
+            log.warning("slack delivery of %s %s failed: %s", delivery.event.action,
+                        delivery.event.subject, exc.response.get("error"))
+            await asyncio.to_thread(self.outbox.failed, delivery, str(exc.response.get("error")))
+            return
         except Exception as exc:
-            log.warning("slack delivery of %s %s failed (attempt %d): %s", delivery.event.action,
-                        delivery.event.subject, delivery.attempt, type(exc).__name__)
+            log.warning("slack delivery of %s %s failed: %s", delivery.event.action,
+                        delivery.event.subject, type(exc).__name__)
             await asyncio.to_thread(self.outbox.failed, delivery, type(exc).__name__)
             return
         await asyncio.to_thread(self.outbox.ack, delivery)
@@ -115,6 +150,7 @@ class SlackNotifier:
         if idea.card is not None or idea.state not in IDEA_PENDING:
             return  # already posted, or nothing left to approve
         channel = self.broker.policy.approvals_channel
+        await self.pacer.take()
         resp = await self.client.chat_postMessage(
             channel=channel,
             blocks=card_blocks(idea, None),
@@ -132,12 +168,14 @@ class SlackNotifier:
         if task is None and idea.task_id:
             task = await asyncio.to_thread(self.broker.store.get_task, idea.task_id)
         channel, ts = idea.card["channel"], idea.card["ts"]
+        await self.pacer.take()
         await self.client.chat_update(
             channel=channel, ts=ts, blocks=card_blocks(idea, task),
             text=render.fallback_text(f"Idea {idea.id}: {state_line(idea, task)}"),
         )
         state, detail, notify, link = self._thread_update(idea, task, event)
         blocks = render.status_message(subject_id=event.subject, state=state, detail=detail, link=link, notify=notify)
+        await self.pacer.take()
         await self.client.chat_postMessage(
             channel=channel, thread_ts=ts, blocks=blocks,
             text=render.fallback_text(f"{event.subject} is now {state}"),

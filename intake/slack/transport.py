@@ -2,7 +2,11 @@
 
 HTTP: ``POST /slack/events`` carries events, slash commands and interactivity. The verification
 middleware checks size, timestamp and signature on the raw bytes first; only then is a bolt
-request built from those same bytes (bolt verifies again). Socket Mode: bolt's aiohttp
+request built from those same bytes (bolt verifies again). One exception, for throughput: an
+``/intake`` slash command is answered directly by the same
+:meth:`~intake.slack.listeners.SlackIntake.command_reply` the bolt listener uses, since bolt's
+per-request dispatch would otherwise cost more than the durable capture itself (see
+bench/slack_capture.py). Everything else, and all of Socket Mode, goes through bolt. Socket Mode: bolt's aiohttp
 ``AsyncSocketModeHandler``, authenticated by the app-level token. Either way the app runs with
 ``process_before_response`` so an idea is stored before Slack is acknowledged.
 """
@@ -13,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
@@ -23,18 +29,20 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
+from intake.capture_queue import CaptureQueue
 from intake.errors import ConfigError
 from intake.outbox import Outbox
 from intake.runtime import Broker
 from intake.settings import Settings
 from intake.slack.listeners import SlackIntake
-from intake.slack.notifier import GROUP, SlackNotifier
+from intake.slack.notifier import GROUP, Pacer, SlackNotifier
 from intake.slack.verify import slack_verification_middleware, verified_body
 
 log = logging.getLogger("intake.slack")
 
 SLACK_PATH = "/slack/events"
 BOLT = web.AppKey("bolt", AsyncApp)
+LISTENERS = web.AppKey("slack_listeners", SlackIntake)
 
 
 @dataclass(frozen=True)
@@ -71,11 +79,14 @@ def slack_mode(settings: Settings) -> SlackMode:
     return SlackMode(http=bool(signing), socket=bool(app))
 
 
-def build_bolt(settings: Settings, broker: Broker) -> AsyncApp:
-    """The bolt app with intake's listeners; its Web API client honours SLACK_API_URL."""
+def build_bolt(
+    settings: Settings, broker: Broker, capture: CaptureQueue, session: aiohttp.ClientSession
+) -> tuple[AsyncApp, SlackIntake]:
+    """The bolt app with intake's listeners; its Web API client honours SLACK_API_URL and
+    reuses ``session`` (one connection pool, not a new session per API call)."""
     assert settings.slack_bot_token is not None
     kwargs = {"base_url": settings.slack_api_url} if settings.slack_api_url else {}
-    client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), **kwargs)
+    client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), session=session, **kwargs)
     signing = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
     app = AsyncApp(
         client=client,
@@ -84,8 +95,9 @@ def build_bolt(settings: Settings, broker: Broker) -> AsyncApp:
         signing_secret=signing or secrets.token_hex(32),
         process_before_response=True,
     )
-    SlackIntake(broker).register(app)
-    return app
+    listeners = SlackIntake(broker, capture.capture)
+    listeners.register(app)
+    return app, listeners
 
 
 async def slack_events(request: web.Request) -> web.StreamResponse:
@@ -94,12 +106,20 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
         body = verified_body(request).decode("utf-8")
     except UnicodeDecodeError:
         return web.json_response({"error": "invalid request"}, status=400)
+    if request.content_type == "application/x-www-form-urlencoded":
+        form = urllib.parse.parse_qs(body, keep_blank_values=True)
+        if form.get("command") == ["/intake"] and "payload" not in form:
+            command = {key: values[0] for key, values in form.items()}
+            reply = await request.app[LISTENERS].command_reply(command, body)
+            return web.json_response({"text": reply})
     bolt_request = AsyncBoltRequest(body=body, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
     response = await request.app[BOLT].async_dispatch(bolt_request)
     return await to_aiohttp_response(response)
 
 
-def mount_slack(app: web.Application, settings: Settings, broker_key: web.AppKey[Broker]) -> SlackMode:
+def mount_slack(
+    app: web.Application, settings: Settings, broker_key: web.AppKey[Broker], capture_key: web.AppKey[CaptureQueue]
+) -> SlackMode:
     """Add Slack's route, middleware and lifecycle to ``app`` as the settings say."""
     mode = slack_mode(settings)
     if mode.http:
@@ -112,11 +132,13 @@ def mount_slack(app: web.Application, settings: Settings, broker_key: web.AppKey
 
         async def slack_ctx(app: web.Application) -> AsyncIterator[None]:
             broker = app[broker_key]
-            bolt = build_bolt(settings, broker)
-            app[BOLT] = bolt
+            session = aiohttp.ClientSession()
+            bolt, listeners = build_bolt(settings, broker, app[capture_key], session)
+            app[BOLT], app[LISTENERS] = bolt, listeners
             stop = asyncio.Event()
             notifier = SlackNotifier(
-                broker, bolt.client, Outbox(broker.audit, GROUP, retry_ms=settings.outbox_retry_ms)
+                broker, bolt.client, Outbox(broker.audit, GROUP, retry_ms=settings.outbox_retry_ms),
+                pacer=Pacer(settings.slack_rate),
             )
             task = asyncio.create_task(notifier.run(stop), name="slack-notifier")
             handler = None
@@ -132,6 +154,7 @@ def mount_slack(app: web.Application, settings: Settings, broker_key: web.AppKey
                     await handler.close_async()
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=5)
+                await session.close()
 
         app.cleanup_ctx.append(slack_ctx)
     return mode

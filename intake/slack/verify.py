@@ -43,7 +43,7 @@ _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _SIGNATURE = re.compile(r"v0=[0-9a-f]{64}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-_INVALID = {"error": "invalid request"}
+_INVALID = b'{"error": "invalid request"}'
 # Methods that carry no body to verify; every other method to the Slack path is checked, so a
 # route registered for ``*`` cannot be reached with e.g. PUT and an unverified body.
 _UNCHECKED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -131,8 +131,11 @@ def _single_header(request: web.Request, name: str, duplicate_reason: str) -> st
 async def _read_capped(request: web.Request, max_body: int) -> bytes:
     """Read the body, buffering at most ``max_body + 1`` bytes whatever the client sends."""
     declared = request.content_length
-    if declared is not None and declared > max_body:
-        raise SlackAuthError("body_too_large")
+    if declared is not None:
+        if declared > max_body:
+            raise SlackAuthError("body_too_large")
+        # aiohttp stops a body at its declared length, so one read is already capped.
+        return await request.read()
     chunks: list[bytes] = []
     total = 0
     while total <= max_body:
@@ -208,10 +211,11 @@ def slack_verification_middleware(
                 window=window,
             )
         except SlackAuthError as err:
-            log.warning(
-                "slack request refused reason=%s request_id=%s", err.reason, _request_id(request)
-            )
-            return web.json_response(_INVALID, status=401)
+            if log.isEnabledFor(logging.WARNING):
+                log.warning(
+                    "slack request refused reason=%s request_id=%s", err.reason, _request_id(request)
+                )
+            return web.Response(body=_INVALID, status=401, content_type="application/json")
         request[SLACK_RAW_BODY] = body
         return await handler(request)
 

@@ -41,7 +41,7 @@ def slack_settings(base: Settings, sim: SlackSim, transport: str) -> Settings:
     assert base.redis_url is not None
     return load_settings(
         _env_file=None, data_dir=base.data_dir, redis_url=base.redis_url.get_secret_value(),
-        policy=base.policy_path, sweep_interval=0.1, outbox_retry_ms=200, **extra,
+        policy=base.policy_path, sweep_interval=0.1, outbox_retry_ms=200, slack_rate=500, **extra,
     )
 
 

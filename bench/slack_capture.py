@@ -1,0 +1,206 @@
+"""Benchmark: signed ``/intake`` captures, against baselines measured in the same run.
+
+    .venv/bin/python -m bench.slack_capture [--requests N] [--concurrency C] [--rounds R]
+
+Targets, each a server in its own process on 127.0.0.1:
+  intake   the real app: verify, durable capture on Redis (AOF everysec), ack; the outbox
+           notifier posts cards to a Slack API simulator (another process) meanwhile
+  bolt     a plain slack-bolt AsyncApp whose /intake handler only acks (same signed requests)
+  bare     a bare aiohttp handler (same requests)
+  forged   the intake app again, every request carrying a bad signature
+
+The load generator sends pre-built HTTP/1.1 requests over keep-alive sockets so it costs little
+next to the servers. Rounds are interleaved and the median of each target is reported, with
+ratios; targets: capture >= 0.8x bolt, forged rejection >= 0.8x bare. Loopback only, bounded
+in count. Not a CI test: wall-clock figures belong here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from intake.keys import generate_keys
+from intake.redis_conn import EmbeddedRedis
+from intake.runtime import EXAMPLE_POLICY
+from intake.settings import load_settings
+from intake.slack.verify import compute_signature
+
+SECRET = "bench-signing-secret-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+_ids = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_requests(port: int, n: int, *, forged: bool = False) -> list[bytes]:
+    """n distinct, correctly signed (or forged) slash-command requests."""
+    out = []
+    ts = str(int(time.time()))
+    for _ in range(n):
+        i = next(_ids)
+        body = urllib.parse.urlencode({
+            "token": "x", "team_id": "T00000001", "channel_id": "C0GENERAL1", "user_id": "UBENCH0001",
+            "command": "/intake", "text": f"benchmark request {i}: please fix the flaky test",
+            "response_url": "https://hooks.slack.invalid/1", "trigger_id": f"bench.{i}",
+        }).encode()
+        sig = compute_signature(body=body, timestamp=ts, signing_secret=SECRET if not forged else "wrong")
+        head = (
+            f"POST /slack/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+            f"X-Slack-Request-Timestamp: {ts}\r\nX-Slack-Signature: {sig}\r\n\r\n"
+        ).encode()
+        out.append(head + body)
+    return out
+
+
+@dataclass
+class Result:
+    name: str
+    requests: int
+    seconds: float
+    latencies: list[float]
+    statuses: dict[int, int]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def p99_ms(self) -> float:
+        return statistics.quantiles(self.latencies, n=100)[98] * 1000
+
+
+async def _connection(port: int, work: Iterator[bytes], lat: list[float], statuses: dict[int, int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for request in work:
+            start = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            lat.append(time.perf_counter() - start)
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+async def load(name: str, port: int, requests: list[bytes], concurrency: int) -> Result:
+    work = iter(requests)
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    start = time.perf_counter()
+    await asyncio.wait_for(
+        asyncio.gather(*(_connection(port, work, lat, statuses) for _ in range(concurrency))), timeout=300
+    )
+    return Result(name, len(requests), time.perf_counter() - start, lat, statuses)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server on {port} exited early")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server on {port} did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per target per round")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="intake-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    redis = EmbeddedRedis(tmp)
+    try:
+        redis.acquire()
+        sim_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "SLACK_"))}
+        env.update(
+            INTAKE_DATA_DIR=str(tmp), INTAKE_POLICY=str(EXAMPLE_POLICY), PYTHONPATH=str(ROOT),
+            SLACK_SIGNING_SECRET=SECRET, SLACK_BOT_TOKEN="xoxb-bench",
+            SLACK_API_URL=f"http://127.0.0.1:{sim_port}/api/",
+        )
+        generate_keys(load_settings(_env_file=None, data_dir=tmp))
+        sim = subprocess.Popen([sys.executable, "-m", "bench.sim_server", str(sim_port)], env=env, cwd=ROOT)
+        procs.append(sim)
+        wait_port(sim_port, sim)
+        ports = {}
+        for kind in ("bare", "bolt", "intake"):
+            ports[kind] = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, str(ports[kind])], env=env, cwd=ROOT)
+            procs.append(proc)
+            wait_port(ports[kind], proc)
+
+        results: dict[str, list[Result]] = {k: [] for k in ("bare", "bolt", "intake", "forged")}
+        # Warm up each target (imports, bolt's auth.test, connection pools).
+        for kind, port in ports.items():
+            asyncio.run(load(kind, port, build_requests(port, 200), args.concurrency))
+        for _ in range(args.rounds):
+            for kind in ("bare", "bolt", "intake", "forged"):
+                port = ports["intake" if kind == "forged" else kind]
+                reqs = build_requests(port, args.requests, forged=kind == "forged")
+                results[kind].append(asyncio.run(load(kind, port, reqs, args.concurrency)))
+
+        print(f"\n{args.rounds} rounds x {args.requests} requests, {args.concurrency} connections, 2-core loopback")
+        print(f"{'target':<8} {'req/s (median)':>15} {'p99 ms (median)':>16}  statuses")
+        med: dict[str, tuple[float, float]] = {}
+        for kind, runs in results.items():
+            rps = statistics.median(r.rps for r in runs)
+            p99 = statistics.median(r.p99_ms for r in runs)
+            med[kind] = (rps, p99)
+            statuses: dict[int, int] = {}
+            for r in runs:
+                for code, count in r.statuses.items():
+                    statuses[code] = statuses.get(code, 0) + count
+            print(f"{kind:<8} {rps:>15.0f} {p99:>16.1f}  {statuses}")
+        capture, forged = med["intake"][0] / med["bolt"][0], med["forged"][0] / med["bare"][0]
+        print(f"\ncapture / plain-bolt ack-only: {capture:.2f}x  (target >= 0.80) {'OK' if capture >= 0.8 else 'MISSED'}")
+        print(f"forged rejection / bare aiohttp: {forged:.2f}x  (target >= 0.80) {'OK' if forged >= 0.8 else 'MISSED'}")
+        for kind in ("intake", "forged"):
+            bad = {c: n for r in results[kind] for c, n in r.statuses.items() if c != (200 if kind == "intake" else 401)}
+            if bad:
+                print(f"warning: {kind} answered {bad}")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        redis.release()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
