@@ -45,8 +45,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = await asyncio.to_thread(opened.__enter__)
     app[BROKER] = broker
     broker.audit.start_sealer()  # one sealer per server: concurrent requests never contend on it
-    capture = CaptureQueue(broker.store, ttl_s=broker.policy.clocks.idea_ttl)
-    capture.start()
+    capture = CaptureQueue(broker.store, broker.url, ttl_s=broker.policy.clocks.idea_ttl)
+    await capture.start()
     app[CAPTURE] = capture
     try:
         yield

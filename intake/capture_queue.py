@@ -1,10 +1,11 @@
 """Group commit for captures in a long-running server.
 
-Each channel request awaits :meth:`CaptureQueue.capture`; one writer task drains everything that
-queued up while the previous batch was in flight and stores it with
-:meth:`~intake.store.Store.capture_many` (one Redis round trip, each capture its own atomic
-script). A request is answered only after its batch is stored, so "durable before ack" holds;
-under load, many requests share one round trip and one thread hop instead of paying one each.
+Each channel request awaits :meth:`CaptureQueue.capture`; a few writer tasks each drain what
+queued up while other batches were in flight and store it in one Redis round trip, each capture
+its own atomic script (:data:`intake.store.CAPTURE_SCRIPT`, the one the CLI's
+:meth:`~intake.store.Store.capture` runs). The writers use an asyncio Redis client in the event
+loop: no thread hop, so no wait for the GIL between a reply and its request. A request is
+answered only after its batch is stored, so "durable before ack" holds.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
 from intake.errors import IntakeError
 from intake.models import Idea, IdeaDraft
-from intake.store import Store
+from intake.store import CAPTURE_SCRIPT, Store
 
 
 class CaptureQueue:
-    def __init__(self, store: Store, *, ttl_s: int, max_batch: int = 256) -> None:
+    def __init__(self, store: Store, url: str, *, ttl_s: int, max_batch: int = 256, writers: int = 3) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.max_batch = max_batch
+        self.writers = writers  # batches in flight at once, so the event loop never idles on one
+        self._redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._sha = ""
         self._queue: asyncio.Queue[tuple[IdeaDraft, asyncio.Future[tuple[Idea, bool]]]] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def capture(self, draft: IdeaDraft) -> tuple[Idea, bool]:
         """Store ``draft`` durably (batched with concurrent ones); raises the refusal if any."""
@@ -31,15 +38,49 @@ class CaptureQueue:
         await self._queue.put((draft, future))
         return await future
 
-    def start(self) -> None:
-        self._writer = asyncio.create_task(self._run(), name="capture-writer")
+    async def start(self) -> None:
+        self._sha = await self._redis.script_load(CAPTURE_SCRIPT)
+        self._tasks = [asyncio.create_task(self._run(), name=f"capture-writer-{i}") for i in range(self.writers)]
 
     async def stop(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
+                await task
+        self._tasks = []
+        await self._redis.aclose()
+
+    async def _store(self, drafts: list[IdeaDraft]) -> list[tuple[Idea, bool] | IntakeError]:
+        results: list[tuple[Idea, bool] | IntakeError] = []
+        calls: list[tuple[int, list[str], list[object]]] = []
+        for i, draft in enumerate(drafts):
+            try:
+                idea, keys, args = self.store.prepare_capture(draft, self.ttl_s)
+            except IntakeError as exc:
+                results.append(exc)
+                continue
+            results.append((idea, True))
+            calls.append((i, keys, args))
+        if not calls:
+            return results
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for _, keys, args in calls:
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            try:
+                replies = await pipe.execute()
+                break
+            except NoScriptError:  # Redis restarted and lost its script cache
+                if attempt:
+                    raise
+                self._sha = await self._redis.script_load(CAPTURE_SCRIPT)
+        for (i, _, _), existing in zip(calls, replies, strict=True):
+            if existing is not None:  # a delivery seen before: hand back the first idea
+                raw = await self._redis.get(self.store.keys.idea(existing))
+                results[i] = (Idea.model_validate_json(raw), False)
+        self.store.audit.kick()
+        return results
 
     async def _run(self) -> None:
         while True:
@@ -47,9 +88,7 @@ class CaptureQueue:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await asyncio.to_thread(
-                    self.store.capture_many, [draft for draft, _ in batch], ttl_s=self.ttl_s
-                )
+                results = await self._store([draft for draft, _ in batch])
             except Exception as exc:  # Redis down: every waiter fails, nothing is acked as stored
                 for _, future in batch:
                     if not future.done():
