@@ -10,19 +10,29 @@ Seals live in a hash beside the stream and ``head`` names the last sealed event.
 deterministic, so racing sealers compute identical values; a compare-and-set on ``head`` lets one
 of them publish and the others simply read further (no retry storm). The HMAC key lives in a file,
 never in Redis: whoever can write Redis cannot forge a seal, and :meth:`AuditLog.verify` names the
-first event that was edited, deleted, inserted or reordered.
+first event that was edited, deleted, inserted, reordered or replayed (every event carries a
+unique ``eid``).
+
+Redis could still be rolled back wholesale (head, seals and stream together) to an earlier,
+validly sealed state. A checkpoint file beside the keys records the newest head this host
+published; ``verify`` fails if Redis is behind it, and the sealer refuses to seal on top of a head
+that went backwards (or vanished), instead of re-sealing a shortened history.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -56,10 +66,15 @@ class Head:
 
     @classmethod
     def decode(cls, raw: str | None) -> Head | None:
+        """Parse a stored head; a malformed one is reported as broken history, not a crash."""
         if not raw:
             return None
-        ident, seq, seal = raw.split(" ")
-        return cls(ident, int(seq), seal)
+        try:
+            ident, seq, seal = raw.split(" ")
+            _id_key(ident)
+            return cls(ident, int(seq), seal)
+        except ValueError:
+            raise AuditBroken("head", "the audit head is malformed; history was tampered with") from None
 
 
 @dataclass(frozen=True)
@@ -76,9 +91,12 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class AuditLog:
     """Append, seal, verify and export the audit stream under ``prefix``."""
 
-    def __init__(self, client: redis.Redis, key: bytes, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None) -> None:
         self.r = client
+        self.checkpoint = checkpoint
         self._key = key
+        # A separate key for record MACs, derived from the audit key (one secret per purpose).
+        self._record_key = hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
         self.stream = f"{prefix}:audit"
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
@@ -88,12 +106,55 @@ class AuditLog:
         self._stopping = False
 
     # -- hashing ---------------------------------------------------------------------------
+    def record_mac(self, kind: str, fields: dict[str, Any]) -> str:
+        """MAC over a record's immutable fields, so a record forged or edited in Redis is
+        recognised. ``kind`` separates record types (an approval MAC is never an idea MAC)."""
+        msg = kind.encode() + b"|" + canonical_json(fields)
+        return hmac.new(self._record_key, msg, hashlib.sha256).hexdigest()
+
+    def record_ok(self, kind: str, fields: dict[str, Any], mac: str) -> bool:
+        return bool(mac) and hmac.compare_digest(self.record_mac(kind, fields), mac)
+
     def _mac(self, body: str) -> str:
         return hmac.new(self._key, b"event|" + body.encode(), hashlib.sha256).hexdigest()
 
     def _seal(self, prev: str, seq: int, stream_id: str, mac: str) -> str:
         msg = f"seal|{prev}|{seq}|{stream_id}|{mac}".encode()
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
+
+    # -- the checkpoint outside Redis ------------------------------------------------------
+    def _read_checkpoint(self) -> Head | None:
+        if self.checkpoint is None:
+            return None
+        try:
+            return Head.decode(self.checkpoint.read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    def _write_checkpoint(self, head: Head) -> None:
+        """Record ``head`` if it is newer than the checkpoint (under a lock: CLI and server share it)."""
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.checkpoint.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self._read_checkpoint()
+            if current is not None and current.seq >= head.seq:
+                return
+            tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{secrets.token_hex(4)}")
+            tmp.write_text(head.encode() + "\n")
+            os.replace(tmp, self.checkpoint)
+
+    @staticmethod
+    def _check_not_behind(head: Head | None, mark: Head | None, where: Path | None) -> None:
+        """``mark`` must have been read *before* ``head``: a checkpoint is written only after its
+        head was published, so a head read later can only be equal or newer."""
+        if mark is not None and (head is None or head.seq < mark.seq):
+            raise AuditBroken(
+                mark.id, f"event {mark.id} (#{mark.seq}): sealed history in Redis is behind the "
+                f"checkpoint (#{head.seq if head else 0}); it was truncated or rolled back "
+                f"(if Redis was reset on purpose, move {where} aside)",
+            )
 
     # -- writing ---------------------------------------------------------------------------
     def seal_fields(self, event: AuditEvent) -> tuple[str, str]:
@@ -153,8 +214,10 @@ class AuditLog:
         """Seal every unsealed event in stream order. Returns how many this call published."""
         published = 0
         for _ in range(max_rounds):
+            mark = self._read_checkpoint()
             raw_head = self.r.get(self.head) or ""
             head = Head.decode(raw_head)
+            self._check_not_behind(head, mark, self.checkpoint)  # never seal a shortened history
             start = f"({head.id}" if head else "-"
             entries = self.r.xrange(self.stream, start, "+", count=_PAGE)
             if not entries:
@@ -170,6 +233,7 @@ class AuditLog:
             assert last is not None
             if self._cas(keys=[self.head, self.seals], args=[raw_head, last.encode(), *args]):
                 published += len(entries)
+                self._write_checkpoint(last)
         return published
 
     # -- reading ---------------------------------------------------------------------------
@@ -195,13 +259,20 @@ class AuditLog:
 
     def verify(self) -> VerifyReport:
         """Walk the whole chain; raise :class:`AuditBroken` naming the first bad event."""
+        mark = self._read_checkpoint()
         head = Head.decode(self.r.get(self.head))
+        self._check_not_behind(head, mark, self.checkpoint)
         prev, seq, unsealed = GENESIS, 0, 0
         last: Head | None = None
+        seen: set[str] = set()
         for stream_id, fields, stored in self._entries():
             body, mac = fields.get("e", ""), fields.get("m", "")
             if not hmac.compare_digest(self._mac(body), mac):
                 raise AuditBroken(stream_id, f"event {stream_id}: contents altered (MAC mismatch)")
+            eid = json.loads(body).get("eid", "")
+            if eid in seen:
+                raise AuditBroken(stream_id, f"event {stream_id}: a replayed copy of an earlier event")
+            seen.add(eid)
             if stored is None:
                 if head is None or _id_key(stream_id) > _id_key(head.id):
                     unsealed += 1
@@ -209,7 +280,11 @@ class AuditLog:
                 raise AuditBroken(stream_id, f"event {stream_id}: no seal; inserted into sealed history")
             if unsealed:
                 raise AuditBroken(stream_id, f"event {stream_id}: sealed after unsealed events")
-            stored_seq, stored_seal = stored.split(" ")
+            try:
+                stored_seq, stored_seal = stored.split(" ")
+                int(stored_seq)
+            except ValueError:
+                raise AuditBroken(stream_id, f"event {stream_id}: its seal is malformed") from None
             seq += 1
             if int(stored_seq) > seq:
                 raise AuditBroken(
@@ -223,6 +298,8 @@ class AuditLog:
                 )
             prev = stored_seal
             last = Head(stream_id, seq, stored_seal)
+            if mark is not None and seq == mark.seq and last != mark:
+                raise AuditBroken(stream_id, f"event {stream_id} (#{seq}): differs from the checkpoint")
         if head is not None and head != last:
             raise AuditBroken(
                 head.id, f"event {head.id} (#{head.seq}): last sealed event is missing (log truncated)"
@@ -240,5 +317,6 @@ class AuditLog:
 def event(actor: str, action: str, subject: str, *, at: float | None = None, **data: Any) -> AuditEvent:
     """Build an audit event (stamped now unless ``at``). ``data`` holds ids and outcomes, never secrets."""
     return AuditEvent(
-        at=time.time() if at is None else at, actor=actor, action=action, subject=subject, data=data
+        at=time.time() if at is None else at, actor=actor, action=action, subject=subject, data=data,
+        eid=secrets.token_hex(8),
     )

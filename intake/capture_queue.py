@@ -16,7 +16,7 @@ import contextlib
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from intake.errors import IntakeError
+from intake.errors import IntakeError, NotFound
 from intake.models import Idea, IdeaDraft
 from intake.store import CAPTURE_SCRIPT, Store
 
@@ -43,12 +43,17 @@ class CaptureQueue:
         self._tasks = [asyncio.create_task(self._run(), name=f"capture-writer-{i}") for i in range(self.writers)]
 
     async def stop(self) -> None:
+        """Stop the writers; anything still waiting is failed (never left hanging or acked)."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(IntakeError("intake is shutting down; try again"))
         await self._redis.aclose()
 
     async def _store(self, drafts: list[IdeaDraft]) -> list[tuple[Idea, bool] | IntakeError]:
@@ -78,7 +83,9 @@ class CaptureQueue:
         for (i, _, _), existing in zip(calls, replies, strict=True):
             if existing is not None:  # a delivery seen before: hand back the first idea
                 raw = await self._redis.get(self.store.keys.idea(existing))
-                results[i] = (Idea.model_validate_json(raw), False)
+                results[i] = (Idea.model_validate_json(raw), False) if raw else NotFound(
+                    f"delivery already captured as {existing}, which is gone"
+                )
         self.store.audit.kick()
         return results
 
@@ -89,6 +96,11 @@ class CaptureQueue:
                 batch.append(self._queue.get_nowait())
             try:
                 results = await self._store([draft for draft, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(IntakeError("intake is shutting down; try again"))
+                raise
             except Exception as exc:  # Redis down: every waiter fails, nothing is acked as stored
                 for _, future in batch:
                     if not future.done():

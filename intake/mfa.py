@@ -6,7 +6,7 @@ Order of a check (the TOTP habits of pypi/warehouse and django-otp, tightened):
 2. **Throttle before checking.** An attempt first reserves a slot in the approver's failure
    window, atomically in Lua; past 5 in 5 minutes the code is not even looked at. The slot is
    given back only on success, so concurrent guesses cannot slip past the limit.
-3. **Check.** Codes are strings matched ``^\\d{6}$`` and compared in constant time against the
+3. **Check.** Codes are strings of exactly six ASCII digits, compared in constant time against the
    previous, current and next step. A code that would match 2-10 steps away is reported as
    *out of sync* (still refused).
 4. **Consume.** The matched time step must be greater than the last accepted one; the
@@ -33,7 +33,7 @@ DIGITS = 6
 PERIOD = 30
 WINDOW = 1  # steps either side accepted (RFC 6238 §5.2 recommends at most one)
 SYNC_REACH = 10  # steps either side checked only to say "out of sync"
-_CODE = re.compile(r"^\d{6}$")
+_CODE = re.compile(r"[0-9]{6}")  # ASCII digits only (\d admits other scripts), used with fullmatch
 
 _RESERVE = """
 -- KEYS: failures zset, lock key. ARGV: now, short window, short max, long window, long max, member
@@ -155,13 +155,13 @@ class StepUp:
                 purpose, subject,
             )
         reason = "invalid"
-        step = matching_step(secret, code, now) if _CODE.match(code) else None
+        step = matching_step(secret, code, now) if _CODE.fullmatch(code) else None
         if step is not None:
             if self._consume(keys=[keys.totp_last_step(approver.id)], args=[step]):
                 self.store.r.zrem(fails, slot)  # success gives the reserved slot back
                 return step
             reason = "replayed"
-        elif _CODE.match(code) and is_out_of_sync(secret, code, now):
+        elif _CODE.fullmatch(code) and is_out_of_sync(secret, code, now):
             reason = "out_of_sync"
         # The reserved slot stays as the recorded failure.
         refusal = self._refuse(approver, reason, _MESSAGES[reason], purpose, subject)

@@ -60,10 +60,12 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
         {TaskState.QUEUED, TaskState.DENIED, TaskState.REVOKED, TaskState.EXPIRED}
     ),
     # queued -> awaiting_approvals is an amendment: a new spec, approvals start over.
+    # queued -> failed is a worker refusing to start it (bad token, stale policy, misrouted).
     TaskState.QUEUED: frozenset(
         {
             TaskState.AWAITING_APPROVALS,
             TaskState.RUNNING,
+            TaskState.FAILED,
             TaskState.DENIED,
             TaskState.REVOKED,
             TaskState.EXPIRED,
@@ -144,6 +146,9 @@ class Idea(_Model):
     # Where the idea card was posted (set by the Slack outbox): {"channel": …, "ts": …}.
     card: dict[str, str] | None = None
     escalated_at: float | None = None
+    # MAC over the fields fixed at capture (see intake.audit.AuditLog.record_mac): the text an
+    # approver freezes into a spec is the text that was captured.
+    mac: str = ""
 
 
 class Limits(_Model):
@@ -176,12 +181,17 @@ class TaskSpec(_Model):
 
 
 class Approval(_Model):
+    """One approver's step-up-verified approval of one spec hash. ``mac`` (a broker-held key)
+    covers task, approver, spec hash, time and channel: an approval written into Redis by
+    anyone else does not count. ``groups`` is for display; counting uses the policy."""
+
     approver: str
     groups: tuple[str, ...]
     spec_hash: str
     at: float
     via: str = "cli"
     note: str = ""
+    mac: str = ""
 
 
 class Task(_Model):
@@ -243,6 +253,7 @@ class AuditEvent(_Model):
     action: str
     subject: str
     data: dict[str, Any] = Field(default_factory=dict)
+    eid: str = ""  # unique per event, so a replayed copy is recognised
     # Set when read back from the log.
     id: str | None = None
     seq: int | None = None

@@ -16,6 +16,8 @@ Handlers must be idempotent (they act on the subject's *current* state).
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import socket
 from dataclasses import dataclass
 
@@ -48,7 +50,8 @@ class Outbox:
         self.audit = audit
         self.r = audit.r
         self.group = group
-        self.consumer = consumer or f"{socket.gethostname()}"
+        # Unique per process: two brokers on one host must not share (and double-deliver) a PEL.
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.retry_ms = retry_ms
         self.max_deliveries = max_deliveries
 

@@ -34,7 +34,7 @@ from intake.models import (
     new_id,
 )
 from intake.policy import Policy, RiskTier
-from intake.store import Pipe, Store
+from intake.store import Pipe, Store, idea_fields
 from intake.tokens import mint, read_claims
 
 
@@ -117,17 +117,31 @@ class Gatekeeper:
             policy_version=self.policy.version_hash,
         )
 
+    def approval(self, task_id: str, approver: Approver, spec_hash: str, now: float, via: str, note: str) -> Approval:
+        """A new approval, MAC'd so that only the broker can have written it."""
+        fields = {"task": task_id, "approver": approver.id, "spec_hash": spec_hash, "at": now, "via": via}
+        return Approval(approver=approver.id, groups=self.policy.groups_of(approver.id), spec_hash=spec_hash,
+                        at=now, via=via, note=note, mac=self.store.audit.record_mac("approval", fields))
+
     def valid_approvals(self, conn: Any, task: Task, now: float) -> list[Approval]:
-        """Approvals that still count: on the current spec hash, within the approval validity,
-        by an approver who is still registered."""
+        """Approvals that still count, trusting nothing Redis says on its own: the spec must
+        still hash to the task's spec hash, each approval must carry the broker's MAC for this
+        task and that hash, be within the approval validity, and come from an approver who is
+        still registered. Groups are taken from the policy, not from the stored approval."""
+        if task.spec.spec_hash() != task.spec_hash:
+            return []
         oldest = now - self.policy.clocks.approval_validity
-        return [
-            a
-            for a in task.approvals
-            if a.spec_hash == task.spec_hash
-            and a.at > oldest
-            and conn.exists(self.store.keys.approver(a.approver))
-        ]
+        counted = []
+        for a in task.approvals:
+            fields = {"task": task.id, "approver": a.approver, "spec_hash": a.spec_hash, "at": a.at, "via": a.via}
+            if (
+                a.spec_hash == task.spec_hash
+                and a.at > oldest
+                and self.store.audit.record_ok("approval", fields, a.mac)
+                and conn.exists(self.store.keys.approver(a.approver))
+            ):
+                counted.append(a.model_copy(update={"groups": self.policy.groups_of(a.approver)}))
+        return counted
 
     @staticmethod
     def satisfied(tier: RiskTier, approvals: list[Approval]) -> bool:
@@ -150,9 +164,13 @@ class Gatekeeper:
 
     def _queue_if_satisfied(self, conn: Any, task: Task, now: float) -> Task:
         _, tier = self._tier(task.spec)
-        if not self.satisfied(tier, self.valid_approvals(conn, task, now)):
+        valid = self.valid_approvals(conn, task, now)
+        if not self.satisfied(tier, valid):
             return task
-        ttl = self.policy.clocks.approval_validity
+        # The token lives only as long as the oldest approval it rests on stays valid.
+        ttl = int(min(a.at for a in valid) + self.policy.clocks.approval_validity - now)
+        if ttl <= 0:
+            return task
         token, claims = mint(self._key, task_id=task.id, spec=task.spec, now=now, ttl_s=ttl)
         repo = self.policy.find_repo(task.spec.repo)
         assert repo is not None
@@ -198,6 +216,7 @@ class Gatekeeper:
         self._check_idea_open(idea, actor)
         if idea.requester in approver.identities():
             raise self._refuse(actor, idea_id, "self_approval", "you cannot approve your own request")
+        self._check_idea_intact(idea, actor)
         try:
             spec = self.build_spec(idea, repo, change_type)
         except Refused as exc:
@@ -214,10 +233,12 @@ class Gatekeeper:
             now = self.store.clock()
             current = self.store.read_idea(pipe, idea_id)
             self._check_idea_open(current, actor)
-            approval = Approval(approver=approver.id, groups=groups, spec_hash=spec.spec_hash(),
-                                at=now, via=via, note=note)
+            if current.text != idea.text:
+                raise self._refuse(actor, idea_id, "tampered", f"idea {idea_id} changed while it was being promoted")
+            task_id = new_id("T")
+            approval = self.approval(task_id, approver, spec.spec_hash(), now, via, note)
             task = Task(
-                id=new_id("T"), idea_id=idea_id, requester=current.requester, spec=spec,
+                id=task_id, idea_id=idea_id, requester=current.requester, spec=spec,
                 spec_hash=spec.spec_hash(), state=TaskState.AWAITING_APPROVALS, risk_tier=tier_name,
                 required=tier.approvals, approvals=[approval], created_at=now, updated_at=now,
             )
@@ -236,6 +257,12 @@ class Gatekeeper:
             return task
 
         return Decision(self._after(self.store.transact([keys.idea(idea_id)], build)))
+
+    def _check_idea_intact(self, idea: Idea, actor: str) -> None:
+        """The idea's text, requester and provenance are what was captured (its MAC holds)."""
+        if not self.store.audit.record_ok("idea", idea_fields(idea), idea.mac):
+            raise self._refuse(actor, idea.id, "tampered",
+                               f"idea {idea.id} failed its integrity check; it was altered in storage")
 
     def _check_idea_open(self, idea: Idea, actor: str) -> None:
         if idea.state is IdeaState.DENIED:
@@ -265,8 +292,7 @@ class Gatekeeper:
             current = self.store.read_task(pipe, task_id)
             # Anything may have changed while the code was checked: check it all again.
             self._check_approvable(current, approver, groups, spec_hash or task.spec_hash, actor)
-            approval = Approval(approver=approver.id, groups=groups, spec_hash=current.spec_hash,
-                                at=now, via=via, note=note)
+            approval = self.approval(task_id, approver, current.spec_hash, now, via, note)
             kept = [a for a in current.approvals if a.spec_hash == current.spec_hash]
             updated = current.model_copy(update={"approvals": [*kept, approval], "updated_at": now})
             updated = self._queue_if_satisfied(pipe, updated, now)
@@ -292,6 +318,9 @@ class Gatekeeper:
         if spec_hash is not None and spec_hash != task.spec_hash:
             raise self._refuse(actor, task.id, "stale_spec",
                                f"task {task.id} changed since you saw it (spec {task.spec_hash[:12]}); review it again")
+        if task.spec.spec_hash() != task.spec_hash:
+            raise self._refuse(actor, task.id, "tampered",
+                               f"task {task.id}'s stored spec no longer matches its spec hash; it was altered in storage")
         if task.spec.policy_version != self.policy.version_hash:
             raise self._refuse(actor, task.id, "stale_policy",
                                f"the policy changed since task {task.id} was promoted; amend it first")

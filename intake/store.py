@@ -122,6 +122,15 @@ class Keys:
         return f"{self.p}:totp:lock:{approver_id}"
 
 
+def idea_fields(idea: Idea) -> dict[str, Any]:
+    """The fields of an idea fixed at capture, which its MAC covers."""
+    return {
+        "id": idea.id, "channel": idea.channel.value, "requester": idea.requester,
+        "delivery_id": idea.delivery_id, "text": idea.text, "provenance": idea.provenance,
+        "raw_sha256": idea.raw_sha256, "created_at": idea.created_at,
+    }
+
+
 def default_title(text: str) -> str:
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first if len(first) <= 80 else first[:79] + "…"
@@ -299,6 +308,7 @@ class Store:
             card=None,
             escalated_at=None,
         )
+        idea.mac = self.audit.record_mac("idea", idea_fields(idea))
         body, mac = self.audit.seal_fields(event(
             draft.requester, "idea.captured", idea.id, at=now,
             channel=draft.channel.value, text_sha256=text_hash, bytes=size,
@@ -331,7 +341,10 @@ class Store:
             return results
         for (i, idea), existing in zip(prepared, pipe.execute(), strict=True):
             if existing is not None:  # a delivery seen before: hand back the first idea
-                results[i] = (self.get_idea(existing), False)
+                try:
+                    results[i] = (self.get_idea(existing), False)
+                except IntakeError as exc:
+                    results[i] = exc
         self.audit.kick()
         return results
 

@@ -89,7 +89,8 @@ def env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 def audit(settings: Settings, rclient: redis.Redis) -> AuditLog:
-    return AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix)
+    return AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix,
+                    checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
 
 
 class FakeClock:

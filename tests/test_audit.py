@@ -81,11 +81,25 @@ def test_insert_is_detected(audit: AuditLog) -> None:
     ids = fill(audit, 4)
     entries = audit.r.xrange(audit.stream)
     ms = ids[1].split("-")[0]
-    forged = (f"{ms}-99", dict(entries[0][1]))  # a replayed, validly MAC'd event
-    rebuild(audit.r, audit.stream, entries[:2] + [forged] + entries[2:])
-    with pytest.raises(AuditBroken, match="no seal") as err:
+    # Without the key, an inserted event is either a copy of a real one or carries a bad MAC.
+    copied = (f"{ms}-99", dict(entries[0][1]))
+    rebuild(audit.r, audit.stream, entries[:2] + [copied] + entries[2:])
+    with pytest.raises(AuditBroken, match="replayed copy") as err:
         audit.verify()
     assert err.value.event_id == f"{ms}-99"
+    invented = (f"{ms}-99", {"e": entries[0][1]["e"].replace("S0", "S9"), "m": entries[0][1]["m"]})
+    rebuild(audit.r, audit.stream, entries[:2] + [invented] + entries[2:])
+    with pytest.raises(AuditBroken, match="MAC mismatch") as err:
+        audit.verify()
+    assert err.value.event_id == f"{ms}-99"
+
+
+def test_unsealed_event_inside_sealed_history_is_detected(audit: AuditLog) -> None:
+    ids = fill(audit, 3)
+    audit.r.hdel(audit.seals, ids[1])
+    with pytest.raises(AuditBroken, match="no seal") as err:
+        audit.verify()
+    assert err.value.event_id == ids[1]
 
 
 def test_reorder_is_detected(audit: AuditLog) -> None:
@@ -111,3 +125,50 @@ def test_another_key_cannot_verify(audit: AuditLog) -> None:
     other = AuditLog(audit.r, b"k" * 32, "intake")
     with pytest.raises(AuditBroken, match="MAC mismatch"):
         other.verify()
+
+
+def test_truncation_with_a_rewritten_head_is_detected(audit: AuditLog) -> None:
+    ids = fill(audit, 5)
+    for victim in ids[2:]:
+        audit.r.xdel(audit.stream, victim)
+    seq, seal = audit.r.hget(audit.seals, ids[1]).split(" ")
+    audit.r.set(audit.head, f"{ids[1]} {seq} {seal}")  # a consistent-looking shorter chain
+    with pytest.raises(AuditBroken, match="behind the checkpoint") as err:
+        audit.verify()
+    assert err.value.event_id == ids[4]
+
+
+def test_deleted_seals_are_not_resealed(audit: AuditLog) -> None:
+    ids = fill(audit, 4)
+    audit.r.xdel(audit.stream, ids[1])
+    audit.r.delete(audit.seals, audit.head)
+    with pytest.raises(AuditBroken, match="behind the checkpoint"):
+        audit.seal_pending()  # the broker refuses to bless the shortened history
+    with pytest.raises(AuditBroken, match="behind the checkpoint"):
+        audit.verify()
+
+
+def test_replayed_event_is_detected(audit: AuditLog) -> None:
+    fill(audit, 3)
+    first = audit.r.xrange(audit.stream)[0]
+    copy_id = audit.r.xadd(audit.stream, first[1])
+    audit.seal_pending()  # a replay gets sealed like any append...
+    with pytest.raises(AuditBroken, match="replayed copy") as err:
+        audit.verify()  # ...but verify names it
+    assert err.value.event_id == copy_id
+
+
+@pytest.mark.parametrize("garbage", ["x", "1", "two 0000", ""])
+def test_malformed_seal_is_named_not_a_crash(audit: AuditLog, garbage: str) -> None:
+    ids = fill(audit, 3)
+    audit.r.hset(audit.seals, ids[1], garbage)
+    with pytest.raises(AuditBroken) as err:
+        audit.verify()
+    assert err.value.event_id == ids[1]
+
+
+def test_malformed_head_is_named(audit: AuditLog) -> None:
+    fill(audit, 2)
+    audit.r.set(audit.head, "nonsense")
+    with pytest.raises(AuditBroken, match="head is malformed"):
+        audit.verify()

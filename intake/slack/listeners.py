@@ -211,10 +211,16 @@ class SlackIntake:
         if await self._approver(user) is None:
             await self._refuse_button(client, body, user, idea_id)
             return
+        try:
+            idea = await asyncio.to_thread(self.broker.store.get_idea, idea_id)
+        except IntakeError as exc:
+            channel = (body.get("channel") or {}).get("id")
+            await self._ephemeral(client, channel, user, f"Cannot promote: {escape(str(exc))}")
+            return
         policy = self.broker.policy
         view = render.promote_modal(
             idea_id=idea_id, repos=[r.name for r in policy.repos], change_types=sorted(policy.change_types),
-            private_metadata=json.dumps({"idea": idea_id}),
+            private_metadata=json.dumps({"idea": idea_id}), text=idea.text,
         )
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
@@ -226,8 +232,13 @@ class SlackIntake:
         if await self._approver(user) is None:
             await self._refuse_button(client, body, user, task_id)
             return
-        task = await asyncio.to_thread(self.broker.store.get_task, task_id)
-        summary = f"{task.spec.repo} · {task.spec.change_type} · {task.required} approvals needed\n{task.spec.prompt[:1500]}"
+        try:
+            task = await asyncio.to_thread(self.broker.store.get_task, task_id)
+        except IntakeError as exc:
+            channel = (body.get("channel") or {}).get("id")
+            await self._ephemeral(client, channel, user, f"Cannot approve: {escape(str(exc))}")
+            return
+        summary = f"{task.spec.repo} · {task.spec.change_type} · {task.required} approvals needed\n\n{task.spec.prompt}"
         view = render.approve_modal(
             task_id=task_id, summary=summary, spec_hash=spec_hash,
             private_metadata=json.dumps({"task": task_id, "spec_hash": spec_hash}),

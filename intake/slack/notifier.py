@@ -104,17 +104,17 @@ class SlackNotifier:
         self.pacer = pacer or Pacer(5.0)
 
     async def run(self, stop: asyncio.Event, *, block_ms: int = 500) -> None:
-        """Deliver until ``stop`` is set. Failures stay pending and are retried later."""
-        await asyncio.to_thread(self.outbox.ensure_group)
+        """Deliver until ``stop`` is set. Failures stay pending and are retried later; a Redis
+        fault anywhere in the loop backs off and carries on (the notifier never dies)."""
         while not stop.is_set():
             try:
-                deliveries = await asyncio.to_thread(self.outbox.fetch, 50, block_ms)
-            except Exception as exc:  # Redis hiccup: back off, keep the loop alive
-                log.warning("outbox fetch failed: %s", type(exc).__name__)
+                await asyncio.to_thread(self.outbox.ensure_group)
+                deliveries = await asyncio.to_thread(self.outbox.fetch, self.pacer.burst, block_ms)
+                for delivery in deliveries:
+                    await self.deliver(delivery)
+            except Exception as exc:
+                log.warning("outbox loop fault: %s; retrying", type(exc).__name__)
                 await asyncio.sleep(1)
-                continue
-            for delivery in deliveries:
-                await self.deliver(delivery)
 
     async def deliver(self, delivery: Delivery) -> None:
         try:

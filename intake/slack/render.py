@@ -148,6 +148,18 @@ def cap_for_mrkdwn(text: str, limit: int) -> tuple[str, bool]:
     return text, False
 
 
+def mrkdwn_chunks(text: str, limit: int = DISPLAY_TEXT_MAX) -> list[str]:
+    """Split ``text`` into pieces whose escaped forms each fit in ``limit``: the whole text,
+    for modals where an approver must see everything they approve."""
+    chunks = []
+    rest = text
+    while rest:
+        piece, _ = cap_for_mrkdwn(rest, limit)
+        chunks.append(piece)
+        rest = rest[len(piece):]
+    return chunks or [""]
+
+
 def _options(values: list[str], what: str) -> list[dict[str, str]]:
     if not values:
         raise ValueError(f"{what}: at least one option is needed")
@@ -219,7 +231,7 @@ def idea_card(
 
 
 def promote_modal(
-    *, idea_id: str, repos: list[str], change_types: list[str], private_metadata: str
+    *, idea_id: str, repos: list[str], change_types: list[str], private_metadata: str, text: str = ""
 ) -> dict[str, Any]:
     """The ``intake_promote_submit`` modal: repo, change type, optional note, TOTP code.
 
@@ -233,6 +245,7 @@ def promote_modal(
     return render(
         "slack/promote_modal.json.j2",
         idea_id=idea_id,
+        sections=mrkdwn_chunks(text) if text else [],
         repos=_options(repos, "repos"),
         change_types=_options(change_types, "change_types"),
         private_metadata=private_metadata,
@@ -240,12 +253,13 @@ def promote_modal(
 
 
 def approve_modal(*, task_id: str, summary: str, spec_hash: str, private_metadata: str) -> dict[str, Any]:
-    """The ``intake_approve_submit`` modal: what is approved (escaped) and the TOTP ``code``."""
+    """The ``intake_approve_submit`` modal: everything that is approved (escaped, in as many
+    sections as it takes, never cut) and the TOTP ``code``."""
     _check_metadata(private_metadata)
     return render(
         "slack/approve_modal.json.j2",
         task_id=task_id,
-        summary=_cap_plain(summary, DISPLAY_TEXT_MAX),
+        sections=mrkdwn_chunks(summary),
         spec_hash=spec_hash,
         private_metadata=private_metadata,
     )

@@ -152,7 +152,7 @@ def mount_slack(
                 stop.set()
                 if handler is not None:
                     await handler.close_async()
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=5)
                 await session.close()
 

@@ -303,3 +303,16 @@ def test_non_object_output_is_refused(tmp_path: Path) -> None:
 
 def test_templates_dir_is_in_repo() -> None:
     assert (render.TEMPLATES_DIR / "slack" / "idea_card.json.j2").is_file()
+
+
+def test_modals_show_the_whole_text_an_approver_freezes() -> None:
+    text = ("fix the docs & <tests> " * 700) + "TAIL: add my ssh key"  # ~16 KB, escapes expand it
+    view = render.promote_modal(idea_id="I-000000000001", repos=["acme/web"], change_types=["docs"],
+                                private_metadata="{}", text=text)
+    sections = [b["text"]["text"] for b in view["blocks"][1:] if b["type"] == "section"]
+    assert all(len(s) <= 3000 for s in sections)
+    joined = "".join(sections).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    assert joined == text and "TAIL: add my ssh key" in sections[-1]
+    approve = render.approve_modal(task_id="T-000000000001", summary=text, spec_hash="a" * 64,
+                                   private_metadata="{}")
+    assert "TAIL: add my ssh key" in approve["blocks"][-2]["text"]["text"]
