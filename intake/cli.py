@@ -504,3 +504,17 @@ def thaw(as_name: str | None) -> None:
     with _broker() as broker:
         broker.gatekeeper.thaw(actor=f"cli:{local_identity(as_name)}")
     click.echo("intake thawed: tasks may start")
+
+
+# -- worker ----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Worker settings (TOML): queues, repos and credential sources, agent.")
+@click.option("--burst", is_flag=True, help="Quit when the queues are empty.")
+@click.option("--exit-with-parent", is_flag=True, hidden=True,
+              help="Stop when the parent process exits (the embedded dev worker).")
+def worker(config_path: Path, burst: bool, exit_with_parent: bool) -> None:
+    """Run an agent worker: take tasks from RQ, verify them, run them, report back."""
+    from workers.worker import run_worker
+
+    run_worker(load_settings(), config_path, burst=burst, exit_with_parent=exit_with_parent)

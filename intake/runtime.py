@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -25,6 +26,9 @@ from intake.promotion import Gatekeeper
 from intake.redis_conn import check_server, make_client, redis_url
 from intake.settings import Settings
 from intake.store import Store
+
+if TYPE_CHECKING:
+    from intake.queueing import Dispatcher
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = REPO_ROOT / "deploy" / "policy.example.toml"
@@ -53,7 +57,17 @@ class Broker:
 
     @cached_property
     def gatekeeper(self) -> Gatekeeper:
-        return Gatekeeper(self.store, self.approvers, self.policy, load_signing_key(self.settings))
+        # Queued tasks go to RQ right after their commit; Dispatcher.reconcile catches up on
+        # any enqueue that this hook could not do.
+        return Gatekeeper(self.store, self.approvers, self.policy, load_signing_key(self.settings),
+                          on_queued=self.dispatcher.on_queued)
+
+    @cached_property
+    def dispatcher(self) -> Dispatcher:
+        """Enqueues tasks to RQ and reconciles lost jobs and abandoned runs."""
+        from intake.queueing import Dispatcher
+
+        return Dispatcher(self)
 
 
 def prepare_dev(settings: Settings) -> list[str]:
@@ -79,12 +93,17 @@ def open_broker(settings: Settings) -> Iterator[Broker]:
     audit_key = load_secret(settings, "audit")  # fail on a missing key before touching Redis
     with redis_url(settings) as url:
         client = make_client(url)
+        broker: Broker | None = None
         try:
             check_server(client)
-            audit = AuditLog(client, audit_key, settings.key_prefix)
+            audit = AuditLog(client, audit_key, settings.key_prefix,
+                             checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )
-            yield Broker(settings, url, client, audit, store)
+            broker = Broker(settings, url, client, audit, store)
+            yield broker
         finally:
+            if broker is not None and "dispatcher" in broker.__dict__:
+                broker.dispatcher.close()
             client.close()

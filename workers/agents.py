@@ -9,6 +9,7 @@ agent's main process exits and leaves helpers behind.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import secrets
@@ -16,6 +17,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -228,6 +230,33 @@ def _kill_group(pgid: int, grace_s: float) -> None:
         time.sleep(0.01)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux SIGKILL the agent when the worker dies (even by SIGKILL),
+    so an agent never outlives its run. Elsewhere (no prctl) it is None.
+
+    The signal follows the *thread* that started the agent; workers run agents on their main
+    thread. Processes the agent forks do not inherit it: they are killed with the group while
+    the worker lives, and a deployment that needs more contains agents (cgroup, sandbox).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the worker died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class CommandAgent:
     """Runs an external agent program from a fixed argv (from configuration, never from ideas).
 
@@ -303,6 +332,7 @@ class CommandAgent:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, so we can kill all of it
+                preexec_fn=_die_with_parent(os.getpid()),
             )
         except OSError as exc:
             message = f"agent could not be started: {self.argv[0]}: {exc.strerror}"

@@ -1,0 +1,59 @@
+"""A real ``intake worker`` process runs an agent that dumps its environment: only the
+allowlist, the task id and this repo's agent credential are there; no broker key, no Redis URL,
+no other repo's credential, nothing else of the worker's environment."""
+
+from __future__ import annotations
+
+from intake.models import TaskState
+from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
+
+SECRETS = {
+    "PAYMENTS_GIT_TOKEN": "payments-git-secret-1111",
+    "PAYMENTS_AGENT_TOKEN": "payments-agent-secret-2222",
+    "WEB_AGENT_TOKEN": "web-agent-secret-3333",
+    "UNRELATED_SECRET": "unrelated-secret-4444",
+}
+# What a shell adds by itself.
+SHELL_VARS = {"PWD", "OLDPWD", "SHLVL", "_"}
+
+
+def test_agent_environment_holds_nothing_it_should_not(rig: Rig) -> None:
+    task = rig.promote()
+    dump = rig.tmp / "agent-env.txt"
+    config = rig.config(
+        agent={"type": "command", "argv": ["/bin/sh", "-c", f"env > {dump}; echo x > docs/env.md"]},
+        repos={
+            "acme/web": {"agent_credential": {"env": "WEB_AGENT_TOKEN"}},
+            "acme/payments": {
+                "url": "https://git.example.invalid/acme/payments.git",
+                "credential": {"env": "PAYMENTS_GIT_TOKEN"},
+                "agent_credential": {"env": "PAYMENTS_AGENT_TOKEN"},
+            },
+        },
+    )
+    worker_env = rig.env(**SECRETS, LANG="C.UTF-8")
+    proc = rig.spawn(config, burst=True, **SECRETS, LANG="C.UTF-8")
+    assert proc.wait(timeout=60) == 0, rig.worker_log()
+    assert rig.task(task.id).state is TaskState.SUCCEEDED, rig.worker_log()
+
+    text = dump.read_text()
+    seen = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    assert seen["INTAKE_TASK_ID"] == task.id
+    assert seen["INTAKE_AGENT_TOKEN"] == SECRETS["WEB_AGENT_TOKEN"]  # this repo's, for the agent
+    assert seen["LANG"] == "C.UTF-8"
+    allowed = {"LANG", "LC_ALL", "TZ", "PATH", "HOME", "INTAKE_TASK_ID", "INTAKE_AGENT_TOKEN",
+               "INTAKE_PROMPT_FILE"} | SHELL_VARS
+    assert set(seen) <= allowed, set(seen) - allowed
+
+    forbidden = [
+        SECRETS["PAYMENTS_GIT_TOKEN"], SECRETS["PAYMENTS_AGENT_TOKEN"], SECRETS["UNRELATED_SECRET"],
+        worker_env["INTAKE_REDIS_URL"], worker_env["INTAKE_REDIS_URL"].removeprefix("unix://"),
+        str(rig.settings.data_dir),
+    ]
+    for path in rig.settings.keys.values():
+        forbidden += [str(path), *(line for line in path.read_text().splitlines() if "-----" not in line)]
+    for value in forbidden:
+        assert value not in text, f"agent saw {value[:20]}…"
+    assert "REDIS" not in text and "SIGNING" not in text
+    # The branch was pushed; the dump stayed outside the work tree.
+    assert f"refs/heads/intake/{task.id}" in git_refs(rig.bare("acme/web"))

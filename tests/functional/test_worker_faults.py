@@ -1,0 +1,109 @@
+"""Revocation and faults with real ``intake worker`` processes: a running task is stopped soon
+after it is revoked, and a SIGKILLed worker's task is retried with a new token or failed as
+abandoned, as the risk tier says (never lost, never run twice at once)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from intake.models import TaskState
+from intake.runtime import EXAMPLE_POLICY
+from tests.conftest import FakeClock
+from tests.workers.harness import Rig, git_refs, make_rig, pid_gone, rig, wait_for  # noqa: F401
+
+
+def sleeper(pidfile: Path) -> dict[str, object]:
+    """A command agent that records its pid and then sleeps for a minute."""
+    return {"type": "command", "argv": ["/bin/sh", "-c", f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; exec sleep 60"]}
+
+
+def read_pid(pidfile: Path) -> int:
+    return int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "the agent to start"))
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+def test_a_running_task_is_stopped_soon_after_revocation(rig: Rig) -> None:
+    task = rig.promote()
+    pidfile = rig.tmp / "agent.pid"
+    proc = rig.spawn(rig.config(agent=sleeper(pidfile)), burst=True)
+    try:
+        pid = read_pid(pidfile)
+        assert rig.task(task.id).state is TaskState.RUNNING
+        rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="wrong repo")
+        # Within ~5 s of the revocation the agent is gone (polled, bounded).
+        wait_for(lambda: pid_gone(pid), 5, "the agent to be stopped")
+        assert proc.wait(timeout=30) == 0, rig.worker_log()
+    finally:
+        kill(proc)
+    ended = rig.task(task.id)
+    assert ended.state is TaskState.REVOKED and ended.reason == "wrong repo"
+    assert rig.events("run.stopped")[-1]["data"]["why"] == "revoked"
+    assert "task.succeeded" not in [e["action"] for e in rig.events()]
+    assert set(git_refs(rig.bare("acme/web"))) == {"refs/heads/main"}
+    assert not rig.r.exists(rig.store.keys.heartbeat(task.id))
+
+
+@pytest.fixture
+def retry_rig(tmp_path: Path, redis_server: str, rclient: redis.Redis, clock: FakeClock) -> Iterator[Rig]:
+    text = EXAMPLE_POLICY.read_text().replace('groups = ["platform"]\n', 'groups = ["platform"]\nretries = 1\n', 1)
+    made = make_rig(tmp_path, redis_server, rclient, clock, policy_text=text)
+    yield made
+    made.close()
+
+
+def _kill_mid_run(rig: Rig, config: Path, pidfile: Path, attempt: int) -> int:
+    """Start a worker, wait until it runs ``attempt``, SIGKILL it; return the agent's pid."""
+    pidfile.unlink(missing_ok=True)
+    proc = rig.spawn(config)
+    try:
+        pid = read_pid(pidfile)
+        running = rig.task(rig.events("task.running")[-1]["subject"])
+        assert running.state is TaskState.RUNNING and running.attempts == attempt
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        kill(proc)
+    return pid
+
+
+def test_a_sigkilled_worker_is_retried_then_failed_as_abandoned(retry_rig: Rig) -> None:
+    rig = retry_rig
+    task = rig.promote()
+    pidfile = rig.tmp / "agent.pid"
+    config = rig.config(agent=sleeper(pidfile), heartbeat_ttl_s=2)
+    dispatcher = rig.broker.dispatcher
+
+    # Attempt 1 dies with its worker: the broker retries it with a new token.
+    agent = _kill_mid_run(rig, config, pidfile, attempt=1)
+    wait_for(lambda: pid_gone(agent), 5, "the orphaned agent to die with its worker")
+    wait_for(lambda: dispatcher.reconcile() or rig.task(task.id).state is not TaskState.RUNNING, 15,
+             "the broker to notice the dead worker")
+    retried = rig.task(task.id)
+    assert retried.state is TaskState.QUEUED and retried.attempts == 1
+    assert retried.token and retried.token != task.token
+    assert (retried.reason or "").startswith("retrying: attempt 1 was abandoned")
+
+    # Attempt 2 dies too: one retry is all the tier allows, so the task fails as abandoned.
+    agent = _kill_mid_run(rig, config, pidfile, attempt=2)
+    wait_for(lambda: pid_gone(agent), 5, "the second agent to die")
+    wait_for(lambda: dispatcher.reconcile() or rig.task(task.id).state is not TaskState.RUNNING, 15,
+             "the broker to notice the second dead worker")
+    ended = rig.task(task.id)
+    assert ended.state is TaskState.FAILED and ended.attempts == 2
+    assert (ended.reason or "").startswith("abandoned: attempt 2 was abandoned")
+    moves = [e["action"] for e in rig.events() if e["subject"] == task.id
+             and e["action"] in {"task.queued", "task.running", "task.failed"}]
+    assert moves == ["task.queued", "task.running", "task.queued", "task.running", "task.failed"]
+    assert set(git_refs(rig.bare("acme/web"))) == {"refs/heads/main"}

@@ -1,0 +1,217 @@
+"""Worker settings: a TOML file naming the queues a worker listens on, the repos and change types
+it serves (with each repo's clone URL and where its credential comes from), and the agent.
+
+Credentials are never written in the file: a source is ``{ env = "VAR" }`` or ``{ file = "PATH" }``
+and is read when a run needs it. A credential file must not be readable by group or others.
+Every error is one line that names the file and the field (``repos[1].credential.env: …``).
+
+The broker side (Redis, key prefix, the broker's public key, the audit key and the policy file)
+comes from the usual ``INTAKE_*`` settings, not from this file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from intake.errors import ConfigError
+from workers.agents import CommandAgent, DemoAgent, agent_from_config
+
+_QUEUE = r"^[a-z][a-z0-9_-]{0,63}$"  # policy queue names: a name, or "tier-" + a name
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_REPO = r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"
+_CHANGE_TYPE = r"^[a-z][a-z0-9_-]{0,39}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CredentialSource(_Strict):
+    """Where a secret comes from: an environment variable of the worker, or a file."""
+
+    env: str | None = Field(None, pattern=_ENV_NAME)
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CredentialSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' (a variable name) or 'file' (a path)")
+        return self
+
+    def describe(self) -> str:
+        return f"env {self.env}" if self.env else f"file {self.file}"
+
+    def read(self) -> str:
+        """The secret, read now. Raises :class:`ConfigError` naming the source, never the value."""
+        if self.env is not None:
+            value = os.environ.get(self.env, "")
+            if not value:
+                raise ConfigError(f"credential: environment variable {self.env} is not set")
+            return value
+        assert self.file is not None
+        try:
+            info = self.file.stat()
+            if stat.S_IMODE(info.st_mode) & 0o077:
+                raise ConfigError(f"credential: {self.file} is readable by group or others (chmod 600 it)")
+            value = self.file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise ConfigError(f"credential: no file at {self.file}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"credential: cannot read {self.file} ({type(exc).__name__})") from None
+        if not value or "\n" in value:
+            raise ConfigError(f"credential: {self.file} must hold exactly one line")
+        return value
+
+
+class DemoAgentConfig(_Strict):
+    type: Literal["demo"]
+
+
+class CommandAgentConfig(_Strict):
+    type: Literal["command"]
+    argv: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
+
+
+AgentConfig = Annotated[DemoAgentConfig | CommandAgentConfig, Field(discriminator="type")]
+
+
+class ForgeConfig(_Strict):
+    """Optional pull-request creation through a GitHub-shaped REST API."""
+
+    type: Literal["github"] = "github"
+    api_url: str = "https://api.github.com"
+    repository: str = Field(pattern=_REPO)
+    token: CredentialSource
+
+    @model_validator(mode="after")
+    def _https(self) -> ForgeConfig:
+        parts = urlsplit(self.api_url)
+        local = parts.hostname in {"127.0.0.1", "localhost", "::1"}
+        if parts.scheme != "https" and not (parts.scheme == "http" and local):
+            raise ValueError("api_url must be https:// (plain http only for localhost)")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("api_url must not carry credentials, a query or a fragment")
+        return self
+
+
+class RepoConfig(_Strict):
+    """One repository this worker serves."""
+
+    name: str = Field(pattern=_REPO)
+    url: str = Field(min_length=1, max_length=2000)
+    change_types: tuple[Annotated[str, Field(pattern=_CHANGE_TYPE)], ...] = Field(min_length=1)
+    # Used by git only (clone and push, through an askpass helper); never given to the agent.
+    credential: CredentialSource | None = None
+    username: str = Field("x-access-token", pattern=r"^[A-Za-z0-9_.@-]{1,100}$")
+    ca_file: Path | None = None
+    # Optional, separate and ideally narrower (e.g. read-only): given to the agent as
+    # INTAKE_AGENT_TOKEN. The push credential is not, so the agent cannot push around the gates.
+    agent_credential: CredentialSource | None = None
+    forge: ForgeConfig | None = None
+
+    @model_validator(mode="after")
+    def _url(self) -> RepoConfig:
+        if self.url.startswith("-") or any(ch.isspace() for ch in self.url):
+            raise ValueError("url must not start with '-' or contain spaces")
+        parts = urlsplit(self.url) if "://" in self.url else None
+        if parts is not None and (parts.username or parts.password):
+            raise ValueError("url must not embed credentials; use 'credential'")
+        if self.credential is not None and (parts is None or parts.scheme != "https"):
+            raise ValueError("a credential is only sent over https:// URLs")
+        if parts is not None and parts.scheme == "ext":
+            raise ValueError("ext:: URLs are not allowed")
+        return self
+
+
+class WorkerConfig(_Strict):
+    """A validated worker configuration."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    queues: tuple[Annotated[str, Field(pattern=_QUEUE)], ...] = Field(min_length=1)
+    # How long a run stays alive without a heartbeat; the broker reaps it after that.
+    heartbeat_ttl_s: int = Field(15, ge=2, le=300)
+    agent: AgentConfig
+    repos: tuple[RepoConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> WorkerConfig:
+        seen: set[str] = set()
+        for repo in self.repos:
+            if repo.name in seen:
+                raise ValueError(f"repo {repo.name!r} is listed twice")
+            seen.add(repo.name)
+        return self
+
+    def repo(self, name: str) -> RepoConfig | None:
+        return next((r for r in self.repos if r.name == name), None)
+
+    def serves(self, repo: str, change_type: str) -> bool:
+        found = self.repo(repo)
+        return found is not None and change_type in found.change_types
+
+    def build_agent(self) -> CommandAgent | DemoAgent:
+        data: dict[str, Any] = self.agent.model_dump(mode="json")
+        if "argv" in data:
+            data["argv"] = list(data["argv"])
+        return agent_from_config(data)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"demo", "command"}:
+            continue  # pydantic's union tags are not fields
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _resolve(base: Path, value: Any) -> Any:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key in {"file", "ca_file"} and isinstance(item, str):
+                item = str((base / item).expanduser()) if not Path(item).expanduser().is_absolute() else item
+            out[key] = _resolve(base, item)
+        return out
+    if isinstance(value, list):
+        return [_resolve(base, item) for item in value]
+    return value
+
+
+def parse_worker_config(data: dict[str, Any], *, source: str = "worker config") -> WorkerConfig:
+    try:
+        return WorkerConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = _loc(tuple(first["loc"])) or "config"
+        message = re.sub(r"^(Value|Assertion) ?[Ee]rror,?\s*", "", first["msg"])
+        raise ConfigError(f"{source}: {where}: {message}") from None
+
+
+def load_worker_config(path: Path) -> WorkerConfig:
+    """Read and validate a worker config file, or raise :class:`ConfigError` naming the field."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no worker config at {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    return parse_worker_config(_resolve(path.resolve().parent, data), source=str(path))

@@ -1,0 +1,271 @@
+"""One task run, from a claimed task to a settled one (DESIGN.md boundary 7).
+
+:meth:`TaskRunner.run` clones the task's repo at the spec's base ref with only that repo's
+credential, makes the branch ``<prefix>/<task id>``, runs the agent on the frozen prompt in a
+minimal environment under the spec's time and output limits, commits, gates the change, pushes
+it (and optionally opens a pull request), and settles the task:
+
+* ``succeeded`` with ``{branch, commit, base, files, required_checks, output_tail, pr_url, …}``;
+* ``blocked`` with the gates' reasons, nothing pushed;
+* ``failed`` with a reason (agent error or timeout, no change, git trouble, frozen mid-run);
+* nothing, when the run was revoked (the task already says so) or the run lost its claim.
+
+While the agent runs, ``should_stop`` is polled every 0.25 s: the task's state (revocation),
+the freeze flag and the run's own heartbeat. The agent's whole process group is gone when the
+agent adapter returns.
+
+The agent's environment is built here from scratch: ``LANG``/``LC_ALL``/``TZ`` if the worker
+has them, ``PATH``, a fresh ``HOME``, ``INTAKE_TASK_ID`` and, if the repo config names one, the
+agent credential as ``INTAKE_AGENT_TOKEN``. Nothing else of the worker's environment (Redis URL,
+key paths, other repos' credentials, the push credential) reaches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from rq.timeouts import JobTimeoutException
+
+from intake.errors import ConfigError, IntakeError
+from intake.models import Task, TaskState
+from workers.agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
+from workers.claim import Claim, Claimer
+from workers.config import RepoConfig, WorkerConfig
+from workers.forge import ForgeError, create_pull_request
+from workers.gates import run_gates
+from workers.heartbeat import Heartbeat
+from workers.workspace import GitError, Workspace
+
+log = logging.getLogger("intake.worker")
+
+AGENT_TOKEN_ENV = "INTAKE_AGENT_TOKEN"
+#: What of the worker's own environment an agent may see.
+ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ")
+#: How much of the agent's output is kept on the task (the capture itself is the spec's cap).
+OUTPUT_TAIL_CHARS = 4000
+#: At most this many changed paths are listed in the result.
+MAX_LISTED_FILES = 100
+POLL_INTERVAL_S = 0.25
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret of four or more characters replaced by ``***``."""
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+@dataclass
+class Outcome:
+    """How a run should be settled; ``state`` None means: write nothing (revoked or lost)."""
+
+    state: TaskState | None
+    reason: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stopper:
+    """The agent's ``should_stop``: revoked, frozen, or the run's claim lost."""
+
+    def __init__(self, claimer: Claimer, claim: Claim, heartbeat: Heartbeat) -> None:
+        self.claimer = claimer
+        self.claim = claim
+        self.heartbeat = heartbeat
+        self.why: str | None = None
+
+    def __call__(self) -> bool:
+        if self.why is not None:
+            return True
+        if self.heartbeat.lost:
+            self.why = "lost"
+            return True
+        store = self.claimer.store
+        with store.r.pipeline(transaction=False) as pipe:
+            pipe.get(store.keys.task(self.claim.task.id))
+            pipe.exists(store.keys.freeze)
+            raw, frozen = pipe.execute()
+        if raw is None:
+            self.why = "lost"
+        else:
+            current = Task.model_validate_json(raw)
+            if current.state is not TaskState.RUNNING or current.attempts != self.claim.attempt:
+                self.why = current.state.value if current.state is not TaskState.RUNNING else "lost"
+            elif frozen:
+                self.why = "frozen"
+        return self.why is not None
+
+
+class TaskRunner:
+    """Runs claimed tasks for one worker."""
+
+    def __init__(self, claimer: Claimer, config: WorkerConfig) -> None:
+        self.claimer = claimer
+        self.config = config
+        self.agent = config.build_agent()
+
+    # -- the entry point's work -------------------------------------------------------------
+    def run_task(self, task_id: str, token: str, *, job_id: str, queue: str) -> dict[str, Any]:
+        """Claim the task (or raise :class:`~workers.jobs.JobRefused`), run it, settle it.
+
+        Returns a one-line summary for RQ's job result (no secrets, no output).
+        """
+        claim = self.claimer.claim(task_id, token, job_id=job_id, queue=queue,
+                                   heartbeat_ttl_s=self.config.heartbeat_ttl_s)
+        store = self.claimer.store
+        heartbeat = Heartbeat(store.r, store.keys.heartbeat(task_id), claim.run_id,
+                              self.config.heartbeat_ttl_s).start()
+        try:
+            outcome = self._attempt(claim, heartbeat)
+            heartbeat.stop()
+            settled = self._settle(claim, outcome)
+        finally:
+            # Settled: the key is already gone. Stopped or interrupted (a cold shutdown): drop
+            # it if it is still ours, so the broker settles the task now rather than after the
+            # TTL (retry or abandoned, per policy).
+            heartbeat.release()
+        return {"task": task_id, "attempt": claim.attempt, "outcome": settled}
+
+    def _attempt(self, claim: Claim, heartbeat: Heartbeat) -> Outcome:
+        try:
+            return self._work(claim, heartbeat)
+        except JobTimeoutException:
+            return Outcome(TaskState.FAILED, "the run exceeded the worker's job timeout")
+        except (GitError, AgentError, ConfigError) as exc:
+            return Outcome(TaskState.FAILED, str(exc))
+        except IntakeError as exc:
+            return Outcome(TaskState.FAILED, f"the run failed: {exc}")
+        except Exception as exc:  # still settle the task: a crash must not leave it running
+            log.exception("task %s: unexpected error in the worker", claim.task.id)
+            return Outcome(TaskState.FAILED, f"internal error in the worker: {type(exc).__name__}")
+
+    def _settle(self, claim: Claim, outcome: Outcome) -> str:
+        if outcome.state is None:
+            return str(outcome.data.get("stopped", "stopped"))
+        if self.claimer.finish(claim, outcome.state, reason=outcome.reason,
+                               result=outcome.result or None, **outcome.data):
+            return outcome.state.value
+        # Revoked or handed on while this run finished: its result is recorded, not applied
+        # (with the branch and commit if it had already pushed).
+        why = self.claimer.current_state(claim.task.id)
+        self.claimer.record(claim, "run.discarded", outcome=outcome.state.value,
+                            state=why.value if why else None, **outcome.data)
+        return "discarded"
+
+    # -- the run itself ---------------------------------------------------------------------
+    def _secrets(self, repo: RepoConfig) -> tuple[str | None, str | None]:
+        credential = repo.credential.read() if repo.credential is not None else None
+        agent_token = repo.agent_credential.read() if repo.agent_credential is not None else None
+        return credential, agent_token
+
+    def agent_env(self, task_id: str, home: str, agent_token: str | None) -> dict[str, str]:
+        """The agent's whole environment (see the module docstring)."""
+        env = {name: os.environ[name] for name in ENV_ALLOWLIST if os.environ.get(name)}
+        env["PATH"] = os.environ.get("PATH", "")
+        env["HOME"] = home
+        env[TASK_ID_ENV] = task_id
+        if agent_token is not None:
+            env[AGENT_TOKEN_ENV] = agent_token
+        return env
+
+    def _stopped(self, claim: Claim, why: str, tail: str = "") -> Outcome:
+        self.claimer.record(claim, "run.stopped", why=why)
+        if why == "frozen":
+            result = {"output_tail": tail} if tail else {}
+            return Outcome(TaskState.FAILED, "stopped: intake was frozen while the task ran", result)
+        return Outcome(None, data={"stopped": why})
+
+    def _work(self, claim: Claim, heartbeat: Heartbeat) -> Outcome:
+        task = claim.task
+        spec = task.spec
+        repo = self.config.repo(spec.repo)
+        if repo is None:  # checked at claim time; the config cannot change under a run
+            raise IntakeError(f"no repo {spec.repo} in the worker config")
+        stop = _Stopper(self.claimer, claim, heartbeat)
+        credential, agent_token = self._secrets(repo)
+        secrets = [s for s in (credential, agent_token) if s]
+        home = tempfile.mkdtemp(prefix="intake-home-")
+        try:
+            with Workspace.clone(repo.url, spec.base_ref, credential, username=repo.username,
+                                 ca_file=repo.ca_file) as ws:
+                if stop():
+                    return self._stopped(claim, stop.why or "stopped")
+                branch = f"{spec.branch_prefix}/{task.id}"
+                ws.create_branch(branch)
+                prompt = build_prompt(
+                    spec.prompt, task_id=task.id, repo=spec.repo, change_type=spec.change_type,
+                    allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
+                )
+                ran: AgentResult = self.agent.run(
+                    ws.path, prompt, self.agent_env(task.id, home, agent_token),
+                    timeout_s=spec.limits.run_timeout_s, max_output_bytes=spec.limits.max_output_bytes,
+                    should_stop=stop, poll_interval=POLL_INTERVAL_S,
+                )
+                tail = redact(ran.output_tail, secrets)[-OUTPUT_TAIL_CHARS:]
+                base = {"output_tail": tail, "output_truncated": ran.output_truncated,
+                        "worker": self.claimer.actor.removeprefix("worker:")}
+                if ran.stopped:
+                    return self._stopped(claim, stop.why or "stopped", tail)
+                if ran.timed_out:
+                    return Outcome(TaskState.FAILED,
+                                   f"the agent timed out after {spec.limits.run_timeout_s}s", base)
+                if not ran.ok:
+                    return Outcome(TaskState.FAILED, f"the agent exited with status {ran.exit_code}", base)
+                commit = ws.commit_all(
+                    f"intake: {spec.change_type} for {task.id}\n\n"
+                    f"Idea: {task.idea_id}\nSpec: {task.spec_hash}\n"
+                )
+                if commit is None:
+                    return Outcome(TaskState.FAILED, "the agent made no changes", base)
+                changed = ws.changed_files()
+                files = [c.path for c in changed][:MAX_LISTED_FILES]
+                reasons = run_gates(
+                    changed=changed, branch=branch, branch_prefix=spec.branch_prefix,
+                    allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
+                    read_before=lambda path: ws.file_at(ws.base_sha, path),
+                    read_after=lambda path: ws.file_at(ws.head, path),
+                    # The policy the task was approved under (checked at claim time).
+                    dependency_allowlist=claim.policy.dependencies.allow,
+                )
+                if reasons:
+                    shown = "; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
+                    return Outcome(
+                        TaskState.BLOCKED, f"blocked by the gates: {shown}",
+                        {**base, "gates": reasons, "commit": commit, "files": files, "pushed": False},
+                        {"gates": len(reasons)},
+                    )
+                # Last look before anything leaves the worker.
+                if stop() or not self.claimer.owns(claim):
+                    return self._stopped(claim, stop.why or "lost", tail)
+                pushed = ws.push(branch)
+                result = {
+                    **base, "branch": branch, "commit": pushed, "base": ws.base_sha, "files": files,
+                    "required_checks": list(spec.required_checks), "pr_url": None,
+                }
+                if repo.forge is not None:
+                    result.update(self._pull_request(repo, task.id, branch, spec.base_ref,
+                                                     spec.change_type, task.spec_hash, secrets))
+                return Outcome(TaskState.SUCCEEDED, None, result,
+                               {"branch": branch, "commit": pushed, "pr_url": result["pr_url"]})
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+    def _pull_request(self, repo: RepoConfig, task_id: str, branch: str, base: str, change_type: str,
+                      spec_hash: str, secrets: list[str]) -> dict[str, Any]:
+        assert repo.forge is not None
+        try:
+            token = repo.forge.token.read()
+            url = create_pull_request(
+                api_url=repo.forge.api_url, repository=repo.forge.repository, token=token,
+                title=f"intake {task_id}: {change_type}", head=branch, base=base,
+                # Deliberately no idea text: it is untrusted and would be rendered (mentions, links).
+                body=f"Opened by an intake worker for task {task_id}.\n\nSpec hash: `{spec_hash}`\n",
+            )
+        except (ForgeError, ConfigError) as exc:
+            return {"pr_url": None, "pr_error": redact(str(exc), secrets)}
+        return {"pr_url": url}

@@ -1,0 +1,140 @@
+"""``intake worker``: an RQ worker that runs nothing but intake tasks.
+
+:class:`IntakeWorker` is RQ's :class:`~rq.worker.SimpleWorker` (the job runs in the worker process
+itself, so a SIGKILL takes the run down with it and the broker's reaper sees the heartbeat stop)
+with three changes:
+
+* it reads jobs only with the JSON serializer and through :class:`~workers.jobs.IntakeJob`;
+* :meth:`IntakeWorker.execute_job` runs :func:`~workers.jobs.inspect_job` on the stored job
+  before RQ touches it: a job naming any other function, carrying other arguments, callbacks,
+  webhooks, dependencies, retries or meta is refused (audited as ``job.refused`` with the
+  function name, never its arguments) and failed without being called;
+* it never logs job descriptions or arguments (they would hold the token).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from intake.audit import AuditLog
+from intake.keys import load_public_key
+from intake.redis_conn import make_client
+from intake.runtime import Broker, open_broker
+from intake.settings import Settings
+from workers import entry
+from workers.claim import Claimer
+from workers.config import WorkerConfig, load_worker_config
+from workers.jobs import IntakeJob, fail_refused_job, inspect_job, printable, stored_func_name
+from workers.run import TaskRunner
+
+log = logging.getLogger("intake.worker")
+
+
+class IntakeWorker(SimpleWorker):
+    """An RQ worker for intake task jobs only (see the module docstring)."""
+
+    def __init__(self, queues: list[str], *, runner: TaskRunner, audit: AuditLog, **kwargs: Any) -> None:
+        kwargs.update(serializer=JSONSerializer, job_class=IntakeJob, log_job_description=False)
+        super().__init__(queues, **kwargs)
+        self.runner = runner
+        self.audit = audit
+
+    @property
+    def actor(self) -> str:
+        return f"worker:{self.name}"
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        reason = inspect_job(job, queue)
+        if reason is not None:
+            self.refuse_job(job, queue, reason)
+            return
+        entry.bind(self.runner)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            entry.bind(None)
+
+    def refuse_job(self, job: Job, queue: Queue, reason: str) -> None:
+        """Record the refusal (function name only), then fail the job without calling anything."""
+        func = stored_func_name(job)
+        log.warning("refused job %s from %s: %s (function %s)", printable(job.id, 100), queue.name, reason, func)
+        self.audit.record(self.actor, "job.refused", printable(job.id, 100), queue=queue.name,
+                          func=func, reason=reason)
+        fail_refused_job(self.connection, job, queue, reason)
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        # RQ's own handler logs the job's arguments (the token) as log-record extras.
+        exc = exc_info[1] if len(exc_info) > 1 else None
+        log.warning("job %s failed: %s", job.id, printable(f"{type(exc).__name__}: {exc}", 300))
+        for handler in self._exc_handlers:
+            if handler(job, *exc_info) is False:
+                break
+
+
+def build_worker(broker: Broker, config: WorkerConfig, *, name: str | None = None) -> IntakeWorker:
+    """A worker for ``config`` on ``broker``'s Redis, store (and clock) and policy.
+
+    Loads only the broker's *public* key (and, through the broker, the audit key the sealed
+    log needs); never the signing or secrets keys.
+    """
+    settings = broker.settings
+    public_key = load_public_key(settings.keys["public"])
+    policy = broker.policy
+    base = config.name or socket.gethostname().split(".")[0] or "worker"
+    worker_name = name or f"{base}-{os.getpid()}-{secrets.token_hex(2)}"
+    claimer = Claimer(broker.store, public_key=public_key, policy=policy, policy_path=settings.policy_path,
+                      config=config, actor=f"worker:{worker_name}", clock=broker.store.clock)
+    runner = TaskRunner(claimer, config)
+    return IntakeWorker(
+        list(config.queues), runner=runner, audit=broker.audit, name=worker_name,
+        connection=make_client(broker.url, decode=False),
+    )
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop this worker when the process that started it goes away (``--exit-with-parent``)."""
+
+    def loop() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("parent process %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)  # warm: finish or stop the current run
+        time.sleep(10)
+        os.kill(os.getpid(), signal.SIGTERM)  # cold, if a run is still going
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
+def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, exit_with_parent: bool = False) -> bool:
+    """``intake worker``: validate the config, open the broker's Redis, work until stopped
+    (or, with ``burst``, until the queues are empty). Returns whether any job was handled."""
+    config = load_worker_config(config_path)
+    if exit_with_parent:
+        _watch_parent(os.getppid())
+    if not logging.getLogger("intake").handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger("intake").addHandler(handler)
+        logging.getLogger("intake").setLevel(logging.INFO)
+    with open_broker(settings) as broker:
+        worker = build_worker(broker, config)
+        log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
+                 ", ".join(r.name for r in config.repos))
+        try:
+            return bool(worker.work(burst=burst, logging_level="INFO", with_scheduler=False))
+        finally:
+            worker.connection.close()
