@@ -57,9 +57,11 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def sweep(broker: Broker) -> None:
-    """One pass of the broker's clocks: expiries, escalations, and sealing stragglers."""
+    """One pass of the broker's clocks and repairs: expiries, escalations, queued tasks whose
+    enqueue was lost, runs whose worker died, and sealing stragglers."""
     broker.gatekeeper.expire_due()
     broker.gatekeeper.escalate_due()
+    broker.dispatcher.reconcile()
     broker.audit.seal_pending()
 
 
@@ -84,12 +86,29 @@ async def _clocks_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _dev_worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Dev mode: one embedded agent worker (a subprocess on the same data dir and Redis) that
+    runs the demo agent against local bare repositories, for the server's lifetime."""
+    from workers.dev import start_dev_worker, stop_dev_worker
+
+    handle = await asyncio.to_thread(start_dev_worker, app[SETTINGS])
+    log.info("dev worker started (demo agent, local bare repos in %s)", app[SETTINGS].data_dir / "repos")
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(stop_dev_worker, handle)
+
+
 def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
-    """Build the broker's web app (routes and resource lifecycles; nothing runs until started)."""
+    """Build the broker's web app (routes and resource lifecycles; nothing runs until started).
+
+    Cleanup contexts unwind in reverse, so the dev worker stops before Redis is released."""
     app = web.Application(client_max_size=settings.slack_max_body)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_clocks_ctx)
+    if dev:
+        app.cleanup_ctx.append(_dev_worker_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)

@@ -28,10 +28,10 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
+from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound, TokenInvalid
 from intake.models import Task, TaskState
 from intake.redis_conn import make_client
-from intake.tokens import mint
+from intake.tokens import mint, verify_signature
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -252,8 +252,19 @@ class Dispatcher:
             return 0, f"the {task.risk_tier} tier allows {allowed}"
         if task.spec.policy_version != policy.version_hash:
             return 0, "the policy changed since the task was approved"
-        # A retry is a new start: it must still fall inside the original approval window.
-        ttl = int((task.token_expires_at or 0) - self.store.clock())
+        # Redis is storage, not authority: re-mint only on the strength of the token the broker
+        # itself signed for this task and this spec, and keep its signed expiry (a retry is a new
+        # start inside the original approval window). A task record written straight into Redis
+        # has no such token, so it never gets one minted.
+        try:
+            claims = verify_signature(task.token or "", self._key().public_key(), now=self.store.clock())
+        except TokenInvalid as exc:
+            return 0, f"its token does not verify ({exc.reason})"
+        if task.attempts < 1 or claims.task != task.id or not (
+            claims.spec_hash == task.spec_hash == task.spec.spec_hash()
+        ):
+            return 0, "its token does not match the stored task"
+        ttl = int(claims.exp - self.store.clock())
         if ttl < MIN_RETRY_WINDOW_S:
             return 0, "the approval window has closed"
         return ttl, None

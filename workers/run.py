@@ -7,11 +7,12 @@ it (and optionally opens a pull request), and settles the task:
 
 * ``succeeded`` with ``{branch, commit, base, files, required_checks, output_tail, pr_url, …}``;
 * ``blocked`` with the gates' reasons, nothing pushed;
-* ``failed`` with a reason (agent error or timeout, no change, git trouble, frozen mid-run);
+* ``failed`` with a reason (agent error or timeout, no change, git trouble);
 * nothing, when the run was revoked (the task already says so) or the run lost its claim.
 
-While the agent runs, ``should_stop`` is polled every 0.25 s: the task's state (revocation),
-the freeze flag and the run's own heartbeat. The agent's whole process group is gone when the
+While the agent runs, ``should_stop`` is polled every 0.25 s: the task's state (revocation) and
+the run's own heartbeat. The kill switch (``intake freeze``) stops new starts only, as the
+operator's CLI says; to stop a running task, revoke it. The agent's whole process group is gone when the
 agent adapter returns.
 
 The agent's environment is built here from scratch: ``LANG``/``LC_ALL``/``TZ`` if the worker
@@ -71,7 +72,7 @@ class Outcome:
 
 
 class _Stopper:
-    """The agent's ``should_stop``: revoked, frozen, or the run's claim lost."""
+    """The agent's ``should_stop``: revoked (or otherwise ended), or the run's claim lost."""
 
     def __init__(self, claimer: Claimer, claim: Claim, heartbeat: Heartbeat) -> None:
         self.claimer = claimer
@@ -86,18 +87,13 @@ class _Stopper:
             self.why = "lost"
             return True
         store = self.claimer.store
-        with store.r.pipeline(transaction=False) as pipe:
-            pipe.get(store.keys.task(self.claim.task.id))
-            pipe.exists(store.keys.freeze)
-            raw, frozen = pipe.execute()
+        raw = store.r.get(store.keys.task(self.claim.task.id))
         if raw is None:
             self.why = "lost"
         else:
             current = Task.model_validate_json(raw)
             if current.state is not TaskState.RUNNING or current.attempts != self.claim.attempt:
                 self.why = current.state.value if current.state is not TaskState.RUNNING else "lost"
-            elif frozen:
-                self.why = "frozen"
         return self.why is not None
 
 
@@ -174,10 +170,9 @@ class TaskRunner:
         return env
 
     def _stopped(self, claim: Claim, why: str, tail: str = "") -> Outcome:
+        """The run was stopped because its task ended elsewhere (revoked) or its claim was lost:
+        the task already says what happened, so the run settles nothing."""
         self.claimer.record(claim, "run.stopped", why=why)
-        if why == "frozen":
-            result = {"output_tail": tail} if tail else {}
-            return Outcome(TaskState.FAILED, "stopped: intake was frozen while the task ran", result)
         return Outcome(None, data={"stopped": why})
 
     def _work(self, claim: Claim, heartbeat: Heartbeat) -> Outcome:

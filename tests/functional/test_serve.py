@@ -74,3 +74,47 @@ def test_cli_shares_the_dev_servers_redis(dev_env: dict[str, str]) -> None:
         serve.communicate(timeout=30)  # waits and closes the pipe
     assert not (data / "redis" / "redis.sock").exists()  # serve was the last user; Redis stopped
     assert (data / "policy.toml").exists() and (data / "keys" / "broker_ed25519.pem").exists()
+
+
+def test_quick_start_runs_an_idea_to_a_pushed_branch(dev_env: dict[str, str]) -> None:
+    """The README's walk-through against a real `intake serve --dev`: enrol an approver, file an
+    idea, promote it with a code; the embedded worker pushes the demo agent's branch."""
+    import pyotp
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*INTAKE, *args], env=dev_env, capture_output=True, text=True, timeout=60)
+
+    data = Path(dev_env["INTAKE_DATA_DIR"])
+    serve = subprocess.Popen(
+        [*INTAKE, "serve", "--dev"], env=dev_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{dev_env['INTAKE_PORT']}/readyz", serve)
+        added = cli("approver", "add", "alice", "--name", "Alice", "--groups", "platform", "--json")
+        assert added.returncode == 0, added.stderr
+        totp = pyotp.parse_uri(json.loads(added.stdout)["otpauth_uri"])
+        assert cli("approver", "confirm", "alice", "--code", totp.at(time.time() - 30)).returncode == 0
+        idea = json.loads(cli("idea", "Document how to run the tests", "--as", "erin", "--json").stdout)
+        promoted = cli("promote", idea["id"], "--repo", "acme/web", "--change-type", "docs",
+                       "--as", "alice", "--code", totp.now(), "--json")
+        assert promoted.returncode == 0, promoted.stderr
+        task_id = json.loads(promoted.stdout)["task"]
+        deadline = time.monotonic() + 60
+        while True:
+            shown = json.loads(cli("show", task_id, "--json").stdout)
+            if shown["state"] in ("succeeded", "failed", "blocked"):
+                break
+            assert time.monotonic() < deadline, f"task still {shown['state']}"
+            time.sleep(0.3)
+        assert shown["state"] == "succeeded", shown
+        branch, commit = shown["result"]["branch"], shown["result"]["commit"]
+        assert branch == f"intake/{task_id}"
+        bare = data / "repos" / "acme" / "web.git"
+        refs = subprocess.run(["git", "--git-dir", str(bare), "show-ref"], capture_output=True, text=True).stdout
+        assert f"{commit} refs/heads/{branch}" in refs
+        assert cli("audit", "verify").returncode == 0
+    finally:
+        serve.send_signal(signal.SIGINT)
+        out, _ = serve.communicate(timeout=60)
+    assert serve.returncode == 0, out[-2000:]
+    assert not (data / "redis" / "redis.sock").exists()
