@@ -13,6 +13,11 @@ never in Redis: whoever can write Redis cannot forge a seal, and :meth:`AuditLog
 first event that was edited, deleted, inserted, reordered or replayed (every event carries a
 unique ``eid``).
 
+Agent workers write their own events (a task running, succeeded, …) but never hold the audit
+key: they MAC with a *worker-events* key derived from it (:func:`worker_events_key`, its own key
+file), mark those entries ``k=w``, and never seal. The broker derives the same key to check them.
+A compromised worker can therefore not forge broker events or seals.
+
 Redis could still be rolled back wholesale (head, seals and stream together) to an earlier,
 validly sealed state. A checkpoint file beside the keys records the newest head this host
 published; ``verify`` fails if Redis is behind it, and the sealer refuses to seal on top of a head
@@ -41,6 +46,11 @@ from intake.errors import AuditBroken
 from intake.models import AuditEvent, canonical_json
 
 log = logging.getLogger("intake.audit")
+
+
+def worker_events_key(audit_key: bytes) -> bytes:
+    """The key workers MAC their events with, derived one-way from the audit key."""
+    return hmac.new(audit_key, b"intake-worker-events-v1", hashlib.sha256).digest()
 
 GENESIS = "0" * 64
 _PAGE = 500
@@ -91,12 +101,18 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class AuditLog:
     """Append, seal, verify and export the audit stream under ``prefix``."""
 
-    def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None, worker: bool = False
+    ) -> None:
+        """``key`` is the audit key, or for ``worker=True`` the worker-events key: a worker's
+        log can append (MAC'd as a worker event) but not seal, verify or MAC records."""
         self.r = client
         self.checkpoint = checkpoint
-        self._key = key
+        self.worker = worker
+        self._key = b"" if worker else key
+        self._worker_key = key if worker else worker_events_key(key)
         # A separate key for record MACs, derived from the audit key (one secret per purpose).
-        self._record_key = hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
+        self._record_key = b"" if worker else hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
         self.stream = f"{prefix}:audit"
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
@@ -109,14 +125,21 @@ class AuditLog:
     def record_mac(self, kind: str, fields: dict[str, Any]) -> str:
         """MAC over a record's immutable fields, so a record forged or edited in Redis is
         recognised. ``kind`` separates record types (an approval MAC is never an idea MAC)."""
+        if self.worker:
+            raise PermissionError("a worker's audit log cannot MAC records")
         msg = kind.encode() + b"|" + canonical_json(fields)
         return hmac.new(self._record_key, msg, hashlib.sha256).hexdigest()
 
     def record_ok(self, kind: str, fields: dict[str, Any], mac: str) -> bool:
         return bool(mac) and hmac.compare_digest(self.record_mac(kind, fields), mac)
 
-    def _mac(self, body: str) -> str:
-        return hmac.new(self._key, b"event|" + body.encode(), hashlib.sha256).hexdigest()
+    def _mac(self, body: str, key: bytes | None = None) -> str:
+        return hmac.new(self._key if key is None else key, b"event|" + body.encode(), hashlib.sha256).hexdigest()
+
+    def _entry_ok(self, fields: dict[str, str]) -> bool:
+        """An entry's MAC holds under the key its kind says (broker events or worker events)."""
+        key = self._worker_key if fields.get("k") == "w" else self._key
+        return bool(key) and hmac.compare_digest(self._mac(fields.get("e", ""), key), fields.get("m", ""))
 
     def _seal(self, prev: str, seq: int, stream_id: str, mac: str) -> str:
         msg = f"seal|{prev}|{seq}|{stream_id}|{mac}".encode()
@@ -158,14 +181,19 @@ class AuditLog:
 
     # -- writing ---------------------------------------------------------------------------
     def seal_fields(self, event: AuditEvent) -> tuple[str, str]:
-        """The stream entry's ``e`` (canonical JSON) and ``m`` (its MAC) for ``event``."""
+        """The stream entry's ``e`` (canonical JSON) and ``m`` (its MAC) for a broker event."""
+        if self.worker:
+            raise PermissionError("a worker's audit log writes worker events only")
         body = canonical_json(event.model_dump(mode="json", exclude={"id", "seq"})).decode()
         return body, self._mac(body)
 
     def append(self, pipe: redis.client.Pipeline, event: AuditEvent) -> None:
         """Queue the event on ``pipe`` (a MULTI pipeline); it commits with the state change."""
-        body, mac = self.seal_fields(event)
-        pipe.xadd(self.stream, {"e": body, "m": mac})
+        body = canonical_json(event.model_dump(mode="json", exclude={"id", "seq"})).decode()
+        if self.worker:
+            pipe.xadd(self.stream, {"e": body, "m": self._mac(body, self._worker_key), "k": "w"})
+        else:
+            pipe.xadd(self.stream, {"e": body, "m": self._mac(body)})
 
     def record(self, actor: str, action: str, subject: str, **data: Any) -> None:
         """Append one event on its own (no state change) and seal it."""
@@ -176,7 +204,10 @@ class AuditLog:
 
     def kick(self) -> None:
         """Seal what was just appended: at once, or by the background sealer when one runs
-        (a long-running server, where a burst of appends then costs one sealing batch)."""
+        (a long-running server, where a burst of appends then costs one sealing batch).
+        A worker never seals: the broker's sweep seals its events within seconds."""
+        if self.worker:
+            return
         if self._sealer is not None:
             self._wake.set()
         else:
@@ -212,6 +243,8 @@ class AuditLog:
 
     def seal_pending(self, max_rounds: int = 1000) -> int:
         """Seal every unsealed event in stream order. Returns how many this call published."""
+        if self.worker:
+            return 0
         published = 0
         for _ in range(max_rounds):
             mark = self._read_checkpoint()
@@ -239,10 +272,9 @@ class AuditLog:
     # -- reading ---------------------------------------------------------------------------
     def parse_entry(self, fields: dict[str, str]) -> AuditEvent | None:
         """The event in a stream entry, or None when its MAC does not check out."""
-        body, mac = fields.get("e", ""), fields.get("m", "")
-        if not hmac.compare_digest(self._mac(body), mac):
+        if not self._entry_ok(fields):
             return None
-        return AuditEvent.model_validate_json(body)
+        return AuditEvent.model_validate_json(fields.get("e", ""))
 
     def _entries(self) -> Iterator[tuple[str, dict[str, str], str | None]]:
         """Every (stream id, fields, stored seal) in order, a page and one HMGET at a time."""
@@ -267,7 +299,7 @@ class AuditLog:
         seen: set[str] = set()
         for stream_id, fields, stored in self._entries():
             body, mac = fields.get("e", ""), fields.get("m", "")
-            if not hmac.compare_digest(self._mac(body), mac):
+            if not self._entry_ok(fields):
                 raise AuditBroken(stream_id, f"event {stream_id}: contents altered (MAC mismatch)")
             eid = json.loads(body).get("eid", "")
             if eid in seen:

@@ -3,6 +3,8 @@
 - ``signing``: Ed25519 private key (PEM) that mints capability tokens; workers get ``public``.
 - ``audit``: 32-byte HMAC key that seals the audit chain.
 - ``secrets``: 32-byte AES-GCM key that encrypts approvers' TOTP secrets at rest.
+- ``worker_events``: the key agent workers MAC their audit events with, derived one-way from
+  the audit key (workers get this file, never the audit key).
 
 Private files are written with mode 0600 (atomically: temp file, fsync, rename) and refused on
 load when group or others can read them.
@@ -27,6 +29,7 @@ _VARS = {
     "public": "INTAKE_PUBLIC_KEY",
     "audit": "INTAKE_AUDIT_KEY",
     "secrets": "INTAKE_SECRETS_KEY",
+    "worker_events": "INTAKE_WORKER_EVENTS_KEY",
 }
 
 
@@ -60,15 +63,28 @@ def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]
     )
     _write_atomic(paths["signing"], pem, 0o600)
     _write_atomic(paths["public"], pub, 0o644)
-    for purpose in ("audit", "secrets"):
-        _write_atomic(paths[purpose], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
+    audit_key = secrets.token_bytes(32)
+    _write_atomic(paths["audit"], base64.b64encode(audit_key) + b"\n", 0o600)
+    _write_atomic(paths["secrets"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
+    _write_worker_events_key(paths["worker_events"], audit_key)
     return paths
+
+
+def _write_worker_events_key(path: Path, audit_key: bytes) -> None:
+    from intake.audit import worker_events_key
+
+    _write_atomic(path, base64.b64encode(worker_events_key(audit_key)) + b"\n", 0o600)
 
 
 def ensure_keys(settings: Settings) -> bool:
     """Dev mode: generate keys on first run. Returns True when it generated them."""
-    if all(p.exists() for p in settings.keys.values()):
+    paths = settings.keys
+    if all(p.exists() for p in paths.values()):
         return False
+    if all(p.exists() for purpose, p in paths.items() if purpose != "worker_events"):
+        # A data dir from before workers had their own key: derive it, keep everything else.
+        _write_worker_events_key(paths["worker_events"], load_secret(settings, "audit"))
+        return True
     generate_keys(settings, force=False)
     return True
 

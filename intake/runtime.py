@@ -88,16 +88,20 @@ def prepare_dev(settings: Settings) -> list[str]:
 
 
 @contextmanager
-def open_broker(settings: Settings) -> Iterator[Broker]:
-    """Open Redis (embedded or configured) and the store on it, for the block's duration."""
-    audit_key = load_secret(settings, "audit")  # fail on a missing key before touching Redis
+def open_broker(settings: Settings, *, worker: bool = False) -> Iterator[Broker]:
+    """Open Redis (embedded or configured) and the store on it, for the block's duration.
+
+    ``worker=True`` is an agent worker's view: it loads the worker-events key instead of the
+    audit key, so its audit log can append but never seal (intake.audit)."""
+    # Fail on a missing key before touching Redis.
+    audit_key = load_secret(settings, "worker_events" if worker else "audit")
     with redis_url(settings) as url:
         client = make_client(url)
         broker: Broker | None = None
         try:
             check_server(client)
-            audit = AuditLog(client, audit_key, settings.key_prefix,
-                             checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
+            audit = AuditLog(client, audit_key, settings.key_prefix, worker=worker,
+                             checkpoint=None if worker else settings.keys["audit"].parent / "audit.checkpoint")
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )

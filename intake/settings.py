@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     public_key: Path | None = None
     audit_key: Path | None = None
     secrets_key: Path | None = None
+    worker_events_key: Path | None = None
 
     # Slack uses its own well-known variable names, without our prefix.
     slack_signing_secret: SecretStr | None = Field(None, validation_alias="SLACK_SIGNING_SECRET")
@@ -76,6 +77,7 @@ class Settings(BaseSettings):
         self.public_key = self.public_key or keys / "broker_ed25519.pub.pem"
         self.audit_key = self.audit_key or keys / "audit.key"
         self.secrets_key = self.secrets_key or keys / "secrets.key"
+        self.worker_events_key = self.worker_events_key or keys / "worker_events.key"
         return self
 
     # Typed accessors: the validator above guarantees these are set.
@@ -88,11 +90,13 @@ class Settings(BaseSettings):
     def keys(self) -> dict[str, Path]:
         """Key files by purpose (one secret per purpose)."""
         assert self.signing_key and self.public_key and self.audit_key and self.secrets_key
+        assert self.worker_events_key
         return {
             "signing": self.signing_key,
             "public": self.public_key,
             "audit": self.audit_key,
             "secrets": self.secrets_key,
+            "worker_events": self.worker_events_key,
         }
 
 

@@ -172,3 +172,23 @@ def test_malformed_head_is_named(audit: AuditLog) -> None:
     audit.r.set(audit.head, "nonsense")
     with pytest.raises(AuditBroken, match="head is malformed"):
         audit.verify()
+
+
+def test_workers_append_with_their_own_key_and_cannot_seal(audit: AuditLog, settings) -> None:  # type: ignore[no-untyped-def]
+    from intake.audit import worker_events_key
+    from intake.keys import load_secret
+
+    fill(audit, 2)
+    worker = AuditLog(audit.r, load_secret(settings, "worker_events"), "intake", worker=True)
+    assert load_secret(settings, "worker_events") == worker_events_key(load_secret(settings, "audit"))
+    worker.record("worker:w1", "task.running", "T-000000000001", attempt=1)
+    assert worker.seal_pending() == 0 and audit.verify().unsealed == 1  # only the broker seals
+    audit.seal_pending()
+    assert audit.verify().events == 3
+    with pytest.raises(PermissionError):
+        worker.record_mac("approval", {})
+    # An event MAC'd with some other key, claiming to be a worker's, is named.
+    rogue = AuditLog(audit.r, b"r" * 32, "intake", worker=True)
+    rogue.record("worker:evil", "task.succeeded", "T-000000000001")
+    with pytest.raises(AuditBroken, match="MAC mismatch"):
+        audit.verify()

@@ -117,8 +117,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "INTAKE_POLICY": str(settings.policy_path),
         "INTAKE_KEY_PREFIX": settings.key_prefix,
         "INTAKE_PUBLIC_KEY": str(keys["public"]),
-        "INTAKE_AUDIT_KEY": str(keys["audit"]),
+        "INTAKE_WORKER_EVENTS_KEY": str(keys["worker_events"]),
         # Not loaded by a worker; pointed at nothing so a stray .env cannot hand them over.
+        "INTAKE_AUDIT_KEY": os.devnull,
         "INTAKE_SIGNING_KEY": os.devnull,
         "INTAKE_SECRETS_KEY": os.devnull,
     })

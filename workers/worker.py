@@ -88,8 +88,9 @@ class IntakeWorker(SimpleWorker):
 def build_worker(broker: Broker, config: WorkerConfig, *, name: str | None = None) -> IntakeWorker:
     """A worker for ``config`` on ``broker``'s Redis, store (and clock) and policy.
 
-    Loads only the broker's *public* key (and, through the broker, the audit key the sealed
-    log needs); never the signing or secrets keys.
+    Loads only the broker's *public* key and, through the broker opened with ``worker=True``,
+    the worker-events key its audit events are MAC'd with: never the audit, signing or secrets
+    keys, so it can neither seal the log nor mint a token.
     """
     settings = broker.settings
     public_key = load_public_key(settings.keys["public"])
@@ -130,7 +131,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger("intake").addHandler(handler)
         logging.getLogger("intake").setLevel(logging.INFO)
-    with open_broker(settings) as broker:
+    with open_broker(settings, worker=True) as broker:
         worker = build_worker(broker, config)
         log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
                  ", ".join(r.name for r in config.repos))
