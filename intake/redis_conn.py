@@ -136,6 +136,26 @@ class EmbeddedRedis:
                 self._drop_users()
                 fcntl.flock(start, fcntl.LOCK_UN)
 
+    def stop_if_unused(self) -> bool:
+        """Shut the server down if no process is using it (e.g. after a user's hold was lost
+        to an interrupted shutdown). Returns True if it stopped a running server."""
+        if not self.dir.exists():
+            return False
+        with open(self.dir / "start.lock", "a") as start, open(self.dir / "users.lock", "a") as users:
+            _lock(start, fcntl.LOCK_EX, 30.0, "start")
+            try:
+                try:
+                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # someone still uses it
+                if not self._ping():
+                    return False
+                self._shutdown()
+                return True
+            finally:
+                fcntl.flock(users, fcntl.LOCK_UN)
+                fcntl.flock(start, fcntl.LOCK_UN)
+
     def _drop_users(self) -> None:
         if self._users is not None:
             self._users.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -11,6 +12,7 @@ from aiohttp import web
 from intake.app import SLACK_MODE, create_app
 from intake.keys import load_secret
 from intake.policy import load_policy
+from intake.redis_conn import EmbeddedRedis
 from intake.runtime import prepare_dev
 from intake.settings import Settings
 
@@ -33,4 +35,12 @@ def run(settings: Settings, *, dev: bool) -> None:
     redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
     click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
     click.echo(f"intake: serving on http://{settings.host}:{settings.port}  (Ctrl-C to stop)")
-    web.run_app(app, host=settings.host, port=settings.port, print=None)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=None)
+    finally:
+        # A second Ctrl-C can cut the app's own cleanup short; never leave the embedded Redis
+        # running with nobody using it. Signals are ignored for this last step.
+        if settings.redis_url is None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            EmbeddedRedis(settings.data_dir).stop_if_unused()

@@ -37,3 +37,14 @@ def test_users_share_one_server_and_last_one_stops_it(tmp_path: Path) -> None:
     assert make_client(second.url).ping()  # still up for the remaining user
     second.release()
     assert not second.sock.exists()
+
+
+def test_an_unused_server_left_behind_is_stopped(tmp_path: Path) -> None:
+    holder = EmbeddedRedis(tmp_path)
+    holder.acquire()
+    assert not EmbeddedRedis(tmp_path).stop_if_unused()  # in use: left alone
+    assert holder._users is not None
+    holder._users.close()  # the hold is lost (a process interrupted mid-shutdown)
+    holder._users = None
+    assert EmbeddedRedis(tmp_path).stop_if_unused()
+    assert not holder.sock.exists()
