@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from intake.approvers import Approvers
-from intake.errors import IllegalTransition, InvalidInput, NotFound, Refused, TokenInvalid
+from intake.errors import IllegalTransition, InvalidInput, NotFound, Refused
 from intake.models import (
     IDEA_PENDING,
     Approval,
@@ -35,7 +35,7 @@ from intake.models import (
 )
 from intake.policy import Policy, RiskTier
 from intake.store import Pipe, Store, idea_fields
-from intake.tokens import mint, read_claims
+from intake.tokens import mint
 
 
 @dataclass(frozen=True)
@@ -182,17 +182,6 @@ class Gatekeeper:
                 "queue": self.policy.queue_for(repo),
             }
         )
-
-    def burn(self, pipe: Pipe, token: str | None, now: float) -> None:
-        """Burn a token's nonce in the current MULTI, so it can never be used again."""
-        if not token:
-            return
-        try:
-            claims = read_claims(token)
-        except TokenInvalid:
-            return
-        ttl = max(int(claims.exp - now), 0) + 86400
-        pipe.set(self.store.keys.nonce(claims.nonce), "burned", ex=ttl)
 
     def _after(self, task: Task, previous: TaskState | None = None) -> Task:
         if task.state is TaskState.QUEUED and previous is not TaskState.QUEUED and self.on_queued:
@@ -344,7 +333,7 @@ class Gatekeeper:
         if ident.startswith("T-"):
             return self.store.move_task(
                 ident, TaskState.DENIED, actor=actor, reason=reason,
-                also=lambda pipe, t: self.burn(pipe, t.token, self.store.clock()),
+                also=lambda pipe, t: self.store.burn_token(pipe, t.token),
             )
         return self.store.move_idea(ident, IdeaState.DENIED, actor=actor, reason=reason)
 
@@ -375,7 +364,7 @@ class Gatekeeper:
             })
             pipe.multi()
             self.store.write_task(pipe, amended)
-            self.burn(pipe, task.token, now)
+            self.store.burn_token(pipe, task.token)
             self.store.emit(pipe, actor, "task.amended", task_id, old_spec_hash=task.spec_hash,
                             spec_hash=amended.spec_hash, repo=spec.repo, change_type=spec.change_type,
                             approvals_discarded=len(task.approvals))
@@ -395,7 +384,7 @@ class Gatekeeper:
                                "only the requester or an approver can revoke a task")
         return self.store.move_task(
             task_id, TaskState.REVOKED, actor=identity, reason=reason,
-            also=lambda pipe, t: self.burn(pipe, t.token, self.store.clock()),
+            also=lambda pipe, t: self.store.burn_token(pipe, t.token),
         )
 
     def frozen(self) -> dict[str, Any] | None:
@@ -463,7 +452,7 @@ class Gatekeeper:
                 try:
                     self.store.move_task(
                         task.id, TaskState.EXPIRED, actor="system", reason="token expired before the task started",
-                        check=due, also=lambda pipe, t: self.burn(pipe, t.token, self.store.clock()),
+                        check=due, also=lambda pipe, t: self.store.burn_token(pipe, t.token),
                     )
                     tasks += 1
                 except (IllegalTransition, InvalidInput):

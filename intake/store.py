@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import redis
 
 from intake.audit import AuditLog, event
-from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
+from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound, TokenInvalid
 from intake.models import (
     IDEA_PENDING,
     IDEA_TRANSITIONS,
@@ -31,8 +31,10 @@ from intake.models import (
     new_id,
     sha256_hex,
 )
+from intake.tokens import read_claims
 
 T = TypeVar("T")
+NONCE_GRACE_S = 86400  # a burned nonce outlives its token's expiry by this much
 
 # Capture in one round trip: claim the delivery id, store the idea, index it and append its audit
 # event atomically; or, for a delivery seen before, change nothing and name the first idea.
@@ -256,6 +258,17 @@ class Store:
             pipe.zadd(self.keys.tasks_open, {task.id: task.created_at})
         else:
             pipe.zrem(self.keys.tasks_open, task.id)
+
+    def burn_token(self, pipe: Pipe, token: str | None) -> None:
+        """Burn a capability token's nonce in the current MULTI, so the token can never be
+        used again (revoked, denied, amended, expired or started). Kept a day past its expiry."""
+        if not token:
+            return
+        try:
+            claims = read_claims(token)
+        except TokenInvalid:
+            return
+        pipe.set(self.keys.nonce(claims.nonce), "burned", ex=max(int(claims.exp - self.clock()), 0) + NONCE_GRACE_S)
 
     def check_idea_move(self, idea: Idea, to: IdeaState) -> None:
         if to not in IDEA_TRANSITIONS.get(idea.state, frozenset()):

@@ -39,14 +39,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound, PolicyError, TokenInvalid
 from intake.models import Task, TaskState
 from intake.policy import Policy, load_policy
-from intake.store import Pipe, Store
-from intake.tokens import Claims, read_claims, verify_capability
+from intake.store import NONCE_GRACE_S, Pipe, Store
+from intake.tokens import Claims, verify_capability
 from workers.config import WorkerConfig
 from workers.jobs import JobRefused
 
 log = logging.getLogger("intake.worker")
 
-_NONCE_GRACE_S = 86400
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class Claimer:
                 raise InvalidInput("changed meanwhile")
 
         def also(pipe: Pipe, ended: Task) -> None:
-            self._burn(pipe, task.token)
+            self.store.burn_token(pipe, task.token)
             self.store.emit(pipe, self.actor, "job.refused", task.id, reason=reason, **data)
 
         try:
@@ -109,17 +108,6 @@ class Claimer:
             return self._refused(task.id, reason, message, **data)
         return JobRefused(reason, message)
 
-    def _burn(self, pipe: Pipe, token: str | None) -> None:
-        if not token:
-            return
-        try:
-            claims = read_claims(token)
-        except TokenInvalid:
-            return
-        ttl = max(int(claims.exp - self.clock()), 0) + _NONCE_GRACE_S
-        pipe.set(self.keys.nonce(claims.nonce), "used", ex=ttl)
-
-    # -- claiming --------------------------------------------------------------------------
     def claim(self, task_id: str, token: str, *, job_id: str, queue: str, heartbeat_ttl_s: int) -> Claim:
         """Check everything and move the task to ``running``; raise :class:`JobRefused` if not."""
         data = {"job": job_id, "queue": queue}
@@ -198,7 +186,7 @@ class Claimer:
             self.store.check_task_move(current, TaskState.RUNNING)
             pipe.multi()
             self.store.write_task(pipe, running)
-            pipe.set(nonce_key, "used", ex=max(int(claims.exp - now), 0) + _NONCE_GRACE_S)
+            pipe.set(nonce_key, "burned", ex=max(int(claims.exp - now), 0) + NONCE_GRACE_S)
             pipe.set(self.keys.heartbeat(task.id), run_id, ex=ttl_s)
             self.store.emit(pipe, self.actor, "task.running", task.id, attempt=running.attempts,
                             job=job_id, queue=queue, worker=self.actor.removeprefix("worker:"))

@@ -162,7 +162,7 @@ def test_claim_burns_the_nonce_and_counts_the_attempt(rig: Rig) -> None:
     rig.work(rig.config())
     done: Task = rig.task(task.id)
     assert done.attempts == 1
-    assert rig.r.get(rig.store.keys.nonce(read_claims(task.token or "").nonce)) == "used"
+    assert rig.r.get(rig.store.keys.nonce(read_claims(task.token or "").nonce)) == "burned"
     assert not rig.r.exists(rig.store.keys.heartbeat(task.id))
     running = [e for e in rig.events("task.running")]
     assert running[0]["data"]["attempt"] == 1 and running[0]["data"]["job"] == job_id_for(task.id, 1)
