@@ -59,8 +59,14 @@ def redis_server_binary() -> str:
 
 
 def make_client(url: str, *, decode: bool = True) -> redis.Redis:
-    """A client for ``url``. RQ needs ``decode=False``; intake's own store uses text."""
-    return redis.Redis.from_url(url, decode_responses=decode, health_check_interval=30)
+    """A client for ``url``. RQ needs ``decode=False`` (and blocks on reads for long, so gets no
+    read timeout); intake's own store uses text, and a read timeout, so a half-open connection
+    cannot hang a worker's revocation check or the broker's clocks."""
+    if not decode:
+        return redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    return redis.Redis.from_url(
+        url, decode_responses=True, health_check_interval=30, socket_timeout=15, socket_connect_timeout=5
+    )
 
 
 def _lock(fd: IO[str], mode: int, timeout: float, what: str) -> None:

@@ -290,7 +290,7 @@ def _poetry_deps(deps: _Deps, section: str, table: Any) -> None:
         entries = value if isinstance(value, list) else [value]
         sources = [
             str(e[key]) for e in entries if isinstance(e, dict)
-            for key in ("git", "path", "url") if key in e
+            for key in ("git", "path", "url", "source") if key in e
         ]
         reported = normalize_python_name(name)
         if sources:
@@ -311,7 +311,23 @@ def _parse_pyproject(text: str) -> _Deps:
         if not isinstance(reqs, list):
             raise _Unparseable
         _add_pep508(deps, f"group:{group}", [r for r in reqs if not isinstance(r, dict)])
-    poetry = _table(_table(data.get("tool")).get("poetry"))
+    tool = _table(data.get("tool"))
+    # Where packages come from, and what builds them: a change here redirects every dependency,
+    # so it is named by its table and can never be admitted by an allowlisted package name.
+    uv = _table(tool.get("uv"))
+    redirects = {
+        "tool.uv.sources": uv.get("sources"), "tool.uv.index": uv.get("index"),
+        "tool.uv.index-url": uv.get("index-url"), "tool.uv.extra-index-url": uv.get("extra-index-url"),
+        "tool.uv.find-links": uv.get("find-links"),
+        "tool.poetry.source": _table(tool.get("poetry")).get("source"),
+        "tool.pdm.source": _table(tool.get("pdm")).get("source"),
+        "build-system.build-backend": _table(data.get("build-system")).get("build-backend"),
+        "build-system.backend-path": _table(data.get("build-system")).get("backend-path"),
+    }
+    for where, value in redirects.items():
+        if value is not None:
+            deps[("source", f"{where} (package source or build backend)")] = _canonical(value)
+    poetry = _table(tool.get("poetry"))
     _poetry_deps(deps, "poetry", poetry.get("dependencies"))
     _poetry_deps(deps, "poetry:dev", poetry.get("dev-dependencies"))
     for group, body in _table(poetry.get("group")).items():

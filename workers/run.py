@@ -226,7 +226,7 @@ class TaskRunner:
                     read_after=lambda path: ws.file_at(ws.head, path),
                     # The policy the task was approved under (checked at claim time).
                     dependency_allowlist=claim.policy.dependencies.allow,
-                )
+                ) + ws.special_entries()
                 if reasons:
                     shown = "; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
                     return Outcome(

@@ -14,6 +14,7 @@ with three changes:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -120,10 +121,22 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
+def _not_dumpable() -> None:
+    """Agents run as the worker's user: without this they could read the worker's environment
+    and memory (Redis URL, repo credentials) through /proc/<worker pid>. Linux; a no-op
+    elsewhere. (A root agent can still read it: run agents as another user in production.)"""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4, value 0
+    except (OSError, AttributeError):
+        return  # not Linux: nothing to switch off
+
+
 def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, exit_with_parent: bool = False) -> bool:
     """``intake worker``: validate the config, open the broker's Redis, work until stopped
     (or, with ``burst``, until the queues are empty). Returns whether any job was handled."""
     config = load_worker_config(config_path)
+    _not_dumpable()
     if exit_with_parent:
         _watch_parent(os.getppid())
     if not logging.getLogger("intake").handlers:

@@ -128,6 +128,9 @@ def _run(
             **env,
             # These always win over the caller: no prompts, no user or system config.
             "GIT_TERMINAL_PROMPT": "0",
+            # refs/replace would let whoever writes the git dir swap the objects the gates
+            # compare (a base blob or commit) without changing any ref the fingerprint sees.
+            "GIT_NO_REPLACE_OBJECTS": "1",
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CONFIG_GLOBAL": os.devnull,
             "HOME": home,
@@ -317,11 +320,14 @@ class Workspace:
         env = {"GIT_SSL_CAINFO": str(self._ca_file)} if self._ca_file is not None else {}
         if self._credential is None:
             return env
-        askpass = self._private / "askpass"
-        if not askpass.exists():
-            fd = os.open(askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(_ASKPASS_SCRIPT)
+        # A fresh script for each remote command (clone, push), in a new private directory:
+        # one written earlier could have been rewritten by the agent (same uid) to steal the
+        # token the push hands it.
+        fresh = Path(tempfile.mkdtemp(prefix="askpass-", dir=self._private))
+        askpass = fresh / "askpass"
+        fd = os.open(askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(_ASKPASS_SCRIPT)
         return {
             **env,
             "GIT_ASKPASS": str(askpass),
@@ -410,6 +416,24 @@ class Workspace:
             else:
                 raise GitError(f"git diff-tree: unexpected status {fields[i]!r}")
         return changes
+
+    def special_entries(self) -> list[str]:
+        """Reasons for symlinks and gitlinks (embedded repositories) in :attr:`head` among the
+        changed paths: a link can expose a blocked path (``docs/keys -> ../payments/keys``) or
+        anything on the machine, and neither is a change an agent needs to make."""
+        paths = [c.path for c in self.changed_files() if c.status != "D"]
+        if not paths:
+            return []
+        out = self._git(["ls-tree", "-r", "-z", "--full-tree", self.head, "--", *paths])
+        reasons = []
+        for entry in filter(None, out.split("\0")):
+            meta, _, path = entry.partition("\t")
+            mode = meta.split(" ", 1)[0]
+            if mode == "120000":
+                reasons.append(f"symlink not allowed: {path}")
+            elif mode == "160000":
+                reasons.append(f"embedded repository (gitlink) not allowed: {path}")
+        return reasons
 
     def file_at(self, rev: str, path: str) -> str | None:
         """The text of ``path`` at ``rev`` (``HEAD`` means :attr:`head`), or ``None`` if absent.

@@ -82,7 +82,7 @@ def test_a_sigkilled_worker_is_retried_then_failed_as_abandoned(retry_rig: Rig) 
     rig = retry_rig
     task = rig.promote()
     pidfile = rig.tmp / "agent.pid"
-    config = rig.config(agent=sleeper(pidfile), heartbeat_ttl_s=2)
+    config = rig.config(agent=sleeper(pidfile), heartbeat_ttl_s=10)
     dispatcher = rig.broker.dispatcher
 
     # Attempt 1 dies with its worker: the broker retries it with a new token.

@@ -566,3 +566,27 @@ def test_run_gates_combines_everything() -> None:
         "dependency not on the allowlist: requests (docs/requirements.txt)",
     ]
     assert gates([manifest], "intake/T-1", ["requests"]) == []
+
+
+@pytest.mark.parametrize(
+    ("addition", "named"),
+    [
+        ('[tool.uv.sources]\nrequests = { git = "https://evil.example/requests" }\n', "tool.uv.sources"),
+        ('[[tool.uv.index]]\nurl = "https://evil.example/simple"\n', "tool.uv.index"),
+        ('[[tool.poetry.source]]\nname = "evil"\nurl = "https://evil.example/simple"\n', "tool.poetry.source"),
+    ],
+)
+def test_package_source_redirects_in_pyproject_are_never_allowlisted(addition: str, named: str) -> None:
+    before = '[project]\nname = "x"\ndependencies = ["requests>=2"]\n'
+    changes = dependency_changes("pyproject.toml", before, before + addition)
+    assert any(named in change for change in changes), changes
+    reasons = check_dependencies(
+        [ChangedFile("pyproject.toml", "M")], lambda p: before, lambda p: before + addition, ["requests"]
+    )
+    assert reasons and named in reasons[0]
+
+
+def test_poetry_dependency_from_another_source_is_named_by_it() -> None:
+    before = '[tool.poetry.dependencies]\nrequests = "^2"\n'
+    after = '[tool.poetry.dependencies]\nrequests = { version = "^2", source = "evil" }\n'
+    assert dependency_changes("pyproject.toml", before, after) == {"requests @ evil"}

@@ -182,3 +182,17 @@ def test_git_credentials_for_local_repos_are_refused_by_the_config(rig: Rig) -> 
     with pytest.raises(ConfigError, match=r"repos\[0\]: a credential is only sent over https"):
         load_worker_config(rig.config(repos={"acme/web": {"credential": {"env": "X"}}}))
     assert os.environ.get("X") is None
+
+
+def test_symlinks_and_embedded_repositories_are_blocked(rig: Rig) -> None:
+    task = rig.promote()
+    agent = sh("mkdir -p docs && ln -s ../.github docs/ci && ln -s /etc/passwd docs/pw && "
+               "git init -q docs/sub && git -C docs/sub -c user.name=a -c user.email=a@b commit -q "
+               "--allow-empty -m x")
+    rig.work(rig.config(agent=agent))
+    ended = rig.task(task.id)
+    assert ended.state is TaskState.BLOCKED
+    gates = (ended.result or {}).get("gates", [])
+    assert "symlink not allowed: docs/ci" in gates and "symlink not allowed: docs/pw" in gates
+    assert "embedded repository (gitlink) not allowed: docs/sub" in gates
+    assert not pushed(rig)
