@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from intake.errors import ConfigError
+from intake.policy import Policy
 from workers.agents import CommandAgent, DemoAgent, agent_from_config
 
 _QUEUE = r"^[a-z][a-z0-9_-]{0,63}$"  # policy queue names: a name, or "tier-" + a name
@@ -158,6 +159,20 @@ class WorkerConfig(_Strict):
     def serves(self, repo: str, change_type: str) -> bool:
         found = self.repo(repo)
         return found is not None and change_type in found.change_types
+
+    def check_covers(self, policy: Policy) -> None:
+        """Refuse a worker that listens on a queue carrying work it does not serve: it would
+        take those tasks only to refuse them. Give such repos their own ``queue`` in the policy."""
+        for repo in policy.repos:
+            if policy.queue_for(repo) not in self.queues:
+                continue
+            for change_type in repo.change_types:
+                if not self.serves(repo.name, change_type):
+                    raise ConfigError(
+                        f"worker config: queue {policy.queue_for(repo)!r} carries {change_type} work on "
+                        f"{repo.name}, which this worker does not serve (serve it, or give the repo its "
+                        "own queue in the policy)"
+                    )
 
     def build_agent(self) -> CommandAgent | DemoAgent:
         data: dict[str, Any] = self.agent.model_dump(mode="json")

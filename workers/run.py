@@ -242,7 +242,7 @@ class TaskRunner:
                     **base, "branch": branch, "commit": pushed, "base": ws.base_sha, "files": files,
                     "required_checks": list(spec.required_checks), "pr_url": None,
                 }
-                if repo.forge is not None:
+                if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
                     result.update(self._pull_request(repo, task.id, branch, spec.base_ref,
                                                      spec.change_type, task.spec_hash, secrets))
                 return Outcome(TaskState.SUCCEEDED, None, result,

@@ -145,6 +145,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
         logging.getLogger("intake").addHandler(handler)
         logging.getLogger("intake").setLevel(logging.INFO)
     with open_broker(settings, worker=True) as broker:
+        config.check_covers(broker.policy)
         worker = build_worker(broker, config)
         log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
                  ", ".join(r.name for r in config.repos))

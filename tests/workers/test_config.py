@@ -85,3 +85,18 @@ def test_the_worker_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"intake: {bad}: agent: Input tag 'shell' found using "
                                                   "'type' does not match any of the expected tags: 'demo', 'command'"]
+
+
+def test_a_worker_must_serve_everything_on_its_queues(tmp_path: Path) -> None:
+    from intake.errors import ConfigError
+    from intake.policy import load_policy
+    from intake.runtime import EXAMPLE_POLICY
+
+    policy = load_policy(EXAMPLE_POLICY)
+    partial = tmp_path / "w.toml"
+    partial.write_text(
+        'queues = ["tier-standard"]\nagent = { type = "demo" }\n'
+        '[[repos]]\nname = "acme/web"\nurl = "/srv/web.git"\nchange_types = ["docs"]\n'
+    )
+    with pytest.raises(ConfigError, match="carries tests work on acme/web"):
+        load_worker_config(partial).check_covers(policy)
