@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import WSMsgType, web
 
@@ -80,7 +80,28 @@ async def _start_site(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, port
 
 
-class SlackSim:
+class _LocalServer:
+    """``async with``: start on entry, stop on exit (both servers below)."""
+
+    async def start(self) -> Self:
+        raise TypeError(f"{type(self).__name__} must define start()")
+
+    async def stop(self) -> None:
+        raise TypeError(f"{type(self).__name__} must define stop()")
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class SlackSim(_LocalServer):
     """Slack Web API simulator (``POST``/``GET /api/<method>``) on 127.0.0.1."""
 
     def __init__(self, *, socket_server: SocketModeServer | None = None) -> None:
@@ -106,17 +127,6 @@ class SlackSim:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> SlackSim:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def base_url(self) -> str:
@@ -273,7 +283,7 @@ class SlackSim:
         return {"ok": True}
 
 
-class SocketModeServer:
+class SocketModeServer(_LocalServer):
     """A Socket Mode websocket endpoint (``ws://127.0.0.1:PORT/link``)."""
 
     def __init__(self) -> None:
@@ -299,17 +309,6 @@ class SocketModeServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> SocketModeServer:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def ws_url(self) -> str:

@@ -203,41 +203,44 @@ class SlackIntake:
         return f"`{ident}` revoked."
 
     # -- buttons ---------------------------------------------------------------------------
-    async def on_promote_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
-                                client: AsyncWebClient) -> None:
+    async def _pressed(self, ack: Any, body: dict[str, Any], client: AsyncWebClient, subject: str,
+                       load: Callable[[str], Any] | None, verb: str) -> tuple[str, Any] | None:
+        """Ack a button, then check the presser is a confirmed approver and load ``subject``.
+        Returns (user, loaded) or None after telling the presser why not (nothing changes)."""
         await ack()
         user = body["user"]["id"]
-        idea_id = str(action.get("value", ""))
         if await self._approver(user) is None:
-            await self._refuse_button(client, body, user, idea_id)
-            return
+            await self._refuse_button(client, body, user, subject)
+            return None
+        if load is None:
+            return user, None
         try:
-            idea = await asyncio.to_thread(self.broker.store.get_idea, idea_id)
+            return user, await asyncio.to_thread(load, subject)
         except IntakeError as exc:
             channel = (body.get("channel") or {}).get("id")
-            await self._ephemeral(client, channel, user, f"Cannot promote: {escape(str(exc))}")
+            await self._ephemeral(client, channel, user, f"Cannot {verb}: {escape(str(exc))}")
+            return None
+
+    async def on_promote_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
+                                client: AsyncWebClient) -> None:
+        idea_id = str(action.get("value", ""))
+        pressed = await self._pressed(ack, body, client, idea_id, self.broker.store.get_idea, "promote")
+        if pressed is None:
             return
         policy = self.broker.policy
         view = render.promote_modal(
             idea_id=idea_id, repos=[r.name for r in policy.repos], change_types=sorted(policy.change_types),
-            private_metadata=json.dumps({"idea": idea_id}), text=idea.text,
+            private_metadata=json.dumps({"idea": idea_id}), text=pressed[1].text,
         )
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
     async def on_approve_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
                                 client: AsyncWebClient) -> None:
-        await ack()
-        user = body["user"]["id"]
         task_id, _, spec_hash = str(action.get("value", "")).partition("|")
-        if await self._approver(user) is None:
-            await self._refuse_button(client, body, user, task_id)
+        pressed = await self._pressed(ack, body, client, task_id, self.broker.store.get_task, "approve")
+        if pressed is None:
             return
-        try:
-            task = await asyncio.to_thread(self.broker.store.get_task, task_id)
-        except IntakeError as exc:
-            channel = (body.get("channel") or {}).get("id")
-            await self._ephemeral(client, channel, user, f"Cannot approve: {escape(str(exc))}")
-            return
+        task = pressed[1]
         summary = f"{task.spec.repo} · {task.spec.change_type} · {task.required} approvals needed\n\n{task.spec.prompt}"
         view = render.approve_modal(
             task_id=task_id, summary=summary, spec_hash=spec_hash,
@@ -247,11 +250,8 @@ class SlackIntake:
 
     async def on_deny_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
                              client: AsyncWebClient) -> None:
-        await ack()
-        user = body["user"]["id"]
         subject = str(action.get("value", ""))
-        if await self._approver(user) is None:
-            await self._refuse_button(client, body, user, subject)
+        if await self._pressed(ack, body, client, subject, None, "deny") is None:
             return
         view = render.deny_modal(subject_id=subject, private_metadata=json.dumps({"subject": subject}))
         await client.views_open(trigger_id=body["trigger_id"], view=view)

@@ -104,7 +104,8 @@ def test_quick_start_runs_an_idea_to_a_pushed_branch(dev_env: dict[str, str]) ->
             shown = json.loads(cli("show", task_id, "--json").stdout)
             if shown["state"] in ("succeeded", "failed", "blocked"):
                 break
-            assert time.monotonic() < deadline, f"task still {shown['state']}"
+            if time.monotonic() > deadline:
+                pytest.fail(f"gave up waiting: task still {shown['state']}")
             time.sleep(0.3)
         assert shown["state"] == "succeeded", shown
         branch, commit = shown["result"]["branch"], shown["result"]["commit"]

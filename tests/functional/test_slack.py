@@ -51,7 +51,8 @@ async def wait_state(store: Store, get, want, timeout: float = 5.0):  # type: ig
         current = get()
         if current.state == want:
             return current
-        assert time.monotonic() < deadline, f"still {current.state}, wanted {want}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting: still {current.state}, wanted {want}")
         await asyncio.sleep(0.02)
 
 
