@@ -13,6 +13,7 @@ import redis
 from aiohttp import web
 
 from intake.capture_queue import CaptureQueue
+from intake.reports import ReportProcessor, ensure_worker_key
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
 from intake.slack.transport import SlackMode, mount_slack
@@ -31,13 +32,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers."""
+    """Readiness: Redis answers and the ledger is not halted by broken history."""
     broker = request.app[BROKER]
     try:
         await asyncio.to_thread(broker.client.ping)
+        halted = (await asyncio.to_thread(broker.ledger.follow)).halted
     except redis.RedisError:
         return web.json_response({"status": "unavailable", "redis": "down"}, status=503)
-    return web.json_response({"status": "ok", "redis": "up"})
+    if halted is not None:
+        return web.json_response({"status": "halted", "redis": "up", "ledger": halted}, status=503)
+    return web.json_response({"status": "ok", "redis": "up", "ledger": "ok"})
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -45,6 +49,11 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = await asyncio.to_thread(opened.__enter__)
     app[BROKER] = broker
     broker.audit.start_sealer()  # one sealer per server: concurrent requests never contend on it
+    await asyncio.to_thread(broker.ledger.follow)  # verify the chain before serving anything
+    if broker.ledger.halted:
+        log.error("the ledger is halted: %s (dispatch is stopped until an operator acts)", broker.ledger.halted)
+    reports = ReportProcessor(broker)
+    reports.start()
     capture = CaptureQueue(broker.store, broker.url, ttl_s=broker.policy.clocks.idea_ttl)
     await capture.start()
     app[CAPTURE] = capture
@@ -52,6 +61,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await capture.stop()
+        await asyncio.to_thread(reports.stop)
         await asyncio.to_thread(broker.audit.stop_sealer)
         await asyncio.to_thread(opened.__exit__, None, None, None)
 
@@ -88,9 +98,11 @@ async def _clocks_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _dev_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Dev mode: one embedded agent worker (a subprocess on the same data dir and Redis) that
-    runs the demo agent against local bare repositories, for the server's lifetime."""
-    from workers.dev import start_dev_worker, stop_dev_worker
+    runs the demo agent against local bare repositories, for the server's lifetime. Its report
+    key is issued here on first start (or again when it is not the current one)."""
+    from workers.dev import DEV_WORKER_NAME, start_dev_worker, stop_dev_worker
 
+    await asyncio.to_thread(ensure_worker_key, app[BROKER], DEV_WORKER_NAME)
     handle = await asyncio.to_thread(start_dev_worker, app[SETTINGS])
     log.info("dev worker started (demo agent, local bare repos in %s)", app[SETTINGS].data_dir / "repos")
     try:

@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from intake.errors import InvalidInput, NotFound, Refused
+from intake.ledger import Ledger
 from intake.mfa import StepUp, new_secret, provisioning_uri
 from intake.models import Approver
 from intake.policy import Policy
@@ -28,19 +29,20 @@ class SecretBox:
         self._aead = AESGCM(key)
 
     @staticmethod
-    def _aad(approver_id: str, slack_user: str | None) -> bytes:
-        return f"intake-totp-v1|{approver_id}|{slack_user or ''}".encode()
+    def _aad(approver_id: str, slack_user: str | None, generation: int) -> bytes:
+        return f"intake-totp-v2|{approver_id}|{slack_user or ''}|{generation}".encode()
 
-    def seal(self, secret: str, approver_id: str, slack_user: str | None) -> str:
+    def seal(self, secret: str, approver_id: str, slack_user: str | None, generation: int) -> str:
         nonce = secrets.token_bytes(12)
-        sealed = self._aead.encrypt(nonce, secret.encode(), self._aad(approver_id, slack_user))
+        sealed = self._aead.encrypt(nonce, secret.encode(), self._aad(approver_id, slack_user, generation))
         return base64.b64encode(nonce + sealed).decode()
 
     def open(self, approver: Approver) -> str:
         """The plaintext secret, or Refused when the record was altered or the key is wrong."""
         try:
             raw = base64.b64decode(approver.secret_enc, validate=True)
-            plain = self._aead.decrypt(raw[:12], raw[12:], self._aad(approver.id, approver.slack_user))
+            plain = self._aead.decrypt(raw[:12], raw[12:],
+                                       self._aad(approver.id, approver.slack_user, approver.generation))
         except (InvalidTag, ValueError):
             raise Refused("secret_unreadable", f"approver {approver.id}'s secret cannot be read; reset it") from None
         return plain.decode()
@@ -55,10 +57,11 @@ class Enrolment:
 class Approvers:
     """Registry of approvers in Redis, plus the step-up check of their codes."""
 
-    def __init__(self, store: Store, box: SecretBox, stepup: StepUp) -> None:
+    def __init__(self, store: Store, box: SecretBox, stepup: StepUp, ledger: Ledger) -> None:
         self.store = store
         self.box = box
         self.stepup = stepup
+        self.ledger = ledger
 
     # -- lookup ----------------------------------------------------------------------------
     def get(self, approver_id: str) -> Approver:
@@ -84,11 +87,23 @@ class Approvers:
         return [Approver.model_validate_json(r) for r in raws if r]
 
     def active(self, approver_id: str) -> Approver:
-        """A registered, confirmed approver, or Refused saying which it is not."""
+        """A registered, confirmed approver whose record is the enrolment the sealed history
+        names, or Refused saying which it is not."""
         approver = self.get(approver_id)
         if not approver.confirmed:
             raise Refused("not_confirmed", f"approver {approver_id} has not confirmed their authenticator yet")
+        self.check_current(approver)
         return approver
+
+    def check_current(self, approver: Approver) -> None:
+        """Refuse a record that is not the current enrolment per the ledger (a record or seed
+        restored from before a reset or removal)."""
+        self.ledger.follow()
+        fact = self.ledger.approvers.get(approver.id)
+        if fact is None or fact.removed or fact.generation != approver.generation:
+            raise Refused("stale_enrolment",
+                          f"approver {approver.id}'s record is not their current enrolment; it was "
+                          "restored or altered in storage (reset them)")
 
     def check_code(self, approver: Approver, code: str, *, purpose: str, subject: str) -> int:
         return self.stepup.verify(approver, self.box.open(approver), code, purpose=purpose, subject=subject)
@@ -119,6 +134,7 @@ class Approvers:
                     f"--groups: the policy's group {group!r} does not list {approver_id!r}; add it there first"
                 )
         secret = new_secret()
+        generation = self.ledger.follow().next_generation(approver_id)
         try:
             approver = Approver(
                 id=approver_id,
@@ -126,8 +142,9 @@ class Approvers:
                 groups=groups,
                 slack_user=slack_user,
                 email=email.lower() if email else None,
-                secret_enc=self.box.seal(secret, approver_id, slack_user),
+                secret_enc=self.box.seal(secret, approver_id, slack_user, generation),
                 created_at=self.store.clock(),
+                generation=generation,
             )
         except ValueError as exc:
             loc = exc.errors()[0]["loc"][0]  # type: ignore[attr-defined]
@@ -143,7 +160,8 @@ class Approvers:
             pipe.set(keys.approver(approver_id), approver.model_dump_json())
             self._index(pipe, approver)
             pipe.delete(keys.totp_last_step(approver_id), keys.totp_failures(approver_id), keys.totp_lock(approver_id))
-            self.store.emit(pipe, actor, "approver.added", approver_id, groups=list(groups), slack_user=slack_user)
+            self.store.emit(pipe, actor, "approver.added", approver_id, groups=list(groups), slack_user=slack_user,
+                            generation=generation)
 
         self.store.transact([keys.approver(approver_id), keys.approvers], build)
         return Enrolment(approver, provisioning_uri(secret, f"{approver_id}@intake"))
@@ -152,17 +170,20 @@ class Approvers:
         approver = self.get(approver_id)
         if approver.confirmed:
             raise InvalidInput(f"approver {approver_id} is already confirmed")
+        self.check_current(approver)
         self.check_code(approver, code, purpose="confirm", subject=approver_id)
-        return self._update(approver_id, actor, "approver.confirmed", confirmed=True)
+        return self._update(approver_id, actor, "approver.confirmed", confirmed=True,
+                            expect_generation=approver.generation)
 
     def reset(self, approver_id: str, *, actor: str) -> Enrolment:
         """A new secret; the old one is dead at once. The approver must confirm again."""
         approver = self.get(approver_id)
         secret = new_secret()
-        sealed = self.box.seal(secret, approver.id, approver.slack_user)
+        generation = self.ledger.follow().next_generation(approver_id)
+        sealed = self.box.seal(secret, approver.id, approver.slack_user, generation)
         keys = self.store.keys
         self._update(
-            approver_id, actor, "approver.reset", secret_enc=sealed, confirmed=False,
+            approver_id, actor, "approver.reset", secret_enc=sealed, confirmed=False, generation=generation,
             clear=[keys.totp_last_step(approver_id), keys.totp_failures(approver_id), keys.totp_lock(approver_id)],
         )
         return Enrolment(self.get(approver_id), provisioning_uri(secret, f"{approver_id}@intake"))
@@ -177,6 +198,7 @@ class Approvers:
     def remove(self, approver_id: str, *, actor: str) -> None:
         approver = self.get(approver_id)
         keys = self.store.keys
+        generation = self.ledger.follow().next_generation(approver_id)
 
         def build(pipe: Pipe) -> None:
             pipe.multi()
@@ -187,26 +209,31 @@ class Approvers:
             pipe.hdel(keys.approvers, f"id:{approver_id}")
             if approver.slack_user:
                 pipe.hdel(keys.approvers, f"slack:{approver.slack_user}")
-            self.store.emit(pipe, actor, "approver.removed", approver_id)
+            self.store.emit(pipe, actor, "approver.removed", approver_id, generation=generation)
 
         self.store.transact([keys.approver(approver_id)], build)
 
     def is_locked(self, approver_id: str) -> bool:
         return bool(self.store.r.exists(self.store.keys.totp_lock(approver_id)))
 
-    def _update(self, approver_id: str, actor: str, action: str, clear: list[str] | None = None, **changes: object) -> Approver:
+    def _update(self, approver_id: str, actor: str, action: str, clear: list[str] | None = None,
+                expect_generation: int | None = None, **changes: object) -> Approver:
         keys = self.store.keys
 
         def build(pipe: Pipe) -> Approver:
             raw = pipe.get(keys.approver(approver_id))
             if raw is None:
                 raise NotFound(f"no approver {approver_id}")
-            updated = Approver.model_validate_json(raw).model_copy(update=changes)
+            current = Approver.model_validate_json(raw)
+            if expect_generation is not None and current.generation != expect_generation:
+                raise Refused("stale_enrolment", f"approver {approver_id} changed meanwhile; try again")
+            updated = current.model_copy(update=changes)
             pipe.multi()
             pipe.set(keys.approver(approver_id), updated.model_dump_json())
             if clear:
                 pipe.delete(*clear)
-            self.store.emit(pipe, actor, action, approver_id)
+            data = {"generation": updated.generation} if "generation" in changes else {}
+            self.store.emit(pipe, actor, action, approver_id, **data)
             return updated
 
         return self.store.transact([keys.approver(approver_id)], build)

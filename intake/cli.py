@@ -52,9 +52,8 @@ def idea_json(idea: Idea) -> dict[str, Any]:
 
 
 def task_json(task: Task) -> dict[str, Any]:
-    """A task for display: the bearer token itself is never printed."""
-    data = task.model_dump(mode="json", exclude={"token"})
-    data["token"] = "present" if task.token else None
+    """A task for display (tokens never sit on a task record, so none can be printed)."""
+    data = task.model_dump(mode="json")
     data["approvals_count"] = len(task.approvals)
     return data
 
@@ -210,19 +209,44 @@ def audit() -> None:
 @audit.command()
 @click.option("--json", "as_json", is_flag=True)
 def verify(as_json: bool) -> None:
-    """Check the whole chain; exit 1 naming the first bad event."""
+    """Check the whole chain and list every anomaly; exit 1 when sealed history was changed."""
     with _broker() as broker:
-        broker.audit.seal_pending()
+        broker.audit.kick()
         try:
             report = broker.audit.verify()
+            broken: AuditBroken | None = None
         except AuditBroken as exc:
-            if as_json:
-                _out_json({"ok": False, "event": exc.event_id, "error": str(exc)})
-            raise
+            report, broken = exc.report, exc  # type: ignore[assignment]
+    anomalies = list(report.anomalies) if report is not None else []
     if as_json:
-        _out_json({"ok": True, "events": report.events, "unsealed": report.unsealed})
+        _out_json({"ok": broken is None, "events": report.events if report else None,
+                   "unsealed": report.unsealed if report else None,
+                   "anomalies": [a.as_json() for a in anomalies],
+                   **({"event": broken.event_id, "error": str(broken)} if broken else {})})
     else:
-        click.echo(f"audit log intact: {report.events} events")
+        for anomaly in anomalies:
+            click.echo(f"{'BROKEN' if anomaly.fatal else 'rejected'}: {anomaly.message}")
+        if broken is None:
+            rejected = f", {report.rejected} rejected entries (sealed as not genuine)" if report.rejected else ""
+            click.echo(f"audit log intact: {report.events} events{rejected}")
+    if broken is not None:
+        if not as_json:
+            raise broken
+        sys.exit(1)
+
+
+@audit.command(name="accept-rollback")
+@click.option("--reason", required=True, help="Why the loss is understood (recorded on the log).")
+def accept_rollback(reason: str) -> None:
+    """After a failover or restore lost sealed history: record the lost range and resume."""
+    if not reason.strip():
+        raise InvalidInput("--reason: say why")
+    with _broker() as broker:
+        lost = broker.audit.accept_rollback(actor=f"cli:{local_identity(None)}", reason=reason)
+    if lost is None:
+        click.echo("nothing to accept: sealed history is not behind this host's checkpoint")
+    else:
+        click.echo(f"accepted: {lost}; sealing and dispatch resume (re-issue any revocation that was lost)")
 
 
 @audit.command()
@@ -287,6 +311,69 @@ def generate(force: bool) -> None:
     paths = generate_keys(settings, force=force)
     for purpose, path in paths.items():
         click.echo(f"{purpose}: {path}")
+
+
+@keys.command()
+def rotate() -> None:
+    """A new signing key; workers accept tokens of the old one too until `keys retire`."""
+    import time
+
+    from intake.keys import rotate_signing_key
+
+    started = time.monotonic()
+    with _broker() as broker:
+        new, old = rotate_signing_key(broker.settings)
+        seconds = round(time.monotonic() - started, 3)
+        broker.audit.record(f"cli:{local_identity(None)}", "keys.rotated", "broker", new_kid=new, old_kid=old,
+                            seconds=seconds)
+    click.echo(f"signing key rotated in {seconds}s: new {new}, old {old} still accepted "
+               f"(run `intake keys retire {old}` once no token of it is live, e.g. after {2 * 120}s)")
+
+
+@keys.command()
+@click.argument("kid")
+def retire(kid: str) -> None:
+    """Drop KID from the public keyring (tokens signed with it stop verifying)."""
+    from intake.keys import retire_public_key
+
+    with _broker() as broker:
+        retire_public_key(broker.settings, kid)
+        broker.audit.record(f"cli:{local_identity(None)}", "keys.retired", "broker", kid=kid)
+    click.echo(f"key {kid} retired")
+
+
+# -- worker keys -----------------------------------------------------------------------------
+@cli.group(name="worker-key")
+def worker_key() -> None:
+    """Agent workers' report keys (one per worker name, revocable)."""
+
+
+@worker_key.command(name="issue")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the key file (default keys/workers/NAME.key in the data dir).")
+def worker_key_issue(name: str, output: Path | None) -> None:
+    """Issue worker NAME a new report key (any older one stops working at once)."""
+    from intake.keys import write_worker_key
+    from intake.reports import issue_worker_key
+
+    with _broker() as broker:
+        generation, key = issue_worker_key(broker, name, actor=f"cli:{local_identity(None)}")
+        path = output or broker.settings.worker_key_path(name)
+        write_worker_key(path, name, generation, key)
+    click.echo(f"worker {name}: key generation {generation} written to {path} (mode 0600); "
+               "give it to that worker only, as INTAKE_WORKER_KEY")
+
+
+@worker_key.command(name="revoke")
+@click.argument("name")
+def worker_key_revoke(name: str) -> None:
+    """Revoke worker NAME's key: its reports are refused from now on."""
+    from intake.reports import revoke_worker_key
+
+    with _broker() as broker:
+        revoke_worker_key(broker, name, actor=f"cli:{local_identity(None)}")
+    click.echo(f"worker {name}: key revoked")
 
 
 

@@ -70,8 +70,15 @@ class TokenInvalid(IntakeError):
 
 
 class AuditBroken(IntakeError):
-    """The audit chain failed verification; ``event_id`` is the first bad event."""
+    """The audit chain failed verification; ``event_id`` is the first bad event and ``report``
+    (when the whole chain was walked) lists every anomaly found."""
 
-    def __init__(self, event_id: str, message: str) -> None:
+    def __init__(self, event_id: str, message: str, *, report: object | None = None) -> None:
         self.event_id = event_id
+        self.report = report
         super().__init__(message)
+
+
+class LedgerHalted(IntakeError):
+    """The broker's verified ledger found broken history: nothing that grants power happens
+    until an operator acts (``intake audit verify`` says what, and where)."""

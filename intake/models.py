@@ -181,9 +181,9 @@ class TaskSpec(_Model):
 
 
 class Approval(_Model):
-    """One approver's step-up-verified approval of one spec hash. ``mac`` (a broker-held key)
-    covers task, approver, spec hash, time and channel: an approval written into Redis by
-    anyone else does not count. ``groups`` is for display; counting uses the policy."""
+    """One approver's step-up-verified approval of one spec hash, as shown. What counts is the
+    broker's ledger (its ``approval.recorded`` events, sealed), never this copy in Redis;
+    ``generation`` is the approver's enrolment generation when they approved."""
 
     approver: str
     groups: tuple[str, ...]
@@ -191,7 +191,7 @@ class Approval(_Model):
     at: float
     via: str = "cli"
     note: str = ""
-    mac: str = ""
+    generation: int = 0
 
 
 class Task(_Model):
@@ -207,8 +207,8 @@ class Task(_Model):
     created_at: float
     updated_at: float
     queue: str | None = None
-    token: str | None = None
-    token_expires_at: float | None = None
+    # While queued: when the approval window closes (the oldest counted approval expires).
+    window_ends_at: float | None = None
     attempts: int = 0
     reason: str | None = None
     result: dict[str, Any] | None = None
@@ -222,8 +222,9 @@ class Approver(_Model):
     """A registered person who may approve, identified by immutable platform ids.
 
     ``secret_enc`` is the TOTP secret sealed with AES-GCM under a key outside Redis; the
-    associated data binds it to ``id`` and ``slack_user``, so a record edited in Redis to point
-    at another person no longer decrypts.
+    associated data binds it to ``id``, ``slack_user`` and ``generation``, so a record edited in
+    Redis to point at another person, or a seed restored from an older enrolment, no longer
+    decrypts.
     """
 
     id: str = Field(pattern=APPROVER_ID_RE)
@@ -234,6 +235,9 @@ class Approver(_Model):
     secret_enc: str
     confirmed: bool = False
     created_at: float
+    # Bumped by every add, reset and remove (the ledger keeps the current one): a record or
+    # sealed secret restored from before a reset names an old generation and is refused.
+    generation: int = 1
 
     def identities(self) -> frozenset[str]:
         """Every requester identity that is this person (for the no-self-approval rule)."""

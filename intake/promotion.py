@@ -4,8 +4,9 @@ Every path here (CLI today, Slack next) goes through :class:`Gatekeeper`. It che
 who is asking (a registered, confirmed approver), the idea or task state, the no-self-approval
 rule, the policy (repo, change type, groups), and only then the step-up TOTP code, so a refusal
 for any other reason does not burn the approver's code. The state change, its approvals and its
-audit events then commit in one WATCHed transaction. When the valid approvals satisfy the risk
-tier, the broker mints a capability token and the task is queued.
+audit events then commit in one WATCHed transaction. Approvals are counted from the broker's
+verified ledger (:mod:`intake.ledger`), never from the copy in Redis; when they satisfy the risk
+tier the task is queued, and the dispatcher mints a short-lived dispatch token per attempt.
 
 Refusals raise :class:`Refused` with a stable reason tag, are audited, and change nothing.
 """
@@ -17,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from intake.approvers import Approvers
-from intake.errors import IllegalTransition, InvalidInput, NotFound, Refused
+from intake.errors import IllegalTransition, InvalidInput, LedgerHalted, NotFound, Refused
+from intake.ledger import Ledger
 from intake.models import (
     IDEA_PENDING,
     Approval,
@@ -35,7 +35,6 @@ from intake.models import (
 )
 from intake.policy import Policy, RiskTier
 from intake.store import Pipe, Store, idea_fields
-from intake.tokens import mint
 
 
 @dataclass(frozen=True)
@@ -63,20 +62,27 @@ class Gatekeeper:
         store: Store,
         approvers: Approvers,
         policy: Policy,
-        signing_key: Ed25519PrivateKey,
+        ledger: Ledger,
         *,
         on_queued: Callable[[Task], None] | None = None,
     ) -> None:
         self.store = store
         self.approvers = approvers
         self.policy = policy
-        self._key = signing_key
+        self.ledger = ledger
         self.on_queued = on_queued
 
     # -- helpers ---------------------------------------------------------------------------
     def _refuse(self, actor: str, subject: str, reason: str, message: str, **data: Any) -> Refused:
         self.store.audit.record(actor, "approval.refused", subject, reason=reason, **data)
         return Refused(reason, message)
+
+    def _live(self, actor: str, subject: str) -> None:
+        """Counting approvals is a power decision: not on a broken chain."""
+        try:
+            self.ledger.follow().require_live()
+        except LedgerHalted as exc:
+            raise self._refuse(actor, subject, "ledger_halted", str(exc)) from None
 
     def _active(self, approver_id: str, subject: str) -> Approver:
         try:
@@ -117,30 +123,24 @@ class Gatekeeper:
             policy_version=self.policy.version_hash,
         )
 
-    def approval(self, task_id: str, approver: Approver, spec_hash: str, now: float, via: str, note: str) -> Approval:
-        """A new approval, MAC'd so that only the broker can have written it."""
-        fields = {"task": task_id, "approver": approver.id, "spec_hash": spec_hash, "at": now, "via": via}
+    def approval(self, approver: Approver, spec_hash: str, now: float, via: str, note: str) -> Approval:
+        """A new approval by the approver's current enrolment."""
         return Approval(approver=approver.id, groups=self.policy.groups_of(approver.id), spec_hash=spec_hash,
-                        at=now, via=via, note=note, mac=self.store.audit.record_mac("approval", fields))
+                        at=now, via=via, note=note, generation=approver.generation)
 
-    def valid_approvals(self, conn: Any, task: Task, now: float) -> list[Approval]:
-        """Approvals that still count, trusting nothing Redis says on its own: the spec must
-        still hash to the task's spec hash, each approval must carry the broker's MAC for this
-        task and that hash, be within the approval validity, and come from an approver who is
-        still registered. Groups are taken from the policy, not from the stored approval."""
-        if task.spec.spec_hash() != task.spec_hash:
-            return []
-        oldest = now - self.policy.clocks.approval_validity
-        counted = []
-        for a in task.approvals:
-            fields = {"task": task.id, "approver": a.approver, "spec_hash": a.spec_hash, "at": a.at, "via": a.via}
-            if (
-                a.spec_hash == task.spec_hash
-                and a.at > oldest
-                and self.store.audit.record_ok("approval", fields, a.mac)
-                and conn.exists(self.store.keys.approver(a.approver))
-            ):
-                counted.append(a.model_copy(update={"groups": self.policy.groups_of(a.approver)}))
+    def valid_approvals(self, task: Task, now: float, *, adding: Approval | None = None) -> list[Approval]:
+        """Approvals that still count, from the ledger alone: for the task's current spec hash
+        (as the sealed history names it), within the approval validity, by an approver whose
+        enrolment is still the one that approved. ``adding`` is the approval being recorded
+        now, by an approver this call has just checked. Groups come from the policy."""
+        counted = [
+            Approval(approver=a.approver, groups=self.policy.groups_of(a.approver), spec_hash=a.spec_hash,
+                     at=a.at, via=a.via, generation=a.generation)
+            for a in self.ledger.follow().counted_approvals(task.id, now=now,
+                                                             validity=self.policy.clocks.approval_validity)
+        ]
+        if adding is not None and all(a.approver != adding.approver for a in counted):
+            counted.append(adding)
         return counted
 
     @staticmethod
@@ -162,25 +162,19 @@ class Gatekeeper:
             return f"this task still needs an approval from {' and '.join(missing)}"
         return None
 
-    def _queue_if_satisfied(self, conn: Any, task: Task, now: float) -> Task:
+    def _queue_if_satisfied(self, task: Task, now: float, adding: Approval | None = None) -> Task:
         _, tier = self._tier(task.spec)
-        valid = self.valid_approvals(conn, task, now)
+        valid = self.valid_approvals(task, now, adding=adding)
         if not self.satisfied(tier, valid):
             return task
-        # The token lives only as long as the oldest approval it rests on stays valid.
-        ttl = int(min(a.at for a in valid) + self.policy.clocks.approval_validity - now)
-        if ttl <= 0:
+        # The approval window closes when the oldest approval it rests on expires.
+        window = min(a.at for a in valid) + self.policy.clocks.approval_validity
+        if window <= now:
             return task
-        token, claims = mint(self._key, task_id=task.id, spec=task.spec, now=now, ttl_s=ttl)
         repo = self.policy.find_repo(task.spec.repo)
         assert repo is not None
         return task.model_copy(
-            update={
-                "state": TaskState.QUEUED,
-                "token": token,
-                "token_expires_at": float(claims.exp),
-                "queue": self.policy.queue_for(repo),
-            }
+            update={"state": TaskState.QUEUED, "window_ends_at": float(window), "queue": self.policy.queue_for(repo)}
         )
 
     def _after(self, task: Task, previous: TaskState | None = None) -> Task:
@@ -191,7 +185,7 @@ class Gatekeeper:
     def _emit_task(self, pipe: Pipe, actor: str, task: Task, **data: Any) -> None:
         if task.state is TaskState.QUEUED:
             self.store.emit(pipe, "system", "task.queued", task.id, queue=task.queue,
-                            spec_hash=task.spec_hash, token_expires_at=task.token_expires_at, **data)
+                            spec_hash=task.spec_hash, window_ends_at=task.window_ends_at, **data)
 
     # -- promote / approve -----------------------------------------------------------------
     def promote(
@@ -200,6 +194,7 @@ class Gatekeeper:
     ) -> Decision:
         """Turn a pending idea into a task with its first approval (step-up code required)."""
         actor = f"approver:{approver_id}"
+        self._live(actor, idea_id)
         approver = self._active(approver_id, idea_id)
         idea = self.store.get_idea(idea_id)
         self._check_idea_open(idea, actor)
@@ -225,13 +220,13 @@ class Gatekeeper:
             if current.text != idea.text:
                 raise self._refuse(actor, idea_id, "tampered", f"idea {idea_id} changed while it was being promoted")
             task_id = new_id("T")
-            approval = self.approval(task_id, approver, spec.spec_hash(), now, via, note)
+            approval = self.approval(approver, spec.spec_hash(), now, via, note)
             task = Task(
                 id=task_id, idea_id=idea_id, requester=current.requester, spec=spec,
                 spec_hash=spec.spec_hash(), state=TaskState.AWAITING_APPROVALS, risk_tier=tier_name,
                 required=tier.approvals, approvals=[approval], created_at=now, updated_at=now,
             )
-            task = self._queue_if_satisfied(pipe, task, now)
+            task = self._queue_if_satisfied(task, now, approval)
             promoted = current.model_copy(update={"state": IdeaState.PROMOTED, "task_id": task.id, "updated_at": now})
             pipe.multi()
             self.store.write_idea(pipe, promoted)
@@ -239,9 +234,10 @@ class Gatekeeper:
             self.store.emit(pipe, actor, "idea.promoted", idea_id, task=task.id, via=via)
             self.store.emit(pipe, actor, "task.created", task.id, idea=idea_id, repo=spec.repo,
                             change_type=spec.change_type, spec_hash=task.spec_hash,
-                            policy_version=spec.policy_version)
+                            policy_version=spec.policy_version, tier=tier_name, requester=current.requester)
             self.store.emit(pipe, actor, "approval.recorded", task.id, spec_hash=task.spec_hash,
-                            groups=list(groups), via=via, count=1, required=tier.approvals)
+                            groups=list(groups), via=via, count=1, required=tier.approvals,
+                            generation=approver.generation)
             self._emit_task(pipe, actor, task)
             return task
 
@@ -270,6 +266,7 @@ class Gatekeeper:
     ) -> Decision:
         """Add an approval to the task's current spec hash (step-up code required)."""
         actor = f"approver:{approver_id}"
+        self._live(actor, task_id)
         approver = self._active(approver_id, task_id)
         task = self.store.get_task(task_id)
         groups = self.policy.groups_of(approver.id)
@@ -281,15 +278,15 @@ class Gatekeeper:
             current = self.store.read_task(pipe, task_id)
             # Anything may have changed while the code was checked: check it all again.
             self._check_approvable(current, approver, groups, spec_hash or task.spec_hash, actor)
-            approval = self.approval(task_id, approver, current.spec_hash, now, via, note)
+            approval = self.approval(approver, current.spec_hash, now, via, note)
             kept = [a for a in current.approvals if a.spec_hash == current.spec_hash]
             updated = current.model_copy(update={"approvals": [*kept, approval], "updated_at": now})
-            updated = self._queue_if_satisfied(pipe, updated, now)
+            updated = self._queue_if_satisfied(updated, now, approval)
             pipe.multi()
             self.store.write_task(pipe, updated)
             self.store.emit(pipe, actor, "approval.recorded", task_id, spec_hash=current.spec_hash,
-                            groups=list(groups), via=via, count=len(updated.approvals),
-                            required=updated.required)
+                            groups=list(groups), via=via, count=len(self.valid_approvals(current, now, adding=approval)),
+                            required=updated.required, generation=approver.generation)
             self._emit_task(pipe, actor, updated)
             return updated, current.state
 
@@ -307,16 +304,17 @@ class Gatekeeper:
         if spec_hash is not None and spec_hash != task.spec_hash:
             raise self._refuse(actor, task.id, "stale_spec",
                                f"task {task.id} changed since you saw it (spec {task.spec_hash[:12]}); review it again")
-        if task.spec.spec_hash() != task.spec_hash:
+        if (why := self.ledger.follow().tampered(task)) is not None:
             raise self._refuse(actor, task.id, "tampered",
-                               f"task {task.id}'s stored spec no longer matches its spec hash; it was altered in storage")
+                               f"task {task.id}'s record disagrees with the sealed history ({why}); "
+                               "it was altered in storage")
         if task.spec.policy_version != self.policy.version_hash:
             raise self._refuse(actor, task.id, "stale_policy",
                                f"the policy changed since task {task.id} was promoted; amend it first")
         if task.requester in approver.identities():
             raise self._refuse(actor, task.id, "self_approval", "you cannot approve your own request")
         now = self.store.clock()
-        valid = self.valid_approvals(self.store.r, task, now)
+        valid = self.valid_approvals(task, now)
         if any(a.approver == approver.id for a in valid):
             raise self._refuse(actor, task.id, "already_approved", f"you already approved task {task.id}")
         tier_name, tier = self._tier(task.spec)
@@ -331,16 +329,15 @@ class Gatekeeper:
         approver = self._active(approver_id, ident)
         actor = f"approver:{approver.id}"
         if ident.startswith("T-"):
-            return self.store.move_task(
-                ident, TaskState.DENIED, actor=actor, reason=reason,
-                also=lambda pipe, t: self.store.burn_token(pipe, t.token),
-            )
+            denied = self.store.move_task(ident, TaskState.DENIED, actor=actor, reason=reason)
+            self.store.audit.seal_pending()  # sealed at once: the ledger sees it before anything else
+            return denied
         return self.store.move_idea(ident, IdeaState.DENIED, actor=actor, reason=reason)
 
     def amend(self, task_id: str, *, approver_id: str, repo: str | None = None,
               change_type: str | None = None) -> Task:
         """A new spec (e.g. another repo or change type) under the current policy: a new spec
-        hash, every approval discarded, any token burned."""
+        hash, every approval discarded."""
         approver = self._active(approver_id, task_id)
         actor = f"approver:{approver.id}"
 
@@ -360,36 +357,34 @@ class Gatekeeper:
             amended = task.model_copy(update={
                 "spec": spec, "spec_hash": spec.spec_hash(), "state": TaskState.AWAITING_APPROVALS,
                 "risk_tier": tier_name, "required": tier.approvals, "approvals": [],
-                "token": None, "token_expires_at": None, "queue": None, "updated_at": now,
+                "window_ends_at": None, "queue": None, "updated_at": now,
             })
             pipe.multi()
             self.store.write_task(pipe, amended)
-            self.store.burn_token(pipe, task.token)
             self.store.emit(pipe, actor, "task.amended", task_id, old_spec_hash=task.spec_hash,
                             spec_hash=amended.spec_hash, repo=spec.repo, change_type=spec.change_type,
-                            approvals_discarded=len(task.approvals))
+                            approvals_discarded=len(task.approvals), tier=tier_name)
             return amended
 
         return self.store.transact([self.store.keys.task(task_id)], build)
 
     # -- revoke / kill switch --------------------------------------------------------------
     def revoke(self, task_id: str, *, identity: str, is_approver: bool, reason: str) -> Task:
-        """Stop a task for good: by its requester or any approver, no code needed. The nonce is
-        burned in the same transaction, so its token can never be used again."""
+        """Stop a task for good: by its requester or any approver, no code needed. The event is
+        sealed at once, so the ledger refuses every later claim and lease renewal for it."""
         if not reason.strip():
             raise InvalidInput("--reason: say why")
         task = self.store.get_task(task_id)
         if not is_approver and identity != task.requester:
             raise self._refuse(identity, task_id, "not_allowed",
                                "only the requester or an approver can revoke a task")
-        return self.store.move_task(
-            task_id, TaskState.REVOKED, actor=identity, reason=reason,
-            also=lambda pipe, t: self.store.burn_token(pipe, t.token),
-        )
+        revoked = self.store.move_task(task_id, TaskState.REVOKED, actor=identity, reason=reason)
+        self.store.audit.seal_pending()  # sealed at once: no lease is renewed after this
+        return revoked
 
     def frozen(self) -> dict[str, Any] | None:
-        raw = self.store.r.get(self.store.keys.freeze)
-        return json.loads(raw) if raw else None
+        """The kill switch as the sealed history says (the Redis key is only a cache)."""
+        return self.ledger.follow().frozen
 
     def freeze(self, *, actor: str, reason: str) -> None:
         """The kill switch: no task starts until thawed (running ones are not touched)."""
@@ -402,10 +397,11 @@ class Gatekeeper:
             self.store.emit(pipe, actor, "broker.frozen", "broker", reason=reason)
 
         self.store.transact([self.store.keys.freeze], build)
+        self.store.audit.seal_pending()
 
     def thaw(self, *, actor: str) -> None:
         def build(pipe: Pipe) -> None:
-            if not pipe.exists(self.store.keys.freeze):
+            if self.frozen() is None:
                 raise InvalidInput("intake is not frozen")
             pipe.multi()
             pipe.delete(self.store.keys.freeze)
@@ -437,24 +433,54 @@ class Gatekeeper:
         return sum(self.store.mark_escalated(idea_id, due=due) for idea_id in candidates)
 
     def expire_due(self) -> dict[str, int]:
-        """Expire pending ideas past their TTL and queued tasks whose token expired unstarted.
+        """Expire pending ideas past their TTL and queued tasks whose approval window closed.
 
         Costs O(due ideas + open tasks). Safe to run from several processes at once.
         """
         now = self.store.clock()
         ideas = sum(self._expire_idea(idea_id) for idea_id in self.store.ideas_due_to_expire(now))
         tasks = 0
-        for task in self.store.open_tasks():
-            if task.state is TaskState.QUEUED and (task.token_expires_at or 0) <= now:
-                def due(t: Task) -> None:
-                    if t.state is not TaskState.QUEUED or (t.token_expires_at or 0) > self.store.clock():
-                        raise InvalidInput("not due")
-                try:
-                    self.store.move_task(
-                        task.id, TaskState.EXPIRED, actor="system", reason="token expired before the task started",
-                        check=due, also=lambda pipe, t: self.store.burn_token(pipe, t.token),
-                    )
-                    tasks += 1
-                except (IllegalTransition, InvalidInput):
-                    continue  # started, settled or re-minted meanwhile
+        self.ledger.follow()
+        due_ids = [f.id for f in list(self.ledger.tasks.values())
+                   if f.state is TaskState.QUEUED and (f.window_ends_at or 0) <= now]
+        for task_id in due_ids:
+            def due(t: Task) -> None:
+                fact = self.ledger.task(t.id)
+                if fact is None or fact.state is not TaskState.QUEUED or (fact.window_ends_at or 0) > self.store.clock():
+                    raise InvalidInput("not due")
+            try:
+                self.store.move_task(task_id, TaskState.EXPIRED, actor="system",
+                                     reason="the approval window closed before the task started", check=due)
+                tasks += 1
+            except (IllegalTransition, InvalidInput, NotFound):
+                continue  # started or settled meanwhile
         return {"ideas": ideas, "tasks": tasks}
+
+    def requeue_unsatisfied(self) -> int:
+        """Queued tasks whose counted approvals no longer meet the policy (an approver was reset
+        or removed) go back to awaiting approvals, audited. Running ones are left to finish."""
+        now = self.store.clock()
+        self.ledger.follow()
+        moved = 0
+        for fact in [f for f in list(self.ledger.tasks.values())
+                     if f.state is TaskState.QUEUED and (f.window_ends_at or 0) > now]:  # closed: expire_due's
+            try:
+                task = self.store.get_task(fact.id)
+            except (NotFound, InvalidInput):
+                continue
+            _, tier = self._tier(task.spec)
+            if self.satisfied(tier, self.valid_approvals(task, now)):
+                continue
+
+            def still(t: Task) -> None:
+                if t.state is not TaskState.QUEUED:
+                    raise InvalidInput("no longer queued")
+
+            try:
+                self.store.move_task(task.id, TaskState.AWAITING_APPROVALS, actor="system", check=still,
+                                     reason="its approvals no longer meet the policy (an approver was reset or removed)",
+                                     update={"window_ends_at": None})
+                moved += 1
+            except (IllegalTransition, InvalidInput, NotFound):
+                continue
+        return moved

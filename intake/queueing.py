@@ -1,19 +1,24 @@
 """Handing queued tasks to RQ, and the broker's side of keeping runs alive and accounted for.
 
-Security notes (DESIGN.md boundaries 5, 6 and 8):
+Security notes (DESIGN.md boundaries 5, 6 and 8, and *Authority*):
 
 * Jobs are written with RQ's JSON serializer, never pickle, and carry nothing but
   ``{"task_id", "token"}`` for the one entry point :data:`ENTRY_POINT`. Workers refuse anything
   else before it is imported or called (``workers.jobs``).
-* Job ids are ``<task id>_<attempt>``: enqueueing the same attempt twice is a no-op, and a
-  duplicate that slips through anyway is stopped by the worker's atomic nonce burn.
-* The broker is the only minter: when a run is abandoned and the risk tier allows a retry, the
-  task goes back to ``queued`` with a *new* token signed here (workers hold no private key).
+* Every decision here is taken on the broker's verified ledger, not on Redis: a task is
+  dispatched only while the ledger says it is queued, its approvals still meet the policy and
+  intake is not frozen; a run is reaped (retried or failed) only when the ledger says it is
+  running and its broker-signed lease has lapsed. A Redis record that disagrees with the ledger
+  is refused and reported (``tamper.detected``).
+* Dispatch tokens are minted per attempt here (:func:`intake.tokens.mint_dispatch`), live
+  ``INTAKE_DISPATCH_TTL`` seconds, and bind task, attempt, job id, queue, nonce and the spec. The
+  minting is audited (``task.dispatched``, with the nonce) before the job is enqueued, so the
+  ledger knows every nonce that may claim the attempt. Job ids are ``<task id>_<attempt>``.
 
 :class:`Dispatcher` is the broker's handle. ``on_queued`` is the gatekeeper's hook (enqueue right
-after the commit); :meth:`Dispatcher.reconcile` is run periodically and repairs both ways a task
-could be lost: queued without a live job (a crash between commit and enqueue, a refused job), and
-running without a live worker (a SIGKILLed worker whose heartbeat key expired).
+after the commit); :meth:`Dispatcher.reconcile` runs every few seconds and repairs both ways a
+task could be lost: queued without a live job (a crash between commit and enqueue, a token that
+expired in the queue), and running without a live lease (a SIGKILLed worker).
 """
 
 from __future__ import annotations
@@ -28,14 +33,13 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound, TokenInvalid
+from intake.errors import IllegalTransition, IntakeError, InvalidInput, LedgerHalted, NotFound, TokenInvalid
+from intake.ledger import TaskFact
 from intake.models import Task, TaskState
 from intake.redis_conn import make_client
-from intake.tokens import mint, verify_signature
+from intake.tokens import mint_dispatch, verify_lease
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from intake.runtime import Broker
 
 log = logging.getLogger("intake.queueing")
@@ -47,13 +51,14 @@ JOB_KWARGS = frozenset({"task_id", "token"})
 
 #: Clone, gates, push and the forge call come on top of the agent's own time limit.
 JOB_TIMEOUT_MARGIN_S = 900
-#: A finished job holds only a one-line outcome; keep it an hour for operators, then drop it
-#: (its data still holds the now-burned token).
+#: A finished job holds only a one-line outcome; keep it an hour for operators, then drop it.
 RESULT_TTL_S = 3600
 #: Failed and refused jobs are evidence: a week, not RQ's default year.
 FAILURE_TTL_S = 7 * 86400
 #: A retry needs at least this much of the approval window left, or the run fails instead.
 MIN_RETRY_WINDOW_S = 60
+#: A lease counts as lapsed this long after its expiry (the worker stops at the expiry).
+LEASE_GRACE_S = 5
 
 _LIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
 
@@ -69,18 +74,18 @@ def job_timeout_for(task: Task) -> int:
 
 
 class Dispatcher:
-    """Enqueue queued tasks, re-enqueue lost ones, and reap runs whose worker died.
+    """Dispatch queued tasks, re-dispatch lost ones, and reap runs whose lease lapsed.
 
-    Safe to run in several processes at once: every state change is a WATCHed transaction and
-    every enqueue is idempotent on the job id.
+    Safe to run in several processes at once: every state change is a WATCHed transaction, every
+    enqueue is idempotent on the job id, and every dispatch token minted is on the record.
     """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.store = broker.store
         self.keys = broker.store.keys
+        self.ledger = broker.ledger
         self._rq: redis.Redis | None = None
-        self._signing_key: Ed25519PrivateKey | None = None
 
     # -- connections -----------------------------------------------------------------------
     @property
@@ -98,8 +103,11 @@ class Dispatcher:
     def queue(self, name: str) -> Queue:
         return Queue(name, connection=self.rq, serializer=JSONSerializer)
 
-    def frozen(self) -> bool:
-        return bool(self.store.r.exists(self.keys.freeze))
+    def tamper(self, task_id: str, why: str, **data: Any) -> None:
+        """Report a record that disagrees with the ledger (once per process and kind)."""
+        if self.ledger.first_report((task_id, why)):
+            log.error("tampering: task %s: %s", task_id, why)
+            self.store.audit.record("system", "tamper.detected", task_id, why=why, **data)
 
     # -- enqueueing ------------------------------------------------------------------------
     def job_is_live(self, job_id: str) -> bool:
@@ -125,33 +133,74 @@ class Dispatcher:
             except Exception:
                 return False
         if status == JobStatus.STARTED:
-            # A worker that died between dequeue and claiming the task leaves a "started" job
-            # behind; RQ itself gives up on it after its timeout plus a minute.
             beat = job.last_heartbeat or job.started_at
             limit = (job.timeout or 0) + 120
             if beat is None or datetime.now(timezone.utc) - _aware(beat) > timedelta(seconds=limit):
                 return False
         return True
 
-    def enqueue(self, task: Task) -> str | None:
-        """Put a queued task's job on ``task.queue``; returns the job id, or None if skipped.
+    def _dispatchable(self, task_id: str) -> tuple[Task, TaskFact] | None:
+        """The task and its ledger fact when the ledger says it may be dispatched now."""
+        self.ledger.follow().require_live()
+        fact = self.ledger.task(task_id)
+        if fact is None or fact.state is not TaskState.QUEUED or self.ledger.frozen is not None:
+            return None
+        if (fact.window_ends_at or 0) <= self.store.clock():
+            return None  # expire_due ends it
+        try:
+            task = self.store.get_task(task_id)
+        except (NotFound, InvalidInput):
+            self.tamper(task_id, "the ledger's queued task has no record")
+            return None
+        if (why := self.ledger.tampered(task)) is not None:
+            self.tamper(task_id, why)
+            return None
+        gate = self.broker.gatekeeper
+        _, tier = gate._tier(task.spec)
+        if not gate.satisfied(tier, gate.valid_approvals(task, self.store.clock())):
+            return None  # requeue_unsatisfied moves it back to awaiting approvals
+        return task, fact
 
-        Skipped when the task is not queued, has no token or queue, its token has expired, or
-        intake is frozen (reconcile enqueues it after the thaw). Idempotent: a live job for the
-        same attempt is left alone; a dead one (refused, expired) is replaced.
+    def enqueue(self, task_id: str) -> str | None:
+        """Dispatch a queued task's next attempt to RQ; returns the job id, or None if skipped.
+
+        Skipped unless the ledger says queued, unfrozen, inside its approval window and still
+        approved. A live job holding an unexpired token for the attempt is left alone; otherwise
+        a fresh token is minted, recorded (``task.dispatched``) and enqueued, replacing a dead job.
         """
-        if task.state is not TaskState.QUEUED or not task.token or not task.queue:
+        found = self._dispatchable(task_id)
+        if found is None:
             return None
-        if self.frozen():
-            return None
+        task, fact = found
         now = self.store.clock()
-        ttl = int((task.token_expires_at or 0) - now)
-        if ttl <= 0:
-            return None  # expire_due moves it to expired
-        job_id = job_id_for(task.id, task.attempts + 1)
-        if self.job_is_live(job_id):
+        attempt = fact.attempts + 1
+        job_id = job_id_for(task.id, attempt)
+        fresh = [d for d in fact.dispatches.values() if d.attempt == attempt and d.exp > now + 5]
+        if fresh and self.job_is_live(job_id):
             return job_id
-        queue = self.queue(task.queue)
+        queue_name = fact.queue  # the sealed history's, not the record's: Redis cannot reroute work
+        if not queue_name:
+            return None
+        ttl = int(min(self.broker.settings.dispatch_ttl, (fact.window_ends_at or now) - now))
+        if ttl <= 5:
+            return None
+        token, claims = mint_dispatch(self.broker.signer, task_id=task.id, attempt=attempt, job_id=job_id,
+                                      queue=queue_name, spec=task.spec, now=now, ttl_s=ttl)
+
+        def build(pipe: Any) -> bool:
+            current = self.store.read_task(pipe, task.id)
+            if current.state is not TaskState.QUEUED or current.spec_hash != task.spec_hash:
+                return False
+            pipe.multi()
+            self.store.write_task(pipe, current.model_copy(update={"updated_at": now}))
+            self.store.emit(pipe, "system", "task.dispatched", task.id, attempt=attempt, job=job_id,
+                            nonce=claims.nonce, exp=float(claims.exp), queue=queue_name, kid=claims.kid)
+            return True
+
+        if not self.store.transact([self.keys.task(task.id)], build):
+            return None
+        self.store.audit.seal_pending()  # the ledger must know the nonce before a worker claims it
+        queue = self.queue(queue_name)
         try:
             Job.fetch(job_id, connection=self.rq, serializer=JSONSerializer).delete(
                 remove_from_queue=True, delete_dependents=False
@@ -161,134 +210,144 @@ class Dispatcher:
         try:
             queue.enqueue_call(
                 ENTRY_POINT,
-                kwargs={"task_id": task.id, "token": task.token},
+                kwargs={"task_id": task.id, "token": token},
                 job_id=job_id,
                 timeout=job_timeout_for(task),
                 result_ttl=RESULT_TTL_S,
                 failure_ttl=FAILURE_TTL_S,
                 ttl=ttl,  # a job that waits longer than its token lives is useless
                 # RQ logs the description; the default one would hold the token.
-                description=f"intake task {task.id} attempt {task.attempts + 1}",
+                description=f"intake task {task.id} attempt {attempt}",
                 unique=True,
             )
         except DuplicateJobError:
             pass  # another process enqueued the same attempt first
-        log.info("enqueued %s on %s", job_id, task.queue)
+        log.info("dispatched %s on %s", job_id, queue_name)
         return job_id
 
     def on_queued(self, task: Task) -> None:
         """The gatekeeper's hook, called after the commit. A failure here is logged, not
-        raised: the task is safely queued and :meth:`reconcile` enqueues it later."""
+        raised: the task is safely queued and :meth:`reconcile` dispatches it later."""
         try:
-            self.enqueue(task)
+            self.enqueue(task.id)
         except (redis.RedisError, IntakeError, OSError) as exc:
-            log.warning("could not enqueue %s now (%s); reconcile will retry", task.id, type(exc).__name__)
+            log.warning("could not dispatch %s now (%s); reconcile will retry", task.id, type(exc).__name__)
 
     # -- reconciling -----------------------------------------------------------------------
     def enqueue_missing(self) -> int:
-        """(Re)enqueue every queued task without a live job. Returns how many were enqueued."""
-        if self.frozen():
-            return 0
+        """(Re)dispatch every task the ledger says is queued and that has no live job holding
+        an unexpired token. Returns how many were dispatched."""
         count = 0
         now = self.store.clock()
-        for task in self.store.open_tasks():
-            if task.state is not TaskState.QUEUED or (task.token_expires_at or 0) <= now:
+        self.ledger.follow()
+        for fact in [f for f in list(self.ledger.tasks.values()) if f.state is TaskState.QUEUED]:
+            attempt = fact.attempts + 1
+            fresh = [d for d in fact.dispatches.values() if d.attempt == attempt and d.exp > now + 5]
+            if fresh and self.job_is_live(job_id_for(fact.id, attempt)):
                 continue
-            if task.queue is None or self.job_is_live(job_id_for(task.id, task.attempts + 1)):
-                continue
-            if self.enqueue(task) is not None:
-                log.info("re-enqueued %s (no live job)", task.id)
+            if self.enqueue(fact.id) is not None:
                 count += 1
         return count
 
-    def reap_abandoned(self) -> int:
-        """Settle every running task whose heartbeat key is gone (its worker died or hung).
+    def lease_ok(self, fact: TaskFact) -> bool:
+        """Whether the running attempt holds a broker-signed, granted, unexpired lease."""
+        raw = self.store.r.get(self.keys.lease(fact.id))
+        if not raw:
+            return False
+        try:
+            lease = verify_lease(raw, self.broker.keyring)
+        except TokenInvalid:
+            return False
+        return (lease.granted and lease.task == fact.id and lease.attempt == fact.attempts
+                and lease.run == fact.run and lease.exp + LEASE_GRACE_S > self.store.clock())
 
-        Per the risk tier's ``retries``: back to ``queued`` with a new token (then enqueued), or
-        ``failed`` as abandoned. Returns how many tasks were settled.
-        """
+    def reap_abandoned(self) -> int:
+        """Settle every run the ledger says is running whose lease lapsed (its worker died,
+        hung, or was told to stop). Per the risk tier's ``retries``: back to ``queued`` (then
+        dispatched with a new token), or ``failed`` as abandoned."""
         count = 0
-        for task in self.store.open_tasks():
-            if task.state is not TaskState.RUNNING or self.store.r.exists(self.keys.heartbeat(task.id)):
+        now = self.store.clock()
+        for fact in [f for f in list(self.ledger.tasks.values()) if f.state is TaskState.RUNNING]:
+            if (fact.started_at or now) + LEASE_GRACE_S * 2 > now or self.lease_ok(fact):
                 continue
             try:
-                settled = self._settle_abandoned(task.id)
+                settled = self._settle_abandoned(fact)
             except (IllegalTransition, InvalidInput, NotFound):
-                continue  # it finished, or a worker claimed it, meanwhile
-            count += 1
-            if settled.state is TaskState.QUEUED:
-                self.on_queued(settled)
+                continue  # it finished meanwhile
+            if settled is not None:
+                count += 1
+                if settled.state is TaskState.QUEUED:
+                    self.on_queued(settled)
         return count
 
     def reconcile(self) -> int:
-        """One pass of both repairs; call it every few seconds from the broker's loop.
+        """One pass of the repairs; call it every few seconds from the broker's loop.
 
-        Returns the number of tasks acted on (0 when everything is in order).
-        """
-        return self.reap_abandoned() + self.enqueue_missing()
+        Returns the number of tasks acted on (0 when everything is in order). Does nothing but
+        report while the ledger is halted."""
+        records = self.store.open_tasks()  # read before following: every record read has its events sealed
+        try:
+            self.ledger.follow().require_live()
+        except LedgerHalted as exc:
+            log.error("%s", exc)
+            return 0
+        self.check_records(records)
+        return self.broker.gatekeeper.requeue_unsatisfied() + self.reap_abandoned() + self.enqueue_missing()
+
+    def check_records(self, records: list[Task]) -> None:
+        """Report every open task record that disagrees with the ledger (a revived, forged or
+        edited record); nothing is ever done on the strength of one."""
+        for record in records:
+            if (why := self.ledger.tampered(record)) is not None:
+                self.tamper(record.id, why)
 
     # -- abandoned runs --------------------------------------------------------------------
-    def _key(self) -> Ed25519PrivateKey:
-        if self._signing_key is None:
-            from intake.keys import load_signing_key
-
-            self._signing_key = load_signing_key(self.broker.settings)
-        return self._signing_key
-
-    def _abandoned(self, task: Task) -> None:
-        """The check under WATCH: still running, still without a heartbeat."""
-        if task.state is not TaskState.RUNNING:
-            raise InvalidInput("no longer running")
-        if self.store.r.exists(self.keys.heartbeat(task.id)):
-            raise InvalidInput("alive again")
-
-    def _retry_plan(self, task: Task) -> tuple[int, str | None]:
-        """(token ttl, None) when a retry is allowed, else (0, why not)."""
+    def _retry_plan(self, task: Task, fact: TaskFact) -> str | None:
+        """None when a retry is allowed, else why not (all from the ledger and the policy)."""
         policy = self.broker.policy
-        tier = policy.risk_tiers.get(task.risk_tier)
+        tier = policy.risk_tiers.get(fact.tier)
         retries = tier.retries if tier is not None else 0
-        if task.attempts > retries:
+        if fact.attempts > retries:
             allowed = "no retries" if retries == 0 else f"{retries} retr{'y' if retries == 1 else 'ies'}"
-            return 0, f"the {task.risk_tier} tier allows {allowed}"
+            return f"the {fact.tier} tier allows {allowed}"
         if task.spec.policy_version != policy.version_hash:
-            return 0, "the policy changed since the task was approved"
-        # Redis is storage, not authority: re-mint only on the strength of the token the broker
-        # itself signed for this task and this spec, and keep its signed expiry (a retry is a new
-        # start inside the original approval window). A task record written straight into Redis
-        # has no such token, so it never gets one minted.
-        try:
-            claims = verify_signature(task.token or "", self._key().public_key(), now=self.store.clock())
-        except TokenInvalid as exc:
-            return 0, f"its token does not verify ({exc.reason})"
-        if task.attempts < 1 or claims.task != task.id or not (
-            claims.spec_hash == task.spec_hash == task.spec.spec_hash()
-        ):
-            return 0, "its token does not match the stored task"
-        ttl = int(claims.exp - self.store.clock())
-        if ttl < MIN_RETRY_WINDOW_S:
-            return 0, "the approval window has closed"
-        return ttl, None
+            return "the policy changed since the task was approved"
+        gate = self.broker.gatekeeper
+        _, tier_obj = gate._tier(task.spec)
+        valid = gate.valid_approvals(task, self.store.clock())
+        if not gate.satisfied(tier_obj, valid):
+            return "its approvals no longer meet the policy"
+        if min(a.at for a in valid) + policy.clocks.approval_validity - self.store.clock() < MIN_RETRY_WINDOW_S:
+            return "the approval window has closed"
+        return None
 
-    def _settle_abandoned(self, task_id: str) -> Task:
-        task = self.store.get_task(task_id)
-        self._abandoned(task)
-        attempt = task.attempts
-        ttl, why_not = self._retry_plan(task)
-        lost = f"attempt {attempt} was abandoned (its worker stopped sending heartbeats)"
+    def _settle_abandoned(self, fact: TaskFact) -> Task | None:
+        task = self.store.get_task(fact.id)
+        if (why := self.ledger.tampered(task)) is not None:
+            self.tamper(fact.id, why)
+            return None
+        attempt, run = fact.attempts, fact.run
+
+        def still_abandoned(current: Task) -> None:
+            now_fact = self.ledger.follow().task(fact.id)
+            if (now_fact is None or now_fact.state is not TaskState.RUNNING or now_fact.attempts != attempt
+                    or now_fact.run != run or self.lease_ok(now_fact)):
+                raise InvalidInput("alive again or settled")
+
+        why_not = self._retry_plan(task, fact)
+        lost = f"attempt {attempt} was abandoned (its lease lapsed: the worker stopped or was stopped)"
         if why_not is None:
-            token, claims = mint(self._key(), task_id=task.id, spec=task.spec, now=self.store.clock(), ttl_s=ttl)
-            repo = self.broker.policy.find_repo(task.spec.repo)
-            update: dict[str, Any] = {"token": token, "token_expires_at": float(claims.exp)}
-            if repo is not None:
-                update["queue"] = self.broker.policy.queue_for(repo)
+            gate = self.broker.gatekeeper
+            valid = gate.valid_approvals(task, self.store.clock())
+            window = min(a.at for a in valid) + self.broker.policy.clocks.approval_validity
             return self.store.move_task(
-                task_id, TaskState.QUEUED, actor="system", reason=f"retrying: {lost}",
-                update=update, check=self._abandoned, retry=True, attempt=attempt,
-                spec_hash=task.spec_hash, token_expires_at=float(claims.exp),
+                fact.id, TaskState.QUEUED, actor="system", reason=f"retrying: {lost}",
+                update={"window_ends_at": float(window)}, check=still_abandoned, retry=True, attempt=attempt,
+                spec_hash=task.spec_hash, window_ends_at=float(window), queue=fact.queue,
             )
         return self.store.move_task(
-            task_id, TaskState.FAILED, actor="system", reason=f"abandoned: {lost}; not retried: {why_not}",
-            check=self._abandoned, abandoned=True, attempt=attempt,
+            fact.id, TaskState.FAILED, actor="system", reason=f"abandoned: {lost}; not retried: {why_not}",
+            check=still_abandoned, abandoned=True, attempt=attempt,
         )
 
 

@@ -19,13 +19,15 @@ import redis
 from intake.approvers import Approvers, SecretBox
 from intake.audit import AuditLog
 from intake.errors import ConfigError
-from intake.keys import ensure_keys, load_secret, load_signing_key
+from intake.keys import ensure_keys, load_public_keys, load_secret, load_signing_key
+from intake.ledger import Ledger
 from intake.mfa import StepUp
 from intake.policy import Policy, load_policy
 from intake.promotion import Gatekeeper
 from intake.redis_conn import check_server, make_client, redis_url
 from intake.settings import Settings
 from intake.store import Store
+from intake.tokens import Keyring, Signer
 
 if TYPE_CHECKING:
     from intake.queueing import Dispatcher
@@ -42,6 +44,7 @@ class Broker:
     audit: AuditLog
     store: Store
     _policy: Policy | None = field(default=None, repr=False)
+    _signer: tuple[int, Signer] | None = field(default=None, repr=False)
 
     @property
     def policy(self) -> Policy:
@@ -51,15 +54,33 @@ class Broker:
         return self._policy
 
     @cached_property
+    def ledger(self) -> Ledger:
+        """The broker's verified view of the sealed chain (the authority; Redis is a cache)."""
+        return Ledger(self.audit)
+
+    @property
+    def signer(self) -> Signer:
+        """The signing key, re-read when its file changes (``intake keys rotate``)."""
+        path = self.settings.keys["signing"]
+        stamp = path.stat().st_mtime_ns
+        if self._signer is None or self._signer[0] != stamp:
+            self._signer = (stamp, Signer(load_signing_key(self.settings)))
+        return self._signer[1]
+
+    @property
+    def keyring(self) -> Keyring:
+        return load_public_keys(self.settings.keys["public"])
+
+    @cached_property
     def approvers(self) -> Approvers:
         box = SecretBox(load_secret(self.settings, "secrets"))
-        return Approvers(self.store, box, StepUp(self.store))
+        return Approvers(self.store, box, StepUp(self.store), self.ledger)
 
     @cached_property
     def gatekeeper(self) -> Gatekeeper:
         # Queued tasks go to RQ right after their commit; Dispatcher.reconcile catches up on
         # any enqueue that this hook could not do.
-        return Gatekeeper(self.store, self.approvers, self.policy, load_signing_key(self.settings),
+        return Gatekeeper(self.store, self.approvers, self.policy, self.ledger,
                           on_queued=self.dispatcher.on_queued)
 
     @cached_property
@@ -88,20 +109,28 @@ def prepare_dev(settings: Settings) -> list[str]:
 
 
 @contextmanager
-def open_broker(settings: Settings, *, worker: bool = False) -> Iterator[Broker]:
-    """Open Redis (embedded or configured) and the store on it, for the block's duration.
-
-    ``worker=True`` is an agent worker's view: it loads the worker-events key instead of the
-    audit key, so its audit log can append but never seal (intake.audit)."""
-    # Fail on a missing key before touching Redis.
-    audit_key = load_secret(settings, "worker_events" if worker else "audit")
+def open_redis(settings: Settings) -> Iterator[tuple[str, redis.Redis]]:
+    """Redis (embedded or configured) for the block's duration: its URL and a text client."""
     with redis_url(settings) as url:
         client = make_client(url)
-        broker: Broker | None = None
         try:
             check_server(client)
-            audit = AuditLog(client, audit_key, settings.key_prefix, worker=worker,
-                             checkpoint=None if worker else settings.keys["audit"].parent / "audit.checkpoint")
+            yield url, client
+        finally:
+            client.close()
+
+
+@contextmanager
+def open_broker(settings: Settings) -> Iterator[Broker]:
+    """Open Redis and the store on it, for the block's duration. Loads the audit key: this is
+    the broker's view (an agent worker uses :func:`open_redis` and its own report key)."""
+    # Fail on a missing key before touching Redis.
+    audit_key = load_secret(settings, "audit")
+    with open_redis(settings) as (url, client):
+        broker: Broker | None = None
+        try:
+            audit = AuditLog(client, audit_key, settings.key_prefix,
+                             checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )
@@ -110,4 +139,3 @@ def open_broker(settings: Settings, *, worker: bool = False) -> Iterator[Broker]
         finally:
             if broker is not None and "dispatcher" in broker.__dict__:
                 broker.dispatcher.close()
-            client.close()

@@ -35,12 +35,17 @@ class Settings(BaseSettings):
     max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
     sweep_interval: float = Field(5.0, gt=0, le=3600)
     outbox_retry_ms: int = Field(5000, ge=0, le=3_600_000)
+    # Per-attempt dispatch tokens and running-attempt leases (DESIGN.md, Authority).
+    dispatch_ttl: int = Field(120, ge=10, le=3600)
+    lease_ttl: int = Field(15, ge=5, le=300)
 
     signing_key: Path | None = None
     public_key: Path | None = None
     audit_key: Path | None = None
     secrets_key: Path | None = None
-    worker_events_key: Path | None = None
+    # An agent worker's own report key (issued by `intake worker-key issue NAME`); default
+    # keys/workers/NAME.key in the data dir.
+    worker_key: Path | None = None
 
     # Slack uses its own well-known variable names, without our prefix.
     slack_signing_secret: SecretStr | None = Field(None, validation_alias="SLACK_SIGNING_SECRET")
@@ -77,7 +82,6 @@ class Settings(BaseSettings):
         self.public_key = self.public_key or keys / "broker_ed25519.pub.pem"
         self.audit_key = self.audit_key or keys / "audit.key"
         self.secrets_key = self.secrets_key or keys / "secrets.key"
-        self.worker_events_key = self.worker_events_key or keys / "worker_events.key"
         return self
 
     # Typed accessors: the validator above guarantees these are set.
@@ -90,14 +94,16 @@ class Settings(BaseSettings):
     def keys(self) -> dict[str, Path]:
         """Key files by purpose (one secret per purpose)."""
         assert self.signing_key and self.public_key and self.audit_key and self.secrets_key
-        assert self.worker_events_key
         return {
             "signing": self.signing_key,
             "public": self.public_key,
             "audit": self.audit_key,
             "secrets": self.secrets_key,
-            "worker_events": self.worker_events_key,
         }
+
+    def worker_key_path(self, worker: str) -> Path:
+        """Where worker ``worker``'s report key lives (INTAKE_WORKER_KEY overrides)."""
+        return self.worker_key or self.data_dir / "keys" / "workers" / f"{worker}.key"
 
 
 def _env_name(field: str) -> str:

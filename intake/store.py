@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import redis
 
 from intake.audit import AuditLog, event
-from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound, TokenInvalid
+from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
 from intake.models import (
     IDEA_PENDING,
     IDEA_TRANSITIONS,
@@ -31,10 +31,8 @@ from intake.models import (
     new_id,
     sha256_hex,
 )
-from intake.tokens import read_claims
 
 T = TypeVar("T")
-NONCE_GRACE_S = 86400  # a burned nonce outlives its token's expiry by this much
 
 # Capture in one round trip: claim the delivery id, store the idea, index it and append its audit
 # event atomically; or, for a delivery seen before, change nothing and name the first idea.
@@ -96,16 +94,17 @@ class Keys:
     def tasks_open(self) -> str:
         return f"{self.p}:tasks:open"
 
-    def nonce(self, nonce: str) -> str:
-        return f"{self.p}:nonce:{nonce}"
-
     @property
     def freeze(self) -> str:
         return f"{self.p}:freeze"
 
-    def heartbeat(self, task_id: str) -> str:
-        """A running task's liveness key: holds the run id, expires unless its worker refreshes it."""
-        return f"{self.p}:run:{task_id}"
+    def lease(self, task_id: str) -> str:
+        """A running attempt's broker-signed lease (workers may only read it)."""
+        return f"{self.p}:lease:{task_id}"
+
+    def reports(self, worker: str) -> str:
+        """Worker ``worker``'s report stream (the only key it may append to)."""
+        return f"{self.p}:reports:{worker}"
 
     def approver(self, approver_id: str) -> str:
         return f"{self.p}:approver:{approver_id}"
@@ -258,17 +257,6 @@ class Store:
             pipe.zadd(self.keys.tasks_open, {task.id: task.created_at})
         else:
             pipe.zrem(self.keys.tasks_open, task.id)
-
-    def burn_token(self, pipe: Pipe, token: str | None) -> None:
-        """Burn a capability token's nonce in the current MULTI, so the token can never be
-        used again (revoked, denied, amended, expired or started). Kept a day past its expiry."""
-        if not token:
-            return
-        try:
-            claims = read_claims(token)
-        except TokenInvalid:
-            return
-        pipe.set(self.keys.nonce(claims.nonce), "burned", ex=max(int(claims.exp - self.clock()), 0) + NONCE_GRACE_S)
 
     def check_idea_move(self, idea: Idea, to: IdeaState) -> None:
         if to not in IDEA_TRANSITIONS.get(idea.state, frozenset()):
@@ -433,7 +421,7 @@ class Store:
         """Move a task to ``to`` (audited as ``task.<to>``).
 
         ``check`` may refuse before anything is written; ``also`` queues further writes in the
-        same MULTI (e.g. burning a nonce on revocation).
+        same MULTI (e.g. the worker report that caused the move, as evidence).
         """
 
         def build(pipe: Pipe) -> Task:

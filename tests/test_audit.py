@@ -84,12 +84,12 @@ def test_insert_is_detected(audit: AuditLog) -> None:
     # Without the key, an inserted event is either a copy of a real one or carries a bad MAC.
     copied = (f"{ms}-99", dict(entries[0][1]))
     rebuild(audit.r, audit.stream, entries[:2] + [copied] + entries[2:])
-    with pytest.raises(AuditBroken, match="replayed copy") as err:
+    with pytest.raises(AuditBroken, match="inserted into sealed history") as err:
         audit.verify()
     assert err.value.event_id == f"{ms}-99"
     invented = (f"{ms}-99", {"e": entries[0][1]["e"].replace("S0", "S9"), "m": entries[0][1]["m"]})
     rebuild(audit.r, audit.stream, entries[:2] + [invented] + entries[2:])
-    with pytest.raises(AuditBroken, match="MAC mismatch") as err:
+    with pytest.raises(AuditBroken, match="inserted into sealed history") as err:
         audit.verify()
     assert err.value.event_id == f"{ms}-99"
 
@@ -114,7 +114,7 @@ def test_reorder_is_detected(audit: AuditLog) -> None:
 
 def test_forged_seal_is_detected(audit: AuditLog) -> None:
     ids = fill(audit, 3)
-    audit.r.hset(audit.seals, ids[1], "2 " + "0" * 64)
+    audit.r.hset(audit.seals, ids[1], "2 " + "0" * 64 + " ok")
     with pytest.raises(AuditBroken, match="seal mismatch") as err:
         audit.verify()
     assert err.value.event_id == ids[1]
@@ -123,7 +123,7 @@ def test_forged_seal_is_detected(audit: AuditLog) -> None:
 def test_another_key_cannot_verify(audit: AuditLog) -> None:
     fill(audit, 2)
     other = AuditLog(audit.r, b"k" * 32, "intake")
-    with pytest.raises(AuditBroken, match="MAC mismatch"):
+    with pytest.raises(AuditBroken, match="seal mismatch"):
         other.verify()
 
 
@@ -131,7 +131,7 @@ def test_truncation_with_a_rewritten_head_is_detected(audit: AuditLog) -> None:
     ids = fill(audit, 5)
     for victim in ids[2:]:
         audit.r.xdel(audit.stream, victim)
-    seq, seal = audit.r.hget(audit.seals, ids[1]).split(" ")
+    seq, seal, _verdict = audit.r.hget(audit.seals, ids[1]).split(" ")
     audit.r.set(audit.head, f"{ids[1]} {seq} {seal}")  # a consistent-looking shorter chain
     with pytest.raises(AuditBroken, match="behind the checkpoint") as err:
         audit.verify()
@@ -174,21 +174,67 @@ def test_malformed_head_is_named(audit: AuditLog) -> None:
         audit.verify()
 
 
-def test_workers_append_with_their_own_key_and_cannot_seal(audit: AuditLog, settings) -> None:  # type: ignore[no-untyped-def]
-    from intake.audit import worker_events_key
-    from intake.keys import load_secret
+def test_sealer_seals_only_what_is_genuine(audit: AuditLog) -> None:
+    """An attacker with Redis write access and at most a worker's key: an unsigned XADD, a
+    garbage entry and a worker-key ``approval.recorded`` are sealed as rejected, listed by
+    verify, and never parsed as genuine."""
+    import json
+
+    from intake.audit import report_mac, worker_report_key
 
     fill(audit, 2)
-    worker = AuditLog(audit.r, load_secret(settings, "worker_events"), "intake", worker=True)
-    assert load_secret(settings, "worker_events") == worker_events_key(load_secret(settings, "audit"))
-    worker.record("worker:w1", "task.running", "T-000000000001", attempt=1)
-    assert worker.seal_pending() == 0 and audit.verify().unsealed == 1  # only the broker seals
-    audit.seal_pending()
-    assert audit.verify().events == 3
-    with pytest.raises(PermissionError):
-        worker.record_mac("approval", {})
-    # An event MAC'd with some other key, claiming to be a worker's, is named.
-    rogue = AuditLog(audit.r, b"r" * 32, "intake", worker=True)
-    rogue.record("worker:evil", "task.succeeded", "T-000000000001")
-    with pytest.raises(AuditBroken, match="MAC mismatch"):
+    r = audit.r
+    body = json.dumps({"at": time.time(), "actor": "approver:alice", "action": "approval.recorded",
+                       "subject": "T-000000000001", "data": {}, "eid": "f" * 16})
+    unsigned = r.xadd(audit.stream, {"e": body, "m": "0" * 64})
+    garbage = r.xadd(audit.stream, {"x": "\x00garbage"})
+    worker_key = worker_report_key(audit._key, "w1", 1)  # what a compromised worker holds
+    forged_body = json.dumps({"w": "w1", "g": 1, "action": "approval.recorded", "task": "T-000000000001"})
+    forged = r.xadd(audit.stream, {"e": forged_body, "m": report_mac(worker_key, forged_body), "k": "w"})
+    audit.record("system", "test.after", "S9")  # the log goes on behind them
+    report = audit.verify()
+    rejected = {a.id: a.message for a in report.anomalies if a.kind == "rejected"}
+    assert set(rejected) == {unsigned, garbage, forged}
+    assert "bad_mac" in rejected[unsigned] and "malformed" in rejected[garbage]
+    assert "not_a_report_action" in rejected[forged]
+    exported = {e["id"]: e for e in audit.export()}
+    assert [exported[i]["verified"] for i in (unsigned, garbage, forged)] == [False, False, False]
+    assert exported[unsigned]["verdict"] == "rejected:bad_mac"
+    assert all(e["verified"] for i, e in exported.items() if i not in rejected)
+    for entry_id in (unsigned, garbage, forged):
+        fields = r.xrange(audit.stream, entry_id, entry_id)[0][1]
+        assert audit.parse_entry(fields) is None
+
+
+def test_broker_key_cannot_speak_for_a_worker(audit: AuditLog) -> None:
+    audit.record("worker:w1", "task.succeeded", "T-000000000001")
+    report = audit.verify()
+    assert [a.kind for a in report.anomalies] == ["rejected"]
+    assert "broker_key_for_worker" in report.anomalies[0].message
+
+
+def test_verify_lists_every_break_not_only_the_first(audit: AuditLog) -> None:
+    ids = fill(audit, 6)
+    audit.r.hset(audit.seals, ids[1], "2 " + "0" * 64 + " ok")
+    audit.r.hset(audit.seals, ids[4], "garbage")
+    with pytest.raises(AuditBroken) as err:
         audit.verify()
+    found = [a.id for a in err.value.report.anomalies]  # type: ignore[attr-defined]
+    assert ids[1] in found and ids[4] in found
+
+
+def test_rollback_is_refused_until_accepted(audit: AuditLog) -> None:
+    ids = fill(audit, 4)
+    for victim in ids[2:]:
+        audit.r.xdel(audit.stream, victim)
+    seq, seal, _ = audit.r.hget(audit.seals, ids[1]).split(" ")
+    audit.r.set(audit.head, f"{ids[1]} {seq} {seal}")  # a replica that lost the last two
+    with pytest.raises(AuditBroken, match="behind the checkpoint"):
+        audit.seal_pending()
+    lost = audit.accept_rollback(actor="cli:root", reason="failover to replica r2")
+    assert lost is not None and "#3..#4" in lost
+    audit.record("system", "test.after", "S9")
+    report = audit.verify()
+    marker = [e for e in audit.export() if e["action"] == "audit.rollback_accepted"]
+    assert len(marker) == 1 and marker[0]["data"]["lost_from_seq"] == 3 and marker[0]["verified"]
+    assert report.events == 4

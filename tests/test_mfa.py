@@ -13,6 +13,7 @@ import pytest
 from intake.approvers import Approvers, SecretBox
 from intake.errors import Refused
 from intake.keys import load_secret
+from intake.ledger import Ledger
 from intake.mfa import StepUp, is_out_of_sync, matching_step, new_secret
 from intake.models import Approver
 from intake.policy import load_policy
@@ -63,7 +64,7 @@ def test_secrets_are_160_bits_and_unique() -> None:
 
 @pytest.fixture
 def approvers(store: Store, settings: Settings) -> Approvers:
-    return Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store))
+    return Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store), Ledger(store.audit))
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import pytest
 
 from intake.approvers import Approvers, SecretBox
 from intake.errors import IllegalTransition, Refused
-from intake.keys import load_public_key, load_secret, load_signing_key
+from intake.keys import load_secret
+from intake.ledger import Ledger
 from intake.mfa import StepUp
 from intake.models import Channel, IdeaState, TaskState
 from intake.policy import load_policy
@@ -18,7 +19,6 @@ from intake.promotion import Gatekeeper
 from intake.runtime import EXAMPLE_POLICY
 from intake.settings import Settings
 from intake.store import Store
-from intake.tokens import read_claims, verify_capability
 from tests.conftest import FakeClock
 from tests.factories import draft
 
@@ -46,7 +46,8 @@ class World:
 @pytest.fixture
 def w(store: Store, settings: Settings, clock: FakeClock) -> World:
     policy = load_policy(EXAMPLE_POLICY)
-    approvers = Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store))
+    ledger = Ledger(store.audit)
+    approvers = Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store), ledger)
     totps = {}
     for i, (name, group) in enumerate(PEOPLE.items()):
         enrolment = approvers.add(policy, name, name=name.title(), groups=(group,),
@@ -54,7 +55,7 @@ def w(store: Store, settings: Settings, clock: FakeClock) -> World:
         totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
         approvers.confirm(name, totps[name].at(clock.now), actor=f"approver:{name}")
     clock.advance(30)  # the confirmation codes' steps are spent
-    gate = Gatekeeper(store, approvers, policy, load_signing_key(settings))
+    gate = Gatekeeper(store, approvers, policy, ledger)
     return World(store, gate, totps, clock, settings)
 
 
@@ -75,9 +76,9 @@ def test_web_docs_is_queued_after_one_platform_approval(w: World) -> None:
     assert task.queue == "tier-standard" and task.spec.prompt == w.store.get_idea(idea_id).text
     assert task.spec.policy_version == w.gate.policy.version_hash
     assert w.store.get_idea(idea_id).state is IdeaState.PROMOTED
-    claims = verify_capability(task.token or "", load_public_key(w.settings.keys["public"]), task_id=task.id,
-                               spec=task.spec, now=w.clock.now, nonce_burned=lambda n: False)
-    assert claims.exp == int(w.clock.now) + w.gate.policy.clocks.approval_validity
+    assert task.window_ends_at == w.clock.now + w.gate.policy.clocks.approval_validity
+    fact = w.gate.ledger.follow().task(task.id)
+    assert fact is not None and fact.state is TaskState.QUEUED and fact.queue == "tier-standard"
     assert w.actions()[-4:] == ["idea.promoted", "task.created", "approval.recorded", "task.queued"]
     assert w.store.audit.verify().unsealed == 0
 
@@ -160,11 +161,12 @@ def test_approval_on_stale_spec_hash_is_refused(w: World) -> None:
     assert w.actions()[-2:] == ["task.amended", "approval.refused"]
 
 
-def test_amend_of_a_queued_task_burns_its_token(w: World) -> None:
+def test_amend_of_a_queued_task_sends_it_back_for_approvals(w: World) -> None:
     task = w.gate.promote(w.idea(), repo="acme/web", change_type="docs", approver_id="alice", code=w.code("alice")).task
     amended = w.gate.amend(task.id, approver_id="bob", repo="acme/payments")
-    assert amended.token is None and amended.required == 2 and amended.risk_tier == "privileged"
-    assert w.store.r.exists(w.store.keys.nonce(read_claims(task.token or "").nonce))
+    assert amended.window_ends_at is None and amended.required == 2 and amended.risk_tier == "privileged"
+    fact = w.gate.ledger.follow().task(task.id)
+    assert fact is not None and fact.state is TaskState.AWAITING_APPROVALS and fact.approvals == []
 
 
 def test_deny_beats_approve(w: World) -> None:
@@ -205,7 +207,7 @@ def test_old_approvals_stop_counting(w: World) -> None:
     assert w.gate.approve(task.id, approver_id="alice", code=w.code("alice")).task.state is TaskState.QUEUED
 
 
-def test_queued_task_whose_token_expires_is_expired(w: World) -> None:
+def test_queued_task_whose_approval_window_closes_is_expired(w: World) -> None:
     task = w.gate.promote(w.idea(), repo="acme/web", change_type="docs", approver_id="alice", code=w.code("alice")).task
     assert w.gate.expire_due() == {"ideas": 0, "tasks": 0}
     w.clock.advance(w.gate.policy.clocks.approval_validity)
@@ -220,7 +222,7 @@ def test_revocation(w: World) -> None:
     assert refused(lambda: w.gate.revoke(task.id, identity="cli:mallory", is_approver=False, reason="x")) == "not_allowed"
     revoked = w.gate.revoke(task.id, identity="cli:erin", is_approver=False, reason="changed my mind")
     assert revoked.state is TaskState.REVOKED
-    assert w.store.r.exists(w.store.keys.nonce(read_claims(task.token or "").nonce))
+    assert w.gate.ledger.follow().task(task.id).state is TaskState.REVOKED  # type: ignore[union-attr]
     with pytest.raises(IllegalTransition):
         w.store.move_task(task.id, TaskState.QUEUED, actor="system")
     assert w.actions()[-1] == "task.revoked"
@@ -261,7 +263,7 @@ def test_forged_approval_does_not_count(w: World) -> None:
     decision = w.gate.approve(task.id, approver_id="carol", code=w.code("carol"))
     # carol's approval is real; the forged "dave" one is ignored, alice + carol satisfy the tier.
     assert decision.task.state is TaskState.QUEUED
-    valid = w.gate.valid_approvals(w.store.r, w.store.get_task(task.id), w.clock.now)
+    valid = w.gate.valid_approvals(w.store.get_task(task.id), w.clock.now)
     assert [a.approver for a in valid] == ["alice", "carol"]
 
 
@@ -285,10 +287,54 @@ def test_idea_text_edited_in_storage_is_refused(w: World) -> None:
     assert w.store.open_tasks() == []
 
 
-def test_token_lives_only_as_long_as_the_oldest_approval(w: World) -> None:
+def test_window_lasts_only_as_long_as_the_oldest_approval(w: World) -> None:
     task = w.gate.promote(w.idea(), repo="acme/payments", change_type="bugfix", approver_id="alice",
                           code=w.code("alice")).task
     first_at = w.clock.now
     w.clock.advance(3600)
     queued = w.gate.approve(task.id, approver_id="carol", code=w.code("carol")).task
-    assert queued.token_expires_at == int(first_at + w.gate.policy.clocks.approval_validity)
+    assert queued.window_ends_at == first_at + w.gate.policy.clocks.approval_validity
+
+
+def test_kill_switch_is_the_ledgers_not_the_redis_key(w: World) -> None:
+    w.gate.freeze(actor="cli:ops", reason="incident 43")
+    w.store.r.delete(w.store.keys.freeze)  # an attacker with Redis write access
+    assert w.gate.frozen() is not None and w.gate.frozen()["reason"] == "incident 43"  # type: ignore[index]
+
+
+def test_removed_then_readded_approvers_old_approval_does_not_count(w: World) -> None:
+    task = w.gate.promote(w.idea(), repo="acme/payments", change_type="bugfix", approver_id="alice",
+                          code=w.code("alice")).task
+    w.gate.approvers.remove("alice", actor="cli:root")
+    enrolment = w.gate.approvers.add(w.gate.policy, "alice", name="Alice", groups=("platform",),
+                                     slack_user="UALICE0000", email=None, actor="cli:root")
+    w.totps["alice"] = pyotp.parse_uri(enrolment.otpauth_uri)
+    w.clock.advance(30)
+    w.gate.approvers.confirm("alice", w.code("alice"), actor="approver:alice")
+    w.clock.advance(30)
+    after = w.gate.approve(task.id, approver_id="carol", code=w.code("carol")).task
+    assert after.state is TaskState.AWAITING_APPROVALS  # alice's old approval no longer counts
+    assert [a.approver for a in w.gate.valid_approvals(after, w.clock.now)] == ["carol"]
+
+
+def test_approver_record_and_seed_restored_from_before_a_reset_are_refused(w: World) -> None:
+    key = w.store.keys.approver("bob")
+    before = w.store.r.get(key)
+    old_code_source = w.totps["bob"]
+    enrolment = w.gate.approvers.reset("bob", actor="cli:root")
+    w.totps["bob"] = pyotp.parse_uri(enrolment.otpauth_uri)
+    w.clock.advance(30)
+    w.gate.approvers.confirm("bob", w.code("bob"), actor="approver:bob")
+    w.store.r.set(key, before)  # the attacker restores the old record, with its old seed
+    w.clock.advance(30)
+    old_code = old_code_source.at(w.clock.now)
+    assert refused(lambda: w.gate.promote(w.idea(), repo="acme/web", change_type="docs",
+                                          approver_id="bob", code=old_code)) == "stale_enrolment"
+    # and an old seed spliced into the new record does not decrypt (its generation is bound in)
+    data = json.loads(w.store.r.get(key))
+    current = json.loads(before)
+    data["confirmed"], data["generation"] = True, json.loads(before)["generation"] + 1
+    data["secret_enc"] = current["secret_enc"]
+    w.store.r.set(key, json.dumps(data))
+    assert refused(lambda: w.gate.promote(w.idea(), repo="acme/web", change_type="docs",
+                                          approver_id="bob", code=old_code)) in {"secret_unreadable", "stale_enrolment"}

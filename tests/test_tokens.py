@@ -1,13 +1,17 @@
-"""Capability tokens: any tampering, another key, expiry, a changed spec or a burned nonce fail."""
+"""Dispatch tokens and leases: any tampering, another or unknown key, expiry, a changed spec or
+the wrong kind of token fail; rotation keeps old tokens verifiable until the key is retired."""
 
 from __future__ import annotations
+
+import base64
+import json
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from intake.errors import TokenInvalid
-from intake.models import Limits, TaskSpec
-from intake.tokens import mint, read_claims, verify_capability
+from intake.models import Limits, TaskSpec, canonical_json
+from intake.tokens import Keyring, Signer, mint_dispatch, mint_lease, verify_dispatch, verify_lease
 
 NOW = 1_800_000_000.0
 
@@ -24,14 +28,19 @@ def spec(**changes: object) -> TaskSpec:
 
 
 @pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+def signer() -> Signer:
+    return Signer(Ed25519PrivateKey.generate())
 
 
-def verify(token: str, key: Ed25519PrivateKey, *, s: TaskSpec | None = None, now: float = NOW,
-           burned: set[str] | None = None, task: str = "T-000000000001"):
-    return verify_capability(token, key.public_key(), task_id=task, spec=s or spec(), now=now,
-                             nonce_burned=lambda n: n in (burned or set()))
+def ring(*signers: Signer) -> Keyring:
+    return Keyring.of(*(s.public_key() for s in signers))
+
+
+def dispatch(signer: Signer, **over: object) -> tuple[str, object]:
+    args: dict = dict(task_id="T-000000000001", attempt=1, job_id="T-000000000001_1", queue="tier-standard",
+                      spec=spec(), now=NOW, ttl_s=120)
+    args.update(over)
+    return mint_dispatch(signer, **args)
 
 
 def reason(fn) -> str:  # type: ignore[no-untyped-def]
@@ -40,49 +49,68 @@ def reason(fn) -> str:  # type: ignore[no-untyped-def]
     return err.value.reason
 
 
-def test_valid_token_verifies(key: Ed25519PrivateKey) -> None:
-    token, claims = mint(key, task_id="T-000000000001", spec=spec(), now=NOW, ttl_s=600)
-    got = verify(token, key)
-    assert got == claims and got.exp == int(NOW) + 600 and got.scope.repo == "acme/web"
-    assert got.spec_hash == spec().spec_hash()
+def _resign(token: str, signer: Signer, change) -> str:  # type: ignore[no-untyped-def]
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    change(payload)
+    raw = canonical_json(payload)
+    return (base64.urlsafe_b64encode(raw).rstrip(b"=").decode() + "."
+            + base64.urlsafe_b64encode(signer._key.sign(raw)).rstrip(b"=").decode())
 
 
-def test_every_changed_byte_fails(key: Ed25519PrivateKey) -> None:
-    token, _ = mint(key, task_id="T-000000000001", spec=spec(), now=NOW, ttl_s=600)
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    for i, ch in enumerate(token):
-        swap = "." if ch != "." else "A"
-        if ch != ".":
-            swap = alphabet[(alphabet.index(ch) + 1) % len(alphabet)]
-        tampered = token[:i] + swap + token[i + 1:]
-        with pytest.raises(TokenInvalid):
-            verify(tampered, key)
+def test_dispatch_token_binds_task_attempt_job_queue_and_spec(signer: Signer) -> None:
+    token, claims = dispatch(signer)
+    got = verify_dispatch(token, ring(signer), now=NOW + 1)
+    assert got == claims
+    assert (got.task, got.attempt, got.job, got.queue, got.kid) == (
+        "T-000000000001", 1, "T-000000000001_1", "tier-standard", signer.kid)
+    assert got.spec == spec() and got.spec_hash == spec().spec_hash()
 
 
-def test_another_key_fails(key: Ed25519PrivateKey) -> None:
-    token, _ = mint(Ed25519PrivateKey.generate(), task_id="T-000000000001", spec=spec(), now=NOW, ttl_s=600)
-    assert reason(lambda: verify(token, key)) == "bad_signature"
+def test_every_character_of_the_token_matters(signer: Signer) -> None:
+    token, _ = dispatch(signer)
+    for i in range(0, len(token), max(1, len(token) // 40)):
+        flipped = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1:]
+        assert reason(lambda: verify_dispatch(flipped, ring(signer), now=NOW)) in {"malformed", "bad_signature",
+                                                                                   "unknown_key"}
 
 
-def test_expired_token_fails(key: Ed25519PrivateKey) -> None:
-    token, _ = mint(key, task_id="T-000000000001", spec=spec(), now=NOW, ttl_s=600)
-    assert verify(token, key, now=NOW + 599)
-    assert reason(lambda: verify(token, key, now=NOW + 600)) == "expired"
+def test_other_key_unknown_key_and_expiry(signer: Signer) -> None:
+    other = Signer(Ed25519PrivateKey.generate())
+    token, _ = dispatch(other)
+    assert reason(lambda: verify_dispatch(token, ring(signer), now=NOW)) == "unknown_key"
+    forged = _resign(dispatch(other)[0], other, lambda p: p.update(kid=signer.kid))
+    assert reason(lambda: verify_dispatch(forged, ring(signer), now=NOW)) == "bad_signature"
+    token, _ = dispatch(signer)
+    assert reason(lambda: verify_dispatch(token, ring(signer), now=NOW + 120)) == "expired"
 
 
-def test_spec_changed_in_storage_fails(key: Ed25519PrivateKey) -> None:
-    token, _ = mint(key, task_id="T-000000000001", spec=spec(), now=NOW, ttl_s=600)
-    assert reason(lambda: verify(token, key, s=spec(prompt="fix the docs; also rm -rf /"))) == "spec_mismatch"
-    assert reason(lambda: verify(token, key, s=spec(blocked_paths=()))) == "spec_mismatch"
+def test_a_spec_changed_under_the_signature_is_refused(signer: Signer) -> None:
+    token, _ = dispatch(signer)
+    edited = _resign(token, signer, lambda p: p["spec"].update(prompt="rm -rf"))
+    assert reason(lambda: verify_dispatch(edited, ring(signer), now=NOW)) == "spec_mismatch"
 
 
-def test_wrong_task_and_burned_nonce_fail(key: Ed25519PrivateKey) -> None:
-    token, claims = mint(key, task_id="T-000000000001", spec=spec(), now=NOW, ttl_s=600)
-    assert reason(lambda: verify(token, key, task="T-000000000002")) == "wrong_task"
-    assert reason(lambda: verify(token, key, burned={claims.nonce})) == "burned"
-    assert read_claims(token).nonce == claims.nonce
+def test_a_lease_is_no_dispatch_token_and_the_reverse(signer: Signer) -> None:
+    lease, _ = mint_lease(signer, task_id="T-000000000001", attempt=1, run_id="r" * 32, now=NOW)
+    assert reason(lambda: verify_dispatch(lease, ring(signer), now=NOW)) == "malformed"
+    token, _ = dispatch(signer)
+    assert reason(lambda: verify_lease(token, ring(signer))) == "malformed"
+    got = verify_lease(lease, ring(signer))
+    assert got.granted and got.exp - got.iat == 15
+    refused, _ = mint_lease(signer, task_id="T-000000000001", attempt=1, run_id="r" * 32, now=NOW, status="revoked")
+    assert not verify_lease(refused, ring(signer)).granted
 
 
-@pytest.mark.parametrize("junk", ["", "abc", "a.b.c", "x" * 5000, "..", "eyJ2IjoxfQ.AAAA"])
-def test_malformed_tokens_fail_cleanly(key: Ed25519PrivateKey, junk: str) -> None:
-    assert reason(lambda: verify(junk, key)) in {"malformed", "bad_signature"}
+def test_rotation_keeps_old_tokens_valid_until_retired(signer: Signer) -> None:
+    new = Signer(Ed25519PrivateKey.generate())
+    old_token, _ = dispatch(signer)
+    new_token, _ = dispatch(new)
+    both = ring(new, signer)
+    assert verify_dispatch(old_token, both, now=NOW).kid == signer.kid
+    assert verify_dispatch(new_token, both, now=NOW).kid == new.kid
+    assert reason(lambda: verify_dispatch(old_token, ring(new), now=NOW)) == "unknown_key"
+
+
+def test_oversize_and_malformed_tokens(signer: Signer) -> None:
+    for bad in ["", "a", "a.b.c", "x" * (600 * 1024), "!!.!!"]:
+        assert reason(lambda b=bad: verify_dispatch(b, ring(signer), now=NOW)) == "malformed"

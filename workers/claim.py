@@ -1,155 +1,161 @@
-"""Claiming a task for a run, and settling it afterwards: the worker's only state changes.
+"""Claiming a task for a run: the worker's side of the broker's authority (DESIGN.md, *Authority*).
 
-:meth:`Claimer.claim` is what the entry point does before anything else (DESIGN.md boundaries
-5, 6 and 8). In order:
+A worker writes no broker record. :meth:`Claimer.claim` is what the entry point does before
+anything else, with the broker's *public* keys only:
 
-1. the job's token must be the task's current token (otherwise the job is stale or planted, and
-   the task is left alone: its real job is elsewhere);
-2. the task must be ``queued`` (a revoked, denied, expired or finished task is never started, and
-   a running one is not started twice) and intake must not be frozen;
-3. :func:`~intake.tokens.verify_capability` with the broker's *public* key only: signature,
-   expiry, the spec hash recomputed from the stored spec, task id, scope, the nonce not burned;
-4. the policy file must be the version the spec was approved under (the worker reads the
-   dependency allowlist from it, so this pins the allowlist to what the approvers saw); on a
-   mismatch the file is read again first, so a long-running worker follows policy updates;
-5. the task's repo and change type must be inside this worker's scope.
+1. :func:`~intake.tokens.verify_dispatch`: signature (by key id, from the keyring), kind, expiry,
+   and the spec hash recomputed from the spec the token carries. The job's task id, job id and
+   queue must be the token's. The worker needs no task record: the spec it runs is the signed one;
+2. the policy file must be the version the spec was approved under (the worker reads the
+   dependency allowlist from it); on a mismatch the file is read again first;
+3. the task's repo and change type must be inside this worker's scope;
+4. it reports ``report.claimed`` (the token's nonce, attempt and job, and a fresh run id) and
+   waits for the broker's answer: a broker-signed lease for exactly this task, attempt and run.
+   The broker grants it only if its ledger says the task is queued, the nonce is one it minted
+   for this attempt and never used, and intake is not frozen. A refusal (or no answer in time)
+   raises :class:`~workers.jobs.JobRefused` and nothing runs.
 
-Then one WATCHed transaction burns the nonce, moves the task ``queued -> running`` with its
-audit event and sets the run's heartbeat key. A second worker, a replayed job or a revocation
-racing with it makes the transaction fail or re-check, so a token starts at most one run.
-
-A refusal is audited (``job.refused``) and raises :class:`~workers.jobs.JobRefused`. When the
-fault is the task's own (its token is bad or expired, the policy moved on, nobody serves it
-here), the task ends ``failed`` or ``expired`` with the reason and its nonce burned, in the
-same transaction as the refusal; otherwise the task is left as it is.
+A refusal at steps 1-3 is reported (``report.refused``); the broker records it and, where the
+fault is the task's own (stale policy, misrouted), ends the task.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+import redis
 
-from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound, PolicyError, TokenInvalid
-from intake.models import Task, TaskState
+from intake.errors import PolicyError, TokenInvalid
+from intake.models import TaskSpec
 from intake.policy import Policy, load_policy
-from intake.store import NONCE_GRACE_S, Pipe, Store
-from intake.tokens import Claims, verify_capability
+from intake.reports import Reporter
+from intake.tokens import DispatchClaims, Keyring, LeaseClaims, verify_dispatch, verify_lease
 from workers.config import WorkerConfig
 from workers.jobs import JobRefused
 
 log = logging.getLogger("intake.worker")
 
+#: How long a worker waits for the broker to answer its claim.
+CLAIM_WAIT_S = 15.0
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What a worker knows of the task it runs: all of it from the signed dispatch token."""
+
+    id: str
+    spec: TaskSpec
+    spec_hash: str
+
+    @property
+    def idea_id(self) -> str:
+        return self.spec.idea_id
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A task this worker now runs: the task as moved to ``running``, the run's id (the value
-    of its heartbeat key) and the attempt number."""
+    """A task this worker now runs, with the broker's first lease for it."""
 
-    task: Task
+    task: RunTask
     run_id: str
     attempt: int
     job_id: str
-    claims: Claims
+    claims: DispatchClaims
     policy: Policy
+    lease: LeaseClaims
+    lease_token: str
 
 
 class Claimer:
-    """Verify, claim and settle tasks for one worker."""
+    """Verify a job's token and obtain the broker's lease for one run."""
 
     def __init__(
         self,
-        store: Store,
         *,
-        public_key: Ed25519PublicKey,
+        client: redis.Redis,
+        lease_key: Callable[[str], str],
+        reporter: Reporter,
+        keyring: Callable[[], Keyring],
         policy: Policy,
         policy_path: Path | None = None,
         config: WorkerConfig,
-        actor: str,
         clock: Callable[[], float],
+        claim_wait_s: float = CLAIM_WAIT_S,
     ) -> None:
-        self.store = store
-        self.keys = store.keys
-        self.public_key = public_key
+        self.r = client
+        self.lease_key = lease_key
+        self.reporter = reporter
+        self.keyring = keyring
         self.policy = policy
         self.policy_path = policy_path
         self.config = config
-        self.actor = actor
         self.clock = clock
+        self.claim_wait_s = claim_wait_s
 
-    # -- refusing --------------------------------------------------------------------------
-    def _refused(self, subject: str, reason: str, message: str, **data: Any) -> JobRefused:
-        self.store.audit.record(self.actor, "job.refused", subject, reason=reason, **data)
+    @property
+    def name(self) -> str:
+        return self.reporter.worker
+
+    def _refused(self, task_id: str, reason: str, message: str, **data: object) -> JobRefused:
+        self.reporter.send("report.refused", task_id, reason=reason, message=message[:300], **data)
         return JobRefused(reason, message)
 
-    def _end(self, task: Task, to: TaskState, reason: str, message: str, **data: Any) -> JobRefused:
-        """End a queued task because of a refusal: state, burned nonce and both events at once."""
-
-        def still_queued(current: Task) -> None:
-            if current.state is not TaskState.QUEUED or current.token != task.token:
-                raise InvalidInput("changed meanwhile")
-
-        def also(pipe: Pipe, ended: Task) -> None:
-            self.store.burn_token(pipe, task.token)
-            self.store.emit(pipe, self.actor, "job.refused", task.id, reason=reason, **data)
-
+    def claim(self, task_id: str, token: str, *, job_id: str, queue: str) -> Claim:
+        """Check everything, ask the broker, and return the claim; raise :class:`JobRefused` if not."""
         try:
-            self.store.move_task(task.id, to, actor=self.actor, reason=message, check=still_queued,
-                                 also=also, refused=reason)
-        except (IllegalTransition, InvalidInput, NotFound):
-            # Someone else settled it first; the refusal still goes on the record.
-            return self._refused(task.id, reason, message, **data)
-        return JobRefused(reason, message)
-
-    def claim(self, task_id: str, token: str, *, job_id: str, queue: str, heartbeat_ttl_s: int) -> Claim:
-        """Check everything and move the task to ``running``; raise :class:`JobRefused` if not."""
-        data = {"job": job_id, "queue": queue}
-        try:
-            task = self.store.get_task(task_id)
-        except (NotFound, InvalidInput):
-            raise self._refused(job_id, "no_such_task", f"no task {task_id}", **data) from None
-        if not hmac.compare_digest((task.token or "").encode(), token.encode()):
-            raise self._refused(task.id, "stale_token",
-                                "the job's token is not the task's current token", **data)
-        if task.state is not TaskState.QUEUED:
-            raise self._refused(task.id, f"task_{task.state.value}",
-                                f"task {task.id} is {task.state.value}; it is not started", **data)
-        if self.store.r.exists(self.keys.freeze):
-            raise self._refused(task.id, "frozen", "intake is frozen; no task starts", **data)
-        if queue != task.queue:
-            raise self._refused(task.id, "wrong_queue",
-                                f"the job came from queue {queue}, the task belongs on {task.queue}", **data)
-        try:
-            claims = verify_capability(
-                token, self.public_key, task_id=task.id, spec=task.spec, now=self.clock(),
-                nonce_burned=lambda nonce: bool(self.store.r.exists(self.keys.nonce(nonce))),
-            )
+            claims = verify_dispatch(token, self.keyring(), now=self.clock())
         except TokenInvalid as exc:
-            if exc.reason == "expired":
-                raise self._end(task, TaskState.EXPIRED, "token_expired",
-                                "token expired before the task started", **data) from None
-            raise self._end(task, TaskState.FAILED, f"token_{exc.reason}",
-                            f"capability token refused ({exc.reason}): {exc}", **data) from None
-        policy = self.policy_for(task.spec.policy_version)
+            raise self._refused(task_id, f"token_{exc.reason}", f"dispatch token refused ({exc.reason}): {exc}",
+                                job=job_id) from None
+        data = {"job": job_id, "nonce": claims.nonce}
+        if claims.task != task_id or claims.job != job_id or claims.queue != queue:
+            raise self._refused(task_id, "token_mismatch",
+                                "the job's task, job id or queue is not the one its token names", **data)
+        spec = claims.spec
+        policy = self.policy_for(spec.policy_version)
         if policy is None:
-            raise self._end(task, TaskState.FAILED, "stale_policy",
-                            "the policy changed since this task was approved; amend it and approve again",
-                            **data)
-        if not self.config.serves(task.spec.repo, task.spec.change_type):
-            raise self._end(
-                task, TaskState.FAILED, "misrouted",
-                f"misrouted: worker {self.actor.removeprefix('worker:')} does not serve "
-                f"{task.spec.change_type} work on {task.spec.repo}",
-                repo=task.spec.repo, change_type=task.spec.change_type, **data,
-            )
-        return self._start(task, token, claims, policy, job_id=job_id, queue=queue, ttl_s=heartbeat_ttl_s)
+            raise self._refused(task_id, "stale_policy",
+                                "the policy changed since this task was approved; amend it and approve again", **data)
+        if not self.config.serves(spec.repo, spec.change_type):
+            raise self._refused(task_id, "misrouted",
+                                f"misrouted: worker {self.name} does not serve {spec.change_type} work on {spec.repo}",
+                                **data)
+        run_id = secrets.token_hex(16)
+        self.reporter.send("report.claimed", task_id, attempt=claims.attempt, run=run_id, **data)
+        lease, raw = self.wait_lease(task_id, claims.attempt, run_id)
+        if not lease.granted:
+            raise JobRefused(lease.status, f"the broker refused the claim: {lease.reason or lease.status}")
+        return Claim(task=RunTask(task_id, spec, claims.spec_hash), run_id=run_id, attempt=claims.attempt,
+                     job_id=job_id, claims=claims, policy=policy, lease=lease, lease_token=raw)
+
+    def read_lease(self, task_id: str, attempt: int, run_id: str) -> tuple[LeaseClaims, str] | None:
+        """The broker's current lease for this run, if one is there and verifies."""
+        raw = self.r.get(self.lease_key(task_id))
+        if not raw:
+            return None
+        try:
+            lease = verify_lease(raw, self.keyring())
+        except TokenInvalid:
+            log.warning("task %s: the lease in Redis does not verify; ignoring it", task_id)
+            return None
+        if lease.task != task_id or lease.attempt != attempt or lease.run != run_id:
+            return None
+        return lease, raw
+
+    def wait_lease(self, task_id: str, attempt: int, run_id: str) -> tuple[LeaseClaims, str]:
+        deadline = time.monotonic() + self.claim_wait_s
+        while time.monotonic() < deadline:
+            found = self.read_lease(task_id, attempt, run_id)
+            if found is not None:
+                return found
+            time.sleep(0.05)
+        self.reporter.send("report.stopped", task_id, attempt=attempt, run=run_id, why="no_lease")
+        raise JobRefused("no_lease", "the broker did not answer the claim in time")
 
     def policy_for(self, version: str) -> Policy | None:
         """The policy with ``version`` (its hash): the loaded one, else the file read again."""
@@ -159,95 +165,3 @@ class Claimer:
             except PolicyError as exc:
                 log.warning("cannot reload the policy: %s", exc)
         return self.policy if self.policy.version_hash == version else None
-
-    def _start(self, task: Task, token: str, claims: Claims, policy: Policy, *, job_id: str, queue: str,
-               ttl_s: int) -> Claim:
-        run_id = secrets.token_hex(16)
-        nonce_key = self.keys.nonce(claims.nonce)
-
-        def build(pipe: Pipe) -> Task | str:
-            current = self.store.read_task(pipe, task.id)
-            # Everything may have changed since the checks above; what matters is re-read here.
-            if current.state is not TaskState.QUEUED:
-                return f"task_{current.state.value}"
-            if current.token != token:
-                return "stale_token"
-            if current.spec.spec_hash() != claims.spec_hash:
-                return "spec_changed"  # edited after the token was verified: not what was signed
-            if pipe.exists(self.keys.freeze):
-                return "frozen"
-            if pipe.exists(nonce_key):
-                return "token_burned"
-            now = self.clock()
-            running = current.model_copy(update={
-                "state": TaskState.RUNNING, "attempts": current.attempts + 1,
-                "updated_at": now, "reason": None,
-            })
-            self.store.check_task_move(current, TaskState.RUNNING)
-            pipe.multi()
-            self.store.write_task(pipe, running)
-            pipe.set(nonce_key, "burned", ex=max(int(claims.exp - now), 0) + NONCE_GRACE_S)
-            pipe.set(self.keys.heartbeat(task.id), run_id, ex=ttl_s)
-            self.store.emit(pipe, self.actor, "task.running", task.id, attempt=running.attempts,
-                            job=job_id, queue=queue, worker=self.actor.removeprefix("worker:"))
-            return running
-
-        outcome = self.store.transact(
-            [self.keys.task(task.id), nonce_key, self.keys.freeze], build
-        )
-        if isinstance(outcome, str):
-            raise self._refused(task.id, outcome, f"task {task.id} could not be started ({outcome})",
-                                job=job_id, queue=queue)
-        return Claim(task=outcome, run_id=run_id, attempt=outcome.attempts, job_id=job_id, claims=claims,
-                     policy=policy)
-
-    # -- settling --------------------------------------------------------------------------
-    def owns(self, claim: Claim) -> bool:
-        """Whether the run still holds its task: running, same attempt, its heartbeat key."""
-        with self.store.r.pipeline(transaction=False) as pipe:
-            pipe.get(self.keys.task(claim.task.id))
-            pipe.get(self.keys.heartbeat(claim.task.id))
-            raw, holder = pipe.execute()
-        if raw is None or holder != claim.run_id:
-            return False
-        current = Task.model_validate_json(raw)
-        return current.state is TaskState.RUNNING and current.attempts == claim.attempt
-
-    def current_state(self, task_id: str) -> TaskState | None:
-        try:
-            return self.store.get_task(task_id).state
-        except IntakeError:
-            return None
-
-    def finish(
-        self, claim: Claim, to: TaskState, *, reason: str | None, result: dict[str, Any] | None, **data: Any
-    ) -> bool:
-        """Settle the run's task (``succeeded``/``failed``/``blocked``), audited, and drop the
-        heartbeat key, all at once. False (and nothing written) when the run no longer holds the
-        task: it was revoked, or abandoned and handed on meanwhile."""
-        hb_key = self.keys.heartbeat(claim.task.id)
-
-        def build(pipe: Pipe) -> bool:
-            current = self.store.read_task(pipe, claim.task.id)
-            if (current.state is not TaskState.RUNNING or current.attempts != claim.attempt
-                    or pipe.get(hb_key) != claim.run_id):
-                return False
-            self.store.check_task_move(current, to)
-            done = current.model_copy(update={
-                "state": to, "updated_at": self.clock(), "reason": reason, "result": result,
-            })
-            pipe.multi()
-            self.store.write_task(pipe, done)
-            pipe.delete(hb_key)
-            extra = {"reason": reason} if reason else {}
-            self.store.emit(pipe, self.actor, f"task.{to.value}", claim.task.id,
-                            attempt=claim.attempt, **extra, **data)
-            return True
-
-        return self.store.transact([self.keys.task(claim.task.id), hb_key], build)
-
-    def record(self, claim: Claim, action: str, **data: Any) -> None:
-        """An audit event about the run that changes no state (``run.stopped``, ``run.discarded``).
-
-        Named ``run.*``, not ``task.*``: the task did not change state."""
-        self.store.audit.record(self.actor, action, claim.task.id, attempt=claim.attempt, **data)

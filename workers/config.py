@@ -135,12 +135,10 @@ class RepoConfig(_Strict):
 class WorkerConfig(_Strict):
     """A validated worker configuration."""
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    # The worker's identity towards the broker: its report key is issued for this name
+    # (`intake worker-key issue NAME`).
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     queues: tuple[Annotated[str, Field(pattern=_QUEUE)], ...] = Field(min_length=1)
-    # How long a run stays alive without a heartbeat; the broker reaps it after that.
-    # At least 10 s: fencing happens at half the TTL and killing an agent takes a few seconds,
-    # so a shorter TTL could let a retry start while the old run is still stopping.
-    heartbeat_ttl_s: int = Field(15, ge=10, le=300)
     agent: AgentConfig
     repos: tuple[RepoConfig, ...] = Field(min_length=1)
 

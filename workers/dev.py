@@ -32,6 +32,7 @@ from intake.settings import Settings
 from workers.workspace import run_git
 
 DEV_CONFIG_NAME = "worker.dev.toml"
+DEV_WORKER_NAME = "dev"
 _README = """# {name}
 
 A local repository made by `intake serve --dev`. The embedded worker clones it, runs the demo
@@ -79,9 +80,8 @@ def prepare_dev_worker(settings: Settings) -> Path:
     root = settings.data_dir / "repos"
     lines = [
         "# Written by `intake serve --dev` on every start; edit the policy, not this file.",
-        'name = "dev"',
+        f"name = {_toml(DEV_WORKER_NAME)}",
         f"queues = {_toml(sorted({policy.queue_for(r) for r in policy.repos}))}",
-        "heartbeat_ttl_s = 10",
         "",
         "[agent]",
         'type = "demo"',
@@ -117,7 +117,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "INTAKE_POLICY": str(settings.policy_path),
         "INTAKE_KEY_PREFIX": settings.key_prefix,
         "INTAKE_PUBLIC_KEY": str(keys["public"]),
-        "INTAKE_WORKER_EVENTS_KEY": str(keys["worker_events"]),
+        "INTAKE_WORKER_KEY": str(settings.worker_key_path(DEV_WORKER_NAME)),
         # Not loaded by a worker; pointed at nothing so a stray .env cannot hand them over.
         "INTAKE_AUDIT_KEY": os.devnull,
         "INTAKE_SIGNING_KEY": os.devnull,

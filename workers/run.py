@@ -8,12 +8,14 @@ it (and optionally opens a pull request), and settles the task:
 * ``succeeded`` with ``{branch, commit, base, files, required_checks, output_tail, pr_url, …}``;
 * ``blocked`` with the gates' reasons, nothing pushed;
 * ``failed`` with a reason (agent error or timeout, no change, git trouble);
-* nothing, when the run was revoked (the task already says so) or the run lost its claim.
+* nothing, when the run was stopped (revoked, frozen, superseded: the broker says so).
 
-While the agent runs, ``should_stop`` is polled every 0.25 s: the task's state (revocation) and
-the run's own heartbeat. The kill switch (``intake freeze``) stops new starts only, as the
-operator's CLI says; to stop a running task, revoke it. The agent's whole process group is gone when the
-agent adapter returns.
+The worker settles nothing itself: it reports the outcome (``report.result``) and the broker
+applies it if its ledger says this run is still the live one. While the agent runs,
+``should_stop`` is polled every 0.25 s: the run's lease (:class:`workers.lease.LeaseKeeper`),
+which the broker stops renewing on revocation or freeze, so a run ends within seconds of either
+and at the latest when its last lease runs out. The agent's whole process group is gone when
+the agent adapter returns. A run that did not succeed ends its RQ job as failed, with the reason.
 
 The agent's environment is built here from scratch: ``LANG``/``LC_ALL``/``TZ`` if the worker
 has them, ``PATH``, a fresh ``HOME``, ``INTAKE_TASK_ID`` and, if the repo config names one, the
@@ -33,13 +35,14 @@ from typing import Any
 from rq.timeouts import JobTimeoutException
 
 from intake.errors import ConfigError, IntakeError
-from intake.models import Task, TaskState
+from intake.models import TaskState
 from workers.agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
 from workers.claim import Claim, Claimer
 from workers.config import RepoConfig, WorkerConfig
 from workers.forge import ForgeError, create_pull_request
 from workers.gates import run_gates
-from workers.heartbeat import Heartbeat
+from workers.jobs import JobRefused
+from workers.lease import LeaseKeeper
 from workers.workspace import GitError, Workspace
 
 log = logging.getLogger("intake.worker")
@@ -72,28 +75,15 @@ class Outcome:
 
 
 class _Stopper:
-    """The agent's ``should_stop``: revoked (or otherwise ended), or the run's claim lost."""
+    """The agent's ``should_stop``: the run's lease is lost (refused or run out)."""
 
-    def __init__(self, claimer: Claimer, claim: Claim, heartbeat: Heartbeat) -> None:
-        self.claimer = claimer
-        self.claim = claim
-        self.heartbeat = heartbeat
+    def __init__(self, lease: LeaseKeeper) -> None:
+        self.lease = lease
         self.why: str | None = None
 
     def __call__(self) -> bool:
-        if self.why is not None:
-            return True
-        if self.heartbeat.lost:
-            self.why = "lost"
-            return True
-        store = self.claimer.store
-        raw = store.r.get(store.keys.task(self.claim.task.id))
-        if raw is None:
-            self.why = "lost"
-        else:
-            current = Task.model_validate_json(raw)
-            if current.state is not TaskState.RUNNING or current.attempts != self.claim.attempt:
-                self.why = current.state.value if current.state is not TaskState.RUNNING else "lost"
+        if self.why is None and self.lease.lost:
+            self.why = self.lease.why or "lost"
         return self.why is not None
 
 
@@ -107,51 +97,45 @@ class TaskRunner:
 
     # -- the entry point's work -------------------------------------------------------------
     def run_task(self, task_id: str, token: str, *, job_id: str, queue: str) -> dict[str, Any]:
-        """Claim the task (or raise :class:`~workers.jobs.JobRefused`), run it, settle it.
+        """Claim the task (or raise :class:`~workers.jobs.JobRefused`), run it, report it.
 
-        Returns a one-line summary for RQ's job result (no secrets, no output).
+        Returns a one-line summary for RQ's job result (no secrets, no output) when the run
+        succeeded; otherwise raises :class:`~workers.jobs.JobRefused` with the reason, so the RQ
+        job ends failed and ``rq info`` shows why.
         """
-        claim = self.claimer.claim(task_id, token, job_id=job_id, queue=queue,
-                                   heartbeat_ttl_s=self.config.heartbeat_ttl_s)
-        store = self.claimer.store
-        heartbeat = Heartbeat(store.r, store.keys.heartbeat(task_id), claim.run_id,
-                              self.config.heartbeat_ttl_s).start()
+        claim = self.claimer.claim(task_id, token, job_id=job_id, queue=queue)
+        lease = LeaseKeeper(self.claimer, claim).start()
         try:
-            outcome = self._attempt(claim, heartbeat)
-            heartbeat.stop()
-            settled = self._settle(claim, outcome)
+            outcome = self._attempt(claim, lease)
         finally:
-            # Settled: the key is already gone. Stopped or interrupted (a cold shutdown): drop
-            # it if it is still ours, so the broker settles the task now rather than after the
-            # TTL (retry or abandoned, per policy).
-            heartbeat.release()
-        return {"task": task_id, "attempt": claim.attempt, "outcome": settled}
+            lease.stop()
+        self._report(claim, outcome)
+        if outcome.state is not TaskState.SUCCEEDED:
+            state = outcome.state.value if outcome.state else str(outcome.data.get("stopped", "stopped"))
+            raise JobRefused(state, f"task {task_id} {state}: {outcome.reason or state}"[:500])
+        return {"task": task_id, "attempt": claim.attempt, "outcome": outcome.state.value}
 
-    def _attempt(self, claim: Claim, heartbeat: Heartbeat) -> Outcome:
+    def _attempt(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
         try:
-            return self._work(claim, heartbeat)
+            return self._work(claim, lease)
         except JobTimeoutException:
             return Outcome(TaskState.FAILED, "the run exceeded the worker's job timeout")
         except (GitError, AgentError, ConfigError) as exc:
             return Outcome(TaskState.FAILED, str(exc))
         except IntakeError as exc:
             return Outcome(TaskState.FAILED, f"the run failed: {exc}")
-        except Exception as exc:  # still settle the task: a crash must not leave it running
+        except Exception as exc:  # still report: a crash must not leave the task running
             log.exception("task %s: unexpected error in the worker", claim.task.id)
             return Outcome(TaskState.FAILED, f"internal error in the worker: {type(exc).__name__}")
 
-    def _settle(self, claim: Claim, outcome: Outcome) -> str:
+    def _report(self, claim: Claim, outcome: Outcome) -> None:
+        """Tell the broker how the run ended; it applies it if the run is still the live one."""
         if outcome.state is None:
-            return str(outcome.data.get("stopped", "stopped"))
-        if self.claimer.finish(claim, outcome.state, reason=outcome.reason,
-                               result=outcome.result or None, **outcome.data):
-            return outcome.state.value
-        # Revoked or handed on while this run finished: its result is recorded, not applied
-        # (with the branch and commit if it had already pushed).
-        why = self.claimer.current_state(claim.task.id)
-        self.claimer.record(claim, "run.discarded", outcome=outcome.state.value,
-                            state=why.value if why else None, **outcome.data)
-        return "discarded"
+            return  # stopped: already reported by _stopped
+        self.claimer.reporter.send(
+            "report.result", claim.task.id, attempt=claim.attempt, run=claim.run_id, state=outcome.state.value,
+            reason=outcome.reason, result=outcome.result or None, summary=outcome.data,
+        )
 
     # -- the run itself ---------------------------------------------------------------------
     def _secrets(self, repo: RepoConfig) -> tuple[str | None, str | None]:
@@ -170,18 +154,18 @@ class TaskRunner:
         return env
 
     def _stopped(self, claim: Claim, why: str, tail: str = "") -> Outcome:
-        """The run was stopped because its task ended elsewhere (revoked) or its claim was lost:
-        the task already says what happened, so the run settles nothing."""
-        self.claimer.record(claim, "run.stopped", why=why)
+        """The run was stopped because the broker stopped renewing its lease (revoked, frozen,
+        superseded) or the lease ran out: the run reports that it stopped and settles nothing."""
+        self.claimer.reporter.send("report.stopped", claim.task.id, attempt=claim.attempt, run=claim.run_id, why=why)
         return Outcome(None, data={"stopped": why})
 
-    def _work(self, claim: Claim, heartbeat: Heartbeat) -> Outcome:
+    def _work(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
         task = claim.task
         spec = task.spec
         repo = self.config.repo(spec.repo)
         if repo is None:  # checked at claim time; the config cannot change under a run
             raise IntakeError(f"no repo {spec.repo} in the worker config")
-        stop = _Stopper(self.claimer, claim, heartbeat)
+        stop = _Stopper(lease)
         credential, agent_token = self._secrets(repo)
         secrets = [s for s in (credential, agent_token) if s]
         home = tempfile.mkdtemp(prefix="intake-home-")
@@ -203,7 +187,7 @@ class TaskRunner:
                 )
                 tail = redact(ran.output_tail, secrets)[-OUTPUT_TAIL_CHARS:]
                 base = {"output_tail": tail, "output_truncated": ran.output_truncated,
-                        "worker": self.claimer.actor.removeprefix("worker:")}
+                        "worker": self.claimer.name}
                 if ran.stopped:
                     return self._stopped(claim, stop.why or "stopped", tail)
                 if ran.timed_out:
@@ -235,7 +219,7 @@ class TaskRunner:
                         {"gates": len(reasons)},
                     )
                 # Last look before anything leaves the worker.
-                if stop() or not self.claimer.owns(claim):
+                if stop():
                     return self._stopped(claim, stop.why or "lost", tail)
                 pushed = ws.push(branch)
                 result = {

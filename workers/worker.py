@@ -10,10 +10,14 @@ with three changes:
   webhooks, dependencies, retries or meta is refused (audited as ``job.refused`` with the
   function name, never its arguments) and failed without being called;
 * it never logs job descriptions or arguments (they would hold the token).
+
+A worker holds the broker's public keyring and its own report key, nothing else of the broker's:
+it cannot mint, seal, or write a broker record (DESIGN.md, *Authority*).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,15 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from intake.audit import AuditLog
-from intake.keys import load_public_key
+import redis
+
+from intake.errors import ConfigError
+from intake.keys import load_public_keys, load_worker_key
 from intake.redis_conn import make_client
-from intake.runtime import Broker, open_broker
+from intake.reports import Reporter
+from intake.runtime import open_redis
 from intake.settings import Settings
+from intake.store import Keys
 from workers import entry
 from workers.claim import Claimer
 from workers.config import WorkerConfig, load_worker_config
@@ -48,15 +57,11 @@ log = logging.getLogger("intake.worker")
 class IntakeWorker(SimpleWorker):
     """An RQ worker for intake task jobs only (see the module docstring)."""
 
-    def __init__(self, queues: list[str], *, runner: TaskRunner, audit: AuditLog, **kwargs: Any) -> None:
+    def __init__(self, queues: list[str], *, runner: TaskRunner, reporter: Reporter, **kwargs: Any) -> None:
         kwargs.update(serializer=JSONSerializer, job_class=IntakeJob, log_job_description=False)
         super().__init__(queues, **kwargs)
         self.runner = runner
-        self.audit = audit
-
-    @property
-    def actor(self) -> str:
-        return f"worker:{self.name}"
+        self.reporter = reporter
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         reason = inspect_job(job, queue)
@@ -73,8 +78,8 @@ class IntakeWorker(SimpleWorker):
         """Record the refusal (function name only), then fail the job without calling anything."""
         func = stored_func_name(job)
         log.warning("refused job %s from %s: %s (function %s)", printable(job.id, 100), queue.name, reason, func)
-        self.audit.record(self.actor, "job.refused", printable(job.id, 100), queue=queue.name,
-                          func=func, reason=reason)
+        self.reporter.send("report.refused", "", job=printable(job.id, 100), queue=queue.name, func=func,
+                           reason=reason)
         fail_refused_job(self.connection, job, queue, reason)
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
@@ -86,24 +91,36 @@ class IntakeWorker(SimpleWorker):
                 break
 
 
-def build_worker(broker: Broker, config: WorkerConfig, *, name: str | None = None) -> IntakeWorker:
-    """A worker for ``config`` on ``broker``'s Redis, store (and clock) and policy.
+def build_worker(settings: Settings, url: str, client: redis.Redis, config: WorkerConfig, *,
+                 name: str | None = None, clock: Callable[[], float] = time.time) -> IntakeWorker:
+    """A worker for ``config`` on the Redis at ``url``: the broker's public keyring, the policy
+    file, and this worker's own report key (``INTAKE_WORKER_KEY``, default
+    ``keys/workers/<config name>.key``). Never the audit, signing or secrets keys."""
+    from intake.policy import load_policy
 
-    Loads only the broker's *public* key and, through the broker opened with ``worker=True``,
-    the worker-events key its audit events are MAC'd with: never the audit, signing or secrets
-    keys, so it can neither seal the log nor mint a token.
-    """
-    settings = broker.settings
-    public_key = load_public_key(settings.keys["public"])
-    policy = broker.policy
-    base = config.name or socket.gethostname().split(".")[0] or "worker"
-    worker_name = name or f"{base}-{os.getpid()}-{secrets.token_hex(2)}"
-    claimer = Claimer(broker.store, public_key=public_key, policy=policy, policy_path=settings.policy_path,
-                      config=config, actor=f"worker:{worker_name}", clock=broker.store.clock)
+    key_path = settings.worker_key_path(config.name)
+    key_name, generation, key = load_worker_key(key_path)
+    if key_name != config.name:
+        raise ConfigError(f"INTAKE_WORKER_KEY: {key_path} is worker {key_name}'s key, not {config.name}'s")
+    public = settings.keys["public"]
+    keyring = load_public_keys(public)
+    keys = Keys(settings.key_prefix)
+    reporter = Reporter(client, settings.key_prefix, config.name, generation, key)
+    worker_name = name or f"{config.name}-{os.getpid()}-{secrets.token_hex(2)}"
+
+    def current_keyring() -> Any:
+        nonlocal keyring
+        with contextlib.suppress(ConfigError):  # keep the last good keyring if the file is mid-rotation
+            keyring = load_public_keys(public)
+        return keyring
+
+    claimer = Claimer(client=client, lease_key=keys.lease, reporter=reporter, keyring=current_keyring,
+                      policy=load_policy(settings.policy_path), policy_path=settings.policy_path,
+                      config=config, clock=clock)
     runner = TaskRunner(claimer, config)
     return IntakeWorker(
-        list(config.queues), runner=runner, audit=broker.audit, name=worker_name,
-        connection=make_client(broker.url, decode=False),
+        list(config.queues), runner=runner, reporter=reporter, name=worker_name,
+        connection=make_client(url, decode=False),
     )
 
 
@@ -144,9 +161,11 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger("intake").addHandler(handler)
         logging.getLogger("intake").setLevel(logging.INFO)
-    with open_broker(settings, worker=True) as broker:
-        config.check_covers(broker.policy)
-        worker = build_worker(broker, config)
+    from intake.policy import load_policy
+
+    config.check_covers(load_policy(settings.policy_path))
+    with open_redis(settings) as (url, client):
+        worker = build_worker(settings, url, client, config)
         log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
                  ", ".join(r.name for r in config.repos))
         try:

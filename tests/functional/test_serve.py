@@ -68,7 +68,8 @@ def test_cli_shares_the_dev_servers_redis(dev_env: dict[str, str]) -> None:
         assert (data / "redis" / "redis.pid").read_text() == pid
         assert wait_http(f"{base}/readyz", serve)["redis"] == "up"
         verified = subprocess.run([*INTAKE, "audit", "verify"], env=dev_env, capture_output=True, text=True)
-        assert verified.returncode == 0 and "1 events" in verified.stdout
+        # the dev worker's key issue, then the idea
+        assert verified.returncode == 0 and "2 events" in verified.stdout
     finally:
         serve.send_signal(signal.SIGINT)
         serve.communicate(timeout=30)  # waits and closes the pipe

@@ -18,7 +18,8 @@ from intake.runtime import open_broker, prepare_dev
 from intake.settings import load_settings
 from tests.conftest import FakeClock
 from tests.workers.harness import git_refs, git_show, make_rig, wait_for
-from workers.dev import prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
+from intake.reports import ensure_worker_key
+from workers.dev import DEV_WORKER_NAME, prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
 
 
 @pytest.fixture
@@ -49,6 +50,8 @@ def test_prepare_dev_worker_maps_every_policy_repo_to_a_local_bare_repo(dev_sett
 def test_dev_mode_runs_an_idea_all_the_way_to_a_pushed_branch(dev_settings, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
     with open_broker(dev_settings) as broker:  # the server's hold on the embedded Redis
         rig = make_rig(dev_settings.data_dir.parent, broker.url, broker.client, clock, settings=dev_settings)
+        ensure_worker_key(rig.broker, DEV_WORKER_NAME)  # what `serve --dev` does before it starts the worker
+        rig.serve_reports()
         worker = start_dev_worker(dev_settings)
         try:
             task = rig.promote(text="Document how to run the tests")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 import signal
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from intake.audit import AuditLog
-from intake.keys import generate_keys, load_secret
+from intake.keys import generate_keys, load_secret, write_worker_key
 from intake.models import Task
 from intake.redis_conn import make_client
+from intake.reports import ReportProcessor, issue_worker_key
 from intake.runtime import EXAMPLE_POLICY, REPO_ROOT, Broker
 from intake.settings import Settings, load_settings
 from intake.store import Store
@@ -78,6 +80,7 @@ class Rig:
     totps: dict[str, pyotp.TOTP]
     repos: dict[str, Path] = field(default_factory=dict)
     _rq: redis.Redis | None = None
+    _reports: ReportProcessor | None = None
 
     # -- broker side -----------------------------------------------------------------------
     @property
@@ -107,6 +110,15 @@ class Rig:
     def task(self, task_id: str) -> Task:
         return self.store.get_task(task_id)
 
+    def job_token(self, task_id: str, attempt: int = 1) -> str:
+        """The dispatch token the broker put in the task's RQ job (as an attacker reads it)."""
+        raw = self.rq().hget(f"rq:job:{task_id}_{attempt}", "data")
+        assert raw is not None, f"no job for {task_id} attempt {attempt}"
+        return str(json.loads(zlib.decompress(raw))[3]["token"])
+
+    def fact(self, task_id: str) -> Any:
+        return self.broker.ledger.follow().task(task_id)
+
     def events(self, action: str | None = None) -> list[dict[str, Any]]:
         return [e for e in self.broker.audit.export() if action is None or e["action"] == action]
 
@@ -116,7 +128,31 @@ class Rig:
             self._rq = make_client(self.broker.url, decode=False)
         return self._rq
 
+    def serve_reports(self) -> ReportProcessor:
+        """The broker's report processor on a thread, as `intake serve` runs it."""
+        if self._reports is None:
+            self._reports = ReportProcessor(self.broker)
+            self._reports.start()
+        return self._reports
+
+    def drain(self, timeout: float = 20) -> None:
+        """Wait until the broker has handled every report the workers sent."""
+        reports = self.serve_reports()
+        wait_for(reports.drained, timeout, "the broker to handle every worker report")
+
+    def issue_key(self, name: str = "test") -> Path:
+        """Issue worker ``name`` its report key, written where the worker looks for it."""
+        generation, key = issue_worker_key(self.broker, name, actor="cli:root")
+        path = self.settings.worker_key_path(name)
+        write_worker_key(path, name, generation, key)
+        return path
+
+    def reconcile(self) -> int:
+        return self.broker.dispatcher.reconcile()
+
     def close(self) -> None:
+        if self._reports is not None:
+            self._reports.stop()
         self.broker.dispatcher.close()
         if self._rq is not None:
             self._rq.close()
@@ -132,13 +168,12 @@ class Rig:
         return self.repos[repo]
 
     def config(self, *, agent: dict[str, Any] | None = None, repos: dict[str, dict[str, Any]] | None = None,
-               queues: tuple[str, ...] = ("tier-standard", "tier-privileged"), heartbeat_ttl_s: int = 15,
-               name: str = "test") -> Path:
+               queues: tuple[str, ...] = ("tier-standard", "tier-privileged"), name: str = "test") -> Path:
         """Write a worker config; ``repos`` maps repo names to extra keys (default: both repos,
         local bare remotes, every change type)."""
         repos = repos if repos is not None else {"acme/web": {}, "acme/payments": {}}
         data: dict[str, Any] = {
-            "name": name, "queues": list(queues), "heartbeat_ttl_s": heartbeat_ttl_s,
+            "name": name, "queues": list(queues),
             "agent": agent or {"type": "demo"}, "repos": [],
         }
         for repo, extra in repos.items():
@@ -147,16 +182,22 @@ class Rig:
             data["repos"].append(entry)
         path = self.tmp / f"worker-{len(list(self.tmp.glob('worker-*.toml')))}.toml"
         path.write_text(_to_toml(data))
+        if not self.settings.worker_key_path(name).exists():
+            self.issue_key(name)
         return path
 
     def work(self, config: Path) -> bool:
-        """One in-process burst worker over the queues (its clock is the rig's clock)."""
+        """One in-process burst worker over the queues (its clock is the rig's clock); the
+        rig's broker-side report processor answers its claims and heartbeats."""
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        worker = build_worker(self.broker, load_worker_config(config))
+        self.serve_reports()
+        worker = build_worker(self.settings, self.broker.url, self.r, load_worker_config(config),
+                              clock=self.clock)
         try:
             return bool(worker.work(burst=True, logging_level="WARNING"))
         finally:
             worker.connection.close()
+            self.drain()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
 
@@ -175,6 +216,7 @@ class Rig:
 
     def spawn(self, config: Path, *, burst: bool = False, **env: str) -> subprocess.Popen[bytes]:
         """A real ``intake worker`` subprocess."""
+        self.serve_reports()
         argv = [sys.executable, "-m", "intake", "worker", "--config", str(config)]
         if burst:
             argv.append("--burst")
@@ -218,7 +260,8 @@ def make_rig(tmp_path: Path, redis_url: str, rclient: redis.Redis, clock: FakeCl
             policy.write_text(policy_text)
         settings = load_settings(_env_file=None, data_dir=tmp_path / "data", redis_url=redis_url, policy=policy)
         generate_keys(settings)
-    audit = AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix)
+    audit = AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix,
+                     checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
     store = Store(rclient, audit, prefix=settings.key_prefix, clock=clock)
     broker = Broker(settings, redis_url, rclient, audit, store)
     totps = {}

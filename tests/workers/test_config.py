@@ -14,7 +14,7 @@ from intake.runtime import REPO_ROOT
 from workers.agents import CommandAgent, DemoAgent
 from workers.config import CredentialSource, load_worker_config, parse_worker_config
 
-BASE = {"queues": ["tier-standard"], "agent": {"type": "demo"},
+BASE = {"name": "w1", "queues": ["tier-standard"], "agent": {"type": "demo"},
         "repos": [{"name": "acme/web", "url": "/srv/git/web.git", "change_types": ["docs"]}]}
 
 
@@ -68,7 +68,7 @@ def test_credentials_are_read_by_reference_only(tmp_path: Path, monkeypatch: pyt
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "worker.toml"
-    path.write_text('queues = ["q"]\nagent = { type = "demo" }\n[[repos]]\nname = "a/b"\n'
+    path.write_text('name = "w1"\nqueues = ["q"]\nagent = { type = "demo" }\n[[repos]]\nname = "a/b"\n'
                     'url = "https://git.example.com/a/b.git"\nchange_types = ["docs"]\n'
                     'credential = { file = "secrets/token" }\n')
     config = load_worker_config(path)
@@ -78,7 +78,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
 
 def test_the_worker_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "worker.toml"
-    bad.write_text('queues = ["q"]\nagent = { type = "shell" }\n')
+    bad.write_text('name = "w1"\nqueues = ["q"]\nagent = { type = "shell" }\n')
     env = {"PATH": os.environ.get("PATH", ""), "INTAKE_DATA_DIR": str(tmp_path / "data")}
     result = subprocess.run([sys.executable, "-m", "intake", "worker", "--config", str(bad)],
                             env=env, capture_output=True, text=True, timeout=60, check=False)
@@ -95,7 +95,7 @@ def test_a_worker_must_serve_everything_on_its_queues(tmp_path: Path) -> None:
     policy = load_policy(EXAMPLE_POLICY)
     partial = tmp_path / "w.toml"
     partial.write_text(
-        'queues = ["tier-standard"]\nagent = { type = "demo" }\n'
+        'name = "w1"\nqueues = ["tier-standard"]\nagent = { type = "demo" }\n'
         '[[repos]]\nname = "acme/web"\nurl = "/srv/web.git"\nchange_types = ["docs"]\n'
     )
     with pytest.raises(ConfigError, match="carries tests work on acme/web"):

@@ -58,7 +58,7 @@ def _plant(rig: Rig, job_id: str, call: list[Any] | bytes, queue: str = "tier-st
 
 def _good_kwargs(rig: Rig) -> tuple[str, dict[str, str]]:
     task = rig.promote()
-    return task.id, {"task_id": task.id, "token": task.token or ""}
+    return task.id, {"task_id": task.id, "token": rig.job_token(task.id)}
 
 
 REASONS = {

@@ -1,0 +1,442 @@
+"""Workers report; the broker writes (DESIGN.md, *Authority*).
+
+An agent worker never writes a broker record. It appends **reports** to its own stream
+``{prefix}:reports:<worker>``, each MAC'd with its own report key (issued by the broker with
+``intake worker-key issue NAME``, one generation at a time, revocable): ``report.claimed`` (with
+the dispatch token's nonce and a fresh run id), ``report.heartbeat``, ``report.result``,
+``report.refused`` and ``report.stopped``. Nothing else is a report.
+
+The broker's :class:`ReportProcessor` reads every registered worker's stream through one consumer
+group (shared by every broker process, so each report is handled once, and re-claimed from a dead
+consumer), checks each report (shape, MAC under that worker's *current* key generation per the
+ledger) and applies it through the same state machine as everything else, deciding from the
+ledger: a claim starts the attempt only if the ledger says the task is queued, the nonce is one
+the broker minted for this attempt and never used, and intake is not frozen; a heartbeat renews
+the attempt's lease only while the ledger says that very run is live. Every answer to a worker is
+a broker-signed lease (``granted``, or a refusal saying why), so a worker can act on nothing
+Redis says on its own. A report that fails its checks is quarantined: acknowledged, audited
+(``report.rejected``) and skipped, so it never stalls the reports behind it.
+
+Accepted reports are copied onto the audit log verbatim (``k=w`` entries the sealer checks against
+the worker's key) in the same MULTI as the broker's own event, as evidence of who said what.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from intake.audit import REPORT_ACTIONS, report_mac
+from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
+from intake.models import Task, TaskState, canonical_json, is_id
+from intake.queueing import LEASE_GRACE_S, JOB_TIMEOUT_MARGIN_S
+from intake.tokens import mint_lease
+
+if TYPE_CHECKING:
+    from intake.runtime import Broker
+
+log = logging.getLogger("intake.reports")
+
+GROUP = "broker"
+_WORKER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+#: What a run may end as, by the worker's word (the broker still checks it is that run's).
+RESULT_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.BLOCKED})
+#: Refusals that are the task's own fault: the broker ends the task with them.
+TASK_FAULTS = {"stale_policy": TaskState.FAILED, "misrouted": TaskState.FAILED,
+               "token_spec_mismatch": TaskState.FAILED}
+MAX_REPORT_BYTES = 256 * 1024
+
+
+# -- the worker's side ------------------------------------------------------------------------
+class Reporter:
+    """Append MAC'd reports to one worker's stream (the worker's only write to broker state)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, worker: str, generation: int, key: bytes) -> None:
+        self.r = client
+        self.worker = worker
+        self.generation = generation
+        self._key = key
+        self.stream = f"{prefix}:reports:{worker}"
+
+    def send(self, action: str, task_id: str, **data: Any) -> str:
+        if action not in REPORT_ACTIONS:
+            raise ValueError(f"not a report action: {action}")
+        body = canonical_json({
+            "w": self.worker, "g": self.generation, "action": action, "task": task_id,
+            "at": time.time(), "rid": secrets.token_hex(8), "data": data,
+        }).decode()
+        return str(self.r.xadd(self.stream, {"r": body, "m": report_mac(self._key, body)},
+                               maxlen=100_000, approximate=True))
+
+
+# -- issuing keys ----------------------------------------------------------------------------
+def issue_worker_key(broker: Broker, worker: str, *, actor: str) -> tuple[int, bytes]:
+    """A new report key generation for ``worker`` (the previous one stops working at once).
+    Returns (generation, key); the caller writes the key file."""
+    if not re.fullmatch(_WORKER_NAME, worker):
+        raise InvalidInput(f"worker name {worker!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+    ledger = broker.ledger.follow()
+    generation = ledger.worker_generations.get(worker, 0) + 1
+    broker.audit.record(actor, "worker.key_issued", worker, generation=generation)
+    broker.audit.seal_pending()
+    return generation, broker.audit.worker_key(worker, generation)
+
+
+def ensure_worker_key(broker: Broker, worker: str) -> None:
+    """Issue ``worker`` a key file unless it holds the current one (dev mode's embedded worker)."""
+    from intake.errors import ConfigError
+    from intake.keys import load_worker_key, write_worker_key
+
+    path = broker.settings.worker_key_path(worker)
+    try:
+        name, generation, _ = load_worker_key(path)
+        if name == worker and broker.ledger.follow().workers.get(worker) == generation:
+            return
+    except ConfigError:
+        pass  # missing or unreadable: issue a new one
+    generation, key = issue_worker_key(broker, worker, actor="system")
+    write_worker_key(path, worker, generation, key)
+
+
+def revoke_worker_key(broker: Broker, worker: str, *, actor: str) -> None:
+    ledger = broker.ledger.follow()
+    if ledger.workers.get(worker) is None:
+        raise InvalidInput(f"worker {worker} has no key to revoke")
+    broker.audit.record(actor, "worker.key_revoked", worker)
+    broker.audit.seal_pending()
+
+
+# -- the broker's side ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Report:
+    entry: str
+    stream: str
+    worker: str
+    action: str
+    task: str
+    data: dict[str, Any]
+    fields: dict[str, str]
+
+
+class ReportRejected(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ReportProcessor:
+    """Read, check and apply every registered worker's reports (see the module docstring)."""
+
+    def __init__(self, broker: Broker, *, consumer: str | None = None, claim_idle_ms: int = 5000) -> None:
+        self.broker = broker
+        self.store = broker.store
+        self.keys = broker.store.keys
+        self.ledger = broker.ledger
+        self.r = broker.client
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.claim_idle_ms = claim_idle_ms
+        self._groups: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- running ---------------------------------------------------------------------------
+    def streams(self) -> list[str]:
+        self.ledger.follow()
+        found = [self.keys.reports(w) for w, gen in sorted(self.ledger.workers.items()) if gen is not None]
+        for stream in found:
+            if stream not in self._groups:
+                try:
+                    self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                self._groups.add(stream)
+        return found
+
+    def poll(self, block_ms: int = 200) -> int:
+        """Handle what is waiting (stale pending reports first). Returns how many."""
+        streams = self.streams()
+        if not streams:
+            time.sleep(block_ms / 1000)
+            return 0
+        handled = 0
+        for stream in streams:
+            _, claimed, *_ = self.r.xautoclaim(stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=50)
+            for entry, fields in claimed:
+                handled += self.handle(stream, entry, fields)
+        fresh = self.r.xreadgroup(GROUP, self.consumer, {s: ">" for s in streams}, count=100, block=block_ms)
+        for stream, entries in fresh or []:
+            for entry, fields in entries:
+                handled += self.handle(stream, entry, fields)
+        return handled
+
+    def drained(self) -> bool:
+        """Whether every report appended so far has been handled (read and acknowledged)."""
+        for stream in self.streams():
+            info = self.r.xinfo_stream(stream)
+            groups = {g["name"]: g for g in self.r.xinfo_groups(stream)}
+            group = groups.get(GROUP)
+            if group is None or group["pending"] or (info["length"] and group["last-delivered-id"] != info["last-generated-id"]):
+                return False
+        return True
+
+    def start(self) -> None:
+        """Run :meth:`poll` on a daemon thread until :meth:`stop`."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.poll()
+                except Exception as exc:  # Redis hiccup: the reports wait in the stream
+                    log.warning("report processing failed: %s", type(exc).__name__)
+                    self._stop.wait(0.5)
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=loop, name="reports", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # -- one report ------------------------------------------------------------------------
+    def handle(self, stream: str, entry: str, fields: dict[str, str] | None) -> int:
+        """Check and apply one entry, then acknowledge it whatever happened (a bad one is
+        quarantined: audited and skipped)."""
+        try:
+            if not fields:
+                return 0  # deleted while pending
+            try:
+                self.apply(self.parse(stream, entry, fields))
+            except ReportRejected as exc:
+                worker = stream.rsplit(":", 1)[-1]
+                log.warning("report %s from %s rejected: %s", entry, worker, exc.reason)
+                self.store.audit.record("system", "report.rejected", worker, entry=entry, reason=exc.reason)
+            except IntakeError as exc:
+                log.warning("report %s not applied: %s", entry, type(exc).__name__)
+            return 1
+        finally:
+            self.r.xack(stream, GROUP, entry)
+
+    def parse(self, stream: str, entry: str, fields: dict[str, str]) -> Report:
+        """Verify before parsing: exact fields, size, then the MAC under the worker's current key."""
+        if set(fields) != {"r", "m"}:
+            raise ReportRejected("malformed")
+        body, mac = fields["r"], fields["m"]
+        if len(body) > MAX_REPORT_BYTES:
+            raise ReportRejected("too_large")
+        worker = stream.rsplit(":", 1)[-1]
+        generation = self.ledger.workers.get(worker)
+        if generation is None:
+            raise ReportRejected("no_current_key")
+        if not hmac.compare_digest(report_mac(self.broker.audit.worker_key(worker, generation), body), mac):
+            raise ReportRejected("bad_mac")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise ReportRejected("malformed") from None
+        if (not isinstance(data, dict) or data.get("w") != worker or data.get("g") != generation
+                or data.get("action") not in REPORT_ACTIONS or not isinstance(data.get("data"), dict)
+                or not isinstance(data.get("task"), str)
+                or not (is_id(data["task"], "T") or (data["task"] == "" and data["action"] == "report.refused"))):
+            raise ReportRejected("malformed")
+        return Report(entry, stream, worker, data["action"], data["task"], data["data"], {"r": body, "m": mac})
+
+    def apply(self, report: Report) -> None:
+        handler: Callable[[Report], None] = {
+            "report.claimed": self._claimed, "report.heartbeat": self._heartbeat,
+            "report.result": self._result, "report.refused": self._refused, "report.stopped": self._stopped,
+        }[report.action]
+        handler(report)
+
+    def _actor(self, report: Report) -> str:
+        return f"worker:{report.worker}"
+
+    def _lease(self, task_id: str, attempt: int, run: str, status: str = "granted", reason: str = "") -> None:
+        ttl = self.broker.settings.lease_ttl
+        token, _ = mint_lease(self.broker.signer, task_id=task_id, attempt=attempt, run_id=run,
+                              now=self.store.clock(), status=status, reason=reason, ttl_s=ttl)
+        self.r.set(self.keys.lease(task_id), token, ex=ttl + LEASE_GRACE_S * 2)
+
+    def _evidence(self, report: Report) -> Callable[[Any, Task], None]:
+        return lambda pipe, _task: self.store.audit.append_report(pipe, report.fields)
+
+    def _claimed(self, report: Report) -> None:
+        d = report.data
+        run, nonce = str(d.get("run", "")), str(d.get("nonce", ""))
+        attempt = d.get("attempt")
+        if not (16 <= len(run) <= 64) or not isinstance(attempt, int):
+            raise ReportRejected("malformed")
+        why = self._claim_refusal(report, attempt, nonce)
+        if why is not None:
+            self._lease(report.task, attempt, run, status="refused", reason=why)
+            self.store.audit.record("system", "job.refused", report.task, reason=why, worker=report.worker,
+                                    job=str(d.get("job", "")), attempt=attempt)
+            return
+        fact = self.ledger.task(report.task)
+        assert fact is not None
+
+        def check(current: Task) -> None:
+            if (why := self.ledger.follow().tampered(current)) is not None:
+                raise InvalidInput(why)
+            now_fact = self.ledger.task(report.task)
+            if now_fact is None or nonce not in now_fact.dispatches or now_fact.state is not TaskState.QUEUED:
+                raise InvalidInput("changed meanwhile")
+
+        try:
+            self.store.move_task(
+                report.task, TaskState.RUNNING, actor="system", check=check, also=self._evidence(report),
+                update={"attempts": attempt, "reason": None}, attempt=attempt, run=run, nonce=nonce,
+                job=str(d.get("job", "")), queue=fact.queue, worker=report.worker,
+                sandbox=str(d.get("sandbox", "")),
+            )
+        except (IllegalTransition, InvalidInput, NotFound) as exc:
+            self._lease(report.task, attempt, run, status="refused", reason=str(exc)[:200])
+            self.store.audit.record("system", "job.refused", report.task, reason="changed_meanwhile",
+                                    worker=report.worker, attempt=attempt)
+            return
+        self.store.audit.seal_pending()
+        self._lease(report.task, attempt, run)
+
+    def _claim_refusal(self, report: Report, attempt: int, nonce: str) -> str | None:
+        """Why this claim may not start the attempt (from the ledger), or None."""
+        self.ledger.follow()
+        if (why := self.ledger.halted) is not None:
+            return "ledger_halted"
+        fact = self.ledger.task(report.task)
+        if fact is None:
+            return "no_such_task"
+        if fact.state is not TaskState.QUEUED:
+            with contextlib.suppress(NotFound, InvalidInput):
+                if (why := self.ledger.tampered(self.store.get_task(report.task))) is not None:
+                    self.broker.dispatcher.tamper(report.task, why)
+            return f"task_{fact.state.value}"
+        if self.ledger.frozen is not None:
+            return "frozen"
+        if nonce in fact.used_nonces:
+            return "token_used"
+        dispatch = fact.dispatches.get(nonce)
+        if dispatch is None:
+            return "token_unknown"  # not a token the broker minted for this queued spell
+        if dispatch.attempt != attempt or attempt != fact.attempts + 1:
+            return "wrong_attempt"
+        if dispatch.exp <= self.store.clock():
+            return "token_expired"
+        if report.data.get("job") != dispatch.job:
+            return "wrong_job"
+        try:
+            record = self.store.get_task(report.task)
+        except (NotFound, InvalidInput):
+            return "no_record"
+        if (why := self.ledger.tampered(record)) is not None:
+            self.broker.dispatcher.tamper(report.task, why)
+            return "tampered"
+        return None
+
+    def _live_run(self, report: Report) -> tuple[int, str, str | None]:
+        """(attempt, run, why not live) for a report about a run."""
+        attempt, run = report.data.get("attempt"), str(report.data.get("run", ""))
+        if not isinstance(attempt, int) or not run:
+            raise ReportRejected("malformed")
+        self.ledger.follow()
+        fact = self.ledger.task(report.task)
+        if self.ledger.halted is not None:
+            return attempt, run, "frozen"
+        if fact is None or fact.state is not TaskState.RUNNING or fact.run != run or fact.attempts != attempt:
+            state = fact.state if fact is not None else None
+            return attempt, run, "revoked" if state is TaskState.REVOKED else "superseded"
+        if self.ledger.frozen is not None:
+            return attempt, run, "frozen"
+        record = self.store.get_task(report.task)
+        limit = record.spec.limits.run_timeout_s + JOB_TIMEOUT_MARGIN_S
+        if (fact.started_at or 0) + limit < self.store.clock():
+            return attempt, run, "superseded"  # past any run's time: no more renewals
+        return attempt, run, None
+
+    def _heartbeat(self, report: Report) -> None:
+        attempt, run, why = self._live_run(report)
+        if why is None:
+            self._lease(report.task, attempt, run)
+        else:
+            self._lease(report.task, attempt, run, status=why, reason=f"the run is no longer live ({why})")
+
+    def _result(self, report: Report) -> None:
+        attempt, run, why = self._live_run(report)
+        d = report.data
+        try:
+            to = TaskState(str(d.get("state")))
+        except ValueError:
+            raise ReportRejected("malformed") from None
+        if to not in RESULT_STATES:
+            raise ReportRejected("malformed")
+        result = d.get("result") if isinstance(d.get("result"), dict) else None
+        reason = d.get("reason") if isinstance(d.get("reason"), str) else None
+        extra = d.get("summary") if isinstance(d.get("summary"), dict) else {}
+        if why is None or why == "frozen":
+            def check(current: Task) -> None:
+                now_fact = self.ledger.follow().task(report.task)
+                if now_fact is None or now_fact.run != run or now_fact.state is not TaskState.RUNNING:
+                    raise InvalidInput("changed meanwhile")
+            try:
+                self.store.move_task(report.task, to, actor="system", reason=reason, check=check,
+                                     also=self._evidence(report), update={"result": result},
+                                     attempt=attempt, run=run, worker=report.worker, **_flat(extra))
+                self.r.delete(self.keys.lease(report.task))
+                return
+            except (IllegalTransition, InvalidInput, NotFound):
+                pass
+        state = self.ledger.task(report.task)
+        self.store.audit.record("system", "run.discarded", report.task, attempt=attempt, worker=report.worker,
+                                outcome=to.value, state=state.state.value if state else None, **_flat(extra))
+
+    def _refused(self, report: Report) -> None:
+        d = report.data
+        reason = str(d.get("reason", "refused"))[:100]
+        job = str(d.get("job", ""))[:100]
+        extra = {k: str(d[k])[:200] for k in ("func", "queue", "message") if k in d}
+        self.store.audit.record("system", "job.refused", report.task or job, reason=reason, worker=report.worker,
+                                job=job, **extra)
+        if not report.task:
+            return
+        to = TASK_FAULTS.get(reason)
+        nonce = str(d.get("nonce", ""))
+        fact = self.ledger.follow().task(report.task)
+        if to is None or fact is None or fact.state is not TaskState.QUEUED or nonce not in fact.dispatches:
+            return  # not this worker's to end: it held no current token for the task
+
+        def check(current: Task) -> None:
+            if current.state is not TaskState.QUEUED:
+                raise InvalidInput("changed meanwhile")
+
+        try:
+            self.store.move_task(report.task, to, actor="system", reason=str(d.get("message", reason))[:300],
+                                 check=check, also=self._evidence(report), refused=reason, worker=report.worker)
+        except (IllegalTransition, InvalidInput, NotFound):
+            return
+
+    def _stopped(self, report: Report) -> None:
+        d = report.data
+        self.store.audit.record("system", "run.stopped", report.task, worker=report.worker,
+                                attempt=d.get("attempt") if isinstance(d.get("attempt"), int) else None,
+                                why=str(d.get("why", ""))[:100])
+
+
+def _flat(data: dict[str, Any]) -> dict[str, Any]:
+    """Summary fields a worker sent, kept to scalars (they go into an audit event's data)."""
+    return {str(k)[:40]: v for k, v in list(data.items())[:20]
+            if isinstance(v, str | int | float | bool) or v is None}
