@@ -23,7 +23,7 @@ from intake.keys import ensure_keys, load_secret, load_signing_key
 from intake.mfa import StepUp
 from intake.policy import Policy, load_policy
 from intake.promotion import Gatekeeper
-from intake.redis_conn import check_server, make_client, redis_url
+from intake.redis_conn import check_server, make_client, redis_urls
 from intake.settings import Settings
 from intake.store import Store
 
@@ -36,12 +36,19 @@ EXAMPLE_POLICY = REPO_ROOT / "deploy" / "policy.example.toml"
 
 @dataclass
 class Broker:
+    """``url`` is the store's Redis URL; ``rq_url`` the one RQ connections use (the worker
+    user's, for an agent worker on the embedded Redis). Both may hold a password: no repr."""
+
     settings: Settings
-    url: str
+    url: str = field(repr=False)
     client: redis.Redis
     audit: AuditLog
     store: Store
     _policy: Policy | None = field(default=None, repr=False)
+    rq_url: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        self.rq_url = self.rq_url or self.url
 
     @property
     def policy(self) -> Policy:
@@ -92,10 +99,13 @@ def open_broker(settings: Settings, *, worker: bool = False) -> Iterator[Broker]
     """Open Redis (embedded or configured) and the store on it, for the block's duration.
 
     ``worker=True`` is an agent worker's view: it loads the worker-events key instead of the
-    audit key, so its audit log can append but never seal (intake.audit)."""
+    audit key, so its audit log can append but never seal (intake.audit), and its RQ
+    connections use the worker's Redis user. (Its store still reads and writes task records,
+    so on the embedded Redis it logs in as the broker user for those.)"""
     # Fail on a missing key before touching Redis.
     audit_key = load_secret(settings, "worker_events" if worker else "audit")
-    with redis_url(settings) as url:
+    with redis_urls(settings) as urls:
+        url = urls["broker"]
         client = make_client(url)
         broker: Broker | None = None
         try:
@@ -105,7 +115,7 @@ def open_broker(settings: Settings, *, worker: bool = False) -> Iterator[Broker]
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )
-            broker = Broker(settings, url, client, audit, store)
+            broker = Broker(settings, url, client, audit, store, rq_url=urls["worker" if worker else "broker"])
             yield broker
         finally:
             if broker is not None and "dispatcher" in broker.__dict__:

@@ -103,7 +103,7 @@ def build_worker(broker: Broker, config: WorkerConfig, *, name: str | None = Non
     runner = TaskRunner(claimer, config)
     return IntakeWorker(
         list(config.queues), runner=runner, audit=broker.audit, name=worker_name,
-        connection=make_client(broker.url, decode=False),
+        connection=make_client(broker.rq_url, decode=False),
     )
 
 
