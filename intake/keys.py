@@ -33,7 +33,8 @@ _VARS = {
 }
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` atomically (temp file, fsync, rename) with ``mode``; its folder 0700."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -54,7 +55,7 @@ def read_or_create_secret_text(path: Path) -> str:
     try:
         st = path.stat()
     except FileNotFoundError:
-        _write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
+        write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
         st = path.stat()
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise ConfigError(f"{path} is readable by group or others (chmod 600 it)")
@@ -80,11 +81,11 @@ def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]
     pub = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_atomic(paths["signing"], pem, 0o600)
-    _write_atomic(paths["public"], pub, 0o644)
+    write_atomic(paths["signing"], pem, 0o600)
+    write_atomic(paths["public"], pub, 0o644)
     audit_key = secrets.token_bytes(32)
-    _write_atomic(paths["audit"], base64.b64encode(audit_key) + b"\n", 0o600)
-    _write_atomic(paths["secrets"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
+    write_atomic(paths["audit"], base64.b64encode(audit_key) + b"\n", 0o600)
+    write_atomic(paths["secrets"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
     _write_worker_events_key(paths["worker_events"], audit_key)
     return paths
 
@@ -92,7 +93,7 @@ def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]
 def _write_worker_events_key(path: Path, audit_key: bytes) -> None:
     from intake.audit import worker_events_key
 
-    _write_atomic(path, base64.b64encode(worker_events_key(audit_key)) + b"\n", 0o600)
+    write_atomic(path, base64.b64encode(worker_events_key(audit_key)) + b"\n", 0o600)
 
 
 def ensure_keys(settings: Settings) -> bool:

@@ -34,7 +34,7 @@ from urllib.parse import quote
 import redis
 
 from intake.errors import RedisUnavailable
-from intake.keys import read_or_create_secret_text
+from intake.keys import read_or_create_secret_text, write_atomic
 from intake.redis_acl import ROLES, aclfile, password_hash
 from intake.settings import Settings
 
@@ -220,23 +220,14 @@ class EmbeddedRedis:
             self._users.close()
             self._users = None
 
-    def _write_private(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-
     def _start(self, timeout: float) -> None:
         # Users and config are rewritten on every start, so a changed role takes effect on the
         # next start; missing password files (a data dir from before the ACL users) are created.
         hashes = {role: password_hash(read_or_create_secret_text(self.password_file(role))) for role in ROLES}
-        self._write_private(self.dir / "users.acl", aclfile(self.prefix, hashes))
+        write_atomic(self.dir / "users.acl", aclfile(self.prefix, hashes).encode(), 0o600)
         conf = self.dir / "redis.conf"
-        self._write_private(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync))
+        write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync).encode(),
+                     0o600)
         # redis-server daemonizes itself: it is nobody's child, so whichever user is last out
         # can stop it, and Ctrl-C on `intake serve` cannot kill it under other users.
         started = subprocess.run(

@@ -381,3 +381,24 @@ def test_redis7_selectors_make_leases_read_only_and_reports_append_only(redis7: 
         for user in passwords:
             admin.acl_deluser(user)
         admin.close()
+
+
+def test_open_broker_logs_in_per_role_and_never_shows_a_password(tmp_path: Path) -> None:
+    from intake.keys import generate_keys
+    from intake.runtime import EXAMPLE_POLICY, open_broker
+
+    settings = load_settings(_env_file=None, data_dir=tmp_path / "d", policy=EXAMPLE_POLICY)
+    generate_keys(settings)
+    with open_broker(settings) as broker, open_broker(settings, worker=True) as agent:
+        worker_password = (tmp_path / "d" / "keys" / "redis-worker.pass").read_text().strip()
+        broker_password = (tmp_path / "d" / "keys" / "redis-broker.pass").read_text().strip()
+        assert "intake-broker:" in broker.url and broker.rq_url == broker.url
+        assert "intake-worker:" in agent.rq_url and worker_password in agent.rq_url
+        for shown in (repr(broker), repr(agent)):
+            assert worker_password not in shown and broker_password not in shown
+        rq = make_client(agent.rq_url)
+        try:
+            with pytest.raises(NoPerm):
+                rq.get(FREEZE)
+        finally:
+            rq.close()
