@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.slack_capture [--requests N] [--concurrency C] [--rounds R]
 
 Targets, each a server in its own process on 127.0.0.1:
-  intake   the real app: verify, durable capture on Redis (AOF everysec), ack; the outbox
+  intake   the real app: verify, durable capture on Redis (AOF, appendfsync always), ack; the outbox
            notifier posts cards to a Slack API simulator (another process) meanwhile
   bolt     a plain slack-bolt AsyncApp whose /intake handler only acks (same signed requests)
   bare     a bare aiohttp handler (same requests)

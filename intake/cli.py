@@ -377,6 +377,46 @@ def worker_key_revoke(name: str) -> None:
 
 
 
+# -- redis -----------------------------------------------------------------------------------
+@cli.group("redis")
+def redis_group() -> None:
+    """Redis set-up for a managed Redis 7+ / Valkey."""
+
+
+_ACL_HOWTO = """\
+# intake's Redis ACL users (key prefix {prefix!r}). The ACL SETUSER lines are on stdout:
+#  1. replace every CHANGE-ME-<role> with its own long random password, e.g.
+#     python3 -c 'import secrets; print(secrets.token_urlsafe(32))'
+#  2. run them as an admin: redis-cli --user ADMIN --askpass < acl.txt   (then ACL SAVE, or
+#     CONFIG REWRITE, so they outlive a restart)
+#  3. turn the default user off (ACL SETUSER default off) once your admin user works
+#  4. give each process its own user: broker INTAKE_REDIS_URL=redis://{prefix}-broker:PASSWORD@HOST/0,
+#     each worker redis://{prefix}-worker:PASSWORD@HOST/0, dashboards {prefix}-readonly
+"""
+
+
+@redis_group.command("acl")
+@click.option("--prefix", default=None, help="Key prefix the users are for (default: INTAKE_KEY_PREFIX).")
+@click.option("--worker", "worker_name", default=None,
+              help="Render the worker user for one worker (its own report stream only).")
+@click.option("--no-selectors", is_flag=True,
+              help="Flat rules for Redis 6.2 (no selectors: workers can then also overwrite leases "
+                   "and delete report streams).")
+def redis_acl(prefix: str | None, worker_name: str | None, no_selectors: bool) -> None:
+    """Print ACL SETUSER lines for the broker, worker and read-only users (passwords as placeholders)."""
+    from intake.redis_acl import setuser_commands
+
+    if prefix is None:
+        prefix = load_settings().key_prefix
+    elif not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", prefix):
+        raise InvalidInput("--prefix: must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
+    if worker_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", worker_name):
+        raise InvalidInput("--worker: must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
+    click.echo(_ACL_HOWTO.format(prefix=prefix), err=True, nl=False)
+    for line in setuser_commands(prefix, selectors=not no_selectors, worker=worker_name or "*"):
+        click.echo(line)
+
+
 # -- approvers -------------------------------------------------------------------------------
 @cli.group()
 def approver() -> None:

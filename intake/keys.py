@@ -41,7 +41,8 @@ _VARS = {
 }
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` atomically (temp file, fsync, rename) with ``mode``; its folder 0700."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -61,6 +62,23 @@ def _pem_private(key: Ed25519PrivateKey) -> bytes:
 
 def _pem_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+def read_or_create_secret_text(path: Path) -> str:
+    """A random text secret kept in ``path`` (mode 0600): read it, or create it on first use.
+
+    Used for the embedded Redis users' passwords. Callers serialise creation (the embedded
+    Redis's start lock); a file readable by group or others is refused like any private key.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
+        st = path.stat()
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(f"{path} is readable by group or others (chmod 600 it)")
+    text = path.read_text(encoding="utf-8").strip()
+    if len(text) < 16 or not text.isascii() or not text.isprintable() or " " in text:
+        raise ConfigError(f"{path} does not hold a password (delete it to generate a new one)")
+    return text
 
 
 def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]:
@@ -73,10 +91,10 @@ def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]
     if existing and not force:
         raise ConfigError(f"key file {existing[0]} already exists (use --force to replace every key)")
     private = Ed25519PrivateKey.generate()
-    _write_atomic(paths["signing"], _pem_private(private), 0o600)
-    _write_atomic(paths["public"], _pem_public(private.public_key()), 0o644)
-    _write_atomic(paths["audit"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
-    _write_atomic(paths["secrets"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
+    write_atomic(paths["signing"], _pem_private(private), 0o600)
+    write_atomic(paths["public"], _pem_public(private.public_key()), 0o644)
+    write_atomic(paths["audit"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
+    write_atomic(paths["secrets"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
     return paths
 
 
@@ -98,8 +116,8 @@ def rotate_signing_key(settings: Settings) -> tuple[str, str]:
     ring = load_public_keys(settings.keys["public"])
     others = [k for kid, k in ring.keys.items() if kid != key_id(new.public_key())]
     # The keyring first, so a verifier never sees a token whose key it does not have yet.
-    _write_atomic(settings.keys["public"], b"".join(_pem_public(k) for k in [new.public_key(), *others]), 0o644)
-    _write_atomic(settings.keys["signing"], _pem_private(new), 0o600)
+    write_atomic(settings.keys["public"], b"".join(_pem_public(k) for k in [new.public_key(), *others]), 0o644)
+    write_atomic(settings.keys["signing"], _pem_private(new), 0o600)
     return key_id(new.public_key()), key_id(old.public_key())
 
 
@@ -113,12 +131,12 @@ def retire_public_key(settings: Settings, kid: str) -> None:
     if kid == key_id(load_signing_key(settings).public_key()):
         raise ConfigError(f"key {kid} is the current signing key; rotate first")
     kept = [k for k_id, k in ring.keys.items() if k_id != kid]
-    _write_atomic(settings.keys["public"], b"".join(_pem_public(k) for k in kept), 0o644)
+    write_atomic(settings.keys["public"], b"".join(_pem_public(k) for k in kept), 0o644)
 
 
 def write_worker_key(path: Path, worker: str, generation: int, key: bytes) -> None:
     """A worker's report key file: ``NAME GENERATION BASE64KEY`` on one line, mode 0600."""
-    _write_atomic(path, f"{worker} {generation} {base64.b64encode(key).decode()}\n".encode(), 0o600)
+    write_atomic(path, f"{worker} {generation} {base64.b64encode(key).decode()}\n".encode(), 0o600)
 
 
 def load_worker_key(path: Path) -> tuple[str, int, bytes]:

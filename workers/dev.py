@@ -116,6 +116,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "INTAKE_DATA_DIR": str(settings.data_dir),
         "INTAKE_POLICY": str(settings.policy_path),
         "INTAKE_KEY_PREFIX": settings.key_prefix,
+        "INTAKE_REDIS_APPENDFSYNC": settings.redis_appendfsync,
         "INTAKE_PUBLIC_KEY": str(keys["public"]),
         "INTAKE_WORKER_KEY": str(settings.worker_key_path(DEV_WORKER_NAME)),
         # Not loaded by a worker; pointed at nothing so a stray .env cannot hand them over.

@@ -164,7 +164,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
     from intake.policy import load_policy
 
     config.check_covers(load_policy(settings.policy_path))
-    with open_redis(settings) as (url, client):
+    with open_redis(settings, role="worker") as (url, client):
         worker = build_worker(settings, url, client, config)
         log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
                  ", ".join(r.name for r in config.repos))

@@ -1,0 +1,165 @@
+"""Redis ACL users per role: who may touch which keys with which commands.
+
+Redis is storage, not authority (DESIGN.md, boundary 6), but a worker host is the likeliest to be
+compromised, so its Redis user is kept away from everything the broker decides on. Three roles,
+each an ACL user named ``<prefix>-<role>``:
+
+- ``broker``: every key under ``<prefix>:`` and RQ's ``rq:*``, every command except the
+  ``@dangerous`` ones (FLUSHALL, KEYS, CONFIG, DEBUG, SHUTDOWN, ACL, MONITOR, …) plus INFO.
+- ``worker``: RQ's keys and the commands an RQ ``SimpleWorker`` uses on them (no scripting,
+  no PUBLISH, no CLIENT LIST), SUBSCRIBE on ``rq:pubsub:*``, GET on lease keys and XADD on the
+  report streams. Nothing else under ``<prefix>:``: no task, nonce, freeze, audit, approver or
+  idea key, for reading or writing.
+- ``readonly``: ``+@read`` on every key, for dashboards.
+
+The roles are data (:data:`ROLES`), rendered per key prefix. On Redis 7+ / Valkey the worker's
+lease and report grants are ACL *selectors* (``(%R~<prefix>:lease:* +get)``), so the worker can
+GET a lease but not overwrite it, and XADD a report but not delete a stream. Redis 6.2 (the
+embedded server) has neither selectors nor ``%R~``: there the grants are merged into the user's
+flat key patterns and command list, so a worker user can also overwrite or delete lease keys and
+report streams (both signed or MAC'd by their writers; the worst it can do is stop its own work).
+Task, nonce, freeze and audit keys stay out of reach on both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+#: The commands an RQ 2.12 SimpleWorker sends (found by running one against a server with
+#: ``INFO commandstats`` and under the ACL user with ``ACL LOG``), grouped by data type.
+RQ_WORKER_COMMANDS: tuple[str, ...] = (
+    # connection and server (INFO: RQ's version check)
+    "ping", "hello", "client|setname", "info",
+    # transactions (RQ pipelines with WATCH/MULTI/EXEC)
+    "multi", "exec", "discard", "watch", "unwatch",
+    # keyspace
+    "exists", "del", "expire", "persist",
+    # strings (RQ's short-lived locks, e.g. registry cleaning)
+    "get", "set",
+    # lists (queues)
+    "lmove", "blmove", "lpop", "blpop", "lpush", "rpush", "lrem", "lpos", "lrange", "llen",
+    # hashes (jobs, workers)
+    "hset", "hget", "hgetall", "hdel", "hexists", "hincrby", "hincrbyfloat",
+    # sets (worker and queue sets)
+    "sadd", "srem", "smembers",
+    # sorted sets (registries)
+    "zadd", "zrem", "zrange", "zrangebyscore", "zcard", "zscore", "zremrangebyscore",
+    # streams (job results)
+    "xadd",
+    # pub/sub (commands from `rq` to a worker)
+    "subscribe", "unsubscribe",
+)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Commands allowed on keys matching some patterns; ``read_only`` means ``%R~`` on Redis 7+."""
+
+    keys: tuple[str, ...]
+    commands: tuple[str, ...]
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Role:
+    """One ACL user: its main grant (categories, commands, keys, pub/sub channels) plus narrower
+    grants that become selectors on Redis 7+ and are merged in on 6.2."""
+
+    name: str
+    purpose: str
+    keys: tuple[str, ...]
+    categories: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    narrow: tuple[Grant, ...] = field(default=())
+
+    def user(self, prefix: str) -> str:
+        return f"{prefix}-{self.name}"
+
+
+ROLES: dict[str, Role] = {
+    "broker": Role(
+        "broker", "the broker (intake serve and CLI commands)",
+        keys=("{prefix}:*", "rq:*"),
+        categories=("+@all", "-@dangerous"),
+        commands=("info",),  # readiness and RQ's version check; INFO is @dangerous only for its stats
+        channels=("rq:pubsub:*",),
+    ),
+    "worker": Role(
+        "worker", "agent workers (intake worker)",
+        keys=("rq:*",),
+        commands=RQ_WORKER_COMMANDS,
+        channels=("rq:pubsub:*",),
+        narrow=(
+            Grant(("{prefix}:lease:*",), ("get",), read_only=True),
+            Grant(("{prefix}:reports:{worker}",), ("xadd",)),
+        ),
+    ),
+    "readonly": Role(
+        "readonly", "dashboards and read-only inspection",
+        keys=("*",),
+        categories=("+@read",),
+    ),
+}
+
+
+def password_hash(password: str) -> str:
+    """The ``#<sha256 hex>`` rule for a password, so a file of rules never holds the password."""
+    return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+def _fill(pattern: str, prefix: str, worker: str) -> str:
+    return pattern.replace("{prefix}", prefix).replace("{worker}", worker)
+
+
+def acl_rules(role: Role, prefix: str, password_rule: str, *, selectors: bool, worker: str = "*") -> list[str]:
+    """The ``ACL SETUSER`` rules (arguments after the user name) for ``role`` under ``prefix``.
+
+    ``password_rule`` is ``>password`` or ``#sha256``. ``selectors`` renders narrow grants as
+    Redis 7 selectors; without it they are merged into the flat rules (Redis 6.2). ``worker``
+    narrows the report stream to one worker's (``<prefix>:reports:<worker>``).
+    """
+    keys = [_fill(k, prefix, worker) for k in role.keys]
+    commands = list(role.commands)
+    if not selectors:
+        for grant in role.narrow:
+            keys += [_fill(k, prefix, worker) for k in grant.keys]
+            commands += [c for c in grant.commands if c not in commands]
+    rules = ["reset", "on", password_rule, "resetkeys", *(f"~{k}" for k in keys), "resetchannels",
+             *(f"&{c}" for c in role.channels), "-@all", *role.categories, *(f"+{c}" for c in commands)]
+    if selectors:
+        for grant in role.narrow:
+            access = "%R~" if grant.read_only else "~"
+            parts = [f"{access}{_fill(k, prefix, worker)}" for k in grant.keys] + [f"+{c}" for c in grant.commands]
+            rules.append("(" + " ".join(parts) + ")")
+    return rules
+
+
+def aclfile(prefix: str, password_hashes: dict[str, str]) -> str:
+    """An ``aclfile`` for the embedded Redis 6.2: the three users, and the default user off.
+
+    ``password_hashes`` maps role name to its ``#sha256`` rule.
+    """
+    lines = ["user default off resetpass resetkeys resetchannels -@all"]
+    for name, role in ROLES.items():
+        rules = acl_rules(role, prefix, password_hashes[name], selectors=False)
+        lines.append(" ".join(["user", role.user(prefix), *rules]))
+    return "\n".join(lines) + "\n"
+
+
+def _quote(arg: str) -> str:
+    # redis-cli splits on spaces and understands double quotes; the patterns hold no quotes.
+    return f'"{arg}"' if " " in arg else arg
+
+
+def setuser_commands(prefix: str, *, selectors: bool = True, worker: str = "*") -> list[str]:
+    """``ACL SETUSER`` lines for a managed Redis, one per role, with ``>CHANGE-ME-<role>``
+    placeholders where the passwords go."""
+    lines = []
+    for name, role in ROLES.items():
+        rules = acl_rules(role, prefix, f">CHANGE-ME-{name}", selectors=selectors,
+                          worker=worker if name == "worker" else "*")
+        user = role.user(prefix) if name != "worker" or worker == "*" else f"{role.user(prefix)}-{worker}"
+        lines.append(" ".join(["ACL", "SETUSER", user, *(_quote(r) for r in rules)]))
+    return lines
