@@ -36,7 +36,7 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from workers.workspace import ChangedFile
+from workers.snapshot import ChangedFile
 
 ReadFile = Callable[[str], "str | None"]
 

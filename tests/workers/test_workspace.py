@@ -177,11 +177,12 @@ def test_commit_all_and_changed_files(ws: Workspace, remote: Remote, tmp_dirs: P
     log = git(remote.bare.parent / "scratch", "--git-dir", str(private_git_dir(tmp_dirs)), "log",
               "--format=%H %P %an <%ae> %s", "-1", "refs/heads/intake/T-1")
     assert log == f"{sha} {remote.main} intake-agent <agent@intake.invalid> intake: T-1"
-    assert ws.file_at(ws.base_sha, "src/app.py") == "print('v2')\n"
-    assert ws.file_at("HEAD", "src/app.py") == "print('v3')\n"
-    assert ws.file_at(ws.head, "README.md") is None
-    assert ws.file_at(ws.base_sha, "src/new.py") is None
-    assert ws.file_at(ws.head, "src") is None  # a directory is not a file
+    assert ws.read_base("src/app.py") == "print('v2')\n"
+    assert ws.read_head("src/app.py") == "print('v3')\n"
+    assert ws.read_head("docs/moved.md") == "old docs\n" * 20
+    assert ws.read_head("README.md") is None
+    assert ws.read_base("src/new.py") is None
+    assert ws.read_head("src") is None  # a directory is not a file
 
 
 def test_commit_all_without_changes_returns_none(ws: Workspace) -> None:
@@ -206,12 +207,9 @@ def test_second_commit_builds_on_the_first(ws: Workspace) -> None:
     assert ws.changed_files() == [ChangedFile("b.txt", "A")]
 
 
-def test_file_at_refuses_relative_tricks(ws: Workspace) -> None:
-    for path in ("../x", "./README.md", "/etc/passwd", ""):
-        with pytest.raises(GitError, match="invalid repository path"):
-            ws.file_at(ws.base_sha, path)
-    with pytest.raises(GitError, match="invalid revision"):
-        ws.file_at("--output=/tmp/x", "README.md")
+def test_reads_know_only_recorded_paths(ws: Workspace) -> None:
+    for path in ("../x", "./README.md", "/etc/passwd", "", "src", "README.md/x"):
+        assert ws.read_base(path) is None and ws.read_head(path) is None
 
 
 @pytest.mark.parametrize("name", ["bad..name", "-x", "@{-1}", "a b", "HEAD", "x.lock", "a:b", ""])
@@ -436,9 +434,8 @@ def test_demo_agent_change_passes_the_gates_and_is_pushed(ws: Workspace, remote:
     assert changed == [ChangedFile("docs/intake/T-10.md", "A")]
     reasons = run_gates(
         changed=changed, branch="intake/T-10", branch_prefix="intake",
-        allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
-        read_before=lambda p: ws.file_at(ws.base_sha, p),
-        read_after=lambda p: ws.file_at(ws.head, p),
+        change_type="docs", change_type_paths=["docs/**", "**/*.md"], allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
+        read_before=ws.read_base, read_after=ws.read_head,
         dependency_allowlist=[],
     )
     assert reasons == []
@@ -454,9 +451,8 @@ def test_gates_see_a_blocked_change_and_a_new_dependency(ws: Workspace) -> None:
     ws.commit_all("c")
     reasons = run_gates(
         changed=ws.changed_files(), branch="intake/T-11", branch_prefix="intake",
-        allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
-        read_before=lambda p: ws.file_at(ws.base_sha, p),
-        read_after=lambda p: ws.file_at(ws.head, p),
+        change_type="dependency-bump", change_type_paths=["**"], allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
+        read_before=ws.read_base, read_after=ws.read_head,
         dependency_allowlist=["attrs"],
     )
     assert reasons == [
