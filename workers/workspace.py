@@ -44,6 +44,7 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 from intake.errors import IntakeError
+from workers.gates import manifest_kind
 from workers.snapshot import (
     MODE_EXEC,
     MODE_FILE,
@@ -245,6 +246,7 @@ class Workspace:
         self.base: Tree = {}
         self._head_tree: Tree = {}
         self._scan = Scan()
+        self._base_manifests: dict[str, bytes] = {}
 
     # -- construction -----------------------------------------------------------------------
 
@@ -310,6 +312,13 @@ class Workspace:
             raise GitError("git ls-tree of the base commit failed")
         self.base = parse_ls_tree(listing.stdout)
         self._head_tree = dict(self.base)
+        # The manifests the dependency gate compares are held in memory from now on, so even
+        # a base object rewritten in place (which :meth:`_blob` would refuse) cannot keep the
+        # gate from seeing the real "before".
+        self._base_manifests = {
+            path: self._blob(entry.oid) for path, entry in self.base.items()
+            if entry.mode in {MODE_FILE, MODE_EXEC} and manifest_kind(path) is not None
+        }
 
     def _resolve_base(self, base_ref: str) -> str:
         candidates = [f"refs/remotes/origin/{base_ref}", f"refs/tags/{base_ref}"]
@@ -421,9 +430,11 @@ class Workspace:
         for path, data in scan.contents.items():
             oid = scan.tree[path].oid
             written = self._git(["hash-object", "-w", "--no-filters", "--stdin"], stdin=data).strip()
-            # An object the agent planted under this id would be kept by git as it is.
-            if written != oid or self._blob(oid) != data:
-                raise GitError(f"could not store {path!r} faithfully; the object store was tampered with")
+            if written != oid:
+                raise GitError(f"git stored {path!r} under an unexpected id")
+            # git keeps an object it already has, so one the agent planted under this id
+            # survives the write: read it back (verified), or the push would carry it.
+            self._blob(oid)
         self._commits += 1
         index = {"GIT_INDEX_FILE": str(self._private / f"index-{self._commits}")}
         records = b"".join(
@@ -463,11 +474,14 @@ class Workspace:
 
     def read_base(self, path: str) -> str | None:
         """The text of regular file ``path`` in the recorded base, or ``None`` if absent (or a
-        directory, link or submodule). Read by id and re-hashed: a tampered object raises."""
+        directory, link or submodule). Manifests come from memory (read at clone time); other
+        files are read by their recorded id and re-hashed, so a tampered object raises
+        :class:`~workers.snapshot.SnapshotError`."""
         entry = self.base.get(path)
         if entry is None or entry.mode not in {MODE_FILE, MODE_EXEC}:
             return None
-        return self._blob(entry.oid).decode("utf-8", "replace")
+        data = self._base_manifests.get(path)
+        return (data if data is not None else self._blob(entry.oid)).decode("utf-8", "replace")
 
     def read_head(self, path: str) -> str | None:
         """The text of regular file ``path`` as the worker read it for :attr:`head`, or ``None``."""

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from workers.agents import DemoAgent, build_prompt
 from workers.gates import run_gates
+from workers.snapshot import SnapshotError, blob_id
 from workers.workspace import ChangedFile, GitError, Workspace, run_git
 
 
@@ -459,3 +460,56 @@ def test_gates_see_a_blocked_change_and_a_new_dependency(ws: Workspace) -> None:
         "blocked path: payments/keys/k.pem",
         "dependency not on the allowlist: requests (docs/requirements.txt)",
     ]
+
+
+# -- the gates' view is the worker's own ----------------------------------------------------
+
+
+def _rewrite_object(git_dir: Path, oid: str, content: bytes) -> None:
+    """What a same-uid agent can do: replace a loose object's bytes in place."""
+    import zlib
+
+    obj = git_dir / "objects" / oid[:2] / oid[2:]
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    tmp = obj.with_name(obj.name + ".new")
+    tmp.write_bytes(zlib.compress(b"blob %d\0" % len(content) + content))
+    os.replace(tmp, obj)
+
+
+def test_a_rewritten_base_object_is_refused_not_believed(ws: Workspace, tmp_dirs: Path) -> None:
+    oid = ws.base["src/app.py"].oid
+    _rewrite_object(private_git_dir(tmp_dirs), oid, b"print('planted')\n")
+    with pytest.raises(SnapshotError, match="does not match its id"):
+        ws.read_base("src/app.py")
+
+
+def test_an_object_planted_under_the_results_id_is_detected(ws: Workspace, tmp_dirs: Path) -> None:
+    content = b"x = 1\n"
+    # The agent knows what it will write, so it can plant other bytes under that id first.
+    _rewrite_object(private_git_dir(tmp_dirs), blob_id(content), b"import os; os.system('id')\n")
+    write(ws.path, "src/new.py", content.decode())
+    ws.create_branch("intake/T-12")
+    with pytest.raises(SnapshotError, match="tampered"):
+        ws.commit_all("c")
+    assert ws.head == ws.base_sha
+
+
+def test_the_scan_follows_git_add_semantics(ws: Workspace) -> None:
+    write(ws.path, ".gitignore", "build/\n*.log\n")
+    write(ws.path, "build/out.bin", "junk\n")
+    write(ws.path, "debug.log", "junk\n")
+    write(ws.path, "payments/keys/k.pem", "not a real key, changed\n")
+    (ws.path / "src/app.py").chmod(0o755)
+    write(ws.path, ".git/HEAD", "ref: refs/heads/agent\n")  # the agent's own throwaway repo
+    ws.create_branch("intake/T-13")
+    assert ws.commit_all("c") is not None
+    assert ws.changed_files() == [
+        ChangedFile(".gitignore", "A"),
+        ChangedFile("payments/keys/k.pem", "M"),
+        ChangedFile("src/app.py", "M"),  # a mode change is a change
+    ]
+    # Tracked at the base, it stays tracked even when a new ignore rule covers it.
+    write(ws.path, ".gitignore", "build/\n*.log\n*.pem\n")
+    assert ws.commit_all("d") is not None
+    assert ChangedFile("payments/keys/k.pem", "M") in ws.changed_files()
+    assert ws.read_head("payments/keys/k.pem") == "not a real key, changed\n"
