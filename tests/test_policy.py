@@ -23,7 +23,7 @@ def test_example_policy_is_valid_and_says_what_issue_requires() -> None:
     assert web and payments
     assert policy.risk_tiers[web.tier].approvals == 1
     assert policy.risk_tiers[web.tier].groups == ("platform",)
-    assert set(web.change_types) == {"docs", "tests", "bugfix", "feature", "dependency-bump"}
+    assert set(web.change_types) == {"docs", "tests", "bugfix", "dependency-bump"}
     tier = policy.risk_tiers[payments.tier]
     assert tier.approvals == 2 and tier.require == {"security": 1}
     assert "payments/keys/**" in payments.blocked_paths
@@ -55,12 +55,20 @@ BROKEN = [
     ("unknown key", lambda d: d.update(approvers_channel="C1"), "approvers_channel", "Extra inputs"),
     ("duplicate repo", lambda d: d["repos"].append(dict(d["repos"][0])), "repos[2].name", "duplicate repo"),
     ("unknown change type", lambda d: d["repos"][0]["change_types"].append("rewrite"),
-     "repos[0].change_types[5]", "unknown change type 'rewrite'"),
+     "repos[0].change_types[4]", "unknown change type 'rewrite'"),
     ("too few members", lambda d: d["groups"]["security"].update(members=["carol"]) or
      d["risk_tiers"]["privileged"].update(groups=["security"]), "risk_tiers.privileged.approvals",
      "needs 2 distinct approvers but its groups have 1"),
     ("escaping glob", lambda d: d["repos"][0].update(blocked_paths=["../secrets/**"]),
      "repos[0].blocked_paths[0]", "without '..'"),
+    ("change type without paths", lambda d: d["change_types"]["docs"].pop("paths"),
+     "change_types.docs.paths", "Field required"),
+    ("change type with no paths", lambda d: d["change_types"]["docs"].update(paths=[]),
+     "change_types.docs.paths", "at least 1"),
+    ("bad change-type glob", lambda d: d["change_types"]["tests"].update(paths=["tests//x"]),
+     "change_types.tests.paths[0]", "invalid path pattern"),
+    ("escaping change-type glob", lambda d: d["change_types"]["docs"].update(paths=["../**"]),
+     "change_types.docs.paths[0]", "without '..'"),
     ("require outside groups", lambda d: d["risk_tiers"]["standard"].update(require={"security": 1}),
      "risk_tiers.standard.require.security", "not one of the tier's groups"),
 ]
