@@ -148,6 +148,16 @@ def scan_work_tree(
     ``base``: ignored paths (``ignored`` answers from the tree's ignore rules) are left out
     unless the base tracks them. Modes as git records them (executable bit, symlink). A base
     gitlink stays as it was if its directory is still there."""
+    try:
+        return _scan(root, base, object_format, ignored)
+    except OSError as exc:  # say an unreadable file left by the agent, not a worker crash
+        raise SnapshotError(f"cannot read the work tree: {exc.strerror}: {exc.filename!r}") from None
+
+
+def _scan(
+    root: Path, base: Mapping[str, Entry], object_format: str,
+    ignored: Callable[[list[str]], set[str]],
+) -> Scan:
     found = list(_walk(root, {p for p, e in base.items() if e.mode == MODE_GITLINK}))
     candidates = [p for p, _ in found if p not in base]
     skip = ignored(candidates) if candidates else set()
