@@ -168,6 +168,9 @@ class TaskSpec(_Model):
     repo: str
     base_ref: str
     change_type: str
+    #: The change type's own paths (policy ``[change_types.NAME] paths``); the gates enforce
+    #: them intersected with ``allowed_paths`` minus ``blocked_paths``.
+    change_type_paths: tuple[str, ...]
     allowed_paths: tuple[str, ...]
     blocked_paths: tuple[str, ...]
     branch_prefix: str

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from intake.errors import PolicyError
 from intake.models import canonical_json, sha256_hex
+from workers.gates import validate_pattern
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")
@@ -48,6 +49,8 @@ def _glob(value: str) -> str:
         raise ValueError("must be a non-empty path glob without spaces")
     if value.startswith("/") or ".." in value.split("/"):
         raise ValueError("must be relative to the repo root, without '..'")
+    # The gates' own pattern compiler: a pattern the worker would refuse never gets approved.
+    validate_pattern(value)
     return value
 
 
@@ -74,7 +77,12 @@ class Dependencies(_Strict):
 
 
 class ChangeType(_Strict):
+    """A kind of change and the paths it may touch (globs, as the gates match them). A task's
+    effective scope is these paths intersected with its repo's allowed and blocked paths; build
+    and dependency files are further limited to ``dependency-bump`` (see workers/gates.py)."""
+
     description: str = ""
+    paths: tuple[Glob, ...] = Field(min_length=1)
 
 
 class RiskTier(_Strict):

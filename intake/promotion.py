@@ -112,6 +112,7 @@ class Gatekeeper:
             repo=repo.name,
             base_ref=repo.base_ref,
             change_type=change_type,
+            change_type_paths=self.policy.change_types[change_type].paths,
             allowed_paths=repo.allowed_paths,
             blocked_paths=repo.blocked_paths,
             branch_prefix=repo.branch_prefix,

@@ -19,7 +19,8 @@ NOW = 1_800_000_000.0
 def spec(**changes: object) -> TaskSpec:
     fields: dict = dict(
         idea_id="I-000000000001", prompt="fix the docs", repo="acme/web", base_ref="main",
-        change_type="docs", allowed_paths=("**",), blocked_paths=(".github/**",), branch_prefix="intake",
+        change_type="docs", change_type_paths=("docs/**",), allowed_paths=("**",),
+        blocked_paths=(".github/**",), branch_prefix="intake",
         required_checks=("ci/test",), limits=Limits(run_timeout_s=60, max_output_bytes=4096),
         policy_version="a" * 64,
     )

@@ -26,6 +26,7 @@ make the gate stricter, never looser.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +34,9 @@ from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any
 
-from workers.workspace import ChangedFile
+from packaging.requirements import InvalidRequirement, Requirement
+
+from workers.snapshot import ChangedFile
 
 ReadFile = Callable[[str], "str | None"]
 
@@ -154,16 +157,21 @@ def _dedupe(reasons: Iterable[str]) -> list[str]:
 
 
 def check_paths(
-    changed: Sequence[ChangedFile], allowed: Sequence[str], blocked: Sequence[str]
+    changed: Sequence[ChangedFile],
+    allowed: Sequence[str],
+    blocked: Sequence[str],
+    change_type_paths: Sequence[str] | None = None,
 ) -> list[str]:
     """Reasons why the changed paths fall outside the spec's scope.
 
-    Every path must match an allowed pattern and no blocked pattern; blocked beats allowed.
+    Every path must match an allowed pattern, a pattern of the change type's paths (when
+    given) and no blocked pattern: the scope is the intersection, and blocked beats both.
     A rename is checked at both its old and its new path, a deletion at its path. No allowed
-    patterns means nothing is allowed.
+    patterns (or an empty change-type scope) means nothing is allowed.
     """
+    scope = () if change_type_paths is None else tuple(change_type_paths)
     bad = []
-    for pattern in (*allowed, *blocked):
+    for pattern in (*allowed, *blocked, *scope):
         try:
             validate_pattern(pattern)
         except ValueError:
@@ -179,6 +187,8 @@ def check_paths(
                 reasons.append(f"blocked path: {_show(path)}")
             elif not any(glob_match(a, path) for a in allowed):
                 reasons.append(f"path outside allowed paths: {_show(path)}")
+            elif change_type_paths is not None and not any(glob_match(c, path) for c in scope):
+                reasons.append(f"path outside the change type's paths: {_show(path)}")
     return _dedupe(reasons)
 
 
@@ -236,35 +246,115 @@ def _canonical(value: Any) -> str:
 
 
 def manifest_kind(path: str) -> str | None:
-    """Which manifest format ``path`` is (by file name), or ``None`` for other files."""
-    p = PurePosixPath(path)
+    """Which parsed manifest format ``path`` is (by file name, case-insensitively), or ``None``."""
+    p = PurePosixPath(path.lower())
     if p.name == "pyproject.toml":
         return "pyproject"
-    if re.fullmatch(r"requirements.*\.txt", p.name) or (
-        p.suffix == ".txt" and p.parent.name == "requirements"
+    if (
+        re.fullmatch(r"(requirements|constraints).*\.(txt|in)", p.name)
+        or (p.suffix in {".txt", ".in"} and p.parent.name == "requirements")
     ):
         return "requirements"
-    return {"package.json": "npm", "go.mod": "go", "Cargo.toml": "cargo"}.get(p.name)
+    return {"package.json": "npm", "go.mod": "go", "cargo.toml": "cargo"}.get(p.name)
 
 
-_PEP508 = re.compile(r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(.*)", re.DOTALL)
-_URL_REQ = re.compile(r"^(\[[^\]]*\])?\s*@")
+# Build and dependency files, matched by lower-cased file name anywhere in the tree: they say
+# where packages come from and what runs at install, build or CI time. Only the manifests that
+# :func:`manifest_kind` parses can be checked against the allowlist; an agent may never change
+# the others (a human makes those changes). Makefiles and Dockerfiles count: they fetch and run
+# code with the build's privileges, and nothing here can tell a safe edit from a curl | sh.
+_BUILD_NAMES = frozenset({
+    # Python
+    "setup.py", "setup.cfg", "pyproject.toml", "pipfile", "pipfile.lock", "poetry.lock",
+    "uv.lock", "uv.toml", "pdm.lock", "pylock.toml", "pip.conf", "pip.ini", ".pypirc",
+    "tox.ini", "noxfile.py", "manifest.in", ".pre-commit-config.yaml",
+    # JavaScript
+    "package.json", "package-lock.json", "npm-shrinkwrap.json", "yarn.lock", "pnpm-lock.yaml",
+    "pnpm-workspace.yaml", ".pnpmfile.cjs", "bun.lock", "bun.lockb", ".npmrc", ".yarnrc",
+    ".yarnrc.yml", "deno.json", "deno.lock",
+    # Go, Rust, Ruby, PHP, JVM
+    "go.mod", "go.sum", "go.work", "go.work.sum", "cargo.toml", "cargo.lock", "build.rs",
+    "rust-toolchain", "rust-toolchain.toml", "gemfile", "gemfile.lock", "composer.json",
+    "composer.lock", "pom.xml", "gradle.properties", "gradle-wrapper.properties", "gradlew",
+    # Make and containers
+    "makefile", "gnumakefile", "dockerfile", "containerfile", ".dockerignore",
+})
+_BUILD_NAME_PATTERNS = re.compile(
+    r"requirements.*\.(txt|in)|constraints.*\.txt|(build|settings)\.gradle(\.kts)?"
+    r"|.*\.gemspec|.*\.mk|(docker|container)file\..*|.*\.dockerfile"
+)
+# Files that are build configuration by the directory they sit in.
+_BUILD_IN_DIR = {".cargo": {"config", "config.toml"}, ".pip": {"pip.conf"},
+                 ".mvn": None, ".yarn": None}
+
+
+def is_build_file(path: str) -> bool:
+    """Whether ``path`` is a build or dependency file (see ``_BUILD_NAMES``), case-insensitively,
+    at any depth. Only ``dependency-bump`` tasks may change one, and only a parsed manifest."""
+    if manifest_kind(path) is not None:
+        return True
+    parts = path.lower().split("/")
+    name = parts[-1]
+    if name in _BUILD_NAMES or _BUILD_NAME_PATTERNS.fullmatch(name):
+        return True
+    for directory in parts[:-1]:
+        if directory in _BUILD_IN_DIR:
+            names = _BUILD_IN_DIR[directory]
+            if names is None or name in names:
+                return True
+    return False
+
+
+#: The change type whose tasks may change dependency manifests (and nothing else may).
+DEPENDENCY_BUMP = "dependency-bump"
+
+
+def check_build_files(changed: Sequence[ChangedFile], change_type: str) -> list[str]:
+    """Reasons for build and dependency files changed outside what ``change_type`` may do.
+
+    Outside ``dependency-bump`` no build file may be added, changed, renamed or removed. In a
+    ``dependency-bump`` only a parsed manifest may change (its dependencies then go through
+    :func:`check_dependencies`), and none may be removed: removing or renaming a manifest away
+    changes what gets installed without naming a package.
+    """
+    reasons = []
+    for change in changed:
+        ends = (change.old_path, change.path) if change.old_path else (change.path,)
+        for path in ends:
+            if not is_build_file(path):
+                continue
+            if change_type != DEPENDENCY_BUMP:
+                reasons.append(f"build or dependency file changed outside a {DEPENDENCY_BUMP} task: "
+                               f"{_show(path)}")
+            elif manifest_kind(path) is None:
+                reasons.append(f"build file an agent may not change: {_show(path)}")
+            elif change.status == "D" or (
+                path == change.old_path and manifest_kind(change.path) != manifest_kind(path)
+            ):
+                reasons.append(f"dependency manifest removed: {_show(path)}")
+    return _dedupe(reasons)
+
+
+def _requirement(text: str) -> Requirement:
+    try:
+        return Requirement(text)
+    except InvalidRequirement:
+        raise _Unparseable from None
+
+
+def _spec_of(req: Requirement, hashes: Sequence[str] = ()) -> str:
+    return _canonical([sorted(req.extras), str(req.specifier), str(req.marker or ""), sorted(hashes)])
 
 
 def _pep508(requirement: str) -> tuple[str, str]:
     """(reported name, spec) for a PEP 508 string; a direct URL reference is named raw."""
     if not isinstance(requirement, str):
         raise _Unparseable
-    match = _PEP508.fullmatch(requirement)
-    if match is None:
-        raise _Unparseable
-    name, rest = match.group(1), match.group(2).strip()
-    if rest and rest[0] not in "[(<>=!~;@-":
-        raise _Unparseable
-    if _URL_REQ.match(rest):
+    req = _requirement(requirement)
+    if req.url is not None:
         # "name @ https://…": a source outside the index; an allowed *name* must not admit it.
         return " ".join(requirement.split()), ""
-    return normalize_python_name(name), re.sub(r"\s+", "", rest)
+    return normalize_python_name(req.name), _spec_of(req)
 
 
 def _add_pep508(deps: _Deps, section: str, requirements: Any) -> None:
@@ -335,44 +425,86 @@ def _parse_pyproject(text: str) -> _Deps:
     return deps
 
 
-# Options that change where packages come from or which other files are read. A new index or
-# a newly included file (whose name may not look like a manifest, so nothing else would check
-# it) is a new dependency source, named by the raw line. Other "--" options are ignored.
-_SOURCE_OPTIONS = (
-    "-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--trusted-host",
-    "-e", "--editable", "-r", "--requirement", "-c", "--constraint",
-)
+# Requirements-file options that neither add a package source nor run anything. Every other
+# option line is refused, and pip's own abbreviations (optparse accepts any unambiguous prefix:
+# "--index=" is "--index-url=", "--extra-index=", "--find=", "--trusted=") never match: only
+# these exact names pass. "-r"/"-c" includes are allowed when they name a requirements file
+# inside the tree, which the gates then see like any other manifest.
+_SAFE_FLAGS = frozenset({"--require-hashes", "--prefer-binary", "--pre"})
+_SAFE_VALUED = {"--only-binary": re.compile(r"[A-Za-z0-9:._,-]+")}
+_INCLUDES = frozenset({"-r", "--requirement", "-c", "--constraint"})
+_HASH = re.compile(r"(sha256|sha384|sha512):[0-9a-fA-F]{64,128}")
 _URL_OR_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:|\.|/|~)")
 
 
-def _option_name(line: str) -> str:
-    head = line.split(None, 1)[0].split("=", 1)[0]
-    for short in ("-i", "-f", "-e", "-r", "-c"):
-        if head.startswith(short) and not head.startswith("--"):
-            return short  # "-ihttps://…" is "-i https://…"
-    return head
+def _option(line: str) -> tuple[str, str]:
+    """(option name, value) of an option line: ``--name=v``, ``--name v``, ``-xv``, ``-x v``."""
+    first, rest = line.split(None, 1)[0], " ".join(line.split()[1:])
+    if first.startswith("--"):
+        name, eq, value = first.partition("=")
+        return name, (value + (" " + rest if rest else "")) if eq else rest
+    return first[:2], first[2:] + (" " + rest if first[2:] and rest else rest)
 
 
-def _parse_requirements(text: str) -> _Deps:
+def _include_target(path: str, value: str) -> str | None:
+    """The repository path an include names, if it is a requirements file inside the tree."""
+    if not value or "${" in value or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|/|~", value):
+        return None  # empty, an environment variable, a URL, absolute or home-relative
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(path), value))
+    if target.startswith("../") or target in {".", ".."} or not is_safe_path(target):
+        return None
+    return target if manifest_kind(target) == "requirements" else None
+
+
+def _refuse_option(line: str, path: str) -> str | None:
+    """Why an option line is refused, or ``None`` for the safe set."""
+    name, value = _option(line)
+    if name in _SAFE_FLAGS:
+        return None if not value else "unexpected value"
+    if name in _SAFE_VALUED:
+        return None if _SAFE_VALUED[name].fullmatch(value) else "unexpected value"
+    if name in _INCLUDES:
+        return None if _include_target(path, value) is not None else "include outside the tree"
+    return "option not allowed"
+
+
+def _parse_requirements(text: str, path: str = "requirements.txt") -> _Deps:
+    """pip's requirements format: one PEP 508 requirement per line (parsed by ``packaging``),
+    with ``--hash`` options only; option lines from the safe set only. A refused line is kept
+    under the ``refused`` section, so that adding it is a change no allowlist admits."""
     deps: _Deps = {}
     joined = re.sub(r"\\\r?\n", " ", text)  # pip joins lines that end with a backslash
     for raw in joined.splitlines():
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
+        shown = " ".join(line.split())
         if line.startswith("-"):
-            option = _option_name(line)
-            if option in _SOURCE_OPTIONS:
-                deps[("raw", " ".join(line.split()))] = ""
-            elif not option.startswith("--"):
-                raise _Unparseable  # an unknown short option: we cannot tell what it does
+            why = _refuse_option(line, path)
+            if why is not None:
+                deps[("refused", shown)] = why
             continue
         if _URL_OR_PATH.match(line):
-            # A URL, VCS or local path requirement has no index name to allow: named raw.
-            deps[("raw", " ".join(line.split()))] = ""
+            # A URL, VCS or local path requirement has no index name to allow.
+            deps[("refused", shown)] = "URL or path requirement"
             continue
-        name, spec = _pep508(line)
-        deps[("requirements", name)] = spec
+        tokens = line.split()
+        cut = next((i for i, t in enumerate(tokens) if t.startswith("-")), len(tokens))
+        hashes, options = [], tokens[cut:]
+        while options:
+            opt = options.pop(0)
+            value = opt.removeprefix("--hash=") if opt.startswith("--hash=") else (
+                options.pop(0) if opt == "--hash" and options else None)
+            if value is None or not _HASH.fullmatch(value):
+                deps[("refused", shown)] = "per-requirement option not allowed"
+                break
+            hashes.append(value.lower())
+        else:
+            req = _requirement(" ".join(tokens[:cut]))
+            if req.url is not None:
+                deps[("refused", shown)] = "direct URL reference"
+            else:
+                deps[("requirements", normalize_python_name(req.name))] = _spec_of(req, hashes)
     return deps
 
 
@@ -498,11 +630,28 @@ def _parse_cargo(text: str) -> _Deps:
 
 _PARSERS: dict[str, Callable[[str], _Deps]] = {
     "pyproject": _parse_pyproject,
-    "requirements": _parse_requirements,
+    "requirements": _parse_requirements,  # given the manifest's path (for includes)
     "npm": _parse_package_json,
     "go": _parse_go_mod,
     "cargo": _parse_cargo,
 }
+
+
+def _changed_keys(path: str, before: str | None, after: str | None) -> set[tuple[str, str]]:
+    kind = manifest_kind(path)
+    if kind is None or after is None or before == after:
+        return set()
+    parse = _PARSERS[kind]
+    if kind == "requirements":
+        def parse(text: str) -> _Deps:
+            return _parse_requirements(text, path)
+    try:
+        old = parse(before) if before is not None else {}
+        new = parse(after)
+    except (_Unparseable, ValueError, TypeError, AttributeError, IndexError):
+        # tomllib and json errors are ValueErrors; odd shapes give the others.
+        return {("unparseable", f"{path}: unparseable manifest")}
+    return {key for key, spec in new.items() if old.get(key) != spec}
 
 
 def dependency_changes(path: str, before: str | None, after: str | None) -> set[str]:
@@ -511,20 +660,11 @@ def dependency_changes(path: str, before: str | None, after: str | None) -> set[
     ``before``/``after`` are the file's text (``None``: absent). Python names are PEP 503
     normalised, crate names lower-cased with ``_`` as ``-``. A dependency from outside the
     package index (a URL, VCS or path source, a new index, a Go ``replace``, a Cargo ``patch``)
-    is named by its raw text, so an allowlisted *name* never admits it. A manifest that does
-    not parse yields ``{"<path>: unparseable manifest"}``. Other files yield nothing.
+    and a refused requirements line (see ``_SAFE_FLAGS``) are named by their raw text, so an
+    allowlisted *name* never admits them. A manifest that does not parse yields
+    ``{"<path>: unparseable manifest"}``. Other files yield nothing.
     """
-    kind = manifest_kind(path)
-    if kind is None or after is None or before == after:
-        return set()
-    parse = _PARSERS[kind]
-    try:
-        old = parse(before) if before is not None else {}
-        new = parse(after)
-    except (_Unparseable, ValueError, TypeError, AttributeError, IndexError):
-        # tomllib and json errors are ValueErrors; odd shapes give the others.
-        return {f"{path}: unparseable manifest"}
-    return {key[1] for key, spec in new.items() if old.get(key) != spec}
+    return {name for _, name in _changed_keys(path, before, after)}
 
 
 def _allowed_names(kind: str, allowlist: Sequence[str]) -> set[str]:
@@ -558,11 +698,15 @@ def check_dependencies(
             before = read_before(change.path)
         elif change.status == "R" and change.old_path and manifest_kind(change.old_path) == kind:
             before = read_before(change.old_path)
-        names = dependency_changes(change.path, before, read_after(change.path))
+        keys = _changed_keys(change.path, before, read_after(change.path))
         allowed = _allowed_names(kind, allowlist)
-        for name in sorted(names - allowed):
-            reasons.append(f"dependency not on the allowlist: {_show(name)} ({_show(change.path)})")
-    return reasons
+        for section, name in sorted(keys, key=lambda k: (k[0] != "refused", k[1])):
+            if section == "refused":
+                # Never admitted, whatever the allowlist says: it is not a package.
+                reasons.append(f"requirement line not allowed: {_show(name)} ({_show(change.path)})")
+            elif name not in allowed:
+                reasons.append(f"dependency not on the allowlist: {_show(name)} ({_show(change.path)})")
+    return _dedupe(reasons)
 
 
 def run_gates(
@@ -570,16 +714,23 @@ def run_gates(
     changed: Sequence[ChangedFile],
     branch: str,
     branch_prefix: str,
+    change_type: str,
+    change_type_paths: Sequence[str],
     allowed_paths: Sequence[str],
     blocked_paths: Sequence[str],
     read_before: ReadFile,
     read_after: ReadFile,
     dependency_allowlist: Sequence[str],
 ) -> list[str]:
-    """All gates on one change: branch, paths, dependencies. An empty list means it passes."""
-    return [
+    """All gates on one change: branch, paths (the repo's scope intersected with the change
+    type's), build files, and, in a ``dependency-bump``, the dependencies its manifests change.
+    An empty list means it passes. ``read_before``/``read_after`` must read trusted copies
+    (see :mod:`workers.snapshot`), never anything the agent could have rewritten."""
+    reasons = [
         *check_branch(branch, branch_prefix),
-        *check_paths(changed, allowed_paths, blocked_paths),
-        *check_dependencies(changed, read_before, read_after, dependency_allowlist),
+        *check_paths(changed, allowed_paths, blocked_paths, change_type_paths),
+        *check_build_files(changed, change_type),
     ]
-
+    if change_type == DEPENDENCY_BUMP:
+        reasons += check_dependencies(changed, read_before, read_after, dependency_allowlist)
+    return reasons

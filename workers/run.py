@@ -205,9 +205,11 @@ class TaskRunner:
                 files = [c.path for c in changed][:MAX_LISTED_FILES]
                 reasons = run_gates(
                     changed=changed, branch=branch, branch_prefix=spec.branch_prefix,
+                    change_type=spec.change_type, change_type_paths=spec.change_type_paths,
                     allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
-                    read_before=lambda path: ws.file_at(ws.base_sha, path),
-                    read_after=lambda path: ws.file_at(ws.head, path),
+                    # Trusted copies only: the base as snapshotted before the agent ran, the
+                    # result as the worker read it from the work tree (workers/snapshot.py).
+                    read_before=ws.read_base, read_after=ws.read_head,
                     # The policy the task was approved under (checked at claim time).
                     dependency_allowlist=claim.policy.dependencies.allow,
                 ) + ws.special_entries()

@@ -17,6 +17,11 @@ Security notes (DESIGN.md boundary 7):
   a fresh index, and :meth:`Workspace.push` pushes that exact sha to the exact URL that was
   cloned, never forced. History the agent might have written into the object store is neither
   committed on top of nor pushed.
+* What the gates see is not read back through git after the agent ran (workers/snapshot.py):
+  the base tree is recorded in memory before the agent starts and its blobs are re-hashed on
+  every read; the result is read from the work tree's files by the worker, and committed from
+  exactly that reading (blobs written with ``--no-filters``, a fresh index built from the
+  recorded entries, never ``read-tree``/``add`` over objects the agent could have rewritten).
 
 Real isolation of a hostile agent (a separate uid, a sandbox) is the deployment's job; these
 measures keep a same-uid agent from turning the worker's own git commands against it.
@@ -34,13 +39,25 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 from urllib.parse import urlsplit
 
 from intake.errors import IntakeError
+from workers.gates import manifest_kind
+from workers.snapshot import (
+    MODE_EXEC,
+    MODE_FILE,
+    MODE_GITLINK,
+    MODE_LINK,
+    ChangedFile,
+    Scan,
+    Tree,
+    diff,
+    parse_ls_tree,
+    scan_work_tree,
+    verified_blob,
+)
 
 AGENT_NAME = "intake-agent"
 AGENT_EMAIL = "agent@intake.invalid"
@@ -77,22 +94,6 @@ class GitError(IntakeError):
     """A git command failed; the message is one line and never contains a credential."""
 
 
-Status = Literal["A", "M", "D", "R"]
-
-
-@dataclass(frozen=True)
-class ChangedFile:
-    """One path changed between the base commit and the worker's commit.
-
-    ``status`` is ``A``dded, ``M``odified (including a type change), ``D``eleted or ``R``enamed;
-    for a rename ``old_path`` is the path it had at the base.
-    """
-
-    path: str
-    status: Status
-    old_path: str | None = None
-
-
 def _scrub(text: str, env: Mapping[str, str]) -> str:
     """Remove anything credential-shaped from a message: the token and URL user info."""
     token = env.get(TOKEN_ENV, "")
@@ -113,7 +114,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _run(
-    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float
+    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     """Run git and return the completed process whatever its exit code."""
     subcommand = args[0] if args else "(none)"
@@ -140,7 +141,7 @@ def _run(
                 ["git", *_HARDENING, *args],
                 cwd=cwd,
                 env=full_env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
@@ -148,7 +149,7 @@ def _run(
         except FileNotFoundError as exc:
             raise GitError("git executable not found on PATH") from exc
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             proc.communicate()
@@ -161,7 +162,8 @@ def _run(
 
 
 def run_git(
-    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float = 120
+    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float = 120,
+    stdin: bytes | None = None,
 ) -> str:
     """Run ``git <args>`` in ``cwd`` and return its stdout (UTF-8, undecodable bytes replaced).
 
@@ -170,9 +172,9 @@ def run_git(
     the ``intake-agent`` identity. Nothing else of ``os.environ`` reaches git.
 
     Raises :class:`GitError` naming the subcommand and the last line of stderr on a non-zero
-    exit or a timeout (the whole process group is killed then).
+    exit or a timeout (the whole process group is killed then). ``stdin`` is fed to git.
     """
-    result = _run(args, cwd, env, timeout)
+    result = _run(args, cwd, env, timeout, stdin)
     if result.returncode != 0:
         subcommand = args[0] if args else "(none)"
         detail = _last_line(result.stderr.decode("utf-8", "replace"))
@@ -215,6 +217,7 @@ class Workspace:
 
     ``path`` is the work tree handed to the agent. ``base_sha`` is the commit ``base_ref``
     resolved to; ``head`` is the commit the worker last made (``base_sha`` until then).
+    ``base`` is the base commit's tree, recorded when the clone was made (before any agent).
     """
 
     def __init__(
@@ -239,6 +242,11 @@ class Workspace:
         self._ca_file = ca_file
         self._fingerprint: str | None = None
         self._commits = 0
+        self.object_format = "sha1"
+        self.base: Tree = {}
+        self._head_tree: Tree = {}
+        self._scan = Scan()
+        self._base_manifests: dict[str, bytes] = {}
 
     # -- construction -----------------------------------------------------------------------
 
@@ -297,6 +305,20 @@ class Workspace:
         self.base_sha = self._resolve_base(base_ref)
         self.head = self.base_sha
         self._git(["checkout", "--quiet", "--detach", self.base_sha])
+        # The trusted record of the base, taken before any agent runs (workers/snapshot.py).
+        self.object_format = self._git(["rev-parse", "--show-object-format"]).strip()
+        listing = self._git_result(["ls-tree", "-r", "-z", "--full-tree", self.base_sha])
+        if listing.returncode != 0:
+            raise GitError("git ls-tree of the base commit failed")
+        self.base = parse_ls_tree(listing.stdout)
+        self._head_tree = dict(self.base)
+        # The manifests the dependency gate compares are held in memory from now on, so even
+        # a base object rewritten in place (which :meth:`_blob` would refuse) cannot keep the
+        # gate from seeing the real "before".
+        self._base_manifests = {
+            path: self._blob(entry.oid) for path, entry in self.base.items()
+            if entry.mode in {MODE_FILE, MODE_EXEC} and manifest_kind(path) is not None
+        }
 
     def _resolve_base(self, base_ref: str) -> str:
         candidates = [f"refs/remotes/origin/{base_ref}", f"refs/tags/{base_ref}"]
@@ -342,14 +364,34 @@ class Workspace:
             )
 
     def _git(
-        self, args: list[str], extra_env: Mapping[str, str] | None = None, timeout: float = 120
+        self, args: list[str], extra_env: Mapping[str, str] | None = None, timeout: float = 120,
+        stdin: bytes | None = None,
     ) -> str:
         self._verify_git_dir()
-        return run_git(args, cwd=self.path, env=self._env(extra_env), timeout=timeout)
+        return run_git(args, cwd=self.path, env=self._env(extra_env), timeout=timeout, stdin=stdin)
 
-    def _git_result(self, args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    def _git_result(
+        self, args: list[str], stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
         self._verify_git_dir()
-        return _run(args, cwd=self.path, env=self._env(), timeout=120)
+        return _run(args, cwd=self.path, env=self._env(), timeout=120, stdin=stdin)
+
+    def _blob(self, oid: str) -> bytes:
+        """A blob's bytes from the worker's object store, verified against ``oid``."""
+        _check_ref_arg(oid, "object id")
+        result = self._git_result(["cat-file", "blob", oid])
+        if result.returncode != 0:
+            raise GitError(f"git cat-file failed for object {oid}")
+        return verified_blob(result.stdout, oid, self.object_format)
+
+    def _ignored(self, paths: list[str]) -> set[str]:
+        """Which of ``paths`` the work tree's ignore rules exclude (as ``git add`` would)."""
+        # --no-index: the index file is not the worker's to trust after the agent ran.
+        result = self._git_result(["check-ignore", "--no-index", "-z", "--stdin"],
+                                  b"\0".join(os.fsencode(p) for p in paths) + b"\0")
+        if result.returncode not in {0, 1}:  # 1: nothing is ignored
+            raise GitError("git check-ignore failed")
+        return {os.fsdecode(p) for p in result.stdout.split(b"\0") if p}
 
     # -- the worker's operations ------------------------------------------------------------
 
@@ -372,86 +414,82 @@ class Workspace:
     def commit_all(self, message: str) -> str | None:
         """Commit the whole work tree (additions, changes, deletions) on top of :attr:`head`.
 
-        Returns the new commit sha, or ``None`` when the tree is unchanged. The index is built
-        fresh from :attr:`head` and the commit's parent is :attr:`head`, so nothing the agent
-        did to the index, HEAD or refs ends up in the commit.
+        Returns the new commit sha, or ``None`` when the tree is unchanged. The work tree is
+        read by the worker (:func:`~workers.snapshot.scan_work_tree`) and exactly that reading
+        is committed: new blobs are written from the bytes read and verified, the index is
+        built from scratch from the recorded entries, and the parent is :attr:`head`. Nothing
+        the agent did to the index, HEAD, refs or objects ends up in the commit or the gates.
+        Embedded repositories, special and oversized files are left out and reported by
+        :meth:`special_entries`.
         """
+        self._verify_git_dir()
+        scan = scan_work_tree(self.path, self.base, self.object_format, self._ignored)
+        self._scan = scan
+        if scan.tree == self._head_tree:
+            return None
+        for path, data in scan.contents.items():
+            oid = scan.tree[path].oid
+            written = self._git(["hash-object", "-w", "--no-filters", "--stdin"], stdin=data).strip()
+            if written != oid:
+                raise GitError(f"git stored {path!r} under an unexpected id")
+            # git keeps an object it already has, so one the agent planted under this id
+            # survives the write: read it back (verified), or the push would carry it.
+            self._blob(oid)
         self._commits += 1
         index = {"GIT_INDEX_FILE": str(self._private / f"index-{self._commits}")}
+        records = b"".join(
+            f"{entry.mode} {entry.oid}\t".encode() + os.fsencode(path) + b"\0"
+            for path, entry in sorted(scan.tree.items())
+        )
         try:
-            self._git(["read-tree", self.head], index)
-            self._git(["add", "--all", "--", "."], index)
+            self._git(["update-index", "--add", "-z", "--index-info"], index, stdin=records)
             tree = self._git(["write-tree"], index).strip()
         finally:
             Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
-        if tree == self._git(["rev-parse", f"{self.head}^{{tree}}"]).strip():
-            return None
         sha = self._git(["commit-tree", tree, "-p", self.head, "-m", message]).strip()
         ref = f"refs/heads/{self.branch}" if self.branch else "HEAD"
         self._git(["update-ref", "--no-deref", ref, sha, self.head])
         self.head = sha
+        self._head_tree = scan.tree
         return sha
 
     def changed_files(self) -> list[ChangedFile]:
-        """Paths that differ between :attr:`base_sha` and :attr:`head`, renames detected."""
-        out = self._git(
-            ["diff-tree", "-r", "-z", "-M", "--name-status", "--no-commit-id", "--no-ext-diff",
-             self.base_sha, self.head]
-        )
-        fields = out.split("\0")
-        if fields and fields[-1] == "":
-            fields.pop()
-        changes: list[ChangedFile] = []
-        i = 0
-        while i < len(fields):
-            letter = fields[i][:1]  # "R087" is a rename with 87% similarity
-            if letter == "R" and i + 2 < len(fields):
-                changes.append(ChangedFile(fields[i + 2], "R", fields[i + 1]))
-                i += 3
-            elif letter in {"A", "M", "D", "T"} and i + 1 < len(fields):
-                # A type change (file <-> symlink) is a modification of that path.
-                status: Status = "M" if letter == "T" else letter  # type: ignore[assignment]
-                changes.append(ChangedFile(fields[i + 1], status))
-                i += 2
-            else:
-                raise GitError(f"git diff-tree: unexpected status {fields[i]!r}")
-        return changes
+        """Paths that differ between the recorded base and :attr:`head` (exact renames paired),
+        from the worker's own records, not from git's view of the object store."""
+        return diff(self.base, self._head_tree)
 
     def special_entries(self) -> list[str]:
-        """Reasons for symlinks and gitlinks (embedded repositories) in :attr:`head` among the
-        changed paths: a link can expose a blocked path (``docs/keys -> ../payments/keys``) or
-        anything on the machine, and neither is a change an agent needs to make."""
-        paths = [c.path for c in self.changed_files() if c.status != "D"]
-        if not paths:
-            return []
-        out = self._git(["ls-tree", "-r", "-z", "--full-tree", self.head, "--", *paths])
+        """Reasons for symlinks and embedded repositories among the changes, and for files the
+        last :meth:`commit_all` could not commit: a link can expose a blocked path
+        (``docs/keys -> ../payments/keys``) or anything on the machine, and none of these is a
+        change an agent needs to make."""
         reasons = []
-        for entry in filter(None, out.split("\0")):
-            meta, _, path = entry.partition("\t")
-            mode = meta.split(" ", 1)[0]
-            if mode == "120000":
-                reasons.append(f"symlink not allowed: {path}")
-            elif mode == "160000":
-                reasons.append(f"embedded repository (gitlink) not allowed: {path}")
-        return reasons
+        for change in self.changed_files():
+            mode = self._head_tree[change.path].mode if change.status != "D" else ""
+            if mode == MODE_LINK:
+                reasons.append(f"symlink not allowed: {change.path}")
+            elif mode == MODE_GITLINK:
+                reasons.append(f"embedded repository (gitlink) not allowed: {change.path}")
+        return reasons + self._scan.refused
 
-    def file_at(self, rev: str, path: str) -> str | None:
-        """The text of ``path`` at ``rev`` (``HEAD`` means :attr:`head`), or ``None`` if absent.
+    def read_base(self, path: str) -> str | None:
+        """The text of regular file ``path`` in the recorded base, or ``None`` if absent (or a
+        directory, link or submodule). Manifests come from memory (read at clone time); other
+        files are read by their recorded id and re-hashed, so a tampered object raises
+        :class:`~workers.snapshot.SnapshotError`."""
+        entry = self.base.get(path)
+        if entry is None or entry.mode not in {MODE_FILE, MODE_EXEC}:
+            return None
+        data = self._base_manifests.get(path)
+        return (data if data is not None else self._blob(entry.oid)).decode("utf-8", "replace")
 
-        Undecodable bytes are replaced; a directory or submodule at ``path`` counts as absent.
-        """
-        rev = self.head if rev == "HEAD" else rev
-        _check_ref_arg(rev, "revision")
-        # "<rev>:./x" and "<rev>:../x" are resolved against the cwd; only root-relative paths.
-        if not path or path.startswith(("/", "./", "../")) or path in {".", ".."}:
-            raise GitError(f"invalid repository path: {path!r}")
-        result = self._git_result(["rev-parse", "--verify", "--quiet", f"{rev}:{path}"])
-        if result.returncode != 0:
+    def read_head(self, path: str) -> str | None:
+        """The text of regular file ``path`` as the worker read it for :attr:`head`, or ``None``."""
+        entry = self._head_tree.get(path)
+        if entry is None or entry.mode not in {MODE_FILE, MODE_EXEC}:
             return None
-        oid = result.stdout.decode().strip()
-        if self._git(["cat-file", "-t", oid]).strip() != "blob":
-            return None
-        return self._git(["cat-file", "blob", oid])
+        data = self._scan.contents.get(path)
+        return (data if data is not None else self._blob(entry.oid)).decode("utf-8", "replace")
 
     def push(self, branch: str) -> str:
         """Push :attr:`head` to ``refs/heads/<branch>`` on the cloned URL; return the sha.

@@ -301,7 +301,7 @@ Jinja2>=3.1 ; python_version >= "3.11"
 -r requirements-base.txt
 --only-binary :all:
 redis==5.0.1 \\
-    --hash=sha256:abc
+    --hash=sha256:abababababababababababababababababababababababababababababababab
 """
 
 
@@ -331,7 +331,7 @@ def test_requirements_additions(added: str, expected: set[str]) -> None:
 def test_requirements_version_change_and_continuations() -> None:
     after = REQUIREMENTS.replace("aiohttp==3.9.5", "aiohttp==3.10.0")
     assert dependency_changes("requirements-dev.txt", REQUIREMENTS, after) == {"aiohttp"}
-    after = REQUIREMENTS.replace("sha256:abc", "sha256:def")
+    after = REQUIREMENTS.replace("sha256:ab", "sha256:cd")
     assert dependency_changes("requirements.txt", REQUIREMENTS, after) == {"redis"}
     after = REQUIREMENTS.replace("  # web", "  # web server")
     assert dependency_changes("requirements.txt", REQUIREMENTS, after) == set()
@@ -515,7 +515,7 @@ def test_an_allowed_name_does_not_admit_a_url_source() -> None:
     reasons = check_dependencies([ChangedFile("requirements.txt", "A")], reader({}),
                                  reader(after), ["requests"])
     assert reasons == [
-        "dependency not on the allowlist: requests @ https://evil.example/requests.whl "
+        "requirement line not allowed: requests @ https://evil.example/requests.whl "
         "(requirements.txt)"
     ]
 
@@ -553,8 +553,11 @@ def test_run_gates_combines_everything() -> None:
     manifest = ChangedFile("docs/requirements.txt", "M")
     changed = [manifest, ChangedFile("payments/keys/k.pem", "D"), ChangedFile("src/x.py", "A")]
 
-    def gates(changed: list[ChangedFile], branch: str, allow: list[str]) -> list[str]:
+    def gates(changed: list[ChangedFile], branch: str, allow: list[str],
+              change_type: str = "dependency-bump", scope: tuple[str, ...] = ("**/requirements*.txt",)
+              ) -> list[str]:
         return run_gates(changed=changed, branch=branch, branch_prefix="intake",
+                         change_type=change_type, change_type_paths=scope,
                          allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
                          read_before=reader(before), read_after=reader(after),
                          dependency_allowlist=allow)
@@ -566,6 +569,11 @@ def test_run_gates_combines_everything() -> None:
         "dependency not on the allowlist: requests (docs/requirements.txt)",
     ]
     assert gates([manifest], "intake/T-1", ["requests"]) == []
+    # The same manifest edit in a docs task: a build file, whatever the allowlist says, and no
+    # dependency reasons on top.
+    assert gates([manifest], "intake/T-1", ["requests"], "docs", ("docs/**",)) == [
+        "build or dependency file changed outside a dependency-bump task: docs/requirements.txt"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from workers.agents import DemoAgent, build_prompt
 from workers.gates import run_gates
+from workers.snapshot import SnapshotError, blob_id
 from workers.workspace import ChangedFile, GitError, Workspace, run_git
 
 
@@ -177,11 +178,12 @@ def test_commit_all_and_changed_files(ws: Workspace, remote: Remote, tmp_dirs: P
     log = git(remote.bare.parent / "scratch", "--git-dir", str(private_git_dir(tmp_dirs)), "log",
               "--format=%H %P %an <%ae> %s", "-1", "refs/heads/intake/T-1")
     assert log == f"{sha} {remote.main} intake-agent <agent@intake.invalid> intake: T-1"
-    assert ws.file_at(ws.base_sha, "src/app.py") == "print('v2')\n"
-    assert ws.file_at("HEAD", "src/app.py") == "print('v3')\n"
-    assert ws.file_at(ws.head, "README.md") is None
-    assert ws.file_at(ws.base_sha, "src/new.py") is None
-    assert ws.file_at(ws.head, "src") is None  # a directory is not a file
+    assert ws.read_base("src/app.py") == "print('v2')\n"
+    assert ws.read_head("src/app.py") == "print('v3')\n"
+    assert ws.read_head("docs/moved.md") == "old docs\n" * 20
+    assert ws.read_head("README.md") is None
+    assert ws.read_base("src/new.py") is None
+    assert ws.read_head("src") is None  # a directory is not a file
 
 
 def test_commit_all_without_changes_returns_none(ws: Workspace) -> None:
@@ -206,12 +208,9 @@ def test_second_commit_builds_on_the_first(ws: Workspace) -> None:
     assert ws.changed_files() == [ChangedFile("b.txt", "A")]
 
 
-def test_file_at_refuses_relative_tricks(ws: Workspace) -> None:
-    for path in ("../x", "./README.md", "/etc/passwd", ""):
-        with pytest.raises(GitError, match="invalid repository path"):
-            ws.file_at(ws.base_sha, path)
-    with pytest.raises(GitError, match="invalid revision"):
-        ws.file_at("--output=/tmp/x", "README.md")
+def test_reads_know_only_recorded_paths(ws: Workspace) -> None:
+    for path in ("../x", "./README.md", "/etc/passwd", "", "src", "README.md/x"):
+        assert ws.read_base(path) is None and ws.read_head(path) is None
 
 
 @pytest.mark.parametrize("name", ["bad..name", "-x", "@{-1}", "a b", "HEAD", "x.lock", "a:b", ""])
@@ -436,9 +435,8 @@ def test_demo_agent_change_passes_the_gates_and_is_pushed(ws: Workspace, remote:
     assert changed == [ChangedFile("docs/intake/T-10.md", "A")]
     reasons = run_gates(
         changed=changed, branch="intake/T-10", branch_prefix="intake",
-        allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
-        read_before=lambda p: ws.file_at(ws.base_sha, p),
-        read_after=lambda p: ws.file_at(ws.head, p),
+        change_type="docs", change_type_paths=["docs/**", "**/*.md"], allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
+        read_before=ws.read_base, read_after=ws.read_head,
         dependency_allowlist=[],
     )
     assert reasons == []
@@ -454,12 +452,64 @@ def test_gates_see_a_blocked_change_and_a_new_dependency(ws: Workspace) -> None:
     ws.commit_all("c")
     reasons = run_gates(
         changed=ws.changed_files(), branch="intake/T-11", branch_prefix="intake",
-        allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
-        read_before=lambda p: ws.file_at(ws.base_sha, p),
-        read_after=lambda p: ws.file_at(ws.head, p),
+        change_type="dependency-bump", change_type_paths=["**"], allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
+        read_before=ws.read_base, read_after=ws.read_head,
         dependency_allowlist=["attrs"],
     )
     assert reasons == [
         "blocked path: payments/keys/k.pem",
         "dependency not on the allowlist: requests (docs/requirements.txt)",
     ]
+
+
+# -- the gates' view is the worker's own ----------------------------------------------------
+
+
+def _rewrite_object(git_dir: Path, oid: str, content: bytes) -> None:
+    """What a same-uid agent can do: replace a loose object's bytes in place."""
+    import zlib
+
+    obj = git_dir / "objects" / oid[:2] / oid[2:]
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    tmp = obj.with_name(obj.name + ".new")
+    tmp.write_bytes(zlib.compress(b"blob %d\0" % len(content) + content))
+    os.replace(tmp, obj)
+
+
+def test_a_rewritten_base_object_is_refused_not_believed(ws: Workspace, tmp_dirs: Path) -> None:
+    oid = ws.base["src/app.py"].oid
+    _rewrite_object(private_git_dir(tmp_dirs), oid, b"print('planted')\n")
+    with pytest.raises(SnapshotError, match="does not match its id"):
+        ws.read_base("src/app.py")
+
+
+def test_an_object_planted_under_the_results_id_is_detected(ws: Workspace, tmp_dirs: Path) -> None:
+    content = b"x = 1\n"
+    # The agent knows what it will write, so it can plant other bytes under that id first.
+    _rewrite_object(private_git_dir(tmp_dirs), blob_id(content), b"import os; os.system('id')\n")
+    write(ws.path, "src/new.py", content.decode())
+    ws.create_branch("intake/T-12")
+    with pytest.raises(SnapshotError, match="tampered"):
+        ws.commit_all("c")
+    assert ws.head == ws.base_sha
+
+
+def test_the_scan_follows_git_add_semantics(ws: Workspace) -> None:
+    write(ws.path, ".gitignore", "build/\n*.log\n")
+    write(ws.path, "build/out.bin", "junk\n")
+    write(ws.path, "debug.log", "junk\n")
+    write(ws.path, "payments/keys/k.pem", "not a real key, changed\n")
+    (ws.path / "src/app.py").chmod(0o755)
+    write(ws.path, ".git/HEAD", "ref: refs/heads/agent\n")  # the agent's own throwaway repo
+    ws.create_branch("intake/T-13")
+    assert ws.commit_all("c") is not None
+    assert ws.changed_files() == [
+        ChangedFile(".gitignore", "A"),
+        ChangedFile("payments/keys/k.pem", "M"),
+        ChangedFile("src/app.py", "M"),  # a mode change is a change
+    ]
+    # Tracked at the base, it stays tracked even when a new ignore rule covers it.
+    write(ws.path, ".gitignore", "build/\n*.log\n*.pem\n")
+    assert ws.commit_all("d") is not None
+    assert ChangedFile("payments/keys/k.pem", "M") in ws.changed_files()
+    assert ws.read_head("payments/keys/k.pem") == "not a real key, changed\n"
