@@ -6,7 +6,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from intake.errors import TokenInvalid
-from intake.models import Limits, TaskSpec
+from intake.models import Limits, RequiredCheck, TaskSpec
 from intake.tokens import mint, read_claims, verify_capability
 
 NOW = 1_800_000_000.0
@@ -16,7 +16,7 @@ def spec(**changes: object) -> TaskSpec:
     fields: dict = dict(
         idea_id="I-000000000001", prompt="fix the docs", repo="acme/web", base_ref="main",
         change_type="docs", allowed_paths=("**",), blocked_paths=(".github/**",), branch_prefix="intake",
-        required_checks=("ci/test",), limits=Limits(run_timeout_s=60, max_output_bytes=4096),
+        required_checks=(RequiredCheck(name="ci/test", argv=("true",), timeout_s=60),), limits=Limits(run_timeout_s=60, max_output_bytes=4096),
         policy_version="a" * 64,
     )
     fields.update(changes)

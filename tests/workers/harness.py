@@ -32,6 +32,7 @@ from tests.conftest import FakeClock
 from tests.factories import draft
 from workers.config import load_worker_config
 from workers.dev import create_bare_repo
+from workers.rundirs import RunRoot
 from workers.worker import build_worker
 
 PEOPLE = {"alice": "platform", "bob": "platform", "carol": "security", "dave": "security"}
@@ -48,6 +49,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def in_a_work_tree(name: str, worker: str = "test") -> Path | None:
+    """A file called ``name`` in a live run's work tree of worker ``worker`` (sandboxed agents
+    can write nowhere else: this is how a test sees that an agent got somewhere)."""
+    return next(iter((RunRoot(worker).path).glob(f"*/intake-ws-*/{name}")), None)
 
 
 def pid_gone(pid: int) -> bool:
@@ -133,13 +140,13 @@ class Rig:
 
     def config(self, *, agent: dict[str, Any] | None = None, repos: dict[str, dict[str, Any]] | None = None,
                queues: tuple[str, ...] = ("tier-standard", "tier-privileged"), heartbeat_ttl_s: int = 15,
-               name: str = "test") -> Path:
+               name: str = "test", **top: Any) -> Path:
         """Write a worker config; ``repos`` maps repo names to extra keys (default: both repos,
         local bare remotes, every change type)."""
         repos = repos if repos is not None else {"acme/web": {}, "acme/payments": {}}
         data: dict[str, Any] = {
             "name": name, "queues": list(queues), "heartbeat_ttl_s": heartbeat_ttl_s,
-            "agent": agent or {"type": "demo"}, "repos": [],
+            "agent": agent or {"type": "demo"}, "repos": [], **top,
         }
         for repo, extra in repos.items():
             entry = {"name": repo, "change_types": ["docs", "tests", "bugfix", "dependency-bump"], **extra}
@@ -147,6 +154,7 @@ class Rig:
             data["repos"].append(entry)
         path = self.tmp / f"worker-{len(list(self.tmp.glob('worker-*.toml')))}.toml"
         path.write_text(_to_toml(data))
+        path.chmod(0o600)  # a bwrap worker refuses a config the agent user could read
         return path
 
     def work(self, config: Path) -> bool:
