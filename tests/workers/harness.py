@@ -57,6 +57,20 @@ def in_a_work_tree(name: str, worker: str = "test") -> Path | None:
     return next(iter((RunRoot(worker).path).glob(f"*/intake-ws-*/{name}")), None)
 
 
+def pids_with(marker: str) -> list[int]:
+    """Host pids of live processes whose command line holds ``marker`` (a sandboxed agent cannot
+    tell us its host pid; a random marker in its argv finds it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes() and not pid_gone(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def pid_gone(pid: int) -> bool:
     """True when ``pid`` no longer runs (gone, or a zombie waiting for its parent)."""
     try:
