@@ -268,16 +268,15 @@ class Sandbox:
         user = self.user()
         chown_tree(workdir, user.pw_uid, user.pw_gid)
         chown_tree(home, user.pw_uid, user.pw_gid)
-        try:
-            return _Run(self, user, list(argv), workdir, child_env, home=home, inputs=inputs,
-                        ro_paths=tuple(ro_paths)).go(
-                stdin, timeout_s, max_output_bytes, should_stop, poll_interval)
-        finally:
-            # Only reached once the namespace is empty (else _Run raised before the kill was
-            # confirmed and the caller throws the directories away): take the files back, so
-            # nothing the agent left can still change them.
-            chown_tree(workdir, os.getuid(), os.getgid())
-            chown_tree(home, os.getuid(), os.getgid())
+        result = _Run(self, user, list(argv), workdir, child_env, home=home, inputs=inputs,
+                      ro_paths=tuple(ro_paths)).go(stdin, timeout_s, max_output_bytes, should_stop,
+                                                   poll_interval)
+        # Reached only once the namespace is empty (on any error the caller throws the
+        # directories away unread): take the files back, so nothing the agent started can
+        # change them while the worker reads them.
+        chown_tree(workdir, os.getuid(), os.getgid())
+        chown_tree(home, os.getuid(), os.getgid())
+        return result
 
 
 _PR_SET_PDEATHSIG = 1

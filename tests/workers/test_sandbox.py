@@ -95,7 +95,9 @@ def test_a_hostile_agent_reaches_no_worker_file_no_redis_no_process_and_no_netwo
         listener.listen(5)
         config = rig.config(repos={"acme/web": {"forge": {"api_url": "http://127.0.0.1:9", "repository": "acme/web",
                                                           "token": {"file": str(secret_file)}}}})
-        targets = {"config": str(config), "credential_file": str(secret_file),
+        # Another config of this worker's, in the same directory as the one it runs with.
+        targets = {"config": str(config), "config_dir": str(rig.tmp),
+                   "credential_file": str(secret_file),
                    "data_dir": str(rig.settings.data_dir / "keys" / "worker_events.key"),
                    **{f"key_{name}": str(path) for name, path in rig.settings.keys.items()}}
         sock = (rig.settings.redis_url.get_secret_value() if rig.settings.redis_url else "").removeprefix("unix://")
@@ -110,6 +112,7 @@ def test_a_hostile_agent_reaches_no_worker_file_no_redis_no_process_and_no_netwo
     report = json.loads(tail.split("REPORT ", 1)[1])
     for name in targets:
         assert report[name] == "FileNotFoundError", (name, report[name])  # not even there
+    assert "file-credential-5150" not in tail
     assert report["pids"] == [1, 2]  # bwrap's init and the agent: no host process in sight
     assert report["worker_cmdline"] == "FileNotFoundError"
     assert report["redis_unix"] == "FileNotFoundError"

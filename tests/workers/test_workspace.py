@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from workers.sandbox import Sandbox
 from workers.agents import DemoAgent, build_prompt
 from workers.gates import run_gates
+from workers.sandbox import Sandbox
 from workers.workspace import ChangedFile, GitError, Workspace, run_git
 
 
