@@ -158,6 +158,16 @@ class Limits(_Model):
     max_output_bytes: int
 
 
+class RequiredCheck(_Model):
+    """A check the approved spec requires (from the policy), run by the worker on the result."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    argv: tuple[str, ...]
+    timeout_s: int
+
+
 class TaskSpec(_Model):
     """The canonical, frozen description of one unit of agent work. Approvals bind to its hash."""
 
@@ -174,7 +184,7 @@ class TaskSpec(_Model):
     allowed_paths: tuple[str, ...]
     blocked_paths: tuple[str, ...]
     branch_prefix: str
-    required_checks: tuple[str, ...]
+    required_checks: tuple[RequiredCheck, ...]
     limits: Limits
     policy_version: str
 

@@ -100,6 +100,26 @@ class Limits(_Strict):
     max_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
+class Check(_Strict):
+    """A required check: a program run on the agent's result, in the sandbox, network off.
+    A failing or timed-out check blocks the task."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9/._-]{0,63}$")
+    # From the policy, never from an idea. A relative path with a slash would resolve inside
+    # the produced tree, i.e. to a file the agent wrote.
+    argv: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
+    timeout: Duration
+
+    @model_validator(mode="after")
+    def _program(self) -> Check:
+        program = self.argv[0]
+        if "/" in program and not program.startswith("/"):
+            raise ValueError("argv[0] must be an absolute path or a bare program name")
+        if not 1 <= self.timeout <= 24 * 3600:
+            raise ValueError("timeout must be between 1s and 24h")
+        return self
+
+
 class Repo(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     tier: Name
@@ -108,8 +128,15 @@ class Repo(_Strict):
     base_ref: str = Field("main", pattern=r"^[A-Za-z0-9][A-Za-z0-9/._-]{0,99}$")
     allowed_paths: tuple[Glob, ...] = ("**",)
     blocked_paths: tuple[Glob, ...] = ()
-    required_checks: tuple[str, ...] = ()
+    checks: tuple[Check, ...] = ()
     queue: Name | None = None
+
+    @model_validator(mode="after")
+    def _unique_checks(self) -> Repo:
+        names = [c.name for c in self.checks]
+        if len(names) != len(set(names)):
+            raise ValueError("checks: two checks share a name")
+        return self
 
 
 class Policy(_Strict):

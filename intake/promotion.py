@@ -28,6 +28,7 @@ from intake.models import (
     Idea,
     IdeaState,
     Limits,
+    RequiredCheck,
     Task,
     TaskSpec,
     TaskState,
@@ -116,7 +117,8 @@ class Gatekeeper:
             allowed_paths=repo.allowed_paths,
             blocked_paths=repo.blocked_paths,
             branch_prefix=repo.branch_prefix,
-            required_checks=repo.required_checks,
+            required_checks=tuple(RequiredCheck(name=c.name, argv=c.argv, timeout_s=c.timeout)
+                                  for c in repo.checks),
             limits=Limits(
                 run_timeout_s=self.policy.clocks.run_timeout,
                 max_output_bytes=self.policy.limits.max_output_bytes,

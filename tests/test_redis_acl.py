@@ -313,10 +313,9 @@ def _worker_refusals(rclient: redis.Redis) -> list[str]:
 
 def test_a_real_worker_runs_a_task_under_the_worker_user(rig: Rig, acl_users: dict[str, str],  # noqa: F811
                                                           rclient: redis.Redis) -> None:
-    rig.broker.rq_url = acl_users["worker"]  # the RQ connection, as open_broker(worker=True) wires it
     task = rig.promote()
     planted = rig.queue().enqueue_call("os.system", args=["true"])
-    assert rig.work(rig.config())
+    assert rig.work(rig.config(), url=acl_users["worker"])  # reports, leases and RQ all as intake-worker
     assert rig.task(task.id).state is TaskState.SUCCEEDED
     assert planted.id in FailedJobRegistry("tier-standard", connection=rig.rq())  # refused under the ACL
     assert Job.fetch(planted.id, connection=rig.rq(), serializer=JSONSerializer).get_status() == "failed"

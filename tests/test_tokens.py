@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from intake.errors import TokenInvalid
-from intake.models import Limits, TaskSpec, canonical_json
+from intake.models import Limits, RequiredCheck, TaskSpec, canonical_json
 from intake.tokens import Keyring, Signer, mint_dispatch, mint_lease, verify_dispatch, verify_lease
 
 NOW = 1_800_000_000.0
@@ -21,7 +21,8 @@ def spec(**changes: object) -> TaskSpec:
         idea_id="I-000000000001", prompt="fix the docs", repo="acme/web", base_ref="main",
         change_type="docs", change_type_paths=("docs/**",), allowed_paths=("**",),
         blocked_paths=(".github/**",), branch_prefix="intake",
-        required_checks=("ci/test",), limits=Limits(run_timeout_s=60, max_output_bytes=4096),
+        required_checks=(RequiredCheck(name="ci/test", argv=("true",), timeout_s=60),),
+        limits=Limits(run_timeout_s=60, max_output_bytes=4096),
         policy_version="a" * 64,
     )
     fields.update(changes)

@@ -126,7 +126,8 @@ class Claimer:
                                 f"misrouted: worker {self.name} does not serve {spec.change_type} work on {spec.repo}",
                                 **data)
         run_id = secrets.token_hex(16)
-        self.reporter.send("report.claimed", task_id, attempt=claims.attempt, run=run_id, **data)
+        self.reporter.send("report.claimed", task_id, attempt=claims.attempt, run=run_id, **data,
+                           sandbox=self.config.sandbox)
         lease, raw = self.wait_lease(task_id, claims.attempt, run_id)
         if not lease.granted:
             raise JobRefused(lease.status, f"the broker refused the claim: {lease.reason or lease.status}")

@@ -24,11 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from intake.errors import ConfigError
 from intake.policy import Policy
 from workers.agents import CommandAgent, DemoAgent, agent_from_config
+from workers.sandbox import Sandbox
 
 _QUEUE = r"^[a-z][a-z0-9_-]{0,63}$"  # policy queue names: a name, or "tier-" + a name
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _REPO = r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"
 _CHANGE_TYPE = r"^[a-z][a-z0-9_-]{0,39}$"
+_RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR"})
 
 
 class _Strict(BaseModel):
@@ -79,6 +81,14 @@ class DemoAgentConfig(_Strict):
 class CommandAgentConfig(_Strict):
     type: Literal["command"]
     argv: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
+    # Directories the agent needs read-only inside the sandbox (its own install).
+    ro_paths: tuple[Path, ...] = ()
+
+    @model_validator(mode="after")
+    def _absolute(self) -> CommandAgentConfig:
+        if any(not p.is_absolute() for p in self.ro_paths):
+            raise ValueError("ro_paths must be absolute paths")
+        return self
 
 
 AgentConfig = Annotated[DemoAgentConfig | CommandAgentConfig, Field(discriminator="type")]
@@ -113,9 +123,12 @@ class RepoConfig(_Strict):
     credential: CredentialSource | None = None
     username: str = Field("x-access-token", pattern=r"^[A-Za-z0-9_.@-]{1,100}$")
     ca_file: Path | None = None
-    # Optional, separate and ideally narrower (e.g. read-only): given to the agent as
-    # INTAKE_AGENT_TOKEN. The push credential is not, so the agent cannot push around the gates.
-    agent_credential: CredentialSource | None = None
+    # Secrets meant for the agent (a model API key, a read-only token): variable name -> source.
+    # They reach only the agent's environment and are redacted from its output. The push
+    # credential never does, so the agent cannot push around the gates.
+    agent_env: dict[Annotated[str, Field(pattern=_ENV_NAME)], CredentialSource] = Field(default_factory=dict)
+    # "none": no network inside the sandbox; "host": the host's network (recorded on every run).
+    network: Literal["none", "host"] = "none"
     forge: ForgeConfig | None = None
 
     @model_validator(mode="after")
@@ -129,6 +142,9 @@ class RepoConfig(_Strict):
             raise ValueError("a credential is only sent over https:// URLs")
         if parts is not None and parts.scheme == "ext":
             raise ValueError("ext:: URLs are not allowed")
+        for name in self.agent_env:
+            if name in _RESERVED_ENV or name.startswith("INTAKE_"):
+                raise ValueError(f"agent_env: {name} is set by the worker and cannot be given")
         return self
 
 
@@ -139,6 +155,10 @@ class WorkerConfig(_Strict):
     # (`intake worker-key issue NAME`).
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     queues: tuple[Annotated[str, Field(pattern=_QUEUE)], ...] = Field(min_length=1)
+    # "bwrap": every agent and check runs under bubblewrap as agent_user. "none" is an explicit
+    # opt-out (warned at start and recorded on every run).
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    agent_user: str = Field("intake-agent", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
     agent: AgentConfig
     repos: tuple[RepoConfig, ...] = Field(min_length=1)
 
@@ -174,9 +194,22 @@ class WorkerConfig(_Strict):
 
     def build_agent(self) -> CommandAgent | DemoAgent:
         data: dict[str, Any] = self.agent.model_dump(mode="json")
-        if "argv" in data:
-            data["argv"] = list(data["argv"])
+        for key in ("argv", "ro_paths"):
+            if key in data:
+                data[key] = list(data[key])
         return agent_from_config(data)
+
+    def build_sandbox(self) -> Sandbox:
+        """The sandbox agents and checks run in (network off; runs pick the repo's)."""
+        return Sandbox(self.sandbox, self.agent_user)
+
+    def secret_files(self) -> list[Path]:
+        """Every credential file the config names (they must stay out of the agent's reach)."""
+        sources: list[CredentialSource] = []
+        for repo in self.repos:
+            sources += [s for s in (repo.credential, repo.forge.token if repo.forge else None) if s]
+            sources += list(repo.agent_env.values())
+        return [s.file for s in sources if s.file is not None]
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -3,7 +3,9 @@
 :func:`prepare_dev_worker` maps every repo of the policy to a bare repository in the data dir
 (``<data dir>/repos/<owner>/<name>.git``, created once with an initial commit on the repo's base
 ref: a README and ``docs/``) and writes ``<data dir>/worker.dev.toml`` that serves all of them,
-on every queue the policy uses, with the demo agent.
+on every queue the policy uses, with the demo agent. Agents and checks run under bubblewrap when
+this machine can (bwrap installed, the ``intake-agent`` user exists, the server runs as root);
+otherwise the config says ``sandbox = "none"`` explicitly and the worker warns at start.
 
 :func:`start_dev_worker` runs ``python -m intake worker --config … --exit-with-parent`` as a
 subprocess with the server's settings (the same data dir, so the same embedded Redis: it joins
@@ -29,6 +31,7 @@ from typing import IO
 
 from intake.policy import load_policy
 from intake.settings import Settings
+from workers.sandbox import Sandbox, SandboxError
 from workers.workspace import run_git
 
 DEV_CONFIG_NAME = "worker.dev.toml"
@@ -78,10 +81,17 @@ def prepare_dev_worker(settings: Settings) -> Path:
     """Create the dev bare repos (once) and (re)write the dev worker config; return its path."""
     policy = load_policy(settings.policy_path)
     root = settings.data_dir / "repos"
+    try:
+        Sandbox().check()
+        sandbox = "bwrap"
+    except SandboxError:
+        sandbox = "none"
     lines = [
         "# Written by `intake serve --dev` on every start; edit the policy, not this file.",
         f"name = {_toml(DEV_WORKER_NAME)}",
         f"queues = {_toml(sorted({policy.queue_for(r) for r in policy.repos}))}",
+        "# bwrap when this machine can run it (bubblewrap, the intake-agent user, root); else none.",
+        f"sandbox = {_toml(sandbox)}",
         "",
         "[agent]",
         'type = "demo"',
@@ -103,6 +113,7 @@ def prepare_dev_worker(settings: Settings) -> Path:
     path = settings.data_dir / DEV_CONFIG_NAME
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o600)  # worker files are not for the agent user
     os.replace(tmp, path)
     return path
 

@@ -5,8 +5,8 @@ credential, makes the branch ``<prefix>/<task id>``, runs the agent on the froze
 minimal environment under the spec's time and output limits, commits, gates the change, pushes
 it (and optionally opens a pull request), and settles the task:
 
-* ``succeeded`` with ``{branch, commit, base, files, required_checks, output_tail, pr_url, …}``;
-* ``blocked`` with the gates' reasons, nothing pushed;
+* ``succeeded`` with ``{branch, commit, base, files, checks, output_tail, pr_url, sandbox, …}``;
+* ``blocked`` with the gates' reasons or the failing required checks, nothing pushed;
 * ``failed`` with a reason (agent error or timeout, no change, git trouble);
 * nothing, when the run was stopped (revoked, frozen, superseded: the broker says so).
 
@@ -17,18 +17,24 @@ which the broker stops renewing on revocation or freeze, so a run ends within se
 and at the latest when its last lease runs out. The agent's whole process group is gone when
 the agent adapter returns. A run that did not succeed ends its RQ job as failed, with the reason.
 
+Everything of a run lives in one run directory under the worker's run root
+(:mod:`workers.rundirs`): the work tree (with the agent's throwaway ``.git``), the worker's
+private git directory, the agent's HOME and inputs, the trees required checks run on. Every
+process of the agent is gone when the agent adapter returns (the sandbox's pid namespace is
+killed).
+
 The agent's environment is built here from scratch: ``LANG``/``LC_ALL``/``TZ`` if the worker
-has them, ``PATH``, a fresh ``HOME``, ``INTAKE_TASK_ID`` and, if the repo config names one, the
-agent credential as ``INTAKE_AGENT_TOKEN``. Nothing else of the worker's environment (Redis URL,
-key paths, other repos' credentials, the push credential) reaches it.
+has them, ``PATH``, ``INTAKE_TASK_ID`` and the repo's ``agent_env`` secrets (the sandbox adds
+``HOME``, ``TMPDIR`` and the prompt file). Nothing else of the worker's environment (Redis URL,
+key paths, other repos' credentials, the push credential) reaches it. Required checks get the
+same minus ``agent_env``, and never the network. Every result and settling event records
+``sandbox`` (``bwrap`` or ``none``) and ``network``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,17 +43,19 @@ from rq.timeouts import JobTimeoutException
 from intake.errors import ConfigError, IntakeError
 from intake.models import TaskState
 from workers.agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
+from workers.checks import describe_failure, run_checks
 from workers.claim import Claim, Claimer
 from workers.config import RepoConfig, WorkerConfig
 from workers.forge import ForgeError, create_pull_request
 from workers.gates import run_gates
 from workers.jobs import JobRefused
 from workers.lease import LeaseKeeper
+from workers.rundirs import RunRoot
+from workers.sandbox import SandboxError
 from workers.workspace import GitError, Workspace
 
 log = logging.getLogger("intake.worker")
 
-AGENT_TOKEN_ENV = "INTAKE_AGENT_TOKEN"
 #: What of the worker's own environment an agent may see.
 ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ")
 #: How much of the agent's output is kept on the task (the capture itself is the spec's cap).
@@ -90,10 +98,12 @@ class _Stopper:
 class TaskRunner:
     """Runs claimed tasks for one worker."""
 
-    def __init__(self, claimer: Claimer, config: WorkerConfig) -> None:
+    def __init__(self, claimer: Claimer, config: WorkerConfig, runs: RunRoot | None = None) -> None:
         self.claimer = claimer
         self.config = config
         self.agent = config.build_agent()
+        self.sandbox = config.build_sandbox()
+        self.runs = runs or RunRoot(config.name)
 
     # -- the entry point's work -------------------------------------------------------------
     def run_task(self, task_id: str, token: str, *, job_id: str, queue: str) -> dict[str, Any]:
@@ -116,11 +126,20 @@ class TaskRunner:
         return {"task": task_id, "attempt": claim.attempt, "outcome": outcome.state.value}
 
     def _attempt(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
+        outcome = self._attempt_work(claim, lease)
+        repo = self.config.repo(claim.task.spec.repo)
+        isolation = {"sandbox": self.sandbox.mode, "network": repo.network if repo else "none"}
+        outcome.data.update(isolation)
+        if outcome.result:
+            outcome.result.update(isolation)
+        return outcome
+
+    def _attempt_work(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
         try:
             return self._work(claim, lease)
         except JobTimeoutException:
             return Outcome(TaskState.FAILED, "the run exceeded the worker's job timeout")
-        except (GitError, AgentError, ConfigError) as exc:
+        except (GitError, AgentError, SandboxError, ConfigError) as exc:
             return Outcome(TaskState.FAILED, str(exc))
         except IntakeError as exc:
             return Outcome(TaskState.FAILED, f"the run failed: {exc}")
@@ -138,19 +157,18 @@ class TaskRunner:
         )
 
     # -- the run itself ---------------------------------------------------------------------
-    def _secrets(self, repo: RepoConfig) -> tuple[str | None, str | None]:
+    @staticmethod
+    def _secrets(repo: RepoConfig) -> tuple[str | None, dict[str, str]]:
         credential = repo.credential.read() if repo.credential is not None else None
-        agent_token = repo.agent_credential.read() if repo.agent_credential is not None else None
-        return credential, agent_token
+        return credential, {name: source.read() for name, source in repo.agent_env.items()}
 
-    def agent_env(self, task_id: str, home: str, agent_token: str | None) -> dict[str, str]:
-        """The agent's whole environment (see the module docstring)."""
+    @staticmethod
+    def agent_env(task_id: str, agent_secrets: dict[str, str] | None = None) -> dict[str, str]:
+        """The agent's environment (see the module docstring); checks get it without secrets."""
         env = {name: os.environ[name] for name in ENV_ALLOWLIST if os.environ.get(name)}
         env["PATH"] = os.environ.get("PATH", "")
-        env["HOME"] = home
+        env.update(agent_secrets or {})
         env[TASK_ID_ENV] = task_id
-        if agent_token is not None:
-            env[AGENT_TOKEN_ENV] = agent_token
         return env
 
     def _stopped(self, claim: Claim, why: str, tail: str = "") -> Outcome:
@@ -166,75 +184,82 @@ class TaskRunner:
         if repo is None:  # checked at claim time; the config cannot change under a run
             raise IntakeError(f"no repo {spec.repo} in the worker config")
         stop = _Stopper(lease)
-        credential, agent_token = self._secrets(repo)
-        secrets = [s for s in (credential, agent_token) if s]
-        home = tempfile.mkdtemp(prefix="intake-home-")
-        try:
-            with Workspace.clone(repo.url, spec.base_ref, credential, username=repo.username,
-                                 ca_file=repo.ca_file) as ws:
-                if stop():
-                    return self._stopped(claim, stop.why or "stopped")
-                branch = f"{spec.branch_prefix}/{task.id}"
-                ws.create_branch(branch)
-                prompt = build_prompt(
-                    spec.prompt, task_id=task.id, repo=spec.repo, change_type=spec.change_type,
-                    allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
+        credential, agent_secrets = self._secrets(repo)
+        secrets = [s for s in (credential, *agent_secrets.values()) if s]
+        with self.runs.run() as run_dir, Workspace.clone(
+            repo.url, spec.base_ref, credential, username=repo.username, ca_file=repo.ca_file, root=run_dir,
+        ) as ws:
+            if stop():
+                return self._stopped(claim, stop.why or "stopped")
+            branch = f"{spec.branch_prefix}/{task.id}"
+            ws.create_branch(branch)
+            ws.give_agent_git()
+            prompt = build_prompt(
+                spec.prompt, task_id=task.id, repo=spec.repo, change_type=spec.change_type,
+                allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
+            )
+            ran: AgentResult = self.agent.run(
+                self.sandbox.with_network(repo.network), workdir=ws.path,
+                home=RunRoot.private(run_dir, "home"), inputs=RunRoot.private(run_dir, "inputs"),
+                prompt=prompt, env=self.agent_env(task.id, agent_secrets),
+                timeout_s=spec.limits.run_timeout_s, max_output_bytes=spec.limits.max_output_bytes,
+                should_stop=stop, poll_interval=POLL_INTERVAL_S,
+            )
+            tail = redact(ran.output_tail, secrets)[-OUTPUT_TAIL_CHARS:]
+            base = {"output_tail": tail, "output_truncated": ran.output_truncated, "worker": self.claimer.name}
+            if ran.stopped:
+                return self._stopped(claim, stop.why or "stopped", tail)
+            if ran.timed_out:
+                return Outcome(TaskState.FAILED,
+                               f"the agent timed out after {spec.limits.run_timeout_s}s", base)
+            if not ran.ok:
+                return Outcome(TaskState.FAILED, f"the agent exited with status {ran.exit_code}", base)
+            commit = ws.commit_all(
+                f"intake: {spec.change_type} for {task.id}\n\n"
+                f"Idea: {task.idea_id}\nSpec: {task.spec_hash}\n"
+            )
+            if commit is None:
+                return Outcome(TaskState.FAILED, "the agent made no changes", base)
+            changed = ws.changed_files()
+            files = [c.path for c in changed][:MAX_LISTED_FILES]
+            reasons = run_gates(
+                changed=changed, branch=branch, branch_prefix=spec.branch_prefix,
+                change_type=spec.change_type, change_type_paths=spec.change_type_paths,
+                allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
+                # Trusted copies only: the base as snapshotted before the agent ran, the
+                # result as the worker read it from the work tree (workers/snapshot.py).
+                read_before=ws.read_base, read_after=ws.read_head,
+                # The policy the task was approved under (checked at claim time).
+                dependency_allowlist=claim.policy.dependencies.allow,
+            ) + ws.special_entries()
+            if reasons:
+                shown = "; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
+                return Outcome(
+                    TaskState.BLOCKED, f"blocked by the gates: {shown}",
+                    {**base, "gates": reasons, "commit": commit, "files": files, "pushed": False},
+                    {"gates": len(reasons)},
                 )
-                ran: AgentResult = self.agent.run(
-                    ws.path, prompt, self.agent_env(task.id, home, agent_token),
-                    timeout_s=spec.limits.run_timeout_s, max_output_bytes=spec.limits.max_output_bytes,
-                    should_stop=stop, poll_interval=POLL_INTERVAL_S,
-                )
-                tail = redact(ran.output_tail, secrets)[-OUTPUT_TAIL_CHARS:]
-                base = {"output_tail": tail, "output_truncated": ran.output_truncated,
-                        "worker": self.claimer.name}
-                if ran.stopped:
-                    return self._stopped(claim, stop.why or "stopped", tail)
-                if ran.timed_out:
-                    return Outcome(TaskState.FAILED,
-                                   f"the agent timed out after {spec.limits.run_timeout_s}s", base)
-                if not ran.ok:
-                    return Outcome(TaskState.FAILED, f"the agent exited with status {ran.exit_code}", base)
-                commit = ws.commit_all(
-                    f"intake: {spec.change_type} for {task.id}\n\n"
-                    f"Idea: {task.idea_id}\nSpec: {task.spec_hash}\n"
-                )
-                if commit is None:
-                    return Outcome(TaskState.FAILED, "the agent made no changes", base)
-                changed = ws.changed_files()
-                files = [c.path for c in changed][:MAX_LISTED_FILES]
-                reasons = run_gates(
-                    changed=changed, branch=branch, branch_prefix=spec.branch_prefix,
-                    change_type=spec.change_type, change_type_paths=spec.change_type_paths,
-                    allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
-                    # Trusted copies only: the base as snapshotted before the agent ran, the
-                    # result as the worker read it from the work tree (workers/snapshot.py).
-                    read_before=ws.read_base, read_after=ws.read_head,
-                    # The policy the task was approved under (checked at claim time).
-                    dependency_allowlist=claim.policy.dependencies.allow,
-                ) + ws.special_entries()
-                if reasons:
-                    shown = "; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
-                    return Outcome(
-                        TaskState.BLOCKED, f"blocked by the gates: {shown}",
-                        {**base, "gates": reasons, "commit": commit, "files": files, "pushed": False},
-                        {"gates": len(reasons)},
-                    )
-                # Last look before anything leaves the worker.
-                if stop():
-                    return self._stopped(claim, stop.why or "lost", tail)
-                pushed = ws.push(branch)
-                result = {
-                    **base, "branch": branch, "commit": pushed, "base": ws.base_sha, "files": files,
-                    "required_checks": list(spec.required_checks), "pr_url": None,
-                }
-                if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
-                    result.update(self._pull_request(repo, task.id, branch, spec.base_ref,
-                                                     spec.change_type, task.spec_hash, secrets))
-                return Outcome(TaskState.SUCCEEDED, None, result,
-                               {"branch": branch, "commit": pushed, "pr_url": result["pr_url"]})
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
+            checks = run_checks(self.sandbox, ws, run_dir, spec, self.agent_env(task.id), stop, secrets)
+            if stop.why is not None:
+                return self._stopped(claim, stop.why, tail)
+            failing = [c for c in checks if not c["ok"]]
+            base["checks"] = checks
+            if failing:
+                shown = "; ".join(describe_failure(c) for c in failing)
+                return Outcome(TaskState.BLOCKED, f"blocked by required checks: {shown}",
+                               {**base, "commit": commit, "files": files, "pushed": False},
+                               {"checks_failed": len(failing)})
+            # Last look before anything leaves the worker.
+            if stop():
+                return self._stopped(claim, stop.why or "lost", tail)
+            pushed = ws.push(branch)
+            result = {**base, "branch": branch, "commit": pushed, "base": ws.base_sha, "files": files,
+                      "pr_url": None}
+            if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
+                result.update(self._pull_request(repo, task.id, branch, spec.base_ref,
+                                                 spec.change_type, task.spec_hash, secrets))
+            return Outcome(TaskState.SUCCEEDED, None, result,
+                           {"branch": branch, "commit": pushed, "pr_url": result["pr_url"]})
 
     def _pull_request(self, repo: RepoConfig, task_id: str, branch: str, base: str, change_type: str,
                       spec_hash: str, secrets: list[str]) -> dict[str, Any]:

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import grp
 import logging
 import os
+import pwd
 import secrets
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -118,6 +121,8 @@ def build_worker(settings: Settings, url: str, client: redis.Redis, config: Work
                       policy=load_policy(settings.policy_path), policy_path=settings.policy_path,
                       config=config, clock=clock)
     runner = TaskRunner(claimer, config)
+    # Whatever runs killed with SIGKILL left behind (work trees, homes, git dirs) goes now.
+    runner.runs.sweep()
     return IntakeWorker(
         list(config.queues), runner=runner, reporter=reporter, name=worker_name,
         connection=make_client(url, decode=False),
@@ -139,9 +144,9 @@ def _watch_parent(parent: int) -> None:
 
 
 def _not_dumpable() -> None:
-    """Agents run as the worker's user: without this they could read the worker's environment
-    and memory (Redis URL, repo credentials) through /proc/<worker pid>. Linux; a no-op
-    elsewhere. (A root agent can still read it: run agents as another user in production.)"""
+    """With ``sandbox = "none"`` agents run as the worker's user: without this they could read
+    the worker's environment and memory (Redis URL, repo credentials) through /proc/<worker
+    pid>. Sandboxed agents see no host /proc at all. Linux; a no-op elsewhere."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4, value 0
@@ -149,10 +154,29 @@ def _not_dumpable() -> None:
         return  # not Linux: nothing to switch off
 
 
+def check_private(paths: list[Path], agent: pwd.struct_passwd) -> None:
+    """Refuse to start when a worker file (its config, a credential file, the report key) is
+    readable by the agent user: the sandbox does not mount them, and their modes say the same."""
+    groups = {agent.pw_gid, *(g.gr_gid for g in grp.getgrall() if agent.pw_name in g.gr_mem)}
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue  # a missing file fails where it is read, with its own message
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid == agent.pw_uid or mode & 0o004 or (mode & 0o040 and info.st_gid in groups):
+            raise ConfigError(f"{path} is readable by the agent user {agent.pw_name} (chmod 600 it)")
+
+
 def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, exit_with_parent: bool = False) -> bool:
     """``intake worker``: validate the config, open the broker's Redis, work until stopped
     (or, with ``burst``, until the queues are empty). Returns whether any job was handled."""
     config = load_worker_config(config_path)
+    sandbox = config.build_sandbox()
+    sandbox.check()  # bwrap present, agent user usable, we may switch to it: or one line and exit
+    if sandbox.mode == "bwrap":
+        check_private([config_path, settings.worker_key_path(config.name), *config.secret_files()],
+                      sandbox.user())
     _not_dumpable()
     if exit_with_parent:
         _watch_parent(os.getppid())
@@ -161,6 +185,9 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger("intake").addHandler(handler)
         logging.getLogger("intake").setLevel(logging.INFO)
+    if sandbox.mode == "none":
+        log.warning('sandbox = "none": agents and checks run as this worker\'s own user, '
+                    "unsandboxed, with its network and files in reach")
     from intake.policy import load_policy
 
     config.check_covers(load_policy(settings.policy_path))

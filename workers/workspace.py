@@ -4,14 +4,16 @@ Security notes (DESIGN.md boundary 7):
 
 * git always runs from an argv list with a minimal environment (:func:`run_git`): no user or
   system git config, no terminal prompts, a fixed identity.
-* A repository credential never appears in a URL, an argv or a file. Git gets it from a
-  ``GIT_ASKPASS`` script in a private 0700 directory; the script prints the token from an
-  environment variable that only the git process sees, never the agent.
-* The agent edits the *work tree only*. The git directory lives in a separate private directory
-  and the work tree has no ``.git``, so a ``.git/hooks`` or ``.git/config`` the agent writes is
-  inert. The git directory's config, hooks and info files are fingerprinted after the clone and
-  checked before every later git command: an agent that tampers with them (same uid, so it can)
-  makes the worker stop instead of running attacker-chosen hooks, filters or remotes.
+* A repository credential never appears in a URL, an argv, an environment or a file. For each
+  remote command git gets a fresh ``GIT_ASKPASS`` script in a private 0700 directory, and the
+  script reads the token from a pipe whose read end only that git process tree inherits
+  (``pass_fds``): nothing another process could read, and nothing left once the command ends.
+* The agent edits the *work tree only*. The worker's git directory lives in a separate private
+  directory; the ``.git`` the agent finds in its work tree (:meth:`Workspace.give_agent_git`) is
+  a throwaway copy (the base commit, no remote, no hooks, no credentials) that the worker never
+  reads. The worker's git directory's config, hooks and info files are fingerprinted after the
+  clone and checked before every later git command, as a second line for ``sandbox = "none"``
+  where the agent runs as the worker's own user.
 * What gets pushed is decided by the worker, not by refs on disk: :meth:`Workspace.commit_all`
   writes one commit whose parent is the commit the worker last made (starting at the base), from
   a fresh index, and :meth:`Workspace.push` pushes that exact sha to the exact URL that was
@@ -23,8 +25,8 @@ Security notes (DESIGN.md boundary 7):
   exactly that reading (blobs written with ``--no-filters``, a fresh index built from the
   recorded entries, never ``read-tree``/``add`` over objects the agent could have rewritten).
 
-Real isolation of a hostile agent (a separate uid, a sandbox) is the deployment's job; these
-measures keep a same-uid agent from turning the worker's own git commands against it.
+Real isolation of a hostile agent is :mod:`workers.sandbox`'s job; these measures also keep a
+same-uid agent (``sandbox = "none"``) from turning the worker's own git commands against it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import signal
 import stat
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -61,7 +63,7 @@ from workers.snapshot import (
 
 AGENT_NAME = "intake-agent"
 AGENT_EMAIL = "agent@intake.invalid"
-TOKEN_ENV = "INTAKE_GIT_TOKEN"
+TOKEN_FD_ENV = "INTAKE_GIT_TOKEN_FD"
 USERNAME_ENV = "INTAKE_GIT_USERNAME"
 
 # Options given to every git invocation. They override anything a repository config could say
@@ -78,11 +80,11 @@ _HARDENING = (
 _PROTECTED = ("config", "hooks", "info", "objects/info/alternates", "commondir", "worktrees")
 
 _ASKPASS_SCRIPT = f"""#!/bin/sh
-# Git asks for a user name and then for a password; the token only ever travels in the
-# environment of the git process, never in argv, a URL or this file.
+# Git asks for a user name and then for a password; the token only ever travels through a pipe
+# this git process inherited, never in argv, a URL, an environment or this file.
 case "$1" in
   Username*) printf '%s\\n' "${USERNAME_ENV}" ;;
-  *) printf '%s\\n' "${TOKEN_ENV}" ;;
+  *) exec cat "/dev/fd/${TOKEN_FD_ENV}" ;;
 esac
 """
 
@@ -94,11 +96,10 @@ class GitError(IntakeError):
     """A git command failed; the message is one line and never contains a credential."""
 
 
-def _scrub(text: str, env: Mapping[str, str]) -> str:
+def _scrub(text: str, secret: str | None) -> str:
     """Remove anything credential-shaped from a message: the token and URL user info."""
-    token = env.get(TOKEN_ENV, "")
-    if len(token) >= 4:
-        text = text.replace(token, "***")
+    if secret is not None and len(secret) >= 4:
+        text = text.replace(secret, "***")
     return _USERINFO.sub("://***@", text)
 
 
@@ -114,7 +115,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _run(
-    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float, stdin: bytes | None = None
+    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float, stdin: bytes | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.CompletedProcess[bytes]:
     """Run git and return the completed process whatever its exit code."""
     subcommand = args[0] if args else "(none)"
@@ -145,6 +147,7 @@ def _run(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         except FileNotFoundError as exc:
             raise GitError("git executable not found on PATH") from exc
@@ -162,8 +165,8 @@ def _run(
 
 
 def run_git(
-    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float = 120,
-    stdin: bytes | None = None,
+    args: list[str], cwd: Path, env: Mapping[str, str], timeout: float = 120, *,
+    stdin: bytes | None = None, pass_fds: tuple[int, ...] = (), secret: str | None = None,
 ) -> str:
     """Run ``git <args>`` in ``cwd`` and return its stdout (UTF-8, undecodable bytes replaced).
 
@@ -171,15 +174,16 @@ def run_git(
     ``HOME`` (so no ``~/.gitconfig``), ``GIT_CONFIG_NOSYSTEM=1``, ``GIT_TERMINAL_PROMPT=0`` and
     the ``intake-agent`` identity. Nothing else of ``os.environ`` reaches git.
 
+    ``pass_fds`` are inherited by git (the askpass pipe); ``secret`` is scrubbed from errors.
     Raises :class:`GitError` naming the subcommand and the last line of stderr on a non-zero
     exit or a timeout (the whole process group is killed then). ``stdin`` is fed to git.
     """
-    result = _run(args, cwd, env, timeout, stdin)
+    result = _run(args, cwd, env, timeout, stdin, pass_fds)
     if result.returncode != 0:
         subcommand = args[0] if args else "(none)"
         detail = _last_line(result.stderr.decode("utf-8", "replace"))
         message = f"git {subcommand} failed (exit {result.returncode})"
-        raise GitError(_scrub(f"{message}: {detail}" if detail else message, env))
+        raise GitError(_scrub(f"{message}: {detail}" if detail else message, secret))
     return result.stdout.decode("utf-8", "replace")
 
 
@@ -260,6 +264,7 @@ class Workspace:
         username: str = "x-access-token",
         ca_file: Path | None = None,
         timeout: float = 300,
+        root: Path | None = None,
     ) -> Workspace:
         """Clone ``url`` and check out ``base_ref`` (a branch, a tag or a commit sha).
 
@@ -267,6 +272,8 @@ class Workspace:
         ``username``), or ``None`` for repositories that need none (local paths, ``file://``).
         Credentials embedded in the URL are refused, so that they never reach argv or logs.
         ``ca_file`` is a PEM bundle to trust for https (a self-hosted forge's private CA).
+        ``root`` is the directory (a run's, see :mod:`workers.rundirs`) to make the work tree
+        and the private git directory in.
         """
         _check_ref_arg(url, "repository URL")
         _check_ref_arg(base_ref, "base ref")
@@ -277,8 +284,8 @@ class Workspace:
             raise GitError("a repository credential is only sent over https")
         if _is_local(url):
             url = str(Path(url).resolve())
-        path = Path(tempfile.mkdtemp(prefix="intake-ws-"))
-        private = Path(tempfile.mkdtemp(prefix="intake-git-"))
+        path = Path(tempfile.mkdtemp(prefix="intake-ws-", dir=root))
+        private = Path(tempfile.mkdtemp(prefix="intake-git-", dir=root))
         ws = cls(path=path, private_dir=private, url=url, credential=credential,
                  username=username, ca_file=ca_file)
         try:
@@ -290,15 +297,14 @@ class Workspace:
 
     def _clone(self, base_ref: str, timeout: float) -> None:
         os.chmod(self._private, 0o700)
-        run_git(
-            [
-                "clone", "--quiet", "--no-checkout", "--no-hardlinks", "--template=",
-                f"--separate-git-dir={self._git_dir}", "--", self.url, str(self.path),
-            ],
-            cwd=self._private,
-            env=self._remote_env(),
-            timeout=timeout,
-        )
+        with self._remote() as (env, fds):
+            run_git(
+                [
+                    "clone", "--quiet", "--no-checkout", "--no-hardlinks", "--template=",
+                    f"--separate-git-dir={self._git_dir}", "--", self.url, str(self.path),
+                ],
+                cwd=self._private, env=env, timeout=timeout, pass_fds=fds, secret=self._credential,
+            )
         # The work tree must not point at the git directory: git is always told where it is.
         (self.path / ".git").unlink()
         self._fingerprint = _fingerprint(self._git_dir)
@@ -337,25 +343,37 @@ class Workspace:
     def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         return {"GIT_DIR": str(self._git_dir), "GIT_WORK_TREE": str(self.path), **(extra or {})}
 
-    def _remote_env(self) -> dict[str, str]:
-        """The environment for commands that talk to the remote: the askpass, if any."""
+    @contextlib.contextmanager
+    def _remote(self) -> Iterator[tuple[dict[str, str], tuple[int, ...]]]:
+        """The environment and inherited fds for a command that talks to the remote.
+
+        With a credential: a fresh askpass script for each remote command (clone, push), in a
+        new private directory, and a pipe holding the token whose read end only git inherits.
+        """
         env = {"GIT_SSL_CAINFO": str(self._ca_file)} if self._ca_file is not None else {}
         if self._credential is None:
-            return env
-        # A fresh script for each remote command (clone, push), in a new private directory:
-        # one written earlier could have been rewritten by the agent (same uid) to steal the
-        # token the push hands it.
+            yield env, ()
+            return
         fresh = Path(tempfile.mkdtemp(prefix="askpass-", dir=self._private))
         askpass = fresh / "askpass"
         fd = os.open(askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "w") as handle:
             handle.write(_ASKPASS_SCRIPT)
-        return {
-            **env,
-            "GIT_ASKPASS": str(askpass),
-            TOKEN_ENV: self._credential,
-            USERNAME_ENV: self._username,
-        }
+        read_end, write_end = os.pipe()
+        try:
+            data = (self._credential + "\n").encode()
+            if len(data) > 4096:  # well under any pipe buffer: the write never blocks
+                raise GitError("the repository credential is too long")
+            os.write(write_end, data)
+            os.close(write_end)
+            write_end = -1
+            yield {**env, "GIT_ASKPASS": str(askpass), TOKEN_FD_ENV: str(read_end),
+                   USERNAME_ENV: self._username}, (read_end,)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+            shutil.rmtree(fresh, ignore_errors=True)
 
     def _verify_git_dir(self) -> None:
         if self._fingerprint is not None and _fingerprint(self._git_dir) != self._fingerprint:
@@ -368,7 +386,8 @@ class Workspace:
         stdin: bytes | None = None,
     ) -> str:
         self._verify_git_dir()
-        return run_git(args, cwd=self.path, env=self._env(extra_env), timeout=timeout, stdin=stdin)
+        return run_git(args, cwd=self.path, env=self._env(extra_env), timeout=timeout, stdin=stdin,
+                       secret=self._credential)
 
     def _git_result(
         self, args: list[str], stdin: bytes | None = None
@@ -501,12 +520,48 @@ class Workspace:
             raise GitError(f"refusing to push {branch!r}: only the task branch may be pushed")
         if self.head == self.base_sha:
             raise GitError(f"refusing to push {branch!r}: it has no commits")
-        self._git(
-            ["push", "--quiet", "--no-verify", "--", self.url, f"{self.head}:refs/heads/{branch}"],
-            self._remote_env(),
-            timeout=300,
-        )
+        self._verify_git_dir()
+        with self._remote() as (env, fds):
+            run_git(
+                ["push", "--quiet", "--no-verify", "--", self.url, f"{self.head}:refs/heads/{branch}"],
+                cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential,
+            )
         return self.head
+
+    def give_agent_git(self) -> None:
+        """Put a throwaway ``.git`` of the agent's own into the work tree: a copy of the base
+        commit on the task branch, with no remote, no hooks, no credentials and its own config
+        (an identity, so git-based agents can commit). The worker never reads it: the change is
+        computed from the worker's private git directory, and git never adds a ``.git``."""
+        agent_git = self.path / ".git"
+        if agent_git.exists() or agent_git.is_symlink():
+            raise GitError("the work tree already has a .git")
+        self._verify_git_dir()
+        run_git(["clone", "--quiet", "--bare", "--no-hardlinks", "--template=", "--",
+                 str(self._git_dir), str(agent_git)], cwd=self._private, env={})
+        env = {"GIT_DIR": str(agent_git), "GIT_WORK_TREE": str(self.path)}
+        run_git(["remote", "remove", "origin"], cwd=self.path, env=env)
+        for key, value in (("core.bare", "false"), ("user.name", AGENT_NAME),
+                           ("user.email", AGENT_EMAIL)):
+            run_git(["config", key, value], cwd=self.path, env=env)
+        branch = self.branch or "intake"
+        run_git(["update-ref", f"refs/heads/{branch}", self.base_sha], cwd=self.path, env=env)
+        run_git(["symbolic-ref", "HEAD", f"refs/heads/{branch}"], cwd=self.path, env=env)
+        run_git(["read-tree", self.base_sha], cwd=self.path, env=env)
+
+    def export(self, rev: str, dest: Path) -> None:
+        """Write the tree of ``rev`` (``HEAD``: :attr:`head`) into the empty directory ``dest``,
+        from the worker's own objects, with no ``.git`` (what a required check runs on)."""
+        rev = self.head if rev == "HEAD" else rev
+        _check_ref_arg(rev, "revision")
+        index = {"GIT_INDEX_FILE": str(self._private / "index-export")}
+        try:
+            self._git(["read-tree", rev], index)
+            self._verify_git_dir()
+            run_git(["checkout-index", "--all", "--force"], cwd=dest,
+                    env={"GIT_DIR": str(self._git_dir), "GIT_WORK_TREE": str(dest), **index})
+        finally:
+            Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         """Remove the work tree and the private git directory (safe to call twice)."""

@@ -1,11 +1,11 @@
-"""A real ``intake worker`` process runs an agent that dumps its environment: only the
-allowlist, the task id and this repo's agent credential are there; no broker key, no Redis URL,
-no other repo's credential, nothing else of the worker's environment."""
+"""A real ``intake worker`` process runs a sandboxed agent that dumps its environment into its
+work tree: only the allowlist, the task id and this repo's agent_env secret are there; no broker
+key, no Redis URL, no other repo's credential, nothing else of the worker's environment."""
 
 from __future__ import annotations
 
 from intake.models import TaskState
-from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
+from tests.workers.harness import Rig, git_refs, git_show, rig  # noqa: F401
 
 SECRETS = {
     "PAYMENTS_GIT_TOKEN": "payments-git-secret-1111",
@@ -19,15 +19,14 @@ SHELL_VARS = {"PWD", "OLDPWD", "SHLVL", "_"}
 
 def test_agent_environment_holds_nothing_it_should_not(rig: Rig) -> None:
     task = rig.promote()
-    dump = rig.tmp / "agent-env.txt"
     config = rig.config(
-        agent={"type": "command", "argv": ["/bin/sh", "-c", f"env > {dump}; echo x > docs/env.md"]},
+        agent={"type": "command", "argv": ["/bin/sh", "-c", "env > docs/env.md"]},
         repos={
-            "acme/web": {"agent_credential": {"env": "WEB_AGENT_TOKEN"}},
+            "acme/web": {"agent_env": {"WEB_API_KEY": {"env": "WEB_AGENT_TOKEN"}}},
             "acme/payments": {
                 "url": "https://git.example.invalid/acme/payments.git",
                 "credential": {"env": "PAYMENTS_GIT_TOKEN"},
-                "agent_credential": {"env": "PAYMENTS_AGENT_TOKEN"},
+                "agent_env": {"PAYMENTS_API_KEY": {"env": "PAYMENTS_AGENT_TOKEN"}},
             },
         },
     )
@@ -36,13 +35,14 @@ def test_agent_environment_holds_nothing_it_should_not(rig: Rig) -> None:
     assert proc.wait(timeout=60) == 0, rig.worker_log()
     assert rig.task(task.id).state is TaskState.SUCCEEDED, rig.worker_log()
 
-    text = dump.read_text()
+    text = git_show(rig.bare("acme/web"), f"intake/{task.id}", "docs/env.md")
     seen = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     assert seen["INTAKE_TASK_ID"] == task.id
-    assert seen["INTAKE_AGENT_TOKEN"] == SECRETS["WEB_AGENT_TOKEN"]  # this repo's, for the agent
+    assert seen["WEB_API_KEY"] == SECRETS["WEB_AGENT_TOKEN"]  # this repo's, for the agent
     assert seen["LANG"] == "C.UTF-8"
-    allowed = {"LANG", "LC_ALL", "TZ", "PATH", "HOME", "INTAKE_TASK_ID", "INTAKE_AGENT_TOKEN",
+    allowed = {"LANG", "LC_ALL", "TZ", "PATH", "HOME", "TMPDIR", "INTAKE_TASK_ID", "WEB_API_KEY",
                "INTAKE_PROMPT_FILE"} | SHELL_VARS
+    assert seen["HOME"] == "/home/agent" and seen["INTAKE_PROMPT_FILE"] == "/intake/prompt.md"
     assert set(seen) <= allowed, set(seen) - allowed
 
     forbidden = [
@@ -55,5 +55,4 @@ def test_agent_environment_holds_nothing_it_should_not(rig: Rig) -> None:
     for value in forbidden:
         assert value not in text, f"agent saw {value[:20]}…"
     assert "REDIS" not in text and "SIGNING" not in text
-    # The branch was pushed; the dump stayed outside the work tree.
     assert f"refs/heads/intake/{task.id}" in git_refs(rig.bare("acme/web"))

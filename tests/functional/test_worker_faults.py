@@ -5,6 +5,7 @@ abandoned, as the risk tier says (never lost, never run twice at once)."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -16,16 +17,17 @@ import redis
 from intake.models import TaskState
 from intake.runtime import EXAMPLE_POLICY
 from tests.conftest import FakeClock
-from tests.workers.harness import Rig, git_refs, make_rig, pid_gone, rig, wait_for  # noqa: F401
+from tests.workers.harness import Rig, git_refs, make_rig, pid_gone, pids_with, rig, wait_for  # noqa: F401
 
 
-def sleeper(pidfile: Path) -> dict[str, object]:
-    """A command agent that records its pid and then sleeps for a minute."""
-    return {"type": "command", "argv": ["/bin/sh", "-c", f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; exec sleep 60"]}
+def sleeper(marker: str) -> dict[str, object]:
+    """A command agent that sleeps for a minute, with ``marker`` in its command line."""
+    return {"type": "command", "argv": ["python3", "-c", "import time; time.sleep(60)", marker]}
 
 
-def read_pid(pidfile: Path) -> int:
-    return int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "the agent to start"))
+def read_pid(marker: str) -> int:
+    """The agent's host pid (it cannot write it anywhere the test could read)."""
+    return int(wait_for(lambda: pids_with(marker), 30, "the agent to start")[0])
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
@@ -36,10 +38,10 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 def test_a_running_task_is_stopped_soon_after_revocation(rig: Rig) -> None:
     task = rig.promote()
-    pidfile = rig.tmp / "agent.pid"
-    proc = rig.spawn(rig.config(agent=sleeper(pidfile)), burst=True)
+    marker = f"agent-{secrets.token_hex(8)}"
+    proc = rig.spawn(rig.config(agent=sleeper(marker)), burst=True)
     try:
-        pid = read_pid(pidfile)
+        pid = read_pid(marker)
         assert rig.task(task.id).state is TaskState.RUNNING
         rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="wrong repo")
         # Within the lease's life plus 5 s of the revocation the agent is gone (polled, bounded):
@@ -63,12 +65,12 @@ def retry_rig(tmp_path: Path, redis_server: str, rclient: redis.Redis, clock: Fa
     made.close()
 
 
-def _kill_mid_run(rig: Rig, config: Path, pidfile: Path, attempt: int) -> int:
+def _kill_mid_run(rig: Rig, config: Path, marker: str, attempt: int) -> int:
     """Start a worker, wait until it runs ``attempt``, SIGKILL it; return the agent's pid."""
-    pidfile.unlink(missing_ok=True)
+    wait_for(lambda: not pids_with(marker), 10, "no agent of an earlier attempt")
     proc = rig.spawn(config)
     try:
-        pid = read_pid(pidfile)
+        pid = read_pid(marker)
         running = rig.task(rig.events("task.running")[-1]["subject"])
         assert running.state is TaskState.RUNNING and running.attempts == attempt
         os.kill(proc.pid, signal.SIGKILL)
@@ -81,8 +83,8 @@ def _kill_mid_run(rig: Rig, config: Path, pidfile: Path, attempt: int) -> int:
 def test_a_sigkilled_worker_is_retried_then_failed_as_abandoned(retry_rig: Rig) -> None:
     rig = retry_rig
     task = rig.promote()
-    pidfile = rig.tmp / "agent.pid"
-    config = rig.config(agent=sleeper(pidfile))
+    marker = f"agent-{secrets.token_hex(8)}"
+    config = rig.config(agent=sleeper(marker))
     dispatcher = rig.broker.dispatcher
 
     first = rig.job_token(task.id)
@@ -92,7 +94,7 @@ def test_a_sigkilled_worker_is_retried_then_failed_as_abandoned(retry_rig: Rig) 
         return bool(dispatcher.reconcile()) or rig.task(task.id).state is not TaskState.RUNNING
 
     # Attempt 1 dies with its worker: the broker retries it with a new token.
-    agent = _kill_mid_run(rig, config, pidfile, attempt=1)
+    agent = _kill_mid_run(rig, config, marker, attempt=1)
     wait_for(lambda: pid_gone(agent), 5, "the orphaned agent to die with its worker")
     wait_for(reap, 30, "the broker to notice the dead worker")
     retried = rig.task(task.id)
@@ -101,7 +103,7 @@ def test_a_sigkilled_worker_is_retried_then_failed_as_abandoned(retry_rig: Rig) 
     assert (retried.reason or "").startswith("retrying: attempt 1 was abandoned")
 
     # Attempt 2 dies too: one retry is all the tier allows, so the task fails as abandoned.
-    agent = _kill_mid_run(rig, config, pidfile, attempt=2)
+    agent = _kill_mid_run(rig, config, marker, attempt=2)
     wait_for(lambda: pid_gone(agent), 5, "the second agent to die")
     wait_for(reap, 30, "the broker to notice the second dead worker")
     ended = rig.task(task.id)

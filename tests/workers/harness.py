@@ -34,6 +34,7 @@ from tests.conftest import FakeClock
 from tests.factories import draft
 from workers.config import load_worker_config
 from workers.dev import create_bare_repo
+from workers.rundirs import RunRoot
 from workers.worker import build_worker
 
 PEOPLE = {"alice": "platform", "bob": "platform", "carol": "security", "dave": "security"}
@@ -50,6 +51,26 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def in_a_work_tree(name: str, worker: str = "test") -> Path | None:
+    """A file called ``name`` in a live run's work tree of worker ``worker`` (sandboxed agents
+    can write nowhere else: this is how a test sees that an agent got somewhere)."""
+    return next(iter((RunRoot(worker).path).glob(f"*/intake-ws-*/{name}")), None)
+
+
+def pids_with(marker: str) -> list[int]:
+    """Host pids of live processes whose command line holds ``marker`` (a sandboxed agent cannot
+    tell us its host pid; a random marker in its argv finds it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes() and not pid_gone(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def pid_gone(pid: int) -> bool:
@@ -168,13 +189,14 @@ class Rig:
         return self.repos[repo]
 
     def config(self, *, agent: dict[str, Any] | None = None, repos: dict[str, dict[str, Any]] | None = None,
-               queues: tuple[str, ...] = ("tier-standard", "tier-privileged"), name: str = "test") -> Path:
+               queues: tuple[str, ...] = ("tier-standard", "tier-privileged"), name: str = "test",
+               **top: Any) -> Path:
         """Write a worker config; ``repos`` maps repo names to extra keys (default: both repos,
         local bare remotes, every change type)."""
         repos = repos if repos is not None else {"acme/web": {}, "acme/payments": {}}
         data: dict[str, Any] = {
             "name": name, "queues": list(queues),
-            "agent": agent or {"type": "demo"}, "repos": [],
+            "agent": agent or {"type": "demo"}, "repos": [], **top,
         }
         for repo, extra in repos.items():
             entry = {"name": repo, "change_types": ["docs", "tests", "bugfix", "dependency-bump"], **extra}
@@ -182,21 +204,26 @@ class Rig:
             data["repos"].append(entry)
         path = self.tmp / f"worker-{len(list(self.tmp.glob('worker-*.toml')))}.toml"
         path.write_text(_to_toml(data))
+        path.chmod(0o600)  # a bwrap worker refuses a config the agent user could read
         if not self.settings.worker_key_path(name).exists():
             self.issue_key(name)
         return path
 
-    def work(self, config: Path) -> bool:
+    def work(self, config: Path, *, url: str | None = None) -> bool:
         """One in-process burst worker over the queues (its clock is the rig's clock); the
-        rig's broker-side report processor answers its claims and heartbeats."""
+        rig's broker-side report processor answers its claims and heartbeats. ``url`` connects
+        the worker as another Redis user (e.g. the worker ACL user) instead of the rig's."""
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         self.serve_reports()
-        worker = build_worker(self.settings, self.broker.url, self.r, load_worker_config(config),
+        client = make_client(url) if url else self.r
+        worker = build_worker(self.settings, url or self.broker.url, client, load_worker_config(config),
                               clock=self.clock)
         try:
             return bool(worker.work(burst=True, logging_level="WARNING"))
         finally:
             worker.connection.close()
+            if url:
+                client.close()
             self.drain()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)

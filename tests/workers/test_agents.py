@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,8 +19,22 @@ from workers.agents import (
     agent_from_config,
     build_prompt,
 )
+from workers.sandbox import Sandbox
 
 PY = sys.executable
+# These tests are about the adapters; the sandbox itself is tested in test_sandbox.py.
+UNSANDBOXED = Sandbox("none", term_grace_s=0.3)
+
+
+def run_agent(agent: CommandAgent | DemoAgent, workdir: Path, prompt: str, env: dict[str, str],
+              timeout_s: float, max_output_bytes: int, should_stop: object = None,
+              poll_interval: float = 0.25) -> AgentResult:
+    """Run ``agent`` unsandboxed with a fresh HOME and inputs directory beside ``workdir``."""
+    home = Path(tempfile.mkdtemp(prefix="home-", dir=workdir.parent))
+    inputs = Path(tempfile.mkdtemp(prefix="inputs-", dir=workdir.parent))
+    return agent.run(UNSANDBOXED, workdir=workdir, home=home, inputs=inputs, prompt=prompt, env=env,
+                     timeout_s=timeout_s, max_output_bytes=max_output_bytes,
+                     should_stop=should_stop, poll_interval=poll_interval)  # type: ignore[arg-type]
 
 
 def prompt_for(idea: str, boundary: str | None = None) -> str:
@@ -131,7 +146,7 @@ open("agent-was-here.txt", "w").write("yes")
 
 def test_agent_gets_prompt_on_stdin_and_in_a_file_outside_the_workdir(workdir: Path) -> None:
     prompt = prompt_for("Document the thing.")
-    result = CommandAgent([PY, "-c", ECHO_AGENT]).run(workdir, prompt, {}, 30, 10_000)
+    result = run_agent(CommandAgent([PY, "-c", ECHO_AGENT]), workdir, prompt, {}, 30, 10_000)
     assert result == AgentResult(0, False, False, result.output_tail, False)
     assert result.ok
     lines = dict(line.split(" ", 1) for line in result.output_tail.splitlines())
@@ -139,7 +154,7 @@ def test_agent_gets_prompt_on_stdin_and_in_a_file_outside_the_workdir(workdir: P
     assert lines["CWD"] == str(workdir.resolve())
     prompt_file = Path(lines["FILE"])
     assert not prompt_file.is_relative_to(workdir.resolve())
-    assert not prompt_file.exists() and not prompt_file.parent.exists()  # removed after the run
+    assert prompt_file.read_text() == prompt
     assert (workdir / "agent-was-here.txt").read_text() == "yes"
 
 
@@ -149,12 +164,13 @@ def test_agent_environment_is_exactly_the_given_env(
     monkeypatch.setenv("INTAKE_SECRET_KEY", "must-not-leak")
     monkeypatch.setenv("INTAKE_REDIS_URL", "redis://secret")
     env = {"INTAKE_TASK_ID": "T-1", "ANTHROPIC_API_KEY": "scoped", "PATH": "bin:/usr/bin:.:"}
-    result = CommandAgent(["env"]).run(workdir, "p", env, 30, 10_000)
+    result = run_agent(CommandAgent(["env"]), workdir, "p", env, 30, 10_000)
     assert result.ok
     seen = dict(line.split("=", 1) for line in result.output_tail.splitlines())
-    assert set(seen) == {"INTAKE_TASK_ID", "ANTHROPIC_API_KEY", "PATH", "INTAKE_PROMPT_FILE"}
+    assert set(seen) == {"INTAKE_TASK_ID", "ANTHROPIC_API_KEY", "PATH", "INTAKE_PROMPT_FILE", "HOME",
+                         "TMPDIR"}
     assert seen["PATH"] == "/usr/bin"  # relative entries would resolve inside the work tree
-    default = CommandAgent(["env"]).run(workdir, "p", {}, 30, 10_000)
+    default = run_agent(CommandAgent(["env"]), workdir, "p", {}, 30, 10_000)
     assert "PATH=/usr/local/bin:/usr/bin:/bin" in default.output_tail.splitlines()
 
 
@@ -162,7 +178,7 @@ def test_exit_code_and_combined_output(workdir: Path) -> None:
     code = (
         "import sys; print('out'); sys.stdout.flush(); print('err', file=sys.stderr); sys.exit(3)"
     )
-    result = CommandAgent([PY, "-c", code]).run(workdir, "p", {}, 30, 10_000)
+    result = run_agent(CommandAgent([PY, "-c", code]), workdir, "p", {}, 30, 10_000)
     assert result.exit_code == 3 and not result.ok
     assert result.output_tail == "out\nerr\n"
     assert not result.timed_out and not result.stopped
@@ -171,13 +187,13 @@ def test_exit_code_and_combined_output(workdir: Path) -> None:
 def test_output_is_capped_to_the_last_bytes_while_input_streams(workdir: Path) -> None:
     # cat echoes a 2 MB prompt: stdin and stdout must flow together or both sides block.
     prompt = "".join(f"line {i:07d}\n" for i in range(150_000))
-    result = CommandAgent(["cat"]).run(workdir, prompt, {}, 60, 1000)
+    result = run_agent(CommandAgent(["cat"]), workdir, prompt, {}, 60, 1000)
     assert result.ok and result.output_truncated
     assert result.output_tail == prompt[-1000:]
 
 
 def test_agent_that_ignores_stdin_still_runs(workdir: Path) -> None:
-    result = CommandAgent(["true"]).run(workdir, "x" * 1_000_000, {}, 30, 100)
+    result = run_agent(CommandAgent(["true"]), workdir, "x" * 1_000_000, {}, 30, 100)
     assert result.ok and result.output_tail == ""
 
 
@@ -188,7 +204,7 @@ SPAWNER = 'sleep 1000 & echo $! > "$PIDFILE"; echo started; wait'
 
 def test_timeout_kills_the_whole_process_group(workdir: Path, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
-    result = CommandAgent(["sh", "-c", SPAWNER]).run(
+    result = run_agent(CommandAgent(["sh", "-c", SPAWNER]), 
         workdir, "p", {"PIDFILE": str(pidfile)}, timeout_s=2.0, max_output_bytes=1000,
         poll_interval=0.05,
     )
@@ -200,7 +216,7 @@ def test_timeout_kills_the_whole_process_group(workdir: Path, tmp_path: Path) ->
 
 def test_helpers_left_behind_on_a_normal_exit_are_killed(workdir: Path, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
-    result = CommandAgent(["sh", "-c", 'sleep 1000 & echo $! > "$PIDFILE"; exit 0']).run(
+    result = run_agent(CommandAgent(["sh", "-c", 'sleep 1000 & echo $! > "$PIDFILE"; exit 0']), 
         workdir, "p", {"PIDFILE": str(pidfile)}, 30, 1000
     )
     assert result.ok
@@ -215,7 +231,7 @@ def test_should_stop_kills_the_group(workdir: Path, tmp_path: Path) -> None:
         calls.append(1)
         return pidfile.exists() and bool(pidfile.read_text().strip())
 
-    result = CommandAgent(["sh", "-c", SPAWNER]).run(
+    result = run_agent(CommandAgent(["sh", "-c", SPAWNER]), 
         workdir, "p", {"PIDFILE": str(pidfile)}, 60, 1000, should_stop, poll_interval=0.05
     )
     assert result.stopped and not result.timed_out and result.exit_code is None
@@ -227,7 +243,7 @@ def test_sigterm_is_followed_by_sigkill(workdir: Path, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     # Ignored signals are inherited: the background sleep ignores SIGTERM too.
     script = 'trap "" TERM; sleep 1000 & echo $! > "$PIDFILE"; wait; wait'
-    result = CommandAgent(["sh", "-c", script], term_grace_s=0.3).run(
+    result = run_agent(CommandAgent(["sh", "-c", script]), 
         workdir, "p", {"PIDFILE": str(pidfile)}, 60, 1000,
         lambda: wait_for_file(pidfile), poll_interval=0.05,
     )
@@ -246,7 +262,7 @@ def test_an_exception_from_should_stop_still_kills_the_group(
         return False
 
     with pytest.raises(ConnectionError):
-        CommandAgent(["sh", "-c", SPAWNER]).run(
+        run_agent(CommandAgent(["sh", "-c", SPAWNER]), 
             workdir, "p", {"PIDFILE": str(pidfile)}, 60, 1000, should_stop, poll_interval=0.05
         )
     assert gone(int(pidfile.read_text()))
@@ -257,7 +273,7 @@ def test_an_exception_from_should_stop_still_kills_the_group(
 
 def test_missing_program_is_a_named_error(workdir: Path) -> None:
     with pytest.raises(AgentError, match="agent could not be started: no-such-agent-xyz"):
-        CommandAgent(["no-such-agent-xyz"]).run(workdir, "p", {}, 5, 100)
+        run_agent(CommandAgent(["no-such-agent-xyz"]), workdir, "p", {}, 5, 100)
 
 
 @pytest.mark.parametrize("argv", [[], [""], ["./agent"], ["bin/agent", "--x"], "agent"])
@@ -268,9 +284,9 @@ def test_argv_is_validated(argv: list[str]) -> None:
 
 def test_bounds_must_be_positive(workdir: Path) -> None:
     with pytest.raises(ValueError, match="positive"):
-        CommandAgent(["true"]).run(workdir, "p", {}, 0, 100)
+        run_agent(CommandAgent(["true"]), workdir, "p", {}, 0, 100)
     with pytest.raises(ValueError, match="positive"):
-        CommandAgent(["true"]).run(workdir, "p", {}, 5, 0)
+        run_agent(CommandAgent(["true"]), workdir, "p", {}, 5, 0)
 
 
 def test_agent_from_config() -> None:
@@ -296,7 +312,7 @@ def test_demo_agent_writes_one_deterministic_file(tmp_path: Path) -> None:
     for name in ("a", "b"):
         work = tmp_path / name
         work.mkdir()
-        result = DemoAgent().run(work, prompt, {"INTAKE_TASK_ID": "T-0a1b2c3d4e5f"}, 60, 1000)
+        result = run_agent(DemoAgent(), work, prompt, {"INTAKE_TASK_ID": "T-0a1b2c3d4e5f"}, 60, 1000)
         assert result == AgentResult(0, False, False, "wrote docs/intake/T-0a1b2c3d4e5f.md\n",
                                      False)
         assert [p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()] == [
@@ -312,7 +328,7 @@ def test_demo_agent_writes_one_deterministic_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("task_id", [None, "", "../../etc/passwd", "x" * 41, "T_1", "T 1"])
 def test_demo_agent_slug_falls_back_to_task(workdir: Path, task_id: str | None) -> None:
     env = {} if task_id is None else {"INTAKE_TASK_ID": task_id}
-    assert DemoAgent().run(workdir, "p", env, 60, 1000).ok
+    assert run_agent(DemoAgent(), workdir, "p", env, 60, 1000).ok
     assert (workdir / "docs/intake/task.md").exists()
 
 
@@ -320,28 +336,28 @@ def test_demo_agent_will_not_write_through_a_symlink(workdir: Path, tmp_path: Pa
     outside = tmp_path / "outside"
     outside.mkdir()
     (workdir / "docs").symlink_to(outside)
-    result = DemoAgent().run(workdir, "p", {"INTAKE_TASK_ID": "T-1"}, 60, 1000)
+    result = run_agent(DemoAgent(), workdir, "p", {"INTAKE_TASK_ID": "T-1"}, 60, 1000)
     assert result.exit_code == 1 and "could not write" in result.output_tail
     assert list(outside.iterdir()) == []
     (workdir / "docs").unlink()
     (workdir / "docs/intake").mkdir(parents=True)
     (workdir / "docs/intake/T-1.md").symlink_to(outside / "target.md")
-    assert DemoAgent().run(workdir, "p", {"INTAKE_TASK_ID": "T-1"}, 60, 1000).exit_code == 1
+    assert run_agent(DemoAgent(), workdir, "p", {"INTAKE_TASK_ID": "T-1"}, 60, 1000).exit_code == 1
     assert list(outside.iterdir()) == []
 
 
 def test_demo_agent_honours_a_stop_request(workdir: Path) -> None:
-    result = DemoAgent().run(workdir, "p", {}, 60, 1000, lambda: True)
+    result = run_agent(DemoAgent(), workdir, "p", {}, 60, 1000, lambda: True)
     assert result.stopped and result.exit_code is None
     assert list(workdir.iterdir()) == []
 
 
 def test_demo_agent_output_respects_the_cap(workdir: Path) -> None:
-    result = DemoAgent().run(workdir, "p", {"INTAKE_TASK_ID": "T-1"}, 60, 5)
+    result = run_agent(DemoAgent(), workdir, "p", {"INTAKE_TASK_ID": "T-1"}, 60, 5)
     assert result.output_tail == "1.md\n" and result.output_truncated
 
 
 def test_workdir_must_exist(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        CommandAgent(["true"]).run(tmp_path / "missing", "p", {}, 5, 100)
+        run_agent(CommandAgent(["true"]), tmp_path / "missing", "p", {}, 5, 100)
     assert os.path.exists(tmp_path)

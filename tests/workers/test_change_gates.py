@@ -95,16 +95,20 @@ print(f"rewrote {rewritten} base object(s)")
 '''
 
 
-def test_rewriting_the_base_blob_does_not_blind_the_dependency_gate(rig: Rig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sandbox", ["none", "bwrap"])
+def test_rewriting_the_base_blob_does_not_blind_the_dependency_gate(rig: Rig, tmp_path: Path, sandbox: str) -> None:
+    """Unsandboxed the agent shares the worker's uid and reaches the worker's own object store;
+    in the sandbox it reaches only its throwaway ``.git``. Either way the gate sees the truth."""
+    if sandbox == "bwrap" and not Path("/usr/bin/bwrap").exists():
+        pytest.skip("bubblewrap is not installed")
     bare = create_bare_repo(tmp_path / "remotes" / "tamper" / "web.git", "main",
                             {"README.md": "# web\n", "requirements.txt": "pytest==8.0\n"})
-    script = tmp_path / "tamper.py"
-    script.write_text(TAMPER)
-    agent = {"type": "command", "argv": [sys.executable, str(script), str(bare), tempfile.gettempdir()]}
+    python = sys.executable if sandbox == "none" else "/usr/bin/python3"
+    agent = {"type": "command", "argv": [python, "-c", TAMPER, str(bare), tempfile.gettempdir()]}
     task = rig.promote(change_type="dependency-bump")
-    rig.work(rig.config(agent=agent, repos={"acme/web": {"url": str(bare)}}))
+    rig.work(rig.config(agent=agent, repos={"acme/web": {"url": str(bare)}}, sandbox=sandbox))
     ended = rig.task(task.id)
-    # The attack did happen: a base object the worker's git would have read was rewritten.
-    assert "rewrote 1 base object(s)" in (ended.result or {}).get("output_tail", "")
+    # The attack did happen: a base object within the agent's reach was rewritten.
+    assert "rewrote 1 base object(s)" in (ended.result or {}).get("output_tail", ""), ended.result
     assert blocked(rig, task.id) == ["dependency not on the allowlist: requests (requirements.txt)"]
     assert not branches(bare)

@@ -100,3 +100,19 @@ def test_a_worker_must_serve_everything_on_its_queues(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="carries tests work on acme/web"):
         load_worker_config(partial).check_covers(policy)
+
+
+def test_sandbox_keys_and_agent_env() -> None:
+    config = parse_worker_config({**BASE, "repos": [{**BASE["repos"][0], "network": "host",
+                                                      "agent_env": {"ANTHROPIC_API_KEY": {"file": "/run/k"}}}]})
+    assert config.sandbox == "bwrap" and config.agent_user == "intake-agent"
+    assert config.repos[0].network == "host" and config.secret_files() == [Path("/run/k")]
+    for bad, message in [({"sandbox": "docker"}, "sandbox: Input should be 'bwrap' or 'none'"),
+                         ({"agent": {"type": "command", "argv": ["x"], "ro_paths": ["opt"]}}, "ro_paths must be absolute")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_worker_config({**BASE, **bad})
+    for name in ("PATH", "HOME", "INTAKE_TASK_ID"):
+        with pytest.raises(ConfigError, match=f"agent_env: {name} is set by the worker"):
+            parse_worker_config(with_repo(agent_env={name: {"env": "X"}}))
+    with pytest.raises(ConfigError, match="network"):
+        parse_worker_config(with_repo(network="internet"))

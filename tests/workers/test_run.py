@@ -18,7 +18,7 @@ from intake.models import TaskState
 from intake.runtime import EXAMPLE_POLICY
 from tests.conftest import FakeClock
 from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
-from tests.workers.harness import Rig, git_refs, git_show, make_rig, rig, wait_for  # noqa: F401
+from tests.workers.harness import Rig, git_refs, git_show, in_a_work_tree, make_rig, rig, wait_for  # noqa: F401
 
 
 def sh(script: str) -> dict[str, object]:
@@ -40,7 +40,9 @@ def test_demo_agent_run_pushes_the_branch_and_records_the_result(rig: Rig) -> No
     assert result["branch"] == branch and refs[f"refs/heads/{branch}"] == result["commit"]
     assert result["base"] == refs["refs/heads/main"]
     assert result["files"] == [f"docs/intake/{task.id}.md"]
-    assert result["required_checks"] == ["ci/test"] and result["pr_url"] is None
+    assert result["checks"] == [{"name": "docs/no-empty-markdown", "ok": True, "exit_code": 0,
+                                 "timed_out": False, "tail": ""}]
+    assert result["pr_url"] is None and result["sandbox"] == "bwrap" and result["network"] == "none"
     assert "intake demo agent" in git_show(rig.bare("acme/web"), branch, f"docs/intake/{task.id}.md")
     succeeded = rig.events("task.succeeded")[-1]
     assert succeeded["data"]["branch"] == branch and succeeded["data"]["commit"] == result["commit"]
@@ -94,8 +96,8 @@ def test_no_change_is_a_failure(rig: Rig) -> None:
 def test_agent_output_is_capped_and_credentials_redacted(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEB_AGENT_TOKEN", "agent-token-abc123")
     task = rig.promote()
-    script = 'echo "token=$INTAKE_AGENT_TOKEN"; head -c 3000000 /dev/zero | tr "\\0" x; echo; echo done > docs/a.md'
-    config = rig.config(agent=sh(script), repos={"acme/web": {"agent_credential": {"env": "WEB_AGENT_TOKEN"}}})
+    script = 'echo "token=$MODEL_API_KEY"; head -c 3000000 /dev/zero | tr "\\0" x; echo; echo done > docs/a.md'
+    config = rig.config(agent=sh(script), repos={"acme/web": {"agent_env": {"MODEL_API_KEY": {"env": "WEB_AGENT_TOKEN"}}}})
     rig.work(config)
     result = rig.task(task.id).result or {}
     assert rig.task(task.id).state is TaskState.SUCCEEDED
@@ -106,8 +108,8 @@ def test_agent_output_is_capped_and_credentials_redacted(rig: Rig, monkeypatch: 
 def test_agent_output_tail_redacts_the_agent_token(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEB_AGENT_TOKEN", "agent-token-abc123")
     task = rig.promote()
-    config = rig.config(agent=sh('echo "token=$INTAKE_AGENT_TOKEN"; echo x > docs/a.md'),
-                        repos={"acme/web": {"agent_credential": {"env": "WEB_AGENT_TOKEN"}}})
+    config = rig.config(agent=sh('echo "token=$MODEL_API_KEY"; echo x > docs/a.md'),
+                        repos={"acme/web": {"agent_env": {"MODEL_API_KEY": {"env": "WEB_AGENT_TOKEN"}}}})
     rig.work(config)
     assert (rig.task(task.id).result or {})["output_tail"] == "token=***\n"
 
@@ -131,11 +133,11 @@ def test_the_spec_time_limit_stops_the_agent(short_rig: Rig) -> None:
 def test_freezing_intake_stops_a_running_task_too(rig: Rig) -> None:
     """The broker stops renewing leases while frozen: the run stops, nothing is pushed."""
     task = rig.promote()
-    started = rig.tmp / "started"
-    agent = sh(f"touch {started}; sleep 30; mkdir -p docs; echo frozen-but-finished > docs/note.md")
+    started = f"started-{task.id}"
+    agent = sh(f"touch {started}; sleep 30; rm {started}; echo frozen-but-finished > docs/note.md")
 
     def freeze_when_started() -> None:
-        wait_for(started.exists, 20, "the agent to start")
+        wait_for(lambda: in_a_work_tree(started), 20, "the agent to start")
         rig.broker.gatekeeper.freeze(actor="cli:bob", reason="incident")
 
     helper = threading.Thread(target=freeze_when_started)

@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from workers.agents import DemoAgent, build_prompt
 from workers.gates import run_gates
 from workers.snapshot import SnapshotError, blob_id
+from workers.sandbox import Sandbox
 from workers.workspace import ChangedFile, GitError, Workspace, run_git
 
 
@@ -427,7 +428,8 @@ def test_demo_agent_change_passes_the_gates_and_is_pushed(ws: Workspace, remote:
     prompt = build_prompt("Please document the intake flow.", task_id="T-10", repo="acme/app",
                           change_type="docs", allowed_paths=["docs/**"],
                           blocked_paths=["payments/keys/**"])
-    result = DemoAgent().run(ws.path, prompt, {"INTAKE_TASK_ID": "T-10"}, 60, 4096)
+    result = DemoAgent().run(Sandbox("none"), workdir=ws.path, home=ws.path, inputs=ws.path, prompt=prompt,
+                             env={"INTAKE_TASK_ID": "T-10"}, timeout_s=60, max_output_bytes=4096)
     assert result.ok
     ws.create_branch("intake/T-10")
     assert ws.commit_all("intake: T-10") is not None

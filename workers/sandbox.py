@@ -1,0 +1,544 @@
+"""The one place that starts agent and check processes: under bubblewrap as an unprivileged user.
+
+A :class:`Sandbox` in mode ``"bwrap"`` runs a program with ``/usr/bin/bwrap`` as a dedicated host
+user (``agent_user``, never root, never the worker's own uid) in new user, pid, ipc, uts, mount
+and (unless the repo opts into ``network = "host"``) network namespaces. Inside it sees:
+
+* the system read-only: ``/usr`` and the ``/bin``, ``/lib*`` links, and a handful of ``/etc``
+  files programs need (passwd, group, hosts, resolv.conf, TLS certificates, alternatives);
+* a fresh ``/proc`` (only its own pids), ``/dev`` and ``/tmp``;
+* the work tree read-write at ``/work``, a fresh HOME read-write at ``/home/agent``, an inputs
+  directory (the prompt file) read-only at ``/intake``, and any read-only paths the agent
+  configuration names (an agent's own install);
+* exactly the environment it is given (passed through bwrap's own environment rather than
+  ``--setenv``, so that no secret lands in an argv that every local user can read).
+
+Nothing else: not the worker's config, credential files, keys, data dir or Redis socket, which
+are simply never mounted. The work tree and HOME are chowned to the agent user before the run and
+back to the worker after it, once every process of the sandbox is gone, so the worker never
+reads files the agent could still change.
+
+Starting bwrap as another user needs root or ``CAP_SETUID`` + ``CAP_SETGID`` (the worker's
+systemd unit: ``AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_CHOWN CAP_FOWNER`` and
+``User=intake``), plus unprivileged user namespaces in the kernel.
+
+Whatever ends the run (the program exits, the timeout, ``should_stop()``, an exception), the
+sandbox's pid namespace is killed: SIGKILL to its pid 1 makes the kernel kill every process in
+it, ``setsid`` and double-forked grandchildren included. :meth:`Sandbox.run` returns only once
+no process of that namespace is left (it raises :class:`SandboxError` if one is).
+
+Mode ``"none"`` is the explicit opt-out: the program runs as the worker's own user in its own
+process group (killed whole at the end), with none of the isolation above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import pwd
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from intake.errors import IntakeError
+
+BWRAP = "/usr/bin/bwrap"
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+WORKDIR_INSIDE = "/work"
+HOME_INSIDE = "/home/agent"
+INPUTS_INSIDE = "/intake"
+
+Mode = Literal["bwrap", "none"]
+Network = Literal["none", "host"]
+
+_CHUNK = 65536
+_DRAIN_S = 2.0  # after the kill, how long to wait for the last output
+_START_S = 30.0  # how long bwrap may take to set the sandbox up
+_GONE_S = 5.0  # how long the kernel may take to empty a killed pid namespace
+# /etc entries programs need to run (user names, DNS, TLS, Debian's alternatives links); not the
+# rest of /etc, which can hold host secrets (shadow, ssh host keys, service configs).
+_ETC = ("passwd", "group", "nsswitch.conf", "hosts", "resolv.conf", "host.conf", "localtime",
+        "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "pki",
+        "alternatives", "mime.types")
+_ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+class SandboxError(IntakeError):
+    """The sandbox cannot be used or did not start (the message is one line)."""
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """How a sandboxed run ended.
+
+    ``exit_code`` is the main process's exit status (negative: killed by that signal), or
+    ``None`` when the run was cut short (``timed_out`` or ``stopped``). ``output_tail`` is the
+    last bytes of combined stdout and stderr, decoded with replacement characters.
+    """
+
+    exit_code: int | None
+    timed_out: bool
+    stopped: bool
+    output_tail: str
+    output_truncated: bool
+
+    @property
+    def ok(self) -> bool:
+        """True when the program finished by itself with exit status 0."""
+        return self.exit_code == 0 and not self.timed_out and not self.stopped
+
+
+class _Tail:
+    """Keeps the last ``cap`` bytes of a stream and counts the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0
+        self.buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.buf += chunk
+        if len(self.buf) > self.cap:
+            del self.buf[: len(self.buf) - self.cap]
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class View:
+    """Where the sandboxed program sees its work tree, HOME and inputs directory."""
+
+    workdir: str
+    home: str
+    inputs: str | None
+
+
+def safe_path(value: str | None) -> str:
+    """``value`` (a PATH) with relative entries dropped: they would resolve inside the work
+    tree, i.e. to files the repository or the agent controls."""
+    entries = [e for e in (value or SAFE_PATH).split(os.pathsep) if os.path.isabs(e)]
+    return os.pathsep.join(entries) or SAFE_PATH
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """``chown -R`` without following symlinks (a link in the tree must not hand the owner a
+    file outside it)."""
+    os.chown(root, uid, gid, follow_symlinks=False)
+    for top, dirs, files in os.walk(root, followlinks=False):
+        for name in (*dirs, *files):
+            os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+
+
+def _can_setuid() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    caps = next((line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), "0")
+    effective = int(caps, 16)
+    return bool(effective & (1 << 6)) and bool(effective & (1 << 7))  # CAP_SETGID, CAP_SETUID
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How agents and checks are run; see the module docstring."""
+
+    mode: Mode = "bwrap"
+    agent_user: str = "intake-agent"
+    network: Network = "none"
+    bwrap: str = BWRAP
+    term_grace_s: float = 3.0  # mode "none" only: SIGTERM, then SIGKILL after this
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bwrap", "none"):
+            raise ValueError(f"sandbox mode must be 'bwrap' or 'none', not {self.mode!r}")
+        if self.network not in ("none", "host"):
+            raise ValueError(f"network must be 'none' or 'host', not {self.network!r}")
+
+    def with_network(self, network: Network) -> Sandbox:
+        return replace(self, network=network)
+
+    # -- can it run here --------------------------------------------------------------------
+    def user(self) -> pwd.struct_passwd:
+        """The agent user's passwd entry, or :class:`SandboxError` if it may not be used."""
+        try:
+            entry = pwd.getpwnam(self.agent_user)
+        except KeyError:
+            raise SandboxError(f"agent user {self.agent_user!r} does not exist "
+                               "(create it: useradd --system --no-create-home intake-agent)") from None
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            raise SandboxError(f"agent user {self.agent_user!r} is root; use an unprivileged user")
+        if entry.pw_uid in {os.getuid(), os.geteuid()}:
+            raise SandboxError(f"agent user {self.agent_user!r} is the worker's own user; "
+                               "use a dedicated one")
+        return entry
+
+    def check(self) -> None:
+        """Raise :class:`SandboxError` (one line) unless this sandbox can run programs here."""
+        if self.mode == "none":
+            return
+        if not (os.path.isfile(self.bwrap) and os.access(self.bwrap, os.X_OK)):
+            raise SandboxError(f"bubblewrap not found at {self.bwrap} (apt-get install bubblewrap), "
+                               'or set sandbox = "none" in the worker config to run agents unsandboxed')
+        self.user()
+        if not _can_setuid():
+            raise SandboxError("the worker cannot start processes as the agent user: run it as root "
+                               "or with CAP_SETUID and CAP_SETGID")
+
+    # -- paths ------------------------------------------------------------------------------
+    def view(self, workdir: Path, home: Path, inputs: Path | None = None) -> View:
+        """The paths the program sees for these host directories."""
+        if self.mode == "none":
+            return View(str(workdir), str(home), str(inputs) if inputs is not None else None)
+        return View(WORKDIR_INSIDE, HOME_INSIDE, INPUTS_INSIDE if inputs is not None else None)
+
+    def _bwrap_argv(self, argv: Sequence[str], workdir: Path, home: Path, inputs: Path | None,
+                    ro_paths: Sequence[Path], info_fd: int) -> list[str]:
+        args = [self.bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+                "--hostname", "intake-sandbox", "--ro-bind", "/usr", "/usr"]
+        if self.network == "none":
+            args.append("--unshare-net")
+        for name in _ROOT_LINKS:
+            host = Path("/") / name
+            if host.is_symlink():
+                args += ["--symlink", os.readlink(host), f"/{name}"]
+            elif host.is_dir():
+                args += ["--ro-bind", str(host), f"/{name}"]
+        args += ["--dir", "/etc"]
+        for name in _ETC:
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                 "--bind", str(workdir), WORKDIR_INSIDE, "--bind", str(home), HOME_INSIDE]
+        if inputs is not None:
+            args += ["--ro-bind", str(inputs), INPUTS_INSIDE]
+        for path in ro_paths:
+            args += ["--ro-bind", str(path), str(path)]
+        args += ["--chdir", WORKDIR_INSIDE, "--info-fd", str(info_fd), "--", *argv]
+        return args
+
+    # -- running ----------------------------------------------------------------------------
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        workdir: Path,
+        home: Path,
+        env: Mapping[str, str],
+        stdin: bytes | None = None,
+        timeout_s: float,
+        max_output_bytes: int,
+        should_stop: Callable[[], bool] | None = None,
+        poll_interval: float = 0.25,
+        inputs: Path | None = None,
+        ro_paths: Sequence[Path] = (),
+    ) -> AgentResult:
+        """Run ``argv`` in the sandbox until it exits, times out or ``should_stop()`` is true.
+
+        ``env`` is the program's whole environment (``PATH`` is cleaned of relative entries;
+        ``HOME`` and ``TMPDIR`` are set to the sandbox's). ``stdin`` is written to its standard
+        input. ``should_stop`` is called about every ``poll_interval`` seconds. ``inputs`` is a
+        directory of files the program may read (mounted read-only), ``ro_paths`` extra
+        read-only paths (mounted at the same place). Raises :class:`SandboxError` if the
+        program cannot be started or a process of it survives the kill.
+        """
+        if timeout_s <= 0 or max_output_bytes <= 0 or poll_interval <= 0:
+            raise ValueError("timeout_s, max_output_bytes and poll_interval must be positive")
+        workdir = Path(workdir).resolve(strict=True)
+        home = Path(home).resolve(strict=True)
+        view = self.view(workdir, home, inputs)
+        child_env = {**env, "PATH": safe_path(env.get("PATH")), "HOME": view.home, "TMPDIR": "/tmp"}
+        if self.mode == "none":
+            child_env["TMPDIR"] = view.home
+            return _Run(self, None, list(argv), workdir, child_env).go(
+                stdin, timeout_s, max_output_bytes, should_stop, poll_interval)
+        self.check()
+        user = self.user()
+        chown_tree(workdir, user.pw_uid, user.pw_gid)
+        chown_tree(home, user.pw_uid, user.pw_gid)
+        result = _Run(self, user, list(argv), workdir, child_env, home=home, inputs=inputs,
+                      ro_paths=tuple(ro_paths)).go(stdin, timeout_s, max_output_bytes, should_stop,
+                                                   poll_interval)
+        # Reached only once the namespace is empty (on any error the caller throws the
+        # directories away unread): take the files back, so nothing the agent started can
+        # change them while the worker reads them.
+        chown_tree(workdir, os.getuid(), os.getgid())
+        chown_tree(home, os.getuid(), os.getgid())
+        return result
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux SIGKILL the child when the worker dies (mode "none")."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the worker died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _processes_where(match: Callable[[str], bool]) -> list[int]:
+    """Live (non-zombie) pids whose /proc entry satisfies ``match(pid_dir)``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2 :].split()[0] in {"Z", "X"}:
+            continue
+        with contextlib.suppress(OSError):
+            if match(entry.path):
+                found.append(int(entry.name))
+    return found
+
+
+def _in_namespace(inode: int) -> Callable[[str], bool]:
+    want = f"pid:[{inode}]"
+    return lambda path: os.readlink(os.path.join(path, "ns", "pid")) == want
+
+
+def _in_group(pgid: int) -> Callable[[str], bool]:
+    def match(path: str) -> bool:
+        stat = Path(path, "stat").read_text()
+        return stat[stat.rfind(")") + 2 :].split()[2] == str(pgid)
+    return match
+
+
+class _Run:
+    """One process run: start, feed stdin, collect output, kill, confirm nothing is left."""
+
+    def __init__(self, box: Sandbox, user: pwd.struct_passwd | None, argv: list[str], workdir: Path,
+                 env: dict[str, str], *, home: Path | None = None, inputs: Path | None = None,
+                 ro_paths: tuple[Path, ...] = ()) -> None:
+        self.box, self.user, self.argv, self.workdir, self.env = box, user, argv, workdir, env
+        self.home, self.inputs, self.ro_paths = home, inputs, ro_paths
+        self.ns_inode: int | None = None
+        self.init_pidfd: int | None = None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        common = dict(env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT)
+        if self.user is None:
+            try:
+                return subprocess.Popen(self.argv, cwd=self.workdir, start_new_session=True,
+                                        preexec_fn=_die_with_parent(os.getpid()), **common)  # type: ignore[call-overload]
+            except OSError as exc:
+                raise SandboxError(f"could not be started: {self.argv[0]}: {exc.strerror}") from None
+        assert self.home is not None
+        info_r, info_w = os.pipe()
+        try:
+            argv = self.box._bwrap_argv(self.argv, self.workdir, self.home, self.inputs,
+                                        self.ro_paths, info_w)
+            try:
+                proc = subprocess.Popen(  # type: ignore[call-overload]
+                    argv, cwd="/", user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[],
+                    pass_fds=(info_w,), start_new_session=True, **common)
+            except OSError as exc:
+                raise SandboxError(f"bubblewrap could not be started: {exc.strerror}") from None
+            os.close(info_w)
+            info_w = -1
+            info = self._read_info(info_r, proc)
+        finally:
+            os.close(info_r)
+            if info_w >= 0:
+                os.close(info_w)
+        if info is None:
+            proc.stdin.close()  # type: ignore[union-attr]
+            out = proc.stdout.read().decode("utf-8", "replace")  # type: ignore[union-attr]
+            proc.wait()
+            lines = [ln for ln in out.splitlines() if ln.strip()]
+            raise SandboxError(f"the sandbox did not start: {lines[-1] if lines else 'no reason given'}")
+        self.ns_inode = int(info["pid-namespace"])
+        child = int(info["child-pid"])
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(child)
+            # The pid could in theory have been reused already: it is ours only if it is in
+            # the sandbox's namespace. If it is not, the namespace's init already exited.
+            if _in_namespace(self.ns_inode)(f"/proc/{child}"):
+                self.init_pidfd = pidfd
+            else:
+                os.close(pidfd)
+        return proc
+
+    @staticmethod
+    def _read_info(fd: int, proc: subprocess.Popen[bytes]) -> dict[str, int] | None:
+        data = b""
+        deadline = time.monotonic() + _START_S
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not sel.select(deadline - time.monotonic()):
+                    continue
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+                with contextlib.suppress(ValueError):
+                    parsed = json.loads(data)
+                    if isinstance(parsed, dict) and "child-pid" in parsed:
+                        return parsed
+        if proc.poll() is None and not data:
+            proc.kill()
+        return None
+
+    def _kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """Kill everything the run started and return once nothing of it is left."""
+        if self.user is None:
+            _kill_group(proc.pid, self.box.term_grace_s)
+            return
+        if self.init_pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            os.close(self.init_pidfd)
+            self.init_pidfd = None
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # bwrap itself; --die-with-parent takes the namespace with it too
+        assert self.ns_inode is not None
+        deadline = time.monotonic() + _GONE_S
+        while _processes_where(_in_namespace(self.ns_inode)):
+            if time.monotonic() > deadline:
+                raise SandboxError("processes of the sandbox survived the kill")
+            time.sleep(0.01)
+
+    def go(self, stdin: bytes | None, timeout_s: float, cap: int,
+           should_stop: Callable[[], bool] | None, poll_interval: float) -> AgentResult:
+        proc = self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        tail = _Tail(cap)
+        pending = memoryview(stdin or b"")
+        out_fd, in_fd = proc.stdout.fileno(), proc.stdin.fileno()
+        os.set_blocking(in_fd, False)
+        selector = selectors.DefaultSelector()
+        selector.register(out_fd, selectors.EVENT_READ)
+        # A pidfd becomes readable when the process exits: the exit is seen at once.
+        pidfd = os.pidfd_open(proc.pid)
+        selector.register(pidfd, selectors.EVENT_READ)
+        if pending:
+            selector.register(in_fd, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        timed_out = stopped = False
+        deadline = time.monotonic() + timeout_s
+        next_check = 0.0
+        try:
+            while not _exited(proc):
+                now = time.monotonic()
+                if now >= deadline:
+                    timed_out = True
+                    break
+                if should_stop is not None and now >= next_check:
+                    next_check = now + poll_interval
+                    if should_stop():
+                        stopped = True
+                        break
+                for key, _ in selector.select(min(poll_interval, deadline - now)):
+                    if key.fd == pidfd:
+                        selector.unregister(pidfd)
+                    elif key.fd == out_fd:
+                        chunk = os.read(out_fd, _CHUNK)
+                        if chunk:
+                            tail.feed(chunk)
+                        else:
+                            selector.unregister(out_fd)
+                    else:
+                        pending = _feed_stdin(proc, selector, pending)
+        finally:
+            # Also on a normal exit: helpers the program left running must not outlive it.
+            self._kill(proc)
+            proc.wait()
+            if not proc.stdin.closed:
+                if in_fd in selector.get_map():
+                    selector.unregister(in_fd)
+                proc.stdin.close()
+            if pidfd in selector.get_map():
+                selector.unregister(pidfd)
+            os.close(pidfd)
+            _drain(selector, out_fd, tail)
+            selector.close()
+            proc.stdout.close()
+        return AgentResult(
+            exit_code=None if timed_out or stopped else proc.returncode,
+            timed_out=timed_out,
+            stopped=stopped,
+            output_tail=tail.text(),
+            output_truncated=tail.total > cap,
+        )
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the child has exited, *without* reaping it: an unreaped child keeps its pid, so
+    its process group id cannot be reused by an unrelated process while we still signal it."""
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return info is not None and info.si_pid == proc.pid
+
+
+def _kill_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM the whole group, give it ``grace_s`` to go, then SIGKILL what is left."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _processes_where(_in_group(pgid)):
+        time.sleep(0.02)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + max(grace_s, 1.0)
+    while time.monotonic() < deadline and _processes_where(_in_group(pgid)):
+        time.sleep(0.01)
+
+
+def _feed_stdin(proc: subprocess.Popen[bytes], selector: selectors.BaseSelector,
+                pending: memoryview) -> memoryview:
+    assert proc.stdin is not None
+    try:
+        written = os.write(proc.stdin.fileno(), pending[:_CHUNK])
+        pending = pending[written:]
+    except BlockingIOError:
+        return pending
+    except BrokenPipeError:
+        pending = pending[:0]  # the program closed stdin; it can read the prompt file instead
+    if not pending:
+        selector.unregister(proc.stdin.fileno())
+        proc.stdin.close()
+    return pending
+
+
+def _drain(selector: selectors.BaseSelector, out_fd: int, tail: _Tail) -> None:
+    # Bounded: in mode "none" a process that escaped the group (setsid) could hold the pipe.
+    deadline = time.monotonic() + _DRAIN_S
+    while out_fd in selector.get_map() and time.monotonic() < deadline:
+        if selector.select(deadline - time.monotonic()):
+            chunk = os.read(out_fd, _CHUNK)
+            if not chunk:
+                selector.unregister(out_fd)
+            else:
+                tail.feed(chunk)
+
