@@ -5,6 +5,7 @@
 - ``secrets``: 32-byte AES-GCM key that encrypts approvers' TOTP secrets at rest.
 - ``worker_events``: the key agent workers MAC their audit events with, derived one-way from
   the audit key (workers get this file, never the audit key).
+- ``console``: 32-byte AES-GCM key that encrypts the web console's session cookies.
 
 Private files are written with mode 0600 (atomically: temp file, fsync, rename) and refused on
 load when group or others can read them.
@@ -30,7 +31,10 @@ _VARS = {
     "audit": "INTAKE_AUDIT_KEY",
     "secrets": "INTAKE_SECRETS_KEY",
     "worker_events": "INTAKE_WORKER_EVENTS_KEY",
+    "console": "INTAKE_CONSOLE_KEY",
 }
+# Keys that nothing else depends on: a data dir from before they existed gets them added.
+_ADDABLE = ("worker_events", "console")
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -46,7 +50,7 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 
 def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]:
-    """Write all four key files. Refuses to overwrite any existing one unless ``force``.
+    """Write every key file. Refuses to overwrite any existing one unless ``force``.
 
     Overwriting the audit key makes the existing chain unverifiable, hence the guard.
     """
@@ -67,6 +71,7 @@ def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]
     _write_atomic(paths["audit"], base64.b64encode(audit_key) + b"\n", 0o600)
     _write_atomic(paths["secrets"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
     _write_worker_events_key(paths["worker_events"], audit_key)
+    _write_atomic(paths["console"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
     return paths
 
 
@@ -81,9 +86,13 @@ def ensure_keys(settings: Settings) -> bool:
     paths = settings.keys
     if all(p.exists() for p in paths.values()):
         return False
-    if all(p.exists() for purpose, p in paths.items() if purpose != "worker_events"):
-        # A data dir from before workers had their own key: derive it, keep everything else.
-        _write_worker_events_key(paths["worker_events"], load_secret(settings, "audit"))
+    if all(p.exists() for purpose, p in paths.items() if purpose not in _ADDABLE):
+        # A data dir from before workers (or the console) had their own key: add what is
+        # missing, keep everything else.
+        if not paths["worker_events"].exists():
+            _write_worker_events_key(paths["worker_events"], load_secret(settings, "audit"))
+        if not paths["console"].exists():
+            _write_atomic(paths["console"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
         return True
     generate_keys(settings, force=False)
     return True
@@ -101,7 +110,7 @@ def _read_private(purpose: str, path: Path) -> bytes:
 
 
 def load_secret(settings: Settings, purpose: str) -> bytes:
-    """A 32-byte symmetric key (``audit`` or ``secrets``)."""
+    """A 32-byte symmetric key (``audit``, ``secrets`` or ``console``)."""
     raw = _read_private(purpose, settings.keys[purpose])
     try:
         key = base64.b64decode(raw.strip(), validate=True)
