@@ -34,6 +34,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; "
        "base-uri 'none'; form-action 'self'")
 PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/")
+SESSION = web.RequestKey("session", Session)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUS = {Refused: 403, NotFound: 404, InvalidInput: 400}
 
@@ -70,7 +71,8 @@ class Console:
             response = exc
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on form posts.
+        response.headers["Referrer-Policy"] = "same-origin"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Cache-Control"] = "no-store"
         if isinstance(response, web.HTTPException) and response.status >= 300:
@@ -90,7 +92,7 @@ class Console:
             session = None
         if session is None:
             session = fresh(now)
-        request["session"] = session
+        request[SESSION] = session
         if request.method == "POST":
             origin = request.headers.get("Origin")
             token = request.headers.get("X-CSRF-Token")
@@ -113,14 +115,14 @@ class Console:
         )
 
     def _with_cookie(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        session: Session = request["session"]
+        session: Session = request[SESSION]
         response.set_cookie(COOKIE, self.box.seal(session), max_age=SESSION_TTL_S, path="/console",
                             httponly=True, samesite="Strict", secure=self.secure)
         return response
 
     # -- helpers ---------------------------------------------------------------------------
     def render(self, request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
-        session: Session = request["session"]
+        session: Session = request[SESSION]
         broker = self.broker(request)
         ctx.setdefault("error", None)
         ctx.setdefault("notice", request.query.get("done"))
@@ -151,7 +153,7 @@ class Console:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     def me(self, request: web.Request) -> Approver:
-        return self.broker(request).approvers.get(request["session"].who)
+        return self.broker(request).approvers.get(request[SESSION].who)
 
     # -- sign-in ---------------------------------------------------------------------------
     async def signin_page(self, request: web.Request) -> web.Response:
@@ -167,11 +169,11 @@ class Console:
                             purpose="signin", subject=approver.id)
         except IntakeError as exc:
             return self.render(request, "signin.html", status=403, error=str(exc))
-        session = request["session"].signed_in(approver.id, broker.store.clock())
+        session = request[SESSION].signed_in(approver.id, broker.store.clock())
         await self.call(broker.client.set, broker.store.keys.console_session(session.sid), approver.id,
                         ex=SESSION_TTL_S)
         await self.call(broker.audit.record, f"approver:{approver.id}", "console.signed_in", approver.id)
-        request["session"] = session
+        request[SESSION] = session
         return redirect("/console/ideas")
 
     async def signin_options(self, request: web.Request) -> web.Response:
@@ -187,9 +189,9 @@ class Console:
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
         broker = self.broker(request)
-        session: Session = request["session"]
+        session: Session = request[SESSION]
         await self.call(broker.client.delete, broker.store.keys.console_session(session.sid))
-        request["session"] = fresh(broker.store.clock())
+        request[SESSION] = fresh(broker.store.clock())
         return redirect("/console/signin")
 
     @staticmethod
@@ -224,7 +226,7 @@ class Console:
         try:
             decision = await self.call(
                 broker.gatekeeper.promote, request.match_info["idea_id"], repo=str(form.get("repo", "")),
-                change_type=str(form.get("change_type", "")), approver_id=request["session"].who,
+                change_type=str(form.get("change_type", "")), approver_id=request[SESSION].who,
                 code=self.proof(form), via="console",
             )
         except IntakeError as exc:
@@ -236,7 +238,7 @@ class Console:
         broker = self.broker(request)
         try:
             await self.call(broker.gatekeeper.deny, request.match_info["idea_id"],
-                            approver_id=request["session"].who, reason=str(form.get("reason", "")))
+                            approver_id=request[SESSION].who, reason=str(form.get("reason", "")))
         except IntakeError as exc:
             return await self.idea(request, error=str(exc), status=_status(exc))
         return redirect(f"/console/ideas/{request.match_info['idea_id']}?done=denied")
@@ -268,7 +270,7 @@ class Console:
         broker = self.broker(request)
         task_id = request.match_info["task_id"]
         try:
-            await self.call(broker.gatekeeper.approve, task_id, approver_id=request["session"].who,
+            await self.call(broker.gatekeeper.approve, task_id, approver_id=request[SESSION].who,
                             code=self.proof(form), spec_hash=str(form.get("spec_hash", "")) or None, via="console")
         except IntakeError as exc:
             return await self.task(request, error=str(exc), status=_status(exc))
@@ -279,7 +281,7 @@ class Console:
         broker = self.broker(request)
         task_id = request.match_info["task_id"]
         try:
-            await self.call(broker.gatekeeper.deny, task_id, approver_id=request["session"].who,
+            await self.call(broker.gatekeeper.deny, task_id, approver_id=request[SESSION].who,
                             reason=str(form.get("reason", "")))
         except IntakeError as exc:
             return await self.task(request, error=str(exc), status=_status(exc))
@@ -290,7 +292,7 @@ class Console:
         broker = self.broker(request)
         task_id = request.match_info["task_id"]
         try:
-            await self.call(broker.gatekeeper.revoke, task_id, identity=f"approver:{request['session'].who}",
+            await self.call(broker.gatekeeper.revoke, task_id, identity=f"approver:{request[SESSION].who}",
                             is_approver=True, reason=str(form.get("reason", "")))
         except IntakeError as exc:
             return await self.task(request, error=str(exc), status=_status(exc))
@@ -304,7 +306,7 @@ class Console:
         broker = self.broker(request)
         action, subject = str(body.get("action", "")), str(body.get("subject", ""))
         try:
-            approver = await self.call(broker.approvers.active, request["session"].who)
+            approver = await self.call(broker.approvers.active, request[SESSION].who)
             if action == "promote":
                 idea = await self.call(broker.store.get_idea, subject)
                 spec = broker.gatekeeper.build_spec(idea, str(body.get("repo", "")), str(body.get("change_type", "")))
@@ -345,7 +347,7 @@ class Console:
         own step-up is required (enrolment grants power)."""
         form = await request.post()
         broker = self.broker(request)
-        who = request["session"].who
+        who = request[SESSION].who
         try:
             if not self._is_admin(broker, who):
                 raise Refused("not_admin", "only an admin (the policy's [admins]) can enrol approvers")
@@ -405,12 +407,12 @@ class Console:
     # -- passkeys --------------------------------------------------------------------------
     async def passkeys(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
         broker = self.broker(request)
-        mine = await self.call(broker.approvers.passkeys.list, request["session"].who)
+        mine = await self.call(broker.approvers.passkeys.list, request[SESSION].who)
         return self.render(request, "passkeys.html", status=status, passkeys=mine, error=error)
 
     async def passkey_options(self, request: web.Request) -> web.Response:
         broker = self.broker(request)
-        approver = await self.call(broker.approvers.active, request["session"].who)
+        approver = await self.call(broker.approvers.active, request[SESSION].who)
         challenge_id, options = await self.call(broker.approvers.passkeys.registration_options, approver)
         return web.json_response({"challenge_id": challenge_id, "options": options})
 
@@ -419,7 +421,7 @@ class Console:
         form = await request.post()
         broker = self.broker(request)
         try:
-            approver = await self.call(broker.approvers.active, request["session"].who)
+            approver = await self.call(broker.approvers.active, request[SESSION].who)
             await self.call(broker.approvers.check_stepup, approver, str(form.get("code", "")).strip(),
                             purpose="passkey_register", subject=approver.id)
             try:
@@ -441,7 +443,7 @@ class Console:
     async def freeze(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         broker = self.broker(request)
-        who = request["session"].who
+        who = request[SESSION].who
         try:
             if not self._is_admin(broker, who):
                 raise Refused("not_admin", "only an admin (the policy's [admins]) can freeze intake")
@@ -453,7 +455,7 @@ class Console:
     async def thaw(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         broker = self.broker(request)
-        who = request["session"].who
+        who = request[SESSION].who
         try:
             if not self._is_admin(broker, who):
                 raise Refused("not_admin", "only an admin (the policy's [admins]) can thaw intake")
