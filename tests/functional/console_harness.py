@@ -27,9 +27,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def console_policy(tmp: Path, extra: str = "") -> Path:
-    """The example policy with alice as the admin (plus ``extra`` TOML)."""
+    """The example policy (alice is its admin), plus ``extra`` TOML."""
     path = tmp / "policy.toml"
-    path.write_text(EXAMPLE_POLICY.read_text() + '\n[admins]\nmembers = ["alice"]\n' + extra)
+    path.write_text(EXAMPLE_POLICY.read_text() + extra)
     return path
 
 
