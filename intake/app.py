@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator
 
 import redis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from intake.capture_queue import CaptureQueue
 from intake.reports import ReportProcessor, ensure_worker_key
+from intake.console import mount_console
+from intake.metrics import metrics_registry, render_metrics
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
 from intake.slack.transport import SlackMode, mount_slack
@@ -24,6 +27,7 @@ BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", Settings)
 CAPTURE = web.AppKey("capture", CaptureQueue)
 SLACK_MODE = web.AppKey("slack_mode", SlackMode)
+METRICS = web.AppKey("metrics", CollectorRegistry)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -44,10 +48,17 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "redis": "up", "ledger": "ok"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """The leading indicators in the Prometheus text format (intake.metrics)."""
+    body = await asyncio.to_thread(render_metrics, request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     opened = open_broker(app[SETTINGS])
     broker = await asyncio.to_thread(opened.__enter__)
     app[BROKER] = broker
+    app[METRICS] = metrics_registry(broker)
     broker.audit.start_sealer()  # one sealer per server: concurrent requests never contend on it
     await asyncio.to_thread(broker.ledger.follow)  # verify the chain before serving anything
     if broker.ledger.halted:
@@ -123,5 +134,7 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
         app.cleanup_ctx.append(_dev_worker_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    mount_console(app, settings, BROKER)
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     return app

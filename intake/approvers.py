@@ -18,6 +18,7 @@ from intake.errors import InvalidInput, NotFound, Refused
 from intake.ledger import Ledger
 from intake.mfa import StepUp, new_secret, provisioning_uri
 from intake.models import Approver
+from intake.passkeys import PasskeyProof, Passkeys
 from intake.policy import Policy
 from intake.store import Pipe, Store
 
@@ -55,13 +56,15 @@ class Enrolment:
 
 
 class Approvers:
-    """Registry of approvers in Redis, plus the step-up check of their codes."""
+    """Registry of approvers in Redis, plus the step-up check of their codes and passkeys."""
 
-    def __init__(self, store: Store, box: SecretBox, stepup: StepUp, ledger: Ledger) -> None:
+    def __init__(self, store: Store, box: SecretBox, stepup: StepUp, ledger: Ledger,
+                 passkeys: Passkeys | None = None) -> None:
         self.store = store
         self.box = box
         self.stepup = stepup
         self.ledger = ledger
+        self.passkeys = passkeys
 
     # -- lookup ----------------------------------------------------------------------------
     def get(self, approver_id: str) -> Approver:
@@ -107,6 +110,26 @@ class Approvers:
 
     def check_code(self, approver: Approver, code: str, *, purpose: str, subject: str) -> int:
         return self.stepup.verify(approver, self.box.open(approver), code, purpose=purpose, subject=subject)
+
+    def check_stepup(
+        self, approver: Approver, proof: str | PasskeyProof, *, purpose: str, subject: str, bound: str = "",
+        require: str = "any",
+    ) -> str:
+        """One fresh step-up for ``purpose`` on ``subject``: a TOTP code, or a passkey assertion
+        whose challenge names ``purpose``, ``subject`` and ``bound`` (the spec hash or result SHA
+        approved). ``require="passkey"`` (a risk tier's ``step_up``) refuses TOTP. Returns the
+        factor used (``totp`` or ``passkey``); raises :class:`Refused`, audited."""
+        if isinstance(proof, PasskeyProof):
+            if self.passkeys is None:
+                raise Refused("passkey_unavailable", "passkeys are not available on this broker")
+            self.passkeys.verify(approver, proof, action=purpose, subject=subject, bound=bound)
+            return "passkey"
+        if require == "passkey":
+            self.store.audit.record(f"approver:{approver.id}", "mfa.refused", subject,
+                                    reason="passkey_required", purpose=purpose)
+            raise Refused("passkey_required", "this work needs a passkey approval, not an authenticator code")
+        self.check_code(approver, proof, purpose=purpose, subject=subject)
+        return "totp"
 
     # -- changes ---------------------------------------------------------------------------
     def _index(self, pipe: Pipe, approver: Approver) -> None:
@@ -176,7 +199,8 @@ class Approvers:
                             expect_generation=approver.generation)
 
     def reset(self, approver_id: str, *, actor: str) -> Enrolment:
-        """A new secret; the old one is dead at once. The approver must confirm again."""
+        """A new secret; the old one (and every passkey) is dead at once. The approver must
+        confirm again."""
         approver = self.get(approver_id)
         secret = new_secret()
         generation = self.ledger.follow().next_generation(approver_id)
@@ -184,7 +208,9 @@ class Approvers:
         keys = self.store.keys
         self._update(
             approver_id, actor, "approver.reset", secret_enc=sealed, confirmed=False, generation=generation,
-            clear=[keys.totp_last_step(approver_id), keys.totp_failures(approver_id), keys.totp_lock(approver_id)],
+            # A reset means the old factors are in doubt: passkeys go with the old secret.
+            clear=[keys.totp_last_step(approver_id), keys.totp_failures(approver_id), keys.totp_lock(approver_id),
+                   keys.passkeys(approver_id)],
         )
         return Enrolment(self.get(approver_id), provisioning_uri(secret, f"{approver_id}@intake"))
 
@@ -207,6 +233,8 @@ class Approvers:
                 keys.totp_failures(approver_id), keys.totp_lock(approver_id),
             )
             pipe.hdel(keys.approvers, f"id:{approver_id}")
+            if self.passkeys is not None:
+                self.passkeys.forget(pipe, approver_id)
             if approver.slack_user:
                 pipe.hdel(keys.approvers, f"slack:{approver.slack_user}")
             self.store.emit(pipe, actor, "approver.removed", approver_id, generation=generation)

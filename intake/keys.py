@@ -9,6 +9,7 @@
 - ``keys/workers/NAME.key``: one agent worker's report key, issued by the broker
   (``intake worker-key issue NAME``), derived one-way from the audit key and the worker's key
   generation, so revoking (a new generation) kills the old file.
+- ``console``: 32-byte AES-GCM key that encrypts the web console's session cookies.
 
 Private files are written with mode 0600 (atomically: temp file, fsync, rename) and refused on
 load when group or others can read them.
@@ -38,6 +39,7 @@ _VARS = {
     "audit": "INTAKE_AUDIT_KEY",
     "secrets": "INTAKE_SECRETS_KEY",
     "worker": "INTAKE_WORKER_KEY",
+    "console": "INTAKE_CONSOLE_KEY",
 }
 
 
@@ -82,7 +84,7 @@ def read_or_create_secret_text(path: Path) -> str:
 
 
 def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]:
-    """Write all four key files. Refuses to overwrite any existing one unless ``force``.
+    """Write every key file. Refuses to overwrite any existing one unless ``force``.
 
     Overwriting the audit key makes the existing chain unverifiable, hence the guard.
     """
@@ -95,13 +97,19 @@ def generate_keys(settings: Settings, *, force: bool = False) -> dict[str, Path]
     write_atomic(paths["public"], _pem_public(private.public_key()), 0o644)
     write_atomic(paths["audit"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
     write_atomic(paths["secrets"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
+    write_atomic(paths["console"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
     return paths
 
 
 def ensure_keys(settings: Settings) -> bool:
     """Dev mode: generate keys on first run. Returns True when it generated them."""
-    if all(p.exists() for p in settings.keys.values()):
+    paths = settings.keys
+    if all(p.exists() for p in paths.values()):
         return False
+    if all(p.exists() for purpose, p in paths.items() if purpose != "console"):
+        # A data dir from before the console had its own key: add it, keep everything else.
+        write_atomic(paths["console"], base64.b64encode(secrets.token_bytes(32)) + b"\n", 0o600)
+        return True
     generate_keys(settings, force=False)
     return True
 
@@ -165,7 +173,7 @@ def _read_private(purpose: str, path: Path) -> bytes:
 
 
 def load_secret(settings: Settings, purpose: str) -> bytes:
-    """A 32-byte symmetric key (``audit`` or ``secrets``)."""
+    """A 32-byte symmetric key (``audit``, ``secrets`` or ``console``)."""
     raw = _read_private(purpose, settings.keys[purpose])
     try:
         key = base64.b64decode(raw.strip(), validate=True)

@@ -105,5 +105,5 @@ class Outbox:
         self.ack(delivery)
         self.audit.record(
             "system", "outbox.dropped", delivery.event.subject,
-            group=self.group, event=delivery.id, action=delivery.event.action, error=error,
+            group=self.group, event=delivery.id, event_action=delivery.event.action, error=error,
         )

@@ -13,7 +13,7 @@ import re
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -90,6 +90,14 @@ class RiskTier(_Strict):
     groups: tuple[Name, ...] = Field(min_length=1)
     require: dict[Name, int] = Field(default_factory=dict)
     retries: int = Field(0, ge=0, le=3)
+    # "passkey": every approval of this tier's work needs a passkey assertion, not a TOTP code.
+    step_up: Literal["any", "passkey"] = "any"
+
+
+class Admins(_Strict):
+    """Who may enrol approvers and use the kill switch (freeze, thaw)."""
+
+    members: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")], ...] = ()
 
 
 class Group(_Strict):
@@ -152,6 +160,7 @@ class Policy(_Strict):
     risk_tiers: dict[Name, RiskTier] = Field(min_length=1)
     groups: dict[Name, Group] = Field(min_length=1)
     repos: tuple[Repo, ...] = Field(min_length=1)
+    admins: Admins = Admins()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Policy:

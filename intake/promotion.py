@@ -1,12 +1,13 @@
 """Promotion: the only door from an untrusted idea to an executable task.
 
-Every path here (CLI today, Slack next) goes through :class:`Gatekeeper`. It checks, in order,
-who is asking (a registered, confirmed approver), the idea or task state, the no-self-approval
-rule, the policy (repo, change type, groups), and only then the step-up TOTP code, so a refusal
-for any other reason does not burn the approver's code. The state change, its approvals and its
-audit events then commit in one WATCHed transaction. Approvals are counted from the broker's
-verified ledger (:mod:`intake.ledger`), never from the copy in Redis; when they satisfy the risk
-tier the task is queued, and the dispatcher mints a short-lived dispatch token per attempt.
+Every path here (CLI, Slack, the web console) goes through :class:`Gatekeeper`. It checks, in
+order, who is asking (a registered, confirmed approver), the idea or task state, the
+no-self-approval rule, the policy (repo, change type, groups), and only then the step-up (a TOTP
+code, or a passkey assertion bound to the spec hash, through ``Approvers.check_stepup``), so a
+refusal for any other reason does not burn the approver's code. The state change, its approvals
+and its audit events then commit in one WATCHed transaction. Approvals are counted from the
+broker's verified ledger (:mod:`intake.ledger`), never from the copy in Redis; when they satisfy
+the risk tier the task is queued, and the dispatcher mints a short-lived dispatch token per attempt.
 
 Refusals raise :class:`Refused` with a stable reason tag, are audited, and change nothing.
 """
@@ -34,6 +35,7 @@ from intake.models import (
     TaskState,
     new_id,
 )
+from intake.passkeys import PasskeyProof
 from intake.policy import Policy, RiskTier
 from intake.store import Pipe, Store, idea_fields
 
@@ -190,12 +192,19 @@ class Gatekeeper:
             self.store.emit(pipe, "system", "task.queued", task.id, queue=task.queue,
                             spec_hash=task.spec_hash, window_ends_at=task.window_ends_at, **data)
 
+    @staticmethod
+    def _via(via: str, factor: str) -> str:
+        """The channel, plus the factor when it is a passkey (``console+passkey``); the
+        approval's MAC covers it, so the factor shown is the factor used."""
+        return f"{via}+passkey" if factor == "passkey" else via
+
     # -- promote / approve -----------------------------------------------------------------
     def promote(
-        self, idea_id: str, *, repo: str, change_type: str, approver_id: str, code: str,
+        self, idea_id: str, *, repo: str, change_type: str, approver_id: str, code: str | PasskeyProof,
         via: str = "cli", note: str = "",
     ) -> Decision:
-        """Turn a pending idea into a task with its first approval (step-up code required)."""
+        """Turn a pending idea into a task with its first approval (step-up required: a TOTP
+        code, or a passkey assertion for ``promote`` of this idea at the new spec's hash)."""
         actor = f"approver:{approver_id}"
         self._live(actor, idea_id)
         approver = self._active(approver_id, idea_id)
@@ -212,7 +221,9 @@ class Gatekeeper:
         groups = self.policy.groups_of(approver.id)
         if (why := self.fit(tier, tier_name, [], groups)) is not None:
             raise self._refuse(actor, idea_id, "wrong_group", why)
-        self.approvers.check_code(approver, code, purpose="promote", subject=idea_id)
+        factor = self.approvers.check_stepup(approver, code, purpose="promote", subject=idea_id,
+                                             bound=spec.spec_hash(), require=tier.step_up)
+        via = self._via(via, factor)
 
         keys = self.store.keys
 
@@ -264,17 +275,21 @@ class Gatekeeper:
             raise self._refuse(actor, idea.id, "idea_expired", f"idea {idea.id} expired before it was promoted")
 
     def approve(
-        self, task_id: str, *, approver_id: str, code: str, spec_hash: str | None = None,
+        self, task_id: str, *, approver_id: str, code: str | PasskeyProof, spec_hash: str | None = None,
         via: str = "cli", note: str = "",
     ) -> Decision:
-        """Add an approval to the task's current spec hash (step-up code required)."""
+        """Add an approval to the task's current spec hash (step-up required: a TOTP code, or a
+        passkey assertion for ``approve`` of this task at its current spec hash)."""
         actor = f"approver:{approver_id}"
         self._live(actor, task_id)
         approver = self._active(approver_id, task_id)
         task = self.store.get_task(task_id)
         groups = self.policy.groups_of(approver.id)
         self._check_approvable(task, approver, groups, spec_hash, actor)
-        self.approvers.check_code(approver, code, purpose="approve", subject=task_id)
+        _, tier = self._tier(task.spec)
+        factor = self.approvers.check_stepup(approver, code, purpose="approve", subject=task_id,
+                                             bound=task.spec_hash, require=tier.step_up)
+        via = self._via(via, factor)
 
         def build(pipe: Pipe) -> tuple[Task, TaskState]:
             now = self.store.clock()

@@ -22,6 +22,7 @@ from intake.errors import ConfigError
 from intake.keys import ensure_keys, load_public_keys, load_secret, load_signing_key
 from intake.ledger import Ledger
 from intake.mfa import StepUp
+from intake.passkeys import Passkeys
 from intake.policy import Policy, load_policy
 from intake.promotion import Gatekeeper
 from intake.redis_conn import check_server, make_client, redis_urls
@@ -76,7 +77,8 @@ class Broker:
     @cached_property
     def approvers(self) -> Approvers:
         box = SecretBox(load_secret(self.settings, "secrets"))
-        return Approvers(self.store, box, StepUp(self.store), self.ledger)
+        passkeys = Passkeys(self.store, origin=self.settings.console_origin)
+        return Approvers(self.store, box, StepUp(self.store), self.ledger, passkeys)
 
     @cached_property
     def gatekeeper(self) -> Gatekeeper:

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # An agent worker's own report key (issued by `intake worker-key issue NAME`); default
     # keys/workers/NAME.key in the data dir.
     worker_key: Path | None = None
+    console_key: Path | None = None
+    # Where people reach the web console; passkeys are bound to its origin and host (the RP id).
+    # Browsers refuse an IP address as a WebAuthn RP id, hence localhost rather than 127.0.0.1.
+    console_origin: str = "http://localhost:8080"
 
     # Slack uses its own well-known variable names, without our prefix.
     slack_signing_secret: SecretStr | None = Field(None, validation_alias="SLACK_SIGNING_SECRET")
@@ -75,6 +79,13 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("console_origin")
+    @classmethod
+    def _origin_shape(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?", value):
+            raise ValueError("must be an origin such as https://intake.example.com (scheme, host, optional port)")
+        return value
+
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
@@ -84,6 +95,7 @@ class Settings(BaseSettings):
         self.public_key = self.public_key or keys / "broker_ed25519.pub.pem"
         self.audit_key = self.audit_key or keys / "audit.key"
         self.secrets_key = self.secrets_key or keys / "secrets.key"
+        self.console_key = self.console_key or keys / "console.key"
         return self
 
     # Typed accessors: the validator above guarantees these are set.
@@ -96,11 +108,13 @@ class Settings(BaseSettings):
     def keys(self) -> dict[str, Path]:
         """Key files by purpose (one secret per purpose)."""
         assert self.signing_key and self.public_key and self.audit_key and self.secrets_key
+        assert self.console_key
         return {
             "signing": self.signing_key,
             "public": self.public_key,
             "audit": self.audit_key,
             "secrets": self.secrets_key,
+            "console": self.console_key,
         }
 
     def worker_key_path(self, worker: str) -> Path:

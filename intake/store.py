@@ -122,6 +122,22 @@ class Keys:
     def totp_lock(self, approver_id: str) -> str:
         return f"{self.p}:totp:lock:{approver_id}"
 
+    def passkeys(self, approver_id: str) -> str:
+        """An approver's registered passkeys: credential id -> MAC'd record."""
+        return f"{self.p}:passkeys:{approver_id}"
+
+    def passkey_challenge(self, challenge_id: str) -> str:
+        """One outstanding WebAuthn challenge (single use, short TTL)."""
+        return f"{self.p}:passkey:challenge:{challenge_id}"
+
+    def console_session(self, session_id: str) -> str:
+        """A live console session (its cookie is only valid while this key exists)."""
+        return f"{self.p}:console:session:{session_id}"
+
+    def enrol_link(self, token_hash: str) -> str:
+        """A one-time approver enrolment link, by the SHA-256 of its token."""
+        return f"{self.p}:console:enrol:{token_hash}"
+
 
 def idea_fields(idea: Idea) -> dict[str, Any]:
     """The fields of an idea fixed at capture, which its MAC covers."""

@@ -64,6 +64,7 @@ class SlackIntake:
         app.action("intake_promote")(self.on_promote_button)
         app.action("intake_approve")(self.on_approve_button)
         app.action("intake_deny")(self.on_deny_button)
+        app.action("intake_passkey_link")(self.on_link_button)
         app.view("intake_promote_submit")(self.on_promote_submit)
         app.view("intake_approve_submit")(self.on_approve_submit)
         app.view("intake_deny_submit")(self.on_deny_submit)
@@ -220,6 +221,10 @@ class SlackIntake:
             channel = (body.get("channel") or {}).get("id")
             await self._ephemeral(client, channel, user, f"Cannot {verb}: {escape(str(exc))}")
             return None
+
+    async def on_link_button(self, ack: Any) -> None:
+        """A link button (Approve with passkey): Slack opens the URL; the click only needs an ack."""
+        await ack()
 
     async def on_promote_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
                                 client: AsyncWebClient) -> None:

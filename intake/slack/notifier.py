@@ -47,12 +47,16 @@ def state_line(idea: Idea, task: Task | None) -> str:
     return line + (f": {task.reason}" if task.reason else "")
 
 
-def card_blocks(idea: Idea, task: Task | None) -> list[dict[str, Any]]:
-    """The card for an idea and its task as they are now."""
+def card_blocks(idea: Idea, task: Task | None, console_origin: str | None = None) -> list[dict[str, Any]]:
+    """The card for an idea and its task as they are now; with ``console_origin``, a link
+    button opens the same action (promote the idea, approve the task) in the web console."""
     source = idea.channel.value
     if channel_id := idea.provenance.get("channel_id"):
         source += f" {channel_id}"
     approving = task is not None and task.state is TaskState.AWAITING_APPROVALS
+    link = None
+    if console_origin and (approving or (task is None and idea.state in IDEA_PENDING)):
+        link = f"{console_origin}/console/tasks/{task.id}" if approving and task else f"{console_origin}/console/ideas/{idea.id}"
     return render.idea_card(
         idea_id=idea.id,
         requester_slack_id=slack_user_of(idea.requester),
@@ -66,6 +70,7 @@ def card_blocks(idea: Idea, task: Task | None) -> list[dict[str, Any]]:
         buttons=idea.state in IDEA_PENDING or approving,
         task_id=task.id if approving and task else None,
         spec_hash=task.spec_hash if approving and task else None,
+        passkey_url=link,
     )
 
 
@@ -153,7 +158,7 @@ class SlackNotifier:
         await self.pacer.take()
         resp = await self.client.chat_postMessage(
             channel=channel,
-            blocks=card_blocks(idea, None),
+            blocks=card_blocks(idea, None, self.broker.settings.console_origin),
             text=render.fallback_text(f"New idea {idea.id}: {idea.title}"),
             unfurl_links=False,
             unfurl_media=False,
@@ -170,7 +175,7 @@ class SlackNotifier:
         channel, ts = idea.card["channel"], idea.card["ts"]
         await self.pacer.take()
         await self.client.chat_update(
-            channel=channel, ts=ts, blocks=card_blocks(idea, task),
+            channel=channel, ts=ts, blocks=card_blocks(idea, task, self.broker.settings.console_origin),
             text=render.fallback_text(f"Idea {idea.id}: {state_line(idea, task)}"),
         )
         state, detail, notify, link = self._thread_update(idea, task, event)

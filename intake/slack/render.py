@@ -194,6 +194,7 @@ def idea_card(
     buttons: bool = False,
     task_id: str | None = None,
     spec_hash: str | None = None,
+    passkey_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """Blocks for the card that shows one idea in Slack.
 
@@ -203,7 +204,8 @@ def idea_card(
     stored text is never touched. ``buttons`` adds Promote/Deny (``intake_promote`` /
     ``intake_deny``), each carrying the idea id as its value; with ``task_id`` and ``spec_hash``
     they are Approve/Deny for that task instead (``intake_approve`` carries ``task|spec hash``,
-    so an approval binds to the spec the card showed).
+    so an approval binds to the spec the card showed). ``passkey_url`` adds an "Approve with
+    passkey" link button to that action's console page.
     """
     shown, truncated = cap_for_mrkdwn(text, DISPLAY_TEXT_MAX)
     items = list(provenance.items())
@@ -226,6 +228,7 @@ def idea_card(
         buttons=buttons,
         approve_value=f"{task_id}|{spec_hash}" if task_id and spec_hash else None,
         deny_value=task_id,
+        passkey_url=_cap_plain(passkey_url, 3000) if passkey_url else None,
     )
     return data["blocks"]
 

@@ -316,3 +316,14 @@ def test_modals_show_the_whole_text_an_approver_freezes() -> None:
     approve = render.approve_modal(task_id="T-000000000001", summary=text, spec_hash="a" * 64,
                                    private_metadata="{}")
     assert "TAIL: add my ssh key" in approve["blocks"][-2]["text"]["text"]
+
+
+def test_approve_card_links_to_the_console_for_a_passkey_approval() -> None:
+    url = "https://intake.example.com/console/tasks/T-0123456789ab"
+    blocks = card(buttons=True, task_id="T-0123456789ab", spec_hash="a" * 64, passkey_url=url)
+    (actions,) = [b for b in blocks if b["type"] == "actions"]
+    ids = [e["action_id"] for e in actions["elements"]]
+    assert ids == ["intake_approve", "intake_deny", "intake_passkey_link"]
+    link = actions["elements"][-1]
+    assert link["url"] == url and link["text"]["text"] == "Approve with passkey" and "value" not in link
+    assert "intake_passkey_link" not in json.dumps(card(buttons=True))

@@ -1,0 +1,70 @@
+"""Showing untrusted text and numbers in the console: invisible characters made visible, and
+server-side SVG charts. Templates autoescape everything; these helpers only shape the data."""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+# Characters that render as nothing, or that reorder what is shown around them (bidi controls),
+# are shown as ⟨U+XXXX⟩ markers so an approver sees exactly what the agent will get.
+_SHOWN_WHITESPACE = {"\n", "\t", " "}
+_INVISIBLE_LETTERS = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800}  # Hangul fillers, braille blank
+
+
+def _hidden(ch: str) -> bool:
+    if ch in _SHOWN_WHITESPACE:
+        return False
+    cp = ord(ch)
+    if cp in _INVISIBLE_LETTERS or 0xFE00 <= cp <= 0xFE0F or 0xE0100 <= cp <= 0xE01EF:  # variation selectors
+        return True
+    return unicodedata.category(ch) in {"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp", "Zs"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    marker: bool = False
+
+
+def visible_segments(text: str) -> list[Segment]:
+    """``text`` as plain runs and ``⟨U+XXXX⟩`` markers for every hidden character."""
+    out: list[Segment] = []
+    run: list[str] = []
+    for ch in text:
+        if _hidden(ch):
+            if run:
+                out.append(Segment("".join(run)))
+                run = []
+            out.append(Segment(f"⟨U+{ord(ch):04X}⟩", marker=True))
+        else:
+            run.append(ch)
+    if run:
+        out.append(Segment("".join(run)))
+    return out
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    value: float
+    y: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A horizontal bar chart, laid out for the ``chart`` macro (pure SVG, no script)."""
+
+    title: str
+    bars: list[Bar]
+    height: int
+    width: int = 560
+    label_w: int = 200
+
+
+def bar_chart(title: str, values: list[tuple[str, float]], *, width: int = 560, label_w: int = 200) -> Chart:
+    top = max((v for _, v in values), default=0.0) or 1.0
+    span = width - label_w - 60
+    bars = [Bar(label, value, 8 + i * 24, int(span * value / top)) for i, (label, value) in enumerate(values)]
+    return Chart(title, bars, height=max(40, 16 + 24 * len(values)), width=width, label_w=label_w)

@@ -1,0 +1,97 @@
+// The console's only script (the CSP allows no inline script): passkey ceremonies.
+// A passkey button asks the broker for options (the challenge names the action, its subject and
+// the spec hash), runs the WebAuthn ceremony, puts the response in the form and submits it.
+"use strict";
+
+function b64u(buf) {
+  const bytes = new Uint8Array(buf);
+  let s = "";
+  for (const b of bytes) s += String.fromCharCode(b);
+  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function unb64u(s) {
+  s = s.replace(/-/g, "+").replace(/_/g, "/");
+  while (s.length % 4) s += "=";
+  return Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+}
+
+function csrf() {
+  return document.querySelector('meta[name="csrf-token"]').content;
+}
+
+async function options(url, body) {
+  const resp = await fetch(url, {
+    method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf()},
+    body: JSON.stringify(body),
+  });
+  const data = await resp.json();
+  if (!resp.ok) throw new Error(data.error || "refused");
+  return data;
+}
+
+function credentialJSON(cred) {
+  const r = cred.response;
+  const response = {clientDataJSON: b64u(r.clientDataJSON)};
+  if (r.attestationObject) {
+    response.attestationObject = b64u(r.attestationObject);
+    if (r.getTransports) response.transports = r.getTransports();
+  } else {
+    response.authenticatorData = b64u(r.authenticatorData);
+    response.signature = b64u(r.signature);
+    if (r.userHandle) response.userHandle = b64u(r.userHandle);
+  }
+  return JSON.stringify({id: cred.id, rawId: b64u(cred.rawId), type: cred.type, response,
+                         clientExtensionResults: cred.getClientExtensionResults()});
+}
+
+function showError(message) {
+  let p = document.getElementById("error");
+  if (!p) {
+    p = document.createElement("p");
+    p.id = "error";
+    p.className = "error";
+    document.querySelector("main").prepend(p);
+  }
+  p.textContent = message;  // text, never HTML
+}
+
+async function assertWith(button) {
+  const form = button.form;
+  const body = {action: button.dataset.action, subject: button.dataset.subject};
+  for (const name of ["repo", "change_type", "approver"]) {
+    if (form.elements[name]) body[name] = form.elements[name].value;
+  }
+  if (body.action === "signin") body.subject = body.approver;
+  const data = await options(form.dataset.optionsUrl, body);
+  const pk = data.options;
+  pk.challenge = unb64u(pk.challenge);
+  for (const c of pk.allowCredentials || []) c.id = unb64u(c.id);
+  const cred = await navigator.credentials.get({publicKey: pk});
+  form.elements.challenge_id.value = data.challenge_id;
+  form.elements.credential.value = credentialJSON(cred);
+  form.submit();
+}
+
+async function createWith(button) {
+  const form = button.form;
+  const data = await options(form.dataset.optionsUrl, {});
+  const pk = data.options;
+  pk.challenge = unb64u(pk.challenge);
+  pk.user.id = unb64u(pk.user.id);
+  for (const c of pk.excludeCredentials || []) c.id = unb64u(c.id);
+  const cred = await navigator.credentials.create({publicKey: pk});
+  form.elements.challenge_id.value = data.challenge_id;
+  form.elements.credential.value = credentialJSON(cred);
+  form.submit();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  for (const b of document.querySelectorAll("button.passkey-assert")) {
+    b.addEventListener("click", () => assertWith(b).catch((e) => showError("passkey: " + e.message)));
+  }
+  for (const b of document.querySelectorAll("button.passkey-create")) {
+    b.addEventListener("click", () => createWith(b).catch((e) => showError("passkey: " + e.message)));
+  }
+});

@@ -1,0 +1,487 @@
+"""The web console's pages and actions (aiohttp + aiohttp-jinja2, autoescaped templates).
+
+Every action calls the same ``Gatekeeper`` and ``Approvers`` as the CLI and Slack, so the console
+adds no rule of its own: it only authenticates the person (session), checks the CSRF token, and
+turns a form into a call. Actions that grant power (promote, approve, passkey registration, thaw,
+enrolment) need their own fresh step-up; deny, revoke and freeze need only a signed-in approver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import qrcode
+import qrcode.image.svg
+from aiohttp import web
+from markupsafe import Markup
+
+from intake.console.display import bar_chart, visible_segments
+from intake.console.enrol import EnrolLinks
+from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
+from intake.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
+from intake.metrics import AuditMetrics
+from intake.models import IDEA_PENDING, Approver, TaskState
+from intake.passkeys import PasskeyProof
+from intake.runtime import Broker
+from intake.settings import Settings
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; "
+       "base-uri 'none'; form-action 'self'")
+PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/")
+SESSION = web.RequestKey("session", Session)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_STATUS = {Refused: 403, NotFound: 404, InvalidInput: 400}
+
+
+def redirect(location: str) -> web.Response:
+    """303 See Other: after a POST the browser GETs the result page."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _status(exc: IntakeError) -> int:
+    return next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 400)
+
+
+class Console:
+    """Handlers and middlewares of the ``/console`` sub-application."""
+
+    def __init__(self, settings: Settings, broker_key: web.AppKey[Broker], box: SessionBox) -> None:
+        self.settings = settings
+        self.broker_key = broker_key
+        self.box = box
+        self.secure = settings.console_origin.startswith("https://")
+        self._metrics: AuditMetrics | None = None
+
+    def broker(self, request: web.Request) -> Broker:
+        return request.config_dict[self.broker_key]
+
+    # -- middlewares -----------------------------------------------------------------------
+    @web.middleware
+    async def headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Security headers on every console response, errors included."""
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on form posts.
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Cache-Control"] = "no-store"
+        if isinstance(response, web.HTTPException) and response.status >= 300:
+            raise response
+        return response
+
+    @web.middleware
+    async def sessions(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Open the session (or start an anonymous one), refuse a POST without its CSRF token
+        or from another origin before any handler runs, and require sign-in off the public pages."""
+        broker = self.broker(request)
+        now = broker.store.clock()
+        session = self.box.open(request.cookies.get(COOKIE), now)
+        if session is not None and session.who is not None and not await asyncio.to_thread(
+            self._live, broker, session
+        ):
+            session = None
+        if session is None:
+            session = fresh(now)
+        request[SESSION] = session
+        if request.method == "POST":
+            origin = request.headers.get("Origin")
+            token = request.headers.get("X-CSRF-Token")
+            if token is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+                token = str((await request.post()).get("csrf", ""))
+            if (origin is not None and origin != self.settings.console_origin) or not session.csrf_ok(token):
+                response: web.StreamResponse = web.Response(status=403, text="refused: missing or wrong CSRF token")
+                return self._with_cookie(request, response)
+        if session.who is None and not request.path.startswith(PUBLIC):
+            if request.method == "GET":
+                response = redirect("/console/signin")
+            else:
+                response = web.Response(status=403, text="sign in first")
+            return self._with_cookie(request, response)
+        return self._with_cookie(request, await handler(request))
+
+    def _live(self, broker: Broker, session: Session) -> bool:
+        return broker.client.get(broker.store.keys.console_session(session.sid)) == session.who and bool(
+            broker.client.exists(broker.store.keys.approver(session.who or ""))
+        )
+
+    def _with_cookie(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        session: Session = request[SESSION]
+        response.set_cookie(COOKIE, self.box.seal(session), max_age=SESSION_TTL_S, path="/console",
+                            httponly=True, samesite="Strict", secure=self.secure)
+        return response
+
+    # -- helpers ---------------------------------------------------------------------------
+    def render(self, request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
+        session: Session = request[SESSION]
+        broker = self.broker(request)
+        ctx.setdefault("error", None)
+        ctx.setdefault("notice", request.query.get("done"))
+        return aiohttp_jinja2.render_template(
+            template, request, {"csrf": session.csrf, "who": session.who, "frozen": broker.gatekeeper.frozen(),
+                                "is_admin": self._is_admin(broker, session.who), **ctx}, status=status,
+        )
+
+    @staticmethod
+    def _is_admin(broker: Broker, who: str | None) -> bool:
+        return who is not None and who in broker.policy.admins.members
+
+    @staticmethod
+    def proof(form: Any) -> str | PasskeyProof:
+        """The step-up in a form: a passkey assertion when one was made, else the TOTP code."""
+        credential = str(form.get("credential", ""))
+        if credential:
+            try:
+                parsed = json.loads(credential)
+            except ValueError:
+                raise InvalidInput("the passkey response is not JSON") from None
+            if not isinstance(parsed, dict):
+                raise InvalidInput("the passkey response is not a credential")
+            return PasskeyProof(challenge_id=str(form.get("challenge_id", "")), credential=parsed)
+        return str(form.get("code", "")).strip()
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def me(self, request: web.Request) -> Approver:
+        return self.broker(request).approvers.get(request[SESSION].who)
+
+    # -- sign-in ---------------------------------------------------------------------------
+    async def signin_page(self, request: web.Request) -> web.Response:
+        return self.render(request, "signin.html")
+
+    async def signin(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        approver_id = str(form.get("approver", "")).strip()
+        broker = self.broker(request)
+        try:
+            approver = await self.call(broker.approvers.active, approver_id)
+            await self.call(broker.approvers.check_stepup, approver, self.proof(form),
+                            purpose="signin", subject=approver.id)
+        except IntakeError as exc:
+            return self.render(request, "signin.html", status=403, error=str(exc))
+        session = request[SESSION].signed_in(approver.id, broker.store.clock())
+        await self.call(broker.client.set, broker.store.keys.console_session(session.sid), approver.id,
+                        ex=SESSION_TTL_S)
+        await self.call(broker.audit.record, f"approver:{approver.id}", "console.signed_in", approver.id)
+        request[SESSION] = session
+        return redirect("/console/ideas")
+
+    async def signin_options(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        broker = self.broker(request)
+        try:
+            approver = await self.call(broker.approvers.active, str(body.get("approver", "")))
+            challenge_id, options = await self.call(
+                broker.approvers.passkeys.assertion_options, approver, action="signin", subject=approver.id)
+        except IntakeError as exc:
+            return web.json_response({"error": str(exc)}, status=403)
+        return web.json_response({"challenge_id": challenge_id, "options": options})
+
+    async def signout(self, request: web.Request) -> web.StreamResponse:
+        broker = self.broker(request)
+        session: Session = request[SESSION]
+        await self.call(broker.client.delete, broker.store.keys.console_session(session.sid))
+        request[SESSION] = fresh(broker.store.clock())
+        return redirect("/console/signin")
+
+    @staticmethod
+    async def _json(request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="expected a JSON object") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="expected a JSON object")
+        return body
+
+    # -- ideas -----------------------------------------------------------------------------
+    async def home(self, request: web.Request) -> web.StreamResponse:
+        return redirect("/console/ideas")
+
+    async def ideas(self, request: web.Request) -> web.Response:
+        ideas = await self.call(self.broker(request).store.pending_ideas)
+        return self.render(request, "ideas.html", ideas=ideas)
+
+    async def idea(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+        broker = self.broker(request)
+        idea = await self.call(broker.store.get_idea, request.match_info["idea_id"])
+        repos = [r.name for r in broker.policy.repos]
+        return self.render(request, "idea.html", status=status, idea=idea, segments=visible_segments(idea.text),
+                           title_segments=visible_segments(idea.title), pending=idea.state in IDEA_PENDING,
+                           repos=repos, change_types=list(broker.policy.change_types), error=error)
+
+    async def promote(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        broker = self.broker(request)
+        try:
+            decision = await self.call(
+                broker.gatekeeper.promote, request.match_info["idea_id"], repo=str(form.get("repo", "")),
+                change_type=str(form.get("change_type", "")), approver_id=request[SESSION].who,
+                code=self.proof(form), via="console",
+            )
+        except IntakeError as exc:
+            return await self.idea(request, error=str(exc), status=_status(exc))
+        return redirect(f"/console/tasks/{decision.task.id}?done=promoted")
+
+    async def deny_idea(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        broker = self.broker(request)
+        try:
+            await self.call(broker.gatekeeper.deny, request.match_info["idea_id"],
+                            approver_id=request[SESSION].who, reason=str(form.get("reason", "")))
+        except IntakeError as exc:
+            return await self.idea(request, error=str(exc), status=_status(exc))
+        return redirect(f"/console/ideas/{request.match_info['idea_id']}?done=denied")
+
+    # -- tasks -----------------------------------------------------------------------------
+    async def tasks(self, request: web.Request) -> web.Response:
+        tasks = await self.call(self.broker(request).store.recent_tasks, 100)
+        return self.render(request, "tasks.html", tasks=tasks)
+
+    async def task(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+        broker = self.broker(request)
+        task = await self.call(broker.store.get_task, request.match_info["task_id"])
+        idea = await self.call(broker.store.get_idea, task.idea_id)
+        tier = broker.policy.risk_tiers.get(task.risk_tier)
+        approvals = [{"who": a.approver, "at": a.at, "via": a.via.partition("+")[0],
+                      "factor": "passkey" if a.via.endswith("+passkey") else "totp",
+                      "current": a.spec_hash == task.spec_hash} for a in task.approvals]
+        return self.render(
+            request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
+            segments=visible_segments(task.spec.prompt), result=task.result or {},
+            approvable=task.state is TaskState.AWAITING_APPROVALS,
+            deniable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED),
+            revocable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED, TaskState.RUNNING),
+            passkey_only=tier is not None and tier.step_up == "passkey", error=error,
+        )
+
+    async def approve(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        broker = self.broker(request)
+        task_id = request.match_info["task_id"]
+        try:
+            await self.call(broker.gatekeeper.approve, task_id, approver_id=request[SESSION].who,
+                            code=self.proof(form), spec_hash=str(form.get("spec_hash", "")) or None, via="console")
+        except IntakeError as exc:
+            return await self.task(request, error=str(exc), status=_status(exc))
+        return redirect(f"/console/tasks/{task_id}?done=approved")
+
+    async def deny_task(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        broker = self.broker(request)
+        task_id = request.match_info["task_id"]
+        try:
+            await self.call(broker.gatekeeper.deny, task_id, approver_id=request[SESSION].who,
+                            reason=str(form.get("reason", "")))
+        except IntakeError as exc:
+            return await self.task(request, error=str(exc), status=_status(exc))
+        return redirect(f"/console/tasks/{task_id}?done=denied")
+
+    async def revoke(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        broker = self.broker(request)
+        task_id = request.match_info["task_id"]
+        try:
+            await self.call(broker.gatekeeper.revoke, task_id, identity=f"approver:{request[SESSION].who}",
+                            is_approver=True, reason=str(form.get("reason", "")))
+        except IntakeError as exc:
+            return await self.task(request, error=str(exc), status=_status(exc))
+        return redirect(f"/console/tasks/{task_id}?done=revoked")
+
+    async def stepup_options(self, request: web.Request) -> web.Response:
+        """Passkey options for one power action; the challenge names the action, its subject
+        and the spec hash it approves (for promote: of the spec the chosen repo and change type
+        make now)."""
+        body = await self._json(request)
+        broker = self.broker(request)
+        action, subject = str(body.get("action", "")), str(body.get("subject", ""))
+        try:
+            approver = await self.call(broker.approvers.active, request[SESSION].who)
+            if action == "promote":
+                idea = await self.call(broker.store.get_idea, subject)
+                spec = broker.gatekeeper.build_spec(idea, str(body.get("repo", "")), str(body.get("change_type", "")))
+                bound = spec.spec_hash()
+            elif action == "approve":
+                task = await self.call(broker.store.get_task, subject)
+                bound = task.spec_hash
+            elif action == "thaw" and subject == "broker":
+                bound = ""
+            else:
+                raise InvalidInput("no passkey step-up for that action")
+            challenge_id, options = await self.call(broker.approvers.passkeys.assertion_options, approver,
+                                                     action=action, subject=subject, bound=bound)
+        except IntakeError as exc:
+            return web.json_response({"error": str(exc)}, status=_status(exc))
+        return web.json_response({"challenge_id": challenge_id, "options": options, "bound": bound})
+
+    # -- audit -----------------------------------------------------------------------------
+    async def audit(self, request: web.Request) -> web.Response:
+        broker = self.broker(request)
+        try:
+            report = await self.call(broker.audit.verify)
+            status = f"verified: {report.events} events, {report.unsealed} not yet sealed"
+            ok = True
+        except AuditBroken as exc:
+            status, ok = f"BROKEN: {exc}", False
+        events = await self.call(lambda: list(broker.audit.export())[-200:])
+        return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=list(reversed(events)))
+
+    # -- approvers and enrolment -----------------------------------------------------------
+    async def approvers(self, request: web.Request, error: str | None = None, link: str | None = None,
+                        status: int = 200) -> web.Response:
+        approvers = await self.call(self.broker(request).approvers.all)
+        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error, link=link)
+
+    async def enrol_create(self, request: web.Request) -> web.StreamResponse:
+        """An admin enrols a person: an unconfirmed approver and a one-time link. The admin's
+        own step-up is required (enrolment grants power)."""
+        form = await request.post()
+        broker = self.broker(request)
+        who = request[SESSION].who
+        try:
+            if not self._is_admin(broker, who):
+                raise Refused("not_admin", "only an admin (the policy's [admins]) can enrol approvers")
+            admin = await self.call(broker.approvers.active, who)
+            approver_id = str(form.get("approver", "")).strip()
+            await self.call(broker.approvers.check_stepup, admin, str(form.get("code", "")).strip(),
+                            purpose="enrol", subject=approver_id)
+            groups = tuple(g for g in str(form.get("groups", "")).replace(" ", "").split(",") if g)
+            await self.call(broker.approvers.add, broker.policy, approver_id, name=str(form.get("name", "")).strip(),
+                            groups=groups, slack_user=str(form.get("slack_user", "")).strip() or None,
+                            email=str(form.get("email", "")).strip() or None, actor=f"approver:{who}")
+            token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
+        except IntakeError as exc:
+            return await self.approvers(request, error=str(exc), status=_status(exc))
+        return await self.approvers(request, link=f"{self.settings.console_origin}/console/enrol/{token}")
+
+    async def enrol_page(self, request: web.Request) -> web.Response:
+        broker = self.broker(request)
+        try:
+            record = await self.call(EnrolLinks(broker.store).peek, request.match_info["token"])
+        except IntakeError as exc:
+            return self.render(request, "enrol.html", status=404, error=str(exc), stage="gone")
+        return self.render(request, "enrol.html", approver=record["approver"], token=request.match_info["token"],
+                           stage="used" if record["revealed"] else "start")
+
+    async def enrol_reveal(self, request: web.Request) -> web.Response:
+        broker = self.broker(request)
+        token = request.match_info["token"]
+        try:
+            approver_id = await self.call(EnrolLinks(broker.store).reveal, token)
+            enrolment = await self.call(broker.approvers.reset, approver_id, actor="console:enrolment-link")
+        except IntakeError as exc:
+            return self.render(request, "enrol.html", status=_status(exc), error=str(exc), stage="gone")
+        svg = qrcode.make(enrolment.otpauth_uri, image_factory=qrcode.image.svg.SvgPathImage).to_string(encoding="unicode")
+        # The SVG is generated here from our own URI (no outside text in it), so it is safe as markup.
+        return self.render(request, "enrol.html", stage="reveal", approver=approver_id, token=token,
+                           qr=Markup(svg), uri=enrolment.otpauth_uri)
+
+    async def enrol_confirm(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        broker = self.broker(request)
+        token = request.match_info["token"]
+        links = EnrolLinks(broker.store)
+        try:
+            record = await self.call(links.peek, token)
+            if not record["revealed"]:
+                raise Refused("not_revealed", "show the code first")
+            approver_id = str(record["approver"])
+            await self.call(broker.approvers.confirm, approver_id, str(form.get("code", "")).strip(),
+                            actor=f"approver:{approver_id}")
+            await self.call(links.finish, token)
+        except IntakeError as exc:
+            return self.render(request, "enrol.html", status=_status(exc), error=str(exc), stage="used",
+                               token=token, approver=None)
+        return self.render(request, "enrol.html", stage="done", approver=approver_id)
+
+    # -- passkeys --------------------------------------------------------------------------
+    async def passkeys(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+        broker = self.broker(request)
+        mine = await self.call(broker.approvers.passkeys.list, request[SESSION].who)
+        return self.render(request, "passkeys.html", status=status, passkeys=mine, error=error)
+
+    async def passkey_options(self, request: web.Request) -> web.Response:
+        broker = self.broker(request)
+        approver = await self.call(broker.approvers.active, request[SESSION].who)
+        challenge_id, options = await self.call(broker.approvers.passkeys.registration_options, approver)
+        return web.json_response({"challenge_id": challenge_id, "options": options})
+
+    async def passkey_register(self, request: web.Request) -> web.StreamResponse:
+        """Register a passkey: a new factor grants power, so a fresh TOTP code is required."""
+        form = await request.post()
+        broker = self.broker(request)
+        try:
+            approver = await self.call(broker.approvers.active, request[SESSION].who)
+            await self.call(broker.approvers.check_stepup, approver, str(form.get("code", "")).strip(),
+                            purpose="passkey_register", subject=approver.id)
+            try:
+                credential = json.loads(str(form.get("credential", "")))
+            except ValueError:
+                raise InvalidInput("the passkey response is not JSON") from None
+            if not isinstance(credential, dict):
+                raise InvalidInput("the passkey response is not a credential")
+            await self.call(broker.approvers.passkeys.register, approver, str(form.get("challenge_id", "")),
+                            credential, actor=f"approver:{approver.id}")
+        except IntakeError as exc:
+            return await self.passkeys(request, error=str(exc), status=_status(exc))
+        return redirect("/console/passkeys?done=registered")
+
+    # -- kill switch -----------------------------------------------------------------------
+    async def killswitch(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+        return self.render(request, "killswitch.html", status=status, error=error)
+
+    async def freeze(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        broker = self.broker(request)
+        who = request[SESSION].who
+        try:
+            if not self._is_admin(broker, who):
+                raise Refused("not_admin", "only an admin (the policy's [admins]) can freeze intake")
+            await self.call(broker.gatekeeper.freeze, actor=f"approver:{who}", reason=str(form.get("reason", "")))
+        except IntakeError as exc:
+            return await self.killswitch(request, error=str(exc), status=_status(exc))
+        return redirect("/console/killswitch?done=frozen")
+
+    async def thaw(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        broker = self.broker(request)
+        who = request[SESSION].who
+        try:
+            if not self._is_admin(broker, who):
+                raise Refused("not_admin", "only an admin (the policy's [admins]) can thaw intake")
+            admin = await self.call(broker.approvers.active, who)
+            await self.call(broker.approvers.check_stepup, admin, self.proof(form), purpose="thaw", subject="broker")
+            await self.call(broker.gatekeeper.thaw, actor=f"approver:{who}")
+        except IntakeError as exc:
+            return await self.killswitch(request, error=str(exc), status=_status(exc))
+        return redirect("/console/killswitch?done=thawed")
+
+    # -- dashboard -------------------------------------------------------------------------
+    async def dashboard(self, request: web.Request) -> web.Response:
+        broker = self.broker(request)
+        if self._metrics is None:
+            self._metrics = AuditMetrics(broker)
+        families = await self.call(lambda: list(self._metrics.collect()))  # type: ignore[union-attr]
+        charts = []
+        for fam in families:
+            values = []
+            for sample in fam.samples:
+                if sample.name.endswith(("_created", "_sum", "_count")):
+                    continue
+                if fam.type == "histogram":
+                    label = f"≤ {sample.labels['le']} s"
+                else:
+                    label = ", ".join(sample.labels.values()) or fam.name
+                values.append((label, float(sample.value)))
+            charts.append(bar_chart(f"{fam.name} — {fam.documentation}", values))
+        return self.render(request, "dashboard.html", charts=charts)
