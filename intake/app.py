@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import redis
 from aiohttp import web
 
+from intake.api.routes import mount_api
 from intake.capture_queue import CaptureQueue
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
@@ -111,5 +112,6 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
         app.cleanup_ctx.append(_dev_worker_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     return app

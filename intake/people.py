@@ -153,7 +153,8 @@ class People:
                actor: str, create: bool = True) -> Person:
         """Create ``person_id`` (when ``create``) or add ``identities`` to it; audited."""
         parse_person_id(person_id)
-        links = tuple(dict.fromkeys(parse_identity(i) for i in identities))
+        # Every person answers to cli:<their id> (a token caller's identity, `idea --as`).
+        links = tuple(dict.fromkeys([f"cli:{person_id}", *(parse_identity(i) for i in identities)]))
         key = self._key(person_id)
 
         def build(pipe: Pipe) -> Person:
@@ -202,3 +203,15 @@ class People:
             return sealed
 
         return self.store.transact([self._key(person_id), self._index], build)
+
+
+def bootstrap_admin(people: People, admins: tuple[str, ...], person_id: str, *, name: str,
+                    os_user: str, actor: str) -> Person:
+    """Create the first admin, linked to ``os:<os_user>``. Refused once any admin the policy
+    names exists as a person: after that, admins add people through the API."""
+    if person_id not in admins:
+        raise InvalidInput(f"{person_id!r} is not in the policy's [admins] members")
+    existing = [a for a in admins if people.find(a) is not None]
+    if existing:
+        raise InvalidInput(f"an admin already exists ({', '.join(existing)}); use the API (intake person …)")
+    return people.upsert(person_id, name=name, identities=(f"os:{os_user}",), actor=actor)

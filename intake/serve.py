@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import logging
+import os
 import signal
+import socket
 import sys
+from pathlib import Path
 
 import click
 from aiohttp import web
@@ -15,6 +20,46 @@ from intake.policy import load_policy
 from intake.redis_conn import EmbeddedRedis
 from intake.runtime import prepare_dev
 from intake.settings import Settings
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """The broker's local API socket. Any local user may connect (mode 0666; the data dir
+    gets o+x, never o+r): the kernel tells the broker who they are (SO_PEERCRED), and what
+    they may do is decided per person. A stale socket from a dead server is replaced."""
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            probe.close()
+            raise SystemExit(f"intake: another broker is serving {path}")
+    path.parent.chmod(path.parent.stat().st_mode | 0o001)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o666)
+    sock.listen(128)
+    return sock
+
+
+def bootstrap_dev_admin(settings: Settings) -> str | None:
+    """Dev mode: link the OS user running the server to the policy's first admin (creating that
+    person) when no admin exists yet, so the README walk-through works as that user."""
+    from intake.errors import InvalidInput
+    from intake.people import People, bootstrap_admin
+    from intake.runtime import open_broker
+
+    with open_broker(settings) as broker:
+        admins = broker.policy.admins.members
+        if not admins:
+            return None
+        user = getpass.getuser()
+        with contextlib.suppress(InvalidInput):  # an admin exists already: nothing to do
+            bootstrap_admin(People(broker.store), admins, admins[0], name=admins[0].title(), os_user=user,
+                            actor="system:dev")
+            return f"linked os:{user} to {admins[0]} (admin)"
+    return None
 
 
 def run(settings: Settings, *, dev: bool) -> None:
@@ -28,16 +73,22 @@ def run(settings: Settings, *, dev: bool) -> None:
         for line in prepare_dev(settings):
             click.echo(f"dev: {line}")
     policy = load_policy(settings.policy_path)
+    if dev and (linked := bootstrap_dev_admin(settings)):
+        click.echo(f"dev: {linked}")
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
     app = create_app(settings, dev=dev)
     click.echo(f"intake: {app[SLACK_MODE].describe()}")
     redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
     click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
-    click.echo(f"intake: serving on http://{settings.host}:{settings.port}  (Ctrl-C to stop)")
+    sock_path = settings.data_dir / "intake.sock"
+    sock = listen_unix(sock_path)
+    click.echo(f"intake: serving on http://{settings.host}:{settings.port} and unix:{sock_path}  (Ctrl-C to stop)")
     try:
-        web.run_app(app, host=settings.host, port=settings.port, print=None)
+        web.run_app(app, host=settings.host, port=settings.port, sock=sock, print=None)
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
         # A second Ctrl-C can cut the app's own cleanup short; never leave the embedded Redis
         # running with nobody using it. Signals are ignored for this last step.
         if settings.redis_url is None:

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(5.0, gt=0, le=3600)
     outbox_retry_ms: int = Field(5000, ge=0, le=3_600_000)
 
+    # The CLI's view of the broker: INTAKE_URL (unix:///path.sock or http://host:port; default
+    # the data dir's socket, else http://127.0.0.1:8080) and INTAKE_TOKEN (an API token, TCP only).
+    url: str | None = None
+    token: SecretStr | None = None
+
     signing_key: Path | None = None
     public_key: Path | None = None
     audit_key: Path | None = None
