@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +33,7 @@ from intake.people import People, parse_identity, parse_person_id
 from intake.runtime import Broker
 
 PREFIX = "/api/v1"
+log = logging.getLogger("intake.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -161,6 +163,9 @@ class Api:
                                           "message": str(exc)}, status=409)
             except IntakeError as exc:
                 return _error(409, "conflict", str(exc))
+            except Exception as exc:  # a bug, not bad input: say so without the body or a trace
+                log.error("api %s %s failed: %s", request.method, request.path, type(exc).__name__)
+                return _error(500, "internal", "internal error; the broker's log names it")
             if isinstance(result, web.StreamResponse):
                 return result
             return web.json_response(result, dumps=lambda d: json.dumps(d, ensure_ascii=True, sort_keys=True))
@@ -182,7 +187,7 @@ class Api:
         target = parse_person_id(on_behalf_of)
         if not broker.policy.is_admin(me):
             raise Refused("forbidden", "only an admin may act on behalf of someone else")
-        broker.store.audit.record(caller.actor, "api.on_behalf_of", subject, person=target, action=action)
+        broker.store.audit.record(caller.actor, "api.on_behalf_of", subject, person=target, act=action)
         return target
 
     def _admin(self, broker: Broker, caller: Caller) -> str:
