@@ -43,23 +43,41 @@ def listen_unix(path: Path) -> socket.socket:
     return sock
 
 
-def bootstrap_dev_admin(settings: Settings) -> str | None:
-    """Dev mode: link the OS user running the server to the policy's first admin (creating that
-    person) when no admin exists yet, so the README walk-through works as that user."""
+DEV_REQUESTER = "erin"
+
+
+def prepare_dev_people(settings: Settings) -> list[str]:
+    """Dev mode's people, so the README walk-through works for the one OS user running it:
+
+    - that OS user is linked to the policy's first admin (created) while no admin exists;
+    - a requester ``erin`` with an API token in ``$INTAKE_DATA_DIR/dev-erin.token`` (0600), so
+      the walk-through can file an idea as someone other than the approver (nobody approves
+      work they filed themselves, so one person cannot play both parts).
+
+    Returns one line per thing it did, for the start-up banner."""
+    from intake.api.callers import ApiTokens
     from intake.errors import InvalidInput
     from intake.people import People, bootstrap_admin
     from intake.runtime import open_broker
 
+    done = []
     with open_broker(settings) as broker:
-        admins = broker.policy.admins.members
-        if not admins:
-            return None
+        people, admins = People(broker.store), broker.policy.admins.members
         user = getpass.getuser()
-        with contextlib.suppress(InvalidInput):  # an admin exists already: nothing to do
-            bootstrap_admin(People(broker.store), admins, admins[0], name=admins[0].title(), os_user=user,
-                            actor="system:dev")
-            return f"linked os:{user} to {admins[0]} (admin)"
-    return None
+        if admins:
+            with contextlib.suppress(InvalidInput):  # an admin exists already: nothing to do
+                bootstrap_admin(people, admins, admins[0], name=admins[0].title(), os_user=user, actor="system:dev")
+                done.append(f"linked os:{user} to {admins[0]} (admin)")
+        token_file = settings.data_dir / f"dev-{DEV_REQUESTER}.token"
+        if people.find(DEV_REQUESTER) is None:
+            people.upsert(DEV_REQUESTER, name=DEV_REQUESTER.title(), actor="system:dev")
+            _, token = ApiTokens(broker.store, people).create(DEV_REQUESTER, actor="system:dev")
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(token + "\n")
+            done.append(f"requester {DEV_REQUESTER}: API token in {token_file}")
+        broker.audit.seal_pending()
+    return done
 
 
 def run(settings: Settings, *, dev: bool) -> None:
@@ -73,8 +91,9 @@ def run(settings: Settings, *, dev: bool) -> None:
         for line in prepare_dev(settings):
             click.echo(f"dev: {line}")
     policy = load_policy(settings.policy_path)
-    if dev and (linked := bootstrap_dev_admin(settings)):
-        click.echo(f"dev: {linked}")
+    if dev:
+        for line in prepare_dev_people(settings):
+            click.echo(f"dev: {line}")
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
     app = create_app(settings, dev=dev)
