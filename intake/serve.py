@@ -15,6 +15,7 @@ import click
 from aiohttp import web
 
 from intake.app import SLACK_MODE, create_app
+from intake.errors import ConfigError
 from intake.keys import load_secret
 from intake.policy import load_policy
 from intake.redis_conn import EmbeddedRedis
@@ -34,10 +35,14 @@ def listen_unix(path: Path) -> socket.socket:
             path.unlink()
         else:
             probe.close()
-            raise SystemExit(f"intake: another broker is serving {path}")
+            raise ConfigError(f"INTAKE_DATA_DIR: another broker is serving {path}")
     path.parent.chmod(path.parent.stat().st_mode | 0o001)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"INTAKE_DATA_DIR: cannot listen on {path}: {exc.strerror or exc}") from None
     os.chmod(path, 0o666)
     sock.listen(128)
     return sock
