@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from intake.approvers import Approvers
 from intake.errors import IllegalTransition, InvalidInput, NotFound, Refused
-from intake.people import People
 from intake.models import (
     IDEA_PENDING,
     Approval,
@@ -34,6 +33,7 @@ from intake.models import (
     TaskState,
     new_id,
 )
+from intake.people import People
 from intake.policy import Policy, RiskTier
 from intake.store import Pipe, Store, idea_fields
 from intake.tokens import mint

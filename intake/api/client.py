@@ -26,7 +26,9 @@ class ApiError(IntakeError):
         super().__init__(message)
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over the broker's unix socket."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -55,7 +57,7 @@ class ApiClient:
     def _connection(self) -> http.client.HTTPConnection:
         p = self._parts
         if p.scheme == "unix":
-            return _UnixConnection(p.path, self._timeout)
+            return UnixConnection(p.path, self._timeout)
         cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
         return cls(p.hostname or "", p.port, timeout=self._timeout)
 

@@ -383,10 +383,13 @@ class Api:
 
     # -- people and tokens -----------------------------------------------------------------
     def people(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        self._admin(broker, caller)  # who is linked to what is for admins
         return [p.model_dump(mode="json", exclude={"mac"}) for p in People(broker.store).all()]
 
     def person(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         found = People(broker.store).get(request.match_info["id"])
+        if found.id != caller.person:
+            self._admin(broker, caller)
         tokens = ApiTokens(broker.store, People(broker.store)).listing(found.id)
         return {**found.model_dump(mode="json", exclude={"mac"}), "tokens": tokens,
                 "admin": broker.policy.is_admin(found.id)}
