@@ -4,7 +4,8 @@ Every command reads settings at run time (never at import). Commands that read o
 call the broker's API (``INTAKE_URL``; by default the data dir's unix socket, where the kernel
 tells the broker which OS user is calling), so the CLI never holds the signing, secrets or audit
 key. Only bootstrap commands stay local: ``keys generate`` and ``admin bootstrap`` (the first
-admin); ``policy check/show`` read only the policy file; ``serve`` and ``worker`` are servers. Errors are one line on stderr with a non-zero exit, never a traceback. Untrusted
+admin); ``policy check/show`` read only the policy file; ``serve`` and ``worker`` are servers.
+Errors are one line on stderr with a non-zero exit, never a traceback. Untrusted
 text is shown through :func:`intake.terminal.safe`; ``--json`` output is ASCII-escaped JSON.
 """
 

@@ -153,7 +153,8 @@ class StepUp:
         t = self.throttle
         slot = secrets.token_hex(8)
         fails, lock = keys.totp_failures(approver.id), keys.totp_lock(approver.id)
-        verdict, resets_in = self._reserve(keys=[fails, lock], args=[t.short_s, t.short_max, t.long_s, t.long_max, slot])
+        verdict, resets_in = self._reserve(keys=[fails, lock],
+                                           args=[t.short_s, t.short_max, t.long_s, t.long_max, slot])
         if verdict == "locked":
             raise self._refuse(
                 approver, "locked",

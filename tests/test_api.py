@@ -71,8 +71,9 @@ def test_token_life_admin_only_with_code(api: RunningBroker, settings: Settings,
     with pytest.raises(ApiError) as err:
         admin.call("POST", "/people", {"id": "erin", "name": "Erin", "code": "000000"})
     assert err.value.reason == "invalid"
-    assert admin.call("POST", "/people", {"id": "erin", "name": "Erin", "identities": ["email:Erin@acme.test"],
-                                          "code": codes["alice"].next()})["identities"] == ["cli:erin", "email:erin@acme.test"]
+    added = admin.call("POST", "/people", {"id": "erin", "name": "Erin", "identities": ["email:Erin@acme.test"],
+                                           "code": codes["alice"].next()})
+    assert added["identities"] == ["cli:erin", "email:erin@acme.test"]
     made = admin.call("POST", "/people/erin/tokens", {"code": codes["alice"].next()})
     assert made["token"].startswith("itk_") and made["token"] not in rclient.dump("intake:apitokens").decode("latin-1")
 
@@ -124,8 +125,9 @@ def test_on_behalf_of_is_audited_and_needs_the_persons_code(api: RunningBroker, 
         admin.call("POST", f"/ideas/{idea['id']}/promote", {"repo": "acme/payments", "change_type": "bugfix",
                                                             "code": codes["alice"].next()})
     assert err.value.reason == "self_approval"
-    decided = admin.call("POST", f"/ideas/{idea['id']}/promote", {"repo": "acme/payments", "change_type": "bugfix",
-                                                                  "code": codes["carol"].next(), "on_behalf_of": "carol"})
+    decided = admin.call("POST", f"/ideas/{idea['id']}/promote",
+                         {"repo": "acme/payments", "change_type": "bugfix", "code": codes["carol"].next(),
+                          "on_behalf_of": "carol"})
     assert decided["approvers"] == ["carol"] and decided["status"] == "awaiting_approvals"
     events = [json.loads(e[1]["e"]) for e in rclient.xrange("intake:audit")]
     relayed = [e for e in events if e["action"] == "api.on_behalf_of"]
@@ -137,7 +139,8 @@ def test_on_behalf_of_is_audited_and_needs_the_persons_code(api: RunningBroker, 
 
 def test_unknown_routes_and_methods_are_4xx(api: RunningBroker) -> None:
     client = ApiClient(api.socket_url)
-    for method, path in [("GET", "/nope"), ("PUT", "/ideas"), ("GET", "/ideas/I-nothex"), ("GET", "/tasks/T-000000000000")]:
+    for method, path in [("GET", "/nope"), ("PUT", "/ideas"), ("GET", "/ideas/I-nothex"),
+                         ("GET", "/tasks/T-000000000000")]:
         status, _, _ = client.request(method, path)
         assert 400 <= status < 500, (method, path, status)
 

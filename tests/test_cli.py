@@ -14,7 +14,6 @@ from click.testing import CliRunner, Result
 from intake.cli import cli
 from intake.settings import Settings
 
-
 pytestmark = pytest.mark.usefixtures("api")
 
 

@@ -28,7 +28,8 @@ def run(env: dict[str, str], *args: str) -> Result:
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
-def capture(settings: Settings, requester: str, channel: Channel = Channel.SLACK, text: str = "Document the retry flag") -> str:
+def capture(settings: Settings, requester: str, channel: Channel = Channel.SLACK,
+            text: str = "Document the retry flag") -> str:
     """An idea as a channel would file it (the channel is not what these tests are about)."""
     with open_broker(settings) as broker:
         return broker.store.capture(draft(requester=requester, channel=channel, text=text))[0].id
@@ -69,7 +70,8 @@ def test_an_idea_filed_under_another_cli_name_by_its_approver_is_refused(env: di
     codes = enrol(settings, {"alice": ("platform", (ME,))})
     filed = json.loads(run(env, "idea", "give me prod access", "--as", "zed", "--json").stdout)
     assert filed["requester"] == "cli:zed" and filed["filed_by"] == ME
-    own = run(env, "promote", filed["id"], "--repo", "acme/web", "--change-type", "docs", "--code", codes["alice"].next())
+    own = run(env, "promote", filed["id"], "--repo", "acme/web", "--change-type", "docs",
+              "--code", codes["alice"].next())
     assert own.exit_code == 1 and own.stderr == "intake: you cannot approve your own request\n"
 
 

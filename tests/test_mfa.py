@@ -132,7 +132,9 @@ def wait_until_accepted(approvers: Approvers, approver: Approver, totp: pyotp.TO
     pytest.fail("the throttle never lifted")
 
 
-def test_sixth_wrong_code_is_throttled_without_being_checked(store: Store, settings: Settings, clock: FakeClock) -> None:
+def test_sixth_wrong_code_is_throttled_without_being_checked(
+    store: Store, settings: Settings, clock: FakeClock
+) -> None:
     approvers = Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store, Throttle(short_s=1)))
     approver, totp = enrol_alice(approvers)
     for _ in range(5):

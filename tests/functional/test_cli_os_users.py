@@ -30,7 +30,8 @@ PYTHON = "/usr/bin/python3"  # readable by every user (the venv's interpreter ma
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("setpriv") or SITE is None
     or not os.path.exists(PYTHON)
-    or subprocess.run([PYTHON, "-c", f"import sys; sys.exit(sys.version_info[:2] != {sys.version_info[:2]!r})"]).returncode,
+    or subprocess.run([PYTHON, "-c", f"import sys; sys.exit(sys.version_info[:2] != {sys.version_info[:2]!r})"],
+                      check=False).returncode,
     reason="needs root, useradd, setpriv and a system python of the same version",
 )
 
