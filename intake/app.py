@@ -13,6 +13,7 @@ import redis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from intake.api.routes import mount_api
 from intake.capture_queue import CaptureQueue
 from intake.reports import ReportProcessor, ensure_worker_key
 from intake.console import mount_console
@@ -136,5 +137,6 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     mount_console(app, settings, BROKER)
+    mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     return app

@@ -19,6 +19,7 @@ from intake.ledger import Ledger
 from intake.mfa import StepUp, new_secret, provisioning_uri
 from intake.models import Approver
 from intake.passkeys import PasskeyProof, Passkeys
+from intake.people import People
 from intake.policy import Policy
 from intake.store import Pipe, Store
 
@@ -59,12 +60,13 @@ class Approvers:
     """Registry of approvers in Redis, plus the step-up check of their codes and passkeys."""
 
     def __init__(self, store: Store, box: SecretBox, stepup: StepUp, ledger: Ledger,
-                 passkeys: Passkeys | None = None) -> None:
+                 passkeys: Passkeys | None = None, people: People | None = None) -> None:
         self.store = store
         self.box = box
         self.stepup = stepup
         self.ledger = ledger
         self.passkeys = passkeys
+        self.people = people or People(store)
 
     # -- lookup ----------------------------------------------------------------------------
     def get(self, approver_id: str) -> Approver:
@@ -77,12 +79,15 @@ class Approvers:
         """The approver with this Slack user id. The index is only a hint: the record itself
         must name the same Slack user (and its sealed secret is bound to it)."""
         approver_id = self.store.r.hget(self.store.keys.approvers, f"slack:{slack_user}")
-        if approver_id is None:
+        if approver_id is not None:
+            approver = self.get(approver_id)
+            if approver.slack_user == slack_user:
+                return approver
+        # A Slack id linked to the person later (the person record is MAC'd by the broker).
+        person = self.people.resolve(f"slack:{slack_user}")
+        if person is None or not self.store.r.exists(self.store.keys.approver(person)):
             raise Refused("not_approver", "you are not a registered intake approver")
-        approver = self.get(approver_id)
-        if approver.slack_user != slack_user:
-            raise Refused("not_approver", "you are not a registered intake approver")
-        return approver
+        return self.get(person)
 
     def all(self) -> list[Approver]:
         ids = sorted(k for k in self.store.r.hkeys(self.store.keys.approvers) if k.startswith("id:"))
@@ -173,6 +178,13 @@ class Approvers:
             loc = exc.errors()[0]["loc"][0]  # type: ignore[attr-defined]
             raise InvalidInput(f"invalid approver {loc}: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
         keys = self.store.keys
+        if self.store.r.exists(keys.approver(approver_id)):
+            raise InvalidInput(f"approver {approver_id} already exists (use `approver reset`)")
+        # An approver is a person: create or extend the person first (refused when one of these
+        # identities is someone else's), then the approver record.
+        links = [f"slack:{slack_user}"] if slack_user else []
+        links += [f"email:{approver.email}"] if approver.email else []
+        self.people.upsert(approver_id, name=name, identities=tuple(links), actor=actor)
 
         def build(pipe: Pipe) -> None:
             if pipe.exists(keys.approver(approver_id)):

@@ -1,7 +1,13 @@
-"""The ``intake`` command line.
+"""The ``intake`` command line: a client of the broker's API.
 
-Every command reads settings at run time (never at import), opens the broker for its duration
-and closes it. Errors are one line on stderr with a non-zero exit, never a traceback. Untrusted
+Every command reads settings at run time (never at import). Commands that read or change state
+call the broker's API (``INTAKE_URL``; by default the data dir's unix socket, where the kernel
+tells the broker which OS user is calling), so the CLI never holds the signing, secrets or audit
+key. Only bootstrap commands stay local: ``keys generate`` and ``admin bootstrap`` (the first
+admin), and the broker host's own key management (``keys rotate/retire``, ``worker-key``,
+``audit accept-rollback``), which needs files only the broker's OS account can read;
+``policy check/show`` read only the policy file; ``serve`` and ``worker`` are servers.
+Errors are one line on stderr with a non-zero exit, never a traceback. Untrusted
 text is shown through :func:`intake.terminal.safe`; ``--json`` output is ASCII-escaped JSON.
 """
 
@@ -11,76 +17,72 @@ import getpass
 import json
 import re
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
-import redis
 
+from intake.api.client import ApiClient, broker_url, seg
 from intake.errors import AuditBroken, IntakeError, InvalidInput
-from intake.models import Channel, Idea, IdeaDraft, Task
-from intake.runtime import Broker, open_broker
 from intake.settings import Settings, load_settings
 from intake.terminal import safe
 
-_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,39}$")
+_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,39}")
 
 
 def _out_json(data: Any) -> None:
     click.echo(json.dumps(data, ensure_ascii=True, sort_keys=True))
 
 
+def _api() -> ApiClient:
+    """The broker's API as this OS user (the socket) or as INTAKE_TOKEN's person (TCP)."""
+    settings = load_settings()
+    return ApiClient(broker_url(settings), settings.token.get_secret_value() if settings.token else None)
+
+
 @contextmanager
-def _broker() -> Iterator[Broker]:
+def _local_broker() -> Iterator[tuple[Any, str]]:
+    """The broker opened locally, for the operator commands that manage the broker's own key
+    files on its host (keys rotate/retire, worker-key, audit accept-rollback): they need files
+    only the broker's OS account can read, so nobody else can run them."""
+    from intake.runtime import open_broker
+
     with open_broker(load_settings()) as broker:
-        yield broker
+        yield broker, f"os:{getpass.getuser()}"
 
 
-def local_identity(name: str | None) -> str:
-    """The CLI channel's requester: ``--as NAME`` for scripts, else the local user."""
-    user = name if name is not None else getpass.getuser()
-    if not _NAME.match(user):
-        raise InvalidInput(f"--as: {user!r} is not a valid name (a-z, 0-9, '.', '_', '-')")
-    return user
+def requester_name(name: str) -> str:
+    """``idea --as NAME``: a name for the words' author (the filer is still the caller)."""
+    if not _NAME.fullmatch(name):
+        raise InvalidInput(f"--as: {name!r} is not a valid name (a-z, 0-9, '.', '_', '-')")
+    return name
 
 
-def idea_json(idea: Idea) -> dict[str, Any]:
-    return idea.model_dump(mode="json")
-
-
-def task_json(task: Task) -> dict[str, Any]:
-    """A task for display (tokens never sit on a task record, so none can be printed)."""
-    data = task.model_dump(mode="json")
-    data["approvals_count"] = len(task.approvals)
-    return data
-
-
-def _print_idea(idea: Idea) -> None:
-    click.echo(f"{idea.id}  {idea.state.value}  from {safe(idea.requester)} via {idea.channel.value}")
-    if idea.task_id:
-        click.echo(f"task: {idea.task_id}")
-    if idea.reason:
-        click.echo(f"reason: {safe(idea.reason)}")
-    click.echo(f"title: {safe(idea.title)}")
+def _print_idea(idea: dict[str, Any]) -> None:
+    filed = f" (filed by {safe(idea['filed_by'])})" if idea.get("filed_by") not in ("", idea["requester"]) else ""
+    click.echo(f"{idea['id']}  {idea['state']}  from {safe(idea['requester'])}{filed} via {idea['channel']}")
+    if idea.get("task_id"):
+        click.echo(f"task: {idea['task_id']}")
+    if idea.get("reason"):
+        click.echo(f"reason: {safe(idea['reason'])}")
+    click.echo(f"title: {safe(idea['title'])}")
     click.echo("text (untrusted):")
-    for line in safe(idea.text).splitlines() or [""]:
+    for line in safe(idea["text"]).splitlines() or [""]:
         click.echo(f"  | {line}")
 
 
-def _print_task(task: Task) -> None:
-    spec = task.spec
-    click.echo(f"{task.id}  {task.state.value}  {spec.repo} ({spec.change_type})  idea {task.idea_id}")
-    click.echo(f"spec {task.spec_hash}  policy {spec.policy_version[:12]}  tier {task.risk_tier}")
-    approvers = ", ".join(a.approver for a in task.approvals) or "none"
-    click.echo(f"approvals: {len(task.approvals)} of {task.required} ({approvers})")
-    if task.reason:
-        click.echo(f"reason: {safe(task.reason)}")
-    if task.result:
-        for key, value in sorted(task.result.items()):
-            click.echo(f"{key}: {safe(str(value))}")
+def _print_task(task: dict[str, Any]) -> None:
+    spec = task["spec"]
+    click.echo(f"{task['id']}  {task['state']}  {spec['repo']} ({spec['change_type']})  idea {task['idea_id']}")
+    click.echo(f"spec {task['spec_hash']}  policy {spec['policy_version'][:12]}  tier {task['risk_tier']}")
+    approvers = ", ".join(a["approver"] for a in task["approvals"]) or "none"
+    click.echo(f"approvals: {len(task['approvals'])} of {task['required']} ({approvers})")
+    if task.get("reason"):
+        click.echo(f"reason: {safe(task['reason'])}")
+    for key, value in sorted((task.get("result") or {}).items()):
+        click.echo(f"{key}: {safe(str(value))}")
 
 
 class IntakeGroup(click.Group):
@@ -99,10 +101,10 @@ class IntakeGroup(click.Group):
         except click.Abort:
             click.echo("intake: aborted", err=True)
             sys.exit(130)
-        except redis.RedisError as exc:
-            click.echo(f"intake: Redis error: {type(exc).__name__}", err=True)
-            sys.exit(1)
         except Exception as exc:  # the last line of defence: still one line, no traceback
+            if type(exc).__module__.startswith("redis"):  # only local commands touch Redis
+                click.echo(f"intake: Redis error: {type(exc).__name__}", err=True)
+                sys.exit(1)
             first = str(exc).splitlines()[0] if str(exc) else ""
             click.echo(f"intake: internal error: {type(exc).__name__}: {first}", err=True)
             sys.exit(70)
@@ -132,7 +134,8 @@ def serve(dev: bool) -> None:
 # -- ideas -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("text")
-@click.option("--as", "as_name", metavar="NAME", help="Requester name (for scripts); default: local user.")
+@click.option("--as", "as_name", metavar="NAME",
+              help="The words' author, when you file for someone; you are still recorded as the filer.")
 @click.option("--title", default="", help="A short title; default: the first line of TEXT.")
 @click.option("--delivery-id", help="Idempotency key: the same id twice files one idea.")
 @click.option("--json", "as_json", is_flag=True, help="Print the idea as JSON.")
@@ -140,25 +143,17 @@ def idea(text: str, as_name: str | None, title: str, delivery_id: str | None, as
     """File TEXT as an untrusted idea (the CLI channel). TEXT '-' reads standard input."""
     if text == "-":
         text = sys.stdin.read()
-    requester = f"cli:{local_identity(as_name)}"
-    try:
-        draft = IdeaDraft(
-            channel=Channel.CLI,
-            requester=requester,
-            delivery_id=delivery_id or f"cli-{uuid.uuid4()}",
-            text=text,
-            title=title,
-            provenance={"host_user": getpass.getuser()},
-        )
-    except ValueError as exc:
-        raise InvalidInput(f"invalid idea: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
-    with _broker() as broker:
-        captured, created = broker.store.capture(draft, ttl_s=broker.policy.clocks.idea_ttl)
+    body: dict[str, Any] = {"text": text, "title": title}
+    if as_name is not None:
+        body["requester"] = requester_name(as_name)
+    if delivery_id:
+        body["delivery_id"] = delivery_id
+    captured = _api().call("POST", "/ideas", body)
     if as_json:
-        _out_json({**idea_json(captured), "created": created})
+        _out_json(captured)
     else:
-        verb = "captured" if created else "already captured"
-        click.echo(f"{verb} {captured.id}: {safe(captured.title)}")
+        verb = "captured" if captured["created"] else "already captured"
+        click.echo(f"{verb} {captured['id']}: {safe(captured['title'])}")
 
 
 @cli.command(name="list")
@@ -168,20 +163,16 @@ def idea(text: str, as_name: str | None, title: str, delivery_id: str | None, as
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
     """List pending ideas (or tasks)."""
-    with _broker() as broker:
-        store = broker.store
-        if tasks:
-            items: list[Any] = store.recent_tasks(limit) if show_all else store.open_tasks()[:limit]
-        else:
-            items = store.recent_ideas(limit) if show_all else store.pending_ideas()[:limit]
+    query = {"limit": str(limit), **({"all": "1"} if show_all else {})}
+    items = _api().call("GET", "/tasks" if tasks else "/ideas", query=query)
     if as_json:
-        _out_json([task_json(i) if tasks else idea_json(i) for i in items])
+        _out_json(items)
         return
     for item in items:
         if tasks:
-            click.echo(f"{item.id}  {item.state.value:<18} {item.spec.repo} {item.spec.change_type}")
+            click.echo(f"{item['id']}  {item['state']:<18} {item['spec']['repo']} {item['spec']['change_type']}")
         else:
-            click.echo(f"{item.id}  {item.state.value:<18} {safe(item.requester):<20} {safe(item.title)}")
+            click.echo(f"{item['id']}  {item['state']:<18} {safe(item['requester']):<20} {safe(item['title'])}")
     if not items:
         click.echo("nothing pending" if not show_all else "nothing yet")
 
@@ -191,13 +182,12 @@ def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def show(ident: str, as_json: bool) -> None:
     """Show an idea (I-…) or a task (T-…)."""
-    with _broker() as broker:
-        if ident.startswith("T-"):
-            task = broker.store.get_task(ident)
-            _out_json(task_json(task)) if as_json else _print_task(task)
-        else:
-            found = broker.store.get_idea(ident)
-            _out_json(idea_json(found)) if as_json else _print_idea(found)
+    if ident.startswith("T-"):
+        task = _api().call("GET", f"/tasks/{seg(ident)}")
+        _out_json(task) if as_json else _print_task(task)
+    else:
+        found = _api().call("GET", f"/ideas/{seg(ident)}")
+        _out_json(found) if as_json else _print_idea(found)
 
 
 # -- audit -----------------------------------------------------------------------------------
@@ -210,39 +200,36 @@ def audit() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def verify(as_json: bool) -> None:
     """Check the whole chain and list every anomaly; exit 1 when sealed history was changed."""
-    with _broker() as broker:
-        broker.audit.kick()
-        try:
-            report = broker.audit.verify()
-            broken: AuditBroken | None = None
-        except AuditBroken as exc:
-            report, broken = exc.report, exc  # type: ignore[assignment]
-    anomalies = list(report.anomalies) if report is not None else []
+    client = _api()
+    status, _, raw = client.request("GET", "/audit/verify")
+    report = json.loads(raw)
+    if status >= 400 and report.get("error") != "audit_broken":
+        client.call("GET", "/audit/verify")  # raises with the broker's message
     if as_json:
-        _out_json({"ok": broken is None, "events": report.events if report else None,
-                   "unsealed": report.unsealed if report else None,
-                   "anomalies": [a.as_json() for a in anomalies],
-                   **({"event": broken.event_id, "error": str(broken)} if broken else {})})
+        _out_json(report)
     else:
-        for anomaly in anomalies:
-            click.echo(f"{'BROKEN' if anomaly.fatal else 'rejected'}: {anomaly.message}")
-        if broken is None:
-            rejected = f", {report.rejected} rejected entries (sealed as not genuine)" if report.rejected else ""
-            click.echo(f"audit log intact: {report.events} events{rejected}")
-    if broken is not None:
-        if not as_json:
-            raise broken
-        sys.exit(1)
+        for anomaly in report.get("anomalies", []):
+            click.echo(f"{'BROKEN' if anomaly['fatal'] else 'rejected'}: {safe(anomaly['message'])}")
+        if report.get("ok"):
+            rejected = sum(1 for a in report.get("anomalies", []) if not a["fatal"])
+            note = f", {rejected} rejected entries (sealed as not genuine)" if rejected else ""
+            click.echo(f"audit log intact: {report['events']} events{note}")
+    if not report.get("ok"):
+        if as_json:
+            sys.exit(1)
+        raise AuditBroken(report.get("event", "?"), report.get("message", "the audit log is broken"))
 
 
 @audit.command(name="accept-rollback")
 @click.option("--reason", required=True, help="Why the loss is understood (recorded on the log).")
 def accept_rollback(reason: str) -> None:
-    """After a failover or restore lost sealed history: record the lost range and resume."""
+    """After a failover or restore lost sealed history: record the lost range and resume.
+
+    An operator command on the broker's host (it moves this host's checkpoint file)."""
     if not reason.strip():
         raise InvalidInput("--reason: say why")
-    with _broker() as broker:
-        lost = broker.audit.accept_rollback(actor=f"cli:{local_identity(None)}", reason=reason)
+    with _local_broker() as (broker, actor):
+        lost = broker.audit.accept_rollback(actor=actor, reason=reason)
     if lost is None:
         click.echo("nothing to accept: sealed history is not behind this host's checkpoint")
     else:
@@ -253,9 +240,7 @@ def accept_rollback(reason: str) -> None:
 @click.option("-o", "--output", type=click.File("w"), default="-", help="File to write (default stdout).")
 def export(output: Any) -> None:
     """Write every event as JSON Lines."""
-    with _broker() as broker:
-        for record in broker.audit.export():
-            output.write(json.dumps(record, ensure_ascii=True, sort_keys=True) + "\n")
+    output.write(_api().call("GET", "/audit/export"))
 
 
 # -- policy ----------------------------------------------------------------------------------
@@ -321,11 +306,10 @@ def rotate() -> None:
     from intake.keys import rotate_signing_key
 
     started = time.monotonic()
-    with _broker() as broker:
+    with _local_broker() as (broker, actor):
         new, old = rotate_signing_key(broker.settings)
         seconds = round(time.monotonic() - started, 3)
-        broker.audit.record(f"cli:{local_identity(None)}", "keys.rotated", "broker", new_kid=new, old_kid=old,
-                            seconds=seconds)
+        broker.audit.record(actor, "keys.rotated", "broker", new_kid=new, old_kid=old, seconds=seconds)
     click.echo(f"signing key rotated in {seconds}s: new {new}, old {old} still accepted "
                f"(run `intake keys retire {old}` once no token of it is live, e.g. after {2 * 120}s)")
 
@@ -336,9 +320,9 @@ def retire(kid: str) -> None:
     """Drop KID from the public keyring (tokens signed with it stop verifying)."""
     from intake.keys import retire_public_key
 
-    with _broker() as broker:
+    with _local_broker() as (broker, actor):
         retire_public_key(broker.settings, kid)
-        broker.audit.record(f"cli:{local_identity(None)}", "keys.retired", "broker", kid=kid)
+        broker.audit.record(actor, "keys.retired", "broker", kid=kid)
     click.echo(f"key {kid} retired")
 
 
@@ -357,8 +341,8 @@ def worker_key_issue(name: str, output: Path | None) -> None:
     from intake.keys import write_worker_key
     from intake.reports import issue_worker_key
 
-    with _broker() as broker:
-        generation, key = issue_worker_key(broker, name, actor=f"cli:{local_identity(None)}")
+    with _local_broker() as (broker, actor):
+        generation, key = issue_worker_key(broker, name, actor=actor)
         path = output or broker.settings.worker_key_path(name)
         write_worker_key(path, name, generation, key)
     click.echo(f"worker {name}: key generation {generation} written to {path} (mode 0600); "
@@ -371,8 +355,8 @@ def worker_key_revoke(name: str) -> None:
     """Revoke worker NAME's key: its reports are refused from now on."""
     from intake.reports import revoke_worker_key
 
-    with _broker() as broker:
-        revoke_worker_key(broker, name, actor=f"cli:{local_identity(None)}")
+    with _local_broker() as (broker, actor):
+        revoke_worker_key(broker, name, actor=actor)
     click.echo(f"worker {name}: key revoked")
 
 
@@ -417,33 +401,65 @@ def redis_acl(prefix: str | None, worker_name: str | None, no_selectors: bool) -
         click.echo(line)
 
 
+# -- bootstrap -------------------------------------------------------------------------------
+@cli.group()
+def admin() -> None:
+    """Bootstrap: the first admin (local, needs the broker's keys)."""
+
+
+@admin.command(name="bootstrap")
+@click.argument("person_id")
+@click.option("--name", required=True)
+def admin_bootstrap(person_id: str, name: str) -> None:
+    """Create the first admin PERSON_ID (listed in the policy's [admins]) linked to your OS user.
+
+    Runs locally as the broker's OS user (it reads the audit key to seal the record); refused
+    once any admin exists. Everything else goes through the broker's API."""
+    from intake.people import People, bootstrap_admin
+    from intake.runtime import open_broker
+
+    user = getpass.getuser()
+    with open_broker(load_settings()) as broker:
+        person = bootstrap_admin(People(broker.store), broker.policy.admins.members, person_id, name=name,
+                                 os_user=user, actor=f"os:{user}")
+    click.echo(f"admin {person.id} created, linked to {', '.join(person.identities)}")
+    click.echo(f"next: intake approver add {person.id} --name {safe(name)} --groups …")
+
+
+def _code_option(func: Any) -> Any:
+    return click.option(
+        "--code", prompt="Authenticator code", hide_input=True, help="Your current TOTP code (prompted if omitted)."
+    )(func)
+
+
+def _behalf_option(func: Any) -> Any:
+    return click.option(
+        "--on-behalf-of", "on_behalf_of", metavar="PERSON",
+        help="Admins: act for PERSON, who has no channel of their own (their code; audited as such).",
+    )(func)
+
+
 # -- approvers -------------------------------------------------------------------------------
 @cli.group()
 def approver() -> None:
     """Register approvers and their authenticators."""
 
 
-def _show_enrolment(enrolment: Any, as_json: bool) -> None:
+def _show_enrolment(enrolment: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _out_json({"id": enrolment.approver.id, "otpauth_uri": enrolment.otpauth_uri, "confirmed": False})
+        _out_json(enrolment)
         return
     import io
 
     import qrcode
 
     qr = qrcode.QRCode(border=1)
-    qr.add_data(enrolment.otpauth_uri)
+    qr.add_data(enrolment["otpauth_uri"])
     buf = io.StringIO()
     qr.print_ascii(out=buf, invert=True)
     click.echo(buf.getvalue())
-    click.echo(f"otpauth URI (shown once): {enrolment.otpauth_uri}")
-    click.echo(f"then: intake approver confirm {enrolment.approver.id} --code CODE")
-
-
-def _code_option(func: Any) -> Any:
-    return click.option(
-        "--code", prompt="Authenticator code", hide_input=True, help="The current TOTP code (prompted if omitted)."
-    )(func)
+    click.echo(f"otpauth URI (shown once): {enrolment['otpauth_uri']}")
+    click.echo(f"then: intake approver confirm {enrolment['id']} --code CODE")
 
 
 @approver.command(name="add")
@@ -452,26 +468,23 @@ def _code_option(func: Any) -> Any:
 @click.option("--groups", required=True, help="Comma-separated policy groups that list this approver.")
 @click.option("--slack-user", help="The approver's Slack user id (U…).")
 @click.option("--email")
+@click.option("--code", help="Your (the admin's) current code; not needed to enrol yourself as the first admin.")
 @click.option("--json", "as_json", is_flag=True)
 def approver_add(approver_id: str, name: str, groups: str, slack_user: str | None, email: str | None,
-                 as_json: bool) -> None:
-    """Create APPROVER_ID with a fresh TOTP secret, shown once as a URI and QR code."""
-    group_list = tuple(g.strip() for g in groups.split(",") if g.strip())
-    with _broker() as broker:
-        enrolment = broker.approvers.add(
-            broker.policy, approver_id, name=name, groups=group_list, slack_user=slack_user,
-            email=email, actor=f"cli:{local_identity(None)}",
-        )
-    _show_enrolment(enrolment, as_json)
+                 code: str | None, as_json: bool) -> None:
+    """Enrol APPROVER_ID (a person) with a fresh TOTP secret, shown once as a URI and QR code."""
+    body = {"id": approver_id, "name": name, "groups": [g.strip() for g in groups.split(",") if g.strip()],
+            "slack_user": slack_user, "email": email, "code": code}
+    _show_enrolment(_api().call("POST", "/approvers", body), as_json)
 
 
 @approver.command(name="confirm")
 @click.argument("approver_id")
 @_code_option
-def approver_confirm(approver_id: str, code: str) -> None:
-    """Activate APPROVER_ID by proving one valid code."""
-    with _broker() as broker:
-        broker.approvers.confirm(approver_id, code, actor=f"approver:{approver_id}")
+@_behalf_option
+def approver_confirm(approver_id: str, code: str, on_behalf_of: str | None) -> None:
+    """Activate APPROVER_ID (yourself) by proving one valid code."""
+    _api().call("POST", f"/approvers/{seg(approver_id)}/confirm", {"code": code, "on_behalf_of": on_behalf_of})
     click.echo(f"approver {approver_id} confirmed")
 
 
@@ -479,13 +492,7 @@ def approver_confirm(approver_id: str, code: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def approver_list(as_json: bool) -> None:
     """Registered approvers (never their secrets)."""
-    with _broker() as broker:
-        rows = [
-            {"id": a.id, "name": a.name, "groups": list(broker.policy.groups_of(a.id)),
-             "slack_user": a.slack_user, "email": a.email, "confirmed": a.confirmed,
-             "locked": broker.approvers.is_locked(a.id)}
-            for a in broker.approvers.all()
-        ]
+    rows = _api().call("GET", "/approvers")
     if as_json:
         _out_json(rows)
         return
@@ -500,34 +507,125 @@ def approver_list(as_json: bool) -> None:
 @approver.command(name="remove")
 @click.argument("approver_id")
 def approver_remove(approver_id: str) -> None:
-    """Remove APPROVER_ID; their approvals stop counting."""
-    with _broker() as broker:
-        broker.approvers.remove(approver_id, actor=f"cli:{local_identity(None)}")
+    """Remove APPROVER_ID; their approvals stop counting (admins; no code: it takes power away)."""
+    _api().call("DELETE", f"/approvers/{seg(approver_id)}")
     click.echo(f"approver {approver_id} removed")
 
 
 @approver.command(name="reset")
 @click.argument("approver_id")
+@_code_option
 @click.option("--json", "as_json", is_flag=True)
-def approver_reset(approver_id: str, as_json: bool) -> None:
-    """Give APPROVER_ID a new secret; the old one stops working at once."""
-    with _broker() as broker:
-        enrolment = broker.approvers.reset(approver_id, actor=f"cli:{local_identity(None)}")
-    _show_enrolment(enrolment, as_json)
+def approver_reset(approver_id: str, code: str, as_json: bool) -> None:
+    """Give APPROVER_ID a new secret; the old one stops working at once (admins, with their code)."""
+    _show_enrolment(_api().call("POST", f"/approvers/{seg(approver_id)}/reset", {"code": code}), as_json)
 
 
 @approver.command(name="unlock")
 @click.argument("approver_id")
-def approver_unlock(approver_id: str) -> None:
-    """Clear APPROVER_ID's failed-code lock."""
-    with _broker() as broker:
-        broker.approvers.unlock(approver_id, actor=f"cli:{local_identity(None)}")
+@_code_option
+def approver_unlock(approver_id: str, code: str) -> None:
+    """Clear APPROVER_ID's failed-code lock (admins, with their code)."""
+    _api().call("POST", f"/approvers/{seg(approver_id)}/unlock", {"code": code})
     click.echo(f"approver {approver_id} unlocked")
 
 
+# -- people and tokens -----------------------------------------------------------------------
+@cli.group()
+def person() -> None:
+    """People and their linked identities (slack:U…, email:…, github:…, gitlab:…, jira:…, os:…)."""
+
+
+def _print_person(found: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _out_json(found)
+        return
+    click.echo(f"{found['id']}  {safe(found['name'])}")
+    for identity in found["identities"]:
+        click.echo(f"  {safe(identity)}")
+
+
+@person.command(name="add")
+@click.argument("person_id")
+@click.option("--name", required=True)
+@click.option("--link", "links", multiple=True, metavar="IDENTITY", help="An identity to link (repeatable).")
+@_code_option
+@click.option("--json", "as_json", is_flag=True)
+def person_add(person_id: str, name: str, links: tuple[str, ...], code: str, as_json: bool) -> None:
+    """Add PERSON_ID (admins, with their code)."""
+    body = {"id": person_id, "name": name, "identities": list(links), "code": code}
+    _print_person(_api().call("POST", "/people", body), as_json)
+
+
+@person.command(name="link")
+@click.argument("person_id")
+@click.argument("identity")
+@_code_option
+@click.option("--json", "as_json", is_flag=True)
+def person_link(person_id: str, identity: str, code: str, as_json: bool) -> None:
+    """Link IDENTITY to PERSON_ID (admins, with their code: a link lets that identity act as them)."""
+    _print_person(_api().call("POST", f"/people/{seg(person_id)}/links", {"identity": identity, "code": code}),
+                  as_json)
+
+
+@person.command(name="unlink")
+@click.argument("person_id")
+@click.argument("identity")
+@click.option("--json", "as_json", is_flag=True)
+def person_unlink(person_id: str, identity: str, as_json: bool) -> None:
+    """Unlink IDENTITY from PERSON_ID (admins; no code: it takes power away)."""
+    _print_person(_api().call("DELETE", f"/people/{seg(person_id)}/links/{seg(identity)}"), as_json)
+
+
+@person.command(name="show")
+@click.argument("person_id")
+@click.option("--json", "as_json", is_flag=True)
+def person_show(person_id: str, as_json: bool) -> None:
+    """One person, their identities and API tokens (ids only)."""
+    _print_person(_api().call("GET", f"/people/{seg(person_id)}"), as_json)
+
+
+@person.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+def person_list(as_json: bool) -> None:
+    rows = _api().call("GET", "/people")
+    if as_json:
+        _out_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['id']:<12} {safe(row['name']):<20} {' '.join(safe(i) for i in row['identities'])}")
+    if not rows:
+        click.echo("no people")
+
+
+@cli.group()
+def token() -> None:
+    """Per-person API tokens for callers over TCP (INTAKE_TOKEN)."""
+
+
+@token.command(name="create")
+@click.argument("person_id")
+@_code_option
+@click.option("--json", "as_json", is_flag=True)
+def token_create(person_id: str, code: str, as_json: bool) -> None:
+    """A new API token for PERSON_ID, shown once (admins, with their code)."""
+    made = _api().call("POST", f"/people/{seg(person_id)}/tokens", {"code": code})
+    if as_json:
+        _out_json(made)
+    else:
+        click.echo(f"token {made['id']} for {made['person']} (shown once): {made['token']}")
+
+
+@token.command(name="revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke an API token at once (admins; no code)."""
+    _api().call("DELETE", f"/tokens/{seg(token_id)}")
+    click.echo(f"token {token_id} revoked")
+
+
 # -- promotion -------------------------------------------------------------------------------
-def _print_decision(decision: Any, as_json: bool) -> None:
-    data = decision.as_json()
+def _print_decision(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _out_json(data)
         return
@@ -539,97 +637,85 @@ def _print_decision(decision: Any, as_json: bool) -> None:
 @click.argument("idea_id")
 @click.option("--repo", required=True)
 @click.option("--change-type", required=True)
-@click.option("--as", "as_name", required=True, metavar="APPROVER")
 @click.option("--note", default="")
 @_code_option
+@_behalf_option
 @click.option("--json", "as_json", is_flag=True)
-def promote(idea_id: str, repo: str, change_type: str, as_name: str, note: str, code: str, as_json: bool) -> None:
-    """Promote IDEA_ID into a task and record the first approval."""
-    with _broker() as broker:
-        decision = broker.gatekeeper.promote(
-            idea_id, repo=repo, change_type=change_type, approver_id=as_name, code=code, note=note
-        )
-    _print_decision(decision, as_json)
+def promote(idea_id: str, repo: str, change_type: str, note: str, code: str, on_behalf_of: str | None,
+            as_json: bool) -> None:
+    """Promote IDEA_ID into a task and record your approval (you are who the broker says)."""
+    body = {"repo": repo, "change_type": change_type, "note": note, "code": code, "on_behalf_of": on_behalf_of}
+    _print_decision(_api().call("POST", f"/ideas/{seg(idea_id)}/promote", body), as_json)
 
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--as", "as_name", required=True, metavar="APPROVER")
 @click.option("--spec-hash", help="The spec hash you reviewed; refused if the task changed since.")
 @click.option("--note", default="")
 @_code_option
+@_behalf_option
 @click.option("--json", "as_json", is_flag=True)
-def approve(task_id: str, as_name: str, spec_hash: str | None, note: str, code: str, as_json: bool) -> None:
-    """Add an approval to TASK_ID's current spec."""
-    with _broker() as broker:
-        decision = broker.gatekeeper.approve(
-            task_id, approver_id=as_name, code=code, spec_hash=spec_hash, note=note
-        )
-    _print_decision(decision, as_json)
+def approve(task_id: str, spec_hash: str | None, note: str, code: str, on_behalf_of: str | None,
+            as_json: bool) -> None:
+    """Add your approval to TASK_ID's current spec."""
+    body = {"spec_hash": spec_hash, "note": note, "code": code, "on_behalf_of": on_behalf_of}
+    _print_decision(_api().call("POST", f"/tasks/{seg(task_id)}/approve", body), as_json)
 
 
 @cli.command()
 @click.argument("ident")
-@click.option("--as", "as_name", required=True, metavar="APPROVER")
 @click.option("--reason", required=True)
-def deny(ident: str, as_name: str, reason: str) -> None:
-    """Deny an idea or a task that has not started (deny beats approve)."""
-    with _broker() as broker:
-        ended = broker.gatekeeper.deny(ident, approver_id=as_name, reason=reason)
-    click.echo(f"{ended.id} denied")
+@_behalf_option
+def deny(ident: str, reason: str, on_behalf_of: str | None) -> None:
+    """Deny an idea or a task that has not started (deny beats approve; no code needed)."""
+    kind = "tasks" if ident.startswith("T-") else "ideas"
+    ended = _api().call("POST", f"/{kind}/{seg(ident)}/deny", {"reason": reason, "on_behalf_of": on_behalf_of})
+    click.echo(f"{ended['id']} denied")
 
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--as", "as_name", required=True, metavar="APPROVER")
 @click.option("--repo")
 @click.option("--change-type")
+@_code_option
+@_behalf_option
 @click.option("--json", "as_json", is_flag=True)
-def amend(task_id: str, as_name: str, repo: str | None, change_type: str | None, as_json: bool) -> None:
+def amend(task_id: str, repo: str | None, change_type: str | None, code: str, on_behalf_of: str | None,
+          as_json: bool) -> None:
     """Change TASK_ID's spec; every approval is discarded."""
     if repo is None and change_type is None:
         raise InvalidInput("amend: give --repo and/or --change-type")
-    with _broker() as broker:
-        task = broker.gatekeeper.amend(task_id, approver_id=as_name, repo=repo, change_type=change_type)
+    body = {"repo": repo, "change_type": change_type, "code": code, "on_behalf_of": on_behalf_of}
+    task = _api().call("POST", f"/tasks/{seg(task_id)}/amend", body)
     if as_json:
-        _out_json(task_json(task))
+        _out_json(task)
     else:
-        click.echo(f"task {task.id} amended: spec {task.spec_hash[:12]}, approvals start over (0 of {task.required})")
+        click.echo(f"task {task['id']} amended: spec {task['spec_hash'][:12]}, approvals start over "
+                   f"(0 of {task['required']})")
 
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--as", "as_name", metavar="NAME", help="Who revokes (the requester or an approver).")
 @click.option("--reason", required=True)
-def revoke(task_id: str, as_name: str | None, reason: str) -> None:
-    """Stop TASK_ID for good (no code needed to stop work)."""
-    name = local_identity(as_name)
-    with _broker() as broker:
-        try:
-            broker.approvers.get(name)
-            is_approver = True
-        except IntakeError:
-            is_approver = False
-        task = broker.gatekeeper.revoke(task_id, identity=f"cli:{name}", is_approver=is_approver, reason=reason)
-    click.echo(f"task {task.id} revoked")
+def revoke(task_id: str, reason: str) -> None:
+    """Stop TASK_ID for good: its requester or any approver (no code needed to stop work)."""
+    task = _api().call("POST", f"/tasks/{seg(task_id)}/revoke", {"reason": reason})
+    click.echo(f"task {task['id']} revoked")
 
 
 @cli.command()
-@click.option("--as", "as_name", metavar="NAME")
 @click.option("--reason", required=True)
-def freeze(as_name: str | None, reason: str) -> None:
-    """Kill switch: no task starts until `intake thaw`."""
-    with _broker() as broker:
-        broker.gatekeeper.freeze(actor=f"cli:{local_identity(as_name)}", reason=reason)
+def freeze(reason: str) -> None:
+    """Kill switch: no task starts until `intake thaw` (admins and approvers; no code)."""
+    _api().call("POST", "/freeze", {"reason": reason})
     click.echo("intake frozen: no task will start")
 
 
 @cli.command()
-@click.option("--as", "as_name", metavar="NAME")
-def thaw(as_name: str | None) -> None:
-    """Lift the kill switch."""
-    with _broker() as broker:
-        broker.gatekeeper.thaw(actor=f"cli:{local_identity(as_name)}")
+@_code_option
+def thaw(code: str) -> None:
+    """Lift the kill switch (admins, with their code)."""
+    _api().call("POST", "/thaw", {"code": code})
     click.echo("intake thawed: tasks may start")
 
 

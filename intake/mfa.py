@@ -4,7 +4,8 @@ Order of a check (the TOTP habits of pypi/warehouse and django-otp, tightened):
 
 1. **Locked?** An approver past the hourly failure limit stays locked until ``approver unlock``.
 2. **Throttle before checking.** An attempt first reserves a slot in the approver's failure
-   window, atomically in Lua; past 5 in 5 minutes the code is not even looked at. The slot is
+   window, atomically in Lua and on the Redis server's clock (``TIME``), so a caller's shifted
+   clock changes nothing; past 5 in 5 minutes the code is not even looked at. The slot is
    given back only on success, so concurrent guesses cannot slip past the limit.
 3. **Check.** Codes are strings of exactly six ASCII digits, compared in constant time against the
    previous, current and next step. A code that would match 2-10 steps away is reported as
@@ -35,21 +36,34 @@ WINDOW = 1  # steps either side accepted (RFC 6238 §5.2 recommends at most one)
 SYNC_REACH = 10  # steps either side checked only to say "out of sync"
 _CODE = re.compile(r"[0-9]{6}")  # ASCII digits only (\d admits other scripts), used with fullmatch
 
+# Throttle windows are measured on the Redis server's clock (TIME), never the caller's: a client
+# with a shifted clock gets no extra guesses. Every time calculation happens in these scripts.
 _RESERVE = """
--- KEYS: failures zset, lock key. ARGV: now, short window, short max, long window, long max, member
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'locked' end
-local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then
-  redis.call('SET', KEYS[2], ARGV[1])
-  return 'locked'
+-- KEYS: failures zset, lock key. ARGV: short window, short max, long window, long max, member
+-- Returns {verdict, seconds until the short window frees a slot}.
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'locked', 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  redis.call('SET', KEYS[2], t[1])
+  return {'locked', 0}
 end
-if redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[2]), '+inf') >= tonumber(ARGV[3]) then
-  return 'throttled'
+local recent = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[1]), '+inf') >= tonumber(ARGV[2]) then
+  return {'throttled', math.floor(tonumber(recent[2]) + tonumber(ARGV[1]) - now) + 1}
 end
-redis.call('ZADD', KEYS[1], now, ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 'ok'
+redis.call('ZADD', KEYS[1], now, ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {'ok', 0}
+"""
+
+# After a failure: lock the approver once the long window holds ``long max`` failures.
+_LOCK = """
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[2], redis.call('TIME')[1])
+return 1
 """
 
 _CONSUME = """
@@ -123,6 +137,7 @@ class StepUp:
         self.throttle = throttle
         self._reserve = store.r.register_script(_RESERVE)
         self._consume = store.r.register_script(_CONSUME)
+        self._lock = store.r.register_script(_LOCK)
 
     def _refuse(self, approver: Approver, reason: str, message: str, purpose: str, subject: str) -> Refused:
         self.store.audit.record(
@@ -134,11 +149,12 @@ class StepUp:
         """Accept ``code`` once, or raise :class:`Refused` (reason: locked, throttled, invalid,
         out_of_sync, replayed). Returns the consumed time step."""
         keys = self.store.keys
-        now = self.store.clock()
+        now = self.store.clock()  # the code's time step only; throttles use the server's clock
         t = self.throttle
-        slot = f"{now:.6f}:{secrets.token_hex(4)}"
+        slot = secrets.token_hex(8)
         fails, lock = keys.totp_failures(approver.id), keys.totp_lock(approver.id)
-        verdict = self._reserve(keys=[fails, lock], args=[now, t.short_s, t.short_max, t.long_s, t.long_max, slot])
+        verdict, resets_in = self._reserve(keys=[fails, lock],
+                                           args=[t.short_s, t.short_max, t.long_s, t.long_max, slot])
         if verdict == "locked":
             raise self._refuse(
                 approver, "locked",
@@ -147,8 +163,6 @@ class StepUp:
                 purpose, subject,
             )
         if verdict == "throttled":
-            oldest = self.store.r.zrangebyscore(fails, now - t.short_s, "+inf", start=0, num=1, withscores=True)
-            resets_in = int(oldest[0][1] + t.short_s - now) + 1 if oldest else t.short_s
             raise self._refuse(
                 approver, "throttled",
                 f"too many failed codes for {approver.id}; try again in {resets_in} s",
@@ -165,6 +179,6 @@ class StepUp:
             reason = "out_of_sync"
         # The reserved slot stays as the recorded failure.
         refusal = self._refuse(approver, reason, _MESSAGES[reason], purpose, subject)
-        if self.store.r.zcard(fails) >= t.long_max and self.store.r.set(lock, now, nx=True):
+        if self._lock(keys=[fails, lock], args=[t.long_max]):
             self.store.audit.record("system", "approver.locked", approver.id, failures=t.long_max)
         raise refusal

@@ -114,13 +114,16 @@ class IdeaDraft(_Model):
     ``requester`` is the verified identity as ``<channel>:<platform id>`` (for Slack the user
     id, never a display name). ``delivery_id`` is the transport's id for this delivery (Slack
     event_id or trigger_id, GitHub X-GitHub-Delivery, Message-ID, …): capture is idempotent on it.
-    ``raw_sha256`` is the hash of the raw transport payload, for provenance.
+    ``raw_sha256`` is the hash of the raw transport payload, for provenance. ``filed_by`` is
+    who sent the words in when that is not their author (the Slack shortcut, a forward, a CLI
+    user filing for someone); empty means the requester.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     channel: Channel
     requester: str = Field(min_length=1, max_length=200)
+    filed_by: str = Field("", max_length=200)
     delivery_id: str = Field(min_length=1, max_length=256)
     text: str
     title: str = Field("", max_length=200)
@@ -131,7 +134,7 @@ class IdeaDraft(_Model):
 class Idea(_Model):
     id: str
     channel: Channel
-    requester: str
+    requester: str  # the author of the words
     delivery_id: str
     title: str
     text: str
@@ -146,6 +149,8 @@ class Idea(_Model):
     # Where the idea card was posted (set by the Slack outbox): {"channel": …, "ts": …}.
     card: dict[str, str] | None = None
     escalated_at: float | None = None
+    # Who sent it in (the same as requester unless a shortcut or forward); MAC-covered.
+    filed_by: str = ""
     # MAC over the fields fixed at capture (see intake.audit.AuditLog.record_mac): the text an
     # approver freezes into a spec is the text that was captured.
     mac: str = ""

@@ -1,5 +1,5 @@
 """Policy as code: a TOML file that says which repos and change types agents may touch, how many
-approvers each risk tier needs and from which groups, who is in each group, the Slack approvals
+approvers each risk tier needs and from which groups, who is in each group, who the admins are, the Slack approvals
 channel, the three clocks, escalation and the dependency allowlist.
 
 The policy file is the authority on group membership (Redis is storage, not authority). Its
@@ -94,14 +94,14 @@ class RiskTier(_Strict):
     step_up: Literal["any", "passkey"] = "any"
 
 
-class Admins(_Strict):
-    """Who may enrol approvers and use the kill switch (freeze, thaw)."""
-
-    members: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")], ...] = ()
-
-
 class Group(_Strict):
     members: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")], ...] = Field(min_length=1)
+
+
+class Admins(_Strict):
+    """Person ids who may enrol approvers, manage people and API tokens, and freeze or thaw."""
+
+    members: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")], ...] = ()
 
 
 class Limits(_Strict):
@@ -207,6 +207,9 @@ class Policy(_Strict):
     def groups_of(self, member: str) -> tuple[str, ...]:
         """The policy groups that list ``member`` (an approver id)."""
         return tuple(sorted(g for g, group in self.groups.items() if member in group.members))
+
+    def is_admin(self, person_id: str | None) -> bool:
+        return person_id is not None and person_id in self.admins.members
 
     def queue_for(self, repo: Repo) -> str:
         """RQ queue for a repo's tasks: the repo's own, else one per risk tier."""

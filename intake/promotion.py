@@ -36,6 +36,7 @@ from intake.models import (
     new_id,
 )
 from intake.passkeys import PasskeyProof
+from intake.people import People
 from intake.policy import Policy, RiskTier
 from intake.store import Pipe, Store, idea_fields
 
@@ -68,8 +69,10 @@ class Gatekeeper:
         ledger: Ledger,
         *,
         on_queued: Callable[[Task], None] | None = None,
+        people: People | None = None,
     ) -> None:
         self.store = store
+        self.people = people or People(store)
         self.approvers = approvers
         self.policy = policy
         self.ledger = ledger
@@ -92,6 +95,15 @@ class Gatekeeper:
             return self.approvers.active(approver_id)
         except Refused as exc:
             raise self._refuse(f"as:{approver_id}", subject, exc.reason, str(exc)) from None
+
+    def own_work(self, person_id: str, idea: Idea, approver: Approver | None = None) -> bool:
+        """True when ``person_id`` wrote these words or sent them in, under any identity linked
+        to them. Compares persons, not strings; an unlinked identity still matches the
+        approver's own registered ids."""
+        claimed = {idea.requester, idea.filed_by or idea.requester}
+        if approver is not None and claimed & approver.identities():
+            return True
+        return person_id in self.people.persons_of(*claimed)
 
     def _tier(self, spec: TaskSpec) -> tuple[str, RiskTier]:
         repo = self.policy.find_repo(spec.repo)
@@ -210,9 +222,9 @@ class Gatekeeper:
         approver = self._active(approver_id, idea_id)
         idea = self.store.get_idea(idea_id)
         self._check_idea_open(idea, actor)
-        if idea.requester in approver.identities():
-            raise self._refuse(actor, idea_id, "self_approval", "you cannot approve your own request")
         self._check_idea_intact(idea, actor)
+        if self.own_work(approver.id, idea, approver):
+            raise self._refuse(actor, idea_id, "self_approval", "you cannot approve your own request")
         try:
             spec = self.build_spec(idea, repo, change_type)
         except Refused as exc:
@@ -284,8 +296,10 @@ class Gatekeeper:
         self._live(actor, task_id)
         approver = self._active(approver_id, task_id)
         task = self.store.get_task(task_id)
+        idea = self.store.get_idea(task.idea_id)
+        self._check_idea_intact(idea, actor)  # the requester and filer we compare are genuine
         groups = self.policy.groups_of(approver.id)
-        self._check_approvable(task, approver, groups, spec_hash, actor)
+        self._check_approvable(task, idea, approver, groups, spec_hash, actor)
         _, tier = self._tier(task.spec)
         factor = self.approvers.check_stepup(approver, code, purpose="approve", subject=task_id,
                                              bound=task.spec_hash, require=tier.step_up)
@@ -295,7 +309,7 @@ class Gatekeeper:
             now = self.store.clock()
             current = self.store.read_task(pipe, task_id)
             # Anything may have changed while the code was checked: check it all again.
-            self._check_approvable(current, approver, groups, spec_hash or task.spec_hash, actor)
+            self._check_approvable(current, idea, approver, groups, spec_hash or task.spec_hash, actor)
             approval = self.approval(approver, current.spec_hash, now, via, note)
             kept = [a for a in current.approvals if a.spec_hash == current.spec_hash]
             updated = current.model_copy(update={"approvals": [*kept, approval], "updated_at": now})
@@ -312,7 +326,8 @@ class Gatekeeper:
         return Decision(self._after(updated, before))
 
     def _check_approvable(
-        self, task: Task, approver: Approver, groups: tuple[str, ...], spec_hash: str | None, actor: str
+        self, task: Task, idea: Idea, approver: Approver, groups: tuple[str, ...], spec_hash: str | None,
+        actor: str,
     ) -> None:
         if task.state is TaskState.DENIED:
             raise self._refuse(actor, task.id, "already_denied", f"task {task.id} was denied")
@@ -329,7 +344,7 @@ class Gatekeeper:
         if task.spec.policy_version != self.policy.version_hash:
             raise self._refuse(actor, task.id, "stale_policy",
                                f"the policy changed since task {task.id} was promoted; amend it first")
-        if task.requester in approver.identities():
+        if task.idea_id != idea.id or self.own_work(approver.id, idea, approver):
             raise self._refuse(actor, task.id, "self_approval", "you cannot approve your own request")
         now = self.store.clock()
         valid = self.valid_approvals(task, now)
@@ -387,13 +402,16 @@ class Gatekeeper:
         return self.store.transact([self.store.keys.task(task_id)], build)
 
     # -- revoke / kill switch --------------------------------------------------------------
-    def revoke(self, task_id: str, *, identity: str, is_approver: bool, reason: str) -> Task:
-        """Stop a task for good: by its requester or any approver, no code needed. The event is
-        sealed at once, so the ledger refuses every later claim and lease renewal for it."""
+    def revoke(self, task_id: str, *, identity: str, is_approver: bool, reason: str,
+               person: str | None = None) -> Task:
+        """Stop a task for good: by its requester (under any linked identity; ``person`` is the
+        caller's person when known) or any approver, no code needed. The event is sealed at
+        once, so the ledger refuses every later claim and lease renewal for it."""
         if not reason.strip():
             raise InvalidInput("--reason: say why")
         task = self.store.get_task(task_id)
-        if not is_approver and identity != task.requester:
+        caller = {person} if person else self.people.persons_of(identity)
+        if not is_approver and identity != task.requester and not caller & self.people.persons_of(task.requester):
             raise self._refuse(identity, task_id, "not_allowed",
                                "only the requester or an approver can revoke a task")
         revoked = self.store.move_task(task_id, TaskState.REVOKED, actor=identity, reason=reason)

@@ -2,19 +2,87 @@
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import logging
+import os
 import signal
+import socket
 import sys
+from pathlib import Path
 
 import click
 from aiohttp import web
 
 from intake.app import SLACK_MODE, create_app
+from intake.errors import ConfigError
 from intake.keys import load_secret
 from intake.policy import load_policy
 from intake.redis_conn import EmbeddedRedis
 from intake.runtime import prepare_dev
 from intake.settings import Settings
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """The broker's local API socket. Any local user may connect (mode 0666; the data dir
+    gets o+x, never o+r): the kernel tells the broker who they are (SO_PEERCRED), and what
+    they may do is decided per person. A stale socket from a dead server is replaced."""
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            probe.close()
+            raise ConfigError(f"INTAKE_DATA_DIR: another broker is serving {path}")
+    path.parent.chmod(path.parent.stat().st_mode | 0o001)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"INTAKE_DATA_DIR: cannot listen on {path}: {exc.strerror or exc}") from None
+    os.chmod(path, 0o666)
+    sock.listen(128)
+    return sock
+
+
+DEV_REQUESTER = "erin"
+
+
+def prepare_dev_people(settings: Settings) -> list[str]:
+    """Dev mode's people, so the README walk-through works for the one OS user running it:
+
+    - that OS user is linked to the policy's first admin (created) while no admin exists;
+    - a requester ``erin`` with an API token in ``$INTAKE_DATA_DIR/dev-erin.token`` (0600), so
+      the walk-through can file an idea as someone other than the approver (nobody approves
+      work they filed themselves, so one person cannot play both parts).
+
+    Returns one line per thing it did, for the start-up banner."""
+    from intake.api.callers import ApiTokens
+    from intake.errors import InvalidInput
+    from intake.people import People, bootstrap_admin
+    from intake.runtime import open_broker
+
+    done = []
+    with open_broker(settings) as broker:
+        people, admins = People(broker.store), broker.policy.admins.members
+        user = getpass.getuser()
+        if admins:
+            with contextlib.suppress(InvalidInput):  # an admin exists already: nothing to do
+                bootstrap_admin(people, admins, admins[0], name=admins[0].title(), os_user=user, actor="system:dev")
+                done.append(f"linked os:{user} to {admins[0]} (admin)")
+        token_file = settings.data_dir / f"dev-{DEV_REQUESTER}.token"
+        if people.find(DEV_REQUESTER) is None:
+            people.upsert(DEV_REQUESTER, name=DEV_REQUESTER.title(), actor="system:dev")
+            _, token = ApiTokens(broker.store, people).create(DEV_REQUESTER, actor="system:dev")
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(token + "\n")
+            done.append(f"requester {DEV_REQUESTER}: API token in {token_file}")
+        broker.audit.seal_pending()
+    return done
 
 
 def run(settings: Settings, *, dev: bool) -> None:
@@ -28,16 +96,23 @@ def run(settings: Settings, *, dev: bool) -> None:
         for line in prepare_dev(settings):
             click.echo(f"dev: {line}")
     policy = load_policy(settings.policy_path)
+    if dev:
+        for line in prepare_dev_people(settings):
+            click.echo(f"dev: {line}")
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
     app = create_app(settings, dev=dev)
     click.echo(f"intake: {app[SLACK_MODE].describe()}")
     redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
     click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
-    click.echo(f"intake: serving on http://{settings.host}:{settings.port}  (Ctrl-C to stop)")
+    sock_path = settings.data_dir / "intake.sock"
+    sock = listen_unix(sock_path)
+    click.echo(f"intake: serving on http://{settings.host}:{settings.port} and unix:{sock_path}  (Ctrl-C to stop)")
     try:
-        web.run_app(app, host=settings.host, port=settings.port, print=None)
+        web.run_app(app, host=settings.host, port=settings.port, sock=sock, print=None)
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
         # A second Ctrl-C can cut the app's own cleanup short; never leave the embedded Redis
         # running with nobody using it. Signals are ignored for this last step.
         if settings.redis_url is None:

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     dispatch_ttl: int = Field(120, ge=10, le=3600)
     lease_ttl: int = Field(15, ge=5, le=300)
 
+    # The CLI's view of the broker: INTAKE_URL (unix:///path.sock or http://host:port; default
+    # the data dir's socket, else http://127.0.0.1:8080) and INTAKE_TOKEN (an API token, TCP only).
+    url: str | None = None
+    token: SecretStr | None = None
+
     signing_key: Path | None = None
     public_key: Path | None = None
     audit_key: Path | None = None

@@ -143,7 +143,8 @@ def idea_fields(idea: Idea) -> dict[str, Any]:
     """The fields of an idea fixed at capture, which its MAC covers."""
     return {
         "id": idea.id, "channel": idea.channel.value, "requester": idea.requester,
-        "delivery_id": idea.delivery_id, "text": idea.text, "provenance": idea.provenance,
+        "filed_by": idea.filed_by or idea.requester, "delivery_id": idea.delivery_id,
+        "text": idea.text, "provenance": idea.provenance,
         "raw_sha256": idea.raw_sha256, "created_at": idea.created_at,
     }
 
@@ -311,6 +312,7 @@ class Store:
             id=new_id("I"),
             channel=draft.channel,
             requester=draft.requester,
+            filed_by=draft.filed_by or draft.requester,
             delivery_id=draft.delivery_id,
             title=draft.title or default_title(draft.text),
             text=draft.text,
@@ -329,6 +331,7 @@ class Store:
         body, mac = self.audit.seal_fields(event(
             draft.requester, "idea.captured", idea.id, at=now,
             channel=draft.channel.value, text_sha256=text_hash, bytes=size,
+            **({"filed_by": draft.filed_by} if draft.filed_by and draft.filed_by != draft.requester else {}),
         ))
         keys = [self.keys.delivery(draft.channel.value, draft.delivery_id), self.keys.idea(idea.id),
                 self.keys.ideas, self.keys.ideas_pending, self.audit.stream, self.keys.ideas_expiry,

@@ -88,6 +88,15 @@ def env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
+def api(settings: Settings) -> Iterator[object]:
+    """The broker's real app serving these settings (TCP and the data dir's unix socket)."""
+    from tests.api_harness import running_broker
+
+    with running_broker(settings) as running:
+        yield running
+
+
+@pytest.fixture
 def audit(settings: Settings, rclient: redis.Redis) -> AuditLog:
     return AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix,
                     checkpoint=settings.keys["audit"].parent / "audit.checkpoint")

@@ -1,7 +1,9 @@
-"""The intake CLI, in process: JSON output, one-line errors, exit codes, audit verify."""
+"""The intake CLI, in process, as a client of the real broker app: JSON output, one-line
+errors, exit codes, audit verify."""
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from click.testing import CliRunner, Result
 
 from intake.cli import cli
 from intake.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("api")
 
 
 def run(env: dict[str, str], *args: str) -> Result:
@@ -27,6 +31,7 @@ def test_idea_then_show_json(env: dict[str, str]) -> None:
     idea = json.loads(shown.stdout)
     assert idea["text"] == "Fix the <b>flaky</b> login test"
     assert idea["requester"] == "cli:alice" and idea["state"] == "captured"
+    assert idea["filed_by"] == f"os:{getpass.getuser()}"  # the caller the kernel named
     listed = json.loads(run(env, "list", "--json").stdout)
     assert [i["id"] for i in listed] == [data["id"]]
 
@@ -71,6 +76,7 @@ def test_audit_export_jsonl(env: dict[str, str], tmp_path: Path) -> None:
         (["idea", ""], "idea text is empty"),
         (["idea", "x" * 20000], "bytes; the limit is 16384"),
         (["idea", "hi", "--as", "Robert'); DROP"], "--as"),
+        (["idea", "hi", "--as", "alice\n"], "--as"),
         (["show", "I-nope"], "not an idea id"),
         (["show", "T-000000000000"], "no task T-000000000000"),
         (["frobnicate"], "No such command"),
@@ -90,15 +96,21 @@ def test_invalid_setting_names_variable(env: dict[str, str]) -> None:
     assert result.stderr.startswith("intake: INTAKE_PORT: ")
 
 
-def test_missing_key_names_variable(env: dict[str, str], settings: Settings) -> None:
-    settings.keys["audit"].unlink()
-    result = run(env, "list")
-    assert result.exit_code == 2 and "INTAKE_AUDIT_KEY: no key file" in result.stderr
+def test_the_cli_reads_no_key(env: dict[str, str], settings: Settings) -> None:
+    """Only bootstrap commands load keys: with the audit key gone, `list` still works (the
+    broker holds its keys), and the local bootstrap names the missing variable."""
+    settings.keys["audit"].rename(settings.keys["audit"].with_suffix(".away"))
+    try:
+        assert run(env, "list").exit_code == 0
+        result = run(env, "admin", "bootstrap", "alice", "--name", "Alice")
+        assert result.exit_code == 2 and "INTAKE_AUDIT_KEY: no key file" in result.stderr
+    finally:
+        settings.keys["audit"].with_suffix(".away").rename(settings.keys["audit"])
 
 
 def test_world_readable_key_is_refused(env: dict[str, str], settings: Settings) -> None:
     settings.keys["audit"].chmod(0o644)
-    result = run(env, "list")
+    result = run(env, "admin", "bootstrap", "alice", "--name", "Alice")
     assert result.exit_code == 2 and "readable by group or others" in result.stderr
 
 

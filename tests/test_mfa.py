@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyotp
@@ -14,7 +15,7 @@ from intake.approvers import Approvers, SecretBox
 from intake.errors import Refused
 from intake.keys import load_secret
 from intake.ledger import Ledger
-from intake.mfa import StepUp, is_out_of_sync, matching_step, new_secret
+from intake.mfa import StepUp, Throttle, is_out_of_sync, matching_step, new_secret
 from intake.models import Approver
 from intake.policy import load_policy
 from intake.runtime import EXAMPLE_POLICY
@@ -67,11 +68,15 @@ def approvers(store: Store, settings: Settings) -> Approvers:
     return Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store), Ledger(store.audit))
 
 
-@pytest.fixture
-def alice(approvers: Approvers) -> tuple[Approver, pyotp.TOTP]:
+def enrol_alice(approvers: Approvers) -> tuple[Approver, pyotp.TOTP]:
     enrolment = approvers.add(load_policy(EXAMPLE_POLICY), "alice", name="Alice", groups=("platform",),
                               slack_user="UALICE0001", email=None, actor="cli:root")
     return enrolment.approver, pyotp.parse_uri(enrolment.otpauth_uri)
+
+
+@pytest.fixture
+def alice(approvers: Approvers) -> tuple[Approver, pyotp.TOTP]:
+    return enrol_alice(approvers)
 
 
 def check(approvers: Approvers, approver: Approver, code: str) -> int:
@@ -110,37 +115,81 @@ def test_twenty_concurrent_uses_of_one_code_give_one_success(approvers: Approver
     assert set(outcomes) - {"ok"} <= {"replayed", "throttled"}
 
 
+def wrong(totp: pyotp.TOTP, clock: FakeClock) -> str:
+    return "000000" if totp.at(clock.now) != "000000" else "111111"
+
+
+def wait_until_accepted(approvers: Approvers, approver: Approver, totp: pyotp.TOTP, clock: FakeClock) -> None:
+    """Poll (advancing the code's clock) until the throttle window on the server frees a slot."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        clock.advance(30)
+        try:
+            check(approvers, approver, totp.at(clock.now))
+            return
+        except Refused as exc:
+            assert exc.reason == "throttled"
+            time.sleep(0.2)
+    pytest.fail("the throttle never lifted")
+
+
 def test_sixth_wrong_code_is_throttled_without_being_checked(
-    approvers: Approvers, alice: tuple, clock: FakeClock, store: Store
+    store: Store, settings: Settings, clock: FakeClock
 ) -> None:
-    approver, totp = alice
+    approvers = Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store, Throttle(short_s=1)),
+                          Ledger(store.audit))
+    approver, totp = enrol_alice(approvers)
     for _ in range(5):
         with pytest.raises(Refused) as err:
-            check(approvers, approver, "000000" if totp.at(clock.now) != "000000" else "111111")
+            check(approvers, approver, wrong(totp, clock))
         assert err.value.reason == "invalid"
     good = totp.at(clock.now)
     with pytest.raises(Refused, match="try again in") as err:
         check(approvers, approver, good)  # even the right code is not looked at
     assert err.value.reason == "throttled"
     assert store.r.get(store.keys.totp_last_step("alice")) is None  # nothing was consumed
-    clock.advance(301)
-    assert check(approvers, approver, totp.at(clock.now))
+    wait_until_accepted(approvers, approver, totp, clock)
 
 
-def test_twenty_failures_an_hour_lock_until_unlock(approvers: Approvers, alice: tuple, clock: FakeClock) -> None:
+def test_a_shifted_client_clock_gets_no_extra_guesses(approvers: Approvers, alice: tuple, clock: FakeClock) -> None:
+    """The caller's clock jumps an hour ahead before every guess: the throttle window is on
+    the Redis server's clock, so the sixth guess is still throttled and the 20th still locks."""
     approver, totp = alice
-    for _ in range(4):
+    reasons = []
+    for _ in range(25):
+        clock.advance(3600)
+        try:
+            check(approvers, approver, wrong(totp, clock))
+        except Refused as exc:
+            reasons.append(exc.reason)
+    assert reasons[:5] == ["invalid"] * 5 and set(reasons[5:]) == {"throttled"}
+
+
+def wait_for_short_window_to_clear(store: Store, approver_id: str, short_s: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        secs, micros = store.r.time()
+        if not store.r.zcount(store.keys.totp_failures(approver_id), secs + micros / 1e6 - short_s, "+inf"):
+            return
+        time.sleep(0.1)
+    pytest.fail("the short throttle window never cleared")
+
+
+def test_failures_in_the_long_window_lock_until_unlock(store: Store, settings: Settings, clock: FakeClock) -> None:
+    approvers = Approvers(store, SecretBox(load_secret(settings, "secrets")),
+                          StepUp(store, Throttle(short_max=5, short_s=1, long_max=10)), Ledger(store.audit))
+    approver, totp = enrol_alice(approvers)
+    for batch in range(2):
         for _ in range(5):
-            with pytest.raises(Refused):
+            with pytest.raises(Refused) as err:
                 check(approvers, approver, "abc")
-        clock.advance(301)
+            assert err.value.reason == "invalid"
+        if batch == 0:
+            wait_for_short_window_to_clear(store, "alice", 1)
+    clock.advance(7200)  # the caller's clock means nothing to the lock
     with pytest.raises(Refused) as err:
         check(approvers, approver, totp.at(clock.now))
     assert err.value.reason == "locked" and approvers.is_locked("alice")
-    clock.advance(7200)
-    with pytest.raises(Refused) as err:
-        check(approvers, approver, totp.at(clock.now))
-    assert err.value.reason == "locked"  # time alone does not unlock
     approvers.unlock("alice", actor="cli:root")
     assert check(approvers, approver, totp.at(clock.now))
 

@@ -1,8 +1,8 @@
 """Slack listeners: file ideas, and approve in-channel with step-up MFA.
 
 Channels only ever create ideas: ``/intake <text>``, an @mention and the "Send to intake"
-message shortcut all normalise into one :class:`IdeaDraft` (requester = the Slack user id,
-never a display name) and capture it durably *before* Slack is acknowledged (the app runs with
+message shortcut all normalise into one :class:`IdeaDraft` (requester = the Slack user id of
+the words' author, never a display name; ``filed_by`` = who sent them in) and capture it durably *before* Slack is acknowledged (the app runs with
 ``process_before_response``), idempotently on Slack's delivery ids.
 
 Promote, Approve and Deny buttons open modals; every submission goes through the same
@@ -71,12 +71,15 @@ class SlackIntake:
 
     # -- shared ----------------------------------------------------------------------------
     async def _capture(
-        self, *, user: str, delivery_id: str, text: str, provenance: dict[str, str], request: Any
+        self, *, user: str, delivery_id: str, text: str, provenance: dict[str, str], request: Any,
+        author: str | None = None,
     ) -> tuple[Idea | None, bool, str]:
-        """Durably capture an idea; returns (idea, created, message for the requester)."""
+        """Durably capture an idea; returns (idea, created, message for the filer). ``author``
+        is who wrote the words when ``user`` only sent them in (the message shortcut)."""
         try:
             draft = IdeaDraft(
-                channel=Channel.SLACK, requester=f"slack:{user}", delivery_id=delivery_id, text=text,
+                channel=Channel.SLACK, requester=f"slack:{author or user}", filed_by=f"slack:{user}",
+                delivery_id=delivery_id, text=text,
                 provenance={k: v for k, v in provenance.items() if v}, raw_sha256=_raw_hash(request),
             )
             idea, created = await self.capture(draft)
@@ -162,10 +165,12 @@ class SlackIntake:
         if not is_user_id(user):
             await ack()
             return
-        # The shortcut's user is the requester; the message's author is provenance only.
+        # The requester is whoever wrote the words (the message's author); the presser is only
+        # who filed it. A bot's message has no person behind it: then the presser is the requester.
+        author = message.get("user") or ""
         idea, created, reply = await self._capture(
             user=user, delivery_id=f"sc:{channel}:{message.get('ts')}:{user}", text=message.get("text") or "",
-            request=request,
+            request=request, author=author if is_user_id(author) else None,
             provenance={"via": "message_shortcut", "channel_id": channel, "message_ts": message.get("ts") or "",
                         "message_author": message.get("user") or message.get("bot_id") or "unknown",
                         "team_id": (shortcut.get("team") or {}).get("id", "")},

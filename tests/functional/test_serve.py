@@ -1,4 +1,5 @@
-"""`intake serve --dev` as a real process: health endpoints, and CLI commands sharing its Redis."""
+"""`intake serve --dev` as a real process: health endpoints, the CLI as its API client, and the
+README's walk-through."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.api_harness import Codes
 
 INTAKE = [sys.executable, "-m", "intake"]
 
@@ -43,7 +46,7 @@ def dev_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_cli_shares_the_dev_servers_redis(dev_env: dict[str, str]) -> None:
+def test_the_cli_talks_to_the_dev_server(dev_env: dict[str, str]) -> None:
     data = Path(dev_env["INTAKE_DATA_DIR"])
     serve = subprocess.Popen(
         [*INTAKE, "serve", "--dev"], env=dev_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -53,6 +56,7 @@ def test_cli_shares_the_dev_servers_redis(dev_env: dict[str, str]) -> None:
         assert wait_http(f"{base}/healthz", serve) == {"status": "ok"}
         assert wait_http(f"{base}/readyz", serve)["redis"] == "up"
         pid = (data / "redis" / "redis.pid").read_text()
+        assert (data / "intake.sock").stat().st_mode & 0o777 == 0o666  # any local user may connect
 
         filed = subprocess.run(
             [*INTAKE, "idea", "rotate the staging TLS cert", "--as", "erin", "--json"],
@@ -64,16 +68,18 @@ def test_cli_shares_the_dev_servers_redis(dev_env: dict[str, str]) -> None:
             [*INTAKE, "show", idea_id, "--json"], env=dev_env, capture_output=True, text=True, timeout=60
         )
         assert json.loads(shown.stdout)["text"] == "rotate the staging TLS cert"
-        # The CLI joined serve's server: same pid, and it is still running after the CLI left.
+        assert json.loads(shown.stdout)["requester"] == "cli:erin"
+        # The CLI used the server's API: the same Redis, still running after the CLI left.
         assert (data / "redis" / "redis.pid").read_text() == pid
         assert wait_http(f"{base}/readyz", serve)["redis"] == "up"
-        verified = subprocess.run([*INTAKE, "audit", "verify"], env=dev_env, capture_output=True, text=True)
-        # the dev worker's key issue, then the idea
-        assert verified.returncode == 0 and "2 events" in verified.stdout
+        verified = subprocess.run([*INTAKE, "audit", "verify", "--json"], env=dev_env, capture_output=True, text=True)
+        # dev mode's people (the admin, erin and her token), the dev worker's key, then the idea
+        assert verified.returncode == 0 and json.loads(verified.stdout)["events"] == 5
     finally:
         serve.send_signal(signal.SIGINT)
         serve.communicate(timeout=30)  # waits and closes the pipe
     assert not (data / "redis" / "redis.sock").exists()  # serve was the last user; Redis stopped
+    assert not (data / "intake.sock").exists()
     assert (data / "policy.toml").exists() and (data / "keys" / "broker_ed25519.pem").exists()
 
 
@@ -93,11 +99,18 @@ def test_quick_start_runs_an_idea_to_a_pushed_branch(dev_env: dict[str, str]) ->
         wait_http(f"http://127.0.0.1:{dev_env['INTAKE_PORT']}/readyz", serve)
         added = cli("approver", "add", "alice", "--name", "Alice", "--groups", "platform", "--json")
         assert added.returncode == 0, added.stderr
-        totp = pyotp.parse_uri(json.loads(added.stdout)["otpauth_uri"])
-        assert cli("approver", "confirm", "alice", "--code", totp.at(time.time() - 30)).returncode == 0
-        idea = json.loads(cli("idea", "Document how to run the tests", "--as", "erin", "--json").stdout)
+        codes = Codes(pyotp.parse_uri(json.loads(added.stdout)["otpauth_uri"]))
+        assert cli("approver", "confirm", "alice", "--code", codes.next()).returncode == 0
+        # erin asks over TCP with the token dev mode made for her
+        token = (data / "dev-erin.token").read_text().strip()
+        filed = subprocess.run(
+            [*INTAKE, "idea", "Document how to run the tests", "--json"], capture_output=True, text=True, timeout=60,
+            env={**dev_env, "INTAKE_URL": f"http://127.0.0.1:{dev_env['INTAKE_PORT']}", "INTAKE_TOKEN": token},
+        )
+        idea = json.loads(filed.stdout)
+        assert idea["requester"] == "cli:erin"
         promoted = cli("promote", idea["id"], "--repo", "acme/web", "--change-type", "docs",
-                       "--as", "alice", "--code", totp.now(), "--json")
+                       "--code", codes.next(), "--json")
         assert promoted.returncode == 0, promoted.stderr
         task_id = json.loads(promoted.stdout)["task"]
         deadline = time.monotonic() + 60

@@ -127,12 +127,30 @@ async def test_mention_retries_create_one_idea(slack: SlackDriver, store: Store)
     assert len(ephemerals) == 1 and ideas[0].id in ephemerals[0].params["text"]
 
 
-async def test_message_shortcut_records_author_as_provenance(slack: SlackDriver, store: Store) -> None:
+async def test_message_shortcut_makes_the_author_the_requester(slack: SlackDriver, store: Store) -> None:
     await slack.shortcut(REQUESTER, "UAUTHOR001", "the login page 500s on empty passwords", "1700.1")
     await slack.shortcut(REQUESTER, "UAUTHOR001", "the login page 500s on empty passwords", "1700.1")
     (idea,) = store.recent_ideas()
-    assert idea.requester == f"slack:{REQUESTER}"
+    assert idea.requester == "slack:UAUTHOR001" and idea.filed_by == f"slack:{REQUESTER}"
     assert idea.provenance["message_author"] == "UAUTHOR001" and idea.provenance["via"] == "message_shortcut"
+
+
+async def test_a_colleague_shortcutting_alices_message_does_not_let_alice_approve_it(
+    slack: SlackDriver, store: Store, totps: dict[str, pyotp.TOTP]
+) -> None:
+    """The standard tier needs one approval: if alice could promote her own words because a
+    colleague sent them in, she would approve herself alone."""
+    await slack.shortcut(REQUESTER, SLACK_USERS["alice"], "please add me to the deploy group", "1700.2")
+    (idea,) = store.recent_ideas()
+    assert idea.requester == f"slack:{SLACK_USERS['alice']}"
+    await slack.press(SLACK_USERS["alice"], "intake_promote", idea.id)
+    view = await slack.opened_view(1)
+    answer = await slack.submit(SLACK_USERS["alice"], view,
+                                {"repo": "acme/web", "change_type": "docs", "code": totps["alice"].now()})
+    assert answer["response_action"] == "errors" and "your own request" in answer["errors"]["code"]
+    assert store.get_idea(idea.id).state is not IdeaState.PROMOTED
+    refusals = [e for e in store.audit.export() if e["action"] == "approval.refused"]
+    assert [e["data"]["reason"] for e in refusals] == ["self_approval"]
 
 
 async def test_help_and_empty(slack: SlackDriver, store: Store) -> None:

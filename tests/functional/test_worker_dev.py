@@ -16,6 +16,7 @@ from intake.models import TaskState
 from intake.policy import load_policy
 from intake.runtime import open_broker, prepare_dev
 from intake.settings import load_settings
+from tests.api_harness import running_broker
 from tests.conftest import FakeClock
 from tests.workers.harness import git_refs, git_show, make_rig, wait_for
 from intake.reports import ensure_worker_key
@@ -57,10 +58,11 @@ def test_dev_mode_runs_an_idea_all_the_way_to_a_pushed_branch(dev_settings, cloc
             task = rig.promote(text="Document how to run the tests")
             done = wait_for(lambda: rig.task(task.id).state is TaskState.SUCCEEDED and rig.task(task.id),
                             30, "the embedded worker to run the task")
-            shown = subprocess.run(
-                [sys.executable, "-m", "intake", "show", task.id, "--json"], env=rig.env(),
-                capture_output=True, text=True, timeout=60, check=True,
-            )
+            with running_broker(dev_settings):  # the CLI reads through the broker's API
+                shown = subprocess.run(
+                    [sys.executable, "-m", "intake", "show", task.id, "--json"], env=rig.env(),
+                    capture_output=True, text=True, timeout=60, check=True,
+                )
         finally:
             code = stop_dev_worker(worker)
             rig.close()

@@ -16,6 +16,7 @@ import redis
 
 from intake.models import TaskState
 from intake.runtime import EXAMPLE_POLICY
+from tests.api_harness import running_broker
 from tests.conftest import FakeClock
 from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
 from tests.workers.harness import Rig, git_refs, git_show, in_a_work_tree, make_rig, rig, wait_for  # noqa: F401
@@ -47,8 +48,9 @@ def test_demo_agent_run_pushes_the_branch_and_records_the_result(rig: Rig) -> No
     succeeded = rig.events("task.succeeded")[-1]
     assert succeeded["data"]["branch"] == branch and succeeded["data"]["commit"] == result["commit"]
     # What an operator sees: `intake show TASK --json`.
-    shown = subprocess.run([sys.executable, "-m", "intake", "show", task.id, "--json"], env=rig.env(),
-                           capture_output=True, text=True, timeout=60, check=True)
+    with running_broker(rig.settings):  # the CLI reads through the broker's API
+        shown = subprocess.run([sys.executable, "-m", "intake", "show", task.id, "--json"], env=rig.env(),
+                               capture_output=True, text=True, timeout=60, check=True)
     data = json.loads(shown.stdout)
     assert data["state"] == "succeeded" and "token" not in data
     assert data["result"]["branch"] == branch and data["result"]["commit"] == result["commit"]
