@@ -101,6 +101,7 @@ def run(settings: Settings, *, dev: bool) -> None:
             click.echo(f"dev: {line}")
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the API socket lives there
     app = create_app(settings, dev=dev)
     click.echo(f"intake: {app[SLACK_MODE].describe()}")
     redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"

@@ -61,6 +61,32 @@ def test_audit_verify_and_xdel(env: dict[str, str], rclient: redis.Redis) -> Non
     assert broken.stderr.count("\n") == 1 and "missing" in broken.stderr
 
 
+def test_audit_verify_json_lists_every_entry_that_is_not_genuine(env: dict[str, str], rclient: redis.Redis,
+                                                                  settings: Settings) -> None:
+    """Issue 8: an unsigned XADD, a garbage entry and a worker-key ``approval.recorded`` are
+    sealed as rejected and all three are listed; the ledger does not halt for them."""
+    from intake.audit import report_mac, worker_report_key
+    from intake.keys import load_secret
+
+    assert run(env, "idea", "before", "--as", "bob").exit_code == 0
+    body = json.dumps({"at": 1.0, "actor": "approver:alice", "action": "approval.recorded",
+                       "subject": "T-000000000001", "data": {}, "eid": "e" * 16})
+    unsigned = rclient.xadd("intake:audit", {"e": body, "m": "0" * 64})
+    garbage = rclient.xadd("intake:audit", {"junk": "\x00"})
+    key = worker_report_key(load_secret(settings, "audit"), "w1", 1)
+    forged = json.dumps({"w": "w1", "g": 1, "action": "approval.recorded", "task": "T-000000000001"})
+    worker_forged = rclient.xadd("intake:audit", {"e": forged, "m": report_mac(key, forged), "k": "w"})
+    assert run(env, "idea", "after", "--as", "bob").exit_code == 0
+    verified = run(env, "audit", "verify", "--json")
+    assert verified.exit_code == 0, verified.stdout
+    report = json.loads(verified.stdout)
+    assert report["ok"] is True and report["ledger"] is None, report
+    rejected = {a["id"] for a in report["anomalies"] if a["kind"] == "rejected"}
+    assert rejected == {unsigned, garbage, worker_forged}, report
+    plain = run(env, "audit", "verify")
+    assert plain.exit_code == 0 and "3 rejected entries" in plain.stdout
+
+
 def test_audit_export_jsonl(env: dict[str, str], tmp_path: Path) -> None:
     run(env, "idea", "a secret-looking body", "--as", "bob")
     out = tmp_path / "audit.jsonl"

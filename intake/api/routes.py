@@ -243,8 +243,8 @@ class Api:
 
     def audit_verify(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """Every anomaly in the chain (not only the first); 409 when sealed history was changed."""
-        broker.audit.kick()
         try:
+            broker.audit.seal_pending()  # what was appended before this call is verified sealed
             report = broker.audit.verify()
             broken: AuditBroken | None = None
         except AuditBroken as exc:

@@ -4,10 +4,13 @@ abandoned, as the risk tier says (never lost, never run twice at once)."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +57,42 @@ def test_a_running_task_is_stopped_soon_after_revocation(rig: Rig) -> None:
     assert ended.state is TaskState.REVOKED and ended.reason == "wrong repo"
     assert rig.events("run.stopped")[-1]["data"]["why"] == "revoked"
     assert "task.succeeded" not in [e["action"] for e in rig.events()]
+    assert set(git_refs(rig.bare("acme/web"))) == {"refs/heads/main"}
+
+
+def test_writing_running_back_after_a_revoke_does_not_keep_the_agent_alive(rig: Rig) -> None:
+    """Issue 8: someone with Redis write access keeps the record saying ``running`` and keeps
+    replaying the last granted lease (hiding the broker's refusal). The worker's lease still
+    runs out on its own clock: the agent is gone within the lease's life plus 5 s."""
+    task = rig.promote()
+    marker = f"agent-{secrets.token_hex(8)}"
+    proc = rig.spawn(rig.config(agent=sleeper(marker)), burst=True)
+    stop = threading.Event()
+    try:
+        pid = read_pid(marker)
+        granted = wait_for(lambda: rig.r.get(rig.store.keys.lease(task.id)), 10, "the first lease")
+        key = rig.store.keys.task(task.id)
+
+        def attacker() -> None:
+            while not stop.is_set():
+                data = json.loads(rig.r.get(key))
+                data.update(state="running", reason=None)
+                rig.r.set(key, json.dumps(data))
+                rig.r.set(rig.store.keys.lease(task.id), granted)  # an old, granted lease, replayed
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=attacker, daemon=True)
+        thread.start()
+        rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="stop it")
+        wait_for(lambda: pid_gone(pid), rig.settings.lease_ttl + 5, "the agent to be stopped")
+        stop.set()
+        thread.join(timeout=5)
+        assert proc.wait(timeout=30) == 0, rig.worker_log()
+    finally:
+        stop.set()
+        kill(proc)
+    assert rig.fact(task.id).state is TaskState.REVOKED
+    assert rig.events("run.stopped")[-1]["data"]["why"] in {"lease_expired", "revoked"}
     assert set(git_refs(rig.bare("acme/web"))) == {"refs/heads/main"}
 
 

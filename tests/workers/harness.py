@@ -241,9 +241,11 @@ class Rig:
         env.update(extra)
         return env
 
-    def spawn(self, config: Path, *, burst: bool = False, **env: str) -> subprocess.Popen[bytes]:
-        """A real ``intake worker`` subprocess."""
-        self.serve_reports()
+    def spawn(self, config: Path, *, burst: bool = False, reports: bool = True, **env: str) -> subprocess.Popen[bytes]:
+        """A real ``intake worker`` subprocess (``reports=False``: some other broker process,
+        e.g. a real ``intake serve``, answers its reports instead of the rig)."""
+        if reports:
+            self.serve_reports()
         argv = [sys.executable, "-m", "intake", "worker", "--config", str(config)]
         if burst:
             argv.append("--burst")
