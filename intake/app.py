@@ -80,7 +80,9 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def sweep(broker: Broker) -> None:
     """One pass of the broker's clocks and repairs: expiries, escalations, queued tasks whose
-    enqueue was lost, runs whose worker died, and sealing stragglers."""
+    enqueue was lost, runs whose worker died, sealing stragglers, and now and then a walk of the
+    whole sealed chain (history rewritten behind the ledger's cursor halts it too)."""
+    broker.ledger.recheck_if_due()
     broker.gatekeeper.expire_due()
     broker.gatekeeper.escalate_due()
     broker.dispatcher.reconcile()

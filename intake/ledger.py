@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from intake.audit import Anomaly, AuditLog, Head, SealedEntry
@@ -95,6 +96,7 @@ class Ledger:
         self.anomalies: list[Anomaly] = []
         self._accepted = 0  # anomalies[:_accepted] were accepted by an operator
         self._reported: set[tuple[str, str]] = set()
+        self._rechecked = time.monotonic()
 
     # -- following -------------------------------------------------------------------------
     def follow(self) -> Ledger:
@@ -115,6 +117,20 @@ class Ledger:
                     return self
                 self._reset()
             self.cursor = self.audit.follow(self.cursor, self._entry, self._anomaly)
+            return self
+
+    def recheck_if_due(self, every_s: float = 60.0) -> None:
+        now = time.monotonic()
+        if now - self._rechecked >= every_s:
+            self._rechecked = now
+            self.recheck()
+
+    def recheck(self) -> Ledger:
+        """Walk the whole sealed chain again (without re-applying it), so history rewritten
+        behind the cursor is found too and halts this process; the sweep runs it now and then
+        (its cost grows with the log)."""
+        with self._lock:
+            self.audit.follow(None, lambda _entry: None, self._anomaly)
             return self
 
     def _head_accepts_rollback(self, head: Head) -> bool:
