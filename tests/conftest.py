@@ -22,7 +22,7 @@ from intake.settings import Settings, load_settings
 from intake.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VECTORS = REPO_ROOT.parent / "shared" / "vectors"
+VECTORS = REPO_ROOT / "tests" / "vectors"  # public vectors, copied from shared/ (see its README)
 
 
 @pytest.fixture(scope="session")

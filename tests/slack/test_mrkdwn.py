@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from intake.mrkdwn import escape, is_user_id, mention
+from tests.conftest import VECTORS
 
 
 def _vectors(name: str) -> dict:
-    # The shared vectors live beside the repository root: <root>/../shared/vectors.
-    repo_root = Path(__file__).resolve().parents[2]
-    path = repo_root.parent / "shared" / "vectors" / name
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads((VECTORS / name).read_text(encoding="utf-8"))
 
 
 CASES = _vectors("mrkdwn_escape.json")["cases"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -19,13 +18,11 @@ from intake.slack.verify import (
     verified_body,
     verify_slack_signature,
 )
+from tests.conftest import VECTORS
 
 
 def _vectors(name: str) -> dict:
-    # The shared vectors live beside the repository root: <root>/../shared/vectors.
-    repo_root = Path(__file__).resolve().parents[2]
-    path = repo_root.parent / "shared" / "vectors" / name
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads((VECTORS / name).read_text(encoding="utf-8"))
 
 
 V = _vectors("signatures.json")["slack"]
