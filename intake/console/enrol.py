@@ -6,6 +6,10 @@ shows a confirm page (link previewers that fetch it do nothing); pressing *Show 
 a fresh secret once, as a QR code, and the person confirms it with one valid code, after which
 the link is gone. A second reveal is refused: whoever saw the secret first is the only one who
 could confirm it, and the admin can issue a new link.
+
+When the person has a Slack user id and Slack is configured, the link goes to them by Slack DM
+(:func:`send_by_dm`) and the admin never sees it; otherwise the admin is shown it once to pass
+on privately. The token is never written to the audit log or any log line.
 """
 
 from __future__ import annotations
@@ -13,9 +17,18 @@ from __future__ import annotations
 import json
 import secrets
 
+import logging
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
 from intake.errors import NotFound, Refused
 from intake.models import sha256_hex
+from intake.settings import Settings
 from intake.store import Pipe, Store
+
+log = logging.getLogger("intake.console")
 
 LINK_TTL_S = 24 * 3600
 
@@ -65,3 +78,28 @@ class EnrolLinks:
 
     def finish(self, token: str) -> None:
         self.store.r.delete(self._key(token))
+
+
+async def send_by_dm(settings: Settings, store: Store, slack_user: str, approver_id: str, link: str, *,
+                     actor: str) -> bool:
+    """DM ``link`` to ``slack_user`` through the Slack Web API (SLACK_API_URL honoured). True when
+    Slack took it; False (nothing sent) when Slack is not configured or refused, so the caller
+    falls back to showing the link. Audited without the link."""
+    if settings.slack_bot_token is None:
+        return False
+    kwargs = {"base_url": settings.slack_api_url} if settings.slack_api_url else {}
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), session=session, **kwargs)
+            await client.chat_postMessage(
+                channel=slack_user,
+                text=(f"You have been enrolled as an intake approver ({approver_id}). Open this one-time "
+                      f"link to set up your authenticator; it works once, for 24 hours: {link}"),
+                unfurl_links=False, unfurl_media=False,
+            )
+    except (SlackApiError, aiohttp.ClientError, OSError) as exc:
+        log.warning("enrolment link for %s: Slack DM failed (%s); showing it to the admin", approver_id,
+                    type(exc).__name__)
+        return False
+    store.audit.record(actor, "approver.enrolment_link_sent", approver_id, via="slack_dm", slack_user=slack_user)
+    return True

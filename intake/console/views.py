@@ -21,7 +21,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from intake.console.display import bar_chart, visible_segments
-from intake.console.enrol import EnrolLinks
+from intake.console.enrol import EnrolLinks, send_by_dm
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
 from intake.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
 from intake.metrics import AuditMetrics
@@ -338,9 +338,10 @@ class Console:
 
     # -- approvers and enrolment -----------------------------------------------------------
     async def approvers(self, request: web.Request, error: str | None = None, link: str | None = None,
-                        status: int = 200) -> web.Response:
+                        status: int = 200, sent: str | None = None) -> web.Response:
         approvers = await self.call(self.broker(request).approvers.all)
-        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error, link=link)
+        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error, link=link,
+                           sent=sent)
 
     async def enrol_create(self, request: web.Request) -> web.StreamResponse:
         """An admin enrols a person: an unconfirmed approver and a one-time link. The admin's
@@ -362,7 +363,12 @@ class Console:
             token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
         except IntakeError as exc:
             return await self.approvers(request, error=str(exc), status=_status(exc))
-        return await self.approvers(request, link=f"{self.settings.console_origin}/console/enrol/{token}")
+        link = f"{self.settings.console_origin}/console/enrol/{token}"
+        slack_user = str(form.get("slack_user", "")).strip()
+        if slack_user and await send_by_dm(self.settings, broker.store, slack_user, approver_id, link,
+                                           actor=f"approver:{who}"):
+            return await self.approvers(request, sent=slack_user)
+        return await self.approvers(request, link=link)
 
     async def enrol_page(self, request: web.Request) -> web.Response:
         broker = self.broker(request)
