@@ -128,6 +128,14 @@ class Rig:
         self.clock.advance(30)  # each approver's code step is spent
         return task
 
+    def accept(self, task_id: str, who: str = "carol", sha: str | None = None) -> Task:
+        """Approve the task's quarantined result (the commit the sealed history names)."""
+        fact = self.fact(task_id)
+        task = self.broker.gatekeeper.accept(task_id, approver_id=who, code=self.code(who),
+                                             sha=sha or fact.result_commit).task
+        self.clock.advance(30)  # the code's step is spent
+        return task
+
     def task(self, task_id: str) -> Task:
         return self.store.get_task(task_id)
 
