@@ -569,6 +569,26 @@ def approve(task_id: str, as_name: str, spec_hash: str | None, note: str, code: 
 
 
 @cli.command()
+@click.argument("task_id")
+@click.option("--sha", required=True, help="The result commit you reviewed (refs/intake/TASK_ID).")
+@click.option("--as", "as_name", required=True, metavar="APPROVER")
+@click.option("--note", default="")
+@_code_option
+@click.option("--json", "as_json", is_flag=True)
+def accept(task_id: str, sha: str, as_name: str, note: str, code: str, as_json: bool) -> None:
+    """Approve TASK_ID's result, commit SHA, so it may be delivered as a branch and PR."""
+    with _broker() as broker:
+        decision = broker.gatekeeper.accept(task_id, approver_id=as_name, code=code, sha=sha, note=note)
+    task = decision.task
+    if as_json:
+        _out_json({"task": task.id, "status": task.state.value, "sha": sha,
+                   "result_approvals": [a.approver for a in task.result_approvals]})
+    else:
+        click.echo(f"task {task.id}: {task.state.value} (result {sha[:12]} approved by "
+                   f"{', '.join(a.approver for a in task.result_approvals)})")
+
+
+@cli.command()
 @click.argument("ident")
 @click.option("--as", "as_name", required=True, metavar="APPROVER")
 @click.option("--reason", required=True)

@@ -223,3 +223,15 @@ def test_privileged_paths_need_a_result_approval_whatever_the_tier(paths_rig: Ri
     rig.work(rig.config(agent=agent))
     assert rig.task(touching.id).state is TaskState.SUCCEEDED
     assert f"refs/heads/intake/{touching.id}" in git_refs(rig.bare("acme/web"))
+
+
+def test_intake_accept_on_the_cli_refuses_another_sha(rig: Rig, fake_forge: FakeForge) -> None:  # noqa: F811
+    import sys
+
+    task = privileged_result(rig, forge_config(rig, fake_forge))
+    wrong = "f" * 40
+    out = subprocess.run([sys.executable, "-m", "intake", "accept", task.id, "--sha", wrong, "--as", "carol",
+                          "--code", "123456"], env=rig.env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"not {wrong[:12]}" in out.stderr and wrong not in out.stdout
+    assert rig.task(task.id).state is TaskState.AWAITING_RESULT_APPROVAL
+    assert rig.events("approval.refused")[-1]["data"]["reason"] == "wrong_sha"
