@@ -2,13 +2,20 @@
 
 :meth:`TaskRunner.run` clones the task's repo at the spec's base ref with only that repo's
 credential, makes the branch ``<prefix>/<task id>``, runs the agent on the frozen prompt in a
-minimal environment under the spec's time and output limits, commits, gates the change, pushes
-it (and optionally opens a pull request), and settles the task:
+minimal environment under the spec's time and output limits, commits, gates the change, runs the
+required checks, pushes the commit to the quarantine ref ``refs/intake/<task id>`` (never a
+branch), and reports:
 
-* ``succeeded`` with ``{branch, commit, base, files, checks, output_tail, pr_url, sandbox, …}``;
+* ``succeeded`` with ``{commit, tree, base, quarantine, files, files_changed, additions,
+  deletions, gates, checks, output_tail, sandbox, …}`` and every changed path; the broker then
+  decides whether the result waits for approval or is delivered;
 * ``blocked`` with the gates' reasons or the failing required checks, nothing pushed;
 * ``failed`` with a reason (agent error or timeout, no change, git trouble);
 * nothing, when the run was stopped (revoked, frozen, superseded: the broker says so).
+
+A delivery job (a token with ``kind = "deliver"``) runs no agent: :meth:`TaskRunner._deliver`
+fetches the quarantined commit, checks it is exactly the token's ``deliver_sha``, pushes it to
+``<prefix>/<task id>`` and opens the pull request (draft when the result needed approval).
 
 The worker settles nothing itself: it reports the outcome (``report.result``) and the broker
 applies it if its ledger says this run is still the live one. While the agent runs,
