@@ -663,6 +663,24 @@ def approve(task_id: str, spec_hash: str | None, note: str, code: str, on_behalf
 
 
 @cli.command()
+@click.argument("task_id")
+@click.option("--sha", required=True, help="The result commit you reviewed (refs/intake/TASK_ID).")
+@click.option("--note", default="")
+@_behalf_option
+@_code_option
+@click.option("--json", "as_json", is_flag=True)
+def accept(task_id: str, sha: str, note: str, on_behalf_of: str | None, code: str, as_json: bool) -> None:
+    """Approve TASK_ID's result, commit SHA, so it may be delivered as a branch and PR."""
+    body = {"sha": sha, "note": note, "code": code, "on_behalf_of": on_behalf_of}
+    data = _api().call("POST", f"/tasks/{seg(task_id)}/accept", body)
+    if as_json:
+        _out_json(data)
+    else:
+        click.echo(f"task {data['task']}: {data['status']} (result {sha[:12]} approved by "
+                   f"{', '.join(data['result_approvals'])})")
+
+
+@cli.command()
 @click.argument("ident")
 @click.option("--reason", required=True)
 @_behalf_option

@@ -51,6 +51,8 @@ class DispatchFact:
     nonce: str
     exp: float
     queue: str
+    kind: str = "run"  # or "deliver": push the quarantined ``sha`` to the task branch
+    sha: str | None = None
 
 
 @dataclass
@@ -69,6 +71,12 @@ class TaskFact:
     used_nonces: set[str] = field(default_factory=set)
     window_ends_at: float | None = None
     queue: str | None = None
+    # The commit a run produced and quarantined (from task.awaiting_result_approval or
+    # task.delivering), the approvals of exactly that commit, and delivery attempts started.
+    result_commit: str | None = None
+    result_approvals: list[ApprovalFact] = field(default_factory=list)
+    result_rule: dict[str, object] | None = None  # the ApprovalRule it waits for, None: none
+    deliveries: int = 0
 
 
 @dataclass
@@ -176,6 +184,14 @@ class Ledger:
                     approver=ev.actor.removeprefix("approver:"), generation=int(data.get("generation", 0)),
                     spec_hash=str(data.get("spec_hash", "")), at=ev.at, via=str(data.get("via", "cli")),
                 ))
+        elif action == "result.approved":
+            fact = self.tasks.get(subject)
+            if (fact is not None and fact.state is TaskState.AWAITING_RESULT_APPROVAL
+                    and fact.result_commit is not None and data.get("sha") == fact.result_commit):
+                fact.result_approvals.append(ApprovalFact(
+                    approver=ev.actor.removeprefix("approver:"), generation=int(data.get("generation", 0)),
+                    spec_hash=str(data.get("spec_hash", "")), at=ev.at, via=str(data.get("via", "cli")),
+                ))
         elif action == "broker.frozen":
             self.frozen = {"by": ev.actor, "reason": data.get("reason", ""), "at": ev.at}
         elif action == "broker.thawed":
@@ -200,11 +216,23 @@ class Ledger:
         if fact is None or fact.state in _TERMINAL:
             return  # final, whatever comes after
         if what == "dispatched":
-            if fact.state is TaskState.QUEUED:
+            kind = str(data.get("kind", "run"))
+            if (fact.state, kind) in ((TaskState.QUEUED, "run"), (TaskState.DELIVERING, "deliver")):
                 dispatch = DispatchFact(attempt=int(data["attempt"]), job=str(data["job"]),  # type: ignore[call-overload]
                                         nonce=str(data["nonce"]), exp=float(data["exp"]),  # type: ignore[arg-type]
-                                        queue=str(data["queue"]))
-                fact.dispatches[dispatch.nonce] = dispatch
+                                        queue=str(data["queue"]), kind=kind,
+                                        sha=str(data["sha"]) if data.get("sha") else None)
+                if kind == "run" or dispatch.sha == fact.result_commit:
+                    fact.dispatches[dispatch.nonce] = dispatch
+            return
+        if what == "delivery_started":
+            nonce = str(data.get("nonce", ""))
+            if fact.state is TaskState.DELIVERING and nonce in fact.dispatches:
+                fact.deliveries = int(data.get("attempt", fact.deliveries + 1))  # type: ignore[call-overload]
+                fact.run = str(data.get("run", "")) or None
+                fact.started_at = ev.at
+                fact.used_nonces.add(nonce)
+                fact.dispatches = {}
             return
         if what == "amended":
             fact.spec_hash = str(data.get("spec_hash", ""))
@@ -214,8 +242,15 @@ class Ledger:
             state = TaskState("awaiting_approvals" if what == "amended" else what)
         except ValueError:
             return  # task.<something> that is not a state change
+        previous = fact.state
         fact.state = state
         fact.dispatches = {}  # a new state: earlier dispatch tokens are dead
+        if previous is TaskState.RUNNING and state in (TaskState.AWAITING_RESULT_APPROVAL, TaskState.DELIVERING):
+            # A new commit: a new quarantined result, and approvals of any earlier one are void.
+            fact.result_commit = str(data.get("commit", "")) or None
+            fact.result_approvals = []
+            rule = data.get("rule")
+            fact.result_rule = rule if isinstance(rule, dict) else None
         if state is TaskState.RUNNING:
             fact.attempts = int(data.get("attempt", fact.attempts + 1))  # type: ignore[call-overload]
             fact.run = str(data.get("run", "")) or None
@@ -274,6 +309,22 @@ class Ledger:
             counted = []
             for a in fact.approvals:
                 if (a.spec_hash == fact.spec_hash and a.at > now - validity and a.approver not in seen
+                        and self.approver_current(a.approver, a.generation)):
+                    seen.add(a.approver)
+                    counted.append(a)
+            return counted
+
+    def counted_result_approvals(self, task_id: str) -> list[ApprovalFact]:
+        """The approvals that count for the task's quarantined commit: of that very SHA (a new
+        commit starts over), one per approver, by an approver whose enrolment is still current."""
+        with self._lock:
+            fact = self.tasks.get(task_id)
+            if fact is None:
+                return []
+            seen: set[str] = set()
+            counted = []
+            for a in fact.result_approvals:
+                if (a.spec_hash == fact.spec_hash and a.approver not in seen
                         and self.approver_current(a.approver, a.generation)):
                     seen.add(a.approver)
                     counted.append(a)

@@ -39,6 +39,8 @@ class TaskState(StrEnum):
     AWAITING_APPROVALS = "awaiting_approvals"
     QUEUED = "queued"
     RUNNING = "running"
+    AWAITING_RESULT_APPROVAL = "awaiting_result_approval"
+    DELIVERING = "delivering"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     BLOCKED = "blocked"
@@ -54,7 +56,8 @@ IDEA_TRANSITIONS: dict[IdeaState, frozenset[IdeaState]] = {
     IdeaState.AWAITING_APPROVAL: frozenset(_IDEA_END),
 }
 
-TASK_OPEN = frozenset({TaskState.AWAITING_APPROVALS, TaskState.QUEUED, TaskState.RUNNING})
+TASK_OPEN = frozenset({TaskState.AWAITING_APPROVALS, TaskState.QUEUED, TaskState.RUNNING,
+                       TaskState.AWAITING_RESULT_APPROVAL, TaskState.DELIVERING})
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.AWAITING_APPROVALS: frozenset(
         {TaskState.QUEUED, TaskState.DENIED, TaskState.REVOKED, TaskState.EXPIRED}
@@ -71,15 +74,26 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
             TaskState.EXPIRED,
         }
     ),
-    # running -> queued is a retry after an abandoned run, when policy allows one.
+    # running -> queued is a retry after an abandoned run, when policy allows one. A run that
+    # passed its gates and checks has its commit quarantined on refs/intake/<task id>: it waits
+    # for a result approval, or goes straight to delivery when policy needs none.
     TaskState.RUNNING: frozenset(
         {
-            TaskState.SUCCEEDED,
+            TaskState.AWAITING_RESULT_APPROVAL,
+            TaskState.DELIVERING,
             TaskState.FAILED,
             TaskState.BLOCKED,
             TaskState.REVOKED,
             TaskState.QUEUED,
         }
+    ),
+    TaskState.AWAITING_RESULT_APPROVAL: frozenset(
+        {TaskState.DELIVERING, TaskState.DENIED, TaskState.REVOKED}
+    ),
+    # delivering: a delivery job pushes the quarantined commit to the task branch and opens the
+    # pull request; only then is the task succeeded.
+    TaskState.DELIVERING: frozenset(
+        {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.DENIED, TaskState.REVOKED}
     ),
 }
 
@@ -210,6 +224,8 @@ class Approval(_Model):
     via: str = "cli"
     note: str = ""
     generation: int = 0
+    #: For a result approval: the commit SHA approved (None for an approval of the spec).
+    sha: str | None = None
 
 
 class Task(_Model):
@@ -230,6 +246,8 @@ class Task(_Model):
     attempts: int = 0
     reason: str | None = None
     result: dict[str, Any] | None = None
+    #: Approvals of the result commit (``Approval.sha``), while it awaits result approval.
+    result_approvals: list[Approval] = Field(default_factory=list)
 
 
 SLACK_USER_RE = r"^[UW][A-Z0-9]{8,}$"

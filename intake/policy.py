@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from intake.errors import PolicyError
 from intake.models import canonical_json, sha256_hex
-from workers.gates import validate_pattern
+from workers.gates import glob_match, validate_pattern
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")
@@ -85,13 +85,32 @@ class ChangeType(_Strict):
     paths: tuple[Glob, ...] = Field(min_length=1)
 
 
-class RiskTier(_Strict):
+class ApprovalRule(_Strict):
+    """How many distinct approvers, from which groups, with at least ``require[g]`` from g."""
+
     approvals: int = Field(ge=1, le=10)
     groups: tuple[Name, ...] = Field(min_length=1)
     require: dict[Name, int] = Field(default_factory=dict)
+
+
+class RiskTier(ApprovalRule):
+    """A tier's rule for approving the spec, and optionally (``result_approvals``) for approving
+    the result: the quarantined commit, before it may become a branch."""
+
     retries: int = Field(0, ge=0, le=3)
     # "passkey": every approval of this tier's work needs a passkey assertion, not a TOTP code.
     step_up: Literal["any", "passkey"] = "any"
+    result_approvals: ApprovalRule | None = None
+
+    def result_rule(self, touches_privileged: bool) -> ApprovalRule | None:
+        """The rule a result must meet before delivery, or None to deliver automatically. A
+        change to a repo's privileged paths needs one whatever the tier: the tier's own
+        ``result_approvals``, else one approval from the tier's groups."""
+        if self.result_approvals is not None:
+            return self.result_approvals
+        if touches_privileged:
+            return ApprovalRule(approvals=1, groups=self.groups)
+        return None
 
 
 class Group(_Strict):
@@ -138,6 +157,13 @@ class Repo(_Strict):
     blocked_paths: tuple[Glob, ...] = ()
     checks: tuple[Check, ...] = ()
     queue: Name | None = None
+    #: Paths whose change needs a result approval whatever the tier (e.g. ``auth/**``).
+    privileged_paths: tuple[Glob, ...] = ()
+
+    def touches_privileged(self, paths: list[str]) -> bool:
+        """Whether any of ``paths`` matches a privileged pattern (case-insensitively: a
+        case-insensitive checkout must not slip ``Auth/`` past ``auth/**``)."""
+        return any(glob_match(p, path, case_sensitive=False) for p in self.privileged_paths for path in paths)
 
     @model_validator(mode="after")
     def _unique_checks(self) -> Repo:
@@ -165,23 +191,9 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _cross_references(self) -> Policy:
         for name, tier in self.risk_tiers.items():
-            where = f"risk_tiers.{name}"
-            for j, group in enumerate(tier.groups):
-                if group not in self.groups:
-                    raise PolicyError(f"{where}.groups[{j}]", f"unknown group {group!r}")
-            for group, count in tier.require.items():
-                if group not in tier.groups:
-                    raise PolicyError(f"{where}.require.{group}", "group is not one of the tier's groups")
-                if count < 1:
-                    raise PolicyError(f"{where}.require.{group}", "must be at least 1")
-            if sum(tier.require.values()) > tier.approvals:
-                raise PolicyError(f"{where}.require", "requires more approvals than the tier's total")
-            eligible = {m for g in tier.groups for m in self.groups[g].members}
-            if len(eligible) < tier.approvals:
-                raise PolicyError(
-                    f"{where}.approvals",
-                    f"needs {tier.approvals} distinct approvers but its groups have {len(eligible)}",
-                )
+            self._check_rule(f"risk_tiers.{name}", tier)
+            if tier.result_approvals is not None:
+                self._check_rule(f"risk_tiers.{name}.result_approvals", tier.result_approvals)
         if self.escalation.group not in self.groups:
             raise PolicyError("escalation.group", f"unknown group {self.escalation.group!r}")
         seen: set[str] = set()
@@ -195,6 +207,24 @@ class Policy(_Strict):
                 if ctype not in self.change_types:
                     raise PolicyError(f"repos[{i}].change_types[{j}]", f"unknown change type {ctype!r}")
         return self
+
+    def _check_rule(self, where: str, rule: ApprovalRule) -> None:
+        for j, group in enumerate(rule.groups):
+            if group not in self.groups:
+                raise PolicyError(f"{where}.groups[{j}]", f"unknown group {group!r}")
+        for group, count in rule.require.items():
+            if group not in rule.groups:
+                raise PolicyError(f"{where}.require.{group}", "group is not one of the tier's groups")
+            if count < 1:
+                raise PolicyError(f"{where}.require.{group}", "must be at least 1")
+        if sum(rule.require.values()) > rule.approvals:
+            raise PolicyError(f"{where}.require", "requires more approvals than the tier's total")
+        eligible = {m for g in rule.groups for m in self.groups[g].members}
+        if len(eligible) < rule.approvals:
+            raise PolicyError(
+                f"{where}.approvals",
+                f"needs {rule.approvals} distinct approvers but its groups have {len(eligible)}",
+            )
 
     @cached_property
     def version_hash(self) -> str:

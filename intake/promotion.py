@@ -37,7 +37,7 @@ from intake.models import (
 )
 from intake.passkeys import PasskeyProof
 from intake.people import People
-from intake.policy import Policy, RiskTier
+from intake.policy import ApprovalRule, Policy, RiskTier
 from intake.store import Pipe, Store, idea_fields
 
 
@@ -161,13 +161,13 @@ class Gatekeeper:
         return counted
 
     @staticmethod
-    def satisfied(tier: RiskTier, approvals: list[Approval]) -> bool:
+    def satisfied(tier: ApprovalRule, approvals: list[Approval]) -> bool:
         if len({a.approver for a in approvals}) < tier.approvals:
             return False
         return all(sum(g in a.groups for a in approvals) >= n for g, n in tier.require.items())
 
     @staticmethod
-    def fit(tier: RiskTier, tier_name: str, approvals: list[Approval], groups: tuple[str, ...]) -> str | None:
+    def fit(tier: ApprovalRule, tier_name: str, approvals: list[Approval], groups: tuple[str, ...]) -> str | None:
         """Why an approver with ``groups`` cannot add an approval now, or None if they can."""
         if not set(groups) & set(tier.groups):
             return f"approvers for {tier_name} work must be in {' or '.join(tier.groups)}"
@@ -353,6 +353,97 @@ class Gatekeeper:
         tier_name, tier = self._tier(task.spec)
         if (why := self.fit(tier, tier_name, valid, groups)) is not None:
             raise self._refuse(actor, task.id, "wrong_group", why)
+
+    # -- the result -------------------------------------------------------------------------
+    def result_rule(self, task: Task, paths: list[str], complete: bool) -> ApprovalRule | None:
+        """The approval a run's result needs before delivery (None: deliver now), from the
+        policy: the tier's ``result_approvals``, or, when the change touches one of the repo's
+        ``privileged_paths`` (or the path list is incomplete), one whatever the tier."""
+        repo = self.policy.find_repo(task.spec.repo)
+        if repo is None:
+            return ApprovalRule(approvals=1, groups=tuple(self.policy.groups))
+        _, tier = self._tier(task.spec)
+        touches = not complete or repo.touches_privileged(paths)
+        return tier.result_rule(bool(repo.privileged_paths) and touches)
+
+    def accept(self, task_id: str, *, approver_id: str, code: str | PasskeyProof, sha: str, via: str = "cli",
+               note: str = "") -> Decision:
+        """Approve a task's *result*: the quarantined commit ``sha``, as the sealed history
+        names it (step-up code required, never by the requester). When the approvals of that
+        commit meet the rule it waits for, the task moves to ``delivering`` and a delivery job
+        bound to that sha is dispatched. A new commit needs new approvals; deny and revoke win."""
+        actor = f"approver:{approver_id}"
+        self._live(actor, task_id)
+        approver = self._active(approver_id, task_id)
+        task = self.store.get_task(task_id)
+        groups = self.policy.groups_of(approver.id)
+        self._check_acceptable(task, approver, groups, sha, actor)
+        factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id, bound=sha)
+        via = self._via(via, factor)
+
+        def build(pipe: Pipe) -> Task:
+            now = self.store.clock()
+            current = self.store.read_task(pipe, task_id)
+            rule = self._check_acceptable(current, approver, groups, sha, actor)
+            approval = Approval(approver=approver.id, groups=groups, spec_hash=current.spec_hash, at=now, via=via,
+                                note=note, generation=approver.generation, sha=sha)
+            counted = [*self.valid_result_approvals(current), approval]
+            done = self.satisfied(rule, counted)
+            kept = [a for a in current.result_approvals if a.sha == sha]
+            changes: dict[str, Any] = {"result_approvals": [*kept, approval], "updated_at": now}
+            if done:
+                changes["state"] = TaskState.DELIVERING
+            updated = current.model_copy(update=changes)
+            pipe.multi()
+            self.store.write_task(pipe, updated)
+            self.store.emit(pipe, actor, "result.approved", task_id, sha=sha, spec_hash=current.spec_hash,
+                            groups=list(groups), via=via, count=len(counted), required=rule.approvals,
+                            generation=approver.generation)
+            if done:
+                self.store.emit(pipe, "system", "task.delivering", task_id, commit=sha)
+            return updated
+
+        updated = self.store.transact([self.store.keys.task(task_id)], build)
+        self.store.audit.seal_pending()  # the ledger must know before the delivery is dispatched
+        if updated.state is TaskState.DELIVERING and self.on_queued:
+            self.on_queued(updated)
+        return Decision(updated)
+
+    def valid_result_approvals(self, task: Task) -> list[Approval]:
+        """Approvals of the task's quarantined commit that count, from the ledger alone."""
+        return [Approval(approver=a.approver, groups=self.policy.groups_of(a.approver), spec_hash=a.spec_hash,
+                         at=a.at, via=a.via, generation=a.generation)
+                for a in self.ledger.follow().counted_result_approvals(task.id)]
+
+    def _check_acceptable(self, task: Task, approver: Approver, groups: tuple[str, ...], sha: str,
+                          actor: str) -> ApprovalRule:
+        """The rule the result waits for, if ``approver`` may approve commit ``sha`` now."""
+        if task.state is TaskState.DENIED:
+            raise self._refuse(actor, task.id, "already_denied", f"task {task.id} was denied")
+        if task.state is not TaskState.AWAITING_RESULT_APPROVAL:
+            raise self._refuse(actor, task.id, "not_awaiting_result",
+                               f"task {task.id} is {task.state.value}; it has no result waiting for approval")
+        if (why := self.ledger.follow().tampered(task)) is not None:
+            raise self._refuse(actor, task.id, "tampered",
+                               f"task {task.id}'s record disagrees with the sealed history ({why}); "
+                               "it was altered in storage")
+        fact = self.ledger.task(task.id)
+        if fact is None or fact.result_commit is None or fact.result_rule is None:
+            raise self._refuse(actor, task.id, "tampered", f"the sealed history holds no result for {task.id}")
+        if sha != fact.result_commit:
+            raise self._refuse(actor, task.id, "wrong_sha",
+                               f"task {task.id}'s result is commit {fact.result_commit[:12]}, not {sha[:12]}; "
+                               "review the result again", sha=sha[:64])
+        idea = self.store.get_idea(task.idea_id)
+        self._check_idea_intact(idea, actor)
+        if task.idea_id != idea.id or self.own_work(approver.id, idea, approver):
+            raise self._refuse(actor, task.id, "self_approval", "you cannot approve the result of your own request")
+        if any(a.approver == approver.id for a in self.valid_result_approvals(task)):
+            raise self._refuse(actor, task.id, "already_approved", f"you already approved {task.id}'s result")
+        rule = ApprovalRule.model_validate(fact.result_rule)
+        if (why := self.fit(rule, f"{task.risk_tier} result", self.valid_result_approvals(task), groups)) is not None:
+            raise self._refuse(actor, task.id, "wrong_group", why)
+        return rule
 
     # -- deny / amend ----------------------------------------------------------------------
     def deny(self, ident: str, *, approver_id: str, reason: str) -> Idea | Task:

@@ -140,61 +140,86 @@ class Dispatcher:
         return True
 
     def _dispatchable(self, task_id: str) -> tuple[Task, TaskFact] | None:
-        """The task and its ledger fact when the ledger says it may be dispatched now."""
+        """The task and its ledger fact when the ledger says it may be dispatched now: queued
+        (a run), or delivering with no live delivery attempt (a delivery of its result commit)."""
         self.ledger.follow().require_live()
         fact = self.ledger.task(task_id)
-        if fact is None or fact.state is not TaskState.QUEUED or self.ledger.frozen is not None:
+        if fact is None or self.ledger.frozen is not None:
             return None
-        if (fact.window_ends_at or 0) <= self.store.clock():
-            return None  # expire_due ends it
+        if fact.state is TaskState.QUEUED:
+            if (fact.window_ends_at or 0) <= self.store.clock():
+                return None  # expire_due ends it
+        elif fact.state is TaskState.DELIVERING:
+            if fact.result_commit is None or (fact.run is not None and not self._run_lapsed(fact)):
+                return None
+        else:
+            return None
         try:
             task = self.store.get_task(task_id)
         except (NotFound, InvalidInput):
-            self.tamper(task_id, "the ledger's queued task has no record")
+            self.tamper(task_id, f"the ledger's {fact.state.value} task has no record")
             return None
         if (why := self.ledger.tampered(task)) is not None:
             self.tamper(task_id, why)
             return None
-        gate = self.broker.gatekeeper
-        _, tier = gate._tier(task.spec)
-        if not gate.satisfied(tier, gate.valid_approvals(task, self.store.clock())):
-            return None  # requeue_unsatisfied moves it back to awaiting approvals
+        if fact.state is TaskState.QUEUED:
+            gate = self.broker.gatekeeper
+            _, tier = gate._tier(task.spec)
+            if not gate.satisfied(tier, gate.valid_approvals(task, self.store.clock())):
+                return None  # requeue_unsatisfied moves it back to awaiting approvals
         return task, fact
 
-    def enqueue(self, task_id: str) -> str | None:
-        """Dispatch a queued task's next attempt to RQ; returns the job id, or None if skipped.
+    def _run_lapsed(self, fact: TaskFact) -> bool:
+        return (fact.started_at or 0) + LEASE_GRACE_S * 2 <= self.store.clock() and not self.lease_ok(fact)
 
-        Skipped unless the ledger says queued, unfrozen, inside its approval window and still
-        approved. A live job holding an unexpired token for the attempt is left alone; otherwise
-        a fresh token is minted, recorded (``task.dispatched``) and enqueued, replacing a dead job.
+    @staticmethod
+    def next_job(fact: TaskFact) -> tuple[int, str]:
+        """(attempt, RQ job id) of the task's next dispatch: a run ``<id>_<n>`` while queued, a
+        delivery ``<id>_d<n>`` while delivering."""
+        if fact.state is TaskState.DELIVERING:
+            return fact.deliveries + 1, f"{fact.id}_d{fact.deliveries + 1}"
+        return fact.attempts + 1, job_id_for(fact.id, fact.attempts + 1)
+
+    def enqueue(self, task_id: str) -> str | None:
+        """Dispatch a task's next attempt to RQ; returns the job id, or None if skipped.
+
+        Skipped unless the ledger says it may go now (see :meth:`_dispatchable`). A live job
+        holding an unexpired token for the attempt is left alone; otherwise a fresh token is
+        minted, recorded (``task.dispatched``) and enqueued, replacing a dead job. A delivery
+        token is bound to the result commit the sealed history names, never to a record's.
         """
         found = self._dispatchable(task_id)
         if found is None:
             return None
         task, fact = found
         now = self.store.clock()
-        attempt = fact.attempts + 1
-        job_id = job_id_for(task.id, attempt)
+        attempt, job_id = self.next_job(fact)
         fresh = [d for d in fact.dispatches.values() if d.attempt == attempt and d.exp > now + 5]
         if fresh and self.job_is_live(job_id):
             return job_id
         queue_name = fact.queue  # the sealed history's, not the record's: Redis cannot reroute work
         if not queue_name:
             return None
-        ttl = int(min(self.broker.settings.dispatch_ttl, (fact.window_ends_at or now) - now))
+        delivering = fact.state is TaskState.DELIVERING
+        sha = fact.result_commit if delivering else None
+        limit = float(self.broker.settings.dispatch_ttl) if delivering else (fact.window_ends_at or now) - now
+        ttl = int(min(self.broker.settings.dispatch_ttl, limit))
         if ttl <= 5:
             return None
         token, claims = mint_dispatch(self.broker.signer, task_id=task.id, attempt=attempt, job_id=job_id,
-                                      queue=queue_name, spec=task.spec, now=now, ttl_s=ttl)
+                                      queue=queue_name, spec=task.spec, now=now, ttl_s=ttl,
+                                      deliver_sha=sha, draft=delivering and fact.result_rule is not None)
+        expected = fact.state
 
         def build(pipe: Any) -> bool:
             current = self.store.read_task(pipe, task.id)
-            if current.state is not TaskState.QUEUED or current.spec_hash != task.spec_hash:
+            if current.state is not expected or current.spec_hash != task.spec_hash:
                 return False
             pipe.multi()
             self.store.write_task(pipe, current.model_copy(update={"updated_at": now}))
             self.store.emit(pipe, "system", "task.dispatched", task.id, attempt=attempt, job=job_id,
-                            nonce=claims.nonce, exp=float(claims.exp), queue=queue_name, kid=claims.kid)
+                            nonce=claims.nonce, exp=float(claims.exp), queue=queue_name, kid=claims.kid,
+                            kind=claims.kind, **({"sha": sha} if sha else {}))
             return True
 
         if not self.store.transact([self.keys.task(task.id)], build):
@@ -217,7 +242,7 @@ class Dispatcher:
                 failure_ttl=FAILURE_TTL_S,
                 ttl=ttl,  # a job that waits longer than its token lives is useless
                 # RQ logs the description; the default one would hold the token.
-                description=f"intake task {task.id} attempt {attempt}",
+                description=f"intake task {task.id} {'delivery' if delivering else 'attempt'} {attempt}",
                 unique=True,
             )
         except DuplicateJobError:
@@ -235,15 +260,17 @@ class Dispatcher:
 
     # -- reconciling -----------------------------------------------------------------------
     def enqueue_missing(self) -> int:
-        """(Re)dispatch every task the ledger says is queued and that has no live job holding
-        an unexpired token. Returns how many were dispatched."""
+        """(Re)dispatch every task the ledger says is queued (or delivering, with no live
+        delivery attempt) and that has no live job holding an unexpired token. Returns how
+        many were dispatched."""
         count = 0
         now = self.store.clock()
         self.ledger.follow()
-        for fact in [f for f in list(self.ledger.tasks.values()) if f.state is TaskState.QUEUED]:
-            attempt = fact.attempts + 1
+        for fact in [f for f in list(self.ledger.tasks.values())
+                     if f.state in (TaskState.QUEUED, TaskState.DELIVERING)]:
+            attempt, job_id = self.next_job(fact)
             fresh = [d for d in fact.dispatches.values() if d.attempt == attempt and d.exp > now + 5]
-            if fresh and self.job_is_live(job_id_for(fact.id, attempt)):
+            if fresh and self.job_is_live(job_id):
                 continue
             if self.enqueue(fact.id) is not None:
                 count += 1
@@ -258,7 +285,8 @@ class Dispatcher:
             lease = verify_lease(raw, self.broker.keyring)
         except TokenInvalid:
             return False
-        return (lease.granted and lease.task == fact.id and lease.attempt == fact.attempts
+        attempt = fact.deliveries if fact.state is TaskState.DELIVERING else fact.attempts
+        return (lease.granted and lease.task == fact.id and lease.attempt == attempt
                 and lease.run == fact.run and lease.exp + LEASE_GRACE_S > self.store.clock())
 
     def reap_abandoned(self) -> int:

@@ -52,7 +52,9 @@ log = logging.getLogger("intake.reports")
 
 GROUP = "broker"
 _WORKER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
-#: What a run may end as, by the worker's word (the broker still checks it is that run's).
+#: What a run may end as, by the worker's word (the broker still checks it is that run's). A
+#: run's ``succeeded`` means: gates and checks passed, the commit is quarantined; the broker
+#: then decides between awaiting result approval and delivery.
 RESULT_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.BLOCKED})
 #: Refusals that are the task's own fault: the broker ends the task with them.
 TASK_FAULTS = {"stale_policy": TaskState.FAILED, "misrouted": TaskState.FAILED,
@@ -290,6 +292,9 @@ class ReportProcessor:
             return
         fact = self.ledger.task(report.task)
         assert fact is not None
+        if fact.state is TaskState.DELIVERING:
+            self._delivery_started(report, attempt, run, nonce)
+            return
 
         def check(current: Task) -> None:
             if (why := self.ledger.follow().tampered(current)) is not None:
@@ -313,6 +318,32 @@ class ReportProcessor:
         self.store.audit.seal_pending()
         self._lease(report.task, attempt, run)
 
+    def _delivery_started(self, report: Report, attempt: int, run: str, nonce: str) -> None:
+        """A delivery claim the ledger allows: the attempt starts (``task.delivery_started``,
+        which spends the nonce) and the worker gets its lease."""
+
+        def build(pipe: Any) -> bool:
+            current = self.store.read_task(pipe, report.task)
+            now_fact = self.ledger.follow().task(report.task)
+            if (self.ledger.tampered(current) is not None or now_fact is None
+                    or now_fact.state is not TaskState.DELIVERING or nonce not in now_fact.dispatches):
+                return False
+            pipe.multi()
+            self.store.write_task(pipe, current.model_copy(update={"updated_at": self.store.clock()}))
+            self.store.audit.append_report(pipe, report.fields)
+            self.store.emit(pipe, "system", "task.delivery_started", report.task, attempt=attempt, run=run,
+                            nonce=nonce, job=str(report.data.get("job", "")), worker=report.worker,
+                            sha=now_fact.result_commit)
+            return True
+
+        if not self.store.transact([self.keys.task(report.task)], build):
+            self._lease(report.task, attempt, run, status="refused", reason="changed meanwhile")
+            self.store.audit.record("system", "job.refused", report.task, reason="changed_meanwhile",
+                                    worker=report.worker, attempt=attempt)
+            return
+        self.store.audit.seal_pending()
+        self._lease(report.task, attempt, run)
+
     def _claim_refusal(self, report: Report, attempt: int, nonce: str) -> str | None:
         """Why this claim may not start the attempt (from the ledger), or None."""
         self.ledger.follow()
@@ -321,7 +352,7 @@ class ReportProcessor:
         fact = self.ledger.task(report.task)
         if fact is None:
             return "no_such_task"
-        if fact.state is not TaskState.QUEUED:
+        if fact.state not in (TaskState.QUEUED, TaskState.DELIVERING):
             with contextlib.suppress(NotFound, InvalidInput):
                 if (why := self.ledger.tampered(self.store.get_task(report.task))) is not None:
                     self.broker.dispatcher.tamper(report.task, why)
@@ -333,7 +364,10 @@ class ReportProcessor:
         dispatch = fact.dispatches.get(nonce)
         if dispatch is None:
             return "token_unknown"  # not a token the broker minted for this queued spell
-        if dispatch.attempt != attempt or attempt != fact.attempts + 1:
+        if fact.state is TaskState.DELIVERING and fact.run is not None and self.broker.dispatcher.lease_ok(fact):
+            return "delivery_running"
+        expected = fact.attempts + 1 if dispatch.kind == "run" else fact.deliveries + 1
+        if dispatch.attempt != attempt or attempt != expected:
             return "wrong_attempt"
         if dispatch.exp <= self.store.clock():
             return "token_expired"
@@ -357,14 +391,17 @@ class ReportProcessor:
         fact = self.ledger.task(report.task)
         if self.ledger.halted is not None:
             return attempt, run, "frozen"
-        if fact is None or fact.state is not TaskState.RUNNING or fact.run != run or fact.attempts != attempt:
+        live = fact is not None and fact.run == run and (
+            (fact.state is TaskState.RUNNING and fact.attempts == attempt)
+            or (fact.state is TaskState.DELIVERING and fact.deliveries == attempt))
+        if not live:
             state = fact.state if fact is not None else None
             return attempt, run, "revoked" if state is TaskState.REVOKED else "superseded"
         if self.ledger.frozen is not None:
             return attempt, run, "frozen"
         record = self.store.get_task(report.task)
         limit = record.spec.limits.run_timeout_s + JOB_TIMEOUT_MARGIN_S
-        if (fact.started_at or 0) + limit < self.store.clock():
+        if fact is None or (fact.started_at or 0) + limit < self.store.clock():
             return attempt, run, "superseded"  # past any run's time: no more renewals
         return attempt, run, None
 
@@ -388,21 +425,60 @@ class ReportProcessor:
         reason = d.get("reason") if isinstance(d.get("reason"), str) else None
         extra = d.get("summary") if isinstance(d.get("summary"), dict) else {}
         if why is None or why == "frozen":
-            def check(current: Task) -> None:
-                now_fact = self.ledger.follow().task(report.task)
-                if now_fact is None or now_fact.run != run or now_fact.state is not TaskState.RUNNING:
-                    raise InvalidInput("changed meanwhile")
-            try:
-                self.store.move_task(report.task, to, actor="system", reason=reason, check=check,
-                                     also=self._evidence(report), update={"result": result},
-                                     attempt=attempt, run=run, worker=report.worker, **_flat(extra))
-                self.r.delete(self.keys.lease(report.task))
-                return
-            except (IllegalTransition, InvalidInput, NotFound):
-                pass
+            fact = self.ledger.task(report.task)
+            phase = fact.state if fact is not None else None
+            if phase is TaskState.RUNNING or phase is TaskState.DELIVERING:
+                target, data, result = self._settling(report, phase, to, result)
+
+                def check(current: Task) -> None:
+                    now_fact = self.ledger.follow().task(report.task)
+                    if now_fact is None or now_fact.run != run or now_fact.state is not phase:
+                        raise InvalidInput("changed meanwhile")
+                try:
+                    moved = self.store.move_task(report.task, target, actor="system", reason=reason, check=check,
+                                                 also=self._evidence(report), update={"result": result},
+                                                 **{**_flat(extra), **data, "attempt": attempt, "run": run,
+                                                    "worker": report.worker})
+                    self.r.delete(self.keys.lease(report.task))
+                    if target is TaskState.DELIVERING:
+                        self.store.audit.seal_pending()
+                        self.broker.dispatcher.on_queued(moved)
+                    return
+                except (IllegalTransition, InvalidInput, NotFound):
+                    pass
         state = self.ledger.task(report.task)
         self.store.audit.record("system", "run.discarded", report.task, attempt=attempt, worker=report.worker,
                                 outcome=to.value, state=state.state.value if state else None, **_flat(extra))
+
+    def _settling(self, report: Report, phase: TaskState, to: TaskState,
+                  result: dict[str, Any] | None) -> tuple[TaskState, dict[str, Any], dict[str, Any] | None]:
+        """(state, event data, result) for a result report of a live run or delivery.
+
+        A run that passed its gates and checks reports ``succeeded`` with its quarantined
+        commit: the broker decides from the policy whether that result waits for approval
+        (the rule goes on the record, for :meth:`Gatekeeper.accept`) or is delivered now. A
+        delivery may only succeed with exactly the commit the sealed history names."""
+        fact = self.ledger.task(report.task)
+        assert fact is not None
+        commit = str((result or {}).get("commit", ""))
+        if phase is TaskState.DELIVERING:
+            if to is TaskState.BLOCKED:
+                raise ReportRejected("malformed")
+            if to is TaskState.SUCCEEDED and commit != fact.result_commit:
+                raise ReportRejected("wrong_commit")
+            earlier = self.store.get_task(report.task).result or {}
+            return to, {"commit": fact.result_commit}, {**earlier, **(result or {})}
+        if to is not TaskState.SUCCEEDED:
+            return to, {}, result
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+            raise ReportRejected("malformed")
+        paths = report.data.get("paths")
+        complete = report.data.get("paths_complete") is True and isinstance(paths, list)
+        listed = [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+        rule = self.broker.gatekeeper.result_rule(self.store.get_task(report.task), listed, complete)
+        if rule is None:
+            return TaskState.DELIVERING, {"commit": commit}, result
+        return TaskState.AWAITING_RESULT_APPROVAL, {"commit": commit, "rule": rule.model_dump(mode="json")}, result
 
     def _refused(self, report: Report) -> None:
         d = report.data
@@ -439,4 +515,9 @@ class ReportProcessor:
 def _flat(data: dict[str, Any]) -> dict[str, Any]:
     """Summary fields a worker sent, kept to scalars (they go into an audit event's data)."""
     return {str(k)[:40]: v for k, v in list(data.items())[:20]
-            if isinstance(v, str | int | float | bool) or v is None}
+            if (isinstance(v, str | int | float | bool) or v is None) and str(k) not in _RESERVED}
+
+
+# Parameter names of the calls summary fields are passed to: a worker cannot set them.
+_RESERVED = frozenset({"actor", "action", "subject", "reason", "update", "check", "also", "task_id", "to",
+                       "rule", "commit"})

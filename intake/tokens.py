@@ -97,6 +97,11 @@ class DispatchClaims(_Claims):
     spec: TaskSpec
     iat: int
     exp: int
+    #: ``run``: run the agent. ``deliver``: push the quarantined commit ``deliver_sha`` (and no
+    #: other) to the task branch and open the pull request, ``draft`` for privileged work.
+    kind: Literal["run", "deliver"] = "run"
+    deliver_sha: str | None = None
+    draft: bool = False
 
 
 class LeaseClaims(_Claims):
@@ -130,12 +135,15 @@ def _unb64(text: str) -> bytes:
 
 
 def mint_dispatch(signer: Signer, *, task_id: str, attempt: int, job_id: str, queue: str, spec: TaskSpec,
-                  now: float, ttl_s: int = DISPATCH_TTL_S) -> tuple[str, DispatchClaims]:
-    """Sign a fresh single-use dispatch token for one attempt of ``task_id``."""
+                  now: float, ttl_s: int = DISPATCH_TTL_S, deliver_sha: str | None = None,
+                  draft: bool = False) -> tuple[str, DispatchClaims]:
+    """Sign a fresh single-use dispatch token for one attempt of ``task_id`` (a delivery
+    attempt when ``deliver_sha`` is given: bound to that commit)."""
     claims = DispatchClaims(
         v=2, typ="dispatch", kid=signer.kid, task=task_id, attempt=attempt, job=job_id, queue=queue,
         nonce=secrets.token_urlsafe(18), spec_hash=spec.spec_hash(), spec=spec,
         iat=int(now), exp=int(now) + ttl_s,
+        kind="deliver" if deliver_sha else "run", deliver_sha=deliver_sha, draft=draft,
     )
     return signer.sign(claims), claims
 
@@ -182,6 +190,8 @@ def verify_dispatch(token: str, keyring: Keyring, *, now: float) -> DispatchClai
         raise TokenInvalid("expired", "dispatch token has expired")
     if claims.spec.spec_hash() != claims.spec_hash:
         raise TokenInvalid("spec_mismatch", "dispatch token's spec does not match its spec hash")
+    if (claims.kind == "deliver") != (claims.deliver_sha is not None):
+        raise TokenInvalid("malformed", "a delivery token names exactly one commit, a run token none")
     return claims
 
 

@@ -98,3 +98,21 @@ def test_durations(text: Any, seconds: int) -> None:
 def test_bad_durations(text: Any) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_result_approvals_and_privileged_paths() -> None:
+    policy = parse_policy(example())
+    privileged = policy.risk_tiers["privileged"]
+    assert privileged.result_rule(False) is not None and privileged.result_rule(False).groups == ("security",)
+    standard = policy.risk_tiers["standard"]
+    assert standard.result_rule(False) is None and standard.result_rule(True).groups == ("platform",)
+    web = policy.find_repo("acme/web")
+    assert web is not None and web.touches_privileged(["Auth/login.py"]) and not web.touches_privileged(["docs/a.md"])
+    data = example()
+    data["risk_tiers"]["privileged"]["result_approvals"] = {"approvals": 1, "groups": ["nobody"]}
+    with pytest.raises(PolicyError, match=r"risk_tiers\.privileged\.result_approvals\.groups\[0\]: unknown group"):
+        parse_policy(data)
+    data = example()
+    data["repos"][0]["privileged_paths"] = ["../x"]
+    with pytest.raises(PolicyError, match=r"privileged_paths"):
+        parse_policy(data)

@@ -1,6 +1,6 @@
 """Opening a pull request for a pushed branch, in the shape of GitHub's REST API.
 
-``POST {api_url}/repos/{owner}/{repo}/pulls`` with ``{"title", "head", "base", "body"}`` and a
+``POST {api_url}/repos/{owner}/{repo}/pulls`` with ``{"title", "head", "base", "body", "draft"}`` and a
 bearer token. Redirects are not followed (a redirect would carry the token to wherever it
 points), responses are read up to a small bound, and errors are one line without the token.
 """
@@ -36,12 +36,14 @@ def create_pull_request(
     head: str,
     base: str,
     body: str,
+    draft: bool = False,
     timeout: float = 30.0,
 ) -> str:
-    """Open a pull request and return its ``html_url``. Raises :class:`ForgeError`."""
+    """Open a pull request (a draft when ``draft``) and return its ``html_url``. Raises
+    :class:`ForgeError`."""
     owner, _, name = repository.partition("/")
     url = f"{api_url.rstrip('/')}/repos/{quote(owner, safe='')}/{quote(name, safe='')}/pulls"
-    payload = json.dumps({"title": title, "head": head, "base": base, "body": body}).encode()
+    payload = json.dumps({"title": title, "head": head, "base": base, "body": body, "draft": draft}).encode()
     request = urllib.request.Request(
         url,
         data=payload,

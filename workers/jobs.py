@@ -43,7 +43,8 @@ from intake.tokens import MAX_TOKEN_LEN
 MAX_JOB_DATA_BYTES = 16 * 1024
 
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
-_JOB_ID = re.compile(r"^(T-[0-9a-f]{12})_([1-9][0-9]{0,3})$")
+# A run attempt is <task id>_<n>, a delivery attempt <task id>_d<n>.
+_JOB_ID = re.compile(r"(T-[0-9a-f]{12})_(d?[1-9][0-9]{0,3})")
 
 
 class JobRefused(IntakeError):
@@ -163,7 +164,7 @@ def inspect_job(job: Job, queue: Queue) -> str | None:
         return "task_id is not a task id"
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or not _TOKEN_SHAPE.match(token):
         return "token is not shaped like a capability token"
-    match = _JOB_ID.match(job.id)
+    match = _JOB_ID.fullmatch(job.id)
     if match is None or match.group(1) != task_id:
         return "job id does not name the task"
     if job.origin != queue.name:

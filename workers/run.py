@@ -2,13 +2,20 @@
 
 :meth:`TaskRunner.run` clones the task's repo at the spec's base ref with only that repo's
 credential, makes the branch ``<prefix>/<task id>``, runs the agent on the frozen prompt in a
-minimal environment under the spec's time and output limits, commits, gates the change, pushes
-it (and optionally opens a pull request), and settles the task:
+minimal environment under the spec's time and output limits, commits, gates the change, runs the
+required checks, pushes the commit to the quarantine ref ``refs/intake/<task id>`` (never a
+branch), and reports:
 
-* ``succeeded`` with ``{branch, commit, base, files, checks, output_tail, pr_url, sandbox, …}``;
+* ``succeeded`` with ``{commit, tree, base, quarantine, files, files_changed, additions,
+  deletions, gates, checks, output_tail, sandbox, …}`` and every changed path; the broker then
+  decides whether the result waits for approval or is delivered;
 * ``blocked`` with the gates' reasons or the failing required checks, nothing pushed;
 * ``failed`` with a reason (agent error or timeout, no change, git trouble);
 * nothing, when the run was stopped (revoked, frozen, superseded: the broker says so).
+
+A delivery job (a token with ``kind = "deliver"``) runs no agent: :meth:`TaskRunner._deliver`
+fetches the quarantined commit, checks it is exactly the token's ``deliver_sha``, pushes it to
+``<prefix>/<task id>`` and opens the pull request (draft when the result needed approval).
 
 The worker settles nothing itself: it reports the outcome (``report.result``) and the broker
 applies it if its ledger says this run is still the live one. While the agent runs,
@@ -62,6 +69,9 @@ ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ")
 OUTPUT_TAIL_CHARS = 4000
 #: At most this many changed paths are listed in the result.
 MAX_LISTED_FILES = 100
+#: At most this many changed paths are reported for the broker's privileged-paths check; a
+#: longer list is reported incomplete, and the broker then asks for a result approval.
+MAX_REPORTED_PATHS = 1000
 POLL_INTERVAL_S = 0.25
 
 
@@ -80,6 +90,8 @@ class Outcome:
     reason: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    #: Every changed path (old and new), for the broker's privileged-paths decision.
+    paths: list[str] | None = None
 
 
 class _Stopper:
@@ -136,6 +148,8 @@ class TaskRunner:
 
     def _attempt_work(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
         try:
+            if claim.claims.kind == "deliver":
+                return self._deliver(claim, lease)
             return self._work(claim, lease)
         except JobTimeoutException:
             return Outcome(TaskState.FAILED, "the run exceeded the worker's job timeout")
@@ -151,9 +165,11 @@ class TaskRunner:
         """Tell the broker how the run ended; it applies it if the run is still the live one."""
         if outcome.state is None:
             return  # stopped: already reported by _stopped
+        paths = {} if outcome.paths is None else {
+            "paths": outcome.paths[:MAX_REPORTED_PATHS], "paths_complete": len(outcome.paths) <= MAX_REPORTED_PATHS}
         self.claimer.reporter.send(
             "report.result", claim.task.id, attempt=claim.attempt, run=claim.run_id, state=outcome.state.value,
-            reason=outcome.reason, result=outcome.result or None, summary=outcome.data,
+            reason=outcome.reason, result=outcome.result or None, summary=outcome.data, **paths,
         )
 
     # -- the run itself ---------------------------------------------------------------------
@@ -252,23 +268,52 @@ class TaskRunner:
             # Last look before anything leaves the worker.
             if stop():
                 return self._stopped(claim, stop.why or "lost", tail)
-            pushed = ws.push(branch)
-            result = {**base, "branch": branch, "commit": pushed, "base": ws.base_sha, "files": files,
-                      "pr_url": None}
-            if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
-                result.update(self._pull_request(repo, task.id, branch, spec.base_ref,
-                                                 spec.change_type, task.spec_hash, secrets))
+            # Quarantine: a non-branch ref that forge CI does not run on. The broker decides
+            # from the policy whether the result waits for approval or is delivered now.
+            quarantine = f"refs/intake/{task.id}"
+            pushed = ws.quarantine(quarantine)
+            added, removed = ws.numstat()
+            result = {**base, "commit": pushed, "tree": ws.tree_of(pushed), "base": ws.base_sha,
+                      "quarantine": quarantine, "files": files, "files_changed": len(changed),
+                      "additions": added, "deletions": removed, "gates": "passed"}
+            paths = sorted({p for c in changed for p in (c.path, c.old_path) if p})
             return Outcome(TaskState.SUCCEEDED, None, result,
-                           {"branch": branch, "commit": pushed, "pr_url": result["pr_url"]})
+                           {"commit": pushed, "files_changed": len(changed), "additions": added,
+                            "deletions": removed}, paths)
+
+    def _deliver(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
+        """A delivery: push the quarantined commit the token names (verified to be exactly
+        that sha) to ``<prefix>/<task id>`` and open the pull request. No agent runs."""
+        task, spec = claim.task, claim.task.spec
+        sha = claim.claims.deliver_sha
+        repo = self.config.repo(spec.repo)
+        if repo is None or sha is None:
+            raise IntakeError(f"no repo {spec.repo} in the worker config")
+        stop = _Stopper(lease)
+        credential, _ = self._secrets(repo)
+        secrets = [s for s in (credential,) if s]
+        with self.runs.run() as run_dir, Workspace.clone(
+            repo.url, spec.base_ref, credential, username=repo.username, ca_file=repo.ca_file, root=run_dir,
+        ) as ws:
+            if stop():
+                return self._stopped(claim, stop.why or "stopped")
+            branch = f"{spec.branch_prefix}/{task.id}"
+            pushed = ws.deliver(f"refs/intake/{task.id}", sha, branch)
+            result: dict[str, Any] = {"branch": branch, "commit": pushed, "pr_url": None, "delivered_by": self.claimer.name}
+            if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
+                result.update(self._pull_request(repo, task.id, branch, spec.base_ref, spec.change_type,
+                                                 task.spec_hash, secrets, draft=claim.claims.draft))
+            return Outcome(TaskState.SUCCEEDED, None, result,
+                           {"branch": branch, "pr_url": result["pr_url"], "draft": claim.claims.draft})
 
     def _pull_request(self, repo: RepoConfig, task_id: str, branch: str, base: str, change_type: str,
-                      spec_hash: str, secrets: list[str]) -> dict[str, Any]:
+                      spec_hash: str, secrets: list[str], *, draft: bool = False) -> dict[str, Any]:
         assert repo.forge is not None
         try:
             token = repo.forge.token.read()
             url = create_pull_request(
                 api_url=repo.forge.api_url, repository=repo.forge.repository, token=token,
-                title=f"intake {task_id}: {change_type}", head=branch, base=base,
+                title=f"intake {task_id}: {change_type}", head=branch, base=base, draft=draft,
                 # Deliberately no idea text: it is untrusted and would be rendered (mentions, links).
                 body=f"Opened by an intake worker for task {task_id}.\n\nSpec hash: `{spec_hash}`\n",
             )

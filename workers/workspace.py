@@ -89,6 +89,8 @@ esac
 """
 
 _HEX_SHA = re.compile(r"^[0-9a-f]{7,64}$")
+_FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_QUARANTINE_REF = re.compile(r"refs/intake/T-[0-9a-f]{12}")
 _USERINFO = re.compile(r"://[^/@\s]*@")
 
 
@@ -527,6 +529,57 @@ class Workspace:
                 cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential,
             )
         return self.head
+
+    def quarantine(self, ref: str) -> str:
+        """Push :attr:`head` to the non-branch ref ``ref`` (``refs/intake/<task id>``); return
+        the sha. Forge CI does not run on such refs, so nobody's pipeline (with its secrets)
+        runs the agent's code before a human let it become a branch. A later attempt of the
+        same task replaces the ref (forced): the broker binds delivery to one sha anyway."""
+        if not ref.startswith("refs/intake/") or not _QUARANTINE_REF.fullmatch(ref):
+            raise GitError(f"refusing to push {ref!r}: not a quarantine ref")
+        if self.head == self.base_sha:
+            raise GitError(f"refusing to push {ref!r}: it has no commits")
+        self._verify_git_dir()
+        with self._remote() as (env, fds):
+            run_git(
+                ["push", "--quiet", "--no-verify", "--", self.url, f"+{self.head}:{ref}"],
+                cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential,
+            )
+        return self.head
+
+    def numstat(self) -> tuple[int, int]:
+        """(lines added, lines removed) between the base and :attr:`head`, from the worker's
+        own objects (binary files count as nothing)."""
+        out = self._git(["diff", "--numstat", "--no-renames", "-z", self.base_sha, self.head])
+        added = removed = 0
+        for record in out.split("\0"):
+            parts = record.split("\t")
+            if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+                added, removed = added + int(parts[0]), removed + int(parts[1])
+        return added, removed
+
+    def tree_of(self, sha: str) -> str:
+        """The tree id of commit ``sha`` in the worker's own objects."""
+        _check_ref_arg(sha, "commit")
+        return self._git(["rev-parse", "--verify", "--quiet", f"{sha}^{{tree}}"]).strip()
+
+    def deliver(self, ref: str, sha: str, branch: str) -> str:
+        """Fetch the quarantined commit from ``ref`` on the remote, check it is exactly ``sha``
+        (the one the approvers accepted), and push it to ``refs/heads/<branch>`` (never forced:
+        an existing branch elsewhere makes git refuse). Returns the sha."""
+        if not _QUARANTINE_REF.fullmatch(ref) or not _FULL_SHA.fullmatch(sha):
+            raise GitError("refusing to deliver: not a quarantine ref and a full commit sha")
+        self.create_branch(branch)
+        with self._remote() as (env, fds):
+            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, f"+{ref}:refs/intake-fetched/head"],
+                    cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential)
+        self._fingerprint = _fingerprint(self._git_dir)  # the fetch was ours
+        fetched = self._git(["rev-parse", "--verify", "--quiet", "refs/intake-fetched/head^{commit}"]).strip()
+        if fetched != sha:
+            raise GitError(f"the quarantined commit is {fetched[:12] or 'missing'}, not the accepted {sha[:12]}")
+        self.head = sha
+        self._git(["update-ref", f"refs/heads/{branch}", sha])
+        return self.push(branch)
 
     def give_agent_git(self) -> None:
         """Put a throwaway ``.git`` of the agent's own into the work tree: a copy of the base

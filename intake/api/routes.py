@@ -63,6 +63,13 @@ class ApproveBody(_Body):
     on_behalf_of: str | None = None
 
 
+class AcceptBody(_Body):
+    code: str = Field(max_length=20)
+    sha: str = Field(pattern=r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+    note: str = Field("", max_length=2000)
+    on_behalf_of: str | None = None
+
+
 class AmendBody(_Body):
     code: str = Field(max_length=20)
     repo: str | None = Field(None, max_length=200)
@@ -297,6 +304,16 @@ class Api:
         return broker.gatekeeper.approve(subject, approver_id=who, code=body.code, spec_hash=body.spec_hash,
                                          note=body.note, via="api").as_json()
 
+    def accept(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
+        """Approve a task's quarantined result (its commit sha), with a fresh code."""
+        body = AcceptBody.model_validate(data)
+        subject = request.match_info["id"]
+        who = self._acting(broker, caller, body.on_behalf_of, "accept", subject)
+        task = broker.gatekeeper.accept(subject, approver_id=who, code=body.code, sha=body.sha, note=body.note,
+                                        via="api").task
+        return {"task": task.id, "status": task.state.value, "sha": body.sha,
+                "result_approvals": [a.approver for a in task.result_approvals]}
+
     def deny(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         body = ReasonBody.model_validate(data)
         subject = request.match_info["id"]
@@ -456,6 +473,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/tasks", "tasks", False),
     ("GET", "/tasks/{id}", "task", False),
     ("POST", "/tasks/{id}/approve", "approve", True),
+    ("POST", "/tasks/{id}/accept", "accept", True),
     ("POST", "/tasks/{id}/deny", "deny", True),
     ("POST", "/tasks/{id}/amend", "amend", True),
     ("POST", "/tasks/{id}/revoke", "revoke", True),

@@ -63,10 +63,12 @@ class SlackIntake:
         app.shortcut("intake_send")(self.on_shortcut)
         app.action("intake_promote")(self.on_promote_button)
         app.action("intake_approve")(self.on_approve_button)
+        app.action("intake_accept")(self.on_accept_button)
         app.action("intake_deny")(self.on_deny_button)
         app.action("intake_passkey_link")(self.on_link_button)
         app.view("intake_promote_submit")(self.on_promote_submit)
         app.view("intake_approve_submit")(self.on_approve_submit)
+        app.view("intake_accept_submit")(self.on_accept_submit)
         app.view("intake_deny_submit")(self.on_deny_submit)
 
     # -- shared ----------------------------------------------------------------------------
@@ -258,6 +260,22 @@ class SlackIntake:
         )
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
+    async def on_accept_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
+                               client: AsyncWebClient) -> None:
+        """The result card's "Accept result": the modal shows the result's facts for the commit
+        the card named; the submission goes through :meth:`Gatekeeper.accept` with that sha."""
+        task_id, _, sha = str(action.get("value", "")).partition("|")
+        pressed = await self._pressed(ack, body, client, task_id, self.broker.store.get_task, "accept")
+        if pressed is None:
+            return
+        result = pressed[1].result or {}
+        summary = (f"{pressed[1].spec.repo} · {pressed[1].spec.change_type} · "
+                   f"{result.get('files_changed', 0)} files, +{result.get('additions', 0)} / "
+                   f"-{result.get('deletions', 0)}\n" + "\n".join(str(f) for f in result.get("files") or []))
+        view = render.accept_modal(task_id=task_id, sha=sha, summary=summary,
+                                   private_metadata=json.dumps({"task": task_id, "sha": sha}))
+        await client.views_open(trigger_id=body["trigger_id"], view=view)
+
     async def on_deny_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
                              client: AsyncWebClient) -> None:
         subject = str(action.get("value", ""))
@@ -308,6 +326,14 @@ class SlackIntake:
         await self._submit(ack, body, "code", lambda approver: self.broker.gatekeeper.approve(
             str(meta.get("task", "")), approver_id=approver.id, code=(values.get("code") or "").strip(),
             spec_hash=str(meta.get("spec_hash", "")), via="slack",
+        ))
+
+    async def on_accept_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
+        meta = json.loads(view.get("private_metadata") or "{}")
+        values = self._values(view)
+        await self._submit(ack, body, "code", lambda approver: self.broker.gatekeeper.accept(
+            str(meta.get("task", "")), approver_id=approver.id, code=(values.get("code") or "").strip(),
+            sha=str(meta.get("sha", "")), via="slack",
         ))
 
     async def on_deny_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:

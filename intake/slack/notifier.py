@@ -26,7 +26,10 @@ log = logging.getLogger("intake.slack.notifier")
 GROUP = "slack-notifier"
 _TASK_STATES = {s.value for s in TaskState}
 # Task events the requester is told about (mentioned in the thread).
-_TELL_REQUESTER = {"queued", "running", "succeeded", "failed", "blocked", "revoked", "expired", "denied"}
+_TELL_REQUESTER = {"queued", "running", "succeeded", "failed", "blocked", "revoked", "expired", "denied",
+                   "awaiting_result_approval"}
+#: The events on which a run's quarantined result is shown as a result card.
+_RESULT_EVENTS = {"task.awaiting_result_approval", "task.delivering"}
 
 
 def slack_user_of(identity: str) -> str | None:
@@ -179,7 +182,13 @@ class SlackNotifier:
             text=render.fallback_text(f"Idea {idea.id}: {state_line(idea, task)}"),
         )
         state, detail, notify, link = self._thread_update(idea, task, event)
-        blocks = render.status_message(subject_id=event.subject, state=state, detail=detail, link=link, notify=notify)
+        if task is not None and task.result and event.action in _RESULT_EVENTS and "attempt" in event.data:
+            # The run's own result event (not an acceptance): the card with the facts.
+            blocks = render.result_card(task_id=task.id, result=task.result,
+                                        waiting=event.action == "task.awaiting_result_approval")
+        else:
+            blocks = render.status_message(subject_id=event.subject, state=state, detail=detail, link=link,
+                                           notify=notify)
         await self.pacer.take()
         await self.client.chat_postMessage(
             channel=channel, thread_ts=ts, blocks=blocks,

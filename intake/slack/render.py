@@ -268,6 +268,33 @@ def approve_modal(*, task_id: str, summary: str, spec_hash: str, private_metadat
     )
 
 
+def result_card(*, task_id: str, result: dict[str, Any], waiting: bool) -> list[dict[str, Any]]:
+    """Blocks for a run's quarantined result: commit, files changed, +/- lines, gate and check
+    outcomes, and (while it waits for result approval) the ``intake_accept`` button, whose
+    value names the task and the commit so an acceptance binds to what the card showed."""
+    sha = str(result.get("commit", ""))
+    files = [str(f) for f in result.get("files") or []]
+    shown = [_cap_plain(f, 200) for f in files[:20]] + ([f"… and {len(files) - 20} more"] if len(files) > 20 else [])
+    checks = [f"{c.get('name')}: {'passed' if c.get('ok') else 'failed'}"
+              for c in result.get("checks") or [] if isinstance(c, dict)]
+    data = render(
+        "slack/result_card.json.j2",
+        task_id=task_id, sha=sha[:12], files=shown or ["(none listed)"],
+        files_changed=int(result.get("files_changed") or len(files)),
+        additions=int(result.get("additions") or 0), deletions=int(result.get("deletions") or 0),
+        gates=str(result.get("gates") or "passed"), checks=checks[:20], waiting=waiting,
+        accept_value=f"{task_id}|{sha}",
+    )
+    return data["blocks"]
+
+
+def accept_modal(*, task_id: str, sha: str, summary: str, private_metadata: str) -> dict[str, Any]:
+    """The ``intake_accept_submit`` modal: the result's facts (escaped) and the TOTP ``code``."""
+    _check_metadata(private_metadata)
+    return render("slack/accept_modal.json.j2", task_id=task_id, sha=sha[:12], sections=mrkdwn_chunks(summary),
+                  private_metadata=private_metadata)
+
+
 def deny_modal(*, subject_id: str, private_metadata: str) -> dict[str, Any]:
     """The ``intake_deny_submit`` modal with one required multiline ``reason`` input."""
     _check_metadata(private_metadata)

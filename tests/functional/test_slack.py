@@ -297,3 +297,53 @@ async def test_escalation_pings_the_group_once(
         await asyncio.sleep(0.5)  # several more sweeps: still one ping
         assert len([c for c in slack.sim.calls_to("chat.postMessage") if "*waiting*" in blocks_text(c)]) == 1
         assert store.get_idea(idea_id).escalated_at is not None
+
+
+async def test_result_card_and_accept_from_slack(slack: SlackDriver, store: Store,
+                                                 totps: dict[str, pyotp.TOTP]) -> None:
+    """A privileged task's quarantined result is posted as a result card in the thread (by the
+    outbox, on the broker's result event); "Accept result" opens a modal whose code goes through
+    Gatekeeper.accept, bound to the card's commit."""
+    import asyncio
+
+    idea_id = idea_id_from(await slack.command(REQUESTER, "document the payments retry job"))
+    await slack.sim.wait_for("chat.postMessage")
+    await wait_state(store, lambda: store.get_idea(idea_id), IdeaState.AWAITING_APPROVAL)
+    await slack.press(SLACK_USERS["alice"], "intake_promote", idea_id)
+    view = await slack.opened_view(1)
+    await slack.submit(SLACK_USERS["alice"], view, {"repo": "acme/payments", "change_type": "docs",
+                                                   "code": totps["alice"].now(), "note": ""})
+    task_id = store.get_idea(idea_id).task_id
+    assert task_id
+    approve_value = f"{task_id}|{store.get_task(task_id).spec_hash}"
+    await slack.press(SLACK_USERS["carol"], "intake_approve", approve_value)
+    await slack.submit(SLACK_USERS["carol"], await slack.opened_view(2), {"code": totps["carol"].now()})
+    assert store.get_task(task_id).state is TaskState.QUEUED
+    # What the broker's report processor writes when a worker's run passes its gates.
+    sha = "c" * 40
+    store.move_task(task_id, TaskState.RUNNING, actor="system", attempt=1, run="r" * 32, nonce="n")
+    result = {"commit": sha, "files": ["docs/retry.md"], "files_changed": 1, "additions": 3, "deletions": 0,
+              "gates": "passed", "checks": [{"name": "docs/no-empty-markdown", "ok": True}]}
+    store.move_task(task_id, TaskState.AWAITING_RESULT_APPROVAL, actor="system", update={"result": result},
+                    attempt=1, run="r" * 32, commit=sha,
+                    rule={"approvals": 1, "groups": ["security"], "require": {}})
+    card = None
+    for _ in range(250):
+        card = next((c for c in slack.sim.calls_to("chat.postMessage")
+                     if c.params.get("thread_ts") and "intake_accept" in blocks_text(c)), None)
+        if card is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert card is not None, "no result card in the thread"
+    assert "cccccccccccc" in blocks_text(card) and "+3 / -0" in blocks_text(card)
+    await slack.press(SLACK_USERS["bob"], "intake_accept", f"{task_id}|{sha}")
+    refused = await slack.submit(SLACK_USERS["bob"], await slack.opened_view(3), {"code": totps["bob"].now()})
+    assert "security" in refused["errors"]["code"]  # the result needs a security approver
+    await slack.press(SLACK_USERS["dave"], "intake_accept", f"{task_id}|{sha}")
+    accept_view = await slack.opened_view(4)
+    assert accept_view["callback_id"] == "intake_accept_submit"
+    done = await slack.submit(SLACK_USERS["dave"], accept_view, {"code": totps["dave"].now()})
+    assert done.get("response_action") is None, done
+    task = store.get_task(task_id)
+    assert task.state is TaskState.DELIVERING and [(a.approver, a.sha, a.via) for a in task.result_approvals] == [
+        ("dave", sha, "slack")]

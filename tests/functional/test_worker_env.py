@@ -33,6 +33,9 @@ def test_agent_environment_holds_nothing_it_should_not(rig: Rig) -> None:
     worker_env = rig.env(**SECRETS, LANG="C.UTF-8")
     proc = rig.spawn(config, burst=True, **SECRETS, LANG="C.UTF-8")
     assert proc.wait(timeout=60) == 0, rig.worker_log()
+    rig.drain()  # the result is applied and its delivery job enqueued: a second burst delivers it
+    assert rig.spawn(config, burst=True, **SECRETS, LANG="C.UTF-8").wait(timeout=60) == 0, rig.worker_log()
+    rig.drain()
     assert rig.task(task.id).state is TaskState.SUCCEEDED, rig.worker_log()
 
     text = git_show(rig.bare("acme/web"), f"intake/{task.id}", "docs/env.md")

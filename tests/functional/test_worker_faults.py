@@ -106,7 +106,7 @@ def retry_rig(tmp_path: Path, redis_server: str, rclient: redis.Redis, clock: Fa
 
 def _kill_mid_run(rig: Rig, config: Path, marker: str, attempt: int) -> int:
     """Start a worker, wait until it runs ``attempt``, SIGKILL it; return the agent's pid."""
-    wait_for(lambda: not pids_with(marker), 10, "no agent of an earlier attempt")
+    wait_for(lambda: not pids_with(marker), 30, "no agent (nor its bwrap) of an earlier attempt")
     proc = rig.spawn(config)
     try:
         pid = read_pid(marker)

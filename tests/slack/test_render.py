@@ -327,3 +327,28 @@ def test_approve_card_links_to_the_console_for_a_passkey_approval() -> None:
     link = actions["elements"][-1]
     assert link["url"] == url and link["text"]["text"] == "Approve with passkey" and "value" not in link
     assert "intake_passkey_link" not in json.dumps(card(buttons=True))
+
+
+def test_result_card_shows_the_facts_escaped_and_binds_the_button_to_the_sha() -> None:
+    sha = "a" * 40
+    result = {"commit": sha, "files": ["docs/<!channel>.md", "docs/b.md"], "files_changed": 2,
+              "additions": 7, "deletions": 1, "gates": "passed",
+              "checks": [{"name": "docs/no-empty-markdown", "ok": True}, {"name": "sec", "ok": False}]}
+    blocks = render.result_card(task_id="T-0123456789ab", result=result, waiting=True)
+    text = json.dumps(blocks)
+    assert "<!channel>" not in text and "&lt;!channel&gt;" in text
+    head = blocks[0]["text"]["text"]
+    assert "`aaaaaaaaaaaa`" in head and "2 files changed" in head and "+7 / -1" in head
+    assert "docs/no-empty-markdown: passed, sec: failed" in blocks[1]["text"]["text"]
+    [button] = blocks[-1]["elements"]
+    assert button["action_id"] == "intake_accept" and button["value"] == f"T-0123456789ab|{sha}"
+    delivered = render.result_card(task_id="T-0123456789ab", result=result, waiting=False)
+    assert all(b["type"] != "actions" for b in delivered)
+
+
+def test_accept_modal_names_the_commit_and_asks_for_a_code() -> None:
+    view = render.accept_modal(task_id="T-0123456789ab", sha="b" * 40, summary="acme/web · docs\n<@U0000000000>",
+                               private_metadata=json.dumps({"task": "T-0123456789ab", "sha": "b" * 40}))
+    assert view["callback_id"] == "intake_accept_submit"
+    assert "`bbbbbbbbbbbb`" in view["blocks"][0]["text"]["text"]
+    assert "<@U0000000000>" not in json.dumps(view["blocks"]) and view["blocks"][-1]["block_id"] == "code"

@@ -53,7 +53,7 @@ def test_forged_token_job_is_refused_and_the_real_job_still_runs(rig: Rig) -> No
     assert refusal_reasons(rig) == ["token_unknown_key"]
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED and done.attempts == 1
-    assert pushed(rig) == {f"refs/heads/intake/{task.id}"}
+    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}"}
 
 
 def test_spec_edited_in_redis_runs_only_the_signed_spec(rig: Rig) -> None:
@@ -95,6 +95,8 @@ def test_reviving_revoked_denied_and_succeeded_tasks_runs_and_mints_nothing(rig:
     rig.broker.gatekeeper.revoke(revoked.id, identity="cli:bob", is_approver=True, reason="no")
     denied_idea = rig.promote(repo="acme/payments", change_type="bugfix", text="deny me")
     rig.work(config)  # runs the payments one (needs two approvals: promote gave both)
+    rig.accept(denied_idea.id)  # privileged: its result is approved, then delivered
+    rig.work(config)
     succeeded = rig.task(denied_idea.id)
     assert succeeded.state is TaskState.SUCCEEDED
     idea = rig.store.capture(draft(text="and deny"))[0]
@@ -113,7 +115,7 @@ def test_reviving_revoked_denied_and_succeeded_tasks_runs_and_mints_nothing(rig:
     assert {t: dispatches(rig, t) for t in before} == before
     assert [e for e in rig.events("task.running") if e["subject"] != succeeded.id] == []
     assert len([e for e in rig.events("task.running") if e["subject"] == succeeded.id]) == 1
-    assert pushed(rig) == set() and len(pushed(rig, "acme/payments")) == 1
+    assert pushed(rig) == set() and len(pushed(rig, "acme/payments")) == 2  # the quarantine ref and the branch
     reasons = refusal_reasons(rig)
     # the denied task never had a token: the only one the attacker has is another task's
     assert {"task_revoked", "task_succeeded", "token_mismatch"} >= set(reasons) and len(reasons) >= 3
@@ -218,7 +220,8 @@ def test_claim_is_recorded_with_its_nonce_and_attempt(rig: Rig) -> None:
     assert running[0]["data"]["nonce"] == dispatched[0]["data"]["nonce"]
     assert running[0]["actor"] == "system" and running[0]["data"]["worker"] == "test"
     claimed = [e for e in rig.broker.audit.export() if e.get("action") == "report.claimed"]
-    assert len(claimed) == 1 and claimed[0]["mac_kind"] == "worker" and claimed[0]["verified"]
+    assert len(claimed) == 2  # the run, then its delivery
+    assert all(c["mac_kind"] == "worker" and c["verified"] for c in claimed)
     assert rig.fact(task.id).state is TaskState.SUCCEEDED
     assert rig.broker.audit.verify().unsealed == 0
 

@@ -17,7 +17,7 @@ def test_creates_a_pull_request_with_the_github_shape(fake_forge: FakeForge) -> 
     assert _open(fake_forge) == "https://forge.test/acme/web/pull/1"
     assert fake_forge.calls == [{
         "path": "/repos/acme/web/pulls", "authorization": "Bearer tok-123456",
-        "json": {"title": "t", "head": "intake/T-1", "base": "main", "body": "b"},
+        "json": {"title": "t", "head": "intake/T-1", "base": "main", "body": "b", "draft": False},
     }]
 
 

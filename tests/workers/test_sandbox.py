@@ -344,6 +344,9 @@ def test_a_worker_refuses_to_start_without_a_usable_sandbox_and_warns_when_it_is
     off = rig.spawn(rig.config(sandbox="none"), burst=True)
     assert off.wait(timeout=60) == 0, rig.worker_log()
     assert 'sandbox = "none": agents and checks run as this worker\'s own user' in rig.worker_log()
+    rig.drain()  # the result is applied and its delivery job enqueued: a second burst delivers it
+    assert rig.spawn(rig.config(sandbox="none"), burst=True).wait(timeout=60) == 0, rig.worker_log()
+    rig.drain()
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED and (done.result or {})["sandbox"] == "none"
     assert rig.events("task.succeeded")[-1]["data"]["sandbox"] == "none"
