@@ -39,8 +39,21 @@ from intake.models import is_id
 from intake.queueing import ENTRY_POINT, FAILURE_TTL_S, JOB_KWARGS
 from intake.tokens import MAX_TOKEN_LEN
 
-#: A stored job's compressed data is a few hundred bytes; anything near this is not ours.
-MAX_JOB_DATA_BYTES = 16 * 1024
+#: A stored job's compressed data carries the dispatch token (and in it the spec); anything
+#: near this is not ours.
+MAX_JOB_DATA_BYTES = 600 * 1024
+
+#: Every field RQ 2.12 itself writes to a job hash. A hash with any other field is refused
+#: before RQ parses it: it was not written by RQ on the broker's behalf.
+JOB_HASH_FIELDS = frozenset({
+    "data", "created_at", "origin", "description", "enqueued_at", "started_at", "ended_at",
+    "last_heartbeat", "result", "exc_info", "timeout", "result_ttl", "failure_ttl", "ttl", "status",
+    "worker_name", "meta", "dependency_id", "dependency_ids", "allow_dependency_failures",
+    "enqueue_at_front", "enqueue_at_front_on_retry", "retries_left", "retry_intervals",
+    "number_of_retries", "repeats_left", "repeat_intervals", "group_id", "webhooks",
+    "success_callback_name", "success_callback_timeout", "failure_callback_name",
+    "failure_callback_timeout", "stopped_callback_name", "stopped_callback_timeout",
+})
 
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 # A run attempt is <task id>_<n>, a delivery attempt <task id>_d<n>.
@@ -91,6 +104,10 @@ class IntakeJob(Job):
         asked = [name for name in ("success_callback_name", "failure_callback_name",
                                    "stopped_callback_name", "webhooks") if fields.get(name)]
         self.asked_for = tuple(asked)
+        unknown = sorted(set(fields) - JOB_HASH_FIELDS)
+        if unknown:
+            self._flag_malformed(fields, f"job hash has fields RQ never writes ({printable(', '.join(unknown), 80)})")
+            return None
         data = fields.get("data") or b""
         if len(data) > MAX_JOB_DATA_BYTES:
             self._flag_malformed(fields, f"job data is larger than {MAX_JOB_DATA_BYTES} bytes")

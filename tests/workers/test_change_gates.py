@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from rq.job import Job
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
 
 from intake.models import TaskState
 from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
@@ -40,6 +43,10 @@ def test_a_docs_task_that_edits_tests_is_blocked(rig: Rig) -> None:
                                  "echo ok > docs/how.md")))
     assert blocked(rig, task.id) == ["path outside the change type's paths: tests/conftest.py"]
     assert not branches(rig.bare("acme/web"))
+    # What `rq info` and rq-dashboard show: the job failed, with the reason.
+    job = Job.fetch(f"{task.id}_1", connection=rig.rq(), serializer=JSONSerializer)
+    assert job.get_status() == "failed" and f"{task.id}_1" in FailedJobRegistry("tier-standard", connection=rig.rq())
+    assert "blocked by the gates: path outside the change type's paths" in (job.latest_result().exc_string or "")
 
 
 def test_a_docs_task_that_edits_a_lockfile_is_blocked(rig: Rig) -> None:

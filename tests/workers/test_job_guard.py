@@ -73,6 +73,7 @@ REASONS = {
     "entry_with_dependency": "job has dependencies",
     "entry_with_retries": "job asks for retries or repeats",
     "not_json": "job data is not the JSON of a call",
+    "entry_with_unknown_field": "job hash has fields RQ never writes (x_callback)",
     "wrong_job_id": "job id does not name the task",
     "invalid_job_id": "job id is not a valid RQ job id",
 }
@@ -100,6 +101,7 @@ def test_hand_written_jobs_are_refused(rig: Rig, tmp_path: Path, case: str) -> N
         "entry_with_dependency": (entry, {"dependency_ids": json.dumps(["other"])}),
         "entry_with_retries": (entry, {"retries_left": "3"}),
         "not_json": (b"\x80\x04\x95pickle", {}),
+        "entry_with_unknown_field": (entry, {"x_callback": "os.system"}),
     }
     if case == "wrong_job_id":
         _plant(rig, "T-000000000000_1", entry)

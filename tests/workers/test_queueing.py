@@ -177,3 +177,19 @@ def test_a_revoked_task_set_back_to_running_gets_no_token(retry_rig: Rig) -> Non
     assert rig.rq().llen("rq:queue:tier-standard") == 0
     assert rig.events("tamper.detected")[-1]["subject"] == task.id
     assert rig.fact(task.id).state is TaskState.REVOKED
+
+
+def test_a_queued_task_goes_back_when_its_approver_is_removed(rig: Rig) -> None:
+    """Issue 8: the approvals of a removed approver stop counting; a queued task that no longer
+    meets its policy goes back to awaiting approvals, audited, and is dispatched no more."""
+    task = rig.promote()  # alice's one approval queued it
+    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for(task.id, 1)}")
+    rig.broker.approvers.remove("alice", actor="cli:root")
+    before = len(rig.events("task.dispatched"))
+    rig.clock.advance(200)  # its first token expired too
+    assert rig.broker.dispatcher.reconcile() == 1
+    back = rig.task(task.id)
+    assert back.state is TaskState.AWAITING_APPROVALS and "no longer meet the policy" in (back.reason or "")
+    assert rig.fact(task.id).state is TaskState.AWAITING_APPROVALS
+    assert len(rig.events("task.dispatched")) == before
+    assert rig.broker.gatekeeper.valid_approvals(back, rig.clock.now) == []
