@@ -62,7 +62,7 @@ class Refused(IntakeError):
 
 
 class TokenInvalid(IntakeError):
-    """A capability token failed verification; ``reason`` is a stable tag."""
+    """A dispatch token or lease failed verification; ``reason`` is a stable tag."""
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason

@@ -2,7 +2,7 @@
 
 Ideas are untrusted: their text is data and is only ever shown (escaped) or frozen into the
 prompt of an approved :class:`TaskSpec`. A spec's :meth:`TaskSpec.spec_hash` is what approvals
-and capability tokens bind to.
+and dispatch tokens bind to.
 """
 
 from __future__ import annotations

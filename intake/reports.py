@@ -390,7 +390,7 @@ class ReportProcessor:
         self.ledger.follow()
         fact = self.ledger.task(report.task)
         if self.ledger.halted is not None:
-            return attempt, run, "frozen"
+            return attempt, run, "halted"
         live = fact is not None and fact.run == run and (
             (fact.state is TaskState.RUNNING and fact.attempts == attempt)
             or (fact.state is TaskState.DELIVERING and fact.deliveries == attempt))
@@ -424,7 +424,7 @@ class ReportProcessor:
         result = d.get("result") if isinstance(d.get("result"), dict) else None
         reason = d.get("reason") if isinstance(d.get("reason"), str) else None
         extra = d.get("summary") if isinstance(d.get("summary"), dict) else {}
-        if why is None or why == "frozen":
+        if why in (None, "frozen", "halted"):  # a finished run's result is recorded even then
             fact = self.ledger.task(report.task)
             phase = fact.state if fact is not None else None
             if phase is TaskState.RUNNING or phase is TaskState.DELIVERING:

@@ -111,7 +111,7 @@ class LeaseClaims(_Claims):
     task: str
     attempt: int
     run: str
-    status: Literal["granted", "revoked", "frozen", "refused", "superseded"]
+    status: Literal["granted", "revoked", "frozen", "halted", "refused", "superseded"]
     reason: str = ""
     iat: int
     exp: int

@@ -2,7 +2,7 @@
 
 Its dotted path is :data:`intake.queueing.ENTRY_POINT`. RQ calls it (through
 :class:`workers.jobs.IntakeJob`, never by importing a name from Redis) with exactly the task id
-and its capability token. It needs the worker's runner, which the worker binds with :func:`bind`
+and its dispatch token. It needs the worker's runner, which the worker binds with :func:`bind`
 before it takes any job; called anywhere else, it refuses.
 """
 

@@ -180,7 +180,7 @@ def inspect_job(job: Job, queue: Queue) -> str | None:
     if not isinstance(task_id, str) or not is_id(task_id, "T"):
         return "task_id is not a task id"
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or not _TOKEN_SHAPE.match(token):
-        return "token is not shaped like a capability token"
+        return "token is not shaped like a dispatch token"
     match = _JOB_ID.fullmatch(job.id)
     if match is None or match.group(1) != task_id:
         return "job id does not name the task"
