@@ -22,6 +22,7 @@ ledger that is a moment behind still cannot overwrite a newer honest change.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import threading
 import time
 from dataclasses import dataclass, field
@@ -303,32 +304,27 @@ class Ledger:
         their validity, by an approver whose enrolment is still the one that approved."""
         with self._lock:
             fact = self.tasks.get(task_id)
-            if fact is None:
-                return []
-            seen: set[str] = set()
-            counted = []
-            for a in fact.approvals:
-                if (a.spec_hash == fact.spec_hash and a.at > now - validity and a.approver not in seen
-                        and self.approver_current(a.approver, a.generation)):
-                    seen.add(a.approver)
-                    counted.append(a)
-            return counted
+            return [] if fact is None else self._current(fact.approvals, fact.spec_hash,
+                                                         lambda a: a.at > now - validity)
 
     def counted_result_approvals(self, task_id: str) -> list[ApprovalFact]:
         """The approvals that count for the task's quarantined commit: of that very SHA (a new
         commit starts over), one per approver, by an approver whose enrolment is still current."""
         with self._lock:
             fact = self.tasks.get(task_id)
-            if fact is None:
-                return []
-            seen: set[str] = set()
-            counted = []
-            for a in fact.result_approvals:
-                if (a.spec_hash == fact.spec_hash and a.approver not in seen
-                        and self.approver_current(a.approver, a.generation)):
-                    seen.add(a.approver)
-                    counted.append(a)
-            return counted
+            return [] if fact is None else self._current(fact.result_approvals, fact.spec_hash, lambda a: True)
+
+    def _current(self, approvals: list[ApprovalFact], spec_hash: str,
+                 keep: Callable[[ApprovalFact], bool]) -> list[ApprovalFact]:
+        """One approval per approver, for ``spec_hash``, by their current enrolment, as ``keep`` says."""
+        seen: set[str] = set()
+        counted = []
+        for a in approvals:
+            if (a.spec_hash == spec_hash and a.approver not in seen and keep(a)
+                    and self.approver_current(a.approver, a.generation)):
+                seen.add(a.approver)
+                counted.append(a)
+        return counted
 
     def tampered(self, record: Task) -> str | None:
         """How a task record in Redis disagrees with the ledger, or None when it agrees."""
