@@ -434,7 +434,8 @@ class ReportProcessor:
                     now_fact = self.ledger.follow().task(report.task)
                     if now_fact is None or now_fact.run != run or now_fact.state is not phase:
                         raise InvalidInput("changed meanwhile")
-                try:
+                # Settled or superseded meanwhile: then it is recorded as discarded, below.
+                with contextlib.suppress(IllegalTransition, InvalidInput, NotFound):
                     moved = self.store.move_task(report.task, target, actor="system", reason=reason, check=check,
                                                  also=self._evidence(report), update={"result": result},
                                                  **{**_flat(extra), **data, "attempt": attempt, "run": run,
@@ -444,8 +445,6 @@ class ReportProcessor:
                         self.store.audit.seal_pending()
                         self.broker.dispatcher.on_queued(moved)
                     return
-                except (IllegalTransition, InvalidInput, NotFound):
-                    pass
         state = self.ledger.task(report.task)
         self.store.audit.record("system", "run.discarded", report.task, attempt=attempt, worker=report.worker,
                                 outcome=to.value, state=state.state.value if state else None, **_flat(extra))
