@@ -3,8 +3,9 @@
 ``$TMPDIR/intake-runs/<worker name>/`` holds one directory per run (the work tree, the agent's
 HOME, its inputs, the worker's private git directory). Each run holds an ``flock`` on its
 ``<run>.lock`` file while it lives, so :meth:`RunRoot.sweep`, called when a worker starts,
-removes exactly what runs killed with SIGKILL left behind, and never a run of another live
-worker that shares the name.
+removes exactly what runs killed with SIGKILL left behind (files, and any sandbox still running
+in a pid namespace the run recorded), and never a run of another live worker that shares the
+name.
 
 Modes: the root and every run directory are ``0711`` (the agent user may pass through them to
 reach its own, chowned work tree and HOME when bubblewrap mounts them, but may not list them, so
@@ -21,6 +22,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from workers.sandbox import SANDBOX_RECORD, kill_namespaces
 
 
 class RunRoot:
@@ -45,6 +48,7 @@ class RunRoot:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live run
+                kill_namespaces(lock.with_suffix("") / SANDBOX_RECORD)  # what it left running
                 shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
                 lock.unlink(missing_ok=True)
                 removed += 1

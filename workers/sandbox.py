@@ -299,6 +299,27 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     return preexec
 
 
+#: The file in a run directory listing the pid namespaces of the sandboxes the run started.
+SANDBOX_RECORD = "sandboxes"
+
+
+def kill_namespaces(record: Path) -> int:
+    """SIGKILL every process still in a pid namespace listed in ``record`` (a dead run's):
+    returns how many were found. A namespace whose init is gone is empty, so the inodes cannot
+    point at anything else while one of its processes lives."""
+    try:
+        inodes = {int(line) for line in record.read_text(encoding="ascii").split() if line.isdigit()}
+    except OSError:
+        return 0
+    killed = 0
+    for inode in inodes:
+        for pid in _processes_where(_in_namespace(inode)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+    return killed
+
+
 def _processes_where(match: Callable[[str], bool]) -> list[int]:
     """Live (non-zombie) pids whose /proc entry satisfies ``match(pid_dir)``."""
     found = []
@@ -374,6 +395,11 @@ class _Run:
             lines = [ln for ln in out.splitlines() if ln.strip()]
             raise SandboxError(f"the sandbox did not start: {lines[-1] if lines else 'no reason given'}")
         self.ns_inode = int(info["pid-namespace"])
+        # On the run's record, so a worker SIGKILLed while bubblewrap was still starting (before
+        # its --die-with-parent took hold inside) cannot leave the sandbox running for good: the
+        # next start of this worker kills what is still in the namespace (RunRoot.sweep).
+        with open(self.home.parent / SANDBOX_RECORD, "a", encoding="ascii") as record:
+            record.write(f"{self.ns_inode}\n")
         child = int(info["child-pid"])
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(child)

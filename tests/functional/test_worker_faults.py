@@ -29,8 +29,13 @@ def sleeper(marker: str) -> dict[str, object]:
 
 
 def read_pid(marker: str) -> int:
-    """The agent's host pid (it cannot write it anywhere the test could read)."""
-    return int(wait_for(lambda: pids_with(marker), 30, "the agent to start")[0])
+    """The agent's own host pid (it cannot write it anywhere the test could read): the process
+    that runs the agent's command, not bubblewrap, whose argv holds the marker too."""
+    def agent() -> int | None:
+        found = [p for p in pids_with(marker) if not Path(f"/proc/{p}/exe").resolve().name.startswith("bwrap")]
+        return found[0] if found else None
+
+    return int(wait_for(agent, 30, "the agent to start"))
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:

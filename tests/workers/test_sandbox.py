@@ -350,3 +350,43 @@ def test_a_worker_refuses_to_start_without_a_usable_sandbox_and_warns_when_it_is
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED and (done.result or {})["sandbox"] == "none"
     assert rig.events("task.succeeded")[-1]["data"]["sandbox"] == "none"
+
+
+def test_a_sandbox_left_running_by_a_dead_run_is_killed_by_the_sweep() -> None:
+    """A worker SIGKILLed while bubblewrap is still starting can leave the sandbox running (its
+    --die-with-parent not yet in force). The run recorded the sandbox's pid namespace; the next
+    sweep kills everything still in it."""
+    name = f"unit-{secrets.token_hex(4)}"
+    code = ("import sys, time; from workers.rundirs import RunRoot\n"
+            f"with RunRoot({name!r}).run() as run:\n"
+            "    print(run, flush=True); time.sleep(60)\n")
+    dead = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert dead.stdout is not None
+    run = Path(dead.stdout.readline().strip())
+    # The survivor: a sandbox whose launcher is gone (started detached, as the race leaves it).
+    box = subprocess.Popen(["bwrap", "--unshare-user", "--unshare-pid", "--ro-bind", "/usr", "/usr",
+                            "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+                            "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--", "/bin/sleep", "60"],
+                           user="intake-agent", group="intake-agent", extra_groups=[], start_new_session=True)
+    try:
+        inode = wait_for(lambda: next((os.readlink(f"/proc/{c}/ns/pid")[5:-1] for c in _children(box.pid)), None),
+                         10, "the sandbox to start")
+        (run / "sandboxes").write_text(f"{inode}\n")
+        dead.kill()
+        dead.wait(timeout=10)
+        assert RunRoot(name).sweep() == 1
+        wait_for(lambda: box.poll() is not None or not _children(box.pid), 10, "the leftover sandbox to be killed")
+        assert not any(os.readlink(f"/proc/{p}/ns/pid") == f"pid:[{inode}]"
+                       for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/ns/pid"))
+    finally:
+        box.kill()
+        box.wait(timeout=10)
+        dead.kill()
+        subprocess.run(["rm", "-rf", str(RunRoot(name).path)], check=False)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
