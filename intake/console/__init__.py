@@ -46,6 +46,7 @@ def mount_console(app: web.Application, settings: Settings, broker_key: web.AppK
     r.add_get("/tasks", console.tasks)
     r.add_get("/tasks/{task_id}", console.task)
     r.add_post("/tasks/{task_id}/approve", console.approve)
+    r.add_post("/tasks/{task_id}/accept", console.accept)
     r.add_post("/tasks/{task_id}/deny", console.deny_task)
     r.add_post("/tasks/{task_id}/revoke", console.revoke)
     r.add_post("/stepup/options", console.stepup_options)

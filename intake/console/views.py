@@ -2,8 +2,8 @@
 
 Every action calls the same ``Gatekeeper`` and ``Approvers`` as the CLI and Slack, so the console
 adds no rule of its own: it only authenticates the person (session), checks the CSRF token, and
-turns a form into a call. Actions that grant power (promote, approve, passkey registration, thaw,
-enrolment) need their own fresh step-up; deny, revoke and freeze need only a signed-in approver.
+turns a form into a call. Actions that grant power (promote, approve, accept, passkey registration,
+thaw, enrolment) need their own fresh step-up; deny, revoke and freeze need only a signed-in approver.
 """
 
 from __future__ import annotations
@@ -256,12 +256,19 @@ class Console:
         approvals = [{"who": a.approver, "at": a.at, "via": a.via.partition("+")[0],
                       "factor": "passkey" if a.via.endswith("+passkey") else "totp",
                       "current": a.spec_hash == task.spec_hash} for a in task.approvals]
+        # The Accept form names the commit the sealed history holds, never the record's copy.
+        accept_sha = await self.call(self._result_commit, broker, task.id) \
+            if task.state is TaskState.AWAITING_RESULT_APPROVAL else None
         return self.render(
             request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
             segments=visible_segments(task.spec.prompt), result=task.result or {},
-            approvable=task.state is TaskState.AWAITING_APPROVALS,
-            deniable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED),
-            revocable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED, TaskState.RUNNING),
+            approvable=task.state is TaskState.AWAITING_APPROVALS, accept_sha=accept_sha,
+            result_approvals=task.result_approvals,
+            # Deny and revoke win over a result waiting for approval too.
+            deniable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED,
+                                    TaskState.AWAITING_RESULT_APPROVAL),
+            revocable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED, TaskState.RUNNING,
+                                     TaskState.AWAITING_RESULT_APPROVAL),
             passkey_only=tier is not None and tier.step_up == "passkey", error=error,
         )
 
@@ -275,6 +282,24 @@ class Console:
         except IntakeError as exc:
             return await self.task(request, error=str(exc), status=_status(exc))
         return redirect(f"/console/tasks/{task_id}?done=approved")
+
+    async def accept(self, request: web.Request) -> web.StreamResponse:
+        """Approve a task's result: the commit in the form's ``sha`` field (the Gatekeeper
+        checks it is the quarantined commit the sealed history names), with a fresh step-up."""
+        form = await request.post()
+        broker = self.broker(request)
+        task_id = request.match_info["task_id"]
+        try:
+            await self.call(broker.gatekeeper.accept, task_id, approver_id=request[SESSION].who,
+                            code=self.proof(form), sha=str(form.get("sha", "")), via="console")
+        except IntakeError as exc:
+            return await self.task(request, error=str(exc), status=_status(exc))
+        return redirect(f"/console/tasks/{task_id}?done=accepted")
+
+    @staticmethod
+    def _result_commit(broker: Broker, task_id: str) -> str | None:
+        fact = broker.ledger.follow().task(task_id)
+        return fact.result_commit if fact is not None else None
 
     async def deny_task(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -301,7 +326,7 @@ class Console:
     async def stepup_options(self, request: web.Request) -> web.Response:
         """Passkey options for one power action; the challenge names the action, its subject
         and the spec hash it approves (for promote: of the spec the chosen repo and change type
-        make now)."""
+        make now; for accept: the result commit the sealed history names)."""
         body = await self._json(request)
         broker = self.broker(request)
         action, subject = str(body.get("action", "")), str(body.get("subject", ""))
@@ -314,6 +339,10 @@ class Console:
             elif action == "approve":
                 task = await self.call(broker.store.get_task, subject)
                 bound = task.spec_hash
+            elif action == "accept":
+                bound = await self.call(self._result_commit, broker, subject) or ""
+                if not bound:
+                    raise NotFound(f"the sealed history holds no result for {subject}")
             elif action == "thaw" and subject == "broker":
                 bound = ""
             else:
