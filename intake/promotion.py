@@ -378,7 +378,9 @@ class Gatekeeper:
         task = self.store.get_task(task_id)
         groups = self.policy.groups_of(approver.id)
         self._check_acceptable(task, approver, groups, sha, actor)
-        factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id, bound=sha)
+        _, tier = self._tier(task.spec)
+        factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id, bound=sha,
+                                             require=tier.step_up)
         via = self._via(via, factor)
 
         def build(pipe: Pipe) -> Task:
