@@ -21,13 +21,14 @@ ledger that is a moment behind still cannot overwrite a newer honest change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 import threading
 import time
 from dataclasses import dataclass, field
 
-from intake.audit import Anomaly, AuditLog, Head, SealedEntry
+from intake.audit import Anomaly, AuditLog, Head, SealedEntry, event
 from intake.errors import AuditBroken, LedgerHalted
 from intake.models import TASK_OPEN, AuditEvent, Task, TaskState
 
@@ -111,11 +112,10 @@ class Ledger:
     def follow(self) -> Ledger:
         """Seal what is pending, then apply every newly sealed entry. Cheap when nothing is new."""
         with self._lock:
-            try:
+            with contextlib.suppress(AuditBroken):  # follow() below reports the same break
                 self.audit.seal_pending()
-            except AuditBroken:
-                pass  # follow() below reports the same break as an anomaly
             head = Head.decode(self.audit.r.get(self.audit.head))
+            first = len(self.anomalies)
             if self.cursor is not None and (head is None or head.seq < self.cursor.seq):
                 # History shrank under us. Keep the anomaly; rebuild from what Redis holds once
                 # an operator accepted the loss (a sealed marker), which a full replay then reads.
@@ -123,9 +123,11 @@ class Ledger:
                                       f"sealed history went back from #{self.cursor.seq} to "
                                       f"#{head.seq if head else 0}", self.cursor.seq))
                 if head is None or not self._head_accepts_rollback(head):
+                    self._mark(self.anomalies[first:])
                     return self
                 self._reset()
             self.cursor = self.audit.follow(self.cursor, self._entry, self._anomaly)
+            self._mark(self.anomalies[first:])
             return self
 
     def recheck_if_due(self, every_s: float = 60.0) -> None:
@@ -139,8 +141,19 @@ class Ledger:
         behind the cursor is found too and halts this process; the sweep runs it now and then
         (its cost grows with the log)."""
         with self._lock:
+            before = len(self.anomalies)
             self.audit.follow(None, lambda _entry: None, self._anomaly)
+            self._mark(self.anomalies[before:])
             return self
+
+    def _mark(self, found: list[Anomaly]) -> None:
+        """Put a marker on the log for each break this process found (once each): the log
+        itself then says when dispatch stopped and why."""
+        for anomaly in found:
+            pipe = self.audit.r.pipeline(transaction=True)
+            self.audit.append(pipe, event("system", "ledger.halted", "audit", kind=anomaly.kind,
+                                          entry=anomaly.id, why=anomaly.message[:300]))
+            pipe.execute()
 
     def _head_accepts_rollback(self, head: Head) -> bool:
         entries = self.audit.r.xrange(self.audit.stream, head.id, head.id)

@@ -35,6 +35,8 @@ def test_an_edited_sealed_entry_halts_dispatch_and_promotion(rig: Rig) -> None:
         r.xadd(stream, fields, id=entry_id)
     ledger = Ledger(rig.broker.audit).follow()
     assert ledger.halted is not None and "altered" in ledger.halted
+    markers = [e for e in rig.broker.audit.export() if e.get("action") == "ledger.halted"]
+    assert len(markers) == 1 and markers[0]["data"]["kind"] == "altered"  # the log says it too
     rig.broker.ledger.follow()
     assert rig.broker.ledger.halted is None  # it had verified that entry already, before the edit
     rig.broker.ledger.recheck()  # what the sweep does now and then
@@ -70,3 +72,22 @@ def test_a_rollback_halts_until_accepted_and_captures_are_not_reported_failed(ri
     assert Ledger(audit).follow().halted is None  # a process starting afterwards agrees
     assert rig.broker.gatekeeper.expire_due() == {"ideas": 0, "tasks": 0}
     assert rig.fact(task.id) is not None
+
+
+async def test_readyz_is_not_ready_while_the_ledger_is_halted(rig: Rig) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from intake.app import create_app
+
+    rig.promote()
+    entries = rig.r.xrange(rig.broker.audit.stream)
+    body = json.loads(entries[1][1]["e"])
+    body["subject"] = "mallory"
+    entries[1][1]["e"] = json.dumps(body)
+    rig.r.delete(rig.broker.audit.stream)
+    for entry_id, fields in entries:
+        rig.r.xadd(rig.broker.audit.stream, fields, id=entry_id)
+    async with TestClient(TestServer(create_app(rig.settings), host="127.0.0.1")) as client:
+        resp = await client.get("/readyz")
+        body = await resp.json()
+    assert resp.status == 503 and body["status"] == "halted" and "altered" in body["ledger"]
