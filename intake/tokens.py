@@ -155,6 +155,14 @@ def mint_lease(signer: Signer, *, task_id: str, attempt: int, run_id: str, now: 
     return signer.sign(claims), claims
 
 
+def read_kid(token: str) -> str:
+    """The key id a token names, WITHOUT verifying it (for display and tests)."""
+    try:
+        return _peek_kid(_unb64(token.split(".", 1)[0]))
+    except (ValueError, binascii.Error):
+        raise TokenInvalid("malformed", "token is malformed") from None
+
+
 def _verified_payload(token: str, keyring: Keyring) -> bytes:
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or token.count(".") != 1:
         raise TokenInvalid("malformed", "token is malformed")

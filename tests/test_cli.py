@@ -158,3 +158,19 @@ def test_keys_generate_refuses_overwrite(env: dict[str, str], settings: Settings
     result = run(env, "keys", "generate")
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert settings.keys["signing"].stat().st_mode & 0o777 == 0o600
+
+
+def test_keys_rotate_and_retire_on_the_broker_host(env: dict[str, str], settings: Settings) -> None:
+    from intake.keys import load_public_keys
+
+    rotated = run(env, "keys", "rotate")
+    assert rotated.exit_code == 0, rotated.stderr
+    assert "signing key rotated in" in rotated.stdout
+    old = rotated.stdout.split("old ")[1].split(" ")[0]
+    assert len(load_public_keys(settings.keys["public"]).keys) == 2
+    events = [json.loads(line) for line in run(env, "audit", "export").stdout.splitlines()]
+    assert [e["data"]["old_kid"] for e in events if e["action"] == "keys.rotated"] == [old]
+    assert run(env, "keys", "retire", old).exit_code == 0
+    assert old not in load_public_keys(settings.keys["public"]).keys
+    current = run(env, "keys", "retire", next(iter(load_public_keys(settings.keys["public"]).keys)))
+    assert current.exit_code != 0 and "current signing key" in current.stderr

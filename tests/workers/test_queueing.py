@@ -193,3 +193,21 @@ def test_a_queued_task_goes_back_when_its_approver_is_removed(rig: Rig) -> None:
     assert rig.fact(task.id).state is TaskState.AWAITING_APPROVALS
     assert len(rig.events("task.dispatched")) == before
     assert rig.broker.gatekeeper.valid_approvals(back, rig.clock.now) == []
+
+
+def test_key_rotation_keeps_queued_work_valid_until_the_old_key_is_retired(rig: Rig) -> None:
+    from intake.keys import retire_public_key, rotate_signing_key
+    from intake.tokens import read_kid
+
+    old_task = rig.promote(text="signed with the old key")
+    old_token = rig.job_token(old_task.id)
+    new_kid, old_kid = rotate_signing_key(rig.settings)
+    assert read_kid(old_token) == old_kid != new_kid
+    rig.work(rig.config())  # the worker re-reads the keyring: the old token still verifies
+    assert rig.task(old_task.id).state is TaskState.SUCCEEDED
+    new_task = rig.promote(text="signed with the new key")
+    assert read_kid(rig.job_token(new_task.id)) == new_kid  # the broker signs with the new key at once
+    retire_public_key(rig.settings, old_kid)
+    verify_dispatch(rig.job_token(new_task.id), rig.broker.keyring, now=rig.clock.now)
+    with pytest.raises(Exception, match="does not accept"):
+        verify_dispatch(old_token, rig.broker.keyring, now=rig.clock.now)
