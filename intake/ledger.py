@@ -106,6 +106,7 @@ class Ledger:
         self.anomalies: list[Anomaly] = []
         self._accepted = 0  # anomalies[:_accepted] were accepted by an operator
         self._reported: set[tuple[str, str]] = set()
+        self._eids: set[str] = set()  # every applied event's unique id: a copy is a replay
         self._rechecked = time.monotonic()
 
     # -- following -------------------------------------------------------------------------
@@ -169,8 +170,19 @@ class Ledger:
         log.error("ledger halted: %s", anomaly.message)
 
     def _entry(self, sealed: SealedEntry) -> None:
-        if sealed.event is not None:
-            self._apply(sealed.event)
+        """Apply one sealed broker event, once. A verbatim copy of a genuine event carries a
+        valid MAC (and is sealed ``ok``), so anyone who can XADD could replay an old thaw, key
+        issue or enrolment; the event's unique ``eid`` tells the copy, which halts the ledger
+        (as ``audit verify`` reports it) and is never applied."""
+        ev = sealed.event
+        if ev is None:
+            return
+        if ev.eid in self._eids:
+            self._anomaly(Anomaly(sealed.id, "replayed",
+                                  f"event {sealed.id} (#{sealed.seq}): a replayed copy of an earlier event", sealed.seq))
+            return
+        self._eids.add(ev.eid)
+        self._apply(ev)
 
     @property
     def halted(self) -> str | None:

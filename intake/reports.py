@@ -519,4 +519,4 @@ def _flat(data: dict[str, Any]) -> dict[str, Any]:
 
 # Parameter names of the calls summary fields are passed to: a worker cannot set them.
 _RESERVED = frozenset({"actor", "action", "subject", "reason", "update", "check", "also", "task_id", "to",
-                       "rule", "commit"})
+                       "rule", "commit", "pipe", "at"})
