@@ -218,22 +218,26 @@ class ReportProcessor:
 
     # -- one report ------------------------------------------------------------------------
     def handle(self, stream: str, entry: str, fields: dict[str, str] | None) -> int:
-        """Check and apply one entry, then acknowledge it whatever happened (a bad one is
-        quarantined: audited and skipped)."""
+        """Check and apply one entry, then acknowledge it: a bad one is quarantined (audited
+        and skipped), so it never stalls the reports behind it. Only a Redis failure leaves it
+        pending, to be handled again (by this or another broker) once Redis answers."""
+        worker = stream.rsplit(":", 1)[-1]
         try:
-            if not fields:
-                return 0  # deleted while pending
-            try:
+            if fields:
                 self.apply(self.parse(stream, entry, fields))
-            except ReportRejected as exc:
-                worker = stream.rsplit(":", 1)[-1]
-                log.warning("report %s from %s rejected: %s", entry, worker, exc.reason)
-                self.store.audit.record("system", "report.rejected", worker, entry=entry, reason=exc.reason)
-            except IntakeError as exc:
-                log.warning("report %s not applied: %s", entry, type(exc).__name__)
-            return 1
-        finally:
-            self.r.xack(stream, GROUP, entry)
+        except redis.RedisError:
+            raise
+        except ReportRejected as exc:
+            log.warning("report %s from %s rejected: %s", entry, worker, exc.reason)
+            self.store.audit.record("system", "report.rejected", worker, entry=entry, reason=exc.reason)
+        except IntakeError as exc:
+            log.warning("report %s not applied: %s", entry, type(exc).__name__)
+        except Exception as exc:  # a report that trips a bug: on the record, never a stalled stream
+            log.error("report %s from %s could not be applied: %s", entry, worker, type(exc).__name__)
+            self.store.audit.record("system", "report.rejected", worker, entry=entry,
+                                    reason=f"unhandled:{type(exc).__name__}")
+        self.r.xack(stream, GROUP, entry)
+        return 1 if fields else 0
 
     def parse(self, stream: str, entry: str, fields: dict[str, str]) -> Report:
         """Verify before parsing: exact fields, size, then the MAC under the worker's current key."""
