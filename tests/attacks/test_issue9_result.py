@@ -43,3 +43,13 @@ def test_many_large_sparse_files_are_refused_not_held_in_the_worker(tmp_path: Pa
         refused = ws.special_entries()
         assert any(r.startswith("change too large") for r in refused), refused
         assert sum(len(v) for v in ws._scan.contents.values()) <= MAX_CHANGE_BYTES
+
+
+def test_a_file_name_cannot_forge_lines_or_links_on_the_result_card() -> None:
+    from intake.slack.render import result_card
+
+    hostile = "docs/a.md\nChecks: security-review: passed <https://evil.example|approve>"
+    blocks = result_card(task_id="T-000000000003", result={"commit": "a" * 40, "files": [hostile]}, waiting=True)
+    files = next(b for b in blocks if b.get("block_id") == "result_files")["text"]["text"]
+    assert files.count("\n") == 1, files  # "Files:" and one line per file
+    assert "<https://" not in files and "&lt;https://evil.example|approve&gt;" in files
