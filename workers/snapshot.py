@@ -33,6 +33,9 @@ MODE_LINK = "120000"
 MODE_GITLINK = "160000"
 #: A file larger than this is not read into the worker (the gates refuse it).
 MAX_FILE_BYTES = 64 * 1024 * 1024
+#: At most this many bytes of new content are held for one change: the worker keeps every new
+#: blob in memory, and sparse files cost the agent nothing (the gates refuse the rest).
+MAX_CHANGE_BYTES = 128 * 1024 * 1024
 
 
 class SnapshotError(IntakeError):
@@ -162,6 +165,7 @@ def _scan(
     candidates = [p for p, _ in found if p not in base]
     skip = ignored(candidates) if candidates else set()
     scan = Scan()
+    held = 0
     for path, info in found:
         if path in skip:
             continue
@@ -184,10 +188,14 @@ def _scan(
             scan.refused.append(f"special file not allowed: {path}")
             continue
         oid = blob_id(data, object_format)
-        scan.tree[path] = Entry(git_mode, oid)
         old = base.get(path)
         if old is None or old.oid != oid:
+            if held + len(data) > MAX_CHANGE_BYTES:
+                scan.refused.append(f"change too large: {path}")
+                continue
+            held += len(data)
             scan.contents[path] = data
+        scan.tree[path] = Entry(git_mode, oid)
     return scan
 
 

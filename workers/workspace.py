@@ -550,7 +550,12 @@ class Workspace:
     def numstat(self) -> tuple[int, int]:
         """(lines added, lines removed) between the base and :attr:`head`, from the worker's
         own objects (binary files count as nothing)."""
-        out = self._git(["diff", "--numstat", "--no-renames", "-z", self.base_sha, self.head])
+        self._verify_git_dir()
+        # As a bare repository: with a work tree git reads .gitattributes from the agent's
+        # files (even one an ignore rule kept out of the commit), and "* -diff" there would
+        # make every file count as binary, i.e. as nothing, on the result card.
+        out = run_git(["--bare", "diff", "--numstat", "--no-renames", "-z", self.base_sha, self.head],
+                      cwd=self._private, env={"GIT_DIR": str(self._git_dir)})
         added = removed = 0
         for record in out.split("\0"):
             parts = record.split("\t")

@@ -274,7 +274,9 @@ def result_card(*, task_id: str, result: dict[str, Any], waiting: bool) -> list[
     value names the task and the commit so an acceptance binds to what the card showed."""
     sha = str(result.get("commit", ""))
     files = [str(f) for f in result.get("files") or []]
-    shown = [_cap_plain(f, 200) for f in files[:20]] + ([f"… and {len(files) - 20} more"] if len(files) > 20 else [])
+    # A path is the agent's choice: a newline or other control character in one would forge
+    # lines of the card (say, a passing check), so those are shown escaped, one path a line.
+    shown = [_cap_plain("".join(c if c.isprintable() else repr(c)[1:-1] for c in f), 200) for f in files[:20]] + ([f"… and {len(files) - 20} more"] if len(files) > 20 else [])
     checks = [f"{c.get('name')}: {'passed' if c.get('ok') else 'failed'}"
               for c in result.get("checks") or [] if isinstance(c, dict)]
     data = render(
