@@ -146,7 +146,7 @@ class Api:
             if body:
                 try:
                     data = json.loads(await request.read() or b"null")
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the decoder's depth
                     return _error(400, "bad_json", "the request body is not JSON")
                 if not isinstance(data, dict):
                     return _error(400, "bad_json", "the request body must be a JSON object")
