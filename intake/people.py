@@ -59,14 +59,21 @@ class Person(_Model):
     id: str = Field(pattern=APPROVER_ID_RE)
     name: str = Field(min_length=1, max_length=100)
     identities: tuple[str, ...] = ()
+    # Identities once linked and since unlinked: still this person's words for the
+    # no-self-approval rule (unlinking must not make one's own request someone else's).
+    former: tuple[str, ...] = ()
     created_at: float
     mac: str = ""
+
+    def ever(self) -> frozenset[str]:
+        """Every identity this person has, or ever had."""
+        return frozenset(self.identities) | frozenset(self.former)
 
 
 def person_fields(person: Person) -> dict[str, Any]:
     """What a person's MAC covers: everything but the MAC itself."""
     return {"id": person.id, "name": person.name, "identities": sorted(person.identities),
-            "created_at": person.created_at}
+            "former": sorted(person.former), "created_at": person.created_at}
 
 
 class People:
@@ -134,7 +141,7 @@ class People:
     # -- changes ---------------------------------------------------------------------------
     def _write(self, pipe: Pipe, person: Person) -> Person:
         sealed = person.model_copy(update={
-            "identities": tuple(sorted(person.identities)),
+            "identities": tuple(sorted(person.identities)), "former": tuple(sorted(person.former)),
             "mac": self.store.audit.record_mac("person", person_fields(person)),
         })
         pipe.set(self._key(person.id), sealed.model_dump_json())
@@ -197,7 +204,8 @@ class People:
                 raise InvalidInput(f"{ident} is not linked to {person_id}")
             pipe.multi()
             sealed = self._write(pipe, current.model_copy(
-                update={"identities": tuple(i for i in current.identities if i != ident)}))
+                update={"identities": tuple(i for i in current.identities if i != ident),
+                        "former": tuple(sorted({*current.former, ident}))}))
             pipe.hdel(self._index, ident)
             self.store.emit(pipe, actor, "person.unlinked", person_id, identity=ident)
             return sealed

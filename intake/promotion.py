@@ -98,10 +98,14 @@ class Gatekeeper:
 
     def own_work(self, person_id: str, idea: Idea, approver: Approver | None = None) -> bool:
         """True when ``person_id`` wrote these words or sent them in, under any identity linked
-        to them. Compares persons, not strings; an unlinked identity still matches the
-        approver's own registered ids."""
+        to them now or linked to them before (unlinking one's own identity, or re-linking it to
+        a throwaway person, does not make one's words someone else's). Compares persons, not
+        strings; an unlinked identity still matches the approver's own registered ids."""
         claimed = {idea.requester, idea.filed_by or idea.requester}
         if approver is not None and claimed & approver.identities():
+            return True
+        me = self.people.find(person_id)
+        if me is not None and claimed & me.ever():  # also identities unlinked since
             return True
         return person_id in self.people.persons_of(*claimed)
 

@@ -12,8 +12,11 @@ import pytest
 import redis
 
 from intake.api.client import ApiClient, ApiError, UnixConnection
+from intake.models import Channel
+from intake.runtime import open_broker
 from intake.settings import Settings
 from tests.api_harness import RunningBroker, enrol
+from tests.factories import draft
 
 ME = f"os:{getpass.getuser()}"
 
@@ -125,7 +128,13 @@ def test_on_behalf_of_is_audited_and_needs_the_persons_code(api: RunningBroker, 
         admin.call("POST", f"/ideas/{idea['id']}/promote", {"repo": "acme/payments", "change_type": "bugfix",
                                                             "code": codes["alice"].next()})
     assert err.value.reason == "self_approval"
-    decided = admin.call("POST", f"/ideas/{idea['id']}/promote",
+    with pytest.raises(ApiError) as err:  # nor relay someone else's approval of what she filed
+        admin.call("POST", f"/ideas/{idea['id']}/promote", {"repo": "acme/payments", "change_type": "bugfix",
+                                                            "code": codes["carol"].next(), "on_behalf_of": "carol"})
+    assert err.value.reason == "self_approval"
+    with open_broker(settings) as broker:  # erin files one herself, through her own channel
+        theirs = broker.store.capture(draft(channel=Channel.CLI, requester="cli:erin", text="fix rounding"))[0]
+    decided = admin.call("POST", f"/ideas/{theirs.id}/promote",
                          {"repo": "acme/payments", "change_type": "bugfix", "code": codes["carol"].next(),
                           "on_behalf_of": "carol"})
     assert decided["approvers"] == ["carol"] and decided["status"] == "awaiting_approvals"

@@ -193,8 +193,23 @@ class Api:
         target = parse_person_id(on_behalf_of)
         if not broker.policy.is_admin(me):
             raise Refused("forbidden", "only an admin may act on behalf of someone else")
+        if self._own_subject(broker, me, subject):
+            # A relay is the admin's act too: never for work the admin asked for or filed.
+            broker.store.audit.record(caller.actor, "approval.refused", subject, reason="self_approval",
+                                      relayed_for=target, act=action)
+            raise Refused("self_approval", "you cannot relay an approval of your own request")
         broker.store.audit.record(caller.actor, "api.on_behalf_of", subject, person=target, act=action)
         return target
+
+    @staticmethod
+    def _own_subject(broker: Broker, person: str, subject: str) -> bool:
+        """Whether ``subject`` (an idea, or a task's idea) is ``person``'s own words or filing."""
+        try:
+            idea_id = broker.store.get_task(subject).idea_id if subject.startswith("T-") else subject
+            idea = broker.store.get_idea(idea_id)
+        except (NotFound, InvalidInput):
+            return False
+        return broker.gatekeeper.own_work(person, idea)
 
     def _admin(self, broker: Broker, caller: Caller) -> str:
         me = self._person(caller)

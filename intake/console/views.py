@@ -142,7 +142,7 @@ class Console:
         if credential:
             try:
                 parsed = json.loads(credential)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
                 raise InvalidInput("the passkey response is not JSON") from None
             if not isinstance(parsed, dict):
                 raise InvalidInput("the passkey response is not a credential")
@@ -198,7 +198,7 @@ class Console:
     async def _json(request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise web.HTTPBadRequest(text="expected a JSON object") from None
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(text="expected a JSON object")
@@ -461,7 +461,7 @@ class Console:
                             purpose="passkey_register", subject=approver.id)
             try:
                 credential = json.loads(str(form.get("credential", "")))
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
                 raise InvalidInput("the passkey response is not JSON") from None
             if not isinstance(credential, dict):
                 raise InvalidInput("the passkey response is not a credential")
