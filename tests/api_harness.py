@@ -4,15 +4,18 @@ unix socket), and approvers enrolled with codes left for the test to spend."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import pyotp
 from aiohttp import web
 
+from intake.api.client import UnixConnection
 from intake.app import create_app
 from intake.approvers import Approvers, SecretBox
 from intake.keys import load_secret
@@ -90,4 +93,21 @@ def enrol(settings: Settings, people: dict[str, tuple[str, tuple[str, ...]]]) ->
                 People(broker.store).upsert(who, name=None, identities=links, actor="test:setup")
             out[who] = Codes(totp)
         broker.audit.seal_pending()
+    return out
+
+
+def post(url: str, path: str, body: bytes, token: str | None = None) -> tuple[int, bytes]:
+    """A raw POST on the socket (``unix://``) or over TCP, answering (status, body)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        conn: http.client.HTTPConnection = UnixConnection(parts.path, 30)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request("POST", "/api/v1" + path, body=body, headers=headers)
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
     return out

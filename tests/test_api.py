@@ -15,7 +15,7 @@ from intake.api.client import ApiClient, ApiError, UnixConnection
 from intake.models import Channel
 from intake.runtime import open_broker
 from intake.settings import Settings
-from tests.api_harness import RunningBroker, enrol
+from tests.api_harness import RunningBroker, enrol, post
 from tests.factories import draft
 
 ME = f"os:{getpass.getuser()}"
@@ -27,16 +27,8 @@ def state(r: redis.Redis) -> tuple[int, int]:
 
 
 def raw_post(api: RunningBroker, path: str, body: bytes, token: str | None = None) -> tuple[int, dict]:
-    parts = urlsplit(api.tcp_url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn.request("POST", "/api/v1" + path, body=body, headers=headers)
-    resp = conn.getresponse()
-    data = json.loads(resp.read())
-    conn.close()
-    return resp.status, data
+    status, raw = post(api.tcp_url, path, body, token)
+    return status, json.loads(raw)
 
 
 @pytest.mark.parametrize("token", [None, "itk_" + "A" * 43, "itk_short", "Bearer", "x" * 5000])

@@ -5,43 +5,24 @@ socket, a real Redis); it asserts the refusal."""
 from __future__ import annotations
 
 import getpass
-import http.client
 import json
-from urllib.parse import urlsplit
 
 import pytest
 import redis
 
 from intake.api.callers import ApiTokens
-from intake.api.client import ApiClient, ApiError, UnixConnection
+from intake.api.client import ApiClient, ApiError
 from intake.models import Channel, IdeaDraft
 from intake.people import People
 from intake.runtime import open_broker
 from intake.settings import Settings
-from tests.api_harness import RunningBroker, enrol
+from tests.api_harness import RunningBroker, enrol, post
 
 ME = f"os:{getpass.getuser()}"
 
 
 def audit_len(r: redis.Redis) -> int:
     return r.xlen("intake:audit")
-
-
-def post(url: str, path: str, body: bytes, token: str | None = None) -> tuple[int, bytes]:
-    """A raw POST on the socket (``unix://``) or over TCP, answering (status, body)."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        conn: http.client.HTTPConnection = UnixConnection(parts.path, 30)
-    else:
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn.request("POST", "/api/v1" + path, body=body, headers=headers)
-    resp = conn.getresponse()
-    out = resp.status, resp.read()
-    conn.close()
-    return out
 
 
 def slack_idea(settings: Settings, author: str, text: str) -> str:
