@@ -4,7 +4,6 @@ malformed bodies, a non-admin using admin powers, a relayed action, a token's wh
 from __future__ import annotations
 
 import getpass
-import http.client
 import json
 from urllib.parse import urlsplit
 
