@@ -37,7 +37,7 @@ from intake.keys import generate_keys
 from intake.redis_conn import EmbeddedRedis
 from intake.runtime import EXAMPLE_POLICY
 from intake.settings import load_settings
-from intake.slack.verify import compute_signature
+from intake.channels.slack.verify import compute_signature
 
 SECRET = "bench-signing-secret-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from intake.console import mount_console
 from intake.metrics import metrics_registry, render_metrics
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
-from intake.slack.transport import SlackMode, mount_slack
+from intake.channels.slack.transport import SlackMode, mount_slack
 
 log = logging.getLogger("intake.app")
 
@@ -114,7 +114,7 @@ async def _dev_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Dev mode: one embedded agent worker (a subprocess on the same data dir and Redis) that
     runs the demo agent against local bare repositories, for the server's lifetime. Its report
     key is issued here on first start (or again when it is not the current one)."""
-    from workers.dev import DEV_WORKER_NAME, start_dev_worker, stop_dev_worker
+    from intake.workers.dev import DEV_WORKER_NAME, start_dev_worker, stop_dev_worker
 
     await asyncio.to_thread(ensure_worker_key, app[BROKER], DEV_WORKER_NAME)
     handle = await asyncio.to_thread(start_dev_worker, app[SETTINGS])

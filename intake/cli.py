@@ -746,6 +746,6 @@ def thaw(code: str) -> None:
               help="Stop when the parent process exits (the embedded dev worker).")
 def worker(config_path: Path, burst: bool, exit_with_parent: bool) -> None:
     """Run an agent worker: take tasks from RQ, verify them, run them, report back."""
-    from workers.worker import run_worker
+    from intake.workers.worker import run_worker
 
     run_worker(load_settings(), config_path, burst=burst, exit_with_parent=exit_with_parent)

@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from intake.errors import PolicyError
 from intake.models import canonical_json, sha256_hex
-from workers.gates import glob_match, validate_pattern
+from intake.workers.gates import glob_match, validate_pattern
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("intake.queueing")
 
 #: The one function a worker will run. Kept as a string: the broker never imports worker code.
-ENTRY_POINT = "workers.entry.run_task"
+ENTRY_POINT = "intake.workers.entry.run_task"
 #: Exactly these keyword arguments, and no positional ones.
 JOB_KWARGS = frozenset({"task_id", "token"})
 

@@ -26,15 +26,13 @@ from intake.passkeys import Passkeys
 from intake.policy import Policy, load_policy
 from intake.promotion import Gatekeeper
 from intake.redis_conn import check_server, make_client, redis_urls
+from intake.resources import EXAMPLE_POLICY
 from intake.settings import Settings
 from intake.store import Store
 from intake.tokens import Keyring, Signer
 
 if TYPE_CHECKING:
     from intake.queueing import Dispatcher
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_POLICY = REPO_ROOT / "deploy" / "policy.example.toml"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from intake.errors import IntakeError
-from workers.sandbox import AgentResult, Sandbox, SandboxError
+from intake.workers.sandbox import AgentResult, Sandbox, SandboxError
 
 PROMPT_FILE_ENV = "INTAKE_PROMPT_FILE"
 TASK_ID_ENV = "INTAKE_TASK_ID"

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from intake.models import TaskSpec
-from workers.rundirs import RunRoot
-from workers.sandbox import Sandbox
-from workers.workspace import Workspace
+from intake.workers.rundirs import RunRoot
+from intake.workers.sandbox import Sandbox
+from intake.workers.workspace import Workspace
 
 #: How much of a check's output is kept in the result.
 CHECK_TAIL_CHARS = 2000

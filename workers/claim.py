@@ -35,8 +35,8 @@ from intake.models import TaskSpec
 from intake.policy import Policy, load_policy
 from intake.reports import Reporter
 from intake.tokens import DispatchClaims, Keyring, LeaseClaims, verify_dispatch, verify_lease
-from workers.config import WorkerConfig
-from workers.jobs import JobRefused
+from intake.workers.config import WorkerConfig
+from intake.workers.jobs import JobRefused
 
 log = logging.getLogger("intake.worker")
 

@@ -31,8 +31,8 @@ from typing import IO
 
 from intake.policy import load_policy
 from intake.settings import Settings
-from workers.sandbox import Sandbox, SandboxError
-from workers.workspace import run_git
+from intake.workers.sandbox import Sandbox, SandboxError
+from intake.workers.workspace import run_git
 
 DEV_CONFIG_NAME = "worker.dev.toml"
 DEV_WORKER_NAME = "dev"

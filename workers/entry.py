@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from rq import get_current_job
 
-from workers.jobs import JobRefused
+from intake.workers.jobs import JobRefused
 
 if TYPE_CHECKING:
-    from workers.run import TaskRunner
+    from intake.workers.run import TaskRunner
 
 _runner: TaskRunner | None = None
 

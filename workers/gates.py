@@ -36,7 +36,7 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from workers.snapshot import ChangedFile
+from intake.workers.snapshot import ChangedFile
 
 ReadFile = Callable[[str], "str | None"]
 

@@ -135,7 +135,7 @@ class IntakeJob(Job):
     @property
     def func(self) -> Any:
         if self.malformed is None and self.func_name == ENTRY_POINT and self.instance is None:
-            from workers.entry import run_task
+            from intake.workers.entry import run_task
 
             return run_task
         raise JobRefused("function_not_allowed", "this worker runs only the intake entry point")

@@ -18,7 +18,7 @@ import time
 import redis
 
 from intake.tokens import LeaseClaims
-from workers.claim import Claim, Claimer
+from intake.workers.claim import Claim, Claimer
 
 log = logging.getLogger("intake.worker")
 POLL_S = 0.25

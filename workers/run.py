@@ -49,17 +49,17 @@ from rq.timeouts import JobTimeoutException
 
 from intake.errors import ConfigError, IntakeError
 from intake.models import TaskState
-from workers.agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
-from workers.checks import describe_failure, run_checks
-from workers.claim import Claim, Claimer
-from workers.config import RepoConfig, WorkerConfig
-from workers.forge import ForgeError, create_pull_request
-from workers.gates import run_gates
-from workers.jobs import JobRefused
-from workers.lease import LeaseKeeper
-from workers.rundirs import RunRoot
-from workers.sandbox import SandboxError
-from workers.workspace import GitError, Workspace
+from intake.workers.agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
+from intake.workers.checks import describe_failure, run_checks
+from intake.workers.claim import Claim, Claimer
+from intake.workers.config import RepoConfig, WorkerConfig
+from intake.workers.forge import ForgeError, create_pull_request
+from intake.workers.gates import run_gates
+from intake.workers.jobs import JobRefused
+from intake.workers.lease import LeaseKeeper
+from intake.workers.rundirs import RunRoot
+from intake.workers.sandbox import SandboxError
+from intake.workers.workspace import GitError, Workspace
 
 log = logging.getLogger("intake.worker")
 

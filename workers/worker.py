@@ -48,11 +48,11 @@ from intake.reports import Reporter
 from intake.runtime import open_redis
 from intake.settings import Settings
 from intake.store import Keys
-from workers import entry
-from workers.claim import Claimer
-from workers.config import WorkerConfig, load_worker_config
-from workers.jobs import IntakeJob, fail_refused_job, inspect_job, printable, stored_func_name
-from workers.run import TaskRunner
+from intake.workers import entry
+from intake.workers.claim import Claimer
+from intake.workers.config import WorkerConfig, load_worker_config
+from intake.workers.jobs import IntakeJob, fail_refused_job, inspect_job, printable, stored_func_name
+from intake.workers.run import TaskRunner
 
 log = logging.getLogger("intake.worker")
 

@@ -46,8 +46,8 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 from intake.errors import IntakeError
-from workers.gates import manifest_kind
-from workers.snapshot import (
+from intake.workers.gates import manifest_kind
+from intake.workers.snapshot import (
     MODE_EXEC,
     MODE_FILE,
     MODE_GITLINK,

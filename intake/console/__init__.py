@@ -11,7 +11,7 @@ from intake.console.views import STATIC_DIR, Console
 from intake.keys import load_secret
 from intake.runtime import Broker
 from intake.settings import Settings
-from intake.slack.render import TEMPLATES_DIR
+from intake.resources import TEMPLATES_DIR
 
 
 def _when(ts: float | None) -> str:

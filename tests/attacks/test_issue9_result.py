@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from workers.dev import create_bare_repo
-from workers.snapshot import MAX_CHANGE_BYTES, MAX_FILE_BYTES
-from workers.workspace import Workspace
+from intake.workers.dev import create_bare_repo
+from intake.workers.snapshot import MAX_CHANGE_BYTES, MAX_FILE_BYTES
+from intake.workers.workspace import Workspace
 
 
 @pytest.mark.parametrize("ignored", [True, False])
@@ -46,7 +46,7 @@ def test_many_large_sparse_files_are_refused_not_held_in_the_worker(tmp_path: Pa
 
 
 def test_a_file_name_cannot_forge_lines_or_links_on_the_result_card() -> None:
-    from intake.slack.render import result_card
+    from intake.channels.slack.render import result_card
 
     hostile = "docs/a.md\nChecks: security-review: passed <https://evil.example|approve>"
     blocks = result_card(task_id="T-000000000003", result={"commit": "a" * 40, "files": [hostile]}, waiting=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.rundirs import RunRoot
-from workers.sandbox import Sandbox
+from intake.workers.rundirs import RunRoot
+from intake.workers.sandbox import Sandbox
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
 

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from intake.app import create_app
 from intake.runtime import open_broker
 from intake.settings import Settings, load_settings
-from intake.slack.verify import compute_signature
+from intake.channels.slack.verify import compute_signature
 from tests.slack_sim import SlackSim, SocketModeServer
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"

@@ -20,7 +20,7 @@ from tests.api_harness import running_broker
 from tests.conftest import FakeClock
 from tests.workers.harness import git_refs, git_show, make_rig, wait_for
 from intake.reports import ensure_worker_key
-from workers.dev import DEV_WORKER_NAME, prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
+from intake.workers.dev import DEV_WORKER_NAME, prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""intake.slack.render: Block Kit from Jinja2 templates, safe by construction."""
+"""intake.channels.slack.render: Block Kit from Jinja2 templates, safe by construction."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import jinja2
 import pytest
 
-from intake.slack import render
-from intake.slack.render import RenderError
+from intake.channels.slack import render
+from intake.channels.slack.render import RenderError
 
 HOSTILE = "<!channel> deploy & <https://evil.example|https://github.com/acme/web>"
 HOSTILE_ESCAPED = (

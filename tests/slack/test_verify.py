@@ -1,4 +1,4 @@
-"""intake.slack.verify: the Slack signature check and the middleware in front of bolt."""
+"""intake.channels.slack.verify: the Slack signature check and the middleware in front of bolt."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from intake.slack.verify import (
+from intake.channels.slack.verify import (
     SLACK_RAW_BODY,
     SlackAuthError,
     compute_signature,
@@ -305,7 +305,7 @@ async def test_unverified_handler_fails_closed() -> None:
 async def test_refusal_logs_reason_only(
     client: TestClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="intake.slack.verify")
+    caplog.set_level(logging.DEBUG, logger="intake.channels.slack.verify")
     headers = signed_headers(BODY)
     headers["X-Slack-Signature"] = "v0=" + "2" * 64
     headers["X-Request-Id"] = "req-123"

@@ -27,15 +27,16 @@ from intake.keys import generate_keys, load_secret, write_worker_key
 from intake.models import Task
 from intake.redis_conn import make_client
 from intake.reports import ReportProcessor, issue_worker_key
-from intake.runtime import EXAMPLE_POLICY, REPO_ROOT, Broker
+from intake.runtime import EXAMPLE_POLICY, Broker
+from tests.conftest import REPO_ROOT
 from intake.settings import Settings, load_settings
 from intake.store import Store
 from tests.conftest import FakeClock
 from tests.factories import draft
-from workers.config import load_worker_config
-from workers.dev import create_bare_repo
-from workers.rundirs import RunRoot
-from workers.worker import build_worker
+from intake.workers.config import load_worker_config
+from intake.workers.dev import create_bare_repo
+from intake.workers.rundirs import RunRoot
+from intake.workers.worker import build_worker
 
 PEOPLE = {"alice": "platform", "bob": "platform", "carol": "security", "dave": "security"}
 SEED = {"README.md": "# seed\n", "docs/README.md": "# docs\n", "payments/README.md": "# payments\n"}

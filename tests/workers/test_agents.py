@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.agents import (
+from intake.workers.agents import (
     AgentError,
     AgentResult,
     CommandAgent,
@@ -19,7 +19,7 @@ from workers.agents import (
     agent_from_config,
     build_prompt,
 )
-from workers.sandbox import Sandbox
+from intake.workers.sandbox import Sandbox
 
 PY = sys.executable
 # These tests are about the adapters; the sandbox itself is tested in test_sandbox.py.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.gates import check_build_files, check_dependencies, check_paths, is_build_file
-from workers.workspace import ChangedFile
+from intake.workers.gates import check_build_files, check_dependencies, check_paths, is_build_file
+from intake.workers.workspace import ChangedFile
 
 DOCS = ("docs/**", "**/*.md")
 

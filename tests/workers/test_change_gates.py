@@ -14,7 +14,7 @@ from rq.serializers import JSONSerializer
 
 from intake.models import TaskState
 from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
-from workers.dev import create_bare_repo
+from intake.workers.dev import create_bare_repo
 
 
 def sh(script: str) -> dict[str, object]:

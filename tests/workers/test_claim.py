@@ -228,7 +228,7 @@ def test_claim_is_recorded_with_its_nonce_and_attempt(rig: Rig) -> None:
 
 def test_a_long_running_worker_follows_a_policy_update(rig: Rig) -> None:
     """A worker loaded with an older policy reads the file again when a task's version differs."""
-    from workers.claim import Claimer
+    from intake.workers.claim import Claimer
 
     task = rig.promote()  # approved under the file in force (example-1)
     old = load_policy(EXAMPLE_POLICY)

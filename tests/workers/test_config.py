@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from intake.errors import ConfigError
-from intake.runtime import REPO_ROOT
-from workers.agents import CommandAgent, DemoAgent
-from workers.config import CredentialSource, load_worker_config, parse_worker_config
+from intake.resources import EXAMPLE_WORKER
+from intake.workers.agents import CommandAgent, DemoAgent
+from intake.workers.config import CredentialSource, load_worker_config, parse_worker_config
 
 BASE = {"name": "w1", "queues": ["tier-standard"], "agent": {"type": "demo"},
         "repos": [{"name": "acme/web", "url": "/srv/git/web.git", "change_types": ["docs"]}]}
@@ -23,7 +23,7 @@ def with_repo(**extra: object) -> dict[str, object]:
 
 
 def test_the_example_config_is_valid() -> None:
-    config = load_worker_config(REPO_ROOT / "deploy" / "worker.example.toml")
+    config = load_worker_config(EXAMPLE_WORKER)
     assert config.queues == ("tier-standard",)
     assert isinstance(config.build_agent(), CommandAgent)
     web = config.repo("acme/web")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
-from workers.forge import ForgeError, create_pull_request
+from intake.workers.forge import ForgeError, create_pull_request
 
 
 def _open(forge: FakeForge) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from workers.gates import (
+from intake.workers.gates import (
     check_branch,
     check_dependencies,
     check_paths,
@@ -18,7 +18,7 @@ from workers.gates import (
     run_gates,
     validate_pattern,
 )
-from workers.workspace import ChangedFile
+from intake.workers.workspace import ChangedFile
 
 # -- glob_match -----------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from rq.serializers import JSONSerializer
 from intake.queueing import ENTRY_POINT
 from tests.workers import markers
 from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
-from workers.entry import run_task
-from workers.jobs import IntakeJob
+from intake.workers.entry import run_task
+from intake.workers.jobs import IntakeJob
 
 
 def test_entry_point_constant_names_the_real_function() -> None:

@@ -21,9 +21,9 @@ from intake.runtime import EXAMPLE_POLICY
 from intake.tokens import verify_dispatch
 from tests.conftest import FakeClock
 from tests.workers.harness import Rig, make_rig, rig  # noqa: F401
-from workers.claim import Claim
-from workers.config import load_worker_config
-from workers.worker import build_worker
+from intake.workers.claim import Claim
+from intake.workers.config import load_worker_config
+from intake.workers.worker import build_worker
 
 
 def test_promotion_enqueues_a_json_job_with_only_the_task_id_and_token(rig: Rig) -> None:

@@ -182,7 +182,7 @@ def test_a_forge_error_keeps_the_pushed_branch(rig: Rig, fake_forge: FakeForge, 
 
 def test_git_credentials_for_local_repos_are_refused_by_the_config(rig: Rig) -> None:
     from intake.errors import ConfigError
-    from workers.config import load_worker_config
+    from intake.workers.config import load_worker_config
 
     with pytest.raises(ConfigError, match=r"repos\[0\]: a credential is only sent over https"):
         load_worker_config(rig.config(repos={"acme/web": {"credential": {"env": "X"}}}))

@@ -23,8 +23,8 @@ from intake.redis_conn import redis_server_binary
 from intake.runtime import EXAMPLE_POLICY
 from tests.conftest import FakeClock
 from tests.workers.harness import Rig, git_refs, git_show, make_rig, pids_with, rig, wait_for  # noqa: F401
-from workers.rundirs import RunRoot
-from workers.sandbox import Sandbox, SandboxError
+from intake.workers.rundirs import RunRoot
+from intake.workers.sandbox import Sandbox, SandboxError
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
 
@@ -312,7 +312,7 @@ def test_files_come_back_to_the_worker_after_the_run() -> None:
 
 def test_leftovers_of_a_dead_run_are_swept_but_not_a_live_run() -> None:
     name = f"unit-{secrets.token_hex(4)}"
-    code = ("import sys, time; from workers.rundirs import RunRoot\n"
+    code = ("import sys, time; from intake.workers.rundirs import RunRoot\n"
             f"with RunRoot({name!r}).run() as run:\n"
             "    (run / 'x').write_text('x'); print(run, flush=True); time.sleep(60)\n")
     dead = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -357,7 +357,7 @@ def test_a_sandbox_left_running_by_a_dead_run_is_killed_by_the_sweep() -> None:
     --die-with-parent not yet in force). The run recorded the sandbox's pid namespace; the next
     sweep kills everything still in it."""
     name = f"unit-{secrets.token_hex(4)}"
-    code = ("import sys, time; from workers.rundirs import RunRoot\n"
+    code = ("import sys, time; from intake.workers.rundirs import RunRoot\n"
             f"with RunRoot({name!r}).run() as run:\n"
             "    print(run, flush=True); time.sleep(60)\n")
     dead = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

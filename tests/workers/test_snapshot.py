@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.snapshot import ChangedFile, Entry, SnapshotError, blob_id, diff, verified_blob
+from intake.workers.snapshot import ChangedFile, Entry, SnapshotError, blob_id, diff, verified_blob
 
 
 @pytest.mark.parametrize("object_format", ["sha1", "sha256"])

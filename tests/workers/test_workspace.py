@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from workers.agents import DemoAgent, build_prompt
-from workers.gates import run_gates
-from workers.snapshot import SnapshotError, blob_id
-from workers.sandbox import Sandbox
-from workers.workspace import ChangedFile, GitError, Workspace, run_git
+from intake.workers.agents import DemoAgent, build_prompt
+from intake.workers.gates import run_gates
+from intake.workers.snapshot import SnapshotError, blob_id
+from intake.workers.sandbox import Sandbox
+from intake.workers.workspace import ChangedFile, GitError, Workspace, run_git
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -28,9 +28,9 @@ from intake.errors import IntakeError, Refused
 from intake.models import Approver, Channel, Idea, IdeaDraft, is_id, sha256_hex
 from intake.mrkdwn import escape, is_user_id
 from intake.runtime import Broker
-from intake.slack import render
+from intake.channels.slack import render
 
-log = logging.getLogger("intake.slack")
+log = logging.getLogger("intake.channels.slack")
 
 HELP = (
     "*intake* turns requests into agent work, only after an approver with a fresh code agrees.\n"

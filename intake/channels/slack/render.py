@@ -26,8 +26,8 @@ from typing import Any
 import jinja2
 
 from intake import mrkdwn
+from intake.resources import TEMPLATES_DIR
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 
 # Slack Block Kit limits we design around (https://docs.slack.dev/reference/block-kit).
 SECTION_TEXT_MAX = 3000

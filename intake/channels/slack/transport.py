@@ -4,7 +4,7 @@ HTTP: ``POST /slack/events`` carries events, slash commands and interactivity. T
 middleware checks size, timestamp and signature on the raw bytes first; only then is a bolt
 request built from those same bytes (bolt verifies again). One exception, for throughput: an
 ``/intake`` slash command is answered directly by the same
-:meth:`~intake.slack.listeners.SlackIntake.command_reply` the bolt listener uses, since bolt's
+:meth:`~intake.channels.slack.listeners.SlackIntake.command_reply` the bolt listener uses, since bolt's
 per-request dispatch would otherwise cost more than the durable capture itself (see
 bench/slack_capture.py). Everything else, and all of Socket Mode, goes through bolt. Socket Mode: bolt's aiohttp
 ``AsyncSocketModeHandler``, authenticated by the app-level token. Either way the app runs with
@@ -34,11 +34,11 @@ from intake.errors import ConfigError
 from intake.outbox import Outbox
 from intake.runtime import Broker
 from intake.settings import Settings
-from intake.slack.listeners import SlackIntake
-from intake.slack.notifier import GROUP, Pacer, SlackNotifier
-from intake.slack.verify import slack_verification_middleware, verified_body
+from intake.channels.slack.listeners import SlackIntake
+from intake.channels.slack.notifier import GROUP, Pacer, SlackNotifier
+from intake.channels.slack.verify import slack_verification_middleware, verified_body
 
-log = logging.getLogger("intake.slack")
+log = logging.getLogger("intake.channels.slack")
 
 SLACK_PATH = "/slack/events"
 BOLT = web.AppKey("bolt", AsyncApp)

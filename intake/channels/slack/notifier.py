@@ -19,9 +19,9 @@ from intake.models import IDEA_PENDING, AuditEvent, Idea, Task, TaskState
 from intake.mrkdwn import is_user_id
 from intake.outbox import Delivery, Outbox
 from intake.runtime import Broker
-from intake.slack import render
+from intake.channels.slack import render
 
-log = logging.getLogger("intake.slack.notifier")
+log = logging.getLogger("intake.channels.slack.notifier")
 
 GROUP = "slack-notifier"
 _TASK_STATES = {s.value for s in TaskState}

@@ -1,0 +1,1 @@
+"""Example configuration files, installed as ``intake.examples`` (read with importlib.resources)."""

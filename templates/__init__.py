@@ -1,0 +1,1 @@
+"""Runtime templates, installed as ``intake.templates`` (read with importlib.resources)."""
