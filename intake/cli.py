@@ -379,6 +379,19 @@ _ACL_HOWTO = """\
 """
 
 
+def _acl_prefix(prefix: str | None) -> str:
+    if prefix is None:
+        return load_settings().key_prefix
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", prefix):
+        raise InvalidInput("--prefix: must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
+    return prefix
+
+
+def _check_worker_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise InvalidInput("--worker: must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
+
+
 @redis_group.command("acl")
 @click.option("--prefix", default=None, help="Key prefix the users are for (default: INTAKE_KEY_PREFIX).")
 @click.option("--worker", "worker_name", default=None,
@@ -390,15 +403,47 @@ def redis_acl(prefix: str | None, worker_name: str | None, no_selectors: bool) -
     """Print ACL SETUSER lines for the broker, worker and read-only users (passwords as placeholders)."""
     from intake.redis_acl import setuser_commands
 
-    if prefix is None:
-        prefix = load_settings().key_prefix
-    elif not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", prefix):
-        raise InvalidInput("--prefix: must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
-    if worker_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", worker_name):
-        raise InvalidInput("--worker: must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
+    prefix = _acl_prefix(prefix)
+    if worker_name is not None:
+        _check_worker_name(worker_name)
     click.echo(_ACL_HOWTO.format(prefix=prefix), err=True, nl=False)
     for line in setuser_commands(prefix, selectors=not no_selectors, worker=worker_name or "*"):
         click.echo(line)
+
+
+@redis_group.command("aclfile")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--prefix", default=None, help="Key prefix the users are for (default: INTAKE_KEY_PREFIX).")
+@click.option("--worker", "workers", multiple=True,
+              help="A worker to give its own user (repeatable); without it, one shared worker user.")
+@click.option("--host", default="redis:6379", show_default=True,
+              help="HOST:PORT the Redis URLs written beside the file point at.")
+@click.option("--no-selectors", is_flag=True, help="Flat rules for Redis 6.2 (see `redis acl`).")
+def redis_aclfile(directory: Path, prefix: str | None, workers: tuple[str, ...], host: str,
+                  no_selectors: bool) -> None:
+    """Write DIRECTORY/users.acl (password hashes only) and one 0600 Redis URL file per user.
+
+    Each user gets a new random password; the ACL file holds only its SHA-256, so it can be
+    mounted as plain configuration, while each ``<user>.url`` is a secret for one process."""
+    import secrets as _secrets
+
+    from intake.keys import write_atomic
+    from intake.redis_acl import aclfile, password_hash, user_names
+
+    prefix = _acl_prefix(prefix)
+    for w in workers:
+        _check_worker_name(w)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}:[0-9]{1,5}", host):
+        raise InvalidInput("--host: must be HOST:PORT")
+    directory.mkdir(parents=True, exist_ok=True)
+    hashes: dict[str, str] = {}
+    for user in user_names(prefix, workers):
+        password = _secrets.token_urlsafe(32)
+        hashes[user] = password_hash(password)
+        write_atomic(directory / f"{user}.url", f"redis://{user}:{password}@{host}/0\n".encode(), 0o600)
+    write_atomic(directory / "users.acl",
+                 aclfile(prefix, hashes, selectors=not no_selectors, workers=workers).encode(), 0o644)
+    click.echo(f"wrote {directory / 'users.acl'} and {len(hashes)} URL files (mode 0600)")
 
 
 # -- bootstrap -------------------------------------------------------------------------------

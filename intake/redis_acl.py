@@ -136,16 +136,31 @@ def acl_rules(role: Role, prefix: str, password_rule: str, *, selectors: bool, w
     return rules
 
 
-def aclfile(prefix: str, password_hashes: dict[str, str]) -> str:
-    """An ``aclfile`` for the embedded Redis 6.2: the three users, and the default user off.
+def aclfile(prefix: str, password_hashes: dict[str, str], *, selectors: bool = False,
+            workers: tuple[str, ...] = ()) -> str:
+    """An ``aclfile``: the users of :data:`ROLES`, and the default user off.
 
-    ``password_hashes`` maps role name to its ``#sha256`` rule.
+    ``password_hashes`` maps each user name (:func:`user_names`) to its ``#sha256`` rule.
+    ``selectors`` renders Redis 7 selectors (off for the embedded Redis 6.2); ``workers`` gives
+    each named worker its own user, limited to its own report stream.
     """
     lines = ["user default off resetpass resetkeys resetchannels -@all"]
-    for name, role in ROLES.items():
-        rules = acl_rules(role, prefix, password_hashes[name], selectors=False)
-        lines.append(" ".join(["user", role.user(prefix), *rules]))
+    for user, (role, worker) in user_names(prefix, workers).items():
+        rules = acl_rules(role, prefix, password_hashes[user], selectors=selectors, worker=worker)
+        lines.append(" ".join(["user", user, *rules]))
     return "\n".join(lines) + "\n"
+
+
+def user_names(prefix: str, workers: tuple[str, ...] = ()) -> dict[str, tuple[Role, str]]:
+    """Every ACL user name with its role and report stream: ``<prefix>-<role>``, and
+    ``<prefix>-worker-<name>`` for each named worker instead of the shared worker user."""
+    users: dict[str, tuple[Role, str]] = {}
+    for name, role in ROLES.items():
+        if name == "worker" and workers:
+            users.update({f"{role.user(prefix)}-{w}": (role, w) for w in workers})
+        else:
+            users[role.user(prefix)] = (role, "*")
+    return users
 
 
 def _quote(arg: str) -> str:

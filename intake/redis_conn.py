@@ -223,7 +223,8 @@ class EmbeddedRedis:
     def _start(self, timeout: float) -> None:
         # Users and config are rewritten on every start, so a changed role takes effect on the
         # next start; missing password files (a data dir from before the ACL users) are created.
-        hashes = {role: password_hash(read_or_create_secret_text(self.password_file(role))) for role in ROLES}
+        hashes = {ROLES[role].user(self.prefix): password_hash(read_or_create_secret_text(self.password_file(role)))
+                  for role in ROLES}
         write_atomic(self.dir / "users.acl", aclfile(self.prefix, hashes).encode(), 0o600)
         conf = self.dir / "redis.conf"
         write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync).encode(),

@@ -134,7 +134,7 @@ def open_broker(settings: Settings) -> Iterator[Broker]:
         broker: Broker | None = None
         try:
             audit = AuditLog(client, audit_key, settings.key_prefix,
-                             checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
+                             checkpoint=settings.audit_checkpoint)
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )

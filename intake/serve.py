@@ -14,7 +14,9 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from intake.app import SLACK_MODE, create_app
+from intake.app import create_app
+from intake.channels.slack.auth import SlackUnreachable, auth_test
+from intake.channels.slack.transport import SlackMode, slack_mode
 from intake.errors import ConfigError
 from intake.keys import load_secret
 from intake.policy import load_policy
@@ -85,6 +87,18 @@ def prepare_dev_people(settings: Settings) -> list[str]:
     return done
 
 
+def slack_status(settings: Settings, mode: SlackMode) -> str:
+    """The start-up line about Slack: "Slack on" only once Slack has accepted the bot token
+    (a refused token raises ConfigError, so serve stops with one line)."""
+    if not mode.on or settings.slack_bot_token is None:
+        return mode.describe()
+    try:
+        bot = auth_test(settings)
+    except SlackUnreachable as exc:
+        return f"{mode.describe()} (token not verified: {exc}; cards wait until Slack answers)"
+    return f"{mode.describe()} as {bot.user_id} in {bot.team or bot.team_id}"
+
+
 def run(settings: Settings, *, dev: bool) -> None:
     """Start the broker in the foreground. Fails fast, with one line, on a bad setting."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -102,8 +116,9 @@ def run(settings: Settings, *, dev: bool) -> None:
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the API socket lives there
+    slack = slack_status(settings, slack_mode(settings))  # before anything starts
     app = create_app(settings, dev=dev)
-    click.echo(f"intake: {app[SLACK_MODE].describe()}")
+    click.echo(f"intake: {slack}")
     redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
     click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
     sock_path = settings.data_dir / "intake.sock"

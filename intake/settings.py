@@ -7,6 +7,7 @@ invalid value raises :class:`ConfigError` with one line that names the variable.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     # keys/workers/NAME.key in the data dir.
     worker_key: Path | None = None
     console_key: Path | None = None
+    # Where this host records the newest sealed audit head it saw (a rollback detector, per
+    # host). Writable state, so it lives in the data dir even when the keys are mounted read-only.
+    audit_checkpoint: Path | None = None
     # Where people reach the web console; passkeys are bound to its origin and host (the RP id).
     # Browsers refuse an IP address as a WebAuthn RP id, hence localhost rather than 127.0.0.1.
     console_origin: str = "http://localhost:8080"
@@ -101,6 +105,7 @@ class Settings(BaseSettings):
         self.audit_key = self.audit_key or keys / "audit.key"
         self.secrets_key = self.secrets_key or keys / "secrets.key"
         self.console_key = self.console_key or keys / "console.key"
+        self.audit_checkpoint = self.audit_checkpoint or keys / "audit.checkpoint"
         return self
 
     # Typed accessors: the validator above guarantees these are set.
@@ -135,7 +140,16 @@ def _env_name(field: str) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build settings from the environment plus explicit overrides, or raise ConfigError."""
+    """Build settings from the environment plus explicit overrides, or raise ConfigError.
+
+    ``INTAKE_SECRETS_DIR`` names a directory of secret files, one per setting, named like the
+    variable in lower case (``intake_redis_url``, ``slack_bot_token``): how containers and
+    systemd's ``LoadCredential=`` hand over secrets without putting them in the environment."""
+    secrets_dir = os.environ.get("INTAKE_SECRETS_DIR")
+    if secrets_dir and "_secrets_dir" not in overrides:
+        if not Path(secrets_dir).is_dir():
+            raise ConfigError(f"INTAKE_SECRETS_DIR: {secrets_dir} is not a directory")
+        overrides["_secrets_dir"] = secrets_dir
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -99,7 +99,7 @@ def api(settings: Settings) -> Iterator[object]:
 @pytest.fixture
 def audit(settings: Settings, rclient: redis.Redis) -> AuditLog:
     return AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix,
-                    checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
+                    checkpoint=settings.audit_checkpoint)
 
 
 class FakeClock:

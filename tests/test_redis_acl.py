@@ -396,3 +396,53 @@ def test_open_broker_logs_in_per_role_and_never_shows_a_password(tmp_path: Path)
         assert worker_password not in repr(broker) and broker_password not in repr(broker)
         with pytest.raises(NoPerm):
             worker_client.get(FREEZE)
+
+def test_redis_aclfile_writes_hashes_only_and_urls_a_redis7_accepts(tmp_path: Path) -> None:
+    """`intake redis aclfile` (the compose/Kubernetes set-up step): the ACL file holds no
+    password, each URL file is 0600, and a real Redis 7 loading the file confines each user."""
+    binary = _redis7()
+    if binary is None:
+        pytest.skip("no Redis 7+ redis-server on PATH (Debian: apt-get install redis-server)")
+    import socket as _socket
+
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "redis"
+    done = subprocess.run([sys.executable, "-m", "intake", "redis", "aclfile", str(out), "--prefix", "intake",
+                           "--worker", "w1", "--host", f"127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr
+    users = (out / "users.acl").read_text()
+    urls = {p.stem: p.read_text().strip() for p in out.glob("*.url")}
+    assert set(urls) == {"intake-broker", "intake-worker-w1", "intake-readonly"}
+    for name, url in urls.items():
+        assert stat.S_IMODE((out / f"{name}.url").stat().st_mode) == 0o600
+        password = url.split(":")[2].split("@")[0]
+        assert password not in users, "the ACL file holds hashes, never a password"
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path), "--aclfile", str(out / "users.acl")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: _accepts(port), "redis 7 with the aclfile")
+        broker, worker = make_client(urls["intake-broker"]), make_client(urls["intake-worker-w1"])
+        assert broker.set("intake:task:T-1", "x") and broker.get("intake:task:T-1") == "x"
+        assert_worker_confined(worker, broker)
+        with pytest.raises(NoPerm):
+            worker.set("intake:task:T-1", "queued")
+        assert worker.xadd("intake:reports:w1", {"action": "heartbeat"})
+        with pytest.raises(NoPerm):
+            worker.xadd("intake:reports:w2", {"action": "heartbeat"})
+        with pytest.raises(redis.AuthenticationError):
+            make_client(f"redis://127.0.0.1:{port}/0").ping()  # the default user is off
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _accepts(port: int) -> bool:
+    import socket as _socket
+
+    with _socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

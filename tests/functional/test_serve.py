@@ -3,6 +3,7 @@ README's walk-through."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -133,3 +134,46 @@ def test_quick_start_runs_an_idea_to_a_pushed_branch(dev_env: dict[str, str]) ->
         out, _ = serve.communicate(timeout=60)
     assert serve.returncode == 0, out[-2000:]
     assert not (data / "redis" / "redis.sock").exists()
+
+
+async def _serve_with_slack(env: dict[str, str], sim_url: str, token: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *INTAKE, "serve", "--dev", env={**env, "SLACK_SIGNING_SECRET": "sim-signing-secret",
+                                        "SLACK_BOT_TOKEN": token, "SLACK_API_URL": sim_url},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+
+
+async def test_a_token_slack_refuses_stops_serve_with_one_line_before_anything_starts(
+        dev_env: dict[str, str]) -> None:
+    from tests.slack_sim import SlackSim
+
+    async with SlackSim() as sim:
+        sim.set_response("auth.test", {"ok": False, "error": "invalid_auth"})
+        token = "xoxb-0000-not-a-real-token"
+        serve = await _serve_with_slack(dev_env, sim.base_url, token)
+        out, _ = await asyncio.wait_for(serve.communicate(), 90)
+        text = out.decode()
+        assert serve.returncode not in (0, None), text
+        assert "SLACK_BOT_TOKEN: Slack refused it (auth.test: invalid_auth)" in text
+        assert "Slack on" not in text and "serving on" not in text and "Traceback" not in text
+        assert token not in text
+        assert len(sim.calls_to("auth.test")) == 1
+        assert not (Path(dev_env["INTAKE_DATA_DIR"]) / "intake.sock").exists()
+
+
+async def test_slack_on_names_the_bot_slack_accepted(dev_env: dict[str, str]) -> None:
+    from tests.slack_sim import SlackSim
+
+    async with SlackSim() as sim:
+        serve = await _serve_with_slack(dev_env, sim.base_url, "xoxb-0000-sim")
+        try:
+            lines = []
+            while not any("serving on" in line for line in lines):
+                line = await asyncio.wait_for(serve.stdout.readline(), 90)  # type: ignore[union-attr]
+                assert line, "serve exited: " + "".join(lines)
+                lines.append(line.decode())
+            (slack,) = [line for line in lines if "Slack" in line]
+            assert "Slack on: HTTP (POST /slack/events) as " in slack and "Sim Team" in slack
+        finally:
+            serve.terminate()
+            await asyncio.wait_for(serve.wait(), 60)

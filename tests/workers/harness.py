@@ -311,7 +311,7 @@ def make_rig(tmp_path: Path, redis_url: str, rclient: redis.Redis, clock: FakeCl
         settings = load_settings(_env_file=None, data_dir=tmp_path / "data", redis_url=redis_url, policy=policy)
         generate_keys(settings)
     audit = AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix,
-                     checkpoint=settings.keys["audit"].parent / "audit.checkpoint")
+                     checkpoint=settings.audit_checkpoint)
     store = Store(rclient, audit, prefix=settings.key_prefix, clock=clock)
     broker = Broker(settings, redis_url, rclient, audit, store)
     totps = {}
