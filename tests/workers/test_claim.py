@@ -53,7 +53,7 @@ def test_forged_token_job_is_refused_and_the_real_job_still_runs(rig: Rig) -> No
     assert refusal_reasons(rig) == ["token_unknown_key"]
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED and done.attempts == 1
-    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}"}
+    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}", "refs/notes/intake"}
 
 
 def test_spec_edited_in_redis_runs_only_the_signed_spec(rig: Rig) -> None:
