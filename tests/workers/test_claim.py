@@ -115,7 +115,7 @@ def test_reviving_revoked_denied_and_succeeded_tasks_runs_and_mints_nothing(rig:
     assert {t: dispatches(rig, t) for t in before} == before
     assert [e for e in rig.events("task.running") if e["subject"] != succeeded.id] == []
     assert len([e for e in rig.events("task.running") if e["subject"] == succeeded.id]) == 1
-    assert pushed(rig) == set() and len(pushed(rig, "acme/payments")) == 2  # the quarantine ref and the branch
+    assert pushed(rig) == set() and len(pushed(rig, "acme/payments")) == 3  # the quarantine ref, the branch, its note
     reasons = refusal_reasons(rig)
     # the denied task never had a token: the only one the attacker has is another task's
     assert {"task_revoked", "task_succeeded", "token_mismatch"} >= set(reasons) and len(reasons) >= 3
