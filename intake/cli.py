@@ -243,6 +243,38 @@ def export(output: Any) -> None:
     output.write(_api().call("GET", "/audit/export"))
 
 
+# -- provenance ------------------------------------------------------------------------------
+@cli.group(name="provenance")
+def provenance_group() -> None:
+    """Signed provenance of delivered changes (in-toto statements in DSSE envelopes)."""
+
+
+@provenance_group.command(name="show")
+@click.argument("ref")
+@click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Read the git note from this repository instead of the broker's stored envelope.")
+@click.option("--json", "as_json", is_flag=True)
+def provenance_show(ref: str, repo: Path | None, as_json: bool) -> None:
+    """Show the provenance of REF (a commit sha or a task branch), verified or not."""
+    from intake.provenance_cli import show
+
+    show(_api(), load_settings(), ref, repo, as_json)
+
+
+@provenance_group.command(name="verify")
+@click.argument("ref")
+@click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Verify the git note in this repository (else the broker's stored envelope).")
+@click.option("--json", "as_json", is_flag=True)
+def provenance_verify(ref: str, repo: Path | None, as_json: bool) -> None:
+    """Check REF's provenance: the signature (public key alone), the subject, and every fact
+    against the sealed audit log. Exit 1 with one line per failing check."""
+    from intake.provenance_cli import verify
+
+    if not verify(_api(), load_settings(), ref, repo, as_json):
+        sys.exit(1)
+
+
 # -- policy ----------------------------------------------------------------------------------
 @cli.group()
 def policy() -> None:

@@ -287,6 +287,12 @@ class Api:
         lines = "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in broker.audit.export())
         return web.Response(text=lines, content_type="application/x-ndjson")
 
+    def provenance(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """A delivered commit's stored envelope and what the sealed log says of it."""
+        from intake.provenance import lookup
+
+        return lookup(broker, request.query.get("ref", ""))
+
     # -- filing ----------------------------------------------------------------------------
     def file_idea(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         """An idea from the CLI channel: filed by the verified caller; ``requester`` names
@@ -509,6 +515,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("DELETE", "/tokens/{token}", "token_revoke", False),
     ("GET", "/audit/verify", "audit_verify", False),
     ("GET", "/audit/export", "audit_export", False),
+    ("GET", "/provenance", "provenance", False),
 )
 
 

@@ -76,7 +76,8 @@ def test_an_allowlisted_bump_passes_and_is_pushed(rig: Rig) -> None:
     rig.work(rig.config(agent=sh("printf 'pytest==8.1\\nruff>=0.5\\n' > requirements.txt")))
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED, done.reason
-    assert branches(rig.bare("acme/web")) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}"}
+    assert branches(rig.bare("acme/web")) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}",
+                                              "refs/notes/intake"}
 
 
 # The hostile agent: it rewrites the base blob of requirements.txt in every git object store it

@@ -177,7 +177,7 @@ def test_a_forge_error_keeps_the_pushed_branch(rig: Rig, fake_forge: FakeForge, 
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED and (done.result or {})["pr_url"] is None
     assert (done.result or {})["pr_error"] == "pull request not created: the forge answered HTTP 422"
-    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}"}
+    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}", "refs/notes/intake"}
 
 
 def test_git_credentials_for_local_repos_are_refused_by_the_config(rig: Rig) -> None:
