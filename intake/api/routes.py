@@ -30,6 +30,7 @@ from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
 from intake.models import APPROVER_ID_RE, Channel, Idea, IdeaDraft, Task
 from intake.people import People, parse_identity, parse_person_id
+from intake.report.figures import compute_figures, parse_since
 from intake.runtime import Broker
 
 PREFIX = "/api/v1"
@@ -287,6 +288,12 @@ class Api:
         lines = "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in broker.audit.export())
         return web.Response(text=lines, content_type="application/x-ndjson")
 
+    def report(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """The leading-indicator figures over ``?since=`` (default 7d), from sealed history only."""
+        now = broker.store.clock()
+        since = parse_since(request.query.get("since", "7d"), now)
+        return compute_figures(broker.timeline.follow(), since, now=now).model_dump(mode="json")
+
     # -- filing ----------------------------------------------------------------------------
     def file_idea(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         """An idea from the CLI channel: filed by the verified caller; ``requester`` names
@@ -509,6 +516,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("DELETE", "/tokens/{token}", "token_revoke", False),
     ("GET", "/audit/verify", "audit_verify", False),
     ("GET", "/audit/export", "audit_export", False),
+    ("GET", "/report", "report", False),
 )
 
 
