@@ -53,10 +53,11 @@ NOTABLE_LIMIT = 50
 def parse_since(text: str, now: float) -> float:
     """``--since``: ``7d``, ``24h``, ``30m``, ``90s``, ``2w`` back from ``now``, or an ISO date or
     date-time (UTC unless it names a zone). Returns a Unix time; InvalidInput when malformed."""
-    text = text.strip()
     if found := _RELATIVE.fullmatch(text):
         return now - int(found.group(1)) * _UNITS[found.group(2)]
     try:
+        if text != text.strip():
+            raise ValueError("surrounding whitespace")
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidInput(f"--since: {text[:40]!r} is neither a span (7d, 24h, 30m) nor an ISO date") from None
