@@ -30,7 +30,7 @@ from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
 from intake.models import APPROVER_ID_RE, Channel, Idea, IdeaDraft, Task
 from intake.people import People, parse_identity, parse_person_id
-from intake.report.figures import compute_figures, parse_since
+from intake.report.figures import broker_figures
 from intake.runtime import Broker
 
 PREFIX = "/api/v1"
@@ -290,9 +290,7 @@ class Api:
 
     def report(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """The leading-indicator figures over ``?since=`` (default 7d), from sealed history only."""
-        now = broker.store.clock()
-        since = parse_since(request.query.get("since", "7d"), now)
-        return compute_figures(broker.timeline.follow(), since, now=now).model_dump(mode="json")
+        return broker_figures(broker, request.query.get("since", "7d")).model_dump(mode="json")
 
     # -- filing ----------------------------------------------------------------------------
     def file_idea(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:

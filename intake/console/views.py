@@ -26,7 +26,7 @@ from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, f
 from intake.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
 from intake.models import IDEA_PENDING, Approver, TaskState
 from intake.passkeys import PasskeyProof
-from intake.report.figures import Figures, compute_figures, parse_since
+from intake.report.figures import broker_figures
 from intake.runtime import Broker
 from intake.settings import Settings
 
@@ -509,14 +509,9 @@ class Console:
         broker = self.broker(request)
         since = request.query.get("since", "7d")[:40]
         try:
-            fig = await self.call(self._figures, broker, since)
+            fig = await self.call(broker_figures, broker, since)
         except IntakeError as exc:
-            since, fig = "7d", await self.call(self._figures, broker, "7d")
-            return self.render(request, "dashboard.html", status=400, error=str(exc), since=since,
+            fig = await self.call(broker_figures, broker, "7d")
+            return self.render(request, "dashboard.html", status=400, error=str(exc), since="7d",
                                **figures_context(fig))
         return self.render(request, "dashboard.html", since=since, **figures_context(fig))
-
-    @staticmethod
-    def _figures(broker: Broker, since: str) -> Figures:
-        now = broker.store.clock()
-        return compute_figures(broker.timeline.follow(), parse_since(since, now), now=now)

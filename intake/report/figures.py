@@ -27,7 +27,7 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
@@ -36,6 +36,9 @@ from intake.errors import IntakeError, InvalidInput
 from intake.metrics import gate_kind
 from intake.models import AuditEvent, sha256_hex
 from intake.store import Store, default_title, idea_fields
+
+if TYPE_CHECKING:
+    from intake.runtime import Broker
 
 #: Outcomes of a task, as ``task.<outcome>`` events.
 OUTCOMES = ("succeeded", "blocked", "failed", "revoked", "denied", "expired")
@@ -269,6 +272,18 @@ class Timeline:
         return default_title(idea.text)
 
 
+def broker_figures(broker: Broker, since: str) -> Figures:
+    """The figures since ``since`` (as :func:`parse_since` reads it) on the broker's own
+    timeline; a break the broker's ledger found (it re-walks the whole chain now and then, so
+    history rewritten behind the timeline's cursor shows too) is reported as broken."""
+    now = broker.store.clock()
+    fig = compute_figures(broker.timeline.follow(), parse_since(since, now), now=now)
+    halted = broker.ledger.follow().halted
+    if halted is not None and halted not in fig.audit.broken:
+        fig.audit.broken.append(halted)
+    return fig
+
+
 # -- folding the facts over a window -----------------------------------------------------------
 @dataclass
 class _Task:
@@ -409,7 +424,8 @@ def compute_figures(timeline: Timeline, since: float, *, now: float, until: floa
                     _settle(fig, f, t, what, issued, to_deliver, gates, licenses, timeline, captured)
             t.running = what == "running"
     fig.segments = [segments[k] for k in sorted(segments)]
-    fig.time_to_promote, fig.time_to_deliver, fig.revoke_to_stop = spread(to_promote), spread(to_deliver), spread(to_stop)
+    fig.time_to_promote, fig.time_to_deliver = spread(to_promote), spread(to_deliver)
+    fig.revoke_to_stop = spread(to_stop)
     fig.mfa_failures, fig.gate_blocks = dict(sorted(mfa.items())), dict(sorted(gates.items()))
     deps.licenses = _capped(licenses)
     deps.bumped = deps.upgraded + deps.downgraded
