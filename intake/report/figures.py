@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 OUTCOMES = ("succeeded", "blocked", "failed", "revoked", "denied", "expired")
 #: States a run's result is settled into (the evidence before them is that run's result).
 _SETTLED = frozenset({"delivering", "awaiting_result_approval", "succeeded", "blocked", "failed"})
+# Task events the figures follow (queued and running: whether a revoke caught a run live).
+_TASK_EVENTS = frozenset({"created", "amended", "queued", "running", *_SETTLED, *OUTCOMES})
 _WANTED = frozenset({"idea.captured", "idea.promoted", "run.stopped", "mfa.refused", "provenance.issued"})
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"([1-9][0-9]{0,5})([smhdw])")
@@ -243,8 +245,7 @@ class Timeline:
         if not self._once(f"e:{ev.eid}"):
             return
         kind, _, what = ev.action.partition(".")
-        if ev.action not in _WANTED and not (kind == "task" and what in {"created", "amended", "running", *_SETTLED,
-                                                                        *OUTCOMES}):
+        if ev.action not in _WANTED and not (kind == "task" and what in _TASK_EVENTS):
             return
         result = None
         if kind == "task" and what in _SETTLED and isinstance(ev.data.get("run"), str):

@@ -116,3 +116,18 @@ def test_license_labels_are_bounded_and_every_surface_escapes(store: Store, cloc
     assert "\x1b" not in text and "docs\\x1b[31m" in text
     page = render_html(fig)
     assert "<b>tier</b>" not in page and "&lt;b&gt;tier&lt;/b&gt;" in page
+
+
+def test_revoke_to_stop_counts_only_runs_the_revoke_caught_live(store: Store, clock: FakeClock) -> None:
+    live, requeued = "T-0000000000e1", "T-0000000000e2"
+    for t in (live, requeued):
+        created(store, t)
+        emit(store, "system", "task.running", t, attempt=1, run="r1")
+    emit(store, "system", "task.queued", requeued, retry=True)  # its run was abandoned, then retried
+    for t in (live, requeued):
+        emit(store, "cli:bob", "task.revoked", t, reason="stop")
+    clock.advance(3)
+    for t in (live, requeued):
+        emit(store, "system", "run.stopped", t, worker="w1", why="revoked")
+    fig = compute_figures(Timeline(store.audit, store).follow(), clock.now - 60, now=clock.now)
+    assert fig.revoked == 2 and fig.revoke_to_stop.model_dump() == {"count": 1, "p50": 3.0, "p90": 3.0, "mean": 3.0}
