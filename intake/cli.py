@@ -275,6 +275,25 @@ def provenance_verify(ref: str, repo: Path | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--since", default="7d", show_default=True, metavar="WHEN",
+              help="Start of the window: a span back from now (7d, 24h, 30m) or an ISO date/time (UTC).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text", show_default=True,
+              help="text for a terminal, json for machines, html for a self-contained page with charts.")
+@click.option("-o", "--output", type=click.File("w"), default="-", metavar="FILE",
+              help="File to write (default stdout).")
+def report(since: str, fmt: str, output: Any) -> None:
+    """The leading indicators (change-risk segmentation, provenance and dependency posture, time
+    to promote and deliver, MFA failures, revoke to stop, gate blocks), from the sealed audit log."""
+    from urllib.parse import urlencode
+
+    from intake.report.figures import Figures
+    from intake.report.render import render
+
+    figures = Figures.model_validate(_api().call("GET", "/report?" + urlencode({"since": since})))
+    output.write(render(figures, fmt))
+
+
 # -- policy ----------------------------------------------------------------------------------
 @cli.group()
 def policy() -> None:

@@ -30,6 +30,7 @@ from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
 from intake.models import APPROVER_ID_RE, Channel, Idea, IdeaDraft, Task
 from intake.people import People, parse_identity, parse_person_id
+from intake.report.figures import broker_figures
 from intake.runtime import Broker
 
 PREFIX = "/api/v1"
@@ -293,6 +294,10 @@ class Api:
 
         return lookup(broker, request.query.get("ref", ""))
 
+    def report(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """The leading-indicator figures over ``?since=`` (default 7d), from sealed history only."""
+        return broker_figures(broker, request.query.get("since", "7d")).model_dump(mode="json")
+
     # -- filing ----------------------------------------------------------------------------
     def file_idea(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         """An idea from the CLI channel: filed by the verified caller; ``requester`` names
@@ -516,6 +521,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/audit/verify", "audit_verify", False),
     ("GET", "/audit/export", "audit_export", False),
     ("GET", "/provenance", "provenance", False),
+    ("GET", "/report", "report", False),
 )
 
 
