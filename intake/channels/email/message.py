@@ -244,8 +244,13 @@ def _walk(part: Message, body: bytes, depth: int, found: _Walk) -> None:
 
 
 def _body_bytes(msg: Message) -> bytes:
-    payload = msg.get_payload()
-    return payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else b""
+    """A container's body bytes as received. RFC 2046 §5.1: a multipart is never
+    transfer-encoded beyond 7bit/8bit/binary, so anything else is malformed."""
+    if not msg.get_content_type().startswith("multipart/"):
+        return b""
+    if str(msg.get("Content-Transfer-Encoding", "7bit")).strip().lower() not in ("7bit", "8bit", "binary"):
+        raise MalformedMail("a multipart part is transfer-encoded")
+    return _decoded(msg)
 
 
 def parse_message(raw: bytes) -> ParsedMail:
