@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import smtplib
 import threading
 import time
@@ -146,7 +147,8 @@ class Relay:
 def email_settings(settings: Settings, tmp_path: Path, *, unverified: str = "refuse", **extra: Any) -> Settings:
     """The test's settings with the SMTP listener on (port 0) and a policy for unverified mail."""
     policy = tmp_path / "policy.toml"
-    policy.write_text(EXAMPLE_POLICY.read_text() + f'\n[channels.email]\nunverified = "{unverified}"\n')
+    text = re.sub(r'(?m)^\[channels\.email\]\n(unverified = "[a-z]+"\n)?', "", EXAMPLE_POLICY.read_text())
+    policy.write_text(text + f'\n[channels.email]\nunverified = "{unverified}"\n')
     assert settings.redis_url is not None
     return load_settings(_env_file=None, data_dir=settings.data_dir, redis_url=settings.redis_url.get_secret_value(),
                          policy=policy, smtp_port=0, smtp_recipients=RECIPIENT, **extra)
