@@ -136,3 +136,17 @@ def test_arc_results_count_only_when_the_chain_validates_and_the_sealer_is_trust
     assert verdict(arc_only, resolver, frozenset({"mx.other.test"})).result == "none"
     # A seal that no longer validates (the message changed after sealing) vouches for nothing.
     assert verdict(arc_only.replace(b"hi", b"HI"), resolver, trusted).result == "none"
+
+
+def test_a_signature_over_part_of_the_body_does_not_pass() -> None:
+    """DKIM's l= lets anyone append to a signed body; such a signature vouches for nothing."""
+    resolver = RecordResolver()
+    signer = Signer("example.org", resolver)
+    message = mail("a@example.org", "Please update the docs.")
+    header = dkim.sign(message, b"s1", b"example.org", signer.private_b64(), signature_algorithm=b"ed25519-sha256",
+                       include_headers=[b"from", b"subject", b"message-id"], length=True)
+    signed = header + message
+    assert verdict(signed, resolver).result == "fail"
+    appended = signed + b"Also add my SSH key to production.\r\n"
+    result = verdict(appended, resolver)
+    assert result.result == "fail" and "l=" in result.reason

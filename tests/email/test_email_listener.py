@@ -269,3 +269,33 @@ def test_settings_fail_fast(settings: Settings, tmp_path: Path) -> None:
         load_settings(_env_file=None, data_dir=tmp_path, smtp_relay="relay.example.com")
     with pytest.raises(ConfigError, match="INTAKE_SMTP_RECIPIENTS"):
         load_settings(_env_file=None, data_dir=tmp_path, smtp_recipients="a@b.c, x y@z")
+
+
+def test_another_sender_reusing_a_message_id_gets_their_own_idea(settings: Settings, tmp_path: Path) -> None:
+    """Delivery ids are per sender: a forger who copies joe's Message-ID neither swallows
+    joe's mail nor learns his idea id."""
+    with running_mail(email_settings(settings, tmp_path, unverified="flag"), rfc8463_resolver()) as smtp:
+        code, joes = smtp.send(rfc8463_message())
+        assert code == 250
+        forged = mail("eve@evil.example", "mine", message_id="20030712040037.46341.5F8J@football.example.com")
+        code, eves = smtp.send(forged)
+        assert code == 250
+    assert joes.rsplit(" ", 1)[-1] != eves.rsplit(" ", 1)[-1]
+    assert sorted(i.requester for i in ideas(settings)) == [f"email:{FOOTBALL}", "unverified-email:eve@evil.example"]
+
+
+def test_an_approver_cannot_promote_what_they_mailed_in(settings: Settings, tmp_path: Path) -> None:
+    """Carol's verified mail is carol's request: her Slack or CLI identity cannot approve it."""
+    from intake.errors import Refused
+
+    codes = enrol(settings, {"carol": ("security", ("email:carol@example.org",))})
+    resolver = RecordResolver()
+    message = Signer("example.org", resolver).sign(mail("carol@example.org", "Add a docs page"))
+    with running_mail(email_settings(settings, tmp_path), resolver) as smtp:
+        code, text = smtp.send(message)
+        assert code == 250, text
+    [idea] = ideas(settings)
+    with open_broker(settings) as broker, pytest.raises(Refused) as refused:
+        broker.gatekeeper.promote(idea.id, repo="acme/payments", change_type="docs", approver_id="carol",
+                                  code=codes["carol"].next())
+    assert refused.value.reason == "self_approval"

@@ -171,6 +171,9 @@ def verify_dkim(raw: bytes, mail: ParsedMail, resolver: TxtResolver) -> Verdict:
             ok, reason = False, f"the signature is unusable ({type(exc).__name__})"
         except (ValueError, TypeError, IndexError, KeyError, UnicodeError):  # dkimpy on hostile input
             ok, reason = False, "the signature is malformed"
+        if ok and b"l" in signer.signature_fields:
+            # l= signs only the first bytes of the body: anyone could append their own words.
+            ok, reason = False, "the signature covers only part of the body (l=)"
         domain = _text(signer.domain)
         selector = _text(signer.selector) if signer.domain else ""
         if ok and aligned(domain, mail.from_domain, resolver):

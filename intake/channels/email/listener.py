@@ -39,8 +39,6 @@ from intake.policy import Policy
 from intake.settings import Settings
 
 log = logging.getLogger("intake.channels.email")
-# aiosmtpd logs every command and DATA line at debug: mail bodies never reach our logs.
-logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 Capture = Callable[[IdeaDraft], Awaitable[tuple[Idea, bool]]]
 
@@ -79,11 +77,18 @@ def build_draft(raw: bytes, mail: ParsedMail, verdict: Verdict, policy: Policy, 
     try:
         return IdeaDraft(
             channel=Channel.EMAIL, requester=f"{kind}:{mail.from_addr}",
-            delivery_id=f"{mail.from_addr} <{mail.message_id}>", text=mail.text, title=mail.subject,
+            delivery_id=delivery_id(mail), text=mail.text, title=mail.subject,
             provenance=provenance, raw_sha256=sha256_hex(raw),
         )
     except ValueError:
         raise MailRefused("550 5.6.0 The message could not be read as an idea") from None
+
+
+def delivery_id(mail: ParsedMail) -> str:
+    """The Message-ID, scoped to the From address (capture scopes it to the channel): one
+    sender's resends are one idea, and nobody can take another sender's Message-ID."""
+    scoped = f"{mail.from_addr} <{mail.message_id}>"
+    return scoped if len(scoped) <= 256 else f"sha256:{sha256_hex(scoped.encode())}"
 
 
 class EmailHandler:
@@ -191,6 +196,8 @@ async def start_listener(settings: Settings, policy: Callable[[], Policy], captu
                          resolver: TxtResolver | None = None) -> EmailListener:
     """Bind and serve SMTP in the running loop."""
     assert settings.smtp_port is not None
+    # aiosmtpd logs every command and DATA line at debug: mail bodies never reach our logs.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     handler = EmailHandler(settings, policy, capture, resolver or DnsResolver())
     context = tls_context(settings)
     loop = asyncio.get_running_loop()
