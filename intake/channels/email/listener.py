@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -33,7 +34,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from intake.channels.email.authenticity import DnsResolver, DnsUnavailable, TxtResolver, Verdict, authenticate
 from intake.channels.email.message import MalformedMail, ParsedMail, parse_message
 from intake.channels.email.reply import build_reply, send_reply, wants_reply
-from intake.errors import IntakeError
+from intake.errors import IntakeError, InvalidInput
 from intake.models import Channel, Idea, IdeaDraft, sha256_hex
 from intake.policy import Policy
 from intake.settings import Settings
@@ -58,7 +59,7 @@ def build_draft(raw: bytes, mail: ParsedMail, verdict: Verdict, policy: Policy, 
     The requester is ``email:<address>`` only when the verdict passed (only then does it
     resolve to a person); otherwise ``unverified-email:<address>``, which is nobody's identity."""
     if not verdict.verified and policy.channels.email.unverified == "refuse":
-        raise MailRefused(f"550 5.7.1 Unverified sender: no aligned DKIM signature ({verdict.reason})"[:400])
+        raise MailRefused(f"550 5.7.1 Unverified sender: no aligned DKIM signature ({verdict.reason})")
     provenance = {"via": "smtp", **verdict.provenance()}
     if not verdict.verified:
         provenance["flag"] = "UNVERIFIED sender: the From address is not proven"
@@ -82,6 +83,11 @@ def build_draft(raw: bytes, mail: ParsedMail, verdict: Verdict, policy: Policy, 
         )
     except ValueError:
         raise MailRefused("550 5.6.0 The message could not be read as an idea") from None
+
+
+def _status(line: str) -> str:
+    """One SMTP reply line: no control characters (no CRLF injection), bounded length."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", line)[:400]
 
 
 def delivery_id(mail: ParsedMail) -> str:
@@ -122,17 +128,17 @@ class EmailHandler:
             idea, created = await self.capture(draft)
         except MailRefused as exc:
             log.info("email refused: %s", exc.reply[:3])
-            return exc.reply
+            return _status(exc.reply)
         except MalformedMail as exc:
             log.info("email refused: malformed")
-            return f"550 5.6.0 Malformed message: {exc}"[:400]
+            return _status(f"550 5.6.0 Malformed message: {exc}")
         except DnsUnavailable:
             log.warning("email deferred: DNS did not answer")
             return "451 4.4.3 DNS is not answering; try again later"
-        except IntakeError as exc:  # capture's refusals (empty or oversize text, ...)
+        except InvalidInput as exc:  # capture's refusals (empty or oversize text, ...)
             log.info("email refused by capture: %s", type(exc).__name__)
-            return f"550 5.6.0 Not captured: {exc}"[:400]
-        except redis.RedisError:
+            return _status(f"550 5.6.0 Not captured: {exc}")
+        except (IntakeError, redis.RedisError):  # shutting down, Redis away: the MTA retries
             log.warning("email deferred: Redis unavailable")
             return "451 4.3.0 Temporarily unable to store the message; try again later"
         log.info("email captured: idea=%s created=%s dkim=%s", idea.id, created, verdict.result)
