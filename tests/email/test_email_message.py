@@ -13,7 +13,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from intake.channels.email.authenticity import authenticate
 from intake.channels.email.listener import MailRefused, build_draft
-from intake.channels.email.message import MalformedMail, html_to_text, parse_from, parse_message
+from intake.channels.email.message import MalformedMail, parse_from, parse_message
 from intake.policy import load_policy
 from intake.runtime import EXAMPLE_POLICY
 from intake.settings import Settings
