@@ -20,6 +20,7 @@ from intake.console import mount_console
 from intake.metrics import metrics_registry, render_metrics
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
+from intake.channels.email.listener import mount_email
 from intake.channels.slack.transport import SlackMode, mount_slack
 
 log = logging.getLogger("intake.app")
@@ -141,4 +142,5 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     mount_console(app, settings, BROKER)
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
+    mount_email(app, settings, BROKER, CAPTURE)
     return app

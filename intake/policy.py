@@ -113,6 +113,17 @@ class RiskTier(ApprovalRule):
         return None
 
 
+class EmailChannel(_Strict):
+    """``[channels.email]``: what to do with mail whose sender is not DKIM-aligned (or vouched
+    for by a trusted authserv-id): capture it flagged as unverified, or refuse it at DATA."""
+
+    unverified: Literal["flag", "refuse"] = "refuse"
+
+
+class Channels(_Strict):
+    email: EmailChannel = EmailChannel()
+
+
 class Group(_Strict):
     members: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")], ...] = Field(min_length=1)
 
@@ -187,6 +198,7 @@ class Policy(_Strict):
     groups: dict[Name, Group] = Field(min_length=1)
     repos: tuple[Repo, ...] = Field(min_length=1)
     admins: Admins = Admins()
+    channels: Channels = Channels()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Policy:

@@ -72,6 +72,39 @@ class Settings(BaseSettings):
     # with short bursts; 429s are honoured on top).
     slack_rate: float = Field(5.0, gt=0, le=1000)
 
+    # The email channel (intake.channels.email): an SMTP listener, on only when smtp_port is set.
+    smtp_port: int | None = Field(None, ge=0, le=65535)
+    smtp_host: str = "127.0.0.1"
+    smtp_cert: Path | None = None  # STARTTLS when both cert and key are set
+    smtp_key: Path | None = None
+    smtp_max_bytes: int = Field(25 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024)
+    smtp_recipients: str = ""  # comma-separated allowlist, e.g. intake@example.com
+    smtp_trusted_authserv: str = ""  # comma-separated authserv-ids whose Authentication-Results count
+    smtp_relay: str | None = None  # host:port of the relay that carries replies
+
+    @field_validator("smtp_recipients", "smtp_trusted_authserv")
+    @classmethod
+    def _comma_list(cls, value: str) -> str:
+        items = [v.strip().lower() for v in value.split(",") if v.strip()]
+        if any(not re.fullmatch(r"[a-z0-9._%+@-]{1,254}", v) for v in items):
+            raise ValueError("must be a comma-separated list of addresses or host names")
+        return ",".join(items)
+
+    @field_validator("smtp_relay")
+    @classmethod
+    def _relay_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}:[0-9]{1,5}", value):
+            raise ValueError("must be host:port, e.g. smtp.example.com:25")
+        return value
+
+    @model_validator(mode="after")
+    def _smtp_complete(self) -> Settings:
+        if self.smtp_port is not None and not self.smtp_recipients:
+            raise ConfigError("INTAKE_SMTP_RECIPIENTS: required when INTAKE_SMTP_PORT is set")
+        if (self.smtp_cert is None) != (self.smtp_key is None):
+            raise ConfigError("INTAKE_SMTP_CERT and INTAKE_SMTP_KEY: set both for STARTTLS, or neither")
+        return self
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_shape(cls, value: str) -> str:

@@ -83,9 +83,9 @@ def test_the_report_gives_exactly_the_scenarios_figures(rig: Rig, tmp_path: Path
     assert fig["time_to_promote"] == spread(promote).model_dump()
     assert fig["time_to_deliver"] == spread(deliver).model_dump()
     assert fig["revoke_to_stop"]["count"] == 1 and fig["revoke_to_stop"]["mean"] == pytest.approx(stop[0])
-    # Nothing issued provenance or changed a dependency in this scenario (those land with issue 11's
-    # other parts): the figures say so instead of inventing coverage.
-    assert fig["provenance"] == {"delivered": len(s.delivered), "verified": 0, "share": 0.0}
+    # Every delivery carried broker-signed provenance (issued with its delivery dispatch); no
+    # dependency changed in this scenario, and the figures say so instead of inventing coverage.
+    assert fig["provenance"] == {"delivered": len(s.delivered), "verified": len(s.delivered), "share": 1.0}
     assert fig["dependencies"]["changes"] == 0 and fig["dependencies"]["sbom_coverage"] is None
     assert [(n["task"], n["outcome"]) for n in fig["notable"]] == (
         [(t, "blocked") for t in s.blocked] + [(t, "revoked") for t in s.revoked])
