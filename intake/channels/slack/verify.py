@@ -13,6 +13,7 @@ secret.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -21,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from intake.errors import IntakeError
@@ -53,7 +55,7 @@ class SlackAuthError(IntakeError):
     """A Slack request failed verification; ``reason`` is a stable tag for logs and metrics.
 
     Tags: ``missing_timestamp``, ``bad_timestamp``, ``stale_timestamp``, ``missing_signature``,
-    ``bad_signature_format``, ``signature_mismatch``, ``body_too_large``.
+    ``bad_signature_format``, ``signature_mismatch``, ``body_too_large``, ``incomplete_body``.
     """
 
     exit_code = 1
@@ -129,7 +131,15 @@ def _single_header(request: web.Request, name: str, duplicate_reason: str) -> st
 
 
 async def _read_capped(request: web.Request, max_body: int) -> bytes:
-    """Read the body, buffering at most ``max_body + 1`` bytes whatever the client sends."""
+    """Read the body, buffering at most ``max_body + 1`` bytes whatever the client sends; a
+    client that hangs up (or breaks the chunked framing) mid-body is ``incomplete_body``."""
+    try:
+        return await _read_upto(request, max_body)
+    except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
+        raise SlackAuthError("incomplete_body") from None
+
+
+async def _read_upto(request: web.Request, max_body: int) -> bytes:
     declared = request.content_length
     if declared is not None:
         if declared > max_body:
@@ -215,7 +225,9 @@ def slack_verification_middleware(
                 log.warning(
                     "slack request refused reason=%s request_id=%s", err.reason, _request_id(request)
                 )
-            return web.Response(body=_INVALID, status=401, content_type="application/json")
+            # A body cut short is a bad request (nobody is left to read the answer anyway).
+            status = 400 if err.reason == "incomplete_body" else 401
+            return web.Response(body=_INVALID, status=status, content_type="application/json")
         request[SLACK_RAW_BODY] = body
         return await handler(request)
 
