@@ -21,6 +21,7 @@ from intake.metrics import metrics_registry, render_metrics
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
 from intake.channels.slack.transport import SlackMode, mount_slack
+from intake.channels.webhooks import mount_webhooks
 
 log = logging.getLogger("intake.app")
 
@@ -141,4 +142,5 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     mount_console(app, settings, BROKER)
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
+    mount_webhooks(app, settings, CAPTURE)
     return app
