@@ -13,7 +13,6 @@ secret.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -22,9 +21,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
+from intake.channels.webhooks import WebhookRefused, read_capped
 from intake.errors import IntakeError
 
 log = logging.getLogger(__name__)
@@ -131,33 +130,12 @@ def _single_header(request: web.Request, name: str, duplicate_reason: str) -> st
 
 
 async def _read_capped(request: web.Request, max_body: int) -> bytes:
-    """Read the body, buffering at most ``max_body + 1`` bytes whatever the client sends; a
-    client that hangs up (or breaks the chunked framing) mid-body is ``incomplete_body``."""
+    """The body, at most ``max_body`` bytes (the webhooks' one capped reader); too large is
+    ``body_too_large``, a client hanging up mid-body ``incomplete_body``."""
     try:
-        return await _read_upto(request, max_body)
-    except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
-        raise SlackAuthError("incomplete_body") from None
-
-
-async def _read_upto(request: web.Request, max_body: int) -> bytes:
-    declared = request.content_length
-    if declared is not None:
-        if declared > max_body:
-            raise SlackAuthError("body_too_large")
-        # aiohttp stops a body at its declared length, so one read is already capped.
-        return await request.read()
-    chunks: list[bytes] = []
-    total = 0
-    while total <= max_body:
-        # Ask for at most one byte past the cap: enough to know the body is too big.
-        chunk = await request.content.read(max_body + 1 - total)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    if total > max_body:
-        raise SlackAuthError("body_too_large")
-    return b"".join(chunks)
+        return await read_capped(request, max_body)
+    except WebhookRefused as exc:
+        raise SlackAuthError(exc.reason) from None
 
 
 def _request_id(request: web.Request) -> str:
