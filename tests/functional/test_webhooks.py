@@ -258,3 +258,20 @@ async def test_a_client_hanging_up_mid_body_is_quiet(
     await asyncio.sleep(0.1)
     assert written(rclient) == before
     no_tracebacks(caplog)
+
+
+async def test_a_linked_forge_login_is_the_person_who_cannot_approve_it(settings: Settings) -> None:
+    from intake.errors import Refused
+    from intake.runtime import open_broker
+    from tests.api_harness import enrol
+
+    codes = enrol(settings, {"alice": ("platform", ("github:codertocat",))})
+    async with running_webhooks(settings) as hooks:
+        status, answer = await hooks.github("issues", vector("github/issues_opened.json"))
+        assert status == 202
+    with open_broker(settings) as broker:
+        with pytest.raises(Refused) as refused:
+            broker.gatekeeper.promote(answer["idea"], repo="acme/web", change_type="docs", approver_id="alice",
+                                      code=codes["alice"].next())
+        assert refused.value.reason == "self_approval"
+        assert broker.store.get_idea(answer["idea"]).task_id is None
