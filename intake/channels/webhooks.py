@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import redis
 from aiohttp import web
 
 from intake.capture_queue import CaptureQueue
-from intake.errors import IntakeError
+from intake.errors import IntakeError, InvalidInput
 from intake.models import IdeaDraft
 from intake.settings import Settings
 from intake.channels.replies import Reply, post_reply
@@ -216,9 +217,12 @@ class WebhookEdge:
                 return web.json_response({"ignored": outcome.ignored})
             try:
                 idea, created = await self.capture()(outcome.draft)
-            except IntakeError as exc:  # refused by capture (nothing visible, too long, …)
+            except InvalidInput as exc:  # refused by capture (nothing visible, too long, …)
                 log.info("%s webhook not captured: %s", channel.name, type(exc).__name__)
                 return web.json_response({"error": str(exc)}, status=422)
+            except (IntakeError, redis.RedisError) as exc:  # storage down or shutting down
+                log.warning("%s webhook not stored: %s", channel.name, type(exc).__name__)
+                return web.json_response({"error": "unavailable, try again"}, status=503)
             log.info("%s webhook captured idea=%s created=%s", channel.name, idea.id, created)
             if created and outcome.reply is not None:
                 self._send_later(channel.name, outcome.reply(reply_text(idea.id)))
