@@ -50,3 +50,10 @@ def test_capture_applies_it_for_every_channel(store: Store) -> None:
     idea, _ = store.capture(draft(text="cafe\u0301", title="Cafe\u0301"))
     assert idea.text == "café" and idea.title == "Café"
     assert store.get_idea(idea.id).text == "café"
+
+
+def test_the_terminal_shows_the_same_hidden_characters() -> None:
+    from intake.terminal import safe
+
+    assert safe("a\u200bb\U000e0041c\u202e\x1b[31m\tok\n") == "a\\u200bb\\U000e0041c\\u202e\\x1b[31m\tok\n"
+    assert safe("é 中文 עברית") == "é 中文 עברית"
