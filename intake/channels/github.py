@@ -22,22 +22,14 @@ from typing import Any
 from urllib.parse import quote
 
 from intake.channels.replies import Reply
-from intake.channels.webhooks import Outcome, WebhookRefused, check_hmac_sha256, field, single_header, slash_intake, token
-from intake.errors import InvalidInput
+from intake.channels.webhooks import (
+    Outcome, check_hmac_sha256, field, forge_identity, single_header, slash_intake, token,
+)
 from intake.models import Channel, IdeaDraft, sha256_hex
-from intake.people import parse_identity
 from intake.settings import Settings
 
 _ASSOCIATIONS = {"COLLABORATOR", "CONTRIBUTOR", "FIRST_TIMER", "FIRST_TIME_CONTRIBUTOR", "MANNEQUIN",
                  "MEMBER", "NONE", "OWNER"}
-
-
-def requester(login: str, kind: str) -> str:
-    """``<kind>:<login>`` checked against the identity rules (intake.people)."""
-    try:
-        return parse_identity(f"{kind}:{login}")
-    except InvalidInput:
-        raise WebhookRefused("malformed_login") from None
 
 
 @dataclass(frozen=True)
@@ -95,7 +87,7 @@ class GitHub:
         login = field(author, "login")
         association = field(payload, via if via == "issue" else "comment", "author_association", required=False)
         draft = IdeaDraft(
-            channel=Channel.GITHUB, requester=requester(login, "github"), delivery_id=f"{repo_id}:{delivery}",
+            channel=Channel.GITHUB, requester=forge_identity("github", login), delivery_id=f"{repo_id}:{delivery}",
             text=text, title=issue_title[:200],
             provenance={"via": via, "repo": repo[:200], "issue": str(number), "login": login,
                         "author_association": association if association in _ASSOCIATIONS else "unknown",

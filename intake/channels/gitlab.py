@@ -25,9 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
-from intake.channels.github import requester
 from intake.channels.replies import Reply
-from intake.channels.webhooks import Outcome, WebhookRefused, field, single_header, slash_intake, token
+from intake.channels.webhooks import Outcome, WebhookRefused, field, forge_identity, single_header, slash_intake, token
 from intake.models import Channel, IdeaDraft, sha256_hex
 from intake.settings import Settings
 
@@ -129,7 +128,7 @@ class GitLab:
             text, via = words, "note"
             url = field(payload, "object_attributes", "url", required=False) or ""
         draft = IdeaDraft(
-            channel=Channel.GITLAB, requester=requester(username, "gitlab"),
+            channel=Channel.GITLAB, requester=forge_identity("gitlab", username),
             delivery_id=f"{project_id}:{delivery}", text=text, title=title[:200],
             provenance={"via": via, "project": project[:200], "issue": str(iid), "username": username[:100],
                         "delivery": delivery, "url": url[:500]},

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from intake.channels.github import requester
 from intake.channels.replies import Reply
-from intake.channels.webhooks import Outcome, check_hmac_sha256, field, single_header, slash_intake, token
+from intake.channels.webhooks import Outcome, check_hmac_sha256, field, forge_identity, single_header, slash_intake, token
 from intake.models import Channel, IdeaDraft, sha256_hex
 from intake.settings import Settings
 
@@ -66,7 +65,7 @@ class Jira:
                 return Outcome(ignored="no /intake command")
             text, via = words, "comment_created"
         draft = IdeaDraft(
-            channel=Channel.JIRA, requester=requester(author, "jira"), delivery_id=f"{issue_id}:{delivery}",
+            channel=Channel.JIRA, requester=forge_identity("jira", author), delivery_id=f"{issue_id}:{delivery}",
             text=text, title=summary[:200],
             provenance={"via": via, "issue": key, "account_id": author, "delivery": delivery},
             raw_sha256=sha256_hex(body),

@@ -37,6 +37,7 @@ from aiohttp import web
 from intake.capture_queue import CaptureQueue
 from intake.errors import IntakeError, InvalidInput
 from intake.models import IdeaDraft
+from intake.people import parse_identity
 from intake.settings import Settings
 from intake.channels.replies import Reply, post_reply
 
@@ -167,6 +168,15 @@ def token(value: Any, what: str) -> str:
     if _TOKEN.fullmatch(text) is None:
         raise WebhookRefused(f"malformed_{what}")
     return text
+
+
+def forge_identity(kind: str, login: str) -> str:
+    """The requester ``<kind>:<login>`` checked (and case-folded) by the identity rules of
+    intake.people; anything else is ``WebhookRefused('malformed_login')``."""
+    try:
+        return parse_identity(f"{kind}:{login}")
+    except InvalidInput:
+        raise WebhookRefused("malformed_login") from None
 
 
 def slash_intake(text: str) -> str | None:

@@ -126,6 +126,12 @@ async def test_signed_malformed_bodies_get_a_4xx_and_write_nothing(
     no_tracebacks(caplog)
 
 
+async def test_slacks_ssl_check_is_answered(slack: SlackDriver, rclient: redis.Redis) -> None:
+    before = written(rclient)
+    status, _ = await slack.post_signed(b"ssl_check=1&token=x", FORM)
+    assert status == 200 and written(rclient) == before
+
+
 async def test_a_client_hanging_up_mid_body_is_a_quiet_refusal(
     slack: SlackDriver, rclient: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
