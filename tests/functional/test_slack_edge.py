@@ -138,7 +138,7 @@ async def test_a_client_hanging_up_mid_body_is_a_quiet_refusal(
     caplog.set_level(logging.INFO)
     before = written(rclient)
     server = slack.client.server
-    for headers in (f"Content-Length: 5000\r\n", "Transfer-Encoding: chunked\r\n"):
+    for headers in ("Content-Length: 5000\r\n", "Transfer-Encoding: chunked\r\n"):
         reader, writer = await asyncio.open_connection(server.host, server.port)
         writer.write((f"POST /slack/events HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\n"
                       f"X-Slack-Request-Timestamp: {int(time.time())}\r\n{headers}\r\n").encode()

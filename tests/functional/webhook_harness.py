@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,6 @@ def webhook_settings(base: Settings, forge: ForgeFake, **extra: Any) -> Settings
 class Sender:
     client: TestClient
     forge: ForgeFake
-    sent: int = field(default=0)
 
     async def raw(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
         resp = await self.client.post(path, data=body, headers=headers)
