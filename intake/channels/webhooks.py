@@ -157,7 +157,7 @@ def field(data: Any, *path: str, kind: type | tuple[type, ...] = str, required: 
         if required:
             raise WebhookRefused(f"malformed_{'.'.join(path)}")
         return None
-    if isinstance(node, bool) and kind is not bool or not isinstance(node, kind):
+    if (isinstance(node, bool) and kind is not bool) or not isinstance(node, kind):  # bool is an int
         raise WebhookRefused(f"malformed_{'.'.join(path)}")
     return node
 
