@@ -22,6 +22,7 @@ from intake.runtime import Broker, open_broker
 from intake.settings import Settings
 from intake.channels.email.listener import mount_email
 from intake.channels.slack.transport import SlackMode, mount_slack
+from intake.channels.webhooks import mount_webhooks
 
 log = logging.getLogger("intake.app")
 
@@ -143,4 +144,5 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     mount_email(app, settings, BROKER, CAPTURE)
+    mount_webhooks(app, settings, CAPTURE)
     return app

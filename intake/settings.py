@@ -105,6 +105,30 @@ class Settings(BaseSettings):
             raise ConfigError("INTAKE_SMTP_CERT and INTAKE_SMTP_KEY: set both for STARTTLS, or neither")
         return self
 
+    # Ticket webhooks (README: Channels): each is on when its secret is set. The API URL and
+    # token are only for the reply with the idea id; without a token no reply is sent.
+    webhook_max_body: int = Field(1024 * 1024, ge=1024, le=25 * 1024 * 1024)
+    github_webhook_secret: SecretStr | None = None
+    github_label: str = ""  # capture issues when given this label (default: every opened issue)
+    github_api_url: str = "https://api.github.com"
+    github_token: SecretStr | None = None
+    gitlab_webhook_token: SecretStr | None = None
+    gitlab_signing_token: SecretStr | None = None
+    gitlab_api_url: str = "https://gitlab.com"
+    gitlab_token: SecretStr | None = None
+    jira_webhook_secret: SecretStr | None = None
+    jira_api_url: str | None = None
+    jira_user: str | None = None  # Jira Cloud: the e-mail the API token belongs to
+    jira_token: SecretStr | None = None
+
+    @field_validator("github_webhook_secret", "gitlab_webhook_token", "jira_webhook_secret")
+    @classmethod
+    def _webhook_secret_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short or empty secret would let anyone forge deliveries: refuse it at start.
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_shape(cls, value: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import redis
 
 from intake.audit import AuditLog, event
+from intake.channels.text import normalise, normalise_title
 from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
 from intake.models import (
     IDEA_PENDING,
@@ -297,15 +298,16 @@ class Store:
 
     def prepare_capture(self, draft: IdeaDraft, ttl_s: int | None) -> tuple[Idea, list[str], list[Any]]:
         """Validate a draft and build its idea, script keys and arguments (no I/O)."""
-        if not draft.text.strip():
-            raise InvalidInput("idea text is empty")
-        size = len(draft.text.encode())
+        # The one normalisation of untrusted text, here so every channel gets it (NFC; text
+        # with nothing visible is refused). The channel has already decoded its own encoding.
+        text, title = normalise(draft.text), normalise_title(draft.title)
+        size = len(text.encode())
         if size > self.max_text_bytes:
             raise InvalidInput(
                 f"idea text is {size} bytes; the limit is {self.max_text_bytes} (INTAKE_MAX_TEXT_BYTES)"
             )
         now = self.clock()
-        text_hash = sha256_hex(draft.text.encode())
+        text_hash = sha256_hex(text.encode())
         # model_construct: every field is either from the already-validated draft or computed
         # here, so validating again would only cost time on the hottest path.
         idea = Idea.model_construct(
@@ -314,8 +316,8 @@ class Store:
             requester=draft.requester,
             filed_by=draft.filed_by or draft.requester,
             delivery_id=draft.delivery_id,
-            title=draft.title or default_title(draft.text),
-            text=draft.text,
+            title=title or default_title(text),
+            text=text,
             provenance=draft.provenance,
             raw_sha256=draft.raw_sha256 or text_hash,
             state=IdeaState.CAPTURED,

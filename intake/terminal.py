@@ -1,22 +1,24 @@
-"""Showing untrusted text on a terminal: control characters become visible escapes.
+"""Showing untrusted text on a terminal: control and hidden characters become visible escapes.
 
 An idea's text may carry ANSI sequences (colour, cursor moves, OSC 8 links, title changes) meant
-to disguise what an approver reads, or bidi overrides that reorder it ("Trojan Source").
-Controls other than newline and tab are shown as ``\\xNN``, bidi controls as ``\\uNNNN``.
+to disguise what an approver reads, bidi overrides that reorder it ("Trojan Source"), or
+zero-width and tag characters that hide words from a reader but not from an agent. Newline and
+tab are kept; C0/C1 controls and DEL are shown as ``\\xNN``, every other hidden character (the
+one definition, :func:`intake.channels.text.is_hidden`) as ``\\uNNNN`` or ``\\UNNNNNNNN``.
 """
 
 from __future__ import annotations
 
-import re
+from intake.channels.text import is_hidden
 
-# C0 controls except \t and \n, DEL, and the C1 range (U+0080-U+009F, e.g. the 8-bit CSI).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def safe(text: str) -> str:
-    """``text`` with every terminal control character replaced by a visible escape."""
-    def visible(m: re.Match[str]) -> str:
-        code = ord(m.group())
-        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-    return _CONTROL.sub(visible, text)
+    """``text`` with every terminal control or hidden character replaced by a visible escape."""
+    return "".join(_escape(ch) if ch not in "\t\n" and is_hidden(ch) else ch for ch in text)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,8 +26,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
+from intake.channels.cli import cli_draft
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
-from intake.models import APPROVER_ID_RE, Channel, Idea, IdeaDraft, Task
+from intake.models import APPROVER_ID_RE, Idea, Task
 from intake.people import People, parse_identity, parse_person_id
 from intake.report.figures import broker_figures
 from intake.runtime import Broker
@@ -303,15 +303,8 @@ class Api:
         """An idea from the CLI channel: filed by the verified caller; ``requester`` names
         someone else as the author (``intake idea --as NAME``), and the filer is still recorded."""
         body = IdeaBody.model_validate(data)
-        requester = caller.identity
-        if body.requester is not None:
-            requester = parse_identity(f"cli:{body.requester}")
-        try:
-            draft = IdeaDraft(channel=Channel.CLI, requester=requester, filed_by=caller.identity,
-                              delivery_id=body.delivery_id or f"api-{uuid.uuid4()}",
-                              text=body.text, title=body.title, provenance={"via": f"api:{caller.via}"})
-        except ValidationError as exc:
-            raise InvalidInput(f"invalid idea: {exc.errors()[0]['msg']}") from None
+        draft = cli_draft(filer=caller.identity, via=caller.via, text=body.text, title=body.title,
+                          author=body.requester, delivery_id=body.delivery_id)
         captured, created = broker.store.capture(draft, ttl_s=broker.policy.clocks.idea_ttl)
         return {**idea_json(captured), "created": created}
 

@@ -3,22 +3,13 @@ server-side SVG charts. Templates autoescape everything; these helpers only shap
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 
+from intake.channels.text import is_hidden, marker
+
 # Characters that render as nothing, or that reorder what is shown around them (bidi controls),
-# are shown as ⟨U+XXXX⟩ markers so an approver sees exactly what the agent will get.
-_SHOWN_WHITESPACE = {"\n", "\t", " "}
-_INVISIBLE_LETTERS = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800}  # Hangul fillers, braille blank
-
-
-def _hidden(ch: str) -> bool:
-    if ch in _SHOWN_WHITESPACE:
-        return False
-    cp = ord(ch)
-    if cp in _INVISIBLE_LETTERS or 0xFE00 <= cp <= 0xFE0F or 0xE0100 <= cp <= 0xE01EF:  # variation selectors
-        return True
-    return unicodedata.category(ch) in {"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp", "Zs"}
+# are shown as ⟨U+XXXX⟩ markers so an approver sees exactly what the agent will get. The one
+# definition of "hidden" is intake.channels.text.is_hidden (capture refuses text of nothing else).
 
 
 @dataclass(frozen=True)
@@ -32,11 +23,11 @@ def visible_segments(text: str) -> list[Segment]:
     out: list[Segment] = []
     run: list[str] = []
     for ch in text:
-        if _hidden(ch):
+        if is_hidden(ch):
             if run:
                 out.append(Segment("".join(run)))
                 run = []
-            out.append(Segment(f"⟨U+{ord(ch):04X}⟩", marker=True))
+            out.append(Segment(marker(ch), marker=True))
         else:
             run.append(ch)
     if run:

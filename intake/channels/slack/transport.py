@@ -17,16 +17,17 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+import redis
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from intake.capture_queue import CaptureQueue
@@ -36,6 +37,7 @@ from intake.runtime import Broker
 from intake.settings import Settings
 from intake.channels.slack.listeners import SlackIntake
 from intake.channels.slack.notifier import GROUP, Pacer, SlackNotifier
+from intake.channels.slack.parse import SlackBodyError, parse_slack_body
 from intake.channels.slack.verify import slack_verification_middleware, verified_body
 
 log = logging.getLogger("intake.channels.slack")
@@ -97,24 +99,35 @@ def build_bolt(
     )
     listeners = SlackIntake(broker, capture.capture)
     listeners.register(app)
+    app.error(on_bolt_error)
     return app, listeners
 
 
 async def slack_events(request: web.Request) -> web.StreamResponse:
-    """The one HTTP endpoint: bolt sees only bytes the middleware already verified."""
+    """The one HTTP endpoint: bolt sees only bytes the middleware already verified, and only
+    once their shape is one bolt and the listeners can handle (intake.channels.slack.parse)."""
     try:
-        body = verified_body(request).decode("utf-8")
-    except UnicodeDecodeError:
-        return web.json_response({"error": "invalid request"}, status=400)
-    if request.content_type == "application/x-www-form-urlencoded":
-        form = urllib.parse.parse_qs(body, keep_blank_values=True)
-        if form.get("command") == ["/intake"] and "payload" not in form:
-            command = {key: values[0] for key, values in form.items()}
-            reply = await request.app[LISTENERS].command_reply(command, body)
-            return web.json_response({"text": reply})
-    bolt_request = AsyncBoltRequest(body=body, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
+        parsed = parse_slack_body(request.content_type, verified_body(request))
+    except SlackBodyError as exc:
+        log.info("slack request refused reason=%s", exc.reason)
+        return web.json_response({"error": "invalid request"}, status=exc.status)
+    command = parsed.command
+    if command is not None and command.get("command") == "/intake":
+        reply = await request.app[LISTENERS].command_reply(command, parsed.text)
+        return web.json_response({"text": reply})
+    bolt_request = AsyncBoltRequest(body=parsed.text, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
     response = await request.app[BOLT].async_dispatch(bolt_request)
     return await to_aiohttp_response(response)
+
+
+async def on_bolt_error(error: Exception, response: BoltResponse | None) -> BoltResponse:
+    """Bolt's error handler: a failure inside a listener is logged as one line (no body, no
+    traceback of attacker-shaped data) and answered 503 when storage is down (Slack retries),
+    else 400."""
+    storage = isinstance(error, redis.RedisError)
+    log.warning("slack request failed: %s", type(error).__name__)
+    return BoltResponse(status=503 if storage else 400, body='{"error": "invalid request"}',
+                        headers={"content-type": ["application/json"]})
 
 
 def mount_slack(
