@@ -14,7 +14,9 @@ version it brings in (or, when no version is known, for the package as such):
 4. **integrity** (``require_integrity = true``): the version must have a hash in the lockfile
    (npm ``integrity``, pip ``--hash``, uv/poetry file hashes, go.sum, Cargo.lock ``checksum``).
 
-Each reason is one line starting ``dependency:`` and naming the package and version.
+A denylisted, unlisted or out-of-specifier version gets that one reason (nothing else could
+admit it); otherwise license and integrity reasons follow. Each reason is one line starting
+``dependency:`` and naming the package and version.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from intake.workers.snapshot import ChangedFile
 
 PREFIX = "dependency: "
 #: A change bringing in more packages than this is blocked: its SBOM must fit in a worker report.
-MAX_CHANGES = 300
+MAX_CHANGES = 200
 
 
 class AllowRule(Protocol):
@@ -98,17 +100,15 @@ def _check_version(ref: PackageRef, version: str | None, facts: tuple[str | None
     if reasons:  # the denylist wins: nothing else can change the verdict
         return reasons, facts[1]
     entries = [rule for rule in rules.allow if parse_package(rule.package) == ref]
-    admitting = None
     if not entries:
         return [f"unlisted package: {label}"], facts[1]
-    else:
-        admitting = next((r for r in entries if r.version is None or (
-            version is not None and version_in(ref.ecosystem, version, r.version))), None)
-        if admitting is None:
-            specs = " or ".join(repr(r.version) for r in entries)
-            reasons.append(f"version outside specifier: {label} (allowed: {specs})")
+    admitting = next((r for r in entries if r.version is None or (
+        version is not None and version_in(ref.ecosystem, version, r.version))), None)
+    if admitting is None:
+        specs = " or ".join(repr(r.version) for r in entries)
+        return [f"version outside specifier: {label} (allowed: {specs})"], facts[1]
     integrity, locked_license = facts
-    license = locked_license or (admitting.license if admitting else None)
+    license = locked_license or admitting.license
     licenses = rules.licenses
     if license is None:
         if licenses.unknown == "block":
