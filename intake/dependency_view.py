@@ -25,7 +25,7 @@ class DependencySummary:
 
     @property
     def headline(self) -> str:
-        changes = ", ".join(f"{n} {kind}" for kind, n in self.counts.items() if n) or "no changes"
+        changes = ", ".join(f"{n} {kind}" for kind, n in self.counts.items() if n) or "no dependency changes"
         digest = f", sha256 {self.sbom_sha256[:16]}…" if self.sbom_sha256 else ""
         return f"{changes}; SBOM: {self.components} component(s){digest}"
 

@@ -278,3 +278,16 @@ def test_purls() -> None:
 def test_no_dependency_files_no_delta() -> None:
     delta = compute_delta([ChangedFile("docs/a.md", "A")], {}.get, {"docs/a.md": "requests==1\n"}.get)
     assert delta.changes == [] and delta.problems == []
+
+
+def test_poetry_sections_and_cargo_targets_are_registry_dependencies() -> None:
+    pyproject = '[tool.poetry.dependencies]\npython = "^3.11"\n\n[tool.poetry.group.test.dependencies]\nhypothesis = "6.100.0"\n'
+    check = gate({}, {"pyproject.toml": pyproject}, rules(allow=["pypi:hypothesis"]))
+    assert check.reasons == [] and check.entries[0]["after"] == "6.100.0"
+    cargo = "[package]\nname = \"a\"\n\n[target.'cfg(unix)'.dependencies]\nlibc = \"=0.2.150\"\n"
+    check = gate({}, {"Cargo.toml": cargo}, rules(allow=["cargo:libc"]))
+    assert check.reasons == [] and check.entries[0]["after"] == "0.2.150"
+    override = json.dumps({"name": "web", "overrides": {"react": "npm:evil-react@1"}})
+    assert gate({}, {"package.json": override}, rules(allow=["npm:react", "npm:evil-react"])).reasons == [
+        "dependency: not a registry package: evil-react (overrides in package.json)"
+    ]

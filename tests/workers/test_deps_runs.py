@@ -5,6 +5,7 @@ lockfiles; the gate reads only its trusted copies."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,32 @@ def test_a_dependency_added_through_a_second_manifest_is_blocked(deps_rig: Rig) 
     files = {"requirements.txt": f"attrs==24.2.0 --hash=sha256:{SHA}\n",
              "tools/lint/requirements-dev.txt": f"evil-pkg==1.0 --hash=sha256:{SHA}\n"}
     assert blocked(run(deps_rig, files)) == ["dependency: unlisted package: pypi:evil-pkg 1.0"]
+
+
+def test_intake_show_summarises_the_delta_and_prints_the_sbom(deps_rig: Rig) -> None:
+    """The CLI as the API's client: ``show`` prints the summary, ``show --sbom`` the document."""
+    import subprocess
+
+    from intake.api.callers import ApiTokens
+    from intake.people import People
+    from tests.api_harness import running_broker
+
+    rig = deps_rig
+    ended = run(rig, {"requirements.txt": f"attrs==24.2.0 --hash=sha256:{SHA}\n"})
+    _, token = ApiTokens(rig.store, People(rig.store)).create("alice", actor="cli:root")
+    with running_broker(rig.settings) as api:
+        env = rig.env(INTAKE_URL=api.tcp_url, INTAKE_TOKEN=token)
+
+        def intake(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "intake", *args], env=env, capture_output=True,
+                                  text=True, timeout=60)
+
+        shown = intake("show", ended.id)
+        sbom = intake("show", ended.id, "--sbom")
+    assert shown.returncode == 0, shown.stderr
+    digest = ended.result["dependencies"]["sbom_sha256"]
+    assert f"dependencies: 1 added; SBOM: 1 component(s), sha256 {digest[:16]}…" in shown.stdout
+    assert "  added pypi:attrs 24.2.0 (MIT)" in shown.stdout
+    assert "'sbom'" not in shown.stdout  # the document itself only with --sbom
+    assert sbom.returncode == 0, sbom.stderr
+    assert json.loads(sbom.stdout) == ended.result["dependencies"]["sbom"]

@@ -32,7 +32,7 @@ from intake.workers.snapshot import ChangedFile
 ReadFile = Callable[[str], "str | None"]
 
 _DIRECT = {
-    "pypi": ("project", "optional:", "group:", "build-system", "requirements", "poetry"),
+    "pypi": ("project", "optional:", "group:", "build-system", "requirements", "poetry", "poetry:"),
     "npm": ("dependencies", "devDependencies", "peerDependencies", "optionalDependencies"),
     "go": ("require",),
     "cargo": ("dependencies", "dev-dependencies", "build-dependencies", "target.", "workspace."),
