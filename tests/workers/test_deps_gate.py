@@ -291,3 +291,28 @@ def test_poetry_sections_and_cargo_targets_are_registry_dependencies() -> None:
     assert gate({}, {"package.json": override}, rules(allow=["npm:react", "npm:evil-react"])).reasons == [
         "dependency: not a registry package: evil-react (overrides in package.json)"
     ]
+
+
+def test_ranges_are_not_pins_and_build_requirements_are_not_locked() -> None:
+    check = gate({}, {"package.json": package_json({"left-pad": "1.x"})}, rules(allow=["npm:left-pad"]))
+    assert check.reasons == [] and check.entries[0]["after"] is None
+    pyproject = '[build-system]\nrequires = ["setuptools>=68"]\n\n[project]\nname = "a"\ndependencies = []\n'
+    lock = 'version = 1\n[[package]]\nname = "a"\nversion = "0"\nsource = { editable = "." }\n'
+    assert gate({}, {"pyproject.toml": pyproject, "uv.lock": lock}, rules(allow=["pypi:setuptools"])).reasons == []
+
+
+def test_a_huge_lockfile_delta_is_blocked_not_recorded_whole() -> None:
+    from intake.workers.deps.gate import MAX_CHANGES
+
+    lock = package_lock({f"pkg-{i}": {"version": "1.0.0"} for i in range(MAX_CHANGES + 5)})
+    check = gate({}, {"package-lock.json": lock}, rules(allow=[f"npm:pkg-{i}" for i in range(MAX_CHANGES + 5)]))
+    assert check.reasons == [f"dependency: the change brings in more than {MAX_CHANGES} package versions; "
+                             "no more can be checked and recorded in one task"]
+    assert len(check.entries) == MAX_CHANGES
+    assert len(json.dumps(check.result())) < 200 * 1024  # fits in a worker report
+
+
+def test_versions_compare_by_release() -> None:
+    before = {"requirements.txt": "attrs==23.1\n"}
+    assert gate(before, {"requirements.txt": "attrs==23.1.0\n"}, rules()).entries[0]["change"] == "changed"
+    assert gate(before, {"requirements.txt": "attrs==23.10\n"}, rules(allow=["pypi:attrs"])).entries[0]["change"] == "upgraded"

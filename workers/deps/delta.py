@@ -22,11 +22,20 @@ import json
 import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from intake.workers.deps.files import MAX_DEPENDENCY_FILE_BYTES, SIBLING_NAMES, ecosystem_of, lockfile_kind, manifest_kind
 from intake.workers.deps.lockfiles import parse_lockfile
 from intake.workers.deps.manifests import ManifestError, parse_manifest
-from intake.workers.deps.versions import PackageRef, compare, is_registry_name, normalize_name, same_version, version_in
+from intake.workers.deps.versions import (
+    PackageRef,
+    canonical_version,
+    compare,
+    is_registry_name,
+    is_version,
+    normalize_name,
+    version_in,
+)
 from intake.workers.snapshot import ChangedFile
 
 ReadFile = Callable[[str], "str | None"]
@@ -50,6 +59,7 @@ class Record:
     versions: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # -> (integrity, license)
     spec: str | None = None  # the manifest's version spec, when a manifest names it directly
     manifest: str | None = None
+    section: str | None = None
     locked: bool = False
 
 
@@ -99,7 +109,7 @@ def _manifest_spec(ecosystem: str, section: str, raw: str) -> tuple[str | None, 
     if ecosystem == "go":
         return raw, raw, None
     if ecosystem == "npm":
-        return raw, raw if compare("npm", raw, raw) == 0 and raw[:1].isdigit() else None, None
+        return raw, raw if is_version("npm", raw) else None, None
     if ecosystem == "pypi" and not section.startswith("poetry"):
         extras, specifier, marker, hashes = json.loads(raw)
         pin = None
@@ -111,8 +121,9 @@ def _manifest_spec(ecosystem: str, section: str, raw: str) -> tuple[str | None, 
     spec = value if isinstance(value, str) else value.get("version") if isinstance(value, dict) else None
     if not isinstance(spec, str):
         return None, None, None
-    pin = spec.lstrip("=").strip() if (ecosystem == "cargo" and spec.startswith("=")) else None
-    if ecosystem == "pypi" and compare("pypi", spec, spec) == 0 and spec[:1].isdigit():
+    exact = spec.lstrip("=").strip()
+    pin = exact if ecosystem == "cargo" and spec.startswith("=") and is_version("cargo", exact) else None
+    if ecosystem == "pypi" and spec[:1].isdigit() and is_version("pypi", spec):
         pin = spec  # poetry: a bare version is an exact pin
     return None if ecosystem == "pypi" else spec, pin, None
 
@@ -147,7 +158,7 @@ def _state(read: ReadFile, paths: Sequence[str], problems: list[str] | None,
                         continue
                     spec, pin, integrity = _manifest_spec(ecosystem, section, raw)
                     record = state.setdefault(PackageRef(ecosystem, normal), Record())
-                    record.spec, record.manifest = spec, path
+                    record.spec, record.manifest, record.section = spec, path, section
                     if pin is not None and not record.locked:
                         record.versions.setdefault(pin, (integrity, None))
             else:
@@ -181,8 +192,8 @@ def _unlocked(ref: PackageRef, record: Record, lockfiles: list[str]) -> str | No
     """Why a direct dependency disagrees with its directory's lockfile, or ``None``."""
     if record.manifest is None or not lockfiles:
         return None
-    if ref.ecosystem == "pypi" and manifest_kind(record.manifest) == "requirements":
-        return None  # a requirements file is its own lock
+    if ref.ecosystem == "pypi" and (manifest_kind(record.manifest) == "requirements" or record.section == "build-system"):
+        return None  # a requirements file is its own lock; build requirements are never locked
     where = ", ".join(lockfiles)
     if not record.locked or not record.versions:
         return f"{ref} is in {record.manifest} but not in {where}"
@@ -197,7 +208,7 @@ def _unlocked(ref: PackageRef, record: Record, lockfiles: list[str]) -> str | No
 
 def _classify(ecosystem: str, before: Record, after: Record) -> str | None:
     b, a = sorted(before.versions), sorted(after.versions)
-    if len(b) != len(a) or not all(any(same_version(ecosystem, x, y) for y in b) for x in a):
+    if {canonical_version(ecosystem, v) for v in b} != {canonical_version(ecosystem, v) for v in a}:
         if b and a:
             top_a = max(a, key=lambda v: _Key(ecosystem, v))
             top_b = max(b, key=lambda v: _Key(ecosystem, v))
@@ -267,9 +278,11 @@ def compute_delta(changed: Sequence[ChangedFile], read_before: ReadFile, read_af
                           and base_versions[v][0] != new.versions[v][0] and base_versions[v][0] is not None)
             for v in fresh:
                 delta.problems.append(f"integrity hash changed for an unchanged version: {ref} {v}")
-            new_versions = tuple(v for v in sorted(new.versions)
-                                 if not any(same_version(ref.ecosystem, v, b) for b in base_versions))
-            delta.changes.append(Change(ref, kind, tuple(sorted(base_versions)), tuple(sorted(new.versions)),
+            known = {canonical_version(ref.ecosystem, b) for b in base_versions}
+            new_versions = tuple(v for v in sorted(new.versions) if canonical_version(ref.ecosystem, v) not in known)
+            def by_version(versions: dict[str, Any], eco: str = ref.ecosystem) -> tuple[str, ...]:
+                return tuple(sorted(versions, key=lambda v: _Key(eco, v)))
+            delta.changes.append(Change(ref, kind, by_version(base_versions), by_version(new.versions),
                                         new_versions, dict(new.versions), shown))
             problem = _unlocked(ref, new, lockfiles[ref.ecosystem])
             if problem is not None:

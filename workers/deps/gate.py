@@ -32,7 +32,8 @@ from intake.workers.deps.versions import PackageRef, parse_package, parse_pinned
 from intake.workers.snapshot import ChangedFile
 
 PREFIX = "dependency: "
-#: A change bringing in more packages than this is blocked: its SBOM must fit in a worker report.
+#: A change bringing in more package versions than this is blocked: its SBOM must fit in a
+#: worker report (and a hostile lockfile must not cost the worker much).
 MAX_CHANGES = 200
 
 
@@ -132,12 +133,17 @@ def _check_version(ref: PackageRef, version: str | None, facts: tuple[str | None
 
 def check_delta(changes: Sequence[Change], problems: Sequence[str], rules: DependencyRules) -> DependencyCheck:
     """Check a computed delta against ``rules``; see the module docstring."""
-    result = DependencyCheck(changes=list(changes)[:MAX_CHANGES])
     reasons = [PREFIX + p for p in problems]
-    if len(changes) > MAX_CHANGES:
-        reasons.append(f"{PREFIX}the change touches {len(changes)} packages; at most {MAX_CHANGES} can be "
-                       "checked and recorded in one task")
-    changes = result.changes
+    kept, versions = [], 0
+    for change in changes:
+        versions += max(1, len(change.new_versions))
+        if versions > MAX_CHANGES:
+            reasons.append(f"{PREFIX}the change brings in more than {MAX_CHANGES} package versions; "
+                           "no more can be checked and recorded in one task")
+            break
+        kept.append(change)
+    result = DependencyCheck(changes=kept)
+    changes = kept
     for change in changes:
         if change.change == "removed":
             result.entries.append(change.as_dict())

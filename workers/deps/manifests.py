@@ -24,6 +24,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from intake.workers.deps.files import manifest_kind
 from intake.workers.gates import is_safe_path
 
+
 class ManifestError(Exception):
     """A manifest or lockfile could not be read as its format."""
 

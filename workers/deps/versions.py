@@ -105,6 +105,15 @@ def validate_version(ecosystem: str, version: str) -> None:
         raise ValueError(f"{version!r} is not a valid {ecosystem} version") from None
 
 
+def is_version(ecosystem: str, version: str) -> bool:
+    """Whether ``version`` is an exact version of ``ecosystem`` (not a range)."""
+    try:
+        validate_version(ecosystem, version)
+    except ValueError:
+        return False
+    return True
+
+
 def validate_specifier(ecosystem: str, spec: str) -> None:
     """Raise ``ValueError`` unless ``spec`` is a version specifier of ``ecosystem``."""
     try:
@@ -147,6 +156,22 @@ def compare(ecosystem: str, a: str, b: str) -> int | None:
     except (InvalidVersion, ValueError):
         return None if a != b else 0
     return (va > vb) - (va < vb)  # type: ignore[operator]
+
+
+def canonical_version(ecosystem: str, version: str) -> str:
+    """One key per release, so that versions compare as set members: on PyPI the parsed PEP 440
+    parts with trailing zero release parts dropped (``1.0`` is ``1.0.0``); elsewhere the text
+    (Go's without its ``v``). An unparseable version is its own key."""
+    if ecosystem != "pypi":
+        return version[1:] if ecosystem == "go" and version.startswith("v") else version
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return version
+    release = list(parsed.release)
+    while len(release) > 1 and release[-1] == 0:
+        release.pop()
+    return repr((parsed.epoch, tuple(release), parsed.pre, parsed.post, parsed.dev, parsed.local))
 
 
 def same_version(ecosystem: str, a: str, b: str) -> bool:
