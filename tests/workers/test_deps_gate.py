@@ -170,7 +170,8 @@ def test_upgrades_downgrades_removals_and_a_swapped_hash() -> None:
 def test_transitive_packages_in_a_lockfile_must_be_allowed_too() -> None:
     before, after = npm_change("1.7.9")
     lock = json.loads(after["web/package-lock.json"])
-    lock["packages"]["node_modules/plain-crypto-js"] = {"version": "4.2.1", "resolved": "https://registry.npmjs.org/p.tgz"}
+    lock["packages"]["node_modules/plain-crypto-js"] = {
+        "version": "4.2.1", "resolved": "https://registry.npmjs.org/plain-crypto-js/-/plain-crypto-js-4.2.1.tgz"}
     after["web/package-lock.json"] = json.dumps(lock)
     assert gate(before, after, AXIOS).reasons == ["dependency: unlisted package: npm:plain-crypto-js 4.2.1"]
 
@@ -179,7 +180,7 @@ def test_uv_lock_and_pyproject_together() -> None:
     pyproject = '[project]\nname = "app"\ndependencies = [%s]\n'
     lock = ('version = 1\n[[package]]\nname = "app"\nversion = "0"\nsource = { editable = "." }\n' +
             '[[package]]\nname = "attrs"\nversion = "%s"\nsource = { registry = "https://pypi.org/simple" }\n'
-            f'sdist = {{ url = "u", hash = "sha256:{SHA}" }}\n')
+            f'sdist = {{ url = "https://files.pythonhosted.org/a.tgz", hash = "sha256:{SHA}" }}\n')
     before = {"pyproject.toml": pyproject % '"attrs>=23"', "uv.lock": lock % "23.1"}
     after = {"pyproject.toml": pyproject % '"attrs>=23"', "uv.lock": lock % "24.2"}
     policy = rules(allow=[{"package": "pypi:attrs", "version": ">=23"}], require_integrity=True)

@@ -25,12 +25,18 @@ source = {{ editable = "." }}
 name = "Requests"
 version = "2.32.3"
 source = {{ registry = "https://pypi.org/simple" }}
-sdist = {{ url = "https://files.example/requests-2.32.3.tar.gz", hash = "sha256:{SHA}", size = 1 }}
+sdist = {{ url = "https://files.pythonhosted.org/packages/requests-2.32.3.tar.gz", hash = "sha256:{SHA}", size = 1 }}
 
 [[package]]
 name = "evil"
 version = "1.0"
 source = {{ git = "https://evil.example/evil.git" }}
+
+[[package]]
+name = "idna"
+version = "3.7"
+source = {{ registry = "https://pypi.org/simple" }}
+wheels = [{{ url = "https://evil.example/idna-3.7-py3-none-any.whl", hash = "sha256:{SHA}" }}]
 """
 
 
@@ -46,6 +52,7 @@ def test_uv_lock() -> None:
     assert parse_lockfile("uv.lock", UV_LOCK) == [
         Locked("requests", "2.32.3", f"sha256:{SHA}"),
         Locked("evil", "1.0", None, None, '{"git": "https://evil.example/evil.git"}'),
+        Locked("idna", "3.7", f"sha256:{SHA}", None, "https://evil.example/idna-3.7-py3-none-any.whl"),
     ]
 
 
@@ -70,6 +77,8 @@ def test_package_lock_v2_and_v3() -> None:
         "node_modules/local": {"link": True, "resolved": "packages/local"},
         "packages/local": {"version": "0.0.1"},
         "node_modules/gitdep": {"version": "1.0.0", "resolved": "git+ssh://git@evil.example/x.git#abc"},
+        "node_modules/disguised": {"name": "left-pad", "version": "1.14.1",
+                                   "resolved": "https://registry.npmjs.org/axios/-/axios-1.14.1.tgz"},
     }
     for version in (2, 3):
         assert parse_lockfile("package-lock.json", package_lock(packages, version)) == [
@@ -77,6 +86,7 @@ def test_package_lock_v2_and_v3() -> None:
             Locked("form-data", "4.0.1"),
             Locked("real-pkg", "2.0.0"),
             Locked("gitdep", "1.0.0", None, None, "git+ssh://git@evil.example/x.git#abc"),
+            Locked("left-pad", "1.14.1", None, None, "https://registry.npmjs.org/axios/-/axios-1.14.1.tgz"),
         ]
 
 

@@ -140,6 +140,14 @@ def test_a_lockfile_that_hides_a_dependency_is_blocked(deps_rig: Rig) -> None:
         "dependency: npm:event-stream is in web/package.json but not in web/package-lock.json",
         "dependency: unlisted package: npm:event-stream 3.3.6",
     ]
+    # An entry named as the allowed left-pad whose tarball is the denylisted axios release.
+    files = npm({"left-pad": "1.3.0"}, {"left-pad": {
+        "version": "1.3.0", "integrity": "sha512-AAAA", "license": "MIT",
+        "resolved": "https://registry.npmjs.org/axios/-/axios-1.14.1.tgz"}})
+    assert blocked(run(deps_rig, files)) == [
+        "dependency: not a registry package: left-pad 1.3.0 from https://registry.npmjs.org/axios/-/axios-1.14.1.tgz "
+        "(lockfile in web/package-lock.json)"
+    ]
 
 
 def test_a_dependency_added_through_a_second_manifest_is_blocked(deps_rig: Rig) -> None:

@@ -36,6 +36,7 @@ class Locked:
 
 
 _PYPI_INDEX = {"https://pypi.org/simple", "https://pypi.org/simple/"}
+_PYPI_FILES = "https://files.pythonhosted.org/"
 _NPM_REGISTRY = "https://registry.npmjs.org/"
 _CRATES_IO = {"registry+https://github.com/rust-lang/crates.io-index", "sparse+https://index.crates.io/"}
 _HASH = re.compile(r"(sha256|sha384|sha512):[0-9a-fA-F]{64,128}")
@@ -88,8 +89,13 @@ def parse_uv_lock(text: str) -> list[Locked]:
         name, version = normalize_name("pypi", _str(package.get("name"))), _str(package.get("version"))
         registry = source.get("registry")
         other = None if registry in _PYPI_INDEX else json.dumps(source, sort_keys=True)
-        sdist = [package["sdist"]] if "sdist" in package else []
-        digest = _first_hash(sdist + _list(package.get("wheels")))
+        files = ([package["sdist"]] if "sdist" in package else []) + _list(package.get("wheels"))
+        # uv downloads from the recorded URL: one off PyPI's file host is another source.
+        foreign = [str(_dict(f).get("url"))[:200] for f in files
+                   if not str(_dict(f).get("url", "")).startswith(_PYPI_FILES)]
+        if other is None and foreign:
+            other = foreign[0]
+        digest = _first_hash(files)
         out.append(Locked(name, version, digest, None, other))
     return out
 
@@ -132,7 +138,9 @@ def parse_package_lock(text: str) -> list[Locked]:
         integrity = entry.get("integrity")
         resolved = entry.get("resolved")
         other = None
-        if resolved is not None and not (isinstance(resolved, str) and resolved.startswith(_NPM_REGISTRY)):
+        # npm fetches the recorded tarball: it must be this package's, on the public registry
+        # (an entry "name"d as an allowed package but resolving to another is another source).
+        if resolved is not None and not (isinstance(resolved, str) and resolved.startswith(f"{_NPM_REGISTRY}{name}/-/")):
             other = str(resolved)[:200]
         out.append(Locked(name, version, integrity if isinstance(integrity, str) else None,
                           _npm_license(entry.get("license")), other))
