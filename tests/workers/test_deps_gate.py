@@ -190,7 +190,7 @@ def test_uv_lock_and_pyproject_together() -> None:
     # The lockfile must honour the manifest: a locked version outside its spec is refused.
     outside = {"pyproject.toml": pyproject % '"attrs>=25"', "uv.lock": lock % "24.2"}
     assert gate(before, outside, policy).reasons == [
-        "dependency: pypi:attrs is locked at 24.2 outside '>=25' of pyproject.toml"
+        "dependency: lockfile mismatch: pypi:attrs is locked at 24.2 outside '>=25' of pyproject.toml"
     ]
 
 
@@ -205,7 +205,7 @@ def test_go_mod_and_go_sum() -> None:
                               "change": "added", "license": None, "integrity": "h1:abc="}]
     hidden = {**after, "go.sum": ""}
     assert gate(before, hidden, policy).reasons == [
-        "dependency: go:github.com/google/uuid is in go.mod but not in go.sum",
+        "dependency: lockfile mismatch: go:github.com/google/uuid is in go.mod but not in go.sum",
         "dependency: missing integrity hash: go:github.com/google/uuid v1.6.0",
     ]
 
@@ -307,8 +307,8 @@ def test_a_huge_lockfile_delta_is_blocked_not_recorded_whole() -> None:
 
     lock = package_lock({f"pkg-{i}": {"version": "1.0.0"} for i in range(MAX_CHANGES + 5)})
     check = gate({}, {"package-lock.json": lock}, rules(allow=[f"npm:pkg-{i}" for i in range(MAX_CHANGES + 5)]))
-    assert check.reasons == [f"dependency: the change brings in more than {MAX_CHANGES} package versions; "
-                             "no more can be checked and recorded in one task"]
+    assert check.reasons == [f"dependency: too many packages: the change brings in more than {MAX_CHANGES} package "
+                             "versions; no more can be checked and recorded in one task"]
     assert len(check.entries) == MAX_CHANGES
     assert len(json.dumps(check.result())) < 200 * 1024  # fits in a worker report
 
@@ -317,3 +317,21 @@ def test_versions_compare_by_release() -> None:
     before = {"requirements.txt": "attrs==23.1\n"}
     assert gate(before, {"requirements.txt": "attrs==23.1.0\n"}, rules()).entries[0]["change"] == "changed"
     assert gate(before, {"requirements.txt": "attrs==23.10\n"}, rules(allow=["pypi:attrs"])).entries[0]["change"] == "upgraded"
+
+
+def test_every_reason_has_a_kind_a_report_can_count() -> None:
+    from intake.workers.deps.gate import reason_kind
+
+    policy = rules(allow=["npm:axios", "pypi:attrs"], deny=["npm:axios@1.14.1"], require_integrity=True,
+                   licenses={"denied": ["GPL-3.0-only"]})
+    reasons = [
+        *gate(*npm_change("1.14.1"), policy).reasons,
+        *gate(*npm_change("1.7.9", integrity=None, license="GPL-3.0-only"), policy).reasons,
+        *gate({}, {"requirements.txt": "attrs==1\nevil==2\n-i https://evil.example\n"}, policy).reasons,
+        *gate({}, {"go.mod": "bogus\n"}, policy).reasons,
+    ]
+    assert [reason_kind(r) for r in reasons] == [
+        "denylisted version", "denied license", "missing integrity hash", "requirement line not allowed",
+        "unknown license", "missing integrity hash", "unlisted package", "unparseable dependency file",
+    ]
+    assert reason_kind("blocked path: x") is None

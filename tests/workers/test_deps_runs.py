@@ -137,7 +137,7 @@ def test_a_lockfile_that_hides_a_dependency_is_blocked(deps_rig: Rig) -> None:
     files = npm({"axios": "1.7.9", "event-stream": "3.3.6"},
                 {"axios": {"version": "1.7.9", "integrity": "sha512-AAAA", "license": "MIT"}})
     assert blocked(run(deps_rig, files)) == [
-        "dependency: npm:event-stream is in web/package.json but not in web/package-lock.json",
+        "dependency: lockfile mismatch: npm:event-stream is in web/package.json but not in web/package-lock.json",
         "dependency: unlisted package: npm:event-stream 3.3.6",
     ]
     # An entry named as the allowed left-pad whose tarball is the denylisted axios release.

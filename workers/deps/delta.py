@@ -196,13 +196,14 @@ def _unlocked(ref: PackageRef, record: Record, lockfiles: list[str]) -> str | No
         return None  # a requirements file is its own lock; build requirements are never locked
     where = ", ".join(lockfiles)
     if not record.locked or not record.versions:
-        return f"{ref} is in {record.manifest} but not in {where}"
+        return f"lockfile mismatch: {ref} is in {record.manifest} but not in {where}"
     if ref.ecosystem == "go" and any(i is None for i, _ in record.versions.values()):
-        return f"{ref} is in {record.manifest} but not in {where}"
+        return f"lockfile mismatch: {ref} is in {record.manifest} but not in {where}"
     if record.spec and ref.ecosystem in {"pypi", "npm"} and not any(
         version_in(ref.ecosystem, v, record.spec) for v in record.versions
     ):
-        return f"{ref} is locked at {', '.join(sorted(record.versions))} outside {record.spec!r} of {record.manifest}"
+        return (f"lockfile mismatch: {ref} is locked at {', '.join(sorted(record.versions))} "
+                f"outside {record.spec!r} of {record.manifest}")
     return None
 
 

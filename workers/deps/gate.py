@@ -37,6 +37,25 @@ PREFIX = "dependency: "
 MAX_CHANGES = 200
 
 
+#: Every kind of reason, the text between ``dependency: `` and the next ``:`` (see :func:`reason_kind`).
+REASON_KINDS = (
+    "denylisted package", "denylisted version", "denylisted versions exist and none is pinned",
+    "unlisted package", "version outside specifier", "denied license", "unknown license",
+    "missing integrity hash", "integrity hash changed for an unchanged version", "lockfile mismatch",
+    "not a registry package", "requirement line not allowed", "unparseable dependency file",
+    "dependency file too large to check", "too many packages",
+)
+
+
+def reason_kind(reason: str) -> str | None:
+    """The kind of a gate reason (one of :data:`REASON_KINDS`), or ``None`` for a reason that is
+    not the dependency gate's: what a report counts blocks by."""
+    if not reason.startswith(PREFIX):
+        return None
+    kind = reason[len(PREFIX):].split(":", 1)[0]
+    return kind if kind in REASON_KINDS else None
+
+
 class AllowRule(Protocol):
     package: str
     version: str | None
@@ -138,8 +157,8 @@ def check_delta(changes: Sequence[Change], problems: Sequence[str], rules: Depen
     for change in changes:
         versions += max(1, len(change.new_versions))
         if versions > MAX_CHANGES:
-            reasons.append(f"{PREFIX}the change brings in more than {MAX_CHANGES} package versions; "
-                           "no more can be checked and recorded in one task")
+            reasons.append(f"{PREFIX}too many packages: the change brings in more than {MAX_CHANGES} package "
+                           "versions; no more can be checked and recorded in one task")
             break
         kept.append(change)
     result = DependencyCheck(changes=kept)
