@@ -44,7 +44,7 @@ _GATE_KINDS = (
     ("path outside allowed paths", "outside_allowed_paths"),
     ("invalid branch name", "invalid_branch"),
     ("branch ", "branch_prefix"),
-    ("dependency not on the allowlist", "dependency"),
+    ("dependency: ", "dependency"),  # every reason of the dependency gate (workers/deps/gate.py)
 )
 _TAG = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
