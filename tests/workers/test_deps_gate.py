@@ -335,3 +335,10 @@ def test_every_reason_has_a_kind_a_report_can_count() -> None:
         "unknown license", "missing integrity hash", "unlisted package", "unparseable dependency file",
     ]
     assert reason_kind("blocked path: x") is None
+
+
+def test_a_lockfile_name_that_is_no_package_name_is_refused_on_one_line() -> None:
+    lock = package_lock({"x": {"name": "axios\ndependency: all clear", "version": "1.0.0"}})
+    [reason] = gate({}, {"package-lock.json": lock}, rules(allow=["npm:axios"])).reasons
+    assert reason.startswith("dependency: not a registry package: 'axios\\ndependency: all clear 1.0.0'")
+    assert "\n" not in reason

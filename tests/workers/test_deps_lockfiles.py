@@ -126,3 +126,10 @@ def test_too_many_packages_is_refused() -> None:
     line = "github.com/x/y v1.0.0 h1:abc=\n"
     with pytest.raises(ManifestError):
         parse_lockfile("go.sum", line * (MAX_LOCKED_PACKAGES + 1))
+
+
+@pytest.mark.parametrize("version", ["1.0\n- evil", "", "1.0 2.0", "\x1b[31m1.0"])
+def test_versions_are_plain_tokens(version: str) -> None:
+    lock = json.dumps({"lockfileVersion": 3, "packages": {"node_modules/x": {"version": version}}})
+    with pytest.raises(ManifestError):
+        parse_lockfile("package-lock.json", lock)

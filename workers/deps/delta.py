@@ -107,7 +107,7 @@ def _is_direct(ecosystem: str, section: str) -> bool:
 def _manifest_spec(ecosystem: str, section: str, raw: str) -> tuple[str | None, str | None, str | None]:
     """(spec, exact pin, integrity) of a manifest entry's canonical spec string."""
     if ecosystem == "go":
-        return raw, raw, None
+        return raw, raw if is_version("go", raw) else None, None
     if ecosystem == "npm":
         return raw, raw if is_version("npm", raw) else None, None
     if ecosystem == "pypi" and not section.startswith("poetry"):
@@ -171,6 +171,9 @@ def _state(read: ReadFile, paths: Sequence[str], problems: list[str] | None,
             if lockfile_kind(path) == "go-sum":
                 continue  # integrity only, applied below
             for locked in packages:
+                if not is_registry_name(ecosystem, locked.name):
+                    foreign[(path, "lockfile", f"{locked.name[:100]} {locked.version}")] = ""
+                    continue
                 ref = PackageRef(ecosystem, locked.name)
                 if locked.source is not None:
                     foreign[(path, "lockfile", f"{locked.name} {locked.version} from {locked.source}")] = ""

@@ -144,7 +144,8 @@ def _check_version(ref: PackageRef, version: str | None, facts: tuple[str | None
             if licenses.unknown == "block":
                 reasons.append(f"unknown license: {label} ({license[:80]!r} is not an SPDX expression)")
         elif not passes:
-            reasons.append(f"denied license: {label} ({license[:80]})")
+            shown = license[:80] if license[:80].isprintable() else repr(license[:80])
+            reasons.append(f"denied license: {label} ({shown})")
     if rules.require_integrity and not integrity:
         reasons.append(f"missing integrity hash: {label}")
     return reasons, license
@@ -153,10 +154,10 @@ def _check_version(ref: PackageRef, version: str | None, facts: tuple[str | None
 def check_delta(changes: Sequence[Change], problems: Sequence[str], rules: DependencyRules) -> DependencyCheck:
     """Check a computed delta against ``rules``; see the module docstring."""
     reasons = [PREFIX + p for p in problems]
-    kept, versions = [], 0
+    kept, count = [], 0
     for change in changes:
-        versions += max(1, len(change.new_versions))
-        if versions > MAX_CHANGES:
+        count += max(1, len(change.new_versions))
+        if count > MAX_CHANGES:
             reasons.append(f"{PREFIX}too many packages: the change brings in more than {MAX_CHANGES} package "
                            "versions; no more can be checked and recorded in one task")
             break

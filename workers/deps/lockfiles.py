@@ -64,6 +64,16 @@ def _str(value: Any) -> str:
     return value
 
 
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_!-]{0,127}")
+
+
+def _version(value: Any) -> str:
+    # Versions end up in one-line reasons, the SBOM and purls: a plain token, or malformed.
+    if not isinstance(value, str) or not _VERSION.fullmatch(value):
+        raise ManifestError("malformed version")
+    return value
+
+
 def _bounded(items: list[Any]) -> list[Any]:
     if len(items) > MAX_LOCKED_PACKAGES:
         raise ManifestError("too many packages")
@@ -86,7 +96,7 @@ def parse_uv_lock(text: str) -> list[Locked]:
         source = _dict(package.get("source"))
         if "editable" in source or "virtual" in source:
             continue  # the project itself
-        name, version = normalize_name("pypi", _str(package.get("name"))), _str(package.get("version"))
+        name, version = normalize_name("pypi", _str(package.get("name"))), _version(package.get("version"))
         registry = source.get("registry")
         other = None if registry in _PYPI_INDEX else json.dumps(source, sort_keys=True)
         files = ([package["sdist"]] if "sdist" in package else []) + _list(package.get("wheels"))
@@ -108,7 +118,7 @@ def parse_poetry_lock(text: str) -> list[Locked]:
     out = []
     for package in _bounded(_list(data.get("package"))):
         package = _dict(package)
-        raw, version = _str(package.get("name")), _str(package.get("version"))
+        raw, version = _str(package.get("name")), _version(package.get("version"))
         name = normalize_name("pypi", raw)
         source = _dict(package.get("source"))
         files = _list(package.get("files")) or _list(old_files.get(raw))
@@ -134,7 +144,7 @@ def parse_package_lock(text: str) -> list[Locked]:
         if "node_modules/" not in key or entry.get("link") is True:
             continue  # the root project or a workspace package: the project's own code
         name = _str(entry.get("name") or key.rsplit("node_modules/", 1)[1])
-        version = _str(entry.get("version"))
+        version = _version(entry.get("version"))
         integrity = entry.get("integrity")
         resolved = entry.get("resolved")
         other = None
@@ -159,7 +169,7 @@ def parse_go_sum(text: str) -> list[Locked]:
             raise ManifestError("malformed go.sum line")
         if words[1].endswith("/go.mod"):
             continue
-        out.append(Locked(words[0], words[1], words[2]))
+        out.append(Locked(words[0], _version(words[1]), words[2]))
     return out
 
 
@@ -175,7 +185,7 @@ def parse_cargo_lock(text: str) -> list[Locked]:
         name = normalize_name("cargo", _str(package.get("name")))
         checksum = package.get("checksum")
         digest = f"sha256:{checksum}" if isinstance(checksum, str) and re.fullmatch(r"[0-9a-f]{64}", checksum) else None
-        out.append(Locked(name, _str(package.get("version")), digest, None,
+        out.append(Locked(name, _version(package.get("version")), digest, None,
                           None if source in _CRATES_IO else str(source)[:200]))
     return out
 
