@@ -82,7 +82,19 @@ def _print_task(task: dict[str, Any]) -> None:
     if task.get("reason"):
         click.echo(f"reason: {safe(task['reason'])}")
     for key, value in sorted((task.get("result") or {}).items()):
-        click.echo(f"{key}: {safe(str(value))}")
+        if key != "dependencies":
+            click.echo(f"{key}: {safe(str(value))}")
+    _print_dependencies(task.get("result"))
+
+
+def _print_dependencies(result: dict[str, Any] | None) -> None:
+    from intake.dependency_view import entry_line, summarize_dependencies
+
+    summary = summarize_dependencies(result)
+    if summary is not None:
+        click.echo(f"dependencies: {safe(summary.headline)}")
+        for entry in summary.entries:
+            click.echo(f"  {safe(entry_line(entry))}")
 
 
 class IntakeGroup(click.Group):
@@ -180,10 +192,17 @@ def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("ident")
 @click.option("--json", "as_json", is_flag=True)
-def show(ident: str, as_json: bool) -> None:
+@click.option("--sbom", is_flag=True, help="Print a task's CycloneDX SBOM (JSON) of its dependency delta.")
+def show(ident: str, as_json: bool, sbom: bool) -> None:
     """Show an idea (I-…) or a task (T-…)."""
     if ident.startswith("T-"):
         task = _api().call("GET", f"/tasks/{seg(ident)}")
+        if sbom:
+            deps = (task.get("result") or {}).get("dependencies")
+            if not isinstance(deps, dict) or not isinstance(deps.get("sbom"), dict):
+                raise InvalidInput(f"task {ident} has no SBOM (no gated result yet)")
+            _out_json(deps["sbom"])
+            return
         _out_json(task) if as_json else _print_task(task)
     else:
         found = _api().call("GET", f"/ideas/{seg(ident)}")

@@ -48,8 +48,7 @@ _GATE_KINDS = (
     ("branch ", "branch_prefix"),
     ("build or dependency file changed outside", "build_file"),
     ("build file an agent may not change", "build_file"),
-    ("dependency", "dependency"),  # "dependency: …" (the dependency policy), and older wordings
-    ("requirement line not allowed", "dependency"),
+    ("dependency: ", "dependency"),  # every reason of the dependency gate (workers/deps/gate.py)
 )
 _TAG = re.compile(r"[a-z][a-z0-9_]{0,39}")
 

@@ -64,7 +64,7 @@ async def test_metrics_match_a_scripted_scenario(settings: Settings, clock: Fake
         store.audit.record("system", "run.stopped", t1.id, why="revoked", worker="w1", at=clock())
         store.move_task(t2.id, TaskState.RUNNING, actor="system", worker="w1")
         store.move_task(t2.id, TaskState.BLOCKED, actor="system", worker="w1", reason="gates",
-                        update={"result": {"gates": ["blocked path: .github/x", "dependency not on the allowlist: left-pad (package.json)"]}})
+                        update={"result": {"gates": ["blocked path: .github/x", "dependency: unlisted package: npm:left-pad 1.3.0"]}})
         # A forged entry written straight into Redis counts for nothing.
         broker.client.xadd(broker.audit.stream, {"e": '{"action":"idea.captured","data":{"channel":"email"}}', "m": "0" * 64})
 

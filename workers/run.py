@@ -55,6 +55,7 @@ from intake.workers.checks import describe_failure, run_checks
 from intake.workers.claim import Claim, Claimer
 from intake.workers.config import RepoConfig, WorkerConfig
 from intake.workers.forge import ForgeError, create_pull_request
+from intake.workers.deps.gate import check_dependency_change
 from intake.workers.gates import run_gates
 from intake.workers.jobs import JobRefused
 from intake.workers.lease import LeaseKeeper
@@ -239,15 +240,16 @@ class TaskRunner:
                 return Outcome(TaskState.FAILED, "the agent made no changes", base)
             changed = ws.changed_files()
             files = [c.path for c in changed][:MAX_LISTED_FILES]
+            # Trusted copies only: the base as snapshotted before the agent ran, the result as
+            # the worker read it from the work tree (workers/snapshot.py); the policy the task
+            # was approved under (checked at claim time).
+            deps = check_dependency_change(changed, ws.read_base, ws.read_head, claim.policy.dependencies)
+            base["dependencies"] = deps.result()
             reasons = run_gates(
                 changed=changed, branch=branch, branch_prefix=spec.branch_prefix,
                 change_type=spec.change_type, change_type_paths=spec.change_type_paths,
                 allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
-                # Trusted copies only: the base as snapshotted before the agent ran, the
-                # result as the worker read it from the work tree (workers/snapshot.py).
-                read_before=ws.read_base, read_after=ws.read_head,
-                # The policy the task was approved under (checked at claim time).
-                dependency_allowlist=claim.policy.dependencies.allow,
+                dependency_reasons=deps.reasons,
             ) + ws.special_entries()
             if reasons:
                 shown = "; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 from intake.errors import IntakeError
 from intake.provenance import NOTES_REF
-from intake.workers.gates import manifest_kind
+from intake.workers.deps.files import is_dependency_file
 from intake.workers.snapshot import (
     MODE_EXEC,
     MODE_FILE,
@@ -325,12 +325,12 @@ class Workspace:
             raise GitError("git ls-tree of the base commit failed")
         self.base = parse_ls_tree(listing.stdout)
         self._head_tree = dict(self.base)
-        # The manifests the dependency gate compares are held in memory from now on, so even
+        # The manifests and lockfiles the dependency gate compares are held in memory from now on, so even
         # a base object rewritten in place (which :meth:`_blob` would refuse) cannot keep the
         # gate from seeing the real "before".
         self._base_manifests = {
             path: self._blob(entry.oid) for path, entry in self.base.items()
-            if entry.mode in {MODE_FILE, MODE_EXEC} and manifest_kind(path) is not None
+            if entry.mode in {MODE_FILE, MODE_EXEC} and is_dependency_file(path)
         }
 
     def _resolve_base(self, base_ref: str) -> str:

@@ -23,6 +23,7 @@ from markupsafe import Markup
 from intake.console.display import visible_segments
 from intake.console.enrol import EnrolLinks, send_by_dm
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
+from intake.dependency_view import summarize_dependencies
 from intake.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
 from intake.models import IDEA_PENDING, Approver, TaskState
 from intake.passkeys import PasskeyProof
@@ -261,6 +262,7 @@ class Console:
         return self.render(
             request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
             segments=visible_segments(task.spec.prompt), result=task.result or {},
+            dependencies=summarize_dependencies(task.result),
             approvable=task.state is TaskState.AWAITING_APPROVALS, accept_sha=accept_sha,
             result_approvals=task.result_approvals,
             # Deny and revoke win over a result waiting for approval too.

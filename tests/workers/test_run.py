@@ -75,7 +75,7 @@ def test_a_dependency_off_the_allowlist_blocks_the_run(rig: Rig) -> None:
     ended = rig.task(task.id)
     assert ended.state is TaskState.BLOCKED
     assert ended.result is not None
-    assert ended.result["gates"] == ["dependency not on the allowlist: requests (requirements.txt)"]
+    assert ended.result["gates"] == ["dependency: unlisted package: pypi:requests 2.31"]
     assert not pushed(rig)
 
 
