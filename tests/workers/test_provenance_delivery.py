@@ -79,7 +79,7 @@ def test_a_delivered_branch_carries_a_verifying_note(delivered, rig: Rig) -> Non
     assert [(a["person"], a["factor"]) for a in p["approvals"]] == [("alice", "totp")]
     assert p["dispatch"][0]["tokenId"] in rig.fact(task_id).used_nonces
     assert p["worker"]["name"] == "test" and p["sandbox"]["mode"] in ("bwrap", "none") and p["gates"] == "passed"
-    assert p["sbom"] == {"dependencyChanges": False}
+    assert p["sbom"] == {"sha256": task.result["dependencies"]["sbom_sha256"]}  # the gated result's SBOM
 
     for args in ((sha, "--repo", str(clone)), (f"intake/{task_id}", "--repo", str(clone)), (sha,),
                  (f"intake/{task_id}",)):
