@@ -168,12 +168,13 @@ class Outbox:
             kind, entries = self._take_now(count)
         return self._parse(entries)
 
-    def _done(self, entry_id: str) -> None:
+    def _done(self, entry_id: str) -> bool:
+        """Acknowledge and unschedule; False when it was not pending any more."""
         pipe = self.r.pipeline(transaction=True)
         pipe.xack(self.audit.stream, self.group, entry_id)
         pipe.zrem(self.due_key, entry_id)
         pipe.hdel(self.tries_key, entry_id)
-        pipe.execute()
+        return bool(pipe.execute()[0])
 
     def ack(self, delivery: Delivery) -> None:
         """Done with it: acknowledged and off the schedule."""
@@ -199,7 +200,8 @@ class Outbox:
         failures = self.attempts(delivery) + 1
         age = time.time() - delivery.event.at
         if age >= self.max_age_s:
-            self.ack(delivery)
+            if not self._done(delivery.id):
+                return True  # someone else finished it (or gave it up) meanwhile
             self.audit.record(
                 "system", "outbox.dropped", delivery.event.subject,
                 group=self.group, event=delivery.id, event_action=delivery.event.action,

@@ -228,6 +228,10 @@ class SlackNotifier:
                     await self._record_card(idea.id, card)
                 await asyncio.to_thread(self.cards.release, idea.id, token)
                 return
+        # On the sealed log before Slack hears of it: however Redis is rewritten, every post
+        # that was ever attempted shows (README, "Delivery guarantees").
+        await asyncio.to_thread(self.broker.audit.record, "system", "card.posting", idea.id,
+                                channel=channel, attempt=token, looked=got == UNCERTAIN)
         try:
             resp = await self._call(self.client.chat_postMessage(
                 channel=channel,
