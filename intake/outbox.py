@@ -180,6 +180,11 @@ class Outbox:
         """Done with it: acknowledged and off the schedule."""
         self._done(delivery.id)
 
+    def hand_back(self, deliveries: list[Delivery]) -> None:
+        """Deliveries taken but not started: due now, for whichever consumer comes first."""
+        if deliveries:
+            self.r.zadd(self.due_key, {d.id: int(time.time() * 1000) for d in deliveries}, xx=True)
+
     def attempts(self, delivery: Delivery) -> int:
         """How many deliveries of this event have failed so far."""
         raw = self.r.hget(self.tries_key, delivery.id)

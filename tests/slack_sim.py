@@ -62,6 +62,7 @@ class Hold:
 
     reached: asyncio.Event
     released: asyncio.Event
+    skip: int = 0
 
     def release(self) -> None:
         self.released.set()
@@ -204,10 +205,11 @@ class SlackSim(_LocalServer):
         """Replace the canned answer for ``method`` with a dict or a function of the call."""
         self._responses[method] = response if callable(response) else (lambda _call: response)
 
-    def hold(self, method: str) -> Hold:
-        """Carry out the next call to ``method``, then keep its answer until ``release()``
-        (``reached`` is set while it waits): a crash between Slack's answer and the record."""
-        hold = Hold(asyncio.Event(), asyncio.Event())
+    def hold(self, method: str, *, after: int = 0) -> Hold:
+        """Carry out the next call to ``method`` (after ``after`` more), then keep its answer
+        until ``release()`` (``reached`` is set while it waits): a crash between Slack's
+        answer and the record."""
+        hold = Hold(asyncio.Event(), asyncio.Event(), after)
         self._holds[method] = hold
         return hold
 
@@ -223,6 +225,17 @@ class SlackSim(_LocalServer):
     def outage(self, down: bool) -> None:
         """While down, every call is refused with HTTP 503 and nothing is carried out."""
         self.down = down
+
+    def add_message(self, channel: str, text: str, metadata: dict[str, Any] | None = None) -> str:
+        """Put a top-level message from our bot straight into ``channel`` (as if posted
+        earlier); returns its ts."""
+        message: dict[str, Any] = {"type": "message", "user": BOT_USER_ID, "bot_id": BOT_ID,
+                                   "ts": self.next_ts(), "text": text}
+        if metadata is not None:
+            message["metadata"] = metadata
+        self.posted.append(message)
+        self.history.setdefault(channel, []).append(message)
+        return str(message["ts"])
 
     def cards_of(self, idea_id: str) -> list[dict[str, Any]]:
         """The top-level messages really posted whose metadata names ``idea_id``."""
@@ -283,9 +296,13 @@ class SlackSim(_LocalServer):
 
         custom = self._responses.get(method)
         data = custom(call) if custom is not None else self._canned(call)
-        if (hold := self._holds.pop(method, None)) is not None:
-            hold.reached.set()
-            await hold.released.wait()
+        if (hold := self._holds.get(method)) is not None:
+            if hold.skip > 0:
+                hold.skip -= 1
+            else:
+                del self._holds[method]
+                hold.reached.set()
+                await hold.released.wait()
         if self._delays.get(method):
             await asyncio.sleep(self._delays[method])
         return web.json_response(data)

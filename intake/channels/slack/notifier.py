@@ -162,7 +162,13 @@ class SlackNotifier:
             try:
                 await asyncio.to_thread(self.outbox.ensure_group)
                 deliveries = await asyncio.to_thread(self.outbox.fetch, self.pacer.burst, block_ms)
-                for delivery in deliveries:
+                # Start deliveries only in the first third of their lease, so each one ends
+                # while it is still ours; the rest go back for anyone to take.
+                deadline = time.monotonic() + self.outbox.lease_s / 3
+                for n, delivery in enumerate(deliveries):
+                    if time.monotonic() > deadline:
+                        await asyncio.to_thread(self.outbox.hand_back, deliveries[n:])
+                        break
                     await self.deliver(delivery)
             except Exception as exc:
                 log.warning("outbox loop fault: %s; retrying", type(exc).__name__)
