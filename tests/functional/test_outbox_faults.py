@@ -191,7 +191,8 @@ async def test_a_150_s_slack_outage_delays_cards_and_drops_none(
     await serve.ready()
     ideas = capture(store, 3)
     await asyncio.sleep(150)  # the outage (the old outbox gave up after 20 x 5 s)
-    assert sim.posted == [] and len(sim.calls_to("chat.postMessage")) > 3  # tried, and tried again
+    # Tried, and tried again all along (after the first 503 each try begins by looking for the card).
+    assert sim.posted == [] and len(sim.calls) >= 3 * 10
     assert not any(store.get_idea(i.id).card for i in ideas)
     sim.outage(False)
     await until(lambda: all_carded(store, ideas), 60, "every card to be posted after the outage")
