@@ -170,7 +170,7 @@ async def test_a_serve_killed_between_slacks_answer_and_the_record_posts_each_ca
 async def test_two_serves_and_a_slow_rate_limiting_slack_post_each_card_once(
     sim: SlackSim, serve_env: Callable[..., dict[str, str]], serves: list[Serve], store: Store, tmp_path: Path,
 ) -> None:
-    sim.slow("chat.postMessage", 0.4)
+    sim.slow("chat.postMessage", 0.3)
     sim.rate_limit("chat.postMessage", every=3, retry_after=1)
     for n in (1, 2):
         serves.append(Serve(serve_env(n), tmp_path / f"serve{n}.log"))
@@ -219,7 +219,7 @@ async def test_an_event_past_its_max_age_is_given_up_audited_and_counted(
 async def test_deleting_a_reservation_can_cause_a_second_post_but_never_an_unseen_one(
     settings: Settings, store: Store, rclient: redis.Redis, redis_server: str
 ) -> None:
-    async with running_app(settings, "http") as slack:  # lease 1.5 s: a Slack call is cut off after 0.5 s
+    async with running_app(settings, "http") as slack:  # lease 1.5 s: a Slack call is cut off after 0.375 s
         hold = slack.sim.hold("chat.postMessage")
         idea, _ = store.capture(draft(requester=f"slack:{REQUESTER}", text="post me twice"))
         await asyncio.wait_for(hold.reached.wait(), 10)

@@ -15,9 +15,9 @@ Around every post:
    connection lost, crash) leaves the lock to expire and the mark in place, so the next try looks
    before it posts.
 
-The lock outlives every call made under it (each is cut off at a third of the lease), so a card
-is posted once as long as Slack finishes or abandons a request within the lease. Against someone
-who can write Redis: deleting or rewriting the lock or the mark can make a second post happen,
+The lock outlives every call made under it (at most three, each cut off at a quarter of the
+lease), so a card is posted once as long as Slack finishes or abandons a request within the
+lease. Against someone who can write Redis: deleting or rewriting the lock or the mark can make a second post happen,
 but not unseen: every post is preceded by a sealed ``card.posting`` audit event, and a second
 card that Slack answered for finds the idea already has one when it is recorded, is deleted from
 Slack, and ``card.duplicate`` is audited with both messages (see the README).

@@ -3,7 +3,7 @@
 Each handler acts on the subject's *current* state, so a redelivered event is harmless: an update
 re-renders what is true now, and a card is posted only while the idea has none, under a
 reservation that makes it once across crashes and replicas (:mod:`intake.channels.slack.cards`).
-Every Slack call is cut off at a third of the outbox lease, so nothing this consumer started is
+Every Slack call is cut off at a quarter of the outbox lease, so nothing this consumer started is
 still running when another one may take the delivery over. All text that came from a channel is
 escaped by the templates; mentions are built only from validated ids.
 """
@@ -139,7 +139,7 @@ class SlackNotifier:
         self.client = client
         self.outbox = outbox
         self.pacer = pacer or Pacer(5.0)
-        self.call_timeout = outbox.lease_s / 3
+        self.call_timeout = outbox.lease_s / 4
         # An in-flight mark lives as long as its event may still be retried.
         self.cards = CardReservations(broker.client, broker.settings.key_prefix, lease_s=outbox.lease_s,
                                       inflight_ttl_s=2 * outbox.max_age_s)
