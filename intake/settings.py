@@ -37,7 +37,14 @@ class Settings(BaseSettings):
     key_prefix: str = "intake"
     max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
     sweep_interval: float = Field(5.0, gt=0, le=3600)
-    outbox_retry_ms: int = Field(5000, ge=0, le=3_600_000)
+    # The outbox (README, "Delivery guarantees"): first retry after outbox_retry_ms, doubling with
+    # full jitter up to outbox_retry_cap seconds; an event is given up (audited) only once it is
+    # outbox_max_age seconds old; a delivery (and a card reservation) is one consumer's for
+    # outbox_lease seconds, and consumers idle for two leases are removed.
+    outbox_retry_ms: int = Field(5000, ge=1, le=3_600_000)
+    outbox_retry_cap: float = Field(300.0, gt=0, le=86400)
+    outbox_max_age: float = Field(86400.0, gt=0, le=30 * 86400)
+    outbox_lease: float = Field(60.0, ge=0.3, le=3600)
     # Per-attempt dispatch tokens and running-attempt leases (DESIGN.md, Authority).
     dispatch_ttl: int = Field(120, ge=10, le=3600)
     lease_ttl: int = Field(15, ge=5, le=300)

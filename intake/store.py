@@ -371,10 +371,14 @@ class Store:
         return results
 
     def announce(self, idea_id: str, card: dict[str, str]) -> Idea:
-        """Record where the idea's card was posted; a captured idea now awaits approval."""
+        """Record where the idea's card was posted; a captured idea now awaits approval. The
+        first card recorded stays: the idea is returned unchanged when it already has one (the
+        caller compares, and deals with a second card)."""
 
         def build(pipe: Pipe) -> Idea:
             idea = self.read_idea(pipe, idea_id)
+            if idea.card is not None:
+                return idea
             update: dict[str, Any] = {"card": card, "updated_at": self.clock()}
             if idea.state is IdeaState.CAPTURED:
                 update["state"] = IdeaState.AWAITING_APPROVAL

@@ -113,12 +113,15 @@ def test_outbox_lag_and_drops(settings: Settings, tmp_path: Path) -> None:
     from intake.runtime import open_broker
 
     with open_broker(settings) as broker:
-        outbox = Outbox(broker.audit, "slack-notifier", max_deliveries=1)
+        outbox = Outbox(broker.audit, "slack-notifier", max_age_s=3600)
         outbox.ensure_group()
+        clock = FakeClock()
+        clock.advance(-7200)  # captured two hours ago: past the outbox's maximum age
+        broker.store.clock = clock
         broker.store.capture(draft())
         broker.store.capture(draft())
         (delivery, _) = outbox.fetch(count=2, block_ms=10)
-        outbox.failed(delivery, "boom")  # one try allowed: dropped and audited
+        outbox.failed(delivery, "boom")  # too old to retry: dropped and audited
         fams = {f.name: f for f in AuditMetrics(broker).collect()}
     dropped = fams["intake_outbox_dropped"].samples
     assert [(s.labels, s.value) for s in dropped if s.name.endswith("_total")] == [({"group": "slack_notifier"}, 1.0)]

@@ -81,6 +81,21 @@ def slack_mode(settings: Settings) -> SlackMode:
     return SlackMode(http=bool(signing), socket=bool(app))
 
 
+def outbox_for(settings: Settings, broker: Broker) -> Outbox:
+    """This process's consumer of the Slack notifier's outbox group, tuned by the settings."""
+    return Outbox(broker.audit, GROUP, retry_ms=settings.outbox_retry_ms, retry_cap_s=settings.outbox_retry_cap,
+                  max_age_s=settings.outbox_max_age, lease_s=settings.outbox_lease)
+
+
+def notifier_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWebClient:
+    """The notifier's own Web API client: no automatic retries (slack_sdk's default retries a
+    lost connection, which would post a card a second time; the outbox retries instead)."""
+    assert settings.slack_bot_token is not None
+    kwargs = {"base_url": settings.slack_api_url} if settings.slack_api_url else {}
+    return AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), session=session,
+                          retry_handlers=[], **kwargs)
+
+
 def build_bolt(
     settings: Settings, broker: Broker, capture: CaptureQueue, session: aiohttp.ClientSession
 ) -> tuple[AsyncApp, SlackIntake]:
@@ -149,10 +164,8 @@ def mount_slack(
             bolt, listeners = build_bolt(settings, broker, app[capture_key], session)
             app[BOLT], app[LISTENERS] = bolt, listeners
             stop = asyncio.Event()
-            notifier = SlackNotifier(
-                broker, bolt.client, Outbox(broker.audit, GROUP, retry_ms=settings.outbox_retry_ms),
-                pacer=Pacer(settings.slack_rate),
-            )
+            notifier = SlackNotifier(broker, notifier_client(settings, session), outbox_for(settings, broker),
+                                     pacer=Pacer(settings.slack_rate))
             task = asyncio.create_task(notifier.run(stop), name="slack-notifier")
             handler = None
             if mode.socket:
