@@ -184,6 +184,9 @@ class AuditLog:
         self._sealer: threading.Thread | None = None
         self._stopping = False
         self._worker_keys: dict[tuple[str, int], bytes] = {}
+        #: Told about each Redis fault the sealer thread meets (a server's outage tracker), so
+        #: an outage is logged once per process; None: the sealer logs it once itself.
+        self.on_fault: Callable[[BaseException, str], None] | None = None
 
     # -- hashing ---------------------------------------------------------------------------
     def record_mac(self, kind: str, fields: dict[str, Any]) -> str:
@@ -340,14 +343,16 @@ class AuditLog:
             while not self._stopping:
                 try:
                     self._sealer_round(idle_s, gather_s)
-                    if faulty:
+                    if faulty and self.on_fault is None:
                         log.info("sealer: Redis answers again")
                     faulty = False
                 except AuditBroken as exc:
                     log.error("sealing stopped: %s", exc)
                     self._wake.wait(idle_s)
-                except (redis.RedisError, OSError) as exc:  # an outage: one line, then quiet retries
-                    if not faulty:
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:  # an outage: noted once
+                    if self.on_fault is not None:
+                        self.on_fault(exc, "the sealer")
+                    elif not faulty:
                         log.warning("sealer: Redis unavailable (%s); retrying", type(exc).__name__)
                     faulty = True
                     self.lease.lost()

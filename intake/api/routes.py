@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intake.redis_outage import OUTAGE_ERRORS
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
 from intake.models import APPROVER_ID_RE, Channel, Idea, IdeaDraft, Task
@@ -169,6 +170,8 @@ class Api:
                                           "message": str(exc)}, status=409)
             except IntakeError as exc:
                 return _error(409, "conflict", str(exc))
+            except OUTAGE_ERRORS:
+                raise  # Redis is down or stalled: the app's outage middleware answers 503
             except Exception as exc:  # a bug, not bad input: say so without the body or a trace
                 log.error("api %s %s failed: %s", request.method, request.path, type(exc).__name__)
                 return _error(500, "internal", "internal error; the broker's log names it")

@@ -32,6 +32,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from intake.capture_queue import CaptureQueue
 from intake.errors import ConfigError
 from intake.outbox import Outbox
+from intake.redis_outage import OUTAGE_ERRORS, unavailable
 from intake.runtime import Broker
 from intake.settings import Settings
 from intake.channels.slack.listeners import SlackIntake
@@ -97,6 +98,16 @@ def build_bolt(
     )
     listeners = SlackIntake(broker, capture.capture)
     listeners.register(app)
+
+    async def on_error(error: Exception) -> None:
+        # A Redis outage is noted once (the response becomes a 503 in slack_events); anything
+        # else is named without the payload or a traceback.
+        if isinstance(error, OUTAGE_ERRORS):
+            broker.outage.failed(error, "a Slack listener")
+        else:
+            log.error("slack listener failed: %s", type(error).__name__)
+
+    app.error(on_error)
     return app, listeners
 
 
@@ -114,6 +125,8 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
             return web.json_response({"text": reply})
     bolt_request = AsyncBoltRequest(body=body, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
     response = await request.app[BOLT].async_dispatch(bolt_request)
+    if response.status >= 500 and request.app[LISTENERS].broker.outage.down:
+        return unavailable()  # Slack retries; the retry is deduplicated by its delivery id
     return await to_aiohttp_response(response)
 
 
