@@ -119,10 +119,10 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
 
 
 def _options(decode: bool) -> dict[str, Any]:
-    """Connection options: one immediate retry on a dropped connection (a restarted Redis leaves
-    stale pooled connections), no retry on a timeout and no backoff, so a Redis that is down or
-    stalled fails the call within :data:`SOCKET_TIMEOUT_S` instead of after redis-py's default
-    backoff schedule."""
+    """Connection options. The callers set ``retry`` to none at all: a Redis that is down or
+    stalled then fails the call within :data:`SOCKET_TIMEOUT_S` instead of after redis-py's
+    default backoff schedule, and a write whose reply was lost is never silently sent twice
+    (the caller's own retry is idempotent: captures on the delivery id, seals on the head)."""
     options: dict[str, Any] = {"decode_responses": decode, "health_check_interval": 30,
                                "socket_connect_timeout": CONNECT_TIMEOUT_S}
     if decode:
@@ -137,7 +137,7 @@ def make_client(url: str, *, decode: bool = True) -> redis.Redis:
     own store uses text, and a short read timeout, so a half-open connection or a stalled Redis
     cannot hang a request, a worker's revocation check or the broker's clocks."""
     options = _options(decode)
-    options["retry"] = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    options["retry"] = Retry(NoBackoff(), 0)
     sentinel = parse_sentinel_url(url)
     if sentinel is not None:
         timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
@@ -150,7 +150,7 @@ def make_client(url: str, *, decode: bool = True) -> redis.Redis:
 def make_async_client(url: str) -> aioredis.Redis:
     """The asyncio twin of :func:`make_client` (text, short timeouts), for the event loop."""
     options = _options(True)
-    options["retry"] = AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    options["retry"] = AsyncRetry(NoBackoff(), 0)
     sentinel = parse_sentinel_url(url)
     if sentinel is not None:
         timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
