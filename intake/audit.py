@@ -377,7 +377,10 @@ class AuditLog:
             return
         time.sleep(gather_s)
         self._wake.clear()
-        self._seal_held()
+        try:
+            self._seal_held()
+        except LeaseLost:  # fenced off mid-batch (this process was paused): nothing was written
+            log.warning("sealer: lease lost to %s; another process seals", self.lease.holder() or "nobody")
 
     def stop_sealer(self) -> None:
         """Stop the sealing thread and hand the lease back (another replica takes over at once),
