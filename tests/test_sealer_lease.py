@@ -118,7 +118,7 @@ def test_the_worker_user_and_no_password_cannot_take_or_extend_the_lease(embedde
                                                                           tmp_path: Path) -> None:
     broker = make_client(embedded.url_for("broker"))
     worker = make_client(embedded.url_for("worker"))
-    anonymous = redis.Redis(unix_socket_path=str(embedded.sock), decode_responses=True)
+    anonymous = make_client(f"unix://{embedded.sock}")  # no user, no password
     from intake.sealer_lease import SealerLease
 
     lease = SealerLease(broker, "intake", ttl_ms=600_000)
