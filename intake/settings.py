@@ -29,6 +29,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".intake")
     redis_url: SecretStr | None = None
+    # TLS to a configured rediss:// Redis: the CA that signed its certificate, and a client
+    # certificate and key when the server asks for one.
+    redis_ca_file: Path | None = None
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
     # The embedded Redis's AOF fsync policy (README: what each one risks on a crash).
     redis_appendfsync: Literal["always", "everysec", "no"] = "always"
     policy: Path | None = None
@@ -146,10 +151,14 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not re.match(
-            r"(redis|rediss|unix)://", value.get_secret_value()
-        ):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if value is None:
+            return value
+        url = value.get_secret_value()
+        if not re.match(r"(redis|rediss|unix|redis\+sentinel)://", url):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
+        from intake.redis_conn import parse_sentinel_url
+
+        parse_sentinel_url(url)  # ValueError names the expected shape
         return value
 
     @field_validator("console_origin")

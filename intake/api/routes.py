@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intake.redis_outage import OUTAGE_ERRORS
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.channels.cli import cli_draft
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
@@ -170,6 +171,8 @@ class Api:
                                           "message": str(exc)}, status=409)
             except IntakeError as exc:
                 return _error(409, "conflict", str(exc))
+            except OUTAGE_ERRORS:
+                raise  # Redis is down or stalled: the app's outage middleware answers 503
             except Exception as exc:  # a bug, not bad input: say so without the body or a trace
                 log.error("api %s %s failed: %s", request.method, request.path, type(exc).__name__)
                 return _error(500, "internal", "internal error; the broker's log names it")

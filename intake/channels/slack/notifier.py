@@ -24,6 +24,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from intake.models import IDEA_PENDING, AuditEvent, Idea, Task, TaskState
 from intake.mrkdwn import is_user_id
 from intake.outbox import Delivery, Outbox
+from intake.redis_outage import OUTAGE_ERRORS
 from intake.runtime import Broker
 from intake.channels.slack import render
 from intake.channels.slack.cards import UNCERTAIN, CardReservations, card_metadata, find_posted_card
@@ -170,6 +171,9 @@ class SlackNotifier:
                         await asyncio.to_thread(self.outbox.hand_back, deliveries[n:])
                         break
                     await self.deliver(delivery)
+            except OUTAGE_ERRORS as exc:  # cards wait in the outbox; noted once per outage
+                self.broker.outage.failed(exc, "the Slack outbox")
+                await asyncio.sleep(1)
             except Exception as exc:
                 log.warning("outbox loop fault: %s; retrying", type(exc).__name__)
                 await asyncio.sleep(1)

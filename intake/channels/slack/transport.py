@@ -33,6 +33,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from intake.capture_queue import CaptureQueue
 from intake.errors import ConfigError
 from intake.outbox import Outbox
+from intake.redis_outage import OUTAGE_ERRORS, unavailable
 from intake.runtime import Broker
 from intake.settings import Settings
 from intake.channels.slack.listeners import SlackIntake
@@ -114,7 +115,16 @@ def build_bolt(
     )
     listeners = SlackIntake(broker, capture.capture)
     listeners.register(app)
-    app.error(on_bolt_error)
+
+    async def on_error(error: Exception, response: BoltResponse | None) -> BoltResponse:
+        # A Redis outage is noted once (the outage tracker logs it, not every request).
+        if isinstance(error, OUTAGE_ERRORS):
+            broker.outage.failed(error, "a Slack listener")
+            return BoltResponse(status=503, body='{"error": "redis_unavailable"}',
+                                headers={"content-type": ["application/json"]})
+        return await on_bolt_error(error, response)
+
+    app.error(on_error)
     return app, listeners
 
 
@@ -132,6 +142,8 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
         return web.json_response({"text": reply})
     bolt_request = AsyncBoltRequest(body=parsed.text, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
     response = await request.app[BOLT].async_dispatch(bolt_request)
+    if response.status >= 500 and request.app[LISTENERS].broker.outage.down:
+        return unavailable()  # Slack retries; the retry is deduplicated by its delivery id
     return await to_aiohttp_response(response)
 
 
