@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     key_prefix: str = "intake"
     max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
     sweep_interval: float = Field(5.0, gt=0, le=3600)
+    # Logging for serve and worker (intake/logs.py): one JSON object a line, or plain text.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     outbox_retry_ms: int = Field(5000, ge=0, le=3_600_000)
     # Per-attempt dispatch tokens and running-attempt leases (DESIGN.md, Authority).
     dispatch_ttl: int = Field(120, ge=10, le=3600)
@@ -74,6 +77,13 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", value):
             raise ValueError("must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
         return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if value.lower() in {"debug", "info", "warning", "error"} else value.lower()
 
     @field_validator("redis_url")
     @classmethod
