@@ -131,6 +131,27 @@ def serve(dev: bool) -> None:
     run(load_settings(), dev=dev)
 
 
+@cli.command()
+@click.option("--worker-config", "worker_configs", multiple=True, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Also check this worker config: agent program, credentials, report key (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def doctor(worker_configs: tuple[Path, ...], as_json: bool) -> None:
+    """Check settings, key files, Redis, policy, Slack and worker configs; exit 1 on any problem."""
+    from intake.doctor import problems, run_doctor
+
+    findings = run_doctor(worker_configs)
+    if as_json:
+        _out_json({"ok": not problems(findings), "findings": [f.as_json() for f in findings]})
+    else:
+        for finding in findings:
+            click.echo(f"{finding.status:<8} {finding.check}: {safe(finding.message)}")
+        count = len(problems(findings))
+        click.echo(f"{count} problem(s)" if count else "no problems")
+    if problems(findings):
+        sys.exit(1)
+
+
 # -- ideas -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("text")
