@@ -117,10 +117,11 @@ def _optional(client: redis.Redis, *args: str) -> Any:
         return None
 
 
-def check_redis_server(client: redis.Redis, *, prefix: str, appendfsync: str, username: str | None = None
-                       ) -> list[Finding]:
+def check_redis_server(client: redis.Redis, *, prefix: str, appendfsync: str, username: str | None = None,
+                       conf: Path | None = None) -> list[Finding]:
     """Everything about one Redis connection (the broker's), from INFO and what its user may ask
-    (``username``: the URL's, when the server will not say who we are)."""
+    (``username``: the URL's, when the server will not say who we are; ``conf``: the embedded
+    server's redis.conf, for what its ACL users may not read)."""
     c = "redis"
     try:
         server = client.info("server")
@@ -157,6 +158,9 @@ def check_redis_server(client: redis.Redis, *, prefix: str, appendfsync: str, us
     else:
         found.append(ok(c, "AOF on"))
     fsync = _optional(client, "CONFIG", "GET", "appendfsync")
+    if not fsync and conf is not None and conf.exists():
+        fsync = [line.split() for line in conf.read_text().splitlines() if line.startswith("appendfsync ")][-1:]
+        fsync = fsync[0] if fsync else None
     if not fsync:
         found.append(warning(c, f"appendfsync: cannot be read by this user (no CONFIG); make sure it is "
                                 f"{appendfsync} on the server"))
@@ -188,7 +192,8 @@ def check_redis(settings: Settings) -> list[Finding]:
             try:
                 client.ping()
                 return check_redis_server(client, prefix=settings.key_prefix, appendfsync=expected,
-                                          username=urlsplit(urls["broker"]).username)
+                                          username=urlsplit(urls["broker"]).username,
+                                          conf=None if settings.redis_url else settings.data_dir / "redis" / "redis.conf")
             finally:
                 client.close()
     except IntakeError as exc:

@@ -97,7 +97,7 @@ def test_doctor_passes_on_the_embedded_redis(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert done.returncode == 0, report
     messages = [f["message"] for f in report["findings"]]
-    assert "AOF on" in messages and "maxmemory-policy noeviction" in messages
+    assert "AOF on" in messages and "maxmemory-policy noeviction" in messages and "appendfsync always" in messages
     assert "connected as ACL user intake-broker" in messages
     # The Redis passwords it generated are private files, and doctor checked them.
     assert any(m.startswith("redis-broker.pass:") for m in messages)
