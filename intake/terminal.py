@@ -75,17 +75,21 @@ def fields(pairs: Iterable[tuple[str, object]], indent: int = 0) -> list[str]:
     for key, value in items:
         if isinstance(value, dict):
             out.append(f"{pad}{key}:")
-            out += fields(((str(k), v) for k, v in value.items()), indent + 2) if value else [f"{pad}  -"]
+            out += fields(((_label(k), v) for k, v in value.items()), indent + 2) if value else [f"{pad}  -"]
         elif _nested(value):
             out.append(f"{pad}{key}:")
             for n, item in enumerate(value, 1):  # type: ignore[arg-type]
                 out.append(f"{pad}  [{n}]")
-                out += fields(((str(k), v) for k, v in item.items()), indent + 4)
+                out += fields(((_label(k), v) for k, v in item.items()), indent + 4)
         elif isinstance(value, int | float) and not isinstance(value, bool) and key.replace(" ", "_").endswith("_at"):
             out.append(f"{pad}{key:<{width}}  {when(value)}")
         else:
             out.append(f"{pad}{key:<{width}}  {_scalar(value)}".rstrip())
     return out
+
+
+def _label(key: object) -> str:
+    return str(key).replace("_", " ")
 
 
 def _nested(value: object) -> bool:

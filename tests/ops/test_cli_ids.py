@@ -93,3 +93,39 @@ def test_lists_are_tables_and_show_has_no_reprs(env: dict[str, str]) -> None:
     assert shown.splitlines()[0].split() == ["idea", first]
     assert "  | Rotate the staging cert" in shown and "  | and say so in #ops" in shown
     assert "requester  cli:bob" in shown
+
+
+def test_promote_by_prefix_and_a_readable_task(env: dict[str, str], settings: Settings) -> None:
+    """The power path with prefixes: promote I-<prefix>, then show T-<PREFIX> in sections."""
+    import pyotp
+
+    from tests.api_harness import Codes
+    from tests.test_cli_promotion import capture
+
+    assert run(env, "admin", "bootstrap", "Alice", "--name", "Alice").exit_code == 0  # ids fold case
+    added = run(env, "approver", "add", "ALICE", "--name", "Alice", "--groups", "platform", "--json")
+    assert added.exit_code == 0, added.stderr
+    codes = Codes(pyotp.parse_uri(json.loads(added.stdout)["otpauth_uri"]))
+    assert run(env, "approver", "confirm", "alice", "--code", codes.next()).exit_code == 0
+    listed = run(env, "approver", "list").stdout.splitlines()
+    assert listed[0].split() == ["ID", "NAME", "GROUPS", "SLACK", "EMAIL", "STATUS"]
+    assert listed[1].split() == ["alice", "Alice", "platform", "-", "-", "confirmed"]
+
+    idea_id = capture(settings, "slack:UERIN00001")
+    promoted = run(env, "promote", idea_id[:7].lower(), "--repo", "acme/web", "--change-type", "docs",
+                   "--code", codes.next(), "--json")
+    assert promoted.exit_code == 0, promoted.stderr
+    task_id = json.loads(promoted.stdout)["task"]
+    shown = run(env, "show", task_id[:7].upper())
+    assert shown.exit_code == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["task", task_id]
+    assert lines[lines.index("approvals:") + 1].split() == ["APPROVER", "GROUPS", "AT", "VIA", "SHA", "NOTE"]
+    assert "spec:" in lines and "prompt (untrusted):" in lines
+    assert "  | Document the retry flag" in lines
+    assert not any(r in shown.stdout for r in ("{'", "['", "('", "None", "True", "False")), shown.stdout
+    assert any(line.startswith("  limits:") for line in lines)
+    assert any(line.startswith("    run timeout s ") for line in lines)
+    tasks = run(env, "list", "--tasks").stdout.splitlines()
+    assert tasks[0].split() == ["ID", "STATE", "REPO", "CHANGE", "APPROVALS", "IDEA", "CREATED"]
+    assert tasks[1].split()[:5] == [task_id, "queued", "acme/web", "docs", "1/1"]
