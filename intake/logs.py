@@ -66,7 +66,11 @@ class Redactor(logging.Filter):
         return _SHAPES.sub(REDACTED, text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.scrub(record.getMessage())
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not raise out of a log call
+            message = f"{record.msg} (unformattable arguments)"
+        record.msg = self.scrub(message)
         record.args = None
         if record.exc_info and record.exc_info[0] is not None:
             record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))

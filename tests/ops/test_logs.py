@@ -119,3 +119,13 @@ def test_log_settings_are_validated(settings: Settings) -> None:
     assert load_settings(_env_file=None, log_format="JSON", log_level="warning").log_level == "WARNING"
     with pytest.raises(ConfigError, match="^INTAKE_LOG_FORMAT: "):
         load_settings(_env_file=None, log_format="xml")
+
+
+def test_a_bad_format_string_does_not_raise() -> None:
+    """The redactor formats each record itself; a record whose arguments do not fit its format
+    is still logged (as its format), never raised out of the log call."""
+    from intake.logs import Redactor
+
+    record = logging.LogRecord("intake.test", logging.WARNING, __file__, 1, "two %s %s", ("one",), None)
+    assert Redactor([]).filter(record) is True
+    assert record.getMessage() == "two %s %s (unformattable arguments)"

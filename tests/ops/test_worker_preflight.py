@@ -67,3 +67,10 @@ def test_a_ready_worker_passes(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Non
     config = rig.config(agent={"type": "command", "argv": ["python3", "-c", "pass"]},
                         repos={"acme/web": {"agent_env": {"MODEL_KEY": {"env": UNSET}}}, "acme/payments": {}})
     assert worker_problems(rig.settings, load_worker_config(config)) == []
+
+
+def test_an_unreachable_redis_stops_the_worker_at_start(rig: Rig, tmp_path: Path) -> None:  # noqa: F811
+    config = rig.config()
+    proc = rig.spawn(config, burst=True, INTAKE_REDIS_URL=f"unix://{tmp_path}/no-redis.sock")
+    assert proc.wait(timeout=60) == 1
+    assert rig.worker_log().splitlines() == ["intake: INTAKE_REDIS_URL: cannot reach Redis (ConnectionError)"]
