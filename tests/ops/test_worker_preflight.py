@@ -74,3 +74,17 @@ def test_an_unreachable_redis_stops_the_worker_at_start(rig: Rig, tmp_path: Path
     proc = rig.spawn(config, burst=True, INTAKE_REDIS_URL=f"unix://{tmp_path}/no-redis.sock")
     assert proc.wait(timeout=60) == 1
     assert rig.worker_log().splitlines() == ["intake: INTAKE_REDIS_URL: cannot reach Redis (ConnectionError)"]
+
+
+def test_a_worker_logs_json_lines_without_its_token(rig: Rig) -> None:  # noqa: F811
+    import json
+
+    task = rig.promote()
+    token = rig.job_token(task.id)
+    config = rig.config()
+    proc = rig.spawn(config, burst=True, INTAKE_LOG_FORMAT="json", INTAKE_LOG_LEVEL="DEBUG")
+    assert proc.wait(timeout=120) == 0, rig.worker_log()
+    assert rig.queue().count == 0  # it took the job and ran it
+    lines = [json.loads(line) for line in rig.worker_log().splitlines()]  # every line is JSON
+    assert any(line["logger"].startswith("rq.") for line in lines)
+    assert token not in rig.worker_log() and token.split(".")[-1] not in rig.worker_log()
