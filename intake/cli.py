@@ -27,7 +27,8 @@ import click
 from intake.api.client import ApiClient, broker_url, seg
 from intake.errors import AuditBroken, IntakeError, InvalidInput
 from intake.settings import Settings, load_settings
-from intake.terminal import fields, safe, table, when
+from intake.records import idea_lines, idea_table, task_lines, task_table
+from intake.terminal import fields, safe, table
 
 _NAME = re.compile(r"[a-z][a-z0-9_.-]{0,39}")
 
@@ -74,59 +75,12 @@ def resolve_id(ident: str, kinds: str = "IT") -> str:
     return parsed if is_whole(parsed) else str(_api().call("GET", f"/ids/{seg(parsed)}")["id"])
 
 
-def _untrusted(label: str, text: str) -> None:
-    click.echo(f"{label} (untrusted):")
-    for line in safe(text).splitlines() or [""]:
-        click.echo(f"  | {line}")
-
-
 def _print_idea(idea: dict[str, Any]) -> None:
-    filed = idea.get("filed_by") if idea.get("filed_by") not in ("", idea["requester"]) else None
-    card = idea.get("card") or {}
-    pairs: list[tuple[str, Any]] = [
-        ("idea", idea["id"]), ("state", idea["state"]), ("requester", idea["requester"]), ("filed by", filed),
-        ("channel", idea["channel"]), ("created", when(idea["created_at"])), ("updated", when(idea["updated_at"])),
-        ("expires", when(idea.get("expires_at"))), ("task", idea.get("task_id")), ("reason", idea.get("reason")),
-        ("card", f"{card.get('channel')} {card.get('ts')}" if card else None), ("title", idea["title"]),
-    ]
-    for line in fields((k, v) for k, v in pairs if v not in (None, "", "-")):
-        click.echo(line)
-    _untrusted("text", idea["text"])
+    click.echo("\n".join(idea_lines(idea)))
 
 
 def _print_task(task: dict[str, Any]) -> None:
-    spec = dict(task["spec"])
-    approvals = ", ".join(a["approver"] for a in task["approvals"]) or "none"
-    pairs: list[tuple[str, Any]] = [
-        ("task", task["id"]), ("state", task["state"]), ("idea", task["idea_id"]), ("requester", task["requester"]),
-        ("repo", spec["repo"]), ("change type", spec["change_type"]), ("base ref", spec["base_ref"]),
-        ("risk tier", task["risk_tier"]), ("queue", task.get("queue")),
-        ("approvals", f"{len(task['approvals'])} of {task['required']} ({approvals})"),
-        ("spec hash", task["spec_hash"]), ("policy", spec["policy_version"][:12]), ("attempts", task["attempts"]),
-        ("created", when(task["created_at"])), ("updated", when(task["updated_at"])),
-        ("window ends", when(task["window_ends_at"]) if task.get("window_ends_at") else None),
-        ("reason", task.get("reason")),
-    ]
-    for line in fields((k, v) for k, v in pairs if v not in (None, "")):
-        click.echo(line)
-    for title, rows in (("approvals", task["approvals"]), ("result approvals", task.get("result_approvals") or [])):
-        if rows:
-            click.echo(f"{title}:")
-            for line in table(["approver", "groups", "at", "via", "sha", "note"],
-                              [[a["approver"], ",".join(a["groups"]), when(a["at"]), a["via"], (a.get("sha") or "")[:12],
-                                a["note"]] for a in rows]):
-                click.echo(f"  {line}")
-    prompt = spec.pop("prompt")
-    for key in ("repo", "change_type", "base_ref", "policy_version", "idea_id"):
-        spec.pop(key)
-    click.echo("spec:")
-    for line in fields(((k.replace("_", " "), v) for k, v in spec.items()), indent=2):
-        click.echo(line)
-    if task.get("result"):
-        click.echo("result:")
-        for line in fields(((str(k).replace("_", " "), v) for k, v in sorted(task["result"].items())), indent=2):
-            click.echo(line)
-    _untrusted("prompt", prompt)
+    click.echo("\n".join(task_lines(task)))
 
 
 class IntakeGroup(click.Group):
@@ -235,15 +189,8 @@ def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
         return
     if not items:
         click.echo("nothing pending" if not show_all else "nothing yet")
-    elif tasks:
-        rows = [[t["id"], t["state"], t["spec"]["repo"], t["spec"]["change_type"], f"{len(t['approvals'])}/{t['required']}",
-                 t["idea_id"], when(t["created_at"])] for t in items]
-        for line in table(["id", "state", "repo", "change", "approvals", "idea", "created"], rows):
-            click.echo(line)
     else:
-        rows = [[i["id"], i["state"], i["requester"], i["channel"], when(i["created_at"]), i["title"]] for i in items]
-        for line in table(["id", "state", "requester", "channel", "created", "title"], rows):
-            click.echo(line)
+        click.echo("\n".join(task_table(items) if tasks else idea_table(items)))
 
 
 @cli.command()
