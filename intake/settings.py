@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     outbox_retry_cap: float = Field(300.0, gt=0, le=86400)
     outbox_max_age: float = Field(86400.0, gt=0, le=30 * 86400)
     outbox_lease: float = Field(60.0, ge=0.3, le=3600)
+    # Logging for serve and worker (intake/logs.py): one JSON object a line, or plain text.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Per-attempt dispatch tokens and running-attempt leases (DESIGN.md, Authority).
     dispatch_ttl: int = Field(120, ge=10, le=3600)
     lease_ttl: int = Field(15, ge=5, le=300)
@@ -147,6 +150,13 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", value):
             raise ValueError("must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
         return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if value.lower() in {"debug", "info", "warning", "error"} else value.lower()
 
     @field_validator("redis_url")
     @classmethod

@@ -17,6 +17,7 @@ import redis
 from intake.audit import AuditLog, event
 from intake.channels.text import normalise, normalise_title
 from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
+from intake.ids import parse_id_prefix
 from intake.models import (
     IDEA_PENDING,
     IDEA_TRANSITIONS,
@@ -251,6 +252,15 @@ class Store:
     def recent_tasks(self, limit: int = 100) -> list[Task]:
         ids = self.r.zrevrange(self.keys.tasks, 0, limit - 1)
         return self._many([self.keys.task(i) for i in ids], Task)
+
+    def ids_with_prefix(self, prefix: str, limit: int = 10) -> tuple[list[str], int]:
+        """Ids of the prefix's own kind (``I-…`` searches ideas only, ``T-…`` tasks only) that
+        start with ``prefix`` (parsed by :func:`intake.ids.parse_id_prefix`, so it holds no glob
+        characters): up to ``limit`` of them, and how many there are."""
+        prefix = parse_id_prefix(prefix)
+        index = self.keys.ideas if prefix.startswith("I-") else self.keys.tasks
+        found = [str(i) for i, _ in self.r.zscan_iter(index, match=f"{prefix}*", count=1000)]
+        return sorted(found)[:limit], len(found)
 
     # -- writing ---------------------------------------------------------------------------
     def write_idea(self, pipe: Pipe, idea: Idea) -> None:

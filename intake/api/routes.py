@@ -29,6 +29,7 @@ from intake.redis_outage import OUTAGE_ERRORS
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.channels.cli import cli_draft
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
+from intake.ids import KIND_NAMES, parse_id_prefix
 from intake.models import APPROVER_ID_RE, Idea, Task
 from intake.people import People, parse_identity, parse_person_id
 from intake.report.figures import broker_figures
@@ -267,6 +268,20 @@ class Api:
     def task(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         return task_json(broker.store.get_task(request.match_info["id"]))
 
+    def resolve_id(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """The one idea or task id a typed prefix names (any case; an ``I-`` prefix searches
+        ideas only, ``T-`` tasks only). 404 when none, 409 ``ambiguous`` with the count."""
+        prefix = parse_id_prefix(request.match_info["prefix"])
+        ids, count = broker.store.ids_with_prefix(prefix)
+        kind = KIND_NAMES[prefix[0]]
+        if count == 0:
+            raise NotFound(f"no {kind} id starts with {prefix}")
+        if count > 1:
+            return web.json_response({"error": "ambiguous", "candidates": count,
+                                      "message": f"{prefix} is ambiguous: {count} {kind}s start with it "
+                                                 "(type more of the id)"}, status=409)
+        return {"id": ids[0]}
+
     def audit_verify(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """Every anomaly in the chain (not only the first); 409 when sealed history was changed."""
         try:
@@ -492,6 +507,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/ideas/{id}", "idea", False),
     ("POST", "/ideas/{id}/promote", "promote", True),
     ("POST", "/ideas/{id}/deny", "deny", True),
+    ("GET", "/ids/{prefix}", "resolve_id", False),
     ("GET", "/tasks", "tasks", False),
     ("GET", "/tasks/{id}", "task", False),
     ("POST", "/tasks/{id}/approve", "approve", True),
