@@ -277,7 +277,7 @@ def provenance_group() -> None:
 @click.argument("ref")
 @click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Read the git note from this repository instead of the broker's stored envelope.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def provenance_show(ref: str, repo: Path | None, as_json: bool) -> None:
     """Show the provenance of REF (a commit sha or a task branch), verified or not."""
     from intake.provenance_cli import show
@@ -289,7 +289,7 @@ def provenance_show(ref: str, repo: Path | None, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Verify the git note in this repository (else the broker's stored envelope).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def provenance_verify(ref: str, repo: Path | None, as_json: bool) -> None:
     """Check REF's provenance: the signature (public key alone), the subject, and every fact
     against the sealed audit log. Exit 1 with one line per failing check."""
