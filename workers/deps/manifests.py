@@ -115,6 +115,10 @@ def _parse_pyproject(text: str) -> Deps:
             raise ManifestError
         _add_pep508(deps, f"group:{group}", [r for r in reqs if not isinstance(r, dict)])
     tool = _table(data.get("tool"))
+    # What uv sync and pdm install install beside the project's own tables: dependency groups.
+    _add_pep508(deps, "group:tool.uv.dev-dependencies", _table(tool.get("uv")).get("dev-dependencies", []))
+    for group, reqs in _table(_table(tool.get("pdm")).get("dev-dependencies")).items():
+        _add_pep508(deps, f"group:tool.pdm.dev-dependencies.{group}", reqs)
     # Where packages come from, and what builds them: a change here redirects every dependency,
     # so it is named by its table and can never be admitted by an allowlisted package name.
     uv = _table(tool.get("uv"))
@@ -122,8 +126,12 @@ def _parse_pyproject(text: str) -> Deps:
         "tool.uv.sources": uv.get("sources"), "tool.uv.index": uv.get("index"),
         "tool.uv.index-url": uv.get("index-url"), "tool.uv.extra-index-url": uv.get("extra-index-url"),
         "tool.uv.find-links": uv.get("find-links"),
+        "tool.uv.override-dependencies": uv.get("override-dependencies"),
+        "tool.uv.constraint-dependencies": uv.get("constraint-dependencies"),
+        "tool.uv.build-constraint-dependencies": uv.get("build-constraint-dependencies"),
         "tool.poetry.source": _table(tool.get("poetry")).get("source"),
         "tool.pdm.source": _table(tool.get("pdm")).get("source"),
+        "tool.setuptools.dynamic": _table(tool.get("setuptools")).get("dynamic"),  # e.g. deps from a file
         "build-system.build-backend": _table(data.get("build-system")).get("build-backend"),
         "build-system.backend-path": _table(data.get("build-system")).get("backend-path"),
     }
