@@ -110,3 +110,15 @@ def test_a_manifest_change_outside_its_dependency_tables_is_refused(before: dict
 def test_source_redirects_renames_and_includes_are_refused(before: dict[str, str], after: dict[str, str]) -> None:
     reasons = gate(before, after).reasons
     assert reasons and all(r.startswith("dependency: ") for r in reasons), reasons
+
+
+@pytest.mark.parametrize("path,text", [
+    ("package-lock.json", '{"lockfileVersion": 3, "packages": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+    ("Cargo.lock", "x = " + "[" * 100_000 + "]" * 100_000 + "\n"),
+    ("package.json", '{"dependencies": ' + '{"a":' * 50_000 + "1" + "}" * 50_000 + "}"),
+])
+def test_a_deeply_nested_dependency_file_is_blocked_not_a_crash(path: str, text: str) -> None:
+    after = dict(BASE_NPM) if path.startswith("package") else {}
+    after[path] = text
+    before = BASE_NPM if path.startswith("package") else {}
+    assert f"dependency: unparseable dependency file: {path}" in gate(before, after).reasons
