@@ -26,7 +26,7 @@ from typing import Any
 
 from intake.workers.deps.files import MAX_DEPENDENCY_FILE_BYTES, SIBLING_NAMES, ecosystem_of, lockfile_kind, manifest_kind
 from intake.workers.deps.lockfiles import parse_lockfile
-from intake.workers.deps.manifests import ManifestError, parse_manifest
+from intake.workers.deps.manifests import ManifestError, parse_manifest, unread_part
 from intake.workers.deps.versions import (
     PackageRef,
     canonical_version,
@@ -248,6 +248,23 @@ def _directories(changed: Sequence[ChangedFile]) -> dict[str, set[str]]:
     return dirs
 
 
+def _outside_dependencies(path: str, read_before: ReadFile, read_after: ReadFile) -> str | None:
+    """Why manifest ``path`` changed outside what the gate reads (npm scripts, a Cargo build
+    script, ...: code that runs at install or build time, which no allowlist entry covers), or
+    ``None``. Only a manifest the base has is compared (a new one has nothing to compare with);
+    an unparseable side is reported elsewhere."""
+    before, after = _read(read_before, path, None), _read(read_after, path, None)
+    if before is None or after is None or before == after:
+        return None
+    try:
+        parse_manifest(path, before), parse_manifest(path, after)
+        if unread_part(path, before) == unread_part(path, after):
+            return None
+    except ManifestError:
+        return None
+    return f"manifest changed outside its dependencies: {_show(path)} (only dependency entries may change)"
+
+
 def compute_delta(changed: Sequence[ChangedFile], read_before: ReadFile, read_after: ReadFile) -> Delta:
     """The dependency delta of a change (see the module docstring). Never raises on file
     contents: a malformed or oversized file is a problem, not a crash."""
@@ -265,6 +282,9 @@ def compute_delta(changed: Sequence[ChangedFile], read_before: ReadFile, read_af
                 delta.problems.append(f"requirement line not allowed: {_show(name)} ({_show(path)})")
             else:
                 delta.problems.append(f"not a registry package: {_show(name)} ({section} in {_show(path)})")
+        for path in paths:
+            if manifest_kind(path) is not None and (outside := _outside_dependencies(path, read_before, read_after)):
+                delta.problems.append(outside)
         lockfiles = {e: [p for p in paths if lockfile_kind(p) and ecosystem_of(p) == e and read_after(p) is not None]
                      for e in ("pypi", "npm", "go", "cargo")}
         for ref in sorted(set(before) | set(after)):

@@ -43,7 +43,7 @@ REASON_KINDS = (
     "unlisted package", "version outside specifier", "denied license", "unknown license",
     "missing integrity hash", "integrity hash changed for an unchanged version", "lockfile mismatch",
     "not a registry package", "requirement line not allowed", "unparseable dependency file",
-    "dependency file too large to check", "too many packages",
+    "dependency file too large to check", "too many packages", "manifest changed outside its dependencies",
 )
 
 

@@ -40,6 +40,9 @@ _PYPI_FILES = "https://files.pythonhosted.org/"
 _NPM_REGISTRY = "https://registry.npmjs.org/"
 _CRATES_IO = {"registry+https://github.com/rust-lang/crates.io-index", "sparse+https://index.crates.io/"}
 _HASH = re.compile(r"(sha256|sha384|sha512):[0-9a-fA-F]{64,128}")
+#: The tarball file name after ``<registry>/<name>/-/``: one plain path segment, so that no
+#: ``..``, percent-escape, query or fragment can make the URL name another package's tarball.
+_NPM_TARBALL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*\.tgz")
 
 
 def _list(value: Any) -> list[Any]:
@@ -150,7 +153,9 @@ def parse_package_lock(text: str) -> list[Locked]:
         other = None
         # npm fetches the recorded tarball: it must be this package's, on the public registry
         # (an entry "name"d as an allowed package but resolving to another is another source).
-        if resolved is not None and not (isinstance(resolved, str) and resolved.startswith(f"{_NPM_REGISTRY}{name}/-/")):
+        prefix = f"{_NPM_REGISTRY}{name}/-/"
+        if resolved is not None and not (isinstance(resolved, str) and resolved.startswith(prefix)
+                                         and _NPM_TARBALL.fullmatch(resolved[len(prefix):])):
             other = str(resolved)[:200]
         out.append(Locked(name, version, integrity if isinstance(integrity, str) else None,
                           _npm_license(entry.get("license")), other))

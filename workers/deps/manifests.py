@@ -115,6 +115,10 @@ def _parse_pyproject(text: str) -> Deps:
             raise ManifestError
         _add_pep508(deps, f"group:{group}", [r for r in reqs if not isinstance(r, dict)])
     tool = _table(data.get("tool"))
+    # What uv sync and pdm install install beside the project's own tables: dependency groups.
+    _add_pep508(deps, "group:tool.uv.dev-dependencies", _table(tool.get("uv")).get("dev-dependencies", []))
+    for group, reqs in _table(_table(tool.get("pdm")).get("dev-dependencies")).items():
+        _add_pep508(deps, f"group:tool.pdm.dev-dependencies.{group}", reqs)
     # Where packages come from, and what builds them: a change here redirects every dependency,
     # so it is named by its table and can never be admitted by an allowlisted package name.
     uv = _table(tool.get("uv"))
@@ -122,8 +126,12 @@ def _parse_pyproject(text: str) -> Deps:
         "tool.uv.sources": uv.get("sources"), "tool.uv.index": uv.get("index"),
         "tool.uv.index-url": uv.get("index-url"), "tool.uv.extra-index-url": uv.get("extra-index-url"),
         "tool.uv.find-links": uv.get("find-links"),
+        "tool.uv.override-dependencies": uv.get("override-dependencies"),
+        "tool.uv.constraint-dependencies": uv.get("constraint-dependencies"),
+        "tool.uv.build-constraint-dependencies": uv.get("build-constraint-dependencies"),
         "tool.poetry.source": _table(tool.get("poetry")).get("source"),
         "tool.pdm.source": _table(tool.get("pdm")).get("source"),
+        "tool.setuptools.dynamic": _table(tool.get("setuptools")).get("dynamic"),  # e.g. deps from a file
         "build-system.build-backend": _table(data.get("build-system")).get("build-backend"),
         "build-system.backend-path": _table(data.get("build-system")).get("backend-path"),
     }
@@ -339,6 +347,81 @@ def _parse_cargo(text: str) -> Deps:
     for spec, value in _table(data.get("replace")).items():
         deps[("replace", f"replace {spec} {_canonical(value)}")] = ""
     return deps
+
+
+# The tables the parsers above read, as key paths ("*" is any key). Everything else in a
+# manifest (npm scripts, a Cargo build script, a hatch environment, ...) can run or install
+# code that no dependency entry names: see :func:`unread_part`.
+_READ_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "pyproject": (
+        ("project", "dependencies"), ("project", "optional-dependencies"), ("dependency-groups",),
+        ("build-system", "requires"), ("build-system", "build-backend"), ("build-system", "backend-path"),
+        ("tool", "uv", "dev-dependencies"), ("tool", "uv", "sources"), ("tool", "uv", "index"),
+        ("tool", "uv", "index-url"), ("tool", "uv", "extra-index-url"), ("tool", "uv", "find-links"),
+        ("tool", "uv", "override-dependencies"), ("tool", "uv", "constraint-dependencies"),
+        ("tool", "uv", "build-constraint-dependencies"), ("tool", "pdm", "dev-dependencies"),
+        ("tool", "pdm", "source"), ("tool", "poetry", "source"), ("tool", "setuptools", "dynamic"),
+        ("tool", "poetry", "dependencies"), ("tool", "poetry", "dev-dependencies"),
+        ("tool", "poetry", "group", "*", "dependencies"),
+    ),
+    "npm": tuple((s,) for s in (*_NPM_SECTIONS, "overrides", "resolutions")),
+    "cargo": (
+        *((s,) for s in _CARGO_SECTIONS), *(("target", "*", s) for s in _CARGO_SECTIONS),
+        *(("workspace", s) for s in _CARGO_SECTIONS), ("patch",), ("replace",),
+    ),
+}
+
+
+def _drop(value: Any, path: tuple[str, ...]) -> None:
+    if not path or not isinstance(value, dict):
+        return
+    keys = list(value) if path[0] == "*" else [path[0]]
+    for key in keys:
+        if key not in value:
+            continue
+        if len(path) > 1:
+            _drop(value[key], path[1:])
+        if len(path) == 1 or value[key] == {}:  # a table left empty says nothing either
+            del value[key]
+
+
+def unread_part(path: str, text: str) -> str:
+    """Everything of manifest ``path`` that :func:`parse_manifest` does not read as a
+    dependency or a package source, as one canonical string: a dependency-bump must leave it
+    alone. A requirements file is read whole; of go.mod only the ``go`` version is left out
+    (``go get`` raises it when a module needs a newer Go). Raises :class:`ManifestError` like
+    :func:`parse_manifest`."""
+    kind = manifest_kind(path)
+    try:
+        if kind == "requirements":
+            return ""
+        if kind == "go":
+            lines, block = [], None
+            for raw in text.splitlines():
+                words = raw.split("//", 1)[0].split()
+                if block is not None:
+                    block = None if words == [")"] else block
+                    if block == "other":
+                        lines.append(" ".join(words))
+                    continue
+                if not words:
+                    continue
+                if words[0] in {"require", "replace"} or (words[0] == "go" and len(words) == 2):
+                    block = "dependencies" if words[-1] == "(" else None
+                    continue
+                block = "other" if words[-1] == "(" else None
+                lines.append(" ".join(words))
+            return "\n".join(lines)
+        data = tomllib.loads(text) if kind in {"pyproject", "cargo"} else json.loads(text)
+        if not isinstance(data, dict):
+            raise ManifestError
+        for read in _READ_PATHS[kind or ""]:
+            _drop(data, read)
+        return _canonical(data)
+    except ManifestError:
+        raise
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise ManifestError(type(exc).__name__) from None
 
 
 _PARSERS: dict[str, Callable[[str], Deps]] = {
