@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import logging
@@ -99,6 +100,16 @@ def slack_status(settings: Settings, mode: SlackMode) -> str:
     return f"{mode.describe()} as {bot.user_id} in {bot.team or bot.team_id}"
 
 
+def event_loop() -> asyncio.AbstractEventLoop:
+    """The loop `intake serve` runs on: uvloop where it is installed (a dependency on Linux;
+    bench/slack_capture.py measures what it buys), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def run(settings: Settings, *, dev: bool) -> None:
     """Start the broker in the foreground. Fails fast, with one line, on a bad setting."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -125,7 +136,7 @@ def run(settings: Settings, *, dev: bool) -> None:
     sock = listen_unix(sock_path)
     click.echo(f"intake: serving on http://{settings.host}:{settings.port} and unix:{sock_path}  (Ctrl-C to stop)")
     try:
-        web.run_app(app, host=settings.host, port=settings.port, sock=sock, print=None)
+        web.run_app(app, host=settings.host, port=settings.port, sock=sock, print=None, loop=event_loop())
     finally:
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
