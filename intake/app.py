@@ -18,9 +18,13 @@ from intake.capture_queue import CaptureQueue
 from intake.reports import ReportProcessor, ensure_worker_key
 from intake.console import mount_console
 from intake.metrics import metrics_registry, render_metrics
+from intake.redis_conn import EmbeddedRedis
+from intake.redis_outage import OUTAGE_ERRORS, RedisOutage, outage_middleware, watch_redis
 from intake.runtime import Broker, open_broker
 from intake.settings import Settings
+from intake.channels.email.listener import mount_email
 from intake.channels.slack.transport import SlackMode, mount_slack
+from intake.channels.webhooks import mount_webhooks
 
 log = logging.getLogger("intake.app")
 
@@ -29,6 +33,7 @@ SETTINGS = web.AppKey("settings", Settings)
 CAPTURE = web.AppKey("capture", CaptureQueue)
 SLACK_MODE = web.AppKey("slack_mode", SlackMode)
 METRICS = web.AppKey("metrics", CollectorRegistry)
+OUTAGE = web.AppKey("redis_outage", RedisOutage)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -60,7 +65,9 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = await asyncio.to_thread(opened.__enter__)
     app[BROKER] = broker
     app[METRICS] = metrics_registry(broker)
-    broker.audit.start_sealer()  # one sealer per server: concurrent requests never contend on it
+    broker.outage = app[OUTAGE]
+    broker.audit.on_fault = broker.outage.failed
+    broker.audit.start_sealer()  # one sealer per Redis holds the lease; the others wait on it
     await asyncio.to_thread(broker.ledger.follow)  # verify the chain before serving anything
     if broker.ledger.halted:
         log.error("the ledger is halted: %s (dispatch is stopped until an operator acts)", broker.ledger.halted)
@@ -97,11 +104,30 @@ async def _clocks_ctx(app: web.Application) -> AsyncIterator[None]:
         while True:
             try:
                 await asyncio.to_thread(sweep, broker)
+            except OUTAGE_ERRORS as exc:  # noted once per outage, not once a sweep
+                broker.outage.failed(exc, "the clocks")
             except Exception as exc:  # keep the clocks running through a transient fault
                 log.warning("sweep failed: %s", type(exc).__name__)
             await asyncio.sleep(interval)
 
     task = asyncio.create_task(loop(), name="clocks")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _outage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Probe Redis for the app's lifetime (:func:`intake.redis_outage.watch_redis`), restarting
+    the embedded server when it died under this process."""
+    settings, broker = app[SETTINGS], app[BROKER]
+    revive = None
+    if settings.redis_url is None:
+        revive = EmbeddedRedis(settings.data_dir, prefix=settings.key_prefix,
+                               appendfsync=settings.redis_appendfsync).revive
+    task = asyncio.create_task(watch_redis(app[OUTAGE], broker.client.ping, revive), name="redis-watch")
     try:
         yield
     finally:
@@ -131,7 +157,10 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     Cleanup contexts unwind in reverse, so the dev worker stops before Redis is released."""
     app = web.Application(client_max_size=settings.slack_max_body)
     app[SETTINGS] = settings
+    app[OUTAGE] = RedisOutage()
+    app.middlewares.append(outage_middleware(app[OUTAGE]))  # outermost: a Redis fault is a 503
     app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(_outage_ctx)
     app.cleanup_ctx.append(_clocks_ctx)
     if dev:
         app.cleanup_ctx.append(_dev_worker_ctx)
@@ -141,4 +170,6 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     mount_console(app, settings, BROKER)
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
+    mount_email(app, settings, BROKER, CAPTURE)
+    mount_webhooks(app, settings, CAPTURE)
     return app

@@ -14,9 +14,11 @@ report actions only. Anything else (an unsigned ``XADD``, garbage, a worker-key
 ``approval.recorded``) is sealed as ``rejected:<why>``: it stays on the record, in order, but
 nothing ever treats it as genuine (the ledger, the outbox and exports all look at the verdict).
 
-Seals live in a hash beside the stream and ``head`` names the last sealed event. Sealing is
-deterministic, so racing sealers compute identical values; a compare-and-set on ``head`` lets one
-of them publish and the others simply read further. The HMAC key lives in a file, never in Redis:
+Seals live in a hash beside the stream and ``head`` names the last sealed event. Exactly one
+process per Redis seals at a time: the holder of the sealer lease (:mod:`intake.sealer_lease`),
+whose every seal write is fenced (refused unless its token is still current) and is also a
+compare-and-set on ``head``. Every other process that needs its appends sealed waits for the head
+to move, or takes the lease when it is free. The HMAC key lives in a file, never in Redis:
 whoever can write Redis cannot forge a seal, and :meth:`AuditLog.verify` lists every event that
 was edited, deleted, inserted, reordered, replayed or rejected (every event carries a unique
 ``eid``).
@@ -49,6 +51,7 @@ from pydantic import ValidationError
 
 from intake.errors import AuditBroken
 from intake.models import AuditEvent, canonical_json
+from intake.sealer_lease import RENEW_S, LeaseLost, SealerLease
 
 log = logging.getLogger("intake.audit")
 
@@ -61,12 +64,17 @@ REPORT_ACTIONS = frozenset({
     "report.claimed", "report.heartbeat", "report.result", "report.refused", "report.stopped",
 })
 
-# Publish a batch of seals only if nobody advanced the head meanwhile.
-_CAS_SEALS = """
+# Publish a batch of seals only while the caller holds the sealer lease with a current fencing
+# token (-1 otherwise: a paused old holder cannot seal) and nobody advanced the head meanwhile
+# (0). A publish renews the lease, so a long catch-up never outlives it.
+_FENCED_SEALS = """
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -1 end
+if redis.call('GET', KEYS[4]) ~= ARGV[4] then return -1 end
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return 1
 """
 
@@ -170,11 +178,15 @@ class AuditLog:
         self.stream = f"{prefix}:audit"
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
-        self._cas = client.register_script(_CAS_SEALS)
+        self._cas = client.register_script(_FENCED_SEALS)
+        self.lease = SealerLease(client, prefix)
         self._wake = threading.Event()
         self._sealer: threading.Thread | None = None
         self._stopping = False
         self._worker_keys: dict[tuple[str, int], bytes] = {}
+        #: Told about each Redis fault the sealer thread meets (a server's outage tracker), so
+        #: an outage is logged once per process; None: the sealer logs it once itself.
+        self.on_fault: Callable[[BaseException, str], None] | None = None
 
     # -- hashing ---------------------------------------------------------------------------
     def record_mac(self, kind: str, fields: dict[str, Any]) -> str:
@@ -304,7 +316,8 @@ class AuditLog:
 
     def kick(self) -> None:
         """Seal what was just appended: at once, or by the background sealer when one runs
-        (a long-running server, where a burst of appends then costs one sealing batch)."""
+        (a long-running server, where a burst of appends then costs one sealing batch; the
+        lease holder's sealer wakes on the append itself, whichever process made it)."""
         if self._sealer is not None:
             self._wake.set()
             return
@@ -316,28 +329,62 @@ class AuditLog:
             # reason to report the committed change as failed.
             log.error("sealing stopped: %s", exc)
 
-    def start_sealer(self, idle_s: float = 1.0, gather_s: float = 0.05) -> None:
-        """Run one sealing thread for this process until :meth:`stop_sealer`. After a kick it
-        waits ``gather_s`` so a burst of appends is sealed as one batch."""
+    def start_sealer(self, idle_s: float = RENEW_S, gather_s: float = 0.05) -> None:
+        """Run this process's sealing thread until :meth:`stop_sealer`.
+
+        The thread takes the sealer lease when it is free and renews it while it holds it; the
+        holder blocks on the stream (``XREAD`` after the head, at most ``idle_s``), so an append
+        by any replica wakes it, then waits ``gather_s`` so a burst is sealed as one batch.
+        A non-holder only asks for the lease again every ``idle_s``: when the holder dies, the
+        lease expires and one of the others takes over within seconds."""
 
         def loop() -> None:
+            faulty = False
             while not self._stopping:
-                if self._wake.wait(idle_s) and not self._stopping:
-                    time.sleep(gather_s)
-                self._wake.clear()
                 try:
-                    self.seal_pending()
+                    self._sealer_round(idle_s, gather_s)
+                    if faulty and self.on_fault is None:
+                        log.info("sealer: Redis answers again")
+                    faulty = False
                 except AuditBroken as exc:
                     log.error("sealing stopped: %s", exc)
-                except Exception as exc:  # Redis hiccup: the next round picks up where it left
-                    log.warning("sealing failed: %s", type(exc).__name__)
+                    self._wake.wait(idle_s)
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:  # an outage: noted once
+                    if self.on_fault is not None:
+                        self.on_fault(exc, "the sealer")
+                    elif not faulty:
+                        log.warning("sealer: Redis unavailable (%s); retrying", type(exc).__name__)
+                    faulty = True
+                    self.lease.lost()
+                    self._wake.wait(idle_s)
 
         self._stopping = False
         self._sealer = threading.Thread(target=loop, name="audit-sealer", daemon=True)
         self._sealer.start()
 
+    def _sealer_round(self, idle_s: float, gather_s: float) -> None:
+        had = self.lease.token
+        if self.lease.acquire() is None:
+            if had is not None:
+                log.warning("sealer: lease lost to %s; another process seals", self.lease.holder() or "nobody")
+            self._wake.wait(idle_s)
+            self._wake.clear()
+            return
+        if had is None:
+            log.info("sealer: took the sealer lease (fencing token %s)", self.lease.token)
+        head = Head.decode(self.r.get(self.head))
+        if not self.r.xread({self.stream: head.id if head else "0-0"}, count=1, block=max(1, int(idle_s * 1000))):
+            return
+        time.sleep(gather_s)
+        self._wake.clear()
+        try:
+            self._seal_held()
+        except LeaseLost:  # fenced off mid-batch (this process was paused): nothing was written
+            log.warning("sealer: lease lost to %s; another process seals", self.lease.holder() or "nobody")
+
     def stop_sealer(self) -> None:
-        """Stop the sealing thread, then seal whatever is left."""
+        """Stop the sealing thread and hand the lease back (another replica takes over at once),
+        then make sure whatever this process appended is sealed."""
         if self._sealer is None:
             return
         self._stopping = True
@@ -345,15 +392,56 @@ class AuditLog:
         self._sealer.join(timeout=10)
         self._sealer = None
         try:
+            self.lease.release()
             self.seal_pending()
         except AuditBroken as exc:
             log.error("sealing stopped: %s", exc)
+        except redis.RedisError as exc:
+            log.warning("sealer: could not hand back the lease (%s)", type(exc).__name__)
 
-    def seal_pending(self, max_rounds: int = 1000) -> int:
-        """Seal every unsealed entry in stream order, each with its verdict. Returns how many
-        this call published."""
+    def seal_pending(self, max_rounds: int = 1000, wait_s: float = 10.0) -> int:
+        """Make sure every entry appended before this call is sealed, in stream order, each with
+        its verdict. As the lease holder (or when the lease is free: taken for this call) this
+        process seals; otherwise it waits until the holder's head passes what is there now,
+        taking the lease over if the holder goes away. Returns how many this call published."""
+        if self.lease.token is not None:
+            try:
+                return self._seal_held(max_rounds)
+            except LeaseLost:
+                pass  # taken over meanwhile: wait for the new holder like anyone else
+        last = self.r.xrevrange(self.stream, "+", "-", count=1)
+        if not last:
+            return 0
+        target = _id_key(last[0][0])
+        deadline = time.monotonic() + wait_s
+        while True:
+            mark = self.read_checkpoint()
+            head = Head.decode(self.r.get(self.head))
+            self._check_not_behind(head, mark)
+            if head is not None and _id_key(head.id) >= target:
+                return 0
+            if self.lease.acquire() is not None:  # free (or ours): seal it ourselves
+                try:
+                    return self._seal_held(max_rounds)
+                except LeaseLost:
+                    continue
+                finally:
+                    if self._sealer is None:
+                        self.lease.release()  # a CLI command seals once and leaves the lease free
+            if time.monotonic() > deadline:
+                raise AuditBroken(last[0][0], f"the sealer ({self.lease.holder() or 'nobody'}) did not seal "
+                                  f"event {last[0][0]} within {wait_s:.0f} s")
+            self._wake.wait(0.01)
+
+    def _seal_held(self, max_rounds: int = 1000) -> int:
+        """Seal every unsealed entry under the lease this process holds; raises
+        :class:`LeaseLost` when a fenced write is refused."""
         published = 0
         for _ in range(max_rounds):
+            token = self.lease.token
+            if token is None:
+                raise LeaseLost()
+            lease_value = self.lease.value
             mark = self.read_checkpoint()
             raw_head = self.r.get(self.head) or ""
             head = Head.decode(raw_head)
@@ -374,7 +462,12 @@ class AuditLog:
                 args += [stream_id, f"{seq} {prev} {verdict}"]
                 last = Head(stream_id, seq, prev)
             assert last is not None
-            if self._cas(keys=[self.head, self.seals], args=[raw_head, last.encode(), *args]):
+            done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence],
+                                 args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms, *args]))
+            if done < 0:
+                self.lease.lost()
+                raise LeaseLost()
+            if done:
                 published += len(entries)
                 self._write_checkpoint(last)
         return published
@@ -508,8 +601,12 @@ class AuditLog:
             if stored is not None:
                 continue
             unsealed += 1
-        for stream_id, _fields, stored in self._entries(after):
-            if stored is not None:  # a seal on an entry past the head: planted
+        sealed_after = [stream_id for stream_id, _fields, stored in self._entries(after) if stored is not None]
+        # A live sealer may have published meanwhile (seals and head move in one script): a seal
+        # is planted only if it is past the head as it is *after* the seals were read.
+        latest = Head.decode(self.r.get(self.head))
+        for stream_id in sealed_after:
+            if latest is None or _id_key(stream_id) > _id_key(latest.id):
                 anomalies.append(Anomaly(stream_id, "reordered", f"event {stream_id}: sealed past the head", None))
         report = VerifyReport(events=count + unsealed, unsealed=unsealed, anomalies=tuple(anomalies))
         fatal = [a for a in anomalies if a.fatal]

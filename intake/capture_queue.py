@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from intake.errors import IntakeError, NotFound
 from intake.models import Idea, IdeaDraft
+from intake.redis_conn import make_async_client
 from intake.store import CAPTURE_SCRIPT, Store
 
 
@@ -27,7 +27,7 @@ class CaptureQueue:
         self.ttl_s = ttl_s
         self.max_batch = max_batch
         self.writers = writers  # batches in flight at once, so the event loop never idles on one
-        self._redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._redis = make_async_client(url)
         self._sha = ""
         self._queue: asyncio.Queue[tuple[IdeaDraft, asyncio.Future[tuple[Idea, bool]]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []

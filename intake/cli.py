@@ -27,7 +27,8 @@ import click
 from intake.api.client import ApiClient, broker_url, seg
 from intake.errors import AuditBroken, IntakeError, InvalidInput
 from intake.settings import Settings, load_settings
-from intake.terminal import safe
+from intake.records import idea_lines, idea_table, task_lines, task_table
+from intake.terminal import fields, safe, table
 
 _NAME = re.compile(r"[a-z][a-z0-9_.-]{0,39}")
 
@@ -53,6 +54,11 @@ def _local_broker() -> Iterator[tuple[Any, str]]:
         yield broker, f"os:{getpass.getuser()}"
 
 
+def _casefold(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Approver and person ids are lower case: ``Alice`` means ``alice``."""
+    return value.lower()
+
+
 def requester_name(name: str) -> str:
     """``idea --as NAME``: a name for the words' author (the filer is still the caller)."""
     if not _NAME.fullmatch(name):
@@ -60,29 +66,21 @@ def requester_name(name: str) -> str:
     return name
 
 
+def resolve_id(ident: str, kinds: str = "IT") -> str:
+    """The whole id ``ident`` names: any case, or a unique prefix (at least 4 hex digits) looked
+    up through the broker's API, within its own kind only (an idea prefix never names a task)."""
+    from intake.ids import is_whole, parse_id_prefix
+
+    parsed = parse_id_prefix(ident, kinds)
+    return parsed if is_whole(parsed) else str(_api().call("GET", f"/ids/{seg(parsed)}")["id"])
+
+
 def _print_idea(idea: dict[str, Any]) -> None:
-    filed = f" (filed by {safe(idea['filed_by'])})" if idea.get("filed_by") not in ("", idea["requester"]) else ""
-    click.echo(f"{idea['id']}  {idea['state']}  from {safe(idea['requester'])}{filed} via {idea['channel']}")
-    if idea.get("task_id"):
-        click.echo(f"task: {idea['task_id']}")
-    if idea.get("reason"):
-        click.echo(f"reason: {safe(idea['reason'])}")
-    click.echo(f"title: {safe(idea['title'])}")
-    click.echo("text (untrusted):")
-    for line in safe(idea["text"]).splitlines() or [""]:
-        click.echo(f"  | {line}")
+    click.echo("\n".join(idea_lines(idea)))
 
 
 def _print_task(task: dict[str, Any]) -> None:
-    spec = task["spec"]
-    click.echo(f"{task['id']}  {task['state']}  {spec['repo']} ({spec['change_type']})  idea {task['idea_id']}")
-    click.echo(f"spec {task['spec_hash']}  policy {spec['policy_version'][:12]}  tier {task['risk_tier']}")
-    approvers = ", ".join(a["approver"] for a in task["approvals"]) or "none"
-    click.echo(f"approvals: {len(task['approvals'])} of {task['required']} ({approvers})")
-    if task.get("reason"):
-        click.echo(f"reason: {safe(task['reason'])}")
-    for key, value in sorted((task.get("result") or {}).items()):
-        click.echo(f"{key}: {safe(str(value))}")
+    click.echo("\n".join(task_lines(task)))
 
 
 class IntakeGroup(click.Group):
@@ -131,6 +129,27 @@ def serve(dev: bool) -> None:
     run(load_settings(), dev=dev)
 
 
+@cli.command()
+@click.option("--worker-config", "worker_configs", multiple=True, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Also check this worker config: agent program, credentials, report key (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def doctor(worker_configs: tuple[Path, ...], as_json: bool) -> None:
+    """Check settings, key files, Redis, policy, Slack and worker configs; exit 1 on any problem."""
+    from intake.doctor import problems, run_doctor
+
+    findings = run_doctor(worker_configs)
+    if as_json:
+        _out_json({"ok": not problems(findings), "findings": [f.as_json() for f in findings]})
+    else:
+        for finding in findings:
+            click.echo(f"{finding.status:<8} {finding.check}: {safe(finding.message)}")
+        count = len(problems(findings))
+        click.echo(f"{count} problem(s)" if count else "no problems")
+    if problems(findings):
+        sys.exit(1)
+
+
 # -- ideas -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("text")
@@ -159,8 +178,8 @@ def idea(text: str, as_name: str | None, title: str, delivery_id: str | None, as
 @cli.command(name="list")
 @click.option("--all", "show_all", is_flag=True, help="Recent ideas in every state, not only pending.")
 @click.option("--tasks", is_flag=True, help="List tasks (open ones, or recent with --all).")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000), help="At most this many rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
     """List pending ideas (or tasks)."""
     query = {"limit": str(limit), **({"all": "1"} if show_all else {})}
@@ -168,22 +187,27 @@ def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
     if as_json:
         _out_json(items)
         return
-    for item in items:
-        if tasks:
-            click.echo(f"{item['id']}  {item['state']:<18} {item['spec']['repo']} {item['spec']['change_type']}")
-        else:
-            click.echo(f"{item['id']}  {item['state']:<18} {safe(item['requester']):<20} {safe(item['title'])}")
     if not items:
         click.echo("nothing pending" if not show_all else "nothing yet")
+    else:
+        click.echo("\n".join(task_table(items) if tasks else idea_table(items)))
 
 
 @cli.command()
 @click.argument("ident")
-@click.option("--json", "as_json", is_flag=True)
-def show(ident: str, as_json: bool) -> None:
-    """Show an idea (I-…) or a task (T-…)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@click.option("--sbom", is_flag=True, help="Print a task's CycloneDX SBOM (JSON) of its dependency delta.")
+def show(ident: str, as_json: bool, sbom: bool) -> None:
+    """Show an idea (I-…) or a task (T-…); IDENT may be a unique prefix, in any case."""
+    ident = resolve_id(ident)
     if ident.startswith("T-"):
         task = _api().call("GET", f"/tasks/{seg(ident)}")
+        if sbom:
+            deps = (task.get("result") or {}).get("dependencies")
+            if not isinstance(deps, dict) or not isinstance(deps.get("sbom"), dict):
+                raise InvalidInput(f"task {ident} has no SBOM (no gated result yet)")
+            _out_json(deps["sbom"])
+            return
         _out_json(task) if as_json else _print_task(task)
     else:
         found = _api().call("GET", f"/ideas/{seg(ident)}")
@@ -197,7 +221,7 @@ def audit() -> None:
 
 
 @audit.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(as_json: bool) -> None:
     """Check the whole chain and list every anomaly; exit 1 when sealed history was changed."""
     client = _api()
@@ -243,6 +267,57 @@ def export(output: Any) -> None:
     output.write(_api().call("GET", "/audit/export"))
 
 
+# -- provenance ------------------------------------------------------------------------------
+@cli.group(name="provenance")
+def provenance_group() -> None:
+    """Signed provenance of delivered changes (in-toto statements in DSSE envelopes)."""
+
+
+@provenance_group.command(name="show")
+@click.argument("ref")
+@click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Read the git note from this repository instead of the broker's stored envelope.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def provenance_show(ref: str, repo: Path | None, as_json: bool) -> None:
+    """Show the provenance of REF (a commit sha or a task branch), verified or not."""
+    from intake.provenance_cli import show
+
+    show(_api(), load_settings(), ref, repo, as_json)
+
+
+@provenance_group.command(name="verify")
+@click.argument("ref")
+@click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Verify the git note in this repository (else the broker's stored envelope).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def provenance_verify(ref: str, repo: Path | None, as_json: bool) -> None:
+    """Check REF's provenance: the signature (public key alone), the subject, and every fact
+    against the sealed audit log. Exit 1 with one line per failing check."""
+    from intake.provenance_cli import verify
+
+    if not verify(_api(), load_settings(), ref, repo, as_json):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--since", default="7d", show_default=True, metavar="WHEN",
+              help="Start of the window: a span back from now (7d, 24h, 30m) or an ISO date/time (UTC).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text", show_default=True,
+              help="text for a terminal, json for machines, html for a self-contained page with charts.")
+@click.option("-o", "--output", type=click.File("w"), default="-", metavar="FILE",
+              help="File to write (default stdout).")
+def report(since: str, fmt: str, output: Any) -> None:
+    """The leading indicators (change-risk segmentation, provenance and dependency posture, time
+    to promote and deliver, MFA failures, revoke to stop, gate blocks), from the sealed audit log."""
+    from urllib.parse import urlencode
+
+    from intake.report.figures import Figures
+    from intake.report.render import render
+
+    figures = Figures.model_validate(_api().call("GET", "/report?" + urlencode({"since": since})))
+    output.write(render(figures, fmt))
+
+
 # -- policy ----------------------------------------------------------------------------------
 @cli.group()
 def policy() -> None:
@@ -260,7 +335,7 @@ def check(file: Path) -> None:
 
 
 @policy.command(name="show")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def policy_show(as_json: bool) -> None:
     """Show the policy in force (INTAKE_POLICY) and its version hash."""
     from intake.policy import load_policy
@@ -453,8 +528,8 @@ def admin() -> None:
 
 
 @admin.command(name="bootstrap")
-@click.argument("person_id")
-@click.option("--name", required=True)
+@click.argument("person_id", callback=_casefold)
+@click.option("--name", required=True, help="The admin's display name.")
 def admin_bootstrap(person_id: str, name: str) -> None:
     """Create the first admin PERSON_ID (listed in the policy's [admins]) linked to your OS user.
 
@@ -508,13 +583,13 @@ def _show_enrolment(enrolment: dict[str, Any], as_json: bool) -> None:
 
 
 @approver.command(name="add")
-@click.argument("approver_id")
-@click.option("--name", required=True)
+@click.argument("approver_id", callback=_casefold)
+@click.option("--name", required=True, help="The approver's display name.")
 @click.option("--groups", required=True, help="Comma-separated policy groups that list this approver.")
 @click.option("--slack-user", help="The approver's Slack user id (U…).")
-@click.option("--email")
+@click.option("--email", help="The approver's email address (for notices; email never approves).")
 @click.option("--code", help="Your (the admin's) current code; not needed to enrol yourself as the first admin.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def approver_add(approver_id: str, name: str, groups: str, slack_user: str | None, email: str | None,
                  code: str | None, as_json: bool) -> None:
     """Enrol APPROVER_ID (a person) with a fresh TOTP secret, shown once as a URI and QR code."""
@@ -524,7 +599,7 @@ def approver_add(approver_id: str, name: str, groups: str, slack_user: str | Non
 
 
 @approver.command(name="confirm")
-@click.argument("approver_id")
+@click.argument("approver_id", callback=_casefold)
 @_code_option
 @_behalf_option
 def approver_confirm(approver_id: str, code: str, on_behalf_of: str | None) -> None:
@@ -534,23 +609,24 @@ def approver_confirm(approver_id: str, code: str, on_behalf_of: str | None) -> N
 
 
 @approver.command(name="list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def approver_list(as_json: bool) -> None:
     """Registered approvers (never their secrets)."""
     rows = _api().call("GET", "/approvers")
     if as_json:
         _out_json(rows)
         return
-    for row in rows:
-        flags = ("confirmed" if row["confirmed"] else "unconfirmed") + (", LOCKED" if row["locked"] else "")
-        click.echo(f"{row['id']:<12} {safe(row['name']):<20} {','.join(row['groups']) or '-':<18} "
-                   f"{row['slack_user'] or '-':<12} {flags}")
     if not rows:
         click.echo("no approvers")
+        return
+    table_rows = [[r["id"], r["name"], ",".join(r["groups"]), r["slack_user"], r.get("email"),
+                   ("confirmed" if r["confirmed"] else "unconfirmed") + (", LOCKED" if r["locked"] else "")] for r in rows]
+    for line in table(["id", "name", "groups", "slack", "email", "status"], table_rows):
+        click.echo(line)
 
 
 @approver.command(name="remove")
-@click.argument("approver_id")
+@click.argument("approver_id", callback=_casefold)
 def approver_remove(approver_id: str) -> None:
     """Remove APPROVER_ID; their approvals stop counting (admins; no code: it takes power away)."""
     _api().call("DELETE", f"/approvers/{seg(approver_id)}")
@@ -558,16 +634,16 @@ def approver_remove(approver_id: str) -> None:
 
 
 @approver.command(name="reset")
-@click.argument("approver_id")
+@click.argument("approver_id", callback=_casefold)
 @_code_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def approver_reset(approver_id: str, code: str, as_json: bool) -> None:
     """Give APPROVER_ID a new secret; the old one stops working at once (admins, with their code)."""
     _show_enrolment(_api().call("POST", f"/approvers/{seg(approver_id)}/reset", {"code": code}), as_json)
 
 
 @approver.command(name="unlock")
-@click.argument("approver_id")
+@click.argument("approver_id", callback=_casefold)
 @_code_option
 def approver_unlock(approver_id: str, code: str) -> None:
     """Clear APPROVER_ID's failed-code lock (admins, with their code)."""
@@ -585,17 +661,18 @@ def _print_person(found: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _out_json(found)
         return
-    click.echo(f"{found['id']}  {safe(found['name'])}")
-    for identity in found["identities"]:
-        click.echo(f"  {safe(identity)}")
+    pairs = [("person", found["id"]), ("name", found["name"]), ("identities", found["identities"])]
+    pairs += [(k.replace("_", " "), v) for k, v in sorted(found.items()) if k not in {"id", "name", "identities"}]
+    for line in fields(pairs):
+        click.echo(line)
 
 
 @person.command(name="add")
-@click.argument("person_id")
-@click.option("--name", required=True)
+@click.argument("person_id", callback=_casefold)
+@click.option("--name", required=True, help="The person's display name.")
 @click.option("--link", "links", multiple=True, metavar="IDENTITY", help="An identity to link (repeatable).")
 @_code_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def person_add(person_id: str, name: str, links: tuple[str, ...], code: str, as_json: bool) -> None:
     """Add PERSON_ID (admins, with their code)."""
     body = {"id": person_id, "name": name, "identities": list(links), "code": code}
@@ -603,10 +680,10 @@ def person_add(person_id: str, name: str, links: tuple[str, ...], code: str, as_
 
 
 @person.command(name="link")
-@click.argument("person_id")
+@click.argument("person_id", callback=_casefold)
 @click.argument("identity")
 @_code_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def person_link(person_id: str, identity: str, code: str, as_json: bool) -> None:
     """Link IDENTITY to PERSON_ID (admins, with their code: a link lets that identity act as them)."""
     _print_person(_api().call("POST", f"/people/{seg(person_id)}/links", {"identity": identity, "code": code}),
@@ -614,33 +691,36 @@ def person_link(person_id: str, identity: str, code: str, as_json: bool) -> None
 
 
 @person.command(name="unlink")
-@click.argument("person_id")
+@click.argument("person_id", callback=_casefold)
 @click.argument("identity")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def person_unlink(person_id: str, identity: str, as_json: bool) -> None:
     """Unlink IDENTITY from PERSON_ID (admins; no code: it takes power away)."""
     _print_person(_api().call("DELETE", f"/people/{seg(person_id)}/links/{seg(identity)}"), as_json)
 
 
 @person.command(name="show")
-@click.argument("person_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("person_id", callback=_casefold)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def person_show(person_id: str, as_json: bool) -> None:
-    """One person, their identities and API tokens (ids only)."""
+    """PERSON_ID: their identities and API tokens (ids only)."""
     _print_person(_api().call("GET", f"/people/{seg(person_id)}"), as_json)
 
 
 @person.command(name="list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def person_list(as_json: bool) -> None:
+    """Every person and their linked identities."""
     rows = _api().call("GET", "/people")
     if as_json:
         _out_json(rows)
         return
-    for row in rows:
-        click.echo(f"{row['id']:<12} {safe(row['name']):<20} {' '.join(safe(i) for i in row['identities'])}")
     if not rows:
         click.echo("no people")
+        return
+    for line in table(["id", "name", "identities"], [[r["id"], r["name"], " ".join(r["identities"])] for r in rows],
+                      limit=100):
+        click.echo(line)
 
 
 @cli.group()
@@ -649,9 +729,9 @@ def token() -> None:
 
 
 @token.command(name="create")
-@click.argument("person_id")
+@click.argument("person_id", callback=_casefold)
 @_code_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def token_create(person_id: str, code: str, as_json: bool) -> None:
     """A new API token for PERSON_ID, shown once (admins, with their code)."""
     made = _api().call("POST", f"/people/{seg(person_id)}/tokens", {"code": code})
@@ -664,7 +744,7 @@ def token_create(person_id: str, code: str, as_json: bool) -> None:
 @token.command(name="revoke")
 @click.argument("token_id")
 def token_revoke(token_id: str) -> None:
-    """Revoke an API token at once (admins; no code)."""
+    """Revoke the API token TOKEN_ID at once (admins; no code)."""
     _api().call("DELETE", f"/tokens/{seg(token_id)}")
     click.echo(f"token {token_id} revoked")
 
@@ -680,44 +760,44 @@ def _print_decision(data: dict[str, Any], as_json: bool) -> None:
 
 @cli.command()
 @click.argument("idea_id")
-@click.option("--repo", required=True)
-@click.option("--change-type", required=True)
-@click.option("--note", default="")
+@click.option("--repo", required=True, help="The policy repo the task works on (owner/name).")
+@click.option("--change-type", required=True, help="One of the repo's change types in the policy (docs, tests, …).")
+@click.option("--note", default="", help="A note for the audit log and the other approvers.")
 @_code_option
 @_behalf_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def promote(idea_id: str, repo: str, change_type: str, note: str, code: str, on_behalf_of: str | None,
             as_json: bool) -> None:
     """Promote IDEA_ID into a task and record your approval (you are who the broker says)."""
     body = {"repo": repo, "change_type": change_type, "note": note, "code": code, "on_behalf_of": on_behalf_of}
-    _print_decision(_api().call("POST", f"/ideas/{seg(idea_id)}/promote", body), as_json)
+    _print_decision(_api().call("POST", f"/ideas/{seg(resolve_id(idea_id, 'I'))}/promote", body), as_json)
 
 
 @cli.command()
 @click.argument("task_id")
 @click.option("--spec-hash", help="The spec hash you reviewed; refused if the task changed since.")
-@click.option("--note", default="")
+@click.option("--note", default="", help="A note for the audit log and the other approvers.")
 @_code_option
 @_behalf_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def approve(task_id: str, spec_hash: str | None, note: str, code: str, on_behalf_of: str | None,
             as_json: bool) -> None:
     """Add your approval to TASK_ID's current spec."""
     body = {"spec_hash": spec_hash, "note": note, "code": code, "on_behalf_of": on_behalf_of}
-    _print_decision(_api().call("POST", f"/tasks/{seg(task_id)}/approve", body), as_json)
+    _print_decision(_api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/approve", body), as_json)
 
 
 @cli.command()
 @click.argument("task_id")
 @click.option("--sha", required=True, help="The result commit you reviewed (refs/intake/TASK_ID).")
-@click.option("--note", default="")
+@click.option("--note", default="", help="A note for the audit log and the other approvers.")
 @_behalf_option
 @_code_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def accept(task_id: str, sha: str, note: str, on_behalf_of: str | None, code: str, as_json: bool) -> None:
     """Approve TASK_ID's result, commit SHA, so it may be delivered as a branch and PR."""
     body = {"sha": sha, "note": note, "code": code, "on_behalf_of": on_behalf_of}
-    data = _api().call("POST", f"/tasks/{seg(task_id)}/accept", body)
+    data = _api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/accept", body)
     if as_json:
         _out_json(data)
     else:
@@ -727,10 +807,11 @@ def accept(task_id: str, sha: str, note: str, on_behalf_of: str | None, code: st
 
 @cli.command()
 @click.argument("ident")
-@click.option("--reason", required=True)
+@click.option("--reason", required=True, help="Why (shown to the requester and on the audit log).")
 @_behalf_option
 def deny(ident: str, reason: str, on_behalf_of: str | None) -> None:
-    """Deny an idea or a task that has not started (deny beats approve; no code needed)."""
+    """Deny IDENT, an idea or a task that has not started (deny beats approve; no code needed)."""
+    ident = resolve_id(ident)
     kind = "tasks" if ident.startswith("T-") else "ideas"
     ended = _api().call("POST", f"/{kind}/{seg(ident)}/deny", {"reason": reason, "on_behalf_of": on_behalf_of})
     click.echo(f"{ended['id']} denied")
@@ -738,18 +819,18 @@ def deny(ident: str, reason: str, on_behalf_of: str | None) -> None:
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--repo")
-@click.option("--change-type")
+@click.option("--repo", help="The new repo (owner/name).")
+@click.option("--change-type", help="The new change type.")
 @_code_option
 @_behalf_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def amend(task_id: str, repo: str | None, change_type: str | None, code: str, on_behalf_of: str | None,
           as_json: bool) -> None:
     """Change TASK_ID's spec; every approval is discarded."""
     if repo is None and change_type is None:
         raise InvalidInput("amend: give --repo and/or --change-type")
     body = {"repo": repo, "change_type": change_type, "code": code, "on_behalf_of": on_behalf_of}
-    task = _api().call("POST", f"/tasks/{seg(task_id)}/amend", body)
+    task = _api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/amend", body)
     if as_json:
         _out_json(task)
     else:
@@ -759,15 +840,15 @@ def amend(task_id: str, repo: str | None, change_type: str | None, code: str, on
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--reason", required=True)
+@click.option("--reason", required=True, help="Why the task is stopped (on the audit log).")
 def revoke(task_id: str, reason: str) -> None:
     """Stop TASK_ID for good: its requester or any approver (no code needed to stop work)."""
-    task = _api().call("POST", f"/tasks/{seg(task_id)}/revoke", {"reason": reason})
+    task = _api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/revoke", {"reason": reason})
     click.echo(f"task {task['id']} revoked")
 
 
 @cli.command()
-@click.option("--reason", required=True)
+@click.option("--reason", required=True, help="Why everything stops (on the audit log).")
 def freeze(reason: str) -> None:
     """Kill switch: no task starts until `intake thaw` (admins and approvers; no code)."""
     _api().call("POST", "/freeze", {"reason": reason})

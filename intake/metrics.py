@@ -42,9 +42,13 @@ _GATE_KINDS = (
     ("unsafe path", "unsafe_path"),
     ("blocked path", "blocked_path"),
     ("path outside allowed paths", "outside_allowed_paths"),
+    ("path outside the change type's paths", "outside_change_type_paths"),
+    ("invalid path pattern", "invalid_spec"),
     ("invalid branch name", "invalid_branch"),
     ("branch ", "branch_prefix"),
-    ("dependency not on the allowlist", "dependency"),
+    ("build or dependency file changed outside", "build_file"),
+    ("build file an agent may not change", "build_file"),
+    ("dependency: ", "dependency"),  # every reason of the dependency gate (workers/deps/gate.py)
 )
 _TAG = re.compile(r"[a-z][a-z0-9_]{0,39}")
 

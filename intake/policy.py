@@ -1,6 +1,6 @@
 """Policy as code: a TOML file that says which repos and change types agents may touch, how many
 approvers each risk tier needs and from which groups, who is in each group, who the admins are, the Slack approvals
-channel, the three clocks, escalation and the dependency allowlist.
+channel, the three clocks, escalation and the dependency policy.
 
 The policy file is the authority on group membership (Redis is storage, not authority). Its
 version hash, a SHA-256 over the canonical JSON of the parsed policy, is frozen into every task
@@ -19,6 +19,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from intake.errors import PolicyError
 from intake.models import canonical_json, sha256_hex
+from intake.workers.deps.licenses import license_key, parse_license
+from intake.workers.deps.versions import parse_package, parse_pinned, validate_specifier
 from intake.workers.gates import glob_match, validate_pattern
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -72,8 +74,68 @@ class Escalation(_Strict):
     group: Name
 
 
+def _package(value: str) -> str:
+    return str(parse_package(value))
+
+
+def _pinned(value: str) -> str:
+    package, version = parse_pinned(value)
+    return f"{package}@{version}" if version else str(package)
+
+
+def _spdx_id(value: str) -> str:
+    license_key(value)
+    return value
+
+
+def _spdx_expression(value: str) -> str:
+    parse_license(value)
+    return value
+
+
+def _entry(value: Any) -> Any:
+    return {"package": value} if isinstance(value, str) else value
+
+
+class AllowedDependency(_Strict):
+    """An allowlist entry: ``"pypi:pytest"``, or a table with a ``version`` specifier of the
+    ecosystem (PEP 440, npm range, or comparators for go/cargo; see workers/deps/versions.py)
+    and the package's SPDX ``license`` where its lockfile does not say."""
+
+    package: Annotated[str, AfterValidator(_package)]
+    version: str | None = None
+    license: Annotated[str, AfterValidator(_spdx_expression)] | None = None
+
+    @model_validator(mode="after")
+    def _specifier(self) -> AllowedDependency:
+        if self.version is not None:
+            validate_specifier(self.package.partition(":")[0], self.version)
+        return self
+
+
+class DeniedDependency(_Strict):
+    """A denylist entry: a package (``"npm:event-stream"``) or one exact version of it
+    (``"npm:axios@1.14.1"``). The denylist beats every allowlist entry."""
+
+    package: Annotated[str, AfterValidator(_pinned)]
+
+
+class LicensePolicy(_Strict):
+    """SPDX ids: ``denied`` always blocks; ``allowed``, when set, is the only ones that pass; an
+    unknown or unparseable license blocks unless ``unknown = "allow"``."""
+
+    allowed: tuple[Annotated[str, AfterValidator(_spdx_id)], ...] = ()
+    denied: tuple[Annotated[str, AfterValidator(_spdx_id)], ...] = ()
+    unknown: Literal["allow", "block"] = "block"
+
+
 class Dependencies(_Strict):
-    allow: tuple[str, ...] = ()
+    """What an agent's ``dependency-bump`` may add or bump (see workers/deps/gate.py)."""
+
+    allow: tuple[Annotated[AllowedDependency, BeforeValidator(_entry)], ...] = ()
+    deny: tuple[Annotated[DeniedDependency, BeforeValidator(_entry)], ...] = ()
+    licenses: LicensePolicy = LicensePolicy()
+    require_integrity: bool = False
 
 
 class ChangeType(_Strict):
@@ -111,6 +173,17 @@ class RiskTier(ApprovalRule):
         if touches_privileged:
             return ApprovalRule(approvals=1, groups=self.groups)
         return None
+
+
+class EmailChannel(_Strict):
+    """``[channels.email]``: what to do with mail whose sender is not DKIM-aligned (or vouched
+    for by a trusted authserv-id): capture it flagged as unverified, or refuse it at DATA."""
+
+    unverified: Literal["flag", "refuse"] = "refuse"
+
+
+class Channels(_Strict):
+    email: EmailChannel = EmailChannel()
 
 
 class Group(_Strict):
@@ -187,6 +260,7 @@ class Policy(_Strict):
     groups: dict[Name, Group] = Field(min_length=1)
     repos: tuple[Repo, ...] = Field(min_length=1)
     admins: Admins = Admins()
+    channels: Channels = Channels()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Policy:
@@ -257,8 +331,11 @@ def parse_policy(data: dict[str, Any]) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PolicyError(_loc(tuple(first["loc"])) or "policy", first["msg"]) from None
+        # One line per error (the first names the field; `intake policy check` shows them all).
+        lines = [(_loc(tuple(e["loc"])) or "policy", e["msg"].removeprefix("Value error, "))
+                 for e in exc.errors()]
+        (field, message), rest = lines[0], lines[1:]
+        raise PolicyError(field, "\n".join([message, *(f"{f}: {m}" for f, m in rest)])) from None
 
 
 def load_policy(path: Path) -> Policy:

@@ -33,6 +33,7 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from intake import provenance
 from intake.errors import IllegalTransition, IntakeError, InvalidInput, LedgerHalted, NotFound, TokenInvalid
 from intake.ledger import TaskFact
 from intake.models import Task, TaskState
@@ -206,9 +207,17 @@ class Dispatcher:
         ttl = int(min(self.broker.settings.dispatch_ttl, limit))
         if ttl <= 5:
             return None
+        issued = None
+        if sha is not None:  # every delivered change carries the broker's signed provenance
+            try:
+                issued = provenance.issue(self.broker, task, sha)
+            except provenance.ProvenanceInvalid as exc:
+                log.error("not delivering %s: no provenance (%s)", task.id, exc)
+                return None
         token, claims = mint_dispatch(self.broker.signer, task_id=task.id, attempt=attempt, job_id=job_id,
                                       queue=queue_name, spec=task.spec, now=now, ttl_s=ttl,
-                                      deliver_sha=sha, draft=delivering and fact.result_rule is not None)
+                                      deliver_sha=sha, draft=delivering and fact.result_rule is not None,
+                                      provenance=issued.envelope if issued else None)
         expected = fact.state
 
         def build(pipe: Any) -> bool:
@@ -220,6 +229,8 @@ class Dispatcher:
             self.store.emit(pipe, "system", "task.dispatched", task.id, attempt=attempt, job=job_id,
                             nonce=claims.nonce, exp=float(claims.exp), queue=queue_name, kid=claims.kid,
                             kind=claims.kind, **({"sha": sha} if sha else {}))
+            if issued is not None:
+                provenance.record_issued(self.broker, pipe, issued)
             return True
 
         if not self.store.transact([self.keys.task(task.id)], build):

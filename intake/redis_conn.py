@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,10 +29,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Literal
-from urllib.parse import quote
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+from urllib.parse import quote, unquote, urlencode
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from intake.errors import RedisUnavailable
 from intake.keys import read_or_create_secret_text, write_atomic
@@ -73,15 +81,97 @@ def redis_server_binary() -> str:
     return found
 
 
+#: Seconds a request's Redis call may take before it fails (so a stalled Redis answers a quick
+#: 503, well inside Slack's 3 s), and how long a connection attempt may take.
+SOCKET_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0
+
+_SENTINEL_URL = re.compile(
+    r"redis\+sentinel://(?:(?P<user>[^:@/]*)(?::(?P<password>[^@/]*))?@)?"
+    r"(?P<hosts>[^/@,]+:[0-9]{1,5}(?:,[^/@,]+:[0-9]{1,5})*)/(?P<service>[A-Za-z0-9._-]+)(?:/(?P<db>[0-9]{1,2}))?"
+)
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed ``redis+sentinel://[user:pass@]host:port[,host:port]/service_name[/db]`` URL.
+    The credentials are the master's (the Redis user intake logs in as); the Sentinels
+    themselves are asked without a password."""
+
+    hosts: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl | None:
+    """The parts of a Sentinel URL, None for any other scheme; ValueError when malformed."""
+    if not url.startswith("redis+sentinel://"):
+        return None
+    found = _SENTINEL_URL.fullmatch(url)
+    if found is None:
+        raise ValueError("a Sentinel URL is redis+sentinel://[user:pass@]host:port[,host:port]/service_name[/db]")
+    hosts = tuple((host.rpartition(":")[0], int(host.rpartition(":")[2])) for host in found["hosts"].split(","))
+    return SentinelUrl(hosts, found["service"], int(found["db"] or 0),
+                       unquote(found["user"]) if found["user"] else None,
+                       unquote(found["password"]) if found["password"] is not None else None)
+
+
+def _options(decode: bool) -> dict[str, Any]:
+    """Connection options. The callers set ``retry`` to none at all: a Redis that is down or
+    stalled then fails the call within :data:`SOCKET_TIMEOUT_S` instead of after redis-py's
+    default backoff schedule, and a write whose reply was lost is never silently sent twice
+    (the caller's own retry is idempotent: captures on the delivery id, seals on the head)."""
+    options: dict[str, Any] = {"decode_responses": decode, "health_check_interval": 30,
+                               "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    if decode:
+        options["socket_timeout"] = SOCKET_TIMEOUT_S
+    return options
+
+
 def make_client(url: str, *, decode: bool = True) -> redis.Redis:
-    """A client for ``url``. RQ needs ``decode=False`` (and blocks on reads for long, so gets no
-    read timeout); intake's own store uses text, and a read timeout, so a half-open connection
-    cannot hang a worker's revocation check or the broker's clocks."""
-    if not decode:
-        return redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
-    return redis.Redis.from_url(
-        url, decode_responses=True, health_check_interval=30, socket_timeout=15, socket_connect_timeout=5
-    )
+    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``).
+
+    RQ needs ``decode=False`` (and blocks on reads for long, so gets no read timeout); intake's
+    own store uses text, and a short read timeout, so a half-open connection or a stalled Redis
+    cannot hang a request, a worker's revocation check or the broker's clocks."""
+    options = _options(decode)
+    options["retry"] = Retry(NoBackoff(), 0)
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+        found = Sentinel(list(sentinel.hosts), sentinel_kwargs=timeouts, **timeouts)
+        return found.master_for(sentinel.service, db=sentinel.db, username=sentinel.username,
+                                password=sentinel.password, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def make_async_client(url: str) -> aioredis.Redis:
+    """The asyncio twin of :func:`make_client` (text, short timeouts), for the event loop."""
+    options = _options(True)
+    options["retry"] = AsyncRetry(NoBackoff(), 0)
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+        found = AsyncSentinel(list(sentinel.hosts), sentinel_kwargs=timeouts, **timeouts)
+        return found.master_for(sentinel.service, db=sentinel.db, username=sentinel.username,
+                                password=sentinel.password, **options)
+    return aioredis.Redis.from_url(url, **options)
+
+
+def with_tls_files(url: str, settings: Settings) -> str:
+    """``url`` with the configured CA, client certificate and key (``INTAKE_REDIS_CA_FILE``,
+    ``INTAKE_REDIS_CERT_FILE``, ``INTAKE_REDIS_KEY_FILE``) as redis-py's ``ssl_*`` URL options,
+    so every client made from it verifies the server the same way. Only for ``rediss://``."""
+    if not url.startswith("rediss://"):
+        return url
+    extra = {name: str(path) for name, path in (("ssl_ca_certs", settings.redis_ca_file),
+                                                  ("ssl_certfile", settings.redis_cert_file),
+                                                  ("ssl_keyfile", settings.redis_key_file)) if path}
+    if not extra:
+        return url
+    return url + ("&" if "?" in url else "?") + urlencode(extra)
 
 
 def _lock(fd: IO[str], mode: int, timeout: float, what: str) -> None:
@@ -148,7 +238,10 @@ class EmbeddedRedis:
 
     def acquire(self, timeout: float = 20.0, *, role: Role = "broker") -> str:
         """Join (or start) the data dir's server; returns ``role``'s URL."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise RedisUnavailable(f"INTAKE_DATA_DIR: cannot create {self.dir}: {exc.strerror or exc}") from None
         with open(self.dir / "start.lock", "a") as start:
             _lock(start, fcntl.LOCK_EX, timeout, "start")
             try:
@@ -164,6 +257,20 @@ class EmbeddedRedis:
             finally:
                 fcntl.flock(start, fcntl.LOCK_UN)
         return url
+
+    def revive(self, timeout: float = 20.0) -> bool:
+        """Start the server again if it died while this process uses it (same data dir, same
+        AOF). Returns True if it started one. Safe to race: whoever holds the start lock
+        first starts it, the others find it answering."""
+        with open(self.dir / "start.lock", "a") as start:
+            _lock(start, fcntl.LOCK_EX, timeout, "start")
+            try:
+                if self._ping():
+                    return False
+                self._start(timeout)
+                return True
+            finally:
+                fcntl.flock(start, fcntl.LOCK_UN)
 
     def _check_login(self, url: str) -> None:
         client = make_client(url)
@@ -223,6 +330,7 @@ class EmbeddedRedis:
     def _start(self, timeout: float) -> None:
         # Users and config are rewritten on every start, so a changed role takes effect on the
         # next start; missing password files (a data dir from before the ACL users) are created.
+        self._check_writable()
         hashes = {ROLES[role].user(self.prefix): password_hash(read_or_create_secret_text(self.password_file(role)))
                   for role in ROLES}
         write_atomic(self.dir / "users.acl", aclfile(self.prefix, hashes).encode(), 0o600)
@@ -242,8 +350,25 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while not self._ping():
             if started.returncode != 0 or time.monotonic() > deadline:
-                raise RedisUnavailable(f"embedded redis-server did not start: {self._log_tail()}")
+                raise RedisUnavailable(f"embedded redis-server in {self.dir} did not start: {self._log_tail()} "
+                                       f"(see {self.dir / 'redis.log'})")
             time.sleep(0.02)
+
+    def _check_writable(self) -> None:
+        """Fail with the path named when the server's directory cannot take a write (a full or
+        read-only disk, a file where the directory should be), before redis-server hides it."""
+        probe = self.dir / f".write-test-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            raise RedisUnavailable(f"INTAKE_DATA_DIR: cannot write the embedded Redis's data in {self.dir}: "
+                                   f"{exc.strerror or exc}") from None
 
     def _log_tail(self) -> str:
         try:
@@ -287,7 +412,7 @@ def redis_urls(settings: Settings) -> Iterator[dict[Role, str]]:
     needed). A configured ``INTAKE_REDIS_URL`` serves every role: each process is given the URL
     of its own user."""
     if settings.redis_url is not None:
-        url = settings.redis_url.get_secret_value()
+        url = with_tls_files(settings.redis_url.get_secret_value(), settings)
         yield {"broker": url, "worker": url, "readonly": url}
         return
     embedded = EmbeddedRedis(settings.data_dir, prefix=settings.key_prefix, appendfsync=settings.redis_appendfsync)

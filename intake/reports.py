@@ -43,6 +43,7 @@ from intake.audit import REPORT_ACTIONS, report_mac
 from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
 from intake.models import Task, TaskState, canonical_json, is_id
 from intake.queueing import LEASE_GRACE_S, JOB_TIMEOUT_MARGIN_S
+from intake.redis_outage import OUTAGE_ERRORS
 from intake.tokens import mint_lease
 
 if TYPE_CHECKING:
@@ -202,7 +203,10 @@ class ReportProcessor:
             while not self._stop.is_set():
                 try:
                     self.poll()
-                except Exception as exc:  # Redis hiccup: the reports wait in the stream
+                except OUTAGE_ERRORS as exc:  # the reports wait in the stream; noted once
+                    self.broker.outage.failed(exc, "report processing")
+                    self._stop.wait(0.5)
+                except Exception as exc:
                     log.warning("report processing failed: %s", type(exc).__name__)
                     self._stop.wait(0.5)
 

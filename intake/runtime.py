@@ -26,6 +26,8 @@ from intake.passkeys import Passkeys
 from intake.policy import Policy, load_policy
 from intake.promotion import Gatekeeper
 from intake.redis_conn import check_server, make_client, redis_urls
+from intake.redis_outage import RedisOutage
+from intake.report.figures import Timeline
 from intake.resources import EXAMPLE_POLICY
 from intake.settings import Settings
 from intake.store import Store
@@ -45,6 +47,7 @@ class Broker:
     audit: AuditLog
     store: Store
     _policy: Policy | None = field(default=None, repr=False)
+    outage: RedisOutage = field(default_factory=RedisOutage, repr=False)  # notes Redis faults once
     _signer: tuple[int, Signer] | None = field(default=None, repr=False)
 
     @property
@@ -58,6 +61,11 @@ class Broker:
     def ledger(self) -> Ledger:
         """The broker's verified view of the sealed chain (the authority; Redis is a cache)."""
         return Ledger(self.audit)
+
+    @cached_property
+    def timeline(self) -> Timeline:
+        """The report's source: the sealed chain followed incrementally (:mod:`intake.report`)."""
+        return Timeline(self.audit, self.store)
 
     @property
     def signer(self) -> Signer:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import getpass
-import logging
 import os
 import signal
 import socket
@@ -20,6 +20,7 @@ from intake.channels.slack.auth import SlackUnreachable, auth_test
 from intake.channels.slack.transport import SlackMode, slack_mode
 from intake.errors import ConfigError
 from intake.keys import load_secret
+from intake.logs import AccessLogger, configure_logging
 from intake.policy import load_policy
 from intake.redis_conn import EmbeddedRedis
 from intake.runtime import prepare_dev
@@ -48,6 +49,28 @@ def listen_unix(path: Path) -> socket.socket:
         raise ConfigError(f"INTAKE_DATA_DIR: cannot listen on {path}: {exc.strerror or exc}") from None
     os.chmod(path, 0o666)
     sock.listen(128)
+    return sock
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port`` now, before anything is announced or started, so a
+    port in use is one line and nothing else happens (aiohttp then serves on this socket)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"INTAKE_HOST: cannot resolve {host!r} ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does: TIME_WAIT is no conflict
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is in use") from None
+        raise ConfigError(f"INTAKE_HOST/INTAKE_PORT: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
     return sock
 
 
@@ -112,7 +135,17 @@ def event_loop() -> asyncio.AbstractEventLoop:
 
 def run(settings: Settings, *, dev: bool) -> None:
     """Start the broker in the foreground. Fails fast, with one line, on a bad setting."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
+    # Everything that can fail on this host is checked before a line is printed or anything
+    # starts: the port first (then dev set-up, policy, keys, the API socket).
+    tcp = listen_tcp(settings.host, settings.port)
+    try:
+        _run(settings, tcp, dev=dev)
+    finally:
+        tcp.close()
+
+
+def _run(settings: Settings, tcp: socket.socket, *, dev: bool) -> None:
     # Redis calls run in worker threads next to a busy event loop; with the default 5 ms GIL
     # switch interval each blocked call can wait that long to resume (a "convoy"), which
     # capped capture throughput. 1 ms keeps them moving (bench/slack_capture.py measures it).
@@ -127,16 +160,18 @@ def run(settings: Settings, *, dev: bool) -> None:
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the API socket lives there
-    slack = slack_status(settings, slack_mode(settings))  # before anything starts
-    app = create_app(settings, dev=dev)
-    click.echo(f"intake: {slack}")
-    redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
-    click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
+    slack = slack_status(settings, slack_mode(settings))  # a token Slack refuses stops serve here
     sock_path = settings.data_dir / "intake.sock"
     sock = listen_unix(sock_path)
-    click.echo(f"intake: serving on http://{settings.host}:{settings.port} and unix:{sock_path}  (Ctrl-C to stop)")
     try:
-        web.run_app(app, host=settings.host, port=settings.port, sock=sock, print=None, loop=event_loop())
+        app = create_app(settings, dev=dev)
+        click.echo(f"intake: {slack}")
+        redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
+        click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
+        port = tcp.getsockname()[1]
+        click.echo(f"intake: serving on http://{settings.host}:{port} and unix:{sock_path}  (Ctrl-C to stop)")
+        web.run_app(app, sock=[tcp, sock], print=None, access_log_class=AccessLogger,
+                    loop=event_loop())
     finally:
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".intake")
     redis_url: SecretStr | None = None
+    # TLS to a configured rediss:// Redis: the CA that signed its certificate, and a client
+    # certificate and key when the server asks for one.
+    redis_ca_file: Path | None = None
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
     # The embedded Redis's AOF fsync policy (README: what each one risks on a crash).
     redis_appendfsync: Literal["always", "everysec", "no"] = "always"
     policy: Path | None = None
@@ -37,7 +42,17 @@ class Settings(BaseSettings):
     key_prefix: str = "intake"
     max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
     sweep_interval: float = Field(5.0, gt=0, le=3600)
-    outbox_retry_ms: int = Field(5000, ge=0, le=3_600_000)
+    # The outbox (README, "Delivery guarantees"): first retry after outbox_retry_ms, doubling with
+    # full jitter up to outbox_retry_cap seconds; an event is given up (audited) only once it is
+    # outbox_max_age seconds old; a delivery (and a card reservation) is one consumer's for
+    # outbox_lease seconds, and consumers idle for two leases are removed.
+    outbox_retry_ms: int = Field(5000, ge=1, le=3_600_000)
+    outbox_retry_cap: float = Field(300.0, gt=0, le=86400)
+    outbox_max_age: float = Field(86400.0, gt=0, le=30 * 86400)
+    outbox_lease: float = Field(60.0, ge=0.3, le=3600)
+    # Logging for serve and worker (intake/logs.py): one JSON object a line, or plain text.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Per-attempt dispatch tokens and running-attempt leases (DESIGN.md, Authority).
     dispatch_ttl: int = Field(120, ge=10, le=3600)
     lease_ttl: int = Field(15, ge=5, le=300)
@@ -72,6 +87,63 @@ class Settings(BaseSettings):
     # with short bursts; 429s are honoured on top).
     slack_rate: float = Field(5.0, gt=0, le=1000)
 
+    # The email channel (intake.channels.email): an SMTP listener, on only when smtp_port is set.
+    smtp_port: int | None = Field(None, ge=0, le=65535)
+    smtp_host: str = "127.0.0.1"
+    smtp_cert: Path | None = None  # STARTTLS when both cert and key are set
+    smtp_key: Path | None = None
+    smtp_max_bytes: int = Field(25 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024)
+    smtp_recipients: str = ""  # comma-separated allowlist, e.g. intake@example.com
+    smtp_trusted_authserv: str = ""  # comma-separated authserv-ids whose Authentication-Results count
+    smtp_relay: str | None = None  # host:port of the relay that carries replies
+
+    @field_validator("smtp_recipients", "smtp_trusted_authserv")
+    @classmethod
+    def _comma_list(cls, value: str) -> str:
+        items = [v.strip().lower() for v in value.split(",") if v.strip()]
+        if any(not re.fullmatch(r"[a-z0-9._%+@-]{1,254}", v) for v in items):
+            raise ValueError("must be a comma-separated list of addresses or host names")
+        return ",".join(items)
+
+    @field_validator("smtp_relay")
+    @classmethod
+    def _relay_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}:[0-9]{1,5}", value):
+            raise ValueError("must be host:port, e.g. smtp.example.com:25")
+        return value
+
+    @model_validator(mode="after")
+    def _smtp_complete(self) -> Settings:
+        if self.smtp_port is not None and not self.smtp_recipients:
+            raise ConfigError("INTAKE_SMTP_RECIPIENTS: required when INTAKE_SMTP_PORT is set")
+        if (self.smtp_cert is None) != (self.smtp_key is None):
+            raise ConfigError("INTAKE_SMTP_CERT and INTAKE_SMTP_KEY: set both for STARTTLS, or neither")
+        return self
+
+    # Ticket webhooks (README: Channels): each is on when its secret is set. The API URL and
+    # token are only for the reply with the idea id; without a token no reply is sent.
+    webhook_max_body: int = Field(1024 * 1024, ge=1024, le=25 * 1024 * 1024)
+    github_webhook_secret: SecretStr | None = None
+    github_label: str = ""  # capture issues when given this label (default: every opened issue)
+    github_api_url: str = "https://api.github.com"
+    github_token: SecretStr | None = None
+    gitlab_webhook_token: SecretStr | None = None
+    gitlab_signing_token: SecretStr | None = None
+    gitlab_api_url: str = "https://gitlab.com"
+    gitlab_token: SecretStr | None = None
+    jira_webhook_secret: SecretStr | None = None
+    jira_api_url: str | None = None
+    jira_user: str | None = None  # Jira Cloud: the e-mail the API token belongs to
+    jira_token: SecretStr | None = None
+
+    @field_validator("github_webhook_secret", "gitlab_webhook_token", "jira_webhook_secret")
+    @classmethod
+    def _webhook_secret_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short or empty secret would let anyone forge deliveries: refuse it at start.
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_shape(cls, value: str) -> str:
@@ -79,13 +151,24 @@ class Settings(BaseSettings):
             raise ValueError("must be 1-32 characters of a-z, 0-9, _ or -, starting with a letter")
         return value
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if value.lower() in {"debug", "info", "warning", "error"} else value.lower()
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not re.match(
-            r"(redis|rediss|unix)://", value.get_secret_value()
-        ):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if value is None:
+            return value
+        url = value.get_secret_value()
+        if not re.match(r"(redis|rediss|unix|redis\+sentinel)://", url):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
+        from intake.redis_conn import parse_sentinel_url
+
+        parse_sentinel_url(url)  # ValueError names the expected shape
         return value
 
     @field_validator("console_origin")

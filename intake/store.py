@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 import redis
 
 from intake.audit import AuditLog, event
+from intake.channels.text import normalise, normalise_title
 from intake.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
+from intake.ids import parse_id_prefix
 from intake.models import (
     IDEA_PENDING,
     IDEA_TRANSITIONS,
@@ -251,6 +253,15 @@ class Store:
         ids = self.r.zrevrange(self.keys.tasks, 0, limit - 1)
         return self._many([self.keys.task(i) for i in ids], Task)
 
+    def ids_with_prefix(self, prefix: str, limit: int = 10) -> tuple[list[str], int]:
+        """Ids of the prefix's own kind (``I-…`` searches ideas only, ``T-…`` tasks only) that
+        start with ``prefix`` (parsed by :func:`intake.ids.parse_id_prefix`, so it holds no glob
+        characters): up to ``limit`` of them, and how many there are."""
+        prefix = parse_id_prefix(prefix)
+        index = self.keys.ideas if prefix.startswith("I-") else self.keys.tasks
+        found = [str(i) for i, _ in self.r.zscan_iter(index, match=f"{prefix}*", count=1000)]
+        return sorted(found)[:limit], len(found)
+
     # -- writing ---------------------------------------------------------------------------
     def write_idea(self, pipe: Pipe, idea: Idea) -> None:
         """Store an idea and keep its indexes (pending, expiry, escalation) in step."""
@@ -297,15 +308,16 @@ class Store:
 
     def prepare_capture(self, draft: IdeaDraft, ttl_s: int | None) -> tuple[Idea, list[str], list[Any]]:
         """Validate a draft and build its idea, script keys and arguments (no I/O)."""
-        if not draft.text.strip():
-            raise InvalidInput("idea text is empty")
-        size = len(draft.text.encode())
+        # The one normalisation of untrusted text, here so every channel gets it (NFC; text
+        # with nothing visible is refused). The channel has already decoded its own encoding.
+        text, title = normalise(draft.text), normalise_title(draft.title)
+        size = len(text.encode())
         if size > self.max_text_bytes:
             raise InvalidInput(
                 f"idea text is {size} bytes; the limit is {self.max_text_bytes} (INTAKE_MAX_TEXT_BYTES)"
             )
         now = self.clock()
-        text_hash = sha256_hex(draft.text.encode())
+        text_hash = sha256_hex(text.encode())
         # model_construct: every field is either from the already-validated draft or computed
         # here, so validating again would only cost time on the hottest path.
         idea = Idea.model_construct(
@@ -314,8 +326,8 @@ class Store:
             requester=draft.requester,
             filed_by=draft.filed_by or draft.requester,
             delivery_id=draft.delivery_id,
-            title=draft.title or default_title(draft.text),
-            text=draft.text,
+            title=title or default_title(text),
+            text=text,
             provenance=draft.provenance,
             raw_sha256=draft.raw_sha256 or text_hash,
             state=IdeaState.CAPTURED,
@@ -369,10 +381,14 @@ class Store:
         return results
 
     def announce(self, idea_id: str, card: dict[str, str]) -> Idea:
-        """Record where the idea's card was posted; a captured idea now awaits approval."""
+        """Record where the idea's card was posted; a captured idea now awaits approval. The
+        first card recorded stays: the idea is returned unchanged when it already has one (the
+        caller compares, and deals with a second card)."""
 
         def build(pipe: Pipe) -> Idea:
             idea = self.read_idea(pipe, idea_id)
+            if idea.card is not None:
+                return idea
             update: dict[str, Any] = {"card": card, "updated_at": self.clock()}
             if idea.state is IdeaState.CAPTURED:
                 update["state"] = IdeaState.AWAITING_APPROVAL

@@ -75,6 +75,10 @@ class Signer:
     def public_key(self) -> Ed25519PublicKey:
         return self._key.public_key()
 
+    def sign_bytes(self, data: bytes) -> bytes:
+        """A raw Ed25519 signature over ``data`` (DSSE envelopes, :mod:`intake.provenance`)."""
+        return self._key.sign(data)
+
     def sign(self, claims: BaseModel) -> str:
         payload = canonical_json(claims.model_dump(mode="json"))
         return f"{_b64(payload)}.{_b64(self._key.sign(payload))}"
@@ -102,6 +106,9 @@ class DispatchClaims(_Claims):
     kind: Literal["run", "deliver"] = "run"
     deliver_sha: str | None = None
     draft: bool = False
+    #: A delivery's signed provenance (a DSSE envelope, :mod:`intake.provenance`) for the worker
+    #: to attach as a git note and embed in the pull request.
+    provenance: str | None = None
 
 
 class LeaseClaims(_Claims):
@@ -136,14 +143,14 @@ def _unb64(text: str) -> bytes:
 
 def mint_dispatch(signer: Signer, *, task_id: str, attempt: int, job_id: str, queue: str, spec: TaskSpec,
                   now: float, ttl_s: int = DISPATCH_TTL_S, deliver_sha: str | None = None,
-                  draft: bool = False) -> tuple[str, DispatchClaims]:
+                  draft: bool = False, provenance: str | None = None) -> tuple[str, DispatchClaims]:
     """Sign a fresh single-use dispatch token for one attempt of ``task_id`` (a delivery
     attempt when ``deliver_sha`` is given: bound to that commit)."""
     claims = DispatchClaims(
         v=2, typ="dispatch", kid=signer.kid, task=task_id, attempt=attempt, job=job_id, queue=queue,
         nonce=secrets.token_urlsafe(18), spec_hash=spec.spec_hash(), spec=spec,
         iat=int(now), exp=int(now) + ttl_s,
-        kind="deliver" if deliver_sha else "run", deliver_sha=deliver_sha, draft=draft,
+        kind="deliver" if deliver_sha else "run", deliver_sha=deliver_sha, draft=draft, provenance=provenance,
     )
     return signer.sign(claims), claims
 
@@ -200,6 +207,8 @@ def verify_dispatch(token: str, keyring: Keyring, *, now: float) -> DispatchClai
         raise TokenInvalid("spec_mismatch", "dispatch token's spec does not match its spec hash")
     if (claims.kind == "deliver") != (claims.deliver_sha is not None):
         raise TokenInvalid("malformed", "a delivery token names exactly one commit, a run token none")
+    if claims.kind == "run" and claims.provenance is not None:
+        raise TokenInvalid("malformed", "only a delivery token carries provenance")
     return claims
 
 

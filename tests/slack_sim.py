@@ -4,7 +4,11 @@ Both bind 127.0.0.1 on an ephemeral port and run in the test's event loop.
 
 * :class:`SlackSim` answers ``/api/<method>`` the way ``slack_sdk``'s ``AsyncWebClient``
   expects (point the client's ``base_url`` at :attr:`SlackSim.base_url`), records every call,
-  and can be told to fail the next call to a method (for outbox retry tests).
+  and can be told to fail the next call to a method, answer slowly, hold an answer until the
+  test lets it go, rate-limit (429 with Retry-After) or be down altogether (for outbox tests).
+  It keeps each channel's top-level messages (with their ``metadata``) for
+  ``conversations.history`` and ``chat.delete``, and :meth:`SlackSim.cards_of` counts the cards
+  it really posted for an idea.
 * :class:`SocketModeServer` speaks Slack's Socket Mode framing: it greets each connection with
   ``hello``, pushes envelopes (``{"envelope_id", "type", "payload", ...}``) and collects the
   acks the client sends back (``{"envelope_id", "payload"?}``).
@@ -17,7 +21,6 @@ through the same path it uses against Slack.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 import uuid
@@ -51,6 +54,18 @@ class Call:
     headers: dict[str, str]
     token: str = ""
     http_method: str = "POST"
+
+
+@dataclass
+class Hold:
+    """The next call to a method is carried out, then its answer waits for :meth:`release`."""
+
+    reached: asyncio.Event
+    released: asyncio.Event
+    skip: int = 0
+
+    def release(self) -> None:
+        self.released.set()
 
 
 @dataclass
@@ -109,7 +124,17 @@ class SlackSim(_LocalServer):
         self.socket_server = socket_server
         self._failures: dict[str, _Failure] = {}
         self._responses: dict[str, Callable[[Call], dict[str, Any]]] = {}
-        self._ts = itertools.count(1)
+        self._last_micros = 0
+        self._holds: dict[str, Hold] = {}
+        self._delays: dict[str, float] = {}
+        self._ratelimits: dict[str, tuple[int, int]] = {}
+        self._ratelimit_seen: dict[str, int] = {}
+        self.down = False
+        #: Every top-level message really posted, in order (deleted ones included).
+        self.posted: list[dict[str, Any]] = []
+        #: channel -> its top-level messages still there, oldest first.
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.deleted: list[str] = []
         self._runner: web.AppRunner | None = None
         self._port = 0
 
@@ -180,9 +205,48 @@ class SlackSim(_LocalServer):
         """Replace the canned answer for ``method`` with a dict or a function of the call."""
         self._responses[method] = response if callable(response) else (lambda _call: response)
 
+    def hold(self, method: str, *, after: int = 0) -> Hold:
+        """Carry out the next call to ``method`` (after ``after`` more), then keep its answer
+        until ``release()`` (``reached`` is set while it waits): a crash between Slack's
+        answer and the record."""
+        hold = Hold(asyncio.Event(), asyncio.Event(), after)
+        self._holds[method] = hold
+        return hold
+
+    def slow(self, method: str, seconds: float) -> None:
+        """Answer every call to ``method`` ``seconds`` late (after carrying it out); 0 stops."""
+        self._delays[method] = seconds
+
+    def rate_limit(self, method: str, every: int, retry_after: int = 1) -> None:
+        """Refuse every ``every``-th call to ``method`` with 429 and ``Retry-After``; 0 stops."""
+        self._ratelimits[method] = (every, retry_after)
+        self._ratelimit_seen[method] = 0
+
+    def outage(self, down: bool) -> None:
+        """While down, every call is refused with HTTP 503 and nothing is carried out."""
+        self.down = down
+
+    def add_message(self, channel: str, text: str, metadata: dict[str, Any] | None = None) -> str:
+        """Put a top-level message from our bot straight into ``channel`` (as if posted
+        earlier); returns its ts."""
+        message: dict[str, Any] = {"type": "message", "user": BOT_USER_ID, "bot_id": BOT_ID,
+                                   "ts": self.next_ts(), "text": text}
+        if metadata is not None:
+            message["metadata"] = metadata
+        self.posted.append(message)
+        self.history.setdefault(channel, []).append(message)
+        return str(message["ts"])
+
+    def cards_of(self, idea_id: str) -> list[dict[str, Any]]:
+        """The top-level messages really posted whose metadata names ``idea_id``."""
+        return [m for m in self.posted
+                if (m.get("metadata") or {}).get("event_payload", {}).get("idea_id") == idea_id]
+
     def next_ts(self) -> str:
-        """A fresh, strictly increasing message timestamp like ``1700000000.000100``."""
-        micros = 1_700_000_000_000_000 + next(self._ts) * 100
+        """A fresh, strictly increasing message timestamp like ``1700000000.000100``: the time
+        now, as Slack stamps messages (``conversations.history``'s ``oldest`` compares with it)."""
+        self._last_micros = max(self._last_micros + 100, int(time.time() * 1_000_000))
+        micros = self._last_micros
         return f"{micros // 1_000_000}.{micros % 1_000_000:06d}"
 
     # request handling ----------------------------------------------------------------------
@@ -212,6 +276,14 @@ class SlackSim(_LocalServer):
         if (method == "apps.connections.open") != token.startswith("xapp-"):
             return web.json_response({"ok": False, "error": "not_allowed_token_type"})
 
+        if self.down:
+            return web.json_response({"ok": False, "error": "service_unavailable"}, status=503)
+        if method in self._ratelimits and self._ratelimits[method][0] > 0:
+            every, retry_after = self._ratelimits[method]
+            self._ratelimit_seen[method] += 1
+            if self._ratelimit_seen[method] % every == 0:
+                return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
+                                         headers={"Retry-After": str(retry_after)})
         failure = self._failures.get(method)
         if failure is not None:
             failure.remaining -= 1
@@ -224,6 +296,15 @@ class SlackSim(_LocalServer):
 
         custom = self._responses.get(method)
         data = custom(call) if custom is not None else self._canned(call)
+        if (hold := self._holds.get(method)) is not None:
+            if hold.skip > 0:
+                hold.skip -= 1
+            else:
+                del self._holds[method]
+                hold.reached.set()
+                await hold.released.wait()
+        if self._delays.get(method):
+            await asyncio.sleep(self._delays[method])
         return web.json_response(data)
 
     def _canned(self, call: Call) -> dict[str, Any]:
@@ -248,7 +329,21 @@ class SlackSim(_LocalServer):
                 message["blocks"] = p["blocks"]
             if "thread_ts" in p:
                 message["thread_ts"] = p["thread_ts"]
+            else:
+                if isinstance(p.get("metadata"), dict):
+                    message["metadata"] = p["metadata"]
+                self.posted.append(message)
+                self.history.setdefault(channel, []).append(message)
             return {"ok": True, "channel": channel, "ts": ts, "message": message}
+        if call.method == "chat.delete":
+            kept = [m for m in self.history.get(channel, []) if m["ts"] != p.get("ts")]
+            if len(kept) == len(self.history.get(channel, [])):
+                return {"ok": False, "error": "message_not_found"}
+            self.history[channel] = kept
+            self.deleted.append(str(p.get("ts")))
+            return {"ok": True, "channel": channel, "ts": p.get("ts")}
+        if call.method == "conversations.history":
+            return self._history(p)
         if call.method == "chat.update":
             ts = p.get("ts", "")
             return {"ok": True, "channel": channel, "ts": ts, "text": p.get("text", ""),
@@ -281,6 +376,22 @@ class SlackSim(_LocalServer):
         # Like bolt's own mock server: unknown methods succeed, so tests only script what
         # they care about.
         return {"ok": True}
+
+
+    def _history(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Newest first, ``oldest``/``limit``/``cursor`` as Slack does; metadata only when
+        ``include_all_metadata`` is set."""
+        oldest = float(p.get("oldest") or 0)
+        limit = int(p.get("limit") or 100)
+        start = int(p.get("cursor") or 0)
+        with_metadata = str(p.get("include_all_metadata", "")).lower() in ("1", "true")
+        messages = [m for m in reversed(self.history.get(p.get("channel", ""), [])) if float(m["ts"]) > oldest]
+        page = messages[start:start + limit]
+        if not with_metadata:
+            page = [{k: v for k, v in m.items() if k != "metadata"} for m in page]
+        more = start + limit < len(messages)
+        return {"ok": True, "messages": page, "has_more": more,
+                "response_metadata": {"next_cursor": str(start + limit) if more else ""}}
 
 
 class SocketModeServer(_LocalServer):

@@ -150,6 +150,14 @@ def test_policy_check_cli(tmp_path: Path) -> None:
     result = run({}, "policy", "check", str(bad))
     assert result.exit_code == 2
     assert result.stderr == "intake: repos[1].tier: unknown risk tier 'gold'\n"
+    deps = tmp_path / "deps.toml"
+    deps.write_text(EXAMPLE_POLICY.read_text().replace('"pypi:ruff"', '"ruff"').replace('"npm:axios@0.30.4"', '"npm:axios@x"'))
+    result = run({}, "policy", "check", str(deps))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "intake: dependencies.allow[1].package: 'ruff' must start with an ecosystem: one of pypi:, npm:, go:, cargo:",
+        "dependencies.deny[1].package: 'x' is not a valid npm version",
+    ]
     missing = run({}, "policy", "check", str(tmp_path / "nope.toml"))
     assert missing.exit_code == 2 and "no policy file" in missing.stderr
 

@@ -64,7 +64,7 @@ async def test_metrics_match_a_scripted_scenario(settings: Settings, clock: Fake
         store.audit.record("system", "run.stopped", t1.id, why="revoked", worker="w1", at=clock())
         store.move_task(t2.id, TaskState.RUNNING, actor="system", worker="w1")
         store.move_task(t2.id, TaskState.BLOCKED, actor="system", worker="w1", reason="gates",
-                        update={"result": {"gates": ["blocked path: .github/x", "dependency not on the allowlist: left-pad (package.json)"]}})
+                        update={"result": {"gates": ["blocked path: .github/x", "dependency: unlisted package: npm:left-pad 1.3.0"]}})
         # A forged entry written straight into Redis counts for nothing.
         broker.client.xadd(broker.audit.stream, {"e": '{"action":"idea.captured","data":{"channel":"email"}}', "m": "0" * 64})
 
@@ -113,12 +113,15 @@ def test_outbox_lag_and_drops(settings: Settings, tmp_path: Path) -> None:
     from intake.runtime import open_broker
 
     with open_broker(settings) as broker:
-        outbox = Outbox(broker.audit, "slack-notifier", max_deliveries=1)
+        outbox = Outbox(broker.audit, "slack-notifier", max_age_s=3600)
         outbox.ensure_group()
+        clock = FakeClock()
+        clock.advance(-7200)  # captured two hours ago: past the outbox's maximum age
+        broker.store.clock = clock
         broker.store.capture(draft())
         broker.store.capture(draft())
         (delivery, _) = outbox.fetch(count=2, block_ms=10)
-        outbox.failed(delivery, "boom")  # one try allowed: dropped and audited
+        outbox.failed(delivery, "boom")  # too old to retry: dropped and audited
         fams = {f.name: f for f in AuditMetrics(broker).collect()}
     dropped = fams["intake_outbox_dropped"].samples
     assert [(s.labels, s.value) for s in dropped if s.name.endswith("_total")] == [({"group": "slack_notifier"}, 1.0)]

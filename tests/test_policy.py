@@ -116,3 +116,60 @@ def test_result_approvals_and_privileged_paths() -> None:
     data["repos"][0]["privileged_paths"] = ["../x"]
     with pytest.raises(PolicyError, match=r"privileged_paths"):
         parse_policy(data)
+
+
+# -- [dependencies] -------------------------------------------------------------------------
+
+
+def test_example_dependency_policy() -> None:
+    deps = load_policy(EXAMPLE_POLICY).dependencies
+    assert [a.package for a in deps.allow] == ["pypi:pytest", "pypi:ruff", "pypi:mypy"]
+    assert [d.package for d in deps.deny] == ["npm:axios@1.14.1", "npm:axios@0.30.4"]
+    assert "GPL-3.0-only" in deps.licenses.denied and deps.licenses.unknown == "block"
+
+
+def test_dependency_entries_are_normalised_per_ecosystem() -> None:
+    data = example()
+    data["dependencies"] = {"allow": ["pypi:Flask_Login", "cargo:Serde_JSON", "npm:@types/node",
+                                      {"package": "go:github.com/google/uuid", "version": ">=1.6,<2"}],
+                            "deny": ["npm:@evil/pkg@1.0.0"]}
+    deps = parse_policy(data).dependencies
+    assert [a.package for a in deps.allow] == ["pypi:flask-login", "cargo:serde-json", "npm:@types/node",
+                                               "go:github.com/google/uuid"]
+    assert deps.deny[0].package == "npm:@evil/pkg@1.0.0"
+
+
+BROKEN_DEPENDENCIES = [
+    ({"allow": ["mypy"]}, "dependencies.allow[0].package", "must start with an ecosystem"),
+    ({"allow": ["rubygems:rails"]}, "dependencies.allow[0].package", "must start with an ecosystem"),
+    ({"allow": ["npm:Not Valid"]}, "dependencies.allow[0].package", "not a valid npm package name"),
+    ({"allow": [{"package": "pypi:x", "version": "=>1"}]}, "dependencies.allow[0]", "not a valid pypi version specifier"),
+    ({"allow": [{"package": "npm:x", "version": "~>1"}]}, "dependencies.allow[0]", "not a valid npm version specifier"),
+    ({"allow": [{"package": "pypi:x", "license": "Nonsense-1.0"}]}, "dependencies.allow[0].license", "Unknown license key"),
+    ({"allow": [{"package": "pypi:x", "colour": "red"}]}, "dependencies.allow[0].colour", "Extra inputs"),
+    ({"deny": ["npm:axios@latest"]}, "dependencies.deny[0].package", "not a valid npm version"),
+    ({"licenses": {"denied": ["MIT OR GPL-3.0-only"]}}, "dependencies.licenses.denied[0]", "one SPDX license id"),
+    ({"licenses": {"unknown": "maybe"}}, "dependencies.licenses.unknown", "'allow' or 'block'"),
+    ({"require_integrity": "yes please"}, "dependencies.require_integrity", "valid boolean"),
+]
+
+
+@pytest.mark.parametrize(("section", "field", "message"), BROKEN_DEPENDENCIES)
+def test_broken_dependency_policy_names_the_field(section: dict[str, Any], field: str, message: str) -> None:
+    data = example()
+    data["dependencies"] = section
+    with pytest.raises(PolicyError) as err:
+        parse_policy(data)
+    assert err.value.field == field
+    assert message in str(err.value)
+
+
+def test_every_error_gets_its_own_line() -> None:
+    data = example()
+    data["dependencies"] = {"allow": ["mypy", "pypi:ok", "npm:Bad Name"], "deny": ["axios"]}
+    with pytest.raises(PolicyError) as err:
+        parse_policy(data)
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "dependencies.allow[0].package", "dependencies.allow[2].package", "dependencies.deny[0].package",
+    ]

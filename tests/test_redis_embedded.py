@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
+
+from intake.errors import RedisUnavailable
 from intake.redis_conn import EmbeddedRedis, make_client
 
 
@@ -48,3 +52,29 @@ def test_an_unused_server_left_behind_is_stopped(tmp_path: Path) -> None:
     holder._users = None
     assert EmbeddedRedis(tmp_path).stop_if_unused()
     assert not holder.sock.exists()
+
+
+def test_the_embedded_redis_is_aof_only(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "d")
+    client = make_client(server.acquire())
+    try:
+        conf = (server.dir / "redis.conf").read_text().splitlines()
+        assert 'save ""' in conf and "appendonly yes" in conf  # no RDB save point can block a shutdown
+        info = client.info("persistence")
+        assert info["aof_enabled"] == 1 and info["rdb_bgsave_in_progress"] == 0
+    finally:
+        client.close()
+        server.release()
+
+
+def test_start_up_disk_errors_name_the_path(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "redis").write_text("a file where the directory should be")
+    with pytest.raises(RedisUnavailable, match=re.escape(str(blocked / "redis"))):
+        EmbeddedRedis(blocked).acquire(timeout=5)
+    broken = tmp_path / "broken"
+    (broken / "redis" / "appendonly.aof").mkdir(parents=True)  # the AOF cannot be opened
+    (broken / "redis" / "appendonlydir").write_text("")  # (Redis 7 names its AOF folder so)
+    with pytest.raises(RedisUnavailable, match=re.escape(str(broken / "redis"))):
+        EmbeddedRedis(broken).acquire(timeout=3)

@@ -203,13 +203,21 @@ class WorkerConfig(_Strict):
         """The sandbox agents and checks run in (network off; runs pick the repo's)."""
         return Sandbox(self.sandbox, self.agent_user)
 
+    def credential_sources(self) -> list[tuple[str, CredentialSource]]:
+        """Every credential source the config names, with the field it is in
+        (``repos[0].credential``, ``repos[0].forge.token``, ``repos[0].agent_env.KEY``)."""
+        found: list[tuple[str, CredentialSource]] = []
+        for i, repo in enumerate(self.repos):
+            if repo.credential is not None:
+                found.append((f"repos[{i}].credential", repo.credential))
+            if repo.forge is not None:
+                found.append((f"repos[{i}].forge.token", repo.forge.token))
+            found += [(f"repos[{i}].agent_env.{name}", source) for name, source in repo.agent_env.items()]
+        return found
+
     def secret_files(self) -> list[Path]:
         """Every credential file the config names (they must stay out of the agent's reach)."""
-        sources: list[CredentialSource] = []
-        for repo in self.repos:
-            sources += [s for s in (repo.credential, repo.forge.token if repo.forge else None) if s]
-            sources += list(repo.agent_env.values())
-        return [s.file for s in sources if s.file is not None]
+        return [s.file for _, s in self.credential_sources() if s.file is not None]
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

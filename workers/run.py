@@ -49,11 +49,13 @@ from rq.timeouts import JobTimeoutException
 
 from intake.errors import ConfigError, IntakeError
 from intake.models import TaskState
+from intake.provenance import NOTES_REF, digest_of, open_envelope, pull_request_provenance, subject_commit
 from intake.workers.agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
 from intake.workers.checks import describe_failure, run_checks
 from intake.workers.claim import Claim, Claimer
 from intake.workers.config import RepoConfig, WorkerConfig
 from intake.workers.forge import ForgeError, create_pull_request
+from intake.workers.deps.gate import check_dependency_change
 from intake.workers.gates import run_gates
 from intake.workers.jobs import JobRefused
 from intake.workers.lease import LeaseKeeper
@@ -238,15 +240,16 @@ class TaskRunner:
                 return Outcome(TaskState.FAILED, "the agent made no changes", base)
             changed = ws.changed_files()
             files = [c.path for c in changed][:MAX_LISTED_FILES]
+            # Trusted copies only: the base as snapshotted before the agent ran, the result as
+            # the worker read it from the work tree (workers/snapshot.py); the policy the task
+            # was approved under (checked at claim time).
+            deps = check_dependency_change(changed, ws.read_base, ws.read_head, claim.policy.dependencies)
+            base["dependencies"] = deps.result()
             reasons = run_gates(
                 changed=changed, branch=branch, branch_prefix=spec.branch_prefix,
                 change_type=spec.change_type, change_type_paths=spec.change_type_paths,
                 allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
-                # Trusted copies only: the base as snapshotted before the agent ran, the
-                # result as the worker read it from the work tree (workers/snapshot.py).
-                read_before=ws.read_base, read_after=ws.read_head,
-                # The policy the task was approved under (checked at claim time).
-                dependency_allowlist=claim.policy.dependencies.allow,
+                dependency_reasons=deps.reasons,
             ) + ws.special_entries()
             if reasons:
                 shown = "; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
@@ -298,16 +301,31 @@ class TaskRunner:
             if stop():
                 return self._stopped(claim, stop.why or "stopped")
             branch = f"{spec.branch_prefix}/{task.id}"
-            pushed = ws.deliver(f"refs/intake/{task.id}", sha, branch)
-            result: dict[str, Any] = {"branch": branch, "commit": pushed, "pr_url": None, "delivered_by": self.claimer.name}
+            envelope = self._provenance(claim, sha)
+            pushed = ws.deliver(f"refs/intake/{task.id}", sha, branch, note=envelope)
+            result: dict[str, Any] = {"branch": branch, "commit": pushed, "pr_url": None, "delivered_by": self.claimer.name,
+                                      "provenance": {"notes_ref": NOTES_REF, "envelope_sha256": digest_of(envelope)}}
             if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
                 result.update(self._pull_request(repo, task.id, branch, spec.base_ref, spec.change_type,
-                                                 task.spec_hash, secrets, draft=claim.claims.draft))
+                                                 task.spec_hash, secrets, draft=claim.claims.draft,
+                                                 provenance=envelope))
             return Outcome(TaskState.SUCCEEDED, None, result,
                            {"branch": branch, "pr_url": result["pr_url"], "draft": claim.claims.draft})
 
+    def _provenance(self, claim: Claim, sha: str) -> str:
+        """The broker's signed provenance the delivery token carries, checked again here (the
+        signature with the public keys, the subject is ``sha``) before it is published."""
+        envelope = claim.claims.provenance
+        if envelope is None:
+            raise IntakeError("the delivery token carries no provenance; nothing is delivered without it")
+        statement, _ = open_envelope(envelope, self.claimer.keyring())
+        if subject_commit(statement) != sha:
+            raise IntakeError("the delivery's provenance names another commit")
+        return envelope
+
     def _pull_request(self, repo: RepoConfig, task_id: str, branch: str, base: str, change_type: str,
-                      spec_hash: str, secrets: list[str], *, draft: bool = False) -> dict[str, Any]:
+                      spec_hash: str, secrets: list[str], *, draft: bool = False,
+                      provenance: str = "") -> dict[str, Any]:
         assert repo.forge is not None
         try:
             token = repo.forge.token.read()
@@ -315,7 +333,8 @@ class TaskRunner:
                 api_url=repo.forge.api_url, repository=repo.forge.repository, token=token,
                 title=f"intake {task_id}: {change_type}", head=branch, base=base, draft=draft,
                 # Deliberately no idea text: it is untrusted and would be rendered (mentions, links).
-                body=f"Opened by an intake worker for task {task_id}.\n\nSpec hash: `{spec_hash}`\n",
+                body=f"Opened by an intake worker for task {task_id}.\n\nSpec hash: `{spec_hash}`\n"
+                     + pull_request_provenance(provenance),
             )
         except (ForgeError, ConfigError) as exc:
             return {"pr_url": None, "pr_error": redact(str(exc), secrets)}

@@ -27,7 +27,6 @@ import secrets
 import signal
 import socket
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import redis
 
 from intake.errors import ConfigError
 from intake.keys import load_public_keys, load_worker_key
+from intake.logs import configure_logging
 from intake.redis_conn import make_client
 from intake.reports import Reporter
 from intake.runtime import open_redis
@@ -51,6 +51,7 @@ from intake.store import Keys
 from intake.workers import entry
 from intake.workers.claim import Claimer
 from intake.workers.config import WorkerConfig, load_worker_config
+from intake.workers.preflight import preflight
 from intake.workers.jobs import IntakeJob, fail_refused_job, inspect_job, printable, stored_func_name
 from intake.workers.run import TaskRunner
 
@@ -172,6 +173,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
     """``intake worker``: validate the config, open the broker's Redis, work until stopped
     (or, with ``burst``, until the queues are empty). Returns whether any job was handled."""
     config = load_worker_config(config_path)
+    preflight(settings, config)  # agent program, credentials, report key: or one line and exit
     sandbox = config.build_sandbox()
     sandbox.check()  # bwrap present, agent user usable, we may switch to it: or one line and exit
     if sandbox.mode == "bwrap":
@@ -180,11 +182,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
     _not_dumpable()
     if exit_with_parent:
         _watch_parent(os.getppid())
-    if not logging.getLogger("intake").handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.getLogger("intake").addHandler(handler)
-        logging.getLogger("intake").setLevel(logging.INFO)
+    configure_logging(settings)
     if sandbox.mode == "none":
         log.warning('sandbox = "none": agents and checks run as this worker\'s own user, '
                     "unsandboxed, with its network and files in reach")
@@ -196,6 +194,6 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
         log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
                  ", ".join(r.name for r in config.repos))
         try:
-            return bool(worker.work(burst=burst, logging_level="INFO", with_scheduler=False))
+            return bool(worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False))
         finally:
             worker.connection.close()

@@ -46,7 +46,8 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 from intake.errors import IntakeError
-from intake.workers.gates import manifest_kind
+from intake.provenance import NOTES_REF
+from intake.workers.deps.files import is_dependency_file
 from intake.workers.snapshot import (
     MODE_EXEC,
     MODE_FILE,
@@ -61,6 +62,10 @@ from intake.workers.snapshot import (
     verified_blob,
 )
 
+NOTE_PUSH_TRIES = 3
+#: Who writes the provenance note (the worker, never the agent).
+WORKER_IDENTITY = {"GIT_AUTHOR_NAME": "intake-worker", "GIT_AUTHOR_EMAIL": "worker@intake.invalid",
+                   "GIT_COMMITTER_NAME": "intake-worker", "GIT_COMMITTER_EMAIL": "worker@intake.invalid"}
 AGENT_NAME = "intake-agent"
 AGENT_EMAIL = "agent@intake.invalid"
 TOKEN_FD_ENV = "INTAKE_GIT_TOKEN_FD"
@@ -320,12 +325,12 @@ class Workspace:
             raise GitError("git ls-tree of the base commit failed")
         self.base = parse_ls_tree(listing.stdout)
         self._head_tree = dict(self.base)
-        # The manifests the dependency gate compares are held in memory from now on, so even
+        # The manifests and lockfiles the dependency gate compares are held in memory from now on, so even
         # a base object rewritten in place (which :meth:`_blob` would refuse) cannot keep the
         # gate from seeing the real "before".
         self._base_manifests = {
             path: self._blob(entry.oid) for path, entry in self.base.items()
-            if entry.mode in {MODE_FILE, MODE_EXEC} and manifest_kind(path) is not None
+            if entry.mode in {MODE_FILE, MODE_EXEC} and is_dependency_file(path)
         }
 
     def _resolve_base(self, base_ref: str) -> str:
@@ -568,10 +573,12 @@ class Workspace:
         _check_ref_arg(sha, "commit")
         return self._git(["rev-parse", "--verify", "--quiet", f"{sha}^{{tree}}"]).strip()
 
-    def deliver(self, ref: str, sha: str, branch: str) -> str:
+    def deliver(self, ref: str, sha: str, branch: str, note: str | None = None) -> str:
         """Fetch the quarantined commit from ``ref`` on the remote, check it is exactly ``sha``
         (the one the approvers accepted), and push it to ``refs/heads/<branch>`` (never forced:
-        an existing branch elsewhere makes git refuse). Returns the sha."""
+        an existing branch elsewhere makes git refuse). With ``note`` (the broker's signed
+        provenance) the note goes on ``refs/notes/intake`` for ``sha`` and is pushed with the
+        branch in one atomic push. Returns the sha."""
         if not _QUARANTINE_REF.fullmatch(ref) or not _FULL_SHA.fullmatch(sha):
             raise GitError("refusing to deliver: not a quarantine ref and a full commit sha")
         self.create_branch(branch)
@@ -584,7 +591,39 @@ class Workspace:
             raise GitError(f"the quarantined commit is {fetched[:12] or 'missing'}, not the accepted {sha[:12]}")
         self.head = sha
         self._git(["update-ref", f"refs/heads/{branch}", sha])
-        return self.push(branch)
+        if note is None:
+            return self.push(branch)
+        for _ in range(NOTE_PUSH_TRIES - 1):
+            try:
+                return self._push_with_note(branch, note)
+            except GitError:
+                continue  # another delivery moved the notes ref meanwhile: fetch it again
+        return self._push_with_note(branch, note)
+
+    def _push_with_note(self, branch: str, note: str) -> str:
+        """The remote's notes ref (if any) plus our note for :attr:`head`, pushed atomically
+        with the branch; the note is the exact bytes given (a blob, no clean-up)."""
+        fetched = "refs/intake-fetched/notes"
+        self._git_result(["update-ref", "-d", fetched])  # absent is fine
+        with self._remote() as (env, fds):
+            # A glob refspec: no error when the remote has no notes yet.
+            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, f"+{NOTES_REF}*:{fetched}*"],
+                    cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential)
+        self._fingerprint = _fingerprint(self._git_dir)  # the fetch was ours
+        remote_notes = self._git_result(["rev-parse", "--verify", "--quiet", f"{fetched}^{{commit}}"])
+        if remote_notes.returncode == 0:
+            self._git(["update-ref", NOTES_REF, remote_notes.stdout.decode().strip()])
+        else:
+            self._git_result(["update-ref", "-d", NOTES_REF])
+        blob = self._git(["hash-object", "-w", "--stdin"], stdin=note.encode()).strip()
+        self._git(["notes", f"--ref={NOTES_REF}", "add", "--force", "-C", blob, self.head], WORKER_IDENTITY)
+        with self._remote() as (env, fds):
+            run_git(
+                ["push", "--quiet", "--atomic", "--no-verify", "--", self.url,
+                 f"{self.head}:refs/heads/{branch}", f"{NOTES_REF}:{NOTES_REF}"],
+                cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential,
+            )
+        return self.head
 
     def give_agent_git(self) -> None:
         """Put a throwaway ``.git`` of the agent's own into the work tree: a copy of the base

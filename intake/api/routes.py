@@ -19,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intake.redis_outage import OUTAGE_ERRORS
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
+from intake.channels.cli import cli_draft
 from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
-from intake.models import APPROVER_ID_RE, Channel, Idea, IdeaDraft, Task
+from intake.ids import KIND_NAMES, parse_id_prefix
+from intake.models import APPROVER_ID_RE, Idea, Task
 from intake.people import People, parse_identity, parse_person_id
+from intake.report.figures import broker_figures
 from intake.runtime import Broker
 
 PREFIX = "/api/v1"
@@ -169,6 +172,8 @@ class Api:
                                           "message": str(exc)}, status=409)
             except IntakeError as exc:
                 return _error(409, "conflict", str(exc))
+            except OUTAGE_ERRORS:
+                raise  # Redis is down or stalled: the app's outage middleware answers 503
             except Exception as exc:  # a bug, not bad input: say so without the body or a trace
                 log.error("api %s %s failed: %s", request.method, request.path, type(exc).__name__)
                 return _error(500, "internal", "internal error; the broker's log names it")
@@ -263,6 +268,20 @@ class Api:
     def task(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         return task_json(broker.store.get_task(request.match_info["id"]))
 
+    def resolve_id(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """The one idea or task id a typed prefix names (any case; an ``I-`` prefix searches
+        ideas only, ``T-`` tasks only). 404 when none, 409 ``ambiguous`` with the count."""
+        prefix = parse_id_prefix(request.match_info["prefix"])
+        ids, count = broker.store.ids_with_prefix(prefix)
+        kind = KIND_NAMES[prefix[0]]
+        if count == 0:
+            raise NotFound(f"no {kind} id starts with {prefix}")
+        if count > 1:
+            return web.json_response({"error": "ambiguous", "candidates": count,
+                                      "message": f"{prefix} is ambiguous: {count} {kind}s start with it "
+                                                 "(type more of the id)"}, status=409)
+        return {"id": ids[0]}
+
     def audit_verify(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """Every anomaly in the chain (not only the first); 409 when sealed history was changed."""
         try:
@@ -287,20 +306,23 @@ class Api:
         lines = "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in broker.audit.export())
         return web.Response(text=lines, content_type="application/x-ndjson")
 
+    def provenance(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """A delivered commit's stored envelope and what the sealed log says of it."""
+        from intake.provenance import lookup
+
+        return lookup(broker, request.query.get("ref", ""))
+
+    def report(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """The leading-indicator figures over ``?since=`` (default 7d), from sealed history only."""
+        return broker_figures(broker, request.query.get("since", "7d")).model_dump(mode="json")
+
     # -- filing ----------------------------------------------------------------------------
     def file_idea(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         """An idea from the CLI channel: filed by the verified caller; ``requester`` names
         someone else as the author (``intake idea --as NAME``), and the filer is still recorded."""
         body = IdeaBody.model_validate(data)
-        requester = caller.identity
-        if body.requester is not None:
-            requester = parse_identity(f"cli:{body.requester}")
-        try:
-            draft = IdeaDraft(channel=Channel.CLI, requester=requester, filed_by=caller.identity,
-                              delivery_id=body.delivery_id or f"api-{uuid.uuid4()}",
-                              text=body.text, title=body.title, provenance={"via": f"api:{caller.via}"})
-        except ValidationError as exc:
-            raise InvalidInput(f"invalid idea: {exc.errors()[0]['msg']}") from None
+        draft = cli_draft(filer=caller.identity, via=caller.via, text=body.text, title=body.title,
+                          author=body.requester, delivery_id=body.delivery_id)
         captured, created = broker.store.capture(draft, ttl_s=broker.policy.clocks.idea_ttl)
         return {**idea_json(captured), "created": created}
 
@@ -485,6 +507,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/ideas/{id}", "idea", False),
     ("POST", "/ideas/{id}/promote", "promote", True),
     ("POST", "/ideas/{id}/deny", "deny", True),
+    ("GET", "/ids/{prefix}", "resolve_id", False),
     ("GET", "/tasks", "tasks", False),
     ("GET", "/tasks/{id}", "task", False),
     ("POST", "/tasks/{id}/approve", "approve", True),
@@ -509,6 +532,8 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("DELETE", "/tokens/{token}", "token_revoke", False),
     ("GET", "/audit/verify", "audit_verify", False),
     ("GET", "/audit/export", "audit_export", False),
+    ("GET", "/provenance", "provenance", False),
+    ("GET", "/report", "report", False),
 )
 
 

@@ -20,13 +20,14 @@ import qrcode.image.svg
 from aiohttp import web
 from markupsafe import Markup
 
-from intake.console.display import bar_chart, visible_segments
+from intake.console.display import visible_segments
 from intake.console.enrol import EnrolLinks, send_by_dm
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
+from intake.dependency_view import summarize_dependencies
 from intake.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
-from intake.metrics import AuditMetrics
 from intake.models import IDEA_PENDING, Approver, TaskState
 from intake.passkeys import PasskeyProof
+from intake.report.figures import broker_figures
 from intake.runtime import Broker
 from intake.settings import Settings
 
@@ -56,7 +57,6 @@ class Console:
         self.broker_key = broker_key
         self.box = box
         self.secure = settings.console_origin.startswith("https://")
-        self._metrics: AuditMetrics | None = None
 
     def broker(self, request: web.Request) -> Broker:
         return request.config_dict[self.broker_key]
@@ -262,6 +262,7 @@ class Console:
         return self.render(
             request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
             segments=visible_segments(task.spec.prompt), result=task.result or {},
+            dependencies=summarize_dependencies(task.result),
             approvable=task.state is TaskState.AWAITING_APPROVALS, accept_sha=accept_sha,
             result_approvals=task.result_approvals,
             # Deny and revoke win over a result waiting for approval too.
@@ -503,20 +504,16 @@ class Console:
 
     # -- dashboard -------------------------------------------------------------------------
     async def dashboard(self, request: web.Request) -> web.Response:
+        """The report's figures and charts (:mod:`intake.report`), over ``?since=`` (default 7d)."""
+        # Imported here: intake.report.render uses this package's SVG helpers (display.py).
+        from intake.report.render import figures_context
+
         broker = self.broker(request)
-        if self._metrics is None:
-            self._metrics = AuditMetrics(broker)
-        families = await self.call(lambda: list(self._metrics.collect()))  # type: ignore[union-attr]
-        charts = []
-        for fam in families:
-            values = []
-            for sample in fam.samples:
-                if sample.name.endswith(("_created", "_sum", "_count")):
-                    continue
-                if fam.type == "histogram":
-                    label = f"≤ {sample.labels['le']} s"
-                else:
-                    label = ", ".join(sample.labels.values()) or fam.name
-                values.append((label, float(sample.value)))
-            charts.append(bar_chart(f"{fam.name} — {fam.documentation}", values))
-        return self.render(request, "dashboard.html", charts=charts)
+        since = request.query.get("since", "7d")[:40]
+        try:
+            fig = await self.call(broker_figures, broker, since)
+        except IntakeError as exc:
+            fig = await self.call(broker_figures, broker, "7d")
+            return self.render(request, "dashboard.html", status=400, error=str(exc), since="7d",
+                               **figures_context(fig))
+        return self.render(request, "dashboard.html", since=since, **figures_context(fig))

@@ -32,7 +32,7 @@ REQUESTER = "UERIN00001"
 STRANGER = "UMALLORY01"
 
 
-def slack_settings(base: Settings, sim: SlackSim, transport: str) -> Settings:
+def slack_settings(base: Settings, sim: SlackSim, transport: str, **overrides: Any) -> Settings:
     extra: dict[str, Any] = {"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_API_URL": sim.base_url}
     if transport == "http":
         extra["SLACK_SIGNING_SECRET"] = SIGNING_SECRET
@@ -41,7 +41,8 @@ def slack_settings(base: Settings, sim: SlackSim, transport: str) -> Settings:
     assert base.redis_url is not None
     return load_settings(
         _env_file=None, data_dir=base.data_dir, redis_url=base.redis_url.get_secret_value(),
-        policy=base.policy_path, sweep_interval=0.1, outbox_retry_ms=200, slack_rate=500, **extra,
+        **{"policy": base.policy_path, "sweep_interval": 0.1, "outbox_retry_ms": 200, "outbox_retry_cap": 1,
+           "outbox_lease": 1.5, "slack_rate": 500, **extra, **overrides},
     )
 
 
@@ -157,14 +158,15 @@ class SlackDriver:
 
 
 @asynccontextmanager
-async def running_app(base: Settings, transport: str) -> AsyncIterator[SlackDriver]:
-    """The real app with Slack on, against a fresh simulator (and Socket Mode server)."""
+async def running_app(base: Settings, transport: str, **overrides: Any) -> AsyncIterator[SlackDriver]:
+    """The real app with Slack on, against a fresh simulator (and Socket Mode server);
+    ``overrides`` are settings (e.g. ``outbox_max_age``)."""
     socket = SocketModeServer() if transport == "socket" else None
     if socket is not None:
         await socket.start()
     sim = SlackSim(socket_server=socket)
     await sim.start()
-    settings = slack_settings(base, sim, transport)
+    settings = slack_settings(base, sim, transport, **overrides)
     server = TestServer(create_app(settings), host="127.0.0.1")
     client = TestClient(server)
     await client.start_server()

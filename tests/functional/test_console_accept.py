@@ -87,6 +87,9 @@ def test_security_accepts_the_result_with_totp_the_requester_and_another_sha_are
         result = rig.task(theirs).result or {}
         assert page.text_content("#result-lines") == f"1 file(s), +{result['additions']} −0"
         assert page.text_content("#result-gates") == "passed"
+        digest = result["dependencies"]["sbom_sha256"]
+        assert page.text_content("#dependencies-summary") == \
+            f"no dependency changes; SBOM: 0 component(s), sha256 {digest[:16]}…"
         checks = page.locator("#result-checks li").all_text_contents()
         assert len(checks) == 2 and all(c.endswith(": passed") for c in checks)
 

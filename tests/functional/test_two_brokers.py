@@ -81,7 +81,7 @@ def test_refusals_hold_and_each_event_is_sealed_once_with_two_brokers(rig: Rig, 
     # the run's token, the revoked task's, the delivery's: no serve minted anything for the revived
     assert len(rig.events("task.dispatched")) == 3
     assert set(git_refs(rig.bare("acme/web"))) == {"refs/heads/main", f"refs/heads/intake/{done.id}",
-                                                   f"refs/intake/{done.id}"}
+                                                   f"refs/intake/{done.id}", "refs/notes/intake"}
 
     # Each event sealed once, in one chain, by whichever process got there first.
     rig.broker.audit.seal_pending()

@@ -64,6 +64,20 @@ def test_hostile_text_is_escaped_in_card_json() -> None:
     assert "<!channel>" not in raw and "<https://" not in raw
 
 
+def test_decoded_slack_text_is_escaped_once_on_the_card() -> None:
+    # What capture stores for Slack's "MSc &amp; MBA &lt;3" is the decoded text; the card
+    # escapes it for mrkdwn exactly once.
+    text = block(card(text="MSc & MBA <3"), "idea_text")["text"]["text"]
+    assert text == "MSc &amp; MBA &lt;3"
+
+
+def test_hidden_characters_are_marked_on_the_card_and_in_the_title() -> None:
+    blocks = card(text="ok\u200b\u202eexe.txt", title="T\u2066itle")
+    assert block(blocks, "idea_text")["text"]["text"] == "ok⟨U+200B⟩⟨U+202E⟩exe.txt"
+    raw = json.dumps(blocks, ensure_ascii=False)
+    assert "T⟨U+2066⟩itle" in raw and "\u202e" not in raw and "\u2066" not in raw
+
+
 @pytest.mark.parametrize(
     "field", ["requester_label", "source_channel", "state_line", "idea_id", "spec_hash_short"]
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,12 +38,13 @@ async def test_web_client_calls_are_answered_and_recorded(sim: SlackSim) -> None
     assert auth["team_id"] == "T00000001"
 
     blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": "hi"}}]
+    before = int(time.time())
     first = await client.chat_postMessage(
         channel="C0123", text="hi", blocks=blocks, unfurl_links=False
     )
     second = await client.chat_postMessage(channel="C0123", text="again", thread_ts=first["ts"])
     assert first["channel"] == "C0123"
-    assert first["ts"] == "1700000000.000100"
+    assert re.fullmatch(r"[0-9]{10}\.[0-9]{6}", first["ts"]) and float(first["ts"]) >= before  # stamped now
     assert float(second["ts"]) > float(first["ts"])
     assert second["message"]["thread_ts"] == first["ts"]
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from intake.workers.gates import check_build_files, check_dependencies, check_paths, is_build_file
+from intake.policy import Dependencies
+from intake.workers.deps.gate import check_dependency_change
+from intake.workers.gates import check_build_files, check_paths, is_build_file
 from intake.workers.workspace import ChangedFile
 
 DOCS = ("docs/**", "**/*.md")
@@ -70,13 +72,30 @@ def test_build_files_change_only_in_a_dependency_bump() -> None:
     ]
 
 
+def test_lockfiles_change_in_a_dependency_bump_but_are_never_removed() -> None:
+    changed = [ChangedFile("uv.lock", "M"), ChangedFile("web/package-lock.json", "A"), ChangedFile("go.sum", "M"),
+               ChangedFile("Cargo.lock", "D"), ChangedFile("poetry.lock", "R", "uv.lock"),
+               ChangedFile("yarn.lock", "R", "web/package-lock.json")]
+    assert check_build_files(changed, "dependency-bump") == [
+        "dependency manifest removed: Cargo.lock",
+        "dependency manifest removed: uv.lock",
+        "dependency manifest removed: web/package-lock.json",
+        "build file an agent may not change: yarn.lock",
+    ]
+
+
 BASE = "pytest==8.0\n-r requirements-base.txt\n--only-binary :all:\n"
 
 
 def requirement_reasons(line: str, path: str = "requirements.txt", allow: tuple[str, ...] = ("pytest",)
                         ) -> list[str]:
     before, after = {path: BASE}, {path: BASE + line + "\n"}
-    return check_dependencies([ChangedFile(path, "M")], before.get, after.get, allow)
+    return check(path, before, after, allow)
+
+
+def check(path: str, before: dict[str, str], after: dict[str, str], allow: tuple[str, ...]) -> list[str]:
+    rules = Dependencies.model_validate({"allow": [f"pypi:{a}" for a in allow], "licenses": {"unknown": "allow"}})
+    return check_dependency_change([ChangedFile(path, "M")], before.get, after.get, rules).reasons
 
 
 @pytest.mark.parametrize("line", [
@@ -110,7 +129,7 @@ def requirement_reasons(line: str, path: str = "requirements.txt", allow: tuple[
 ])
 def test_refused_requirement_lines_are_never_allowlisted(line: str) -> None:
     reasons = requirement_reasons(line)
-    assert reasons == [f"requirement line not allowed: {' '.join(line.split())} (requirements.txt)"]
+    assert reasons == [f"dependency: requirement line not allowed: {' '.join(line.split())} (requirements.txt)"]
 
 
 @pytest.mark.parametrize("line", [
@@ -127,16 +146,16 @@ def test_includes_resolve_relative_to_the_manifest() -> None:
     # svc/requirements.txt including ../requirements-base.txt stays inside the tree.
     assert requirement_reasons("-r ../requirements-base.txt", "svc/requirements.txt") == []
     assert requirement_reasons("-r ../../requirements-base.txt", "svc/requirements.txt") == [
-        "requirement line not allowed: -r ../../requirements-base.txt (svc/requirements.txt)"
+        "dependency: requirement line not allowed: -r ../../requirements-base.txt (svc/requirements.txt)"
     ]
 
 
 def test_requirement_lines_use_a_real_parser() -> None:
     assert requirement_reasons("Flask_Login[extra]>=0.6", allow=("pytest", "flask-login")) == []
     assert requirement_reasons("pytest (>=8") == [
-        "dependency not on the allowlist: requirements.txt: unparseable manifest (requirements.txt)"
+        "dependency: unparseable dependency file: requirements.txt"
     ]
     # An existing refused line that the change leaves alone is not the agent's doing.
     before = {"requirements.txt": "--index-url https://internal.example/simple\npytest==8.0\n"}
     after = {"requirements.txt": "--index-url https://internal.example/simple\npytest==8.1\n"}
-    assert check_dependencies([ChangedFile("requirements.txt", "M")], before.get, after.get, ["pytest"]) == []
+    assert check("requirements.txt", before, after, ("pytest",)) == []

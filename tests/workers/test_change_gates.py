@@ -67,7 +67,7 @@ def test_a_requirements_option_that_adds_a_package_source_is_blocked(rig: Rig, o
     task = rig.promote(change_type="dependency-bump")
     rig.work(rig.config(agent=sh(f"printf 'pytest==8.0\\n{option}\\n' > requirements.txt")))
     # pytest is on the example allowlist; the option line never is.
-    assert blocked(rig, task.id) == [f"requirement line not allowed: {option} (requirements.txt)"]
+    assert blocked(rig, task.id) == [f"dependency: requirement line not allowed: {option} (requirements.txt)"]
     assert not branches(rig.bare("acme/web"))
 
 
@@ -76,7 +76,8 @@ def test_an_allowlisted_bump_passes_and_is_pushed(rig: Rig) -> None:
     rig.work(rig.config(agent=sh("printf 'pytest==8.1\\nruff>=0.5\\n' > requirements.txt")))
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED, done.reason
-    assert branches(rig.bare("acme/web")) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}"}
+    assert branches(rig.bare("acme/web")) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}",
+                                              "refs/notes/intake"}
 
 
 # The hostile agent: it rewrites the base blob of requirements.txt in every git object store it
@@ -117,5 +118,5 @@ def test_rewriting_the_base_blob_does_not_blind_the_dependency_gate(rig: Rig, tm
     ended = rig.task(task.id)
     # The attack did happen: a base object within the agent's reach was rewritten.
     assert "rewrote 1 base object(s)" in (ended.result or {}).get("output_tail", ""), ended.result
-    assert blocked(rig, task.id) == ["dependency not on the allowlist: requests (requirements.txt)"]
+    assert blocked(rig, task.id) == ["dependency: unlisted package: pypi:requests 2.32.0"]
     assert not branches(bare)

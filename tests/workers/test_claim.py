@@ -53,7 +53,7 @@ def test_forged_token_job_is_refused_and_the_real_job_still_runs(rig: Rig) -> No
     assert refusal_reasons(rig) == ["token_unknown_key"]
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED and done.attempts == 1
-    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}"}
+    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}", "refs/notes/intake"}
 
 
 def test_spec_edited_in_redis_runs_only_the_signed_spec(rig: Rig) -> None:
@@ -115,7 +115,7 @@ def test_reviving_revoked_denied_and_succeeded_tasks_runs_and_mints_nothing(rig:
     assert {t: dispatches(rig, t) for t in before} == before
     assert [e for e in rig.events("task.running") if e["subject"] != succeeded.id] == []
     assert len([e for e in rig.events("task.running") if e["subject"] == succeeded.id]) == 1
-    assert pushed(rig) == set() and len(pushed(rig, "acme/payments")) == 2  # the quarantine ref and the branch
+    assert pushed(rig) == set() and len(pushed(rig, "acme/payments")) == 3  # the quarantine ref, the branch, its note
     reasons = refusal_reasons(rig)
     # the denied task never had a token: the only one the attacker has is another task's
     assert {"task_revoked", "task_succeeded", "token_mismatch"} >= set(reasons) and len(reasons) >= 3

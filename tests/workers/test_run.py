@@ -75,7 +75,7 @@ def test_a_dependency_off_the_allowlist_blocks_the_run(rig: Rig) -> None:
     ended = rig.task(task.id)
     assert ended.state is TaskState.BLOCKED
     assert ended.result is not None
-    assert ended.result["gates"] == ["dependency not on the allowlist: requests (requirements.txt)"]
+    assert ended.result["gates"] == ["dependency: unlisted package: pypi:requests 2.31"]
     assert not pushed(rig)
 
 
@@ -177,7 +177,7 @@ def test_a_forge_error_keeps_the_pushed_branch(rig: Rig, fake_forge: FakeForge, 
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED and (done.result or {})["pr_url"] is None
     assert (done.result or {})["pr_error"] == "pull request not created: the forge answered HTTP 422"
-    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}"}
+    assert pushed(rig) == {f"refs/heads/intake/{task.id}", f"refs/intake/{task.id}", "refs/notes/intake"}
 
 
 def test_git_credentials_for_local_repos_are_refused_by_the_config(rig: Rig) -> None:

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from intake.workers.agents import DemoAgent, build_prompt
+from intake.policy import Dependencies
+from intake.workers.deps.gate import check_dependency_change
 from intake.workers.gates import run_gates
 from intake.workers.snapshot import SnapshotError, blob_id
 from intake.workers.sandbox import Sandbox
@@ -438,8 +440,6 @@ def test_demo_agent_change_passes_the_gates_and_is_pushed(ws: Workspace, remote:
     reasons = run_gates(
         changed=changed, branch="intake/T-10", branch_prefix="intake",
         change_type="docs", change_type_paths=["docs/**", "**/*.md"], allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
-        read_before=ws.read_base, read_after=ws.read_head,
-        dependency_allowlist=[],
     )
     assert reasons == []
     assert remote.ref("refs/heads/intake/T-10") is None
@@ -452,15 +452,17 @@ def test_gates_see_a_blocked_change_and_a_new_dependency(ws: Workspace) -> None:
     (ws.path / "payments/keys/k.pem").unlink()
     write(ws.path, "docs/requirements.txt", "requests==2.32.0\n")
     ws.commit_all("c")
+    changed = ws.changed_files()
+    deps = check_dependency_change(changed, ws.read_base, ws.read_head,
+                                   Dependencies.model_validate({"allow": ["pypi:attrs"]}))
     reasons = run_gates(
-        changed=ws.changed_files(), branch="intake/T-11", branch_prefix="intake",
+        changed=changed, branch="intake/T-11", branch_prefix="intake",
         change_type="dependency-bump", change_type_paths=["**"], allowed_paths=["docs/**"], blocked_paths=["payments/keys/**"],
-        read_before=ws.read_base, read_after=ws.read_head,
-        dependency_allowlist=["attrs"],
+        dependency_reasons=deps.reasons,
     )
     assert reasons == [
         "blocked path: payments/keys/k.pem",
-        "dependency not on the allowlist: requests (docs/requirements.txt)",
+        "dependency: unlisted package: pypi:requests 2.32.0",
     ]
 
 

@@ -29,6 +29,7 @@ from intake.models import Approver, Channel, Idea, IdeaDraft, is_id, sha256_hex
 from intake.mrkdwn import escape, is_user_id
 from intake.runtime import Broker
 from intake.channels.slack import render
+from intake.channels.text import decode_slack
 
 log = logging.getLogger("intake.channels.slack")
 
@@ -43,6 +44,15 @@ _SUBCOMMAND = re.compile(r"^(status|revoke)\s+([IT]-[0-9a-f]{12})(?:\s+(.*))?$",
 _LEADING_MENTION = re.compile(r"^\s*<@[UW][A-Z0-9]+>\s*")
 # Which modal field a refusal belongs on (Slack shows errors under input blocks).
 _FIELD = {"repo_not_allowed": "repo", "change_type_not_allowed": "change_type", "wrong_group": "repo"}
+
+
+def _command_delivery(command: dict[str, Any], request: Any) -> str:
+    """A slash command's delivery id, unique per workspace and user: Slack's trigger id, or,
+    when a request carries none, the hash of its signed body (so two people's commands never
+    share one id, while a retry of the same request still does)."""
+    sender = f"cmd:{command.get('team_id', '')}:{command.get('user_id', '')}"
+    trigger = str(command.get("trigger_id") or "")
+    return f"{sender}:{trigger}" if trigger else f"{sender}:raw:{_raw_hash(request)}"
 
 
 def _raw_hash(request: Any) -> str:
@@ -124,7 +134,7 @@ class SlackIntake:
         """Handle ``/intake …`` and return the (ephemeral) reply: help, status, revoke, or a
         durable capture. Shared by the bolt listener and the HTTP fast path."""
         user = command.get("user_id", "")
-        text = (command.get("text") or "").strip()
+        text = decode_slack(str(command.get("text") or "")).strip()
         if not is_user_id(user):
             return "intake: this request has no valid Slack user"
         if text in ("", "help"):
@@ -135,7 +145,7 @@ class SlackIntake:
                 return await self._status(user, ident)
             return await self._revoke(user, ident, (rest or "").strip() or "revoked from Slack")
         _, _, reply = await self._capture(
-            user=user, delivery_id=f"cmd:{command.get('trigger_id', '')}", text=text, request=request,
+            user=user, delivery_id=_command_delivery(command, request), text=text, request=request,
             provenance={"via": "slash_command", "channel_id": command.get("channel_id", ""),
                         "team_id": command.get("team_id", "")},
         )
@@ -146,14 +156,14 @@ class SlackIntake:
         user = event.get("user", "")
         if event.get("bot_id") or not is_user_id(user):
             return  # bots (including ourselves) cannot file ideas
-        text = _LEADING_MENTION.sub("", event.get("text") or "", count=1)
+        text = decode_slack(_LEADING_MENTION.sub("", str(event.get("text") or ""), count=1))
         channel = event.get("channel")
         if not text.strip():
             await self._ephemeral(client, channel, user, HELP)
             return
         delivery = body.get("event_id") or f"{channel}:{event.get('ts')}"
         idea, created, reply = await self._capture(
-            user=user, delivery_id=f"ev:{delivery}", text=text, request=request,
+            user=user, delivery_id=f"ev:{body.get('team_id') or ''}:{delivery}", text=text, request=request,
             provenance={"via": "app_mention", "channel_id": channel or "", "message_ts": event.get("ts") or "",
                         "team_id": body.get("team_id") or ""},
         )
@@ -171,7 +181,7 @@ class SlackIntake:
         # who filed it. A bot's message has no person behind it: then the presser is the requester.
         author = message.get("user") or ""
         idea, created, reply = await self._capture(
-            user=user, delivery_id=f"sc:{channel}:{message.get('ts')}:{user}", text=message.get("text") or "",
+            user=user, delivery_id=f"sc:{channel}:{message.get('ts')}:{user}", text=decode_slack(str(message.get("text") or "")),
             request=request, author=author if is_user_id(author) else None,
             provenance={"via": "message_shortcut", "channel_id": channel, "message_ts": message.get("ts") or "",
                         "message_author": message.get("user") or message.get("bot_id") or "unknown",

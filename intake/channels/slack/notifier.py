@@ -1,16 +1,22 @@
 """Slack follow-ups from the outbox: idea cards, in-place card updates and thread messages.
 
-Each handler acts on the subject's *current* state, so a redelivered event is harmless: a card
-is posted only while the idea has none, and an update re-renders what is true now. All text that
-came from a channel is escaped by the templates; mentions are built only from validated ids.
+Each handler acts on the subject's *current* state, so a redelivered event is harmless: an update
+re-renders what is true now, and a card is posted only while the idea has none, under a
+reservation that makes it once across crashes and replicas (:mod:`intake.channels.slack.cards`).
+Every Slack call is cut off at a quarter of the outbox lease, so nothing this consumer started is
+still running when another one may take the delivery over. All text that came from a channel is
+escaped by the templates; mentions are built only from validated ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -18,8 +24,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 from intake.models import IDEA_PENDING, AuditEvent, Idea, Task, TaskState
 from intake.mrkdwn import is_user_id
 from intake.outbox import Delivery, Outbox
+from intake.redis_outage import OUTAGE_ERRORS
 from intake.runtime import Broker
 from intake.channels.slack import render
+from intake.channels.slack.cards import UNCERTAIN, CardReservations, card_metadata, find_posted_card
 
 log = logging.getLogger("intake.channels.slack.notifier")
 
@@ -30,6 +38,28 @@ _TELL_REQUESTER = {"queued", "running", "succeeded", "failed", "blocked", "revok
                    "awaiting_result_approval"}
 #: The events on which a run's quarantined result is shown as a result card.
 _RESULT_EVENTS = {"task.awaiting_result_approval", "task.delivering"}
+# How far before the idea's capture a card of it may be stamped (clock skew between hosts).
+_CARD_SKEW_S = 300.0
+
+T = TypeVar("T")
+
+
+class CardBusy(Exception):
+    """Another consumer holds the idea's card reservation: try again in ``wait_s``."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"card reserved for {wait_s:.1f}s")
+        self.wait_s = wait_s
+
+
+def retry_after_of(exc: SlackApiError) -> float | None:
+    """The Retry-After seconds of a 429 answer (1 when absent or unreadable), else None."""
+    if exc.response.status_code != 429:
+        return None
+    try:
+        return min(max(float(exc.response.headers.get("Retry-After", 1)), 0.0), 3600.0)
+    except (TypeError, ValueError):
+        return 1.0
 
 
 def slack_user_of(identity: str) -> str | None:
@@ -110,6 +140,21 @@ class SlackNotifier:
         self.client = client
         self.outbox = outbox
         self.pacer = pacer or Pacer(5.0)
+        self.call_timeout = outbox.lease_s / 4
+        # An in-flight mark lives as long as its event may still be retried.
+        self.cards = CardReservations(broker.client, broker.settings.key_prefix, lease_s=outbox.lease_s,
+                                      inflight_ttl_s=2 * outbox.max_age_s)
+        self._bot_user: str | None = None
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        """One Slack call, cut off well inside the lease (module doc)."""
+        return await asyncio.wait_for(call, self.call_timeout)
+
+    async def bot_user(self) -> str:
+        """Our bot's user id (``auth.test``, asked once): only its messages are cards."""
+        if self._bot_user is None:
+            self._bot_user = str((await self._call(self.client.auth_test()))["user_id"])
+        return self._bot_user
 
     async def run(self, stop: asyncio.Event, *, block_ms: int = 500) -> None:
         """Deliver until ``stop`` is set. Failures stay pending and are retried later; a Redis
@@ -118,8 +163,17 @@ class SlackNotifier:
             try:
                 await asyncio.to_thread(self.outbox.ensure_group)
                 deliveries = await asyncio.to_thread(self.outbox.fetch, self.pacer.burst, block_ms)
-                for delivery in deliveries:
+                # Start deliveries only in the first third of their lease, so each one ends
+                # while it is still ours; the rest go back for anyone to take.
+                deadline = time.monotonic() + self.outbox.lease_s / 3
+                for n, delivery in enumerate(deliveries):
+                    if time.monotonic() > deadline:
+                        await asyncio.to_thread(self.outbox.hand_back, deliveries[n:])
+                        break
                     await self.deliver(delivery)
+            except OUTAGE_ERRORS as exc:  # cards wait in the outbox; noted once per outage
+                self.broker.outage.failed(exc, "the Slack outbox")
+                await asyncio.sleep(1)
             except Exception as exc:
                 log.warning("outbox loop fault: %s; retrying", type(exc).__name__)
                 await asyncio.sleep(1)
@@ -127,12 +181,17 @@ class SlackNotifier:
     async def deliver(self, delivery: Delivery) -> None:
         try:
             await self.handle(delivery.event)
+        except CardBusy as busy:  # another consumer is posting this card right now
+            await asyncio.to_thread(self.outbox.later, delivery, busy.wait_s)
+            return
         except SlackApiError as exc:
-            if exc.response.status_code == 429:  # Slack says slow down: everyone waits
-                self.pacer.pause(float(exc.response.headers.get("Retry-After", 1)))
+            retry_after = retry_after_of(exc)
+            if retry_after is not None:  # Slack says slow down: everyone waits
+                self.pacer.pause(retry_after)
             log.warning("slack delivery of %s %s failed: %s", delivery.event.action,
                         delivery.event.subject, exc.response.get("error"))
-            await asyncio.to_thread(self.outbox.failed, delivery, str(exc.response.get("error")))
+            await asyncio.to_thread(self.outbox.failed, delivery, str(exc.response.get("error")),
+                                    retry_after=retry_after)
             return
         except Exception as exc:
             log.warning("slack delivery of %s %s failed: %s", delivery.event.action,
@@ -155,19 +214,68 @@ class SlackNotifier:
             await self.refresh(idea, event, task)
 
     async def post_card(self, idea: Idea) -> None:
+        """Post the idea's card once (module doc of :mod:`intake.channels.slack.cards`)."""
         if idea.card is not None or idea.state not in IDEA_PENDING:
             return  # already posted, or nothing left to approve
         channel = self.broker.policy.approvals_channel
         await self.pacer.take()
-        resp = await self.client.chat_postMessage(
-            channel=channel,
-            blocks=card_blocks(idea, None, self.broker.settings.console_origin),
-            text=render.fallback_text(f"New idea {idea.id}: {idea.title}"),
-            unfurl_links=False,
-            unfurl_media=False,
-        )
+        token = secrets.token_hex(8)
+        got = await asyncio.to_thread(self.cards.reserve, idea.id, token)
+        if got < 0:
+            raise CardBusy(-got / 1000)
+        if got == UNCERTAIN:  # an earlier post may have landed: look before posting again
+            try:
+                found = await self._call(find_posted_card(
+                    self.client, channel, idea.id, bot_user=await self.bot_user(),
+                    oldest=idea.created_at - _CARD_SKEW_S,
+                ))
+            except BaseException:
+                await asyncio.to_thread(self.cards.release, idea.id, token)  # nothing of ours in flight
+                raise
+            if found:
+                log.info("card of %s was already posted; recording it", idea.id)
+                for card in found:
+                    await self._record_card(idea.id, card)
+                await asyncio.to_thread(self.cards.release, idea.id, token)
+                return
+        # On the sealed log before Slack hears of it: however Redis is rewritten, every post
+        # that was ever attempted shows (README, "Delivery guarantees").
+        await asyncio.to_thread(self.broker.audit.record, "system", "card.posting", idea.id,
+                                channel=channel, attempt=token, looked=got == UNCERTAIN)
+        try:
+            resp = await self._call(self.client.chat_postMessage(
+                channel=channel,
+                blocks=card_blocks(idea, None, self.broker.settings.console_origin),
+                text=render.fallback_text(f"New idea {idea.id}: {idea.title}"),
+                metadata=card_metadata(idea.id),
+                unfurl_links=False,
+                unfurl_media=False,
+            ))
+        except SlackApiError as exc:
+            if exc.response.status_code < 500:  # Slack refused it: no card was made
+                await asyncio.to_thread(self.cards.not_posted, idea.id, token)
+            else:  # a server error may come after the post: keep the mark, look next time
+                await asyncio.to_thread(self.cards.release, idea.id, token)
+            raise
+        # Timeouts, lost connections and crashes leave the lock to expire and the mark set.
+        await self._record_card(idea.id, {"channel": str(resp["channel"]), "ts": str(resp["ts"])})
+        await asyncio.to_thread(self.cards.release, idea.id, token)
+
+    async def _record_card(self, idea_id: str, card: dict[str, str]) -> None:
+        """Record ``card`` as the idea's; if another card was recorded first, this one is a
+        duplicate (only possible when the reservation was tampered with): delete it from
+        Slack and audit ``card.duplicate``."""
+        announced = await asyncio.to_thread(self.broker.store.announce, idea_id, card)
+        if announced.card == card or announced.card is None:
+            return
+        log.error("a second card was posted for %s; deleting it", idea_id)
+        deleted = False
+        with contextlib.suppress(SlackApiError, TimeoutError):
+            await self._call(self.client.chat_delete(channel=card["channel"], ts=card["ts"]))
+            deleted = True
         await asyncio.to_thread(
-            self.broker.store.announce, idea.id, {"channel": str(resp["channel"]), "ts": str(resp["ts"])}
+            self.broker.audit.record, "system", "card.duplicate", idea_id,
+            channel=card["channel"], kept_ts=announced.card["ts"], duplicate_ts=card["ts"], deleted=deleted,
         )
 
     async def refresh(self, idea: Idea, event: AuditEvent, task: Task | None = None) -> None:
@@ -177,10 +285,10 @@ class SlackNotifier:
             task = await asyncio.to_thread(self.broker.store.get_task, idea.task_id)
         channel, ts = idea.card["channel"], idea.card["ts"]
         await self.pacer.take()
-        await self.client.chat_update(
+        await self._call(self.client.chat_update(
             channel=channel, ts=ts, blocks=card_blocks(idea, task, self.broker.settings.console_origin),
             text=render.fallback_text(f"Idea {idea.id}: {state_line(idea, task)}"),
-        )
+        ))
         state, detail, notify, link = self._thread_update(idea, task, event)
         if task is not None and task.result and event.action in _RESULT_EVENTS and "attempt" in event.data:
             # The run's own result event (not an acceptance): the card with the facts.
@@ -190,11 +298,11 @@ class SlackNotifier:
             blocks = render.status_message(subject_id=event.subject, state=state, detail=detail, link=link,
                                            notify=notify)
         await self.pacer.take()
-        await self.client.chat_postMessage(
+        await self._call(self.client.chat_postMessage(
             channel=channel, thread_ts=ts, blocks=blocks,
             text=render.fallback_text(f"{event.subject} is now {state}"),
             unfurl_links=False, unfurl_media=False,
-        )
+        ))
 
     def _thread_update(
         self, idea: Idea, task: Task | None, event: AuditEvent

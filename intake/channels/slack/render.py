@@ -26,6 +26,7 @@ from typing import Any
 import jinja2
 
 from intake import mrkdwn
+from intake.channels.text import visible
 from intake.resources import TEMPLATES_DIR
 
 
@@ -207,7 +208,10 @@ def idea_card(
     so an approval binds to the spec the card showed). ``passkey_url`` adds an "Approve with
     passkey" link button to that action's console page.
     """
-    shown, truncated = cap_for_mrkdwn(text, DISPLAY_TEXT_MAX)
+    # Hidden characters (zero-width, bidi controls, tags) are shown as ⟨U+XXXX⟩ markers, the
+    # same as in the console, so the card shows what the agent would get.
+    shown, truncated = cap_for_mrkdwn(visible(text), DISPLAY_TEXT_MAX)
+    title = visible(title)
     items = list(provenance.items())
     data = render(
         "slack/idea_card.json.j2",
@@ -248,7 +252,7 @@ def promote_modal(
     return render(
         "slack/promote_modal.json.j2",
         idea_id=idea_id,
-        sections=mrkdwn_chunks(text) if text else [],
+        sections=mrkdwn_chunks(visible(text)) if text else [],
         repos=_options(repos, "repos"),
         change_types=_options(change_types, "change_types"),
         private_metadata=private_metadata,

@@ -17,25 +17,28 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+import redis
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from intake.capture_queue import CaptureQueue
 from intake.errors import ConfigError
 from intake.outbox import Outbox
+from intake.redis_outage import OUTAGE_ERRORS, unavailable
 from intake.runtime import Broker
 from intake.settings import Settings
 from intake.channels.slack.listeners import SlackIntake
 from intake.channels.slack.notifier import GROUP, Pacer, SlackNotifier
+from intake.channels.slack.parse import SlackBodyError, parse_slack_body
 from intake.channels.slack.verify import slack_verification_middleware, verified_body
 
 log = logging.getLogger("intake.channels.slack")
@@ -79,6 +82,21 @@ def slack_mode(settings: Settings) -> SlackMode:
     return SlackMode(http=bool(signing), socket=bool(app))
 
 
+def outbox_for(settings: Settings, broker: Broker) -> Outbox:
+    """This process's consumer of the Slack notifier's outbox group, tuned by the settings."""
+    return Outbox(broker.audit, GROUP, retry_ms=settings.outbox_retry_ms, retry_cap_s=settings.outbox_retry_cap,
+                  max_age_s=settings.outbox_max_age, lease_s=settings.outbox_lease)
+
+
+def notifier_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWebClient:
+    """The notifier's own Web API client: no automatic retries (slack_sdk's default retries a
+    lost connection, which would post a card a second time; the outbox retries instead)."""
+    assert settings.slack_bot_token is not None
+    kwargs = {"base_url": settings.slack_api_url} if settings.slack_api_url else {}
+    return AsyncWebClient(token=settings.slack_bot_token.get_secret_value(), session=session,
+                          retry_handlers=[], **kwargs)
+
+
 def build_bolt(
     settings: Settings, broker: Broker, capture: CaptureQueue, session: aiohttp.ClientSession
 ) -> tuple[AsyncApp, SlackIntake]:
@@ -97,24 +115,46 @@ def build_bolt(
     )
     listeners = SlackIntake(broker, capture.capture)
     listeners.register(app)
+
+    async def on_error(error: Exception, response: BoltResponse | None) -> BoltResponse:
+        # A Redis outage is noted once (the outage tracker logs it, not every request).
+        if isinstance(error, OUTAGE_ERRORS):
+            broker.outage.failed(error, "a Slack listener")
+            return BoltResponse(status=503, body='{"error": "redis_unavailable"}',
+                                headers={"content-type": ["application/json"]})
+        return await on_bolt_error(error, response)
+
+    app.error(on_error)
     return app, listeners
 
 
 async def slack_events(request: web.Request) -> web.StreamResponse:
-    """The one HTTP endpoint: bolt sees only bytes the middleware already verified."""
+    """The one HTTP endpoint: bolt sees only bytes the middleware already verified, and only
+    once their shape is one bolt and the listeners can handle (intake.channels.slack.parse)."""
     try:
-        body = verified_body(request).decode("utf-8")
-    except UnicodeDecodeError:
-        return web.json_response({"error": "invalid request"}, status=400)
-    if request.content_type == "application/x-www-form-urlencoded":
-        form = urllib.parse.parse_qs(body, keep_blank_values=True)
-        if form.get("command") == ["/intake"] and "payload" not in form:
-            command = {key: values[0] for key, values in form.items()}
-            reply = await request.app[LISTENERS].command_reply(command, body)
-            return web.json_response({"text": reply})
-    bolt_request = AsyncBoltRequest(body=body, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
+        parsed = parse_slack_body(request.content_type, verified_body(request))
+    except SlackBodyError as exc:
+        log.info("slack request refused reason=%s", exc.reason)
+        return web.json_response({"error": "invalid request"}, status=exc.status)
+    command = parsed.command
+    if command is not None and command.get("command") == "/intake":
+        reply = await request.app[LISTENERS].command_reply(command, parsed.text)
+        return web.json_response({"text": reply})
+    bolt_request = AsyncBoltRequest(body=parsed.text, query=request.query_string, headers=request.headers)  # type: ignore[arg-type]
     response = await request.app[BOLT].async_dispatch(bolt_request)
+    if response.status >= 500 and request.app[LISTENERS].broker.outage.down:
+        return unavailable()  # Slack retries; the retry is deduplicated by its delivery id
     return await to_aiohttp_response(response)
+
+
+async def on_bolt_error(error: Exception, response: BoltResponse | None) -> BoltResponse:
+    """Bolt's error handler: a failure inside a listener is logged as one line (no body, no
+    traceback of attacker-shaped data) and answered 503 when storage is down (Slack retries),
+    else 400."""
+    storage = isinstance(error, redis.RedisError)
+    log.warning("slack request failed: %s", type(error).__name__)
+    return BoltResponse(status=503 if storage else 400, body='{"error": "invalid request"}',
+                        headers={"content-type": ["application/json"]})
 
 
 def mount_slack(
@@ -136,10 +176,8 @@ def mount_slack(
             bolt, listeners = build_bolt(settings, broker, app[capture_key], session)
             app[BOLT], app[LISTENERS] = bolt, listeners
             stop = asyncio.Event()
-            notifier = SlackNotifier(
-                broker, bolt.client, Outbox(broker.audit, GROUP, retry_ms=settings.outbox_retry_ms),
-                pacer=Pacer(settings.slack_rate),
-            )
+            notifier = SlackNotifier(broker, notifier_client(settings, session), outbox_for(settings, broker),
+                                     pacer=Pacer(settings.slack_rate))
             task = asyncio.create_task(notifier.run(stop), name="slack-notifier")
             handler = None
             if mode.socket:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from intake.channels.webhooks import WebhookRefused, read_capped
 from intake.errors import IntakeError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class SlackAuthError(IntakeError):
     """A Slack request failed verification; ``reason`` is a stable tag for logs and metrics.
 
     Tags: ``missing_timestamp``, ``bad_timestamp``, ``stale_timestamp``, ``missing_signature``,
-    ``bad_signature_format``, ``signature_mismatch``, ``body_too_large``.
+    ``bad_signature_format``, ``signature_mismatch``, ``body_too_large``, ``incomplete_body``.
     """
 
     exit_code = 1
@@ -129,25 +130,12 @@ def _single_header(request: web.Request, name: str, duplicate_reason: str) -> st
 
 
 async def _read_capped(request: web.Request, max_body: int) -> bytes:
-    """Read the body, buffering at most ``max_body + 1`` bytes whatever the client sends."""
-    declared = request.content_length
-    if declared is not None:
-        if declared > max_body:
-            raise SlackAuthError("body_too_large")
-        # aiohttp stops a body at its declared length, so one read is already capped.
-        return await request.read()
-    chunks: list[bytes] = []
-    total = 0
-    while total <= max_body:
-        # Ask for at most one byte past the cap: enough to know the body is too big.
-        chunk = await request.content.read(max_body + 1 - total)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    if total > max_body:
-        raise SlackAuthError("body_too_large")
-    return b"".join(chunks)
+    """The body, at most ``max_body`` bytes (the webhooks' one capped reader); too large is
+    ``body_too_large``, a client hanging up mid-body ``incomplete_body``."""
+    try:
+        return await read_capped(request, max_body)
+    except WebhookRefused as exc:
+        raise SlackAuthError(exc.reason) from None
 
 
 def _request_id(request: web.Request) -> str:
@@ -215,7 +203,9 @@ def slack_verification_middleware(
                 log.warning(
                     "slack request refused reason=%s request_id=%s", err.reason, _request_id(request)
                 )
-            return web.Response(body=_INVALID, status=401, content_type="application/json")
+            # A body cut short is a bad request (nobody is left to read the answer anyway).
+            status = 400 if err.reason == "incomplete_body" else 401
+            return web.Response(body=_INVALID, status=status, content_type="application/json")
         request[SLACK_RAW_BODY] = body
         return await handler(request)
 

@@ -1,0 +1,112 @@
+"""GitHub issues as a channel: ``POST /webhooks/github``.
+
+Transport: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, raw body)>``, checked in
+constant time before the body is parsed. ``X-GitHub-Delivery`` (a GUID, the same on a
+redelivery) is the delivery id, namespaced by the repository id.
+
+Events: ``ping`` is answered; ``issues`` ``opened`` is captured (or, when
+``INTAKE_GITHUB_LABEL`` is set, only ``labeled`` with that label: GitHub sends ``opened`` and
+``labeled`` for an issue created with labels, and one issue must be one idea);
+``issue_comment`` ``created`` whose body starts with ``/intake`` captures the words after it.
+Bots' events are ignored (our own reply must never file an idea). The requester is
+``github:<login>`` of whoever wrote the words; their ``author_association`` is provenance only:
+it grants nothing, and a forge identity can never approve (approvals happen only through the
+broker's API with a step-up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from intake.channels.replies import Reply
+from intake.channels.webhooks import (
+    Outcome, check_hmac_sha256, field, forge_identity, single_header, slash_intake, token,
+)
+from intake.models import Channel, IdeaDraft, sha256_hex
+from intake.settings import Settings
+
+_ASSOCIATIONS = {"COLLABORATOR", "CONTRIBUTOR", "FIRST_TIMER", "FIRST_TIME_CONTRIBUTOR", "MANNEQUIN",
+                 "MEMBER", "NONE", "OWNER"}
+
+
+@dataclass(frozen=True)
+class GitHub:
+    """The GitHub webhook channel, configured from settings."""
+
+    secret: str
+    label: str = ""
+    api_url: str = "https://api.github.com"
+    token: str = ""
+    name: str = "github"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GitHub | None:
+        if settings.github_webhook_secret is None:
+            return None
+        return cls(secret=settings.github_webhook_secret.get_secret_value(), label=settings.github_label,
+                   api_url=settings.github_api_url,
+                   token=settings.github_token.get_secret_value() if settings.github_token else "")
+
+    def verify(self, headers: Mapping[str, str], body: bytes) -> None:
+        check_hmac_sha256(self.secret, body, single_header(headers, "X-Hub-Signature-256"))
+
+    def parse(self, headers: Mapping[str, str], payload: dict[str, Any], body: bytes) -> Outcome:
+        event = token(single_header(headers, "X-GitHub-Event"), "event")
+        delivery = token(single_header(headers, "X-GitHub-Delivery"), "delivery")
+        if event == "ping":
+            return Outcome(ignored="pong")
+        if event not in ("issues", "issue_comment"):
+            return Outcome(ignored=f"event {event}")
+        action = field(payload, "action")
+        if field(payload, "sender", "type", required=False) == "Bot":
+            return Outcome(ignored="bot")
+        repo = field(payload, "repository", "full_name")
+        repo_id = token(field(payload, "repository", "id", kind=int), "repository.id")
+        number = field(payload, "issue", "number", kind=int)
+        issue_title = field(payload, "issue", "title")
+        if event == "issues":
+            if not self._takes(action, payload):
+                return Outcome(ignored=f"issues.{token(action, 'action')}")
+            author = field(payload, "issue", "user", kind=dict)
+            text = f"{issue_title}\n\n{field(payload, 'issue', 'body', required=False) or ''}".strip()
+            via, url = "issue", field(payload, "issue", "html_url", required=False) or ""
+        else:
+            if action != "created":
+                return Outcome(ignored=f"issue_comment.{token(action, 'action')}")
+            author = field(payload, "comment", "user", kind=dict)
+            words = slash_intake(field(payload, "comment", "body", required=False) or "")
+            if words is None:
+                return Outcome(ignored="no /intake command")
+            text, via = words, "issue_comment"
+            url = field(payload, "comment", "html_url", required=False) or ""
+        if field(author, "type", required=False) == "Bot":
+            return Outcome(ignored="bot")
+        login = field(author, "login")
+        association = field(payload, via if via == "issue" else "comment", "author_association", required=False)
+        draft = IdeaDraft(
+            channel=Channel.GITHUB, requester=forge_identity("github", login), delivery_id=f"{repo_id}:{delivery}",
+            text=text, title=issue_title[:200],
+            provenance={"via": via, "repo": repo[:200], "issue": str(number), "login": login,
+                        "author_association": association if association in _ASSOCIATIONS else "unknown",
+                        "delivery": delivery, "url": url[:500]},
+            raw_sha256=sha256_hex(body),
+        )
+        return Outcome(draft=draft, reply=self._reply(repo, number))
+
+    def _takes(self, action: Any, payload: dict[str, Any]) -> bool:
+        if not self.label:
+            return action == "opened"
+        return action == "labeled" and field(payload, "label", "name", required=False) == self.label
+
+    def _reply(self, repo: str, number: int) -> Any:
+        if not self.token:
+            return None
+        owner, _, name = repo.partition("/")
+        url = (f"{self.api_url.rstrip('/')}/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
+               f"/issues/{number}/comments")
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/vnd.github+json",
+                   "X-GitHub-Api-Version": "2022-11-28", "User-Agent": "intake"}
+        return lambda text: Reply(url=url, json={"body": text}, headers=headers)

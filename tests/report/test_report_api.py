@@ -1,0 +1,47 @@
+"""``GET /api/v1/report``: authenticated like every API call, the window validated, and the
+CLI's one-line errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from click.testing import CliRunner
+
+from intake.cli import cli
+from tests.api_harness import RunningBroker
+
+
+def get(url: str, path: str) -> tuple[int, Any]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    conn.request("GET", "/api/v1" + path)
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read())
+    conn.close()
+    return out
+
+
+def test_the_report_needs_a_caller(api: RunningBroker) -> None:
+    status, body = get(api.tcp_url, "/report")  # TCP without a token
+    assert status == 401 and body["error"] == "unauthenticated"
+
+
+@pytest.mark.parametrize("since", ["yesterday", "7d%0A", "1e9d"])
+def test_a_malformed_window_is_a_400_and_a_one_line_error(api: RunningBroker, env: dict[str, str], since: str) -> None:
+    result = CliRunner().invoke(cli, ["report", "--since", since.replace("%0A", "\n")], env=env)
+    assert result.exit_code != 0 and "--since" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_log_reports_zeros_without_inventing_shares(api: RunningBroker, env: dict[str, str]) -> None:
+    result = CliRunner().invoke(cli, ["report", "--format", "json"], env=env, catch_exceptions=False)
+    fig = json.loads(result.stdout)
+    assert (fig["ideas"], fig["delivered"], fig["segments"]) == (0, 0, [])
+    assert fig["provenance"]["share"] is None and fig["time_to_promote"] == {"count": 0, "p50": None, "p90": None,
+                                                                            "mean": None}
+    text = CliRunner().invoke(cli, ["report"], env=env, catch_exceptions=False).stdout
+    assert "provenance: 0 of 0 delivered changes verified (n/a)" in text
