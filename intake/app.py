@@ -46,7 +46,7 @@ async def readyz(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     try:
         await asyncio.to_thread(broker.client.ping)
-        halted = (await asyncio.to_thread(broker.ledger.follow)).halted
+        halted = (await asyncio.to_thread(broker.ledger.follow, seal=False)).halted
     except redis.RedisError:
         return web.json_response({"status": "unavailable", "redis": "down"}, status=503)
     if halted is not None:

@@ -110,11 +110,15 @@ class Ledger:
         self._rechecked = time.monotonic()
 
     # -- following -------------------------------------------------------------------------
-    def follow(self) -> Ledger:
-        """Seal what is pending, then apply every newly sealed entry. Cheap when nothing is new."""
+    def follow(self, *, seal: bool = True) -> Ledger:
+        """Seal what is pending, then apply every newly sealed entry. Cheap when nothing is new.
+
+        ``seal=False`` applies only what is sealed already, without waiting for the sealer
+        (which, after its holder died, can take until the lease runs out): for readiness."""
         with self._lock:
-            with contextlib.suppress(AuditBroken):  # follow() below reports the same break
-                self.audit.seal_pending()
+            if seal:
+                with contextlib.suppress(AuditBroken):  # follow() below reports the same break
+                    self.audit.seal_pending()
             head = Head.decode(self.audit.r.get(self.audit.head))
             first = len(self.anomalies)
             if self.cursor is not None and (head is None or head.seq < self.cursor.seq):

@@ -136,28 +136,23 @@ def make_client(url: str, *, decode: bool = True) -> redis.Redis:
     RQ needs ``decode=False`` (and blocks on reads for long, so gets no read timeout); intake's
     own store uses text, and a short read timeout, so a half-open connection or a stalled Redis
     cannot hang a request, a worker's revocation check or the broker's clocks."""
-    options = _options(decode)
-    options["retry"] = Retry(NoBackoff(), 0)
-    sentinel = parse_sentinel_url(url)
-    if sentinel is not None:
-        timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
-        found = Sentinel(list(sentinel.hosts), sentinel_kwargs=timeouts, **timeouts)
-        return found.master_for(sentinel.service, db=sentinel.db, username=sentinel.username,
-                                password=sentinel.password, **options)
-    return redis.Redis.from_url(url, **options)
+    return _connect(url, {**_options(decode), "retry": Retry(NoBackoff(), 0)}, Sentinel, redis.Redis)
 
 
 def make_async_client(url: str) -> aioredis.Redis:
     """The asyncio twin of :func:`make_client` (text, short timeouts), for the event loop."""
-    options = _options(True)
-    options["retry"] = AsyncRetry(NoBackoff(), 0)
+    return _connect(url, {**_options(True), "retry": AsyncRetry(NoBackoff(), 0)}, AsyncSentinel, aioredis.Redis)
+
+
+def _connect(url: str, options: dict[str, Any], sentinel_class: Any, redis_class: Any) -> Any:
+    """A client for ``url`` (``redis+sentinel://`` asks the Sentinels for the master)."""
     sentinel = parse_sentinel_url(url)
-    if sentinel is not None:
-        timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
-        found = AsyncSentinel(list(sentinel.hosts), sentinel_kwargs=timeouts, **timeouts)
-        return found.master_for(sentinel.service, db=sentinel.db, username=sentinel.username,
-                                password=sentinel.password, **options)
-    return aioredis.Redis.from_url(url, **options)
+    if sentinel is None:
+        return redis_class.from_url(url, **options)
+    timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    found = sentinel_class(list(sentinel.hosts), sentinel_kwargs=timeouts, **timeouts)
+    return found.master_for(sentinel.service, db=sentinel.db, username=sentinel.username,
+                            password=sentinel.password, **options)
 
 
 def with_tls_files(url: str, settings: Settings) -> str:

@@ -63,7 +63,7 @@ class Serve:
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                         if resp.status == 200:
                             return
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, asyncio.TimeoutError):  # not up yet, or slow to answer
                     pass
                 if time.monotonic() > deadline:
                     pytest.fail(f"serve never became ready: {self.log.read_text()}")
