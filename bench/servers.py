@@ -62,6 +62,7 @@ KINDS = {
     "intake": (intake_app, True, True),
     "intake-asyncio": (intake_app, False, True),
     "intake-nohiredis": (intake_app, True, False),
+    "intake-full": (intake_app, True, True),
 }
 
 

@@ -3,12 +3,14 @@
     .venv/bin/python -m bench.slack_capture [--requests N] [--concurrency C] [--rounds R]
 
 Targets, each a server in its own process on 127.0.0.1:
-  intake   the real app: verify, durable capture on Redis (AOF, appendfsync always), ack; the outbox
-           notifier posts cards to a Slack API simulator (another process) meanwhile
+  intake   the real app as an edge (`intake serve --edge`): verify, durable capture on Redis (AOF,
+           appendfsync always), ack; the full serve on the same Redis (intake-full, another
+           process) seals the audit log and its outbox posts the cards to a Slack API simulator
+           (a third process) meanwhile
   bolt     a plain slack-bolt AsyncApp whose /intake handler only acks (same signed requests)
   bare     a bare aiohttp handler (same requests)
   forged   the intake app again, every request carrying a bad signature
-  intake-asyncio, intake-nohiredis, bolt-uvloop
+  intake-full, intake-asyncio, intake-nohiredis, bolt-uvloop
            one lever each taken from intake (or given to bolt), to report what it is worth
 
 The load generator sends pre-built HTTP/1.1 requests over keep-alive sockets so it costs little
@@ -42,13 +44,16 @@ from intake.settings import load_settings
 from intake.channels.slack.verify import compute_signature
 
 SECRET = "bench-signing-secret-0123456789abcdef"
-SERVERS = ("bare", "bolt", "intake", "intake-asyncio", "intake-nohiredis", "bolt-uvloop")  # bench/servers.py
+# bench/servers.py kinds; intake-full starts first, so it holds the sealer lease of the Redis they share
+SERVERS = ("bare", "bolt", "intake-full", "intake", "intake-asyncio", "intake-nohiredis", "bolt-uvloop")
+EDGES = {"intake", "intake-asyncio", "intake-nohiredis"}  # run as `intake serve --edge` does
 # One round, in order: each ratio's pair back to back; forged before the intake rounds so it never
 # shares the CPU with their follow-ups (sealing, paced card posts).
-ROUND = ("bare", "forged", "bolt", "intake", "intake-asyncio", "intake-nohiredis", "bolt-uvloop")
+ROUND = ("bare", "forged", "bolt", "intake", "intake-full", "intake-asyncio", "intake-nohiredis", "bolt-uvloop")
 LEVERS = {
     "intake-asyncio": "intake without uvloop (asyncio's own loop)",
     "intake-nohiredis": "intake without hiredis (redis-py's Python parser)",
+    "intake-full": "a full serve answering requests too (not --edge)",
     "bolt-uvloop": "plain bolt given uvloop too (for reference)",
 }
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +173,8 @@ def main() -> None:
         ports = {}
         for kind in SERVERS:
             ports[kind] = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, str(ports[kind])], env=env, cwd=ROOT)
+            own = {**env, "INTAKE_EDGE": "1"} if kind in EDGES else env
+            proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, str(ports[kind])], env=own, cwd=ROOT)
             procs.append(proc)
             wait_port(ports[kind], proc)
 

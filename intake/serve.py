@@ -166,6 +166,8 @@ def _run(settings: Settings, tcp: socket.socket, *, dev: bool) -> None:
     try:
         app = create_app(settings, dev=dev)
         click.echo(f"intake: {slack}")
+        if settings.edge:
+            click.echo("intake: edge: answering requests only; full serves on this Redis seal, dispatch and post cards")
         redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
         click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
         port = tcp.getsockname()[1]
