@@ -263,7 +263,7 @@ async def test_an_edge_serve_captures_while_a_full_serve_seals_and_posts_its_car
         settings: Settings, rclient: redis.Redis, sim: SlackSim, tmp_path: Path) -> None:
     """`intake serve --edge` only answers requests: the full serve on the same Redis holds the
     sealer lease, seals what the edge appended and posts each card once; with the full serve
-    gone the edge still captures (what it appends is sealed when something asks for it)."""
+    gone the edge still captures, and what it appends waits for the next full serve to seal it."""
     audit = AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix,
                      checkpoint=settings.audit_checkpoint)
     env = serve_env(settings, sim, embedded=False)
@@ -286,7 +286,10 @@ async def test_an_edge_serve_captures_while_a_full_serve_seals_and_posts_its_car
             full = None
             status, late = await command(http, edge.port, "trig.edge-late", "while no full serve runs")
             assert status == 200 and late not in ideas
-        await asyncio.to_thread(wait_until, lambda: audit.verify().unsealed == 0, "the late capture to be sealed")
+        assert audit.verify().unsealed >= 1, "an edge leaves sealing to a full serve"
+        full = start_serve({**env, "INTAKE_PORT": str(free_port())}, tmp_path / "full", tmp_path / "full2.log")
+        await asyncio.to_thread(wait_until, lambda: audit.verify().unsealed == 0, "a new full serve to seal it")
+        assert audit.verify().anomalies == ()
         assert b"edge: answering requests only" in (tmp_path / "edge.log").read_bytes()
         assert b"Traceback" not in (tmp_path / "edge.log").read_bytes()
     finally:
