@@ -3,11 +3,15 @@
     .venv/bin/python -m bench.slack_capture [--requests N] [--concurrency C] [--rounds R]
 
 Targets, each a server in its own process on 127.0.0.1:
-  intake   the real app: verify, durable capture on Redis (AOF, appendfsync always), ack; the outbox
-           notifier posts cards to a Slack API simulator (another process) meanwhile
+  intake   the real app as an edge (`intake serve --edge`): verify, durable capture on Redis (AOF,
+           appendfsync always), ack; the full serve on the same Redis (intake-full, another
+           process) seals the audit log and its outbox posts the cards to a Slack API simulator
+           (a third process) meanwhile
   bolt     a plain slack-bolt AsyncApp whose /intake handler only acks (same signed requests)
   bare     a bare aiohttp handler (same requests)
   forged   the intake app again, every request carrying a bad signature
+  intake-full, intake-asyncio, intake-nohiredis, bolt-uvloop
+           one lever each taken from intake (or given to bolt), to report what it is worth
 
 The load generator sends pre-built HTTP/1.1 requests over keep-alive sockets so it costs little
 next to the servers. Rounds are interleaved and the median of each target is reported, with
@@ -40,6 +44,18 @@ from intake.settings import load_settings
 from intake.channels.slack.verify import compute_signature
 
 SECRET = "bench-signing-secret-0123456789abcdef"
+# bench/servers.py kinds; intake-full starts first, so it holds the sealer lease of the Redis they share
+SERVERS = ("bare", "bolt", "intake-full", "intake", "intake-asyncio", "intake-nohiredis", "bolt-uvloop")
+EDGES = {"intake", "intake-asyncio", "intake-nohiredis"}  # run as `intake serve --edge` does
+# One round, in order: each ratio's pair back to back; forged before the intake rounds so it never
+# shares the CPU with their follow-ups (sealing, paced card posts).
+ROUND = ("bare", "forged", "bolt", "intake", "intake-full", "intake-asyncio", "intake-nohiredis", "bolt-uvloop")
+LEVERS = {
+    "intake-asyncio": "intake without uvloop (asyncio's own loop)",
+    "intake-nohiredis": "intake without hiredis (redis-py's Python parser)",
+    "intake-full": "a full serve answering requests too (not --edge)",
+    "bolt-uvloop": "plain bolt given uvloop too (for reference)",
+}
 ROOT = Path(__file__).resolve().parent.parent
 _ids = itertools.count()
 
@@ -155,26 +171,25 @@ def main() -> None:
         procs.append(sim)
         wait_port(sim_port, sim)
         ports = {}
-        for kind in ("bare", "bolt", "intake"):
+        for kind in SERVERS:
             ports[kind] = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, str(ports[kind])], env=env, cwd=ROOT)
+            own = {**env, "INTAKE_EDGE": "1"} if kind in EDGES else env
+            proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, str(ports[kind])], env=own, cwd=ROOT)
             procs.append(proc)
             wait_port(ports[kind], proc)
 
-        results: dict[str, list[Result]] = {k: [] for k in ("bare", "bolt", "intake", "forged")}
+        results: dict[str, list[Result]] = {k: [] for k in ROUND}
         # Warm up each target (imports, bolt's auth.test, connection pools).
         for kind, port in ports.items():
             asyncio.run(load(kind, port, build_requests(port, 200), args.concurrency))
         for _ in range(args.rounds):
-            # Each ratio's pair runs back to back, and forged runs before the intake round so it
-            # never shares the CPU with that round's follow-ups (sealing, paced card posts).
-            for kind in ("bare", "forged", "bolt", "intake"):
+            for kind in ROUND:
                 port = ports["intake" if kind == "forged" else kind]
                 reqs = build_requests(port, args.requests, forged=kind == "forged")
                 results[kind].append(asyncio.run(load(kind, port, reqs, args.concurrency)))
 
         print(f"\n{args.rounds} rounds x {args.requests} requests, {args.concurrency} connections, 2-core loopback")
-        print(f"{'target':<8} {'req/s (median)':>15} {'p99 ms (median)':>16}  statuses")
+        print(f"{'target':<17} {'req/s (median)':>15} {'p99 ms (median)':>16}  statuses")
         med: dict[str, tuple[float, float]] = {}
         for kind, runs in results.items():
             rps = statistics.median(r.rps for r in runs)
@@ -184,12 +199,16 @@ def main() -> None:
             for r in runs:
                 for code, count in r.statuses.items():
                     statuses[code] = statuses.get(code, 0) + count
-            print(f"{kind:<8} {rps:>15.0f} {p99:>16.1f}  {statuses}")
+            print(f"{kind:<17} {rps:>15.0f} {p99:>16.1f}  {statuses}")
         capture, forged = med["intake"][0] / med["bolt"][0], med["forged"][0] / med["bare"][0]
         print(f"\ncapture / plain-bolt ack-only: {capture:.2f}x  (target >= 0.80) {'OK' if capture >= 0.8 else 'MISSED'}")
         print(f"forged rejection / bare aiohttp: {forged:.2f}x  (target >= 0.80) {'OK' if forged >= 0.8 else 'MISSED'}")
-        for kind in ("intake", "forged"):
-            bad = {c: n for r in results[kind] for c, n in r.statuses.items() if c != (200 if kind == "intake" else 401)}
+        print("\nlevers, each measured by taking it away (or giving it to bolt) in this run:")
+        for kind, lever in LEVERS.items():
+            print(f"  {lever:<50} {kind:<17} {med[kind][0] / med['bolt'][0]:.2f}x bolt")
+        for kind in ROUND:
+            ok = 401 if kind == "forged" else 200
+            bad = {c: n for r in results[kind] for c, n in r.statuses.items() if c != ok}
             if bad:
                 print(f"warning: {kind} answered {bad}")
     finally:

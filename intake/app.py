@@ -67,12 +67,16 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[METRICS] = metrics_registry(broker)
     broker.outage = app[OUTAGE]
     broker.audit.on_fault = broker.outage.failed
-    broker.audit.start_sealer()  # one sealer per Redis holds the lease; the others wait on it
-    await asyncio.to_thread(broker.ledger.follow)  # verify the chain before serving anything
+    edge = broker.audit.sealed_elsewhere = app[SETTINGS].edge
+    if not edge:
+        broker.audit.start_sealer()  # one sealer per Redis holds the lease; the others wait on it
+    # Verify the chain before serving anything (an edge applies what the full serves sealed).
+    await asyncio.to_thread(broker.ledger.follow, seal=not edge)
     if broker.ledger.halted:
         log.error("the ledger is halted: %s (dispatch is stopped until an operator acts)", broker.ledger.halted)
     reports = ReportProcessor(broker)
-    reports.start()
+    if not edge:
+        reports.start()
     capture = CaptureQueue(broker.store, broker.url, ttl_s=broker.policy.clocks.idea_ttl)
     await capture.start()
     app[CAPTURE] = capture
@@ -161,7 +165,8 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     app.middlewares.append(outage_middleware(app[OUTAGE]))  # outermost: a Redis fault is a 503
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_outage_ctx)
-    app.cleanup_ctx.append(_clocks_ctx)
+    if not settings.edge:  # the full serves run the clocks for the edges too
+        app.cleanup_ctx.append(_clocks_ctx)
     if dev:
         app.cleanup_ctx.append(_dev_worker_ctx)
     app.router.add_get("/healthz", healthz)

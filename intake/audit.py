@@ -182,6 +182,8 @@ class AuditLog:
         self.lease = SealerLease(client, prefix)
         self._wake = threading.Event()
         self._sealer: threading.Thread | None = None
+        # An edge serve appends but never seals on its own appends: the full serves do.
+        self.sealed_elsewhere = False
         self._stopping = False
         self._worker_keys: dict[tuple[str, int], bytes] = {}
         #: Told about each Redis fault the sealer thread meets (a server's outage tracker), so
@@ -317,8 +319,9 @@ class AuditLog:
     def kick(self) -> None:
         """Seal what was just appended: at once, or by the background sealer when one runs
         (a long-running server, where a burst of appends then costs one sealing batch; the
-        lease holder's sealer wakes on the append itself, whichever process made it)."""
-        if self._sealer is not None:
+        lease holder's sealer wakes on the append itself, whichever process made it). An edge
+        serve (:attr:`sealed_elsewhere`) leaves it to that holder and never waits for it here."""
+        if self._sealer is not None or self.sealed_elsewhere:
             self._wake.set()
             return
         try:

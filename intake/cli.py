@@ -122,11 +122,17 @@ def main() -> None:
 # -- serve -----------------------------------------------------------------------------------
 @cli.command()
 @click.option("--dev", is_flag=True, help="Dev mode: keys, example policy, embedded Redis and worker.")
-def serve(dev: bool) -> None:
+@click.option("--edge", is_flag=True,
+              help="Only answer requests (capture, reads); full serves on the same Redis seal, process worker "
+                   "reports, dispatch, sweep and post cards (also INTAKE_EDGE=1).")
+def serve(dev: bool, edge: bool) -> None:
     """Run the broker's web app (GET /healthz, /readyz; channels mount here)."""
     from intake.serve import run
 
-    run(load_settings(), dev=dev)
+    settings = load_settings(**({"edge": True} if edge else {}))
+    if settings.edge and dev:
+        raise InvalidInput("--edge: dev mode is one full serve with its own worker; start edges beside it")
+    run(settings, dev=dev)
 
 
 @cli.command()

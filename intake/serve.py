@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import getpass
@@ -122,6 +123,16 @@ def slack_status(settings: Settings, mode: SlackMode) -> str:
     return f"{mode.describe()} as {bot.user_id} in {bot.team or bot.team_id}"
 
 
+def event_loop() -> asyncio.AbstractEventLoop:
+    """The loop `intake serve` runs on: uvloop where it is installed (a dependency on Linux;
+    bench/slack_capture.py measures what it buys), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def run(settings: Settings, *, dev: bool) -> None:
     """Start the broker in the foreground. Fails fast, with one line, on a bad setting."""
     configure_logging(settings)
@@ -155,11 +166,14 @@ def _run(settings: Settings, tcp: socket.socket, *, dev: bool) -> None:
     try:
         app = create_app(settings, dev=dev)
         click.echo(f"intake: {slack}")
+        if settings.edge:
+            click.echo("intake: edge: answering requests only; full serves on this Redis seal, dispatch and post cards")
         redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
         click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
         port = tcp.getsockname()[1]
         click.echo(f"intake: serving on http://{settings.host}:{port} and unix:{sock_path}  (Ctrl-C to stop)")
-        web.run_app(app, sock=[tcp, sock], print=None, access_log_class=AccessLogger)
+        web.run_app(app, sock=[tcp, sock], print=None, access_log_class=AccessLogger,
+                    loop=event_loop())
     finally:
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     key_prefix: str = "intake"
     max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
     sweep_interval: float = Field(5.0, gt=0, le=3600)
+    # An edge serve (`intake serve --edge`) only answers requests: it captures and reads, and
+    # leaves sealing, worker reports, dispatch, sweeps and the Slack outbox to the full serves
+    # on the same Redis, so none of that shares a core with its requests.
+    edge: bool = False
     # The outbox (README, "Delivery guarantees"): first retry after outbox_retry_ms, doubling with
     # full jitter up to outbox_retry_cap seconds; an event is given up (audited) only once it is
     # outbox_max_age seconds old; a delivery (and a card reservation) is one consumer's for

@@ -257,3 +257,42 @@ async def test_redis_sigkilled_mid_burst_quick_503s_one_line_and_recovery(
     assert any("Redis unavailable" in line for line in outage), text
     assert any("restarted it" in line for line in outage), text
     assert len(outage) <= 8, "\n".join(outage)  # one outage, a handful of lines: not one per request
+
+
+async def test_an_edge_serve_captures_while_a_full_serve_seals_and_posts_its_cards(
+        settings: Settings, rclient: redis.Redis, sim: SlackSim, tmp_path: Path) -> None:
+    """`intake serve --edge` only answers requests: the full serve on the same Redis holds the
+    sealer lease, seals what the edge appended and posts each card once; with the full serve
+    gone the edge still captures, and what it appends waits for the next full serve to seal it."""
+    audit = AuditLog(rclient, load_secret(settings, "audit"), settings.key_prefix,
+                     checkpoint=settings.audit_checkpoint)
+    env = serve_env(settings, sim, embedded=False)
+    edge = start_serve({**env, "INTAKE_EDGE": "1"}, tmp_path / "edge", tmp_path / "edge.log")
+    full = None
+    try:
+        full = start_serve({**env, "INTAKE_PORT": str(free_port())}, tmp_path / "full", tmp_path / "full.log")
+        wait_until(lambda: holder_pid(rclient) == full.pid, "the full serve to take the sealer lease")
+        ideas = []
+        async with aiohttp.ClientSession() as http:
+            for i in range(8):
+                status, idea = await command(http, edge.port, f"trig.edge{i}", f"through the edge {i}")
+                assert status == 200
+                ideas.append(idea)
+            await asyncio.to_thread(wait_until, lambda: audit.verify().unsealed == 0, "the full serve to seal")
+            await asyncio.to_thread(wait_until, lambda: all(sim.cards_of(i) for i in ideas), "every card")
+            assert all(len(sim.cards_of(i)) == 1 for i in ideas), "each card posted once, by the full serve"
+            assert holder_pid(rclient) == full.pid, "the edge never took the lease from the full serve"
+            stop(full)
+            full = None
+            status, late = await command(http, edge.port, "trig.edge-late", "while no full serve runs")
+            assert status == 200 and late not in ideas
+        assert audit.verify().unsealed >= 1, "an edge leaves sealing to a full serve"
+        full = start_serve({**env, "INTAKE_PORT": str(free_port())}, tmp_path / "full", tmp_path / "full2.log")
+        await asyncio.to_thread(wait_until, lambda: audit.verify().unsealed == 0, "a new full serve to seal it")
+        assert audit.verify().anomalies == ()
+        assert b"edge: answering requests only" in (tmp_path / "edge.log").read_bytes()
+        assert b"Traceback" not in (tmp_path / "edge.log").read_bytes()
+    finally:
+        if full is not None:
+            stop(full)
+        stop(edge)

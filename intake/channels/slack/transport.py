@@ -176,9 +176,11 @@ def mount_slack(
             bolt, listeners = build_bolt(settings, broker, app[capture_key], session)
             app[BOLT], app[LISTENERS] = bolt, listeners
             stop = asyncio.Event()
-            notifier = SlackNotifier(broker, notifier_client(settings, session), outbox_for(settings, broker),
-                                     pacer=Pacer(settings.slack_rate))
-            task = asyncio.create_task(notifier.run(stop), name="slack-notifier")
+            task = None
+            if not settings.edge:  # an edge leaves the cards to the full serves' outbox
+                notifier = SlackNotifier(broker, notifier_client(settings, session), outbox_for(settings, broker),
+                                         pacer=Pacer(settings.slack_rate))
+                task = asyncio.create_task(notifier.run(stop), name="slack-notifier")
             handler = None
             if mode.socket:
                 assert settings.slack_app_token is not None
@@ -190,8 +192,9 @@ def mount_slack(
                 stop.set()
                 if handler is not None:
                     await handler.close_async()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(task, timeout=5)
+                if task is not None:
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await asyncio.wait_for(task, timeout=5)
                 await session.close()
 
         app.cleanup_ctx.append(slack_ctx)
