@@ -182,8 +182,14 @@ def main() -> None:
         # Warm up each target (imports, bolt's auth.test, connection pools).
         for kind, port in ports.items():
             asyncio.run(load(kind, port, build_requests(port, 200), args.concurrency))
-        for _ in range(args.rounds):
-            for kind in ROUND:
+        family = [k for k in ROUND if k.startswith("intake")]
+        for n in range(args.rounds):
+            # The intake variants take turns going first: each round's background work (sealing,
+            # paced card posts) then falls on each of them alike.
+            turn = family[n % len(family):] + family[:n % len(family)]
+            order = [k for k in ROUND if not k.startswith("intake")]
+            at = order.index("bolt") + 1
+            for kind in order[:at] + turn + order[at:]:
                 port = ports["intake" if kind == "forged" else kind]
                 reqs = build_requests(port, args.requests, forged=kind == "forged")
                 results[kind].append(asyncio.run(load(kind, port, reqs, args.concurrency)))
