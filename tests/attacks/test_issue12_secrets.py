@@ -69,4 +69,4 @@ def test_doctor_reports_a_world_readable_file_in_the_secrets_dir(
     assert loaded.token is not None
     findings = run_doctor(settings=loaded)
     assert all("qqqq" not in f.message for f in findings)
-    assert any(f.level == "problem" and "intake_token" in f.message for f in findings), findings
+    assert any(f.status == "problem" and "intake_token" in f.message for f in findings), findings
