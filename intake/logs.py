@@ -8,10 +8,10 @@ Log lines carry ids and outcomes, never request bodies, codes, tokens or secrets
 back that habit up:
 
 - :class:`Redactor` replaces every secret the settings hold (Slack tokens and signing secret,
-  the API token, the Redis password) and anything shaped like a Slack token, a bearer header or
-  a URL password with ``[redacted]``, in the message, its arguments and any traceback;
-- :class:`AccessLogger` logs a request as method, path (never the query string), status, size
-  and time: never headers or bodies.
+  the API token, forge and tracker tokens and webhook secrets, the Redis password) and anything
+  shaped like a Slack token, a bearer header or a URL password with ``[redacted]``, in the message, its arguments and any traceback;
+- :class:`AccessLogger` logs a request as method, matched route (never the path's values or the
+  query string), status, size and time: never headers or bodies.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from pydantic import SecretStr
 
 from intake.settings import Settings
 
@@ -39,11 +40,12 @@ _OURS = "intake"  # marks the handler configure_logging installed, so a second c
 
 
 def settings_secrets(settings: Settings) -> list[str]:
-    """Every secret value the settings hold (a Redis URL contributes its password)."""
+    """Every secret value the settings hold: each ``SecretStr`` field (a Redis URL contributes
+    its password)."""
     found = []
-    for value in (settings.slack_bot_token, settings.slack_app_token, settings.slack_signing_secret,
-                  settings.token):
-        if value is not None and value.get_secret_value():
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name != "redis_url" and isinstance(value, SecretStr) and value.get_secret_value():
             found.append(value.get_secret_value())
     if settings.redis_url is not None:
         password = urlsplit(settings.redis_url.get_secret_value()).password
@@ -116,8 +118,13 @@ def configure_logging(settings: Settings, *, stream: IO[str] | None = None) -> l
 
 
 class AccessLogger(AbstractAccessLogger):
-    """aiohttp's access log without the query string, headers or body (they carry secrets)."""
+    """aiohttp's access log without the path's values, query string, headers or body (they carry
+    secrets: an enrolment link is ``/console/enrol/<token>``). A request is named by the route it
+    matched (``/console/enrol/{token}``), or ``(no route)``."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %s %.1fms", request.method, request.path, response.status,
+        match_info = getattr(request, "match_info", None)
+        resource = getattr(getattr(match_info, "route", None), "resource", None)
+        route = resource.canonical if resource is not None else "(no route)"
+        self.logger.info("%s %s %s %s %.1fms", request.method, route, response.status,
                          response.body_length, time * 1000)

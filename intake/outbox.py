@@ -17,8 +17,9 @@ queued. One Redis consumer group, shared by every broker process, reads it at le
   them).
 
 Entries are MAC-checked before use, so an event written straight into Redis is never acted on.
-The age that decides a give-up is the event's own MAC'd timestamp, so rewriting the schedule in
-Redis can delay or hurry a retry but never get an event dropped. Handlers must be idempotent
+The age that decides a give-up is the event's own MAC'd timestamp, and a pending entry erased from
+the schedule is put back (:meth:`Outbox.reschedule_orphans`), so rewriting the schedule in Redis
+can delay or hurry a retry but never get an event dropped. Handlers must be idempotent
 (they act on the subject's *current* state); the Slack card, which is not, has its own
 reservation (:mod:`intake.channels.slack.cards`).
 """
@@ -159,6 +160,7 @@ class Outbox:
         if time.monotonic() >= self._next_reap:
             self._next_reap = time.monotonic() + self.lease_s
             self.reap_dead_consumers()
+            self.reschedule_orphans()
         kind, entries = self._take_now(count)
         if not entries and block_ms > 0:
             # Wait for the stream to grow past what the group has seen (a plain XREAD: the group
@@ -223,6 +225,29 @@ class Outbox:
         pipe.zadd(self.due_key, {delivery.id: int((time.time() + delay) * 1000)})
         pipe.execute()
         return False
+
+    def reschedule_orphans(self) -> int:
+        """Make every pending entry missing from the schedule (and idle for two leases) due now.
+        Every entry is leased in the call that takes it and unscheduled only in the transaction
+        that acknowledges it, so a pending entry without a due time was erased from the schedule
+        in Redis: rewriting the schedule delays a delivery, never drops it. Returns how many were
+        rescheduled."""
+        # Idle for two leases, like a dead consumer's: a consumer that read an entry but died
+        # before leasing it (an older broker) is left to reap_dead_consumers.
+        found, start, idle_ms = 0, "-", int(self.lease_s * 2000)
+        while True:
+            try:
+                pending = self.r.xpending_range(self.audit.stream, self.group, min=start, max="+", count=500,
+                                                idle=idle_ms)
+            except redis.ResponseError:  # no group yet
+                return found
+            if not pending:
+                return found
+            ids = [p["message_id"] for p in pending]
+            found += int(self.r.zadd(self.due_key, {i: int(time.time() * 1000) for i in ids}, nx=True))
+            if len(ids) < 500:
+                return found
+            start = f"({ids[-1]}"
 
     def reap_dead_consumers(self) -> list[str]:
         """Remove consumers idle for more than two leases (their process is gone: a live one

@@ -37,14 +37,18 @@ LEASE_TTL_MS = 4000
 RENEW_S = 1.0
 
 # Take the lease if it is free (a new token), or renew it if this owner holds it (same token).
-# Returns the token, or 0 when someone else holds it.
+# Returns the token, or 0 when someone else holds it. A lease naming this owner with a token that
+# is no longer the fence (written back by someone, or the fence bumped) is not renewed: the fenced
+# seal would refuse that token, and renewing it would only loop on the refusal.
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local sp = string.find(cur, ' ', 1, true)
   if sp and string.sub(cur, sp + 1) == ARGV[1] then
+    local token = string.sub(cur, 1, sp - 1)
+    if token ~= redis.call('GET', KEYS[2]) then return 0 end
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(string.sub(cur, 1, sp - 1))
+    return tonumber(token)
   end
   return 0
 end

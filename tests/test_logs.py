@@ -81,7 +81,7 @@ def test_serve_logs_json_without_bodies_codes_or_tokens(tmp_path: Path) -> None:
     # The requests were logged (the test would see them): method, path and status only.
     access = [line["msg"] for line in lines if line["logger"] == "aiohttp.access"]
     assert any(m.startswith("POST /api/v1/ideas 401 ") for m in access), access
-    assert any(m.startswith("POST /api/v1/ideas/I-000000000000/promote 4") for m in access), access
+    assert any(m.startswith("POST /api/v1/ideas/{id}/promote 4") for m in access), access  # the route, not its values
     secrets = [token, "BODY-MARKER", "hunter2xyz", "QUERY-MARKER", "CODE-MARKER", "FORGED-MARKER", "JSON-MARKER",
                "SLACK-MARKER", "SIG-MARKER", *(p.read_text().strip() for p in (data / "keys").glob("redis-*.pass"))]
     for secret in secrets:
