@@ -25,6 +25,7 @@ No finding ever holds a secret value: they name variables and files.
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -72,8 +73,14 @@ def _private(check: str, path: Path, what: str) -> Finding:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         return problem(check, f"{what}: no file at {path} (run `intake keys generate`)")
-    if mode & 0o077:
-        return problem(check, f"{what}: {path} is readable by group or others (mode {mode:04o}; chmod 600 it)")
+    if mode & 0o037:
+        return problem(check, f"{what}: {path} is readable by others or writable by group (mode {mode:04o}; "
+                              "chmod 600 it)")
+    if mode & 0o040:
+        # Kubernetes Secret volumes (defaultMode 0440 with the pod's fsGroup) and systemd
+        # credentials can only be group-readable: fine when that group is the service's own.
+        return warning(check, f"{what}: {path} is group-readable (mode {mode:04o}): make sure the group is "
+                              "this service's alone")
     return ok(check, f"{what}: {path} (mode {mode:04o})")
 
 
@@ -96,6 +103,10 @@ def check_keys(settings: Settings) -> list[Finding]:
     if settings.worker_key is not None:
         extra.append(settings.worker_key)
     found += [_private("keys", path, path.name) for path in dict.fromkeys(extra)]
+    secrets_dir = os.environ.get("INTAKE_SECRETS_DIR")
+    if secrets_dir:  # the files settings were read from (INTAKE_SECRETS_DIR): as private as keys
+        found += [_private("keys", path, f"secret file {path.name}") for path in sorted(Path(secrets_dir).iterdir())
+                  if path.is_file() and not path.name.startswith(".")]
     for path, what, required in ((keys["public"], "public keyring", True),
                                  (keydir / "audit.checkpoint", "audit checkpoint", False)):
         finding = _not_writable("keys", path, what, required=required)

@@ -72,7 +72,7 @@ def test_doctor_reports_a_world_readable_key_and_an_evicting_redis(tmp_path: Pat
     report = json.loads(done.stdout)
     assert report["ok"] is False
     found = {(f["check"], f["message"]) for f in report["findings"] if f["status"] == "problem"}
-    assert ("keys", f"audit key: {settings.keys['audit']} is readable by group or others "
+    assert ("keys", f"audit key: {settings.keys['audit']} is readable by others or writable by group "
                     "(mode 0644; chmod 600 it)") in found
     assert any(c == "redis" and m.startswith("maxmemory-policy is allkeys-lru:") for c, m in found)
     assert any(c == "redis" and m.startswith("AOF is off") for c, m in found)
@@ -83,7 +83,7 @@ def test_doctor_reports_a_world_readable_key_and_an_evicting_redis(tmp_path: Pat
     text = subprocess.run([*INTAKE, "doctor"], env=env, capture_output=True, text=True, timeout=60)
     assert text.returncode == 1
     lines = text.stdout.splitlines()
-    assert f"problem  keys: audit key: {settings.keys['audit']} is readable by group or others " \
+    assert f"problem  keys: audit key: {settings.keys['audit']} is readable by others or writable by group " \
            "(mode 0644; chmod 600 it)" in lines
     assert lines[-1] == f"{len(found)} problem(s)"
     assert text.stderr == ""

@@ -55,8 +55,6 @@ def test_secrets_dir_symlinks_are_read_inside_the_dir_only(tmp_path: Path, monke
     assert "zzzz" not in repr(loaded) and "zzzz" not in str(loaded.model_dump())
 
 
-@pytest.mark.xfail(strict=True, reason="doctor checks key file modes but not the files of INTAKE_SECRETS_DIR: "
-                   "a world-readable slack/redis/API secret there is not reported")
 def test_doctor_reports_a_world_readable_file_in_the_secrets_dir(
         settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secrets_dir = tmp_path / "secrets"
