@@ -5,6 +5,7 @@ listener in the real app, smtplib and raw sockets, dkimpy against fixed DNS reco
 from __future__ import annotations
 
 import base64
+import json
 import socket
 from pathlib import Path
 
@@ -167,3 +168,29 @@ def test_a_direct_client_cannot_write_the_trusted_mx_results_itself(settings: Se
         assert smtp.send(message, sender=CEO)[0] == 250
     [idea] = ideas(settings)
     assert idea.requester == f"unverified-email:{CEO}", idea.provenance
+
+
+def test_bidi_in_an_attachment_name_or_envelope_sender_is_marked_on_the_card(settings: Settings,
+                                                                             tmp_path: Path) -> None:
+    """Provenance values come from the sender too: an attachment called ``invoice<RLO>fdp.exe``
+    would read as ``invoiceexe.pdf`` on the card, and an SMTPUTF8 envelope sender can carry
+    the same override. The card shows each hidden character as a marker, like the text."""
+    from intake.channels.slack.notifier import card_blocks
+
+    resolver = RecordResolver()
+    signer = Signer("evil.test", resolver)
+    body = ("--b\nContent-Type: text/plain\n\nsee the invoice\n--b\n"
+            "Content-Type: application/octet-stream\n"
+            "Content-Disposition: attachment; filename*=utf-8''invoice%E2%80%AEfdp.exe\n\nMZ\n--b--\n")
+    message = signer.sign(mail("mallory@evil.test", body, message_id="att@evil.test",
+                               extra='MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="b"\n'))
+    with running_mail(email_settings(settings, tmp_path), resolver) as smtp:
+        with smtp.smtp() as client:
+            client.ehlo()
+            assert client.mail("mall\u202eory@evil.test", ["SMTPUTF8"])[0] == 250
+            assert client.rcpt(RECIPIENT)[0] == 250
+            assert client.data(message)[0] == 250
+    [idea] = ideas(settings)
+    assert "\u202e" in idea.provenance["attachment_1"]  # stored as the sender wrote it
+    card = json.dumps(card_blocks(idea, None), ensure_ascii=False)
+    assert "\u202e" not in card and "⟨U+202E⟩" in card
