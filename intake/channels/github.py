@@ -1,8 +1,10 @@
 """GitHub issues as a channel: ``POST /webhooks/github``.
 
 Transport: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, raw body)>``, checked in
-constant time before the body is parsed. ``X-GitHub-Delivery`` (a GUID, the same on a
-redelivery) is the delivery id, namespaced by the repository id.
+constant time before the body is parsed. The signature does not cover ``X-GitHub-Delivery``,
+so the delivery id is what the signed body names: the issue (one issue is one idea, however
+often it is opened or labelled) or the comment, namespaced by the repository id; anyone
+replaying a genuine body under a fresh GUID gets the first idea back. The GUID is provenance.
 
 Events: ``ping`` is answered; ``issues`` ``opened`` is captured (or, when
 ``INTAKE_GITHUB_LABEL`` is set, only ``labeled`` with that label: GitHub sends ``opened`` and
@@ -73,6 +75,7 @@ class GitHub:
             author = field(payload, "issue", "user", kind=dict)
             text = f"{issue_title}\n\n{field(payload, 'issue', 'body', required=False) or ''}".strip()
             via, url = "issue", field(payload, "issue", "html_url", required=False) or ""
+            thing = f"issue:{token(field(payload, 'issue', 'id', kind=int), 'issue.id')}"
         else:
             if action != "created":
                 return Outcome(ignored=f"issue_comment.{token(action, 'action')}")
@@ -82,12 +85,13 @@ class GitHub:
                 return Outcome(ignored="no /intake command")
             text, via = words, "issue_comment"
             url = field(payload, "comment", "html_url", required=False) or ""
+            thing = f"comment:{token(field(payload, 'comment', 'id', kind=int), 'comment.id')}"
         if field(author, "type", required=False) == "Bot":
             return Outcome(ignored="bot")
         login = field(author, "login")
         association = field(payload, via if via == "issue" else "comment", "author_association", required=False)
         draft = IdeaDraft(
-            channel=Channel.GITHUB, requester=forge_identity("github", login), delivery_id=f"{repo_id}:{delivery}",
+            channel=Channel.GITHUB, requester=forge_identity("github", login), delivery_id=f"{repo_id}:{thing}",
             text=text, title=issue_title[:200],
             provenance={"via": via, "repo": repo[:200], "issue": str(number), "login": login,
                         "author_association": association if association in _ASSOCIATIONS else "unknown",

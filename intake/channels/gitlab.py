@@ -5,8 +5,10 @@ time. When a signing token is configured (``INTAKE_GITLAB_SIGNING_TOKEN``), GitL
 Standard-Webhooks signature is required as well: ``webhook-signature: v1,<base64
 HMAC-SHA256(key, "<webhook-id>.<webhook-timestamp>.<body>")>`` with ``webhook-timestamp``
 within five minutes (a ``whsec_`` token's key is its base64 part, any other token's its bytes).
-``Idempotency-Key`` (stable across GitLab's retries; else ``X-Gitlab-Event-UUID``) is the
-delivery id, namespaced by the project id.
+The delivery id is what the body names, the issue or the note (``object_attributes.id``),
+namespaced by the project id: neither ``Idempotency-Key`` nor ``X-Gitlab-Event-UUID`` is
+covered by the signing token's signature, so a signed body replayed inside the window under a
+fresh key is the first idea again. The key (else the event UUID) is provenance.
 
 Events: ``Issue Hook`` with action ``open``, and ``Note Hook`` on an issue whose note starts
 with ``/intake``. Confidential issues and notes are ignored (their text must not reach an
@@ -127,9 +129,10 @@ class GitLab:
                 return Outcome(ignored="no /intake command")
             text, via = words, "note"
             url = field(payload, "object_attributes", "url", required=False) or ""
+        thing = token(field(payload, "object_attributes", "id", kind=int), "object_attributes.id")
         draft = IdeaDraft(
             channel=Channel.GITLAB, requester=forge_identity("gitlab", username),
-            delivery_id=f"{project_id}:{delivery}", text=text, title=title[:200],
+            delivery_id=f"{project_id}:{via}:{thing}", text=text, title=title[:200],
             provenance={"via": via, "project": project[:200], "issue": str(iid), "username": username[:100],
                         "delivery": delivery, "url": url[:500]},
             raw_sha256=sha256_hex(body),

@@ -2,8 +2,9 @@
 
 Transport: a Jira webhook with a secret sends ``X-Hub-Signature: sha256=<hex
 HMAC-SHA256(secret, raw body)>``, checked in constant time before parsing.
-``X-Atlassian-Webhook-Identifier`` (the same on Jira's retries) is the delivery id, namespaced
-by the issue id.
+The signature does not cover ``X-Atlassian-Webhook-Identifier``, so the delivery id is what
+the signed body names (the issue, or the comment), namespaced by the issue id: a genuine body
+replayed under a new identifier is the first idea again. The identifier is provenance.
 
 Events (``webhookEvent`` in the body): ``jira:issue_created`` captures summary and
 description; ``comment_created`` whose body starts with ``/intake`` captures the words after
@@ -57,15 +58,16 @@ class Jira:
         if event == "jira:issue_created":
             author = field(payload, "user", "accountId")
             description = field(payload, "issue", "fields", "description", required=False) or ""
-            text, via = f"{summary}\n\n{description}".strip(), "issue_created"
+            text, via, thing = f"{summary}\n\n{description}".strip(), "issue_created", "issue"
         else:
             author = field(payload, "comment", "author", "accountId")
             words = slash_intake(field(payload, "comment", "body", required=False) or "")
             if words is None:
                 return Outcome(ignored="no /intake command")
             text, via = words, "comment_created"
+            thing = f"comment:{token(field(payload, 'comment', 'id', kind=(str, int)), 'comment.id')}"
         draft = IdeaDraft(
-            channel=Channel.JIRA, requester=forge_identity("jira", author), delivery_id=f"{issue_id}:{delivery}",
+            channel=Channel.JIRA, requester=forge_identity("jira", author), delivery_id=f"{issue_id}:{thing}",
             text=text, title=summary[:200],
             provenance={"via": via, "issue": key, "account_id": author, "delivery": delivery},
             raw_sha256=sha256_hex(body),

@@ -13,8 +13,9 @@ never the body, a signature or a secret):
    reply with the idea id back to the ticket (:mod:`intake.channels.replies`), after the
    answer, so a slow forge never holds up the acknowledgement.
 
-Forges sign no timestamp (GitLab's signing token aside), so a replayed delivery is bounded by
-the delivery-id dedupe instead: the same delivery again is the same idea, and writes nothing.
+Forges sign no timestamp (GitLab's signing token aside) and no delivery header, so a replayed
+delivery is bounded by the dedupe on what the signed body names (the issue, comment or note):
+the same body again, under whatever delivery header, is the same idea, and writes nothing.
 """
 
 from __future__ import annotations
@@ -134,10 +135,25 @@ def sign_hmac_sha256(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("duplicate key")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_object(body: bytes) -> dict[str, Any]:
-    """The body as one JSON object, or ``WebhookRefused('malformed_json')``."""
+    """The body as one JSON object, or ``WebhookRefused('malformed_json')``.
+
+    Strict RFC 8259: a duplicate key or ``NaN``/``Infinity`` is refused, not read one way here
+    and another by whatever else reads the signed body (a proxy, a log, the forge's own view).
+    """
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise WebhookRefused("malformed_json") from None
     if not isinstance(data, dict):

@@ -76,6 +76,8 @@ def check_interactive(payload: dict[str, Any]) -> None:
     view = payload.get("view")
     if isinstance(view, dict) and not isinstance(view.get("state", {}), dict):
         raise SlackBodyError("payload_view_state")
+    if isinstance(view, dict) and not isinstance(view.get("type"), str):  # bolt indexes view["type"]
+        raise SlackBodyError("payload_view_type")
 
 
 def check_event(data: dict[str, Any]) -> None:

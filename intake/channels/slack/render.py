@@ -209,7 +209,8 @@ def idea_card(
     passkey" link button to that action's console page.
     """
     # Hidden characters (zero-width, bidi controls, tags) are shown as ⟨U+XXXX⟩ markers, the
-    # same as in the console, so the card shows what the agent would get.
+    # same as in the console, so the card shows what the agent would get; provenance values
+    # (attachment names, envelope senders, …) come from the sender too and are marked alike.
     shown, truncated = cap_for_mrkdwn(visible(text), DISPLAY_TEXT_MAX)
     title = visible(title)
     items = list(provenance.items())
@@ -223,7 +224,7 @@ def idea_card(
         requester_label=_cap_plain(requester_label or (requester_slack_id or "unknown"), 500),
         source_channel=_cap_plain(source_channel, 500),
         provenance=[
-            (_cap_plain(str(k), 50), _cap_plain(str(v), PROVENANCE_VALUE_MAX))
+            (_cap_plain(visible(str(k)), 50), _cap_plain(visible(str(v)), PROVENANCE_VALUE_MAX))
             for k, v in items[:PROVENANCE_ITEMS_MAX]
         ],
         provenance_omitted=max(0, len(items) - PROVENANCE_ITEMS_MAX),
