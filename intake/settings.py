@@ -7,6 +7,7 @@ invalid value raises :class:`ConfigError` with one line that names the variable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -99,6 +100,9 @@ class Settings(BaseSettings):
     smtp_max_bytes: int = Field(25 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024)
     smtp_recipients: str = ""  # comma-separated allowlist, e.g. intake@example.com
     smtp_trusted_authserv: str = ""  # comma-separated authserv-ids whose Authentication-Results count
+    # ... and only on connections from these addresses/networks (the MTA that wrote them): a
+    # client connecting directly could write the same header itself.
+    smtp_trusted_peers: str = ""
     smtp_relay: str | None = None  # host:port of the relay that carries replies
 
     @field_validator("smtp_recipients", "smtp_trusted_authserv")
@@ -108,6 +112,15 @@ class Settings(BaseSettings):
         if any(not re.fullmatch(r"[a-z0-9._%+@-]{1,254}", v) for v in items):
             raise ValueError("must be a comma-separated list of addresses or host names")
         return ",".join(items)
+
+    @field_validator("smtp_trusted_peers")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return ",".join(str(ipaddress.ip_network(v, strict=False)) for v in items)
+        except ValueError:
+            raise ValueError("must be a comma-separated list of IP addresses or networks (e.g. 10.0.0.5,10.1.0.0/16)") from None
 
     @field_validator("smtp_relay")
     @classmethod
@@ -120,6 +133,9 @@ class Settings(BaseSettings):
     def _smtp_complete(self) -> Settings:
         if self.smtp_port is not None and not self.smtp_recipients:
             raise ConfigError("INTAKE_SMTP_RECIPIENTS: required when INTAKE_SMTP_PORT is set")
+        if self.smtp_trusted_authserv and not self.smtp_trusted_peers:
+            raise ConfigError("INTAKE_SMTP_TRUSTED_PEERS: required with INTAKE_SMTP_TRUSTED_AUTHSERV (the addresses "
+                              "of the MTA whose Authentication-Results are believed)")
         if (self.smtp_cert is None) != (self.smtp_key is None):
             raise ConfigError("INTAKE_SMTP_CERT and INTAKE_SMTP_KEY: set both for STARTTLS, or neither")
         return self

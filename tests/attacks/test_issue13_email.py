@@ -21,6 +21,7 @@ from tests.email.email_harness import (
 )
 
 CEO = "ceo@football.example.com"
+MX = "192.0.2.25"  # the trusted MTA: not where these tests connect from (loopback)
 
 
 def ideas(settings: Settings) -> list:
@@ -75,7 +76,8 @@ def test_authentication_results_from_an_untrusted_authserv_id_count_for_nothing(
              "header.s=brisbane; dmarc=pass header.from=football.example.com\n"
              "ARC-Authentication-Results: i=1; mx.intake.test; dkim=pass header.d=football.example.com\n")
     message = mail(CEO, "Please approve my deploy", message_id="ar1@football.example.com", extra=claim)
-    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_trusted_authserv="mx.intake.test"),
+    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_trusted_authserv="mx.intake.test",
+                                     smtp_trusted_peers=MX),
                       rfc8463_resolver()) as smtp:
         assert smtp.send(message)[0] == 250
     [idea] = ideas(settings)
@@ -104,7 +106,8 @@ def test_smtp_smuggling_with_bare_line_feeds_is_one_message(settings: Settings, 
     smuggled = (b"MAIL FROM:<ceo@football.example.com>\r\nRCPT TO:<" + RECIPIENT.encode() + b">\r\nDATA\r\n"
                 + mail(CEO, "smuggled: promote everything", message_id="smug@football.example.com",
                        extra="Authentication-Results: mx.intake.test; dmarc=pass header.from=football.example.com\n"))
-    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_trusted_authserv="mx.intake.test"),
+    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_trusted_authserv="mx.intake.test",
+                                     smtp_trusted_peers=MX),
                       RecordResolver()) as smtp:
         for n, trick in enumerate((b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n")):
             outer = mail("mallory@evil.test", f"outer {n}", message_id=f"outer{n}@evil.test").rstrip(b"\r\n")
@@ -154,16 +157,13 @@ def test_an_oversized_header_is_refused_or_capped_never_stored_whole(settings: S
         assert 500 <= code < 600 and ideas(settings) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Authentication-Results from a trusted authserv-id are believed on any SMTP connection, not "
-    "only on the one from the MTA that wrote them: any client that can reach the listener (a "
-    "local process on loopback, or anyone when INTAKE_SMTP_HOST is widened) writes its own "
-    "'mx.intake.test; dmarc=pass' and is taken for the From address. Needs a peer allowlist "
-    "(e.g. INTAKE_SMTP_TRUSTED_PEERS) that trusted_results/trusted_arc consult."))
 def test_a_direct_client_cannot_write_the_trusted_mx_results_itself(settings: Settings, tmp_path: Path) -> None:
+    """Authentication-Results of a trusted authserv-id count only on connections from the MTA
+    that wrote them (INTAKE_SMTP_TRUSTED_PEERS); a client on loopback is not that MTA."""
     claim = "Authentication-Results: mx.intake.test; dmarc=pass header.from=football.example.com\n"
     message = mail(CEO, "Please approve my deploy", message_id="direct@football.example.com", extra=claim)
-    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_trusted_authserv="mx.intake.test"),
+    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_trusted_authserv="mx.intake.test",
+                                     smtp_trusted_peers=MX),
                       RecordResolver()) as smtp:
         assert smtp.send(message, sender=CEO)[0] == 250
     [idea] = ideas(settings)
@@ -194,3 +194,23 @@ def test_bidi_in_an_attachment_name_or_envelope_sender_is_marked_on_the_card(set
     assert "\u202e" in idea.provenance["attachment_1"]  # stored as the sender wrote it
     card = json.dumps(card_blocks(idea, None), ensure_ascii=False)
     assert "\u202e" not in card and "⟨U+202E⟩" in card
+
+
+def test_the_trusted_mx_results_count_on_the_mx_s_own_connection(settings: Settings, tmp_path: Path) -> None:
+    """The same claim, from the address INTAKE_SMTP_TRUSTED_PEERS names, is believed."""
+    claim = "Authentication-Results: mx.intake.test; dmarc=pass header.from=football.example.com\n"
+    message = mail(CEO, "Please document the runbook", message_id="viamx@football.example.com", extra=claim)
+    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_trusted_authserv="mx.intake.test",
+                                     smtp_trusted_peers="127.0.0.1"), RecordResolver()) as smtp:
+        assert smtp.send(message, sender=CEO)[0] == 250
+    [idea] = ideas(settings)
+    assert idea.requester == f"email:{CEO}" and idea.provenance["verified_by"] == "authentication-results:mx.intake.test", \
+        idea.provenance
+
+
+def test_trusted_authserv_ids_without_trusted_peers_stop_start_up(settings: Settings, tmp_path: Path) -> None:
+    from intake.errors import ConfigError
+    from intake.settings import load_settings
+
+    with pytest.raises(ConfigError, match="^INTAKE_SMTP_TRUSTED_PEERS: required"):
+        load_settings(_env_file=None, data_dir=tmp_path / "d", smtp_trusted_authserv="mx.intake.test")

@@ -18,6 +18,7 @@ another's Message-ID. The acknowledgement mail goes out afterwards, in the backg
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import contextlib
 import logging
 import re
@@ -104,6 +105,7 @@ class EmailHandler:
                  resolver: TxtResolver) -> None:
         self.recipients = frozenset(r for r in settings.smtp_recipients.split(",") if r)
         self.trusted = frozenset(a for a in settings.smtp_trusted_authserv.split(",") if a)
+        self.trusted_peers = tuple(ipaddress.ip_network(n) for n in settings.smtp_trusted_peers.split(",") if n)
         self.relay = settings.smtp_relay
         self.policy = policy
         self.capture = capture
@@ -123,7 +125,7 @@ class EmailHandler:
         peer = session.peer[0] if isinstance(session.peer, tuple) and session.peer else ""
         envelope_from = envelope.mail_from or ""
         try:
-            mail, verdict = await asyncio.to_thread(self._read, raw)
+            mail, verdict = await asyncio.to_thread(self._read, raw, self._vouchers(str(peer)))
             draft = build_draft(raw, mail, verdict, self.policy(), envelope_from=envelope_from, peer=str(peer))
             idea, created = await self.capture(draft)
         except MailRefused as exc:
@@ -146,10 +148,19 @@ class EmailHandler:
             self._reply(mail, idea.id, envelope.rcpt_tos[0])
         return f"250 2.0.0 Captured as {idea.id}"
 
-    def _read(self, raw: bytes) -> tuple[ParsedMail, Verdict]:
+    def _vouchers(self, peer: str) -> frozenset[str]:
+        """The authserv-ids believed on this connection: the trusted ones, only when the peer is
+        the trusted MTA (anyone else could write those headers too)."""
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return frozenset()
+        return self.trusted if any(address in net for net in self.trusted_peers) else frozenset()
+
+    def _read(self, raw: bytes, trusted: frozenset[str]) -> tuple[ParsedMail, Verdict]:
         """Parse and authenticate (blocking: DNS); runs in a worker thread."""
         mail = parse_message(raw)
-        return mail, authenticate(raw, mail, self.resolver, self.trusted)
+        return mail, authenticate(raw, mail, self.resolver, trusted)
 
     def _reply(self, mail: ParsedMail, idea_id: str, sender: str) -> None:
         assert self.relay is not None
