@@ -100,7 +100,7 @@ def _dnsfunc(resolver: TxtResolver):  # type: ignore[no-untyped-def]
 # -- alignment ------------------------------------------------------------------------------
 
 def _dmarc_record(name: str, resolver: TxtResolver) -> dict[str, str] | None:
-    records = [r for r in resolver.txt(f"_dmarc.{name}") if re.match(r"v\s*=\s*DMARC1\s*(;|$)", r)]
+    records = [r for r in resolver.txt(f"_dmarc.{name}") if re.match(r"v\s*=\s*DMARC1\s*(?:;|\Z)", r)]
     if len(records) != 1:  # RFC 7489 §6.6.3: none, or more than one, is no record
         return None
     tags = {}
