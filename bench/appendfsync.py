@@ -28,11 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-from intake.keys import generate_keys
-from intake.models import Channel, IdeaDraft
+from intake.core.models import Channel, IdeaDraft
+from intake.core.settings import load_settings
+from intake.protocol.keyfiles import generate_keys
 from intake.runtime import EXAMPLE_POLICY, Broker, open_broker
-from intake.settings import load_settings
-from intake.store import Store
+from intake.storage.store import Store
 
 MODES = ("always", "everysec")
 _ids = itertools.count()

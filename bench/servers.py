@@ -49,7 +49,7 @@ def bolt_app() -> web.Application:
 
 def intake_app() -> web.Application:
     from intake.app import create_app
-    from intake.settings import load_settings
+    from intake.core.settings import load_settings
 
     return create_app(load_settings())
 

@@ -37,11 +37,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from intake.keys import generate_keys
-from intake.redis_conn import EmbeddedRedis
-from intake.runtime import EXAMPLE_POLICY
-from intake.settings import load_settings
 from intake.channels.slack.verify import compute_signature
+from intake.core.redis_conn import EmbeddedRedis
+from intake.core.settings import load_settings
+from intake.protocol.keyfiles import generate_keys
+from intake.runtime import EXAMPLE_POLICY
 
 SECRET = "bench-signing-secret-0123456789abcdef"
 # bench/servers.py kinds; intake-full starts first, so it holds the sealer lease of the Redis they share

@@ -14,17 +14,25 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from intake.api.routes import mount_api
-from intake.capture_queue import CaptureQueue
-from intake.reports import ReportProcessor, ensure_worker_key
-from intake.console import mount_console
-from intake.metrics import metrics_registry, render_metrics
-from intake.redis_conn import EmbeddedRedis
-from intake.redis_outage import OUTAGE_ERRORS, RedisOutage, outage_middleware, watch_redis
-from intake.runtime import Broker, open_broker
-from intake.settings import Settings
 from intake.channels.email.listener import mount_email
+from intake.channels.github import GitHub
+from intake.channels.gitlab import GitLab
+from intake.channels.jira import Jira
 from intake.channels.slack.transport import SlackMode, mount_slack
 from intake.channels.webhooks import mount_webhooks
+from intake.console import mount_console
+from intake.core.redis_conn import EmbeddedRedis
+from intake.core.settings import Settings
+from intake.operations.metrics import metrics_registry, render_metrics
+from intake.runtime import Broker, open_broker
+from intake.storage.capture_queue import CaptureQueue
+from intake.storage.outage import (
+    OUTAGE_ERRORS,
+    RedisOutage,
+    outage_middleware,
+    watch_redis,
+)
+from intake.tasks.worker_reports import ReportProcessor, ensure_worker_key
 
 log = logging.getLogger("intake.app")
 
@@ -55,7 +63,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """The leading indicators in the Prometheus text format (intake.metrics)."""
+    """The leading indicators in the Prometheus text format (intake.operations.metrics)."""
     body = await asyncio.to_thread(render_metrics, request.app[METRICS])
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -124,7 +132,7 @@ async def _clocks_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _outage_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Probe Redis for the app's lifetime (:func:`intake.redis_outage.watch_redis`), restarting
+    """Probe Redis for the app's lifetime (:func:`intake.storage.outage.watch_redis`), restarting
     the embedded server when it died under this process."""
     settings, broker = app[SETTINGS], app[BROKER]
     revive = None
@@ -176,5 +184,5 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     mount_email(app, settings, BROKER, CAPTURE)
-    mount_webhooks(app, settings, CAPTURE)
+    mount_webhooks(app, settings, (GitHub.from_settings, GitLab.from_settings, Jira.from_settings), CAPTURE)
     return app

@@ -11,30 +11,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
 
-from intake.approvers import Approvers, SecretBox
-from intake.audit import AuditLog
-from intake.errors import ConfigError
-from intake.keys import ensure_keys, load_public_keys, load_secret, load_signing_key
-from intake.ledger import Ledger
-from intake.mfa import StepUp
-from intake.passkeys import Passkeys
-from intake.policy import Policy, load_policy
-from intake.promotion import Gatekeeper
-from intake.redis_conn import check_server, make_client, redis_urls
-from intake.redis_outage import RedisOutage
-from intake.report.figures import Timeline
-from intake.resources import EXAMPLE_POLICY
-from intake.settings import Settings
-from intake.store import Store
-from intake.tokens import Keyring, Signer
+from intake.audit.ledger import Ledger
+from intake.audit.log import AuditLog
+from intake.core.errors import ConfigError
+from intake.core.policy import Policy, load_policy
+from intake.core.redis_conn import open_redis
+from intake.core.resources import EXAMPLE_POLICY
+from intake.core.settings import Settings
+from intake.operations.indicators.figures import Timeline
+from intake.people.approvers import Approvers, SecretBox
+from intake.people.mfa import StepUp
+from intake.people.passkeys import Passkeys
+from intake.protocol.keyfiles import ensure_keys, load_public_keys, load_secret, load_signing_key
+from intake.protocol.tokens import Keyring, Signer
+from intake.storage.outage import RedisOutage
+from intake.storage.store import Store
+from intake.tasks.promotion import Gatekeeper
 
 if TYPE_CHECKING:
-    from intake.queueing import Dispatcher
+    from intake.tasks.dispatch import Dispatcher
 
 
 @dataclass
@@ -64,7 +63,7 @@ class Broker:
 
     @cached_property
     def timeline(self) -> Timeline:
-        """The report's source: the sealed chain followed incrementally (:mod:`intake.report`)."""
+        """The report's source: the sealed chain followed incrementally (:mod:`intake.operations.indicators`)."""
         return Timeline(self.audit, self.store)
 
     @property
@@ -96,7 +95,7 @@ class Broker:
     @cached_property
     def dispatcher(self) -> Dispatcher:
         """Enqueues tasks to RQ and reconciles lost jobs and abandoned runs."""
-        from intake.queueing import Dispatcher
+        from intake.tasks.dispatch import Dispatcher
 
         return Dispatcher(self)
 
@@ -116,20 +115,6 @@ def prepare_dev(settings: Settings) -> list[str]:
         shutil.copyfile(EXAMPLE_POLICY, settings.policy_path)
         done.append(f"copied {EXAMPLE_POLICY.name} to {settings.policy_path}")
     return done
-
-
-@contextmanager
-def open_redis(settings: Settings, *, role: str = "broker") -> Iterator[tuple[str, redis.Redis]]:
-    """Redis (embedded or configured) for the block's duration, as ``role``'s Redis user (see
-    :mod:`intake.redis_acl`; a configured URL is used as given): its URL and a text client."""
-    with redis_urls(settings) as urls:
-        url = urls[role]
-        client = make_client(url)
-        try:
-            check_server(client)
-            yield url, client
-        finally:
-            client.close()
 
 
 @contextmanager

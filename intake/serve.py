@@ -18,13 +18,13 @@ from aiohttp import web
 from intake.app import create_app
 from intake.channels.slack.auth import SlackUnreachable, auth_test
 from intake.channels.slack.transport import SlackMode, slack_mode
-from intake.errors import ConfigError
-from intake.keys import load_secret
-from intake.logs import AccessLogger, configure_logging
-from intake.policy import load_policy
-from intake.redis_conn import EmbeddedRedis
+from intake.core.errors import ConfigError
+from intake.core.logs import AccessLogger, configure_logging
+from intake.core.policy import load_policy
+from intake.core.redis_conn import EmbeddedRedis
+from intake.core.settings import Settings
+from intake.protocol.keyfiles import load_secret
 from intake.runtime import prepare_dev
-from intake.settings import Settings
 
 
 def listen_unix(path: Path) -> socket.socket:
@@ -87,8 +87,8 @@ def prepare_dev_people(settings: Settings) -> list[str]:
 
     Returns one line per thing it did, for the start-up banner."""
     from intake.api.callers import ApiTokens
-    from intake.errors import InvalidInput
-    from intake.people import People, bootstrap_admin
+    from intake.core.errors import InvalidInput
+    from intake.people.registry import People, bootstrap_admin
     from intake.runtime import open_broker
 
     done = []

@@ -15,17 +15,17 @@ from urllib.parse import urlsplit
 import pyotp
 from aiohttp import web
 
-from intake.api.client import UnixConnection
 from intake.app import create_app
-from intake.approvers import Approvers, SecretBox
-from intake.keys import load_secret
-from intake.ledger import Ledger
-from intake.mfa import StepUp
-from intake.people import People
+from intake.audit.ledger import Ledger
+from intake.cli.client import UnixConnection
+from intake.core.settings import Settings
+from intake.people.approvers import Approvers, SecretBox
+from intake.people.mfa import StepUp
+from intake.people.registry import People
+from intake.protocol.keyfiles import load_secret
 from intake.runtime import open_broker
 from intake.serve import listen_unix
-from intake.settings import Settings
-from intake.store import Store
+from intake.storage.store import Store
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Codes:
 def enrol(settings: Settings, people: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, Codes]:
     """Enrol and confirm approvers directly (test setup, as an operator would through the API),
     linking the given identities. Confirmation spends an hour-old step, leaving fresh codes."""
-    from intake.policy import load_policy
+    from intake.core.policy import load_policy
 
     out = {}
     with open_broker(settings) as broker:

@@ -14,15 +14,27 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.audit import AuditLog
-from intake.keys import generate_keys, load_secret
-from intake.redis_conn import make_client, redis_server_binary
+from intake.audit.log import AuditLog
+from intake.core.redis_conn import make_client, redis_server_binary
+from intake.core.settings import Settings, load_settings
+from intake.protocol.keyfiles import generate_keys, load_secret
 from intake.runtime import EXAMPLE_POLICY
-from intake.settings import Settings, load_settings
-from intake.store import Store
+from intake.storage.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VECTORS = REPO_ROOT / "tests" / "vectors"  # public vectors, copied from shared/ (see its README)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker process gets its own TMPDIR, so workers' run roots
+    (``$TMPDIR/intake-runs/<name>``, swept when a worker starts) never meet another test
+    process's. Mode 0711: the sandbox's agent user passes through to its own work tree."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        base = Path(tempfile.gettempdir()) / f"intake-tests-{os.getuid()}-{worker}"
+        base.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(base, 0o711)
+        os.environ["TMPDIR"] = tempfile.tempdir = str(base)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +62,15 @@ def redis_server() -> Iterator[str]:
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh directory with a short path, for a data dir whose unix sockets must fit in
+    108 bytes (pytest's own tmp_path is deep, deeper still under pytest-xdist)."""
+    path = Path(tempfile.mkdtemp(prefix="it-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from intake.models import Channel, IdeaDraft
+from intake.core.models import Channel, IdeaDraft
 
 _seq = itertools.count(1)
 

@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from intake.api.client import ApiClient, ApiError, UnixConnection
-from intake.models import Channel
+from intake.cli.client import ApiClient, ApiError, UnixConnection
+from intake.core.models import Channel
+from intake.core.settings import Settings
 from intake.runtime import open_broker
-from intake.settings import Settings
 from tests.api_harness import RunningBroker, enrol, post
 from tests.factories import draft
 

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from intake.audit import AuditLog, event
-from intake.errors import AuditBroken
+from intake.audit.log import AuditLog, event
+from intake.core.errors import AuditBroken
 
 
 def fill(audit: AuditLog, n: int) -> list[str]:
@@ -180,7 +180,8 @@ def test_sealer_seals_only_what_is_genuine(audit: AuditLog) -> None:
     verify, and never parsed as genuine."""
     import json
 
-    from intake.audit import report_mac, worker_report_key
+    from intake.audit.log import worker_report_key
+    from intake.protocol.reports import report_mac
 
     fill(audit, 2)
     r = audit.r

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from intake.channels.cli import cli_draft
-from intake.errors import InvalidInput
-from intake.store import Store
+from intake.core.errors import InvalidInput
+from intake.storage.store import Store
 
 
 def test_two_filers_reusing_a_delivery_id_get_their_own_ideas(store: Store) -> None:

@@ -11,8 +11,8 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from intake.cli import cli
-from intake.settings import Settings
+from intake.cli.main import cli
+from intake.core.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("api")
 
@@ -65,8 +65,9 @@ def test_audit_verify_json_lists_every_entry_that_is_not_genuine(env: dict[str, 
                                                                   settings: Settings) -> None:
     """Issue 8: an unsigned XADD, a garbage entry and a worker-key ``approval.recorded`` are
     sealed as rejected and all three are listed; the ledger does not halt for them."""
-    from intake.audit import report_mac, worker_report_key
-    from intake.keys import load_secret
+    from intake.audit.log import worker_report_key
+    from intake.protocol.keyfiles import load_secret
+    from intake.protocol.reports import report_mac
 
     assert run(env, "idea", "before", "--as", "bob").exit_code == 0
     body = json.dumps({"at": 1.0, "actor": "approver:alice", "action": "approval.recorded",
@@ -169,7 +170,7 @@ def test_keys_generate_refuses_overwrite(env: dict[str, str], settings: Settings
 
 
 def test_keys_rotate_and_retire_on_the_broker_host(env: dict[str, str], settings: Settings) -> None:
-    from intake.keys import load_public_keys
+    from intake.protocol.keyfiles import load_public_keys
 
     rotated = run(env, "keys", "rotate")
     assert rotated.exit_code == 0, rotated.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from intake.cli import cli
+from intake.cli.main import cli
 
 
 def _walk(command: click.Command, path: str) -> list[str]:

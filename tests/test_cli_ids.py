@@ -9,9 +9,9 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from intake.api.client import ApiClient, ApiError, broker_url, seg
-from intake.cli import cli
-from intake.settings import Settings
+from intake.cli.client import ApiClient, ApiError, broker_url, seg
+from intake.cli.main import cli
+from intake.core.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("api")
 

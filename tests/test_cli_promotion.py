@@ -12,11 +12,11 @@ import pyotp
 import pytest
 from click.testing import CliRunner, Result
 
-from intake.cli import cli
-from intake.models import Channel
-from intake.people import People
+from intake.cli.main import cli
+from intake.core.models import Channel
+from intake.core.settings import Settings
+from intake.people.registry import People
 from intake.runtime import open_broker
-from intake.settings import Settings
 from tests.api_harness import Codes, enrol
 from tests.factories import draft
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.doctor import check_slack, problems, run_doctor
-from intake.keys import generate_keys
-from intake.redis_conn import make_client, redis_server_binary
+from intake.core.redis_conn import make_client, redis_server_binary
+from intake.core.settings import Settings, load_settings
+from intake.operations.doctor import check_slack, problems, run_doctor
+from intake.protocol.keyfiles import generate_keys
 from intake.runtime import EXAMPLE_POLICY
-from intake.settings import Settings, load_settings
 from tests.slack_sim import SlackSim
 
 INTAKE = [sys.executable, "-m", "intake"]

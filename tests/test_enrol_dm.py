@@ -4,8 +4,8 @@ the link), through the Slack Web API simulator; the link is never on the audit l
 from __future__ import annotations
 
 from intake.console.enrol import EnrolLinks, send_by_dm
-from intake.settings import Settings, load_settings
-from intake.store import Store
+from intake.core.settings import Settings, load_settings
+from intake.storage.store import Store
 from tests.slack_sim import SlackSim
 
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from intake.errors import LedgerHalted, Refused
-from intake.ledger import Ledger
-from intake.models import TaskState
+from intake.audit.ledger import Ledger
+from intake.core.errors import LedgerHalted, Refused
+from intake.core.models import TaskState
 from tests.factories import draft
 from tests.workers.harness import Rig, rig  # noqa: F401
 

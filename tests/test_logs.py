@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from intake.logs import REDACTED, configure_logging
-from intake.settings import Settings
+from intake.core.logs import REDACTED, configure_logging
+from intake.core.settings import Settings
 
 INTAKE = [sys.executable, "-m", "intake"]
 
@@ -113,8 +113,8 @@ def test_known_secrets_and_their_shapes_are_redacted(settings: Settings) -> None
 
 
 def test_log_settings_are_validated(settings: Settings) -> None:
-    from intake.errors import ConfigError
-    from intake.settings import load_settings
+    from intake.core.errors import ConfigError
+    from intake.core.settings import load_settings
 
     assert load_settings(_env_file=None, log_format="JSON", log_level="warning").log_level == "WARNING"
     with pytest.raises(ConfigError, match="^INTAKE_LOG_FORMAT: "):
@@ -124,7 +124,7 @@ def test_log_settings_are_validated(settings: Settings) -> None:
 def test_a_bad_format_string_does_not_raise() -> None:
     """The redactor formats each record itself; a record whose arguments do not fit its format
     is still logged (as its format), never raised out of the log call."""
-    from intake.logs import Redactor
+    from intake.core.logs import Redactor
 
     record = logging.LogRecord("intake.test", logging.WARNING, __file__, 1, "two %s %s", ("one",), None)
     assert Redactor([]).filter(record) is True

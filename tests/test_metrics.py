@@ -11,9 +11,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from intake.app import BROKER, create_app
-from intake.errors import Refused
-from intake.models import Channel, TaskState
-from intake.settings import Settings, load_settings
+from intake.core.errors import Refused
+from intake.core.models import Channel, TaskState
+from intake.core.settings import Settings, load_settings
 from tests.conftest import FakeClock
 from tests.factories import draft
 
@@ -93,7 +93,7 @@ async def test_metrics_match_a_scripted_scenario(settings: Settings, clock: Fake
 
 
 def test_scrapes_are_incremental_and_queue_depth_is_live(settings: Settings, store, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
-    from intake.metrics import AuditMetrics
+    from intake.operations.metrics import AuditMetrics
     from intake.runtime import open_broker
 
     with open_broker(settings) as broker:
@@ -108,9 +108,9 @@ def test_scrapes_are_incremental_and_queue_depth_is_live(settings: Settings, sto
 
 
 def test_outbox_lag_and_drops(settings: Settings, tmp_path: Path) -> None:
-    from intake.metrics import AuditMetrics
-    from intake.outbox import Outbox
+    from intake.operations.metrics import AuditMetrics
     from intake.runtime import open_broker
+    from intake.storage.outbox import Outbox
 
     with open_broker(settings) as broker:
         outbox = Outbox(broker.audit, "slack-notifier", max_age_s=3600)

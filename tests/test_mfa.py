@@ -11,16 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pyotp
 import pytest
 
-from intake.approvers import Approvers, SecretBox
-from intake.errors import Refused
-from intake.keys import load_secret
-from intake.ledger import Ledger
-from intake.mfa import StepUp, Throttle, is_out_of_sync, matching_step, new_secret
-from intake.models import Approver
-from intake.policy import load_policy
+from intake.audit.ledger import Ledger
+from intake.core.errors import Refused
+from intake.core.models import Approver
+from intake.core.policy import load_policy
+from intake.core.settings import Settings
+from intake.people.approvers import Approvers, SecretBox
+from intake.people.mfa import StepUp, Throttle, is_out_of_sync, matching_step, new_secret
+from intake.protocol.keyfiles import load_secret
 from intake.runtime import EXAMPLE_POLICY
-from intake.settings import Settings
-from intake.store import Store
+from intake.storage.store import Store
 from tests.conftest import VECTORS, FakeClock
 
 TOTP = json.loads((VECTORS / "totp.json").read_text())
@@ -242,7 +242,7 @@ def test_secret_is_bound_to_the_record(approvers: Approvers, alice: tuple, store
 
 
 def test_enrolment_must_agree_with_policy(approvers: Approvers) -> None:
-    from intake.errors import InvalidInput
+    from intake.core.errors import InvalidInput
 
     policy = load_policy(EXAMPLE_POLICY)
     with pytest.raises(InvalidInput, match="does not list 'alice'"):

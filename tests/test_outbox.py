@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from intake.audit import AuditLog, report_mac, worker_report_key
-from intake.metrics import AuditMetrics
-from intake.outbox import Delivery, Outbox, backoff_delay
-from intake.redis_conn import make_client
+from intake.audit.log import AuditLog, worker_report_key
+from intake.core.redis_conn import make_client
+from intake.core.settings import Settings
+from intake.operations.metrics import AuditMetrics
+from intake.protocol.reports import report_mac
 from intake.runtime import open_broker
-from intake.settings import Settings
-from intake.store import Store
+from intake.storage.outbox import Delivery, Outbox, backoff_delay
+from intake.storage.store import Store
 from tests.conftest import FakeClock
 from tests.factories import draft
 

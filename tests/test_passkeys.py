@@ -11,12 +11,12 @@ import pyotp
 import pytest
 import redis
 
-from intake.errors import PolicyError, Refused
-from intake.models import Channel
-from intake.passkeys import PasskeyProof, bound_challenge
-from intake.policy import load_policy
+from intake.core.errors import PolicyError, Refused
+from intake.core.models import Channel
+from intake.core.policy import load_policy
+from intake.core.settings import Settings, load_settings
+from intake.people.passkeys import PasskeyProof, bound_challenge
 from intake.runtime import EXAMPLE_POLICY, open_broker
-from intake.settings import Settings, load_settings
 from tests.factories import draft
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from intake.errors import InvalidInput
-from intake.people import People, bootstrap_admin, parse_identity, parse_person_id
-from intake.store import Store
+from intake.core.errors import InvalidInput
+from intake.people.registry import People, bootstrap_admin, parse_identity, parse_person_id
+from intake.storage.store import Store
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from intake.errors import PolicyError
-from intake.policy import load_policy, parse_duration, parse_policy
+from intake.core.errors import PolicyError
+from intake.core.policy import load_policy, parse_duration, parse_policy
 from intake.runtime import EXAMPLE_POLICY
 
 

@@ -8,17 +8,17 @@ from dataclasses import dataclass
 import pyotp
 import pytest
 
-from intake.approvers import Approvers, SecretBox
-from intake.errors import IllegalTransition, Refused
-from intake.keys import load_secret
-from intake.ledger import Ledger
-from intake.mfa import StepUp
-from intake.models import Channel, IdeaState, TaskState
-from intake.policy import load_policy
-from intake.promotion import Gatekeeper
+from intake.audit.ledger import Ledger
+from intake.core.errors import IllegalTransition, Refused
+from intake.core.models import Channel, IdeaState, TaskState
+from intake.core.policy import load_policy
+from intake.core.settings import Settings
+from intake.people.approvers import Approvers, SecretBox
+from intake.people.mfa import StepUp
+from intake.protocol.keyfiles import load_secret
 from intake.runtime import EXAMPLE_POLICY
-from intake.settings import Settings
-from intake.store import Store
+from intake.storage.store import Store
+from intake.tasks.promotion import Gatekeeper
 from tests.conftest import FakeClock
 from tests.factories import draft
 
@@ -49,7 +49,7 @@ def w(store: Store, settings: Settings, clock: FakeClock) -> World:
     ledger = Ledger(store.audit)
     approvers = Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store), ledger)
     totps = {}
-    for i, (name, group) in enumerate(PEOPLE.items()):
+    for name, group in PEOPLE.items():
         enrolment = approvers.add(policy, name, name=name.title(), groups=(group,),
                                   slack_user=f"U{name.upper():0<9}", email=f"{name}@acme.test", actor="cli:root")
         totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)

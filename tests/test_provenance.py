@@ -9,10 +9,17 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from intake.provenance import (
-    PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, ProvenanceInvalid, compare, open_envelope, pae, sign_statement,
+from intake.protocol.envelope import (
+    PAYLOAD_TYPE,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    ProvenanceInvalid,
+    open_envelope,
+    pae,
+    sign_statement,
 )
-from intake.tokens import Keyring, Signer
+from intake.protocol.tokens import Keyring, Signer
+from intake.tasks.provenance import compare
 
 STATEMENT = {"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE,
              "subject": [{"name": "acme/web", "digest": {"gitCommit": "a" * 40}}],

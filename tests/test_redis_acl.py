@@ -29,11 +29,11 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from intake.errors import ConfigError
-from intake.models import TaskState
-from intake.redis_acl import ROLES
-from intake.redis_conn import EmbeddedRedis, make_client, redis_server_binary
-from intake.settings import load_settings
+from intake.core.errors import ConfigError
+from intake.core.models import TaskState
+from intake.core.redis_acl import ROLES
+from intake.core.redis_conn import EmbeddedRedis, make_client, redis_server_binary
+from intake.core.settings import load_settings
 from tests.conftest import REPO_ROOT
 from tests.workers.harness import Rig, rig  # noqa: F401
 
@@ -383,8 +383,9 @@ def test_redis7_selectors_make_leases_read_only_and_reports_append_only(redis7: 
 
 
 def test_open_broker_logs_in_per_role_and_never_shows_a_password(tmp_path: Path) -> None:
-    from intake.keys import generate_keys
-    from intake.runtime import EXAMPLE_POLICY, open_broker, open_redis
+    from intake.core.redis_conn import open_redis
+    from intake.protocol.keyfiles import generate_keys
+    from intake.runtime import EXAMPLE_POLICY, open_broker
 
     settings = load_settings(_env_file=None, data_dir=tmp_path / "d", policy=EXAMPLE_POLICY)
     generate_keys(settings)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from intake.errors import RedisUnavailable
-from intake.redis_conn import EmbeddedRedis, make_client
+from intake.core.errors import RedisUnavailable
+from intake.core.redis_conn import EmbeddedRedis, make_client
 
 
 def test_data_survives_stop_and_restart(tmp_path: Path) -> None:

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from intake.errors import ConfigError
-from intake.redis_conn import SentinelUrl, make_async_client, make_client, parse_sentinel_url, redis_urls
-from intake.settings import load_settings
+from intake.core.errors import ConfigError
+from intake.core.redis_conn import make_async_client, make_client, redis_urls
+from intake.core.redis_url import SentinelUrl, parse_sentinel_url
+from intake.core.settings import load_settings
 from tests.functional.test_serve import free_port
 
 SYSTEM_REDIS = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
@@ -90,7 +91,7 @@ async def test_a_sentinel_url_finds_the_master(tmp_path: Path, spawn: list) -> N
 
 def _cert(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for 127.0.0.1 it signed, made here (cryptography)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intake test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.audit import AuditLog
-from intake.keys import load_secret
-from intake.redis_conn import EmbeddedRedis, make_client
-from intake.sealer_lease import LeaseLost
-from intake.settings import Settings
+from intake.audit.log import AuditLog
+from intake.audit.sealer import LeaseLost
+from intake.core.redis_conn import EmbeddedRedis, make_client
+from intake.core.settings import Settings
+from intake.protocol.keyfiles import load_secret
 
 
 def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
@@ -57,7 +57,7 @@ def test_a_non_holder_seal_pending_waits_for_the_holder(two: tuple[AuditLog, Aud
     a.start_sealer()
     wait_until(lambda: a.lease.token is not None, "a to take the lease")
     pipe = b.r.pipeline(transaction=True)
-    from intake.audit import event
+    from intake.audit.log import event
     b.append(pipe, event("system", "test.event", "S1"))
     pipe.execute()
     assert b.seal_pending() == 0  # sealed by the holder, which b waited for
@@ -82,7 +82,7 @@ def test_a_paused_old_holder_cannot_seal_when_it_wakes(two: tuple[AuditLog, Audi
     wait_until(lambda: a.r.pttl(a.lease.key) == -2, "a's lease to expire while a is paused")
     assert b.lease.acquire() == 2
     pipe = a.r.pipeline(transaction=True)
-    from intake.audit import event
+    from intake.audit.log import event
     a.append(pipe, event("system", "test.event", "S1"))
     pipe.execute()
     with pytest.raises(LeaseLost):
@@ -119,7 +119,7 @@ def test_the_worker_user_and_no_password_cannot_take_or_extend_the_lease(embedde
     broker = make_client(embedded.url_for("broker"))
     worker = make_client(embedded.url_for("worker"))
     anonymous = make_client(f"unix://{embedded.sock}")  # no user, no password
-    from intake.sealer_lease import SealerLease
+    from intake.audit.sealer import SealerLease
 
     lease = SealerLease(broker, "intake", ttl_ms=600_000)
     assert lease.acquire() == 1

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from intake.errors import ConfigError
-from intake.settings import load_settings
+from intake.core.errors import ConfigError
+from intake.core.settings import load_settings
 
 
 def test_secrets_come_from_files_in_intake_secrets_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,10 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from intake.audit import AuditLog
-from intake.errors import IllegalTransition, InvalidInput, NotFound
-from intake.models import Channel, IdeaState
-from intake.store import Store
+from intake.audit.log import AuditLog
+from intake.core.errors import IllegalTransition, InvalidInput, NotFound
+from intake.core.models import Channel, IdeaState
+from intake.storage.store import Store
 from tests.conftest import FakeClock
 from tests.factories import draft
 

@@ -1,13 +1,13 @@
-"""The one normalisation of untrusted text (intake.channels.text), as capture applies it."""
+"""The one normalisation of untrusted text (intake.text.normalise), as capture applies it."""
 
 from __future__ import annotations
 
 import pytest
 
-from intake.channels.text import decode_slack, is_hidden, normalise, visible
-from intake.console.display import visible_segments
-from intake.errors import InvalidInput
-from intake.store import Store
+from intake.core.errors import InvalidInput
+from intake.storage.store import Store
+from intake.text.html import visible_segments
+from intake.text.normalise import decode_slack, is_hidden, normalise, visible
 from tests.factories import draft
 
 
@@ -53,7 +53,7 @@ def test_capture_applies_it_for_every_channel(store: Store) -> None:
 
 
 def test_the_terminal_shows_the_same_hidden_characters() -> None:
-    from intake.terminal import safe
+    from intake.text.terminal import safe
 
     assert safe("a\u200bb\U000e0041c\u202e\x1b[31m\tok\n") == "a\\u200bb\\U000e0041c\\u202e\\x1b[31m\tok\n"
     assert safe("é 中文 עברית") == "é 中文 עברית"

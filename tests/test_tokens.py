@@ -9,9 +9,9 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from intake.errors import TokenInvalid
-from intake.models import Limits, RequiredCheck, TaskSpec, canonical_json
-from intake.tokens import Keyring, Signer, mint_dispatch, mint_lease, verify_dispatch, verify_lease
+from intake.core.errors import TokenInvalid
+from intake.core.models import Limits, RequiredCheck, TaskSpec, canonical_json
+from intake.protocol.tokens import Keyring, Signer, mint_dispatch, mint_lease, verify_dispatch, verify_lease
 
 NOW = 1_800_000_000.0
 
@@ -72,7 +72,7 @@ def test_every_character_of_the_token_matters(signer: Signer) -> None:
     token, _ = dispatch(signer)
     for i in range(0, len(token), max(1, len(token) // 40)):
         flipped = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1:]
-        assert reason(lambda: verify_dispatch(flipped, ring(signer), now=NOW)) in {"malformed", "bad_signature",
+        assert reason(lambda flipped=flipped: verify_dispatch(flipped, ring(signer), now=NOW)) in {"malformed", "bad_signature",
                                                                                    "unknown_key"}
 
 

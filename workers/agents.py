@@ -17,8 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from intake.errors import IntakeError
-from intake.workers.sandbox import AgentResult, Sandbox, SandboxError
+from intake.core.errors import IntakeError
+
+from .sandbox import AgentResult, Sandbox, SandboxError
 
 PROMPT_FILE_ENV = "INTAKE_PROMPT_FILE"
 TASK_ID_ENV = "INTAKE_TASK_ID"

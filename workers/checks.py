@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from intake.models import TaskSpec
-from intake.workers.rundirs import RunRoot
-from intake.workers.sandbox import Sandbox
-from intake.workers.workspace import Workspace
+from intake.core.models import TaskSpec
+
+from .rundirs import RunRoot
+from .sandbox import Sandbox
+from .workspace import Workspace
 
 #: How much of a check's output is kept in the result.
 CHECK_TAIL_CHARS = 2000

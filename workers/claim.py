@@ -3,7 +3,7 @@
 A worker writes no broker record. :meth:`Claimer.claim` is what the entry point does before
 anything else, with the broker's *public* keys only:
 
-1. :func:`~intake.tokens.verify_dispatch`: signature (by key id, from the keyring), kind, expiry,
+1. :func:`~intake.protocol.tokens.verify_dispatch`: signature (by key id, from the keyring), kind, expiry,
    and the spec hash recomputed from the spec the token carries. The job's task id, job id and
    queue must be the token's. The worker needs no task record: the spec it runs is the signed one;
 2. the policy file must be the version the spec was approved under (the worker reads the
@@ -13,7 +13,7 @@ anything else, with the broker's *public* keys only:
    waits for the broker's answer: a broker-signed lease for exactly this task, attempt and run.
    The broker grants it only if its ledger says the task is queued, the nonce is one it minted
    for this attempt and never used, and intake is not frozen. A refusal (or no answer in time)
-   raises :class:`~workers.jobs.JobRefused` and nothing runs.
+   raises :class:`~workers.refusal.JobRefused` and nothing runs.
 
 A refusal at steps 1-3 is reported (``report.refused``); the broker records it and, where the
 fault is the task's own (stale policy, misrouted), ends the task.
@@ -30,13 +30,20 @@ from pathlib import Path
 
 import redis
 
-from intake.errors import PolicyError, TokenInvalid
-from intake.models import TaskSpec
-from intake.policy import Policy, load_policy
-from intake.reports import Reporter
-from intake.tokens import DispatchClaims, Keyring, LeaseClaims, verify_dispatch, verify_lease
-from intake.workers.config import WorkerConfig
-from intake.workers.jobs import JobRefused
+from intake.core.errors import PolicyError, TokenInvalid
+from intake.core.models import TaskSpec
+from intake.core.policy import Policy, load_policy
+from intake.protocol.reports import Reporter
+from intake.protocol.tokens import (
+    DispatchClaims,
+    Keyring,
+    LeaseClaims,
+    verify_dispatch,
+    verify_lease,
+)
+
+from .config import WorkerConfig
+from .refusal import JobRefused
 
 log = logging.getLogger("intake.worker")
 

@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from intake.errors import ConfigError
-from intake.policy import Policy
-from intake.workers.agents import CommandAgent, DemoAgent, agent_from_config
-from intake.workers.sandbox import Sandbox
+from intake.core.errors import ConfigError
+from intake.core.policy import Policy
+
+from .agents import CommandAgent, DemoAgent, agent_from_config
+from .sandbox import Sandbox
 
 _QUEUE = r"^[a-z][a-z0-9_-]{0,63}$"  # policy queue names: a name, or "tier-" + a name
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"

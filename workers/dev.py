@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from intake.policy import load_policy
-from intake.settings import Settings
-from intake.workers.sandbox import Sandbox, SandboxError
-from intake.workers.workspace import run_git
+from intake.core.policy import load_policy
+from intake.core.settings import Settings
+
+from .sandbox import Sandbox, SandboxError
+from .workspace import run_git
 
 DEV_CONFIG_NAME = "worker.dev.toml"
 DEV_WORKER_NAME = "dev"

@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
-from intake.errors import IntakeError
+from intake.core.errors import IntakeError
 
 _MAX_RESPONSE = 1024 * 1024
 

@@ -10,7 +10,7 @@ retries and repeats (RQ would re-enqueue things), an instance and free-form ``me
 Two layers stop all of that:
 
 * :func:`inspect_job` checks the *stored* job before anything of it is imported or called: the
-  function name must be :data:`~intake.queueing.ENTRY_POINT` and the data exactly
+  function name must be :data:`~intake.protocol.jobs.ENTRY_POINT` and the data exactly
   ``kwargs={"task_id": <task id>, "token": <token>}``; every other feature must be absent. The
   worker refuses a job that fails (audited with the function name, never the arguments) and
   marks it failed with :func:`fail_refused_job`, which writes the registry keys directly rather
@@ -34,10 +34,11 @@ from rq.queue import Queue
 from rq.registry import FailedJobRegistry
 from rq.utils import now, utcformat
 
-from intake.errors import IntakeError
-from intake.models import is_id
-from intake.queueing import ENTRY_POINT, FAILURE_TTL_S, JOB_KWARGS
-from intake.tokens import MAX_TOKEN_LEN
+from intake.core.models import is_id
+from intake.protocol.jobs import ENTRY_POINT, FAILURE_TTL_S, JOB_KWARGS
+from intake.protocol.tokens import MAX_TOKEN_LEN
+
+from .refusal import JobRefused
 
 #: A stored job's compressed data carries the dispatch token (and in it the spec); anything
 #: near this is not ours.
@@ -58,14 +59,6 @@ JOB_HASH_FIELDS = frozenset({
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 # A run attempt is <task id>_<n>, a delivery attempt <task id>_d<n>.
 _JOB_ID = re.compile(r"(T-[0-9a-f]{12})_(d?[1-9][0-9]{0,3})")
-
-
-class JobRefused(IntakeError):
-    """A job was refused before (or instead of) running; ``reason`` is a stable tag."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
 
 
 def printable(value: Any, limit: int = 200) -> str:
@@ -135,7 +128,7 @@ class IntakeJob(Job):
     @property
     def func(self) -> Any:
         if self.malformed is None and self.func_name == ENTRY_POINT and self.instance is None:
-            from intake.workers.entry import run_task
+            from .entry import run_task
 
             return run_task
         raise JobRefused("function_not_allowed", "this worker runs only the intake entry point")
@@ -157,7 +150,7 @@ def inspect_job(job: Job, queue: Queue) -> str | None:
     """Why ``job`` (as stored, from ``queue``) must not run, or None when it is one of ours.
 
     Reads only data: nothing is imported or called. The checks are strict equality with what
-    :class:`intake.queueing.Dispatcher` writes, so anything else is refused.
+    :class:`intake.tasks.dispatch.Dispatcher` writes, so anything else is refused.
     """
     if getattr(job, "malformed", None):
         return str(job.malformed)

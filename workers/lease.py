@@ -17,8 +17,9 @@ import time
 
 import redis
 
-from intake.tokens import LeaseClaims
-from intake.workers.claim import Claim, Claimer
+from intake.protocol.tokens import LeaseClaims
+
+from .claim import Claim, Claimer
 
 log = logging.getLogger("intake.worker")
 POLL_S = 0.25

@@ -5,7 +5,7 @@ executable, a credential that does not resolve (an unset variable, a missing or 
 file), and a report key that is missing, unreadable or another worker's. ``intake worker``
 stops on the first (:func:`preflight`); ``intake doctor --worker-config`` prints them all.
 Reaching Redis as the worker's user is checked where the worker opens it
-(:func:`intake.runtime.open_redis`), still before any job. No secret value is ever in a line.
+(:func:`intake.core.redis_conn.open_redis`), still before any job. No secret value is ever in a line.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
-from intake.errors import ConfigError
-from intake.keys import load_worker_key
-from intake.settings import Settings
-from intake.workers.config import CommandAgentConfig, WorkerConfig
-from intake.workers.sandbox import safe_path
+from intake.core.errors import ConfigError
+from intake.core.settings import Settings
+from intake.protocol.keyfiles import load_worker_key
+
+from .config import CommandAgentConfig, WorkerConfig
+from .sandbox import safe_path
 
 
 def agent_problem(config: WorkerConfig) -> str | None:

@@ -47,21 +47,28 @@ from typing import Any
 
 from rq.timeouts import JobTimeoutException
 
-from intake.errors import ConfigError, IntakeError
-from intake.models import TaskState
-from intake.provenance import NOTES_REF, digest_of, open_envelope, pull_request_provenance, subject_commit
-from intake.workers.agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
-from intake.workers.checks import describe_failure, run_checks
-from intake.workers.claim import Claim, Claimer
-from intake.workers.config import RepoConfig, WorkerConfig
-from intake.workers.forge import ForgeError, create_pull_request
-from intake.workers.deps.gate import check_dependency_change
-from intake.workers.gates import run_gates
-from intake.workers.jobs import JobRefused
-from intake.workers.lease import LeaseKeeper
-from intake.workers.rundirs import RunRoot
-from intake.workers.sandbox import SandboxError
-from intake.workers.workspace import GitError, Workspace
+from intake.core.errors import ConfigError, IntakeError
+from intake.core.models import TaskState
+from intake.protocol.envelope import (
+    NOTES_REF,
+    digest_of,
+    open_envelope,
+    pull_request_provenance,
+    subject_commit,
+)
+
+from .agents import TASK_ID_ENV, AgentError, AgentResult, build_prompt
+from .checks import describe_failure, run_checks
+from .claim import Claim, Claimer
+from .config import RepoConfig, WorkerConfig
+from .deps.gate import check_dependency_change
+from .forge import ForgeError, create_pull_request
+from .gates import run_gates
+from .lease import LeaseKeeper
+from .refusal import JobRefused
+from .rundirs import RunRoot
+from .sandbox import SandboxError
+from .workspace import GitError, Workspace
 
 log = logging.getLogger("intake.worker")
 
@@ -121,10 +128,10 @@ class TaskRunner:
 
     # -- the entry point's work -------------------------------------------------------------
     def run_task(self, task_id: str, token: str, *, job_id: str, queue: str) -> dict[str, Any]:
-        """Claim the task (or raise :class:`~workers.jobs.JobRefused`), run it, report it.
+        """Claim the task (or raise :class:`~workers.refusal.JobRefused`), run it, report it.
 
         Returns a one-line summary for RQ's job result (no secrets, no output) when the run
-        succeeded; otherwise raises :class:`~workers.jobs.JobRefused` with the reason, so the RQ
+        succeeded; otherwise raises :class:`~workers.refusal.JobRefused` with the reason, so the RQ
         job ends failed and ``rq info`` shows why.
         """
         claim = self.claimer.claim(task_id, token, job_id=job_id, queue=queue)

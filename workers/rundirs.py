@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from intake.workers.sandbox import SANDBOX_RECORD, kill_namespaces
+from .sandbox import SANDBOX_RECORD, kill_namespaces
 
 
 class RunRoot:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from intake.errors import IntakeError
+from intake.core.errors import IntakeError
 
 BWRAP = "/usr/bin/bwrap"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from intake.errors import IntakeError
+from intake.core.errors import IntakeError
 
 MODE_FILE = "100644"
 MODE_EXEC = "100755"

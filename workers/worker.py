@@ -25,7 +25,6 @@ import os
 import pwd
 import secrets
 import signal
-import socket
 import stat
 import threading
 import time
@@ -33,29 +32,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-import redis
+from intake.core.errors import ConfigError
+from intake.core.logs import configure_logging
+from intake.core.redis_conn import make_client, open_redis
+from intake.core.settings import Settings
+from intake.protocol.keyfiles import load_public_keys, load_worker_key
+from intake.protocol.keyspace import Keys
+from intake.protocol.reports import Reporter
 
-from intake.errors import ConfigError
-from intake.keys import load_public_keys, load_worker_key
-from intake.logs import configure_logging
-from intake.redis_conn import make_client
-from intake.reports import Reporter
-from intake.runtime import open_redis
-from intake.settings import Settings
-from intake.store import Keys
-from intake.workers import entry
-from intake.workers.claim import Claimer
-from intake.workers.config import WorkerConfig, load_worker_config
-from intake.workers.preflight import preflight
-from intake.workers.jobs import IntakeJob, fail_refused_job, inspect_job, printable, stored_func_name
-from intake.workers.run import TaskRunner
+from . import entry
+from .claim import Claimer
+from .config import WorkerConfig, load_worker_config
+from .jobs import (
+    IntakeJob,
+    fail_refused_job,
+    inspect_job,
+    printable,
+    stored_func_name,
+)
+from .preflight import preflight
+from .run import TaskRunner
 
 log = logging.getLogger("intake.worker")
+#: How long the command channel's thread waits for a message in one round (see subscribe).
+PUBSUB_POLL_S = 0.5
 
 
 class IntakeWorker(SimpleWorker):
@@ -66,6 +72,16 @@ class IntakeWorker(SimpleWorker):
         super().__init__(queues, **kwargs)
         self.runner = runner
         self.reporter = reporter
+
+    def subscribe(self) -> None:
+        """RQ's command channel, with a short poll. RQ's own thread waits up to 60 s a round;
+        when its stop races the unsubscribe (redis-py then waits for a subscription that never
+        comes), a worker's exit hung for that whole minute (every burst run, one in a few)."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         reason = inspect_job(job, queue)
@@ -100,7 +116,7 @@ def build_worker(settings: Settings, url: str, client: redis.Redis, config: Work
     """A worker for ``config`` on the Redis at ``url``: the broker's public keyring, the policy
     file, and this worker's own report key (``INTAKE_WORKER_KEY``, default
     ``keys/workers/<config name>.key``). Never the audit, signing or secrets keys."""
-    from intake.policy import load_policy
+    from intake.core.policy import load_policy
 
     key_path = settings.worker_key_path(config.name)
     key_name, generation, key = load_worker_key(key_path)
@@ -186,7 +202,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
     if sandbox.mode == "none":
         log.warning('sandbox = "none": agents and checks run as this worker\'s own user, '
                     "unsandboxed, with its network and files in reach")
-    from intake.policy import load_policy
+    from intake.core.policy import load_policy
 
     config.check_covers(load_policy(settings.policy_path))
     with open_redis(settings, role="worker") as (url, client):

@@ -45,10 +45,11 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from intake.errors import IntakeError
-from intake.provenance import NOTES_REF
-from intake.workers.deps.files import is_dependency_file
-from intake.workers.snapshot import (
+from intake.core.errors import IntakeError
+from intake.protocol.envelope import NOTES_REF
+
+from .deps.files import is_dependency_file
+from .snapshot import (
     MODE_EXEC,
     MODE_FILE,
     MODE_GITLINK,

@@ -23,9 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
-from intake.errors import InvalidInput, NotFound, Refused
-from intake.people import People, parse_identity, parse_person_id
-from intake.store import Pipe, Store
+from intake.core.errors import InvalidInput, NotFound, Refused
+from intake.people.registry import People, parse_identity, parse_person_id
+from intake.storage.store import Pipe, Store
 
 _TOKEN = re.compile(r"itk_[A-Za-z0-9_-]{43}")
 _TOKEN_ID = re.compile(r"tok-[0-9a-f]{12}")

@@ -25,15 +25,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from intake.redis_outage import OUTAGE_ERRORS
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.channels.cli import cli_draft
-from intake.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
-from intake.ids import KIND_NAMES, parse_id_prefix
-from intake.models import APPROVER_ID_RE, Idea, Task
-from intake.people import People, parse_identity, parse_person_id
-from intake.report.figures import broker_figures
+from intake.core.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
+from intake.core.ids import KIND_NAMES, parse_id_prefix
+from intake.core.models import APPROVER_ID_RE, Idea, Task
+from intake.operations.indicators.figures import broker_figures
+from intake.people.registry import People, parse_identity, parse_person_id
 from intake.runtime import Broker
+from intake.storage.outage import OUTAGE_ERRORS
 
 PREFIX = "/api/v1"
 log = logging.getLogger("intake.api")
@@ -308,7 +308,7 @@ class Api:
 
     def provenance(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """A delivered commit's stored envelope and what the sealed log says of it."""
-        from intake.provenance import lookup
+        from intake.tasks.provenance import lookup
 
         return lookup(broker, request.query.get("ref", ""))
 

@@ -12,9 +12,9 @@ import uuid
 
 from pydantic import ValidationError
 
-from intake.errors import InvalidInput
-from intake.models import Channel, IdeaDraft
-from intake.people import parse_identity
+from intake.core.errors import InvalidInput
+from intake.core.models import Channel, IdeaDraft
+from intake.people.registry import parse_identity
 
 
 def cli_draft(*, filer: str, via: str, text: str, title: str = "", author: str | None = None,

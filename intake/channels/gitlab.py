@@ -24,13 +24,14 @@ import hmac
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 from intake.channels.replies import Reply
 from intake.channels.webhooks import Outcome, WebhookRefused, field, forge_identity, single_header, slash_intake, token
-from intake.models import Channel, IdeaDraft, sha256_hex
-from intake.settings import Settings
+from intake.core.models import Channel, IdeaDraft, sha256_hex
+from intake.core.settings import Settings
 
 SIGNATURE_WINDOW = 300
 _SIGNATURE = re.compile(r"v1,[A-Za-z0-9+/]{43}=")

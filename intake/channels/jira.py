@@ -21,9 +21,17 @@ from typing import Any
 from urllib.parse import quote
 
 from intake.channels.replies import Reply
-from intake.channels.webhooks import Outcome, check_hmac_sha256, field, forge_identity, single_header, slash_intake, token
-from intake.models import Channel, IdeaDraft, sha256_hex
-from intake.settings import Settings
+from intake.channels.webhooks import (
+    Outcome,
+    check_hmac_sha256,
+    field,
+    forge_identity,
+    single_header,
+    slash_intake,
+    token,
+)
+from intake.core.models import Channel, IdeaDraft, sha256_hex
+from intake.core.settings import Settings
 
 
 @dataclass(frozen=True)

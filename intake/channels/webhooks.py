@@ -8,7 +8,7 @@ never the body, a signature or a secret):
    client hanging up mid-body (400, quietly);
 2. the channel's signature or token over the *raw bytes*, before anything parses them (401);
 3. the body is one JSON object (400), then the channel's pure parser turns it into an
-   :class:`~intake.models.IdeaDraft` or says why the event is ignored (400 if malformed);
+   :class:`~intake.core.models.IdeaDraft` or says why the event is ignored (400 if malformed);
 4. the one capture (idempotent on the namespaced delivery id); only a first capture sends the
    reply with the idea id back to the ticket (:mod:`intake.channels.replies`), after the
    answer, so a slow forge never holds up the acknowledgement.
@@ -27,7 +27,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,12 +35,12 @@ import aiohttp
 import redis
 from aiohttp import web
 
-from intake.capture_queue import CaptureQueue
-from intake.errors import IntakeError, InvalidInput
-from intake.models import IdeaDraft
-from intake.people import parse_identity
-from intake.settings import Settings
 from intake.channels.replies import Reply, post_reply
+from intake.core.errors import IntakeError, InvalidInput
+from intake.core.models import IdeaDraft
+from intake.core.settings import Settings
+from intake.people.registry import parse_identity
+from intake.storage.capture_queue import CaptureQueue
 
 log = logging.getLogger("intake.channels.webhooks")
 
@@ -188,7 +188,7 @@ def token(value: Any, what: str) -> str:
 
 def forge_identity(kind: str, login: str) -> str:
     """The requester ``<kind>:<login>`` checked (and case-folded) by the identity rules of
-    intake.people; anything else is ``WebhookRefused('malformed_login')``."""
+    intake.people.registry; anything else is ``WebhookRefused('malformed_login')``."""
     try:
         return parse_identity(f"{kind}:{login}")
     except InvalidInput:
@@ -278,23 +278,20 @@ class WebhookEdge:
             await self.session.close()
 
 
-def configured_channels(settings: Settings) -> list[WebhookChannel]:
-    """The ticket channels whose webhook secret is set."""
-    from intake.channels.github import GitHub
-    from intake.channels.gitlab import GitLab
-    from intake.channels.jira import Jira
-
-    found: list[WebhookChannel] = []
-    for cls in (GitHub, GitLab, Jira):
-        channel = cls.from_settings(settings)
-        if channel is not None:
-            found.append(channel)
-    return found
+#: Builds a ticket channel from settings, or None when its webhook secret is not set.
+ChannelFactory = Callable[[Settings], "WebhookChannel | None"]
 
 
-def mount_webhooks(app: web.Application, settings: Settings, capture_key: web.AppKey[CaptureQueue]) -> list[str]:
+def configured_channels(settings: Settings, factories: Iterable[ChannelFactory]) -> list[WebhookChannel]:
+    """The ticket channels whose webhook secret is set. The factories are data the app passes
+    in, so this shared edge imports none of the channels it serves."""
+    return [channel for factory in factories if (channel := factory(settings)) is not None]
+
+
+def mount_webhooks(app: web.Application, settings: Settings, factories: Iterable[ChannelFactory],
+                   capture_key: web.AppKey[CaptureQueue]) -> list[str]:
     """Add ``POST /webhooks/<name>`` for each configured ticket channel; returns their names."""
-    channels = configured_channels(settings)
+    channels = configured_channels(settings, factories)
     if not channels:
         return []
     edge = WebhookEdge(channels, lambda: app[capture_key].capture, settings.webhook_max_body)

@@ -8,10 +8,10 @@ from aiohttp import web
 
 from intake.console.session import SessionBox
 from intake.console.views import STATIC_DIR, Console
-from intake.keys import load_secret
+from intake.core.resources import TEMPLATES_DIR
+from intake.core.settings import Settings
+from intake.protocol.keyfiles import load_secret
 from intake.runtime import Broker
-from intake.settings import Settings
-from intake.resources import TEMPLATES_DIR
 
 
 def _when(ts: float | None) -> str:

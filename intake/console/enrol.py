@@ -15,18 +15,17 @@ on privately. The token is never written to the audit log or any log line.
 from __future__ import annotations
 
 import json
-import secrets
-
 import logging
+import secrets
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from intake.errors import NotFound, Refused
-from intake.models import sha256_hex
-from intake.settings import Settings
-from intake.store import Pipe, Store
+from intake.core.errors import NotFound, Refused
+from intake.core.models import sha256_hex
+from intake.core.settings import Settings
+from intake.storage.store import Pipe, Store
 
 log = logging.getLogger("intake.console")
 

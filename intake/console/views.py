@@ -20,16 +20,16 @@ import qrcode.image.svg
 from aiohttp import web
 from markupsafe import Markup
 
-from intake.console.display import visible_segments
 from intake.console.enrol import EnrolLinks, send_by_dm
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
-from intake.dependency_view import summarize_dependencies
-from intake.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
-from intake.models import IDEA_PENDING, Approver, TaskState
-from intake.passkeys import PasskeyProof
-from intake.report.figures import broker_figures
+from intake.core.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
+from intake.core.models import IDEA_PENDING, Approver, TaskState
+from intake.core.settings import Settings
+from intake.operations.indicators.figures import broker_figures
+from intake.people.passkeys import PasskeyProof
 from intake.runtime import Broker
-from intake.settings import Settings
+from intake.tasks.dependency_view import summarize_dependencies
+from intake.text.html import visible_segments
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; "
@@ -504,9 +504,9 @@ class Console:
 
     # -- dashboard -------------------------------------------------------------------------
     async def dashboard(self, request: web.Request) -> web.Response:
-        """The report's figures and charts (:mod:`intake.report`), over ``?since=`` (default 7d)."""
-        # Imported here: intake.report.render uses this package's SVG helpers (display.py).
-        from intake.report.render import figures_context
+        """The report's figures and charts (:mod:`intake.operations.indicators`), over ``?since=`` (default 7d)."""
+        # Imported here: intake.operations.indicators.render uses this package's SVG helpers (display.py).
+        from intake.operations.indicators.render import figures_context
 
         broker = self.broker(request)
         since = request.query.get("since", "7d")[:40]

@@ -11,11 +11,11 @@ import pytest
 import redis
 
 from intake.api.callers import ApiTokens
-from intake.api.client import ApiClient, ApiError
-from intake.models import Channel, IdeaDraft
-from intake.people import People
+from intake.cli.client import ApiClient, ApiError
+from intake.core.models import Channel, IdeaDraft
+from intake.core.settings import Settings
+from intake.people.registry import People
 from intake.runtime import open_broker
-from intake.settings import Settings
 from tests.api_harness import RunningBroker, enrol, post
 
 ME = f"os:{getpass.getuser()}"
@@ -169,11 +169,11 @@ def test_unlinking_my_own_identity_does_not_make_my_words_someone_elses(api: Run
 async def test_deeply_nested_json_to_the_console_is_a_4xx_not_a_500(settings: Settings) -> None:
     """The console's pre-sign-in passkey options endpoint reads JSON: nested past the decoder's
     depth, it is refused, never a 500 with a traceback."""
+    import re
+
     from aiohttp.test_utils import TestClient, TestServer
 
     from intake.app import create_app
-
-    import re
 
     async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
         page = await (await client.get("/console/signin")).text()  # a session and its CSRF token

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from intake.policy import Dependencies
+from intake.core.policy import Dependencies
 from intake.workers.deps.gate import DependencyCheck, check_dependency_change
 from intake.workers.snapshot import ChangedFile
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from intake.logs import REDACTED, configure_logging
-from intake.settings import Settings
+from intake.core.logs import REDACTED, configure_logging
+from intake.core.settings import Settings
 from tests.test_logs import INTAKE, _free_port
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.audit import AuditLog
-from intake.outbox import Outbox
-from intake.redis_conn import EmbeddedRedis, make_client
-from intake.sealer_lease import SealerLease
+from intake.audit.log import AuditLog
+from intake.audit.sealer import SealerLease
+from intake.core.redis_conn import EmbeddedRedis, make_client
+from intake.storage.outbox import Outbox
 
 NoPerm = redis.exceptions.NoPermissionError
 
@@ -88,7 +88,7 @@ def test_a_lease_whose_token_is_not_the_fence_is_never_renewed(rclient: redis.Re
     value back (or just bumps the fence under a live holder) so that its renewal would
     "succeed": it must not publish a seal with the stale token, and sealing must fail loudly
     (AuditBroken) rather than spin on the refusal forever."""
-    from intake.errors import AuditBroken
+    from intake.core.errors import AuditBroken
 
     audit.record("system", "idea.created", "I-0123456789ab")
     ours = audit.lease

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from intake.doctor import run_doctor
-from intake.settings import Settings, load_settings
+from intake.core.settings import Settings, load_settings
+from intake.operations.doctor import run_doctor
 from tests.conftest import REPO_ROOT
 
 

@@ -13,10 +13,17 @@ import dkim
 import pytest
 import redis
 
+from intake.core.settings import Settings
 from intake.runtime import open_broker
-from intake.settings import Settings
 from tests.email.email_harness import (
-    RECIPIENT, RecordResolver, Relay, Signer, email_settings, mail, rfc8463_message, rfc8463_resolver,
+    RECIPIENT,
+    RecordResolver,
+    Relay,
+    Signer,
+    email_settings,
+    mail,
+    rfc8463_message,
+    rfc8463_resolver,
     running_mail,
 )
 
@@ -209,8 +216,8 @@ def test_the_trusted_mx_results_count_on_the_mx_s_own_connection(settings: Setti
 
 
 def test_trusted_authserv_ids_without_trusted_peers_stop_start_up(settings: Settings, tmp_path: Path) -> None:
-    from intake.errors import ConfigError
-    from intake.settings import load_settings
+    from intake.core.errors import ConfigError
+    from intake.core.settings import load_settings
 
     with pytest.raises(ConfigError, match="^INTAKE_SMTP_TRUSTED_PEERS: required"):
         load_settings(_env_file=None, data_dir=tmp_path / "d", smtp_trusted_authserv="mx.intake.test")

@@ -15,10 +15,15 @@ import redis
 
 from intake.channels.gitlab import sign_standard_webhook
 from intake.channels.webhooks import sign_hmac_sha256
-from intake.settings import Settings
-from intake.store import Store
+from intake.core.settings import Settings
+from intake.storage.store import Store
 from tests.functional.webhook_harness import (
-    GITHUB_SECRET, GITLAB_SIGNING, GITLAB_TOKEN, JIRA_SECRET, Sender, running_webhooks, vector,
+    GITHUB_SECRET,
+    GITLAB_SIGNING,
+    GITLAB_TOKEN,
+    Sender,
+    running_webhooks,
+    vector,
 )
 
 

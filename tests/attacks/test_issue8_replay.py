@@ -14,10 +14,10 @@ import json
 
 import pytest
 
-from intake.audit import report_mac
-from intake.errors import AuditBroken, LedgerHalted, Refused
-from intake.ledger import Ledger
-from intake.models import TaskState, canonical_json
+from intake.audit.ledger import Ledger
+from intake.core.errors import AuditBroken, LedgerHalted, Refused
+from intake.core.models import TaskState, canonical_json
+from intake.protocol.reports import report_mac
 from tests.workers.harness import Rig, rig  # noqa: F401
 
 
@@ -74,7 +74,7 @@ def test_a_replayed_enrolment_does_not_roll_an_approver_back(rig: Rig) -> None:
 
 
 def test_a_replayed_key_issue_does_not_revive_a_revoked_worker_key(rig: Rig) -> None:
-    from intake.reports import ReportProcessor, revoke_worker_key
+    from intake.tasks.worker_reports import ReportProcessor, revoke_worker_key
 
     rig.issue_key("w1")
     revoke_worker_key(rig.broker, "w1", actor="cli:root")

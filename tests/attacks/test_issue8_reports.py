@@ -4,9 +4,10 @@ dropped the result unaudited) nor set a broker event's timestamp."""
 
 from __future__ import annotations
 
-from intake.keys import load_worker_key
-from intake.models import TaskState
-from intake.reports import Reporter, ReportProcessor
+from intake.core.models import TaskState
+from intake.protocol.keyfiles import load_worker_key
+from intake.protocol.reports import Reporter
+from intake.tasks.worker_reports import ReportProcessor
 from tests.workers.harness import Rig, rig  # noqa: F401
 
 

@@ -171,7 +171,7 @@ def k8s() -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def test_every_manifest_validates_against_the_kubernetes_schema(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
-    for key, doc in k8s.items():
+    for doc in k8s.values():
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises, naming the field
     kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])

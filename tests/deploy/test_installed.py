@@ -76,9 +76,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_the_installed_broker_runs_the_readme_walkthrough_from_an_empty_directory(site: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "empty"
-    run_dir.mkdir()
+def test_the_installed_broker_runs_the_readme_walkthrough_from_an_empty_directory(
+        site: Path, tmp_path: Path, short_tmp: Path) -> None:
+    run_dir = short_tmp
     env = _env(site, tmp_path)
     where = subprocess.run([sys.executable, "-c", "import intake, intake.workers; print(intake.__file__)"],
                            cwd=run_dir, env=env, capture_output=True, text=True, check=True, timeout=60)

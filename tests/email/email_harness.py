@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from intake.app import create_app
 from intake.channels.email.listener import EMAIL_LISTENER, EMAIL_RESOLVER
+from intake.core.settings import Settings, load_settings
 from intake.runtime import EXAMPLE_POLICY
-from intake.settings import Settings, load_settings
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "email"
 RECIPIENT = "intake@example.com"

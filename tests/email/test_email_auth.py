@@ -9,7 +9,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from intake.channels.email.authenticity import (
-    DnsUnavailable, aligned, authenticate, organisational_domain, parse_authentication_results,
+    DnsUnavailable,
+    aligned,
+    authenticate,
+    organisational_domain,
+    parse_authentication_results,
 )
 from intake.channels.email.message import parse_message
 from tests.email.email_harness import RecordResolver, Signer, mail, rfc8463_message, rfc8463_resolver

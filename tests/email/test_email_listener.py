@@ -15,13 +15,20 @@ import pytest
 import redis
 
 from intake.channels.slack.notifier import card_blocks
-from intake.errors import ConfigError
-from intake.people import People
+from intake.core.errors import ConfigError
+from intake.core.settings import Settings, load_settings
+from intake.people.registry import People
 from intake.runtime import open_broker
-from intake.settings import Settings, load_settings
 from tests.api_harness import enrol
 from tests.email.email_harness import (
-    RECIPIENT, RecordResolver, Relay, Signer, email_settings, mail, rfc8463_message, rfc8463_resolver,
+    RECIPIENT,
+    RecordResolver,
+    Relay,
+    Signer,
+    email_settings,
+    mail,
+    rfc8463_message,
+    rfc8463_resolver,
     running_mail,
 )
 
@@ -201,7 +208,7 @@ def test_email_can_never_approve_anything(settings: Settings, tmp_path: Path) ->
     changes but a new (inert) idea."""
     codes = enrol(settings, {"alice": ("platform", ()), "carol": ("security", ("email:carol@example.org",))})
     with open_broker(settings) as broker:
-        from intake.models import Channel, IdeaDraft
+        from intake.core.models import Channel, IdeaDraft
 
         idea, _ = broker.store.capture(IdeaDraft(channel=Channel.CLI, requester="cli:erin", delivery_id="d1",
                                                  text="Fix the payments docs"))
@@ -237,7 +244,7 @@ def test_starttls_when_a_certificate_is_configured(settings: Settings, tmp_path:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -286,7 +293,7 @@ def test_another_sender_reusing_a_message_id_gets_their_own_idea(settings: Setti
 
 def test_an_approver_cannot_promote_what_they_mailed_in(settings: Settings, tmp_path: Path) -> None:
     """Carol's verified mail is carol's request: her Slack or CLI identity cannot approve it."""
-    from intake.errors import Refused
+    from intake.core.errors import Refused
 
     codes = enrol(settings, {"carol": ("security", ("email:carol@example.org",))})
     resolver = RecordResolver()

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from intake.channels.email.authenticity import authenticate
 from intake.channels.email.listener import MailRefused, build_draft
 from intake.channels.email.message import MalformedMail, parse_from, parse_message
-from intake.policy import load_policy
+from intake.core.policy import load_policy
+from intake.core.settings import Settings
 from intake.runtime import EXAMPLE_POLICY
-from intake.settings import Settings
 from tests.email.email_harness import RecordResolver, email_settings, mail, rfc8463_message, running_mail
 
 

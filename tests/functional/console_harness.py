@@ -18,8 +18,8 @@ import pyotp
 from aiohttp import web
 
 from intake.app import BROKER, SETTINGS, create_app
+from intake.core.settings import Settings, load_settings
 from intake.runtime import EXAMPLE_POLICY, Broker, open_broker
-from intake.settings import Settings, load_settings
 from tests.functional.test_serve import free_port
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -20,9 +20,9 @@ import pyotp
 from aiohttp.test_utils import TestClient, TestServer
 
 from intake.app import create_app
-from intake.runtime import open_broker
-from intake.settings import Settings, load_settings
 from intake.channels.slack.verify import compute_signature
+from intake.core.settings import Settings, load_settings
+from intake.runtime import open_broker
 from tests.slack_sim import SlackSim, SocketModeServer
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from intake.keys import generate_keys
-from intake.models import TaskState
+from intake.core.models import TaskState
+from intake.core.settings import Settings, load_settings
+from intake.protocol.keyfiles import generate_keys
 from intake.runtime import EXAMPLE_POLICY, open_broker
-from intake.settings import Settings, load_settings
 from tests.api_harness import enrol, running_broker
 from tests.factories import draft
 

@@ -14,8 +14,8 @@ import pyotp
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
-from intake.models import Channel, TaskState
-from intake.settings import Settings
+from intake.core.models import Channel, TaskState
+from intake.core.settings import Settings
 from tests.factories import draft
 from tests.functional.console_harness import (
     CHROMIUM_ARGS,

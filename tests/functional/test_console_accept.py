@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext
 
-from intake.models import TaskState
+from intake.core.models import TaskState
 from tests.conftest import FakeClock
 from tests.factories import draft
 from tests.functional.console_harness import (

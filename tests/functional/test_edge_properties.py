@@ -20,13 +20,15 @@ from typing import Any
 import pytest
 import redis
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from intake.app import create_app
 from intake.channels.gitlab import sign_standard_webhook
 from intake.channels.slack.verify import compute_signature
 from intake.channels.webhooks import sign_hmac_sha256
-from intake.settings import Settings, load_settings
+from intake.core.settings import Settings, load_settings
 from tests.functional.slack_harness import SIGNING_SECRET
 from tests.functional.webhook_harness import GITHUB_SECRET, GITLAB_SIGNING, GITLAB_TOKEN, JIRA_SECRET, vector
 from tests.slack_sim import SlackSim

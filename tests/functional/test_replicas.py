@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 import redis
 
-from intake.audit import AuditLog
+from intake.audit.log import AuditLog
 from intake.channels.slack.verify import compute_signature
-from intake.keys import load_secret
-from intake.redis_conn import EmbeddedRedis, make_client
-from intake.settings import Settings
+from intake.core.redis_conn import EmbeddedRedis, make_client
+from intake.core.settings import Settings
+from intake.protocol.keyfiles import load_secret
 from tests.functional.test_serve import free_port, wait_http
 from tests.slack_sim import SlackSim
 
@@ -104,6 +104,20 @@ async def command(http: aiohttp.ClientSession, port: int, trigger: str, text: st
         return 200, found[1]
 
 
+async def deliver(http: aiohttp.ClientSession, ports: list[int], trigger: str, text: str) -> str:
+    """Deliver one /intake the way Slack does: a timeout (3 s), a refused connection or a 5xx is
+    retried with the same trigger, here to the next replica in ``ports``. Returns the idea id;
+    fails only after 10 tries (a loaded machine may be slow; capture must stay idempotent)."""
+    for attempt in range(10):
+        try:
+            status, idea = await command(http, ports[attempt % len(ports)], trigger, text)
+        except (TimeoutError, aiohttp.ClientConnectionError):
+            continue
+        if status == 200 and idea is not None:
+            return idea
+    pytest.fail(f"{trigger} was not captured after 10 deliveries")
+
+
 @pytest.fixture
 async def sim() -> AsyncIterator[SlackSim]:
     server = SlackSim()
@@ -153,10 +167,9 @@ async def test_two_replicas_one_sealer_fenced_and_taken_over_mid_burst(
         # Fencing: the holder is paused past its lease; the other takes over and seals; the old
         # holder resumes and finds itself fenced off.
         os.kill(first.pid, signal.SIGSTOP)
-        await asyncio.to_thread(wait_until, lambda: holder_pid(rclient) == other.pid, "the takeover", 20)
+        await asyncio.to_thread(wait_until, lambda: holder_pid(rclient) == other.pid, "the takeover", 60)
         for i in range(5):
-            status, ideas[f"trig.stop{i}"] = await command(http, other.port, f"trig.stop{i}", f"while paused {i}")
-            assert status == 200
+            ideas[f"trig.stop{i}"] = await deliver(http, [other.port], f"trig.stop{i}", f"while paused {i}")
         os.kill(first.pid, signal.SIGCONT)
         await asyncio.to_thread(wait_until, lambda: "lease lost" in (tmp_path / "serve1.log").read_text()
                                 + (tmp_path / "serve2.log").read_text(), "the old holder to notice it lost the lease")
@@ -171,20 +184,16 @@ async def test_two_replicas_one_sealer_fenced_and_taken_over_mid_burst(
             async with sem:
                 if i == 30:
                     other.kill()
-                try:
-                    status, idea = await command(http, target.port, trigger, f"burst {i}")
-                except aiohttp.ClientConnectionError:  # the killed replica: Slack would retry
-                    status, idea = await command(http, first.port, trigger, f"burst {i}")
-                assert status == 200
-                ideas[trigger] = idea  # type: ignore[assignment]
+                # The killed replica refuses: Slack retries, and the retry reaches the survivor.
+                ideas[trigger] = await deliver(http, [target.port, first.port], trigger, f"burst {i}")
 
         await asyncio.gather(*(one(i, t) for i, t in enumerate(triggers)))
         other.wait(timeout=10)
         # A retry of everything changes nothing: capture is idempotent on the delivery id.
         for trigger in triggers[::7]:
-            assert await command(http, first.port, trigger, "again") == (200, ideas[trigger])
+            assert await deliver(http, [first.port], trigger, "again") == ideas[trigger]
 
-    await asyncio.to_thread(wait_until, lambda: holder_pid(rclient) == first.pid, "the survivor to take the lease", 20)
+    await asyncio.to_thread(wait_until, lambda: holder_pid(rclient) == first.pid, "the survivor to take the lease", 60)
     await asyncio.to_thread(wait_until, lambda: audit.verify().unsealed == 0, "every event to be sealed")
     report = audit.verify()
     assert report.anomalies == ()

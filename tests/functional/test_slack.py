@@ -11,13 +11,19 @@ import pyotp
 import pytest
 import redis
 
-from intake.models import Channel, IdeaState, TaskState
+from intake.core.models import Channel, IdeaState, TaskState
+from intake.core.settings import Settings, load_settings
 from intake.runtime import EXAMPLE_POLICY
-from intake.settings import Settings, load_settings
-from intake.store import Store
+from intake.storage.store import Store
 from tests.factories import draft
 from tests.functional.slack_harness import (
-    APPROVALS, REQUESTER, SLACK_USERS, STRANGER, SlackDriver, enrol_approvers, running_app,
+    APPROVALS,
+    REQUESTER,
+    SLACK_USERS,
+    STRANGER,
+    SlackDriver,
+    enrol_approvers,
+    running_app,
 )
 
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from intake.settings import Settings
-from intake.store import Store
+from intake.core.settings import Settings
+from intake.storage.store import Store
 from tests.functional.slack_harness import REQUESTER, STRANGER, SlackDriver, enrol_approvers, running_app
 
 FORM = "application/x-www-form-urlencoded"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -14,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from intake.models import TaskState
-from intake.queueing import ENTRY_POINT, job_id_for
+from intake.core.models import TaskState
+from intake.protocol.jobs import ENTRY_POINT
+from intake.tasks.dispatch import job_id_for
 from tests.functional.test_serve import free_port, wait_http
 from tests.workers.harness import Rig, git_refs, rig, wait_for  # noqa: F401
 

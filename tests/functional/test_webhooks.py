@@ -14,11 +14,15 @@ import pytest
 import redis
 
 from intake.channels.webhooks import sign_hmac_sha256
-from intake.models import Channel
-from intake.settings import Settings
-from intake.store import Store
+from intake.core.models import Channel
+from intake.core.settings import Settings
+from intake.storage.store import Store
 from tests.functional.webhook_harness import (
-    GITHUB_SECRET, GITLAB_SIGNING, Sender, running_webhooks, vector,
+    GITHUB_SECRET,
+    GITLAB_SIGNING,
+    Sender,
+    running_webhooks,
+    vector,
 )
 
 
@@ -261,7 +265,7 @@ async def test_a_client_hanging_up_mid_body_is_quiet(
 
 
 async def test_a_linked_forge_login_is_the_person_who_cannot_approve_it(settings: Settings) -> None:
-    from intake.errors import Refused
+    from intake.core.errors import Refused
     from intake.runtime import open_broker
     from tests.api_harness import enrol
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from intake.models import TaskState
-from intake.policy import load_policy
+from intake.core.models import TaskState
+from intake.core.policy import load_policy
+from intake.core.settings import load_settings
 from intake.runtime import open_broker, prepare_dev
-from intake.settings import load_settings
+from intake.tasks.worker_reports import ensure_worker_key
+from intake.workers.dev import DEV_WORKER_NAME, prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
 from tests.api_harness import running_broker
 from tests.conftest import FakeClock
 from tests.workers.harness import git_refs, git_show, make_rig, wait_for
-from intake.reports import ensure_worker_key
-from intake.workers.dev import DEV_WORKER_NAME, prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
 
 
 @pytest.fixture

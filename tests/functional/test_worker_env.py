@@ -4,7 +4,7 @@ key, no Redis URL, no other repo's credential, nothing else of the worker's envi
 
 from __future__ import annotations
 
-from intake.models import TaskState
+from intake.core.models import TaskState
 from tests.workers.harness import Rig, git_refs, git_show, rig  # noqa: F401
 
 SECRETS = {

@@ -17,15 +17,21 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.models import TaskState
+from intake.core.models import TaskState
 from intake.runtime import EXAMPLE_POLICY
 from tests.conftest import FakeClock
 from tests.workers.harness import Rig, git_refs, make_rig, pid_gone, pids_with, rig, wait_for  # noqa: F401
 
 
 def sleeper(marker: str) -> dict[str, object]:
-    """A command agent that sleeps for a minute, with ``marker`` in its command line."""
-    return {"type": "command", "argv": ["python3", "-c", "import time; time.sleep(60)", marker]}
+    """A command agent that sleeps for an hour (it never ends by itself within a test's
+    bounds: whatever stops it is what the test is about), with ``marker`` in its command line."""
+    return {"type": "command", "argv": ["python3", "-c", "import time; time.sleep(3600)", marker]}
+
+
+#: A failure bound only: the tests wait on the agent's exit, never for this long on a good run.
+#: How fast a revoke stops an agent is measured in bench/, not asserted here.
+STOP_BOUND_S = 120
 
 
 def read_pid(marker: str) -> int:
@@ -52,9 +58,9 @@ def test_a_running_task_is_stopped_soon_after_revocation(rig: Rig) -> None:
         pid = read_pid(marker)
         assert rig.task(task.id).state is TaskState.RUNNING
         rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="wrong repo")
-        # Within the lease's life plus 5 s of the revocation the agent is gone (polled, bounded):
-        # the broker answers the next heartbeat with a signed refusal.
-        wait_for(lambda: pid_gone(pid), rig.settings.lease_ttl + 5, "the agent to be stopped")
+        # The broker answers the next heartbeat with a signed refusal and the worker stops the
+        # agent (an hour-long sleeper: nothing else ends it; the reason is checked below).
+        wait_for(lambda: pid_gone(pid), STOP_BOUND_S, "the agent to be stopped")
         assert proc.wait(timeout=30) == 0, rig.worker_log()
     finally:
         kill(proc)
@@ -68,7 +74,7 @@ def test_a_running_task_is_stopped_soon_after_revocation(rig: Rig) -> None:
 def test_writing_running_back_after_a_revoke_does_not_keep_the_agent_alive(rig: Rig) -> None:
     """Issue 8: someone with Redis write access keeps the record saying ``running`` and keeps
     replaying the last granted lease (hiding the broker's refusal). The worker's lease still
-    runs out on its own clock: the agent is gone within the lease's life plus 5 s."""
+    runs out on its own clock and the agent is stopped, for that reason."""
     task = rig.promote()
     marker = f"agent-{secrets.token_hex(8)}"
     proc = rig.spawn(rig.config(agent=sleeper(marker)), burst=True)
@@ -89,7 +95,7 @@ def test_writing_running_back_after_a_revoke_does_not_keep_the_agent_alive(rig: 
         thread = threading.Thread(target=attacker, daemon=True)
         thread.start()
         rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="stop it")
-        wait_for(lambda: pid_gone(pid), rig.settings.lease_ttl + 5, "the agent to be stopped")
+        wait_for(lambda: pid_gone(pid), STOP_BOUND_S, "the agent to be stopped")
         stop.set()
         thread.join(timeout=5)
         assert proc.wait(timeout=30) == 0, rig.worker_log()
@@ -139,7 +145,7 @@ def test_a_sigkilled_worker_is_retried_then_failed_as_abandoned(retry_rig: Rig) 
 
     # Attempt 1 dies with its worker: the broker retries it with a new token.
     agent = _kill_mid_run(rig, config, marker, attempt=1)
-    wait_for(lambda: pid_gone(agent), 5, "the orphaned agent to die with its worker")
+    wait_for(lambda: pid_gone(agent), 30, "the orphaned agent to die with its worker")
     wait_for(reap, 30, "the broker to notice the dead worker")
     retried = rig.task(task.id)
     assert retried.state is TaskState.QUEUED and retried.attempts == 1
@@ -148,7 +154,7 @@ def test_a_sigkilled_worker_is_retried_then_failed_as_abandoned(retry_rig: Rig) 
 
     # Attempt 2 dies too: one retry is all the tier allows, so the task fails as abandoned.
     agent = _kill_mid_run(rig, config, marker, attempt=2)
-    wait_for(lambda: pid_gone(agent), 5, "the second agent to die")
+    wait_for(lambda: pid_gone(agent), 30, "the second agent to die")
     wait_for(reap, 30, "the broker to notice the second dead worker")
     ended = rig.task(task.id)
     assert ended.state is TaskState.FAILED and ended.attempts == 2

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from intake.app import create_app
 from intake.channels.gitlab import sign_standard_webhook
 from intake.channels.webhooks import sign_hmac_sha256
-from intake.settings import Settings, load_settings
+from intake.core.settings import Settings, load_settings
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "webhooks"
 GITHUB_SECRET = "gh-webhook-secret-0123456789abcdef"

@@ -7,9 +7,9 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from intake.audit import report_mac
-from intake.models import canonical_json
-from intake.store import Store
+from intake.core.models import canonical_json
+from intake.protocol.reports import report_mac
+from intake.storage.store import Store
 
 
 def emit(store: Store, actor: str, action: str, subject: str, **data: Any) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from intake.errors import Refused
-from intake.models import TaskState
+from intake.core.errors import Refused
+from intake.core.models import TaskState
 from tests.factories import draft
 from tests.workers.harness import Rig, in_a_work_tree, wait_for
 

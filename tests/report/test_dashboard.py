@@ -10,12 +10,20 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from intake.report.figures import compute_figures
-from intake.report.render import render_html
-from intake.settings import Settings
+from intake.core.settings import Settings
+from intake.operations.indicators.figures import compute_figures
+from intake.operations.indicators.render import render_html
 from tests.factories import draft
-from tests.functional.console_harness import (CHROMIUM_ARGS, Running, code_now, console_policy, console_settings,
-                                              enrol, free_port, serve)
+from tests.functional.console_harness import (
+    CHROMIUM_ARGS,
+    Running,
+    code_now,
+    console_policy,
+    console_settings,
+    enrol,
+    free_port,
+    serve,
+)
 from tests.report.events import emit, settle
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -3,14 +3,14 @@ dependency posture and provenance coverage from the contracts of issue 11's othe
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from intake.errors import InvalidInput
-from intake.report.figures import Timeline, compute_figures, parse_since, spread
-from intake.report.render import render_html, render_text
-from intake.store import Store
+from intake.core.errors import InvalidInput
+from intake.operations.indicators.figures import Timeline, compute_figures, parse_since, spread
+from intake.operations.indicators.render import render_html, render_text
+from intake.storage.store import Store
 from tests.conftest import FakeClock
 from tests.report.events import emit, settle
 
@@ -24,8 +24,8 @@ def test_since_spans(text: str, back: int) -> None:
 
 
 def test_since_iso_dates_are_utc_unless_zoned() -> None:
-    assert parse_since("2026-11-01", NOW) == datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()
-    assert parse_since("2026-11-01T10:00:00+02:00", NOW) == datetime(2026, 11, 1, 8, tzinfo=timezone.utc).timestamp()
+    assert parse_since("2026-11-01", NOW) == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    assert parse_since("2026-11-01T10:00:00+02:00", NOW) == datetime(2026, 11, 1, 8, tzinfo=UTC).timestamp()
 
 
 @pytest.mark.parametrize("bad", ["7", "7x", "-1d", "0d", "1d; rm", "", "d7", "1e3d", "2026-13-01", "7d\n"])

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 from click.testing import CliRunner
 
-from intake.cli import cli
+from intake.cli.main import cli
 from tests.api_harness import RunningBroker
 
 

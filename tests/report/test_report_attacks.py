@@ -10,10 +10,10 @@ from typing import Any
 
 import redis
 
-from intake.models import canonical_json
-from intake.report.figures import Figures, Timeline, compute_figures
-from intake.report.render import render_html
-from intake.store import Store
+from intake.core.models import canonical_json
+from intake.operations.indicators.figures import Figures, Timeline, compute_figures
+from intake.operations.indicators.render import render_html
+from intake.storage.store import Store
 from tests.conftest import FakeClock
 from tests.factories import draft
 from tests.report.events import emit, settle

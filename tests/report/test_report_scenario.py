@@ -15,8 +15,8 @@ import redis
 from click.testing import CliRunner
 from playwright.sync_api import sync_playwright
 
-from intake.cli import cli
-from intake.report.figures import spread
+from intake.cli.main import cli
+from intake.operations.indicators.figures import spread
 from tests.api_harness import running_broker
 from tests.conftest import FakeClock
 from tests.functional.console_harness import CHROMIUM_ARGS

@@ -1,4 +1,4 @@
-"""intake.mrkdwn: escaping untrusted text and building mentions only from validated ids."""
+"""intake.text.mrkdwn: escaping untrusted text and building mentions only from validated ids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from intake.mrkdwn import escape, is_user_id, mention
+from intake.text.mrkdwn import escape, is_user_id, mention
 from tests.conftest import VECTORS
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +22,20 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from intake.audit import AuditLog
-from intake.keys import generate_keys, load_secret, write_worker_key
-from intake.models import Task
-from intake.redis_conn import make_client
-from intake.reports import ReportProcessor, issue_worker_key
+from intake.audit.log import AuditLog
+from intake.core.models import Task
+from intake.core.redis_conn import make_client
+from intake.core.settings import Settings, load_settings
+from intake.protocol.keyfiles import generate_keys, load_secret, write_worker_key
 from intake.runtime import EXAMPLE_POLICY, Broker
-from tests.conftest import REPO_ROOT
-from intake.settings import Settings, load_settings
-from intake.store import Store
-from tests.conftest import FakeClock
-from tests.factories import draft
+from intake.storage.store import Store
+from intake.tasks.worker_reports import ReportProcessor, issue_worker_key
 from intake.workers.config import load_worker_config
 from intake.workers.dev import create_bare_repo
 from intake.workers.rundirs import RunRoot
 from intake.workers.worker import build_worker
+from tests.conftest import REPO_ROOT, FakeClock
+from tests.factories import draft
 
 PEOPLE = {"alice": "platform", "bob": "platform", "carol": "security", "dave": "security"}
 SEED = {"README.md": "# seed\n", "docs/README.md": "# docs\n", "payments/README.md": "# payments\n"}

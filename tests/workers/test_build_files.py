@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from intake.policy import Dependencies
+from intake.core.policy import Dependencies
 from intake.workers.deps.gate import check_dependency_change
 from intake.workers.gates import check_build_files, check_paths, is_build_file
 from intake.workers.workspace import ChangedFile

@@ -12,9 +12,9 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from intake.models import TaskState
-from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
+from intake.core.models import TaskState
 from intake.workers.dev import create_bare_repo
+from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
 
 
 def sh(script: str) -> dict[str, object]:

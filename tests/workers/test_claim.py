@@ -9,11 +9,12 @@ import json
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from intake.models import Task, TaskState
-from intake.policy import load_policy
-from intake.queueing import ENTRY_POINT, job_id_for
+from intake.core.models import Task, TaskState
+from intake.core.policy import load_policy
+from intake.protocol.jobs import ENTRY_POINT
+from intake.protocol.tokens import Signer, mint_dispatch
 from intake.runtime import EXAMPLE_POLICY, Broker
-from intake.tokens import Signer, mint_dispatch
+from intake.tasks.dispatch import job_id_for
 from tests.factories import draft
 from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from intake.errors import ConfigError
-from intake.resources import EXAMPLE_WORKER
+from intake.core.errors import ConfigError
+from intake.core.resources import EXAMPLE_WORKER
 from intake.workers.agents import CommandAgent, DemoAgent
 from intake.workers.config import CredentialSource, load_worker_config, parse_worker_config
 
@@ -88,8 +88,8 @@ def test_the_worker_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> 
 
 
 def test_a_worker_must_serve_everything_on_its_queues(tmp_path: Path) -> None:
-    from intake.errors import ConfigError
-    from intake.policy import load_policy
+    from intake.core.errors import ConfigError
+    from intake.core.policy import load_policy
     from intake.runtime import EXAMPLE_POLICY
 
     policy = load_policy(EXAMPLE_POLICY)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.errors import Refused
-from intake.models import Task, TaskState
-from intake.queueing import ENTRY_POINT
+from intake.core.errors import Refused
+from intake.core.models import Task, TaskState
+from intake.protocol.jobs import ENTRY_POINT
 from intake.runtime import EXAMPLE_POLICY
 from tests.conftest import FakeClock
 from tests.factories import draft
@@ -230,7 +230,7 @@ def test_intake_accept_on_the_cli_refuses_another_sha(rig: Rig, fake_forge: Fake
     import sys
 
     from intake.api.callers import ApiTokens
-    from intake.people import People
+    from intake.people.registry import People
     from tests.api_harness import running_broker
 
     task = privileged_result(rig, forge_config(rig, fake_forge))

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from intake.models import canonical_json, sha256_hex
-from intake.policy import Dependencies
+from intake.core.models import canonical_json, sha256_hex
+from intake.core.policy import Dependencies
+from intake.core.versions import PackageRef
 from intake.workers.deps.delta import compute_delta
 from intake.workers.deps.files import MAX_DEPENDENCY_FILE_BYTES
 from intake.workers.deps.gate import DependencyCheck, check_dependency_change
 from intake.workers.deps.sbom import purl_of
-from intake.workers.deps.versions import PackageRef
 from intake.workers.snapshot import ChangedFile
 
 SHA = "ab" * 32

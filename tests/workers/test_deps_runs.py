@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from intake.models import TaskState, canonical_json, sha256_hex
+from intake.core.models import TaskState, canonical_json, sha256_hex
 from intake.runtime import EXAMPLE_POLICY
 from tests.conftest import FakeClock
 from tests.workers.harness import Rig, git_refs, make_rig
@@ -161,7 +161,7 @@ def test_intake_show_summarises_the_delta_and_prints_the_sbom(deps_rig: Rig) -> 
     import subprocess
 
     from intake.api.callers import ApiTokens
-    from intake.people import People
+    from intake.people.registry import People
     from tests.api_harness import running_broker
 
     rig = deps_rig

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
 from intake.workers.forge import ForgeError, create_pull_request
+from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
 
 
 def _open(forge: FakeForge) -> str:

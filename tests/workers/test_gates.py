@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from intake.workers.gates import (
-    check_branch,
-    check_paths,
-    glob_match,
-    is_safe_path,
-    run_gates,
-    validate_pattern,
-)
+from intake.core.paths import glob_match, is_safe_path, validate_pattern
+from intake.workers.gates import check_branch, check_paths, run_gates
 from intake.workers.workspace import ChangedFile
 
 # -- glob_match -----------------------------------------------------------------------------

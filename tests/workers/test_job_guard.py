@@ -14,11 +14,13 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from intake.queueing import ENTRY_POINT
-from tests.workers import markers
-from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
+from intake.protocol.jobs import ENTRY_POINT
+from intake.workers.config import load_worker_config
 from intake.workers.entry import run_task
 from intake.workers.jobs import IntakeJob
+from intake.workers.worker import PUBSUB_POLL_S, build_worker
+from tests.workers import markers
+from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
 
 
 def test_entry_point_constant_names_the_real_function() -> None:
@@ -148,3 +150,16 @@ def test_intake_job_disarms_callbacks_and_webhooks(rig: Rig) -> None:
     assert job.asked_for == ("success_callback_name", "webhooks")
     with pytest.raises(Exception, match="only the intake entry point"):
         job.func  # noqa: B018
+
+
+def test_the_command_channel_polls_briefly_so_a_worker_exits_at_once(rig: Rig) -> None:  # noqa: F811
+    """RQ's pub/sub thread waited 60 s a round, and a stop that raced the unsubscribe joined
+    for all of it: a worker's exit (every burst) hung for a minute, one time in a few."""
+    worker = build_worker(rig.settings, rig.broker.url, rig.r, load_worker_config(rig.config()), clock=rig.clock)
+    worker.subscribe()
+    try:
+        assert worker.pubsub_thread.sleep_time == PUBSUB_POLL_S <= 1
+    finally:
+        worker.unsubscribe()
+        worker.connection.close()
+    assert not worker.pubsub_thread.is_alive()

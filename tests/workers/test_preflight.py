@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from intake.errors import ConfigError
+from intake.core.errors import ConfigError
 from intake.workers.config import load_worker_config
 from intake.workers.preflight import preflight, worker_problems
 from tests.workers.harness import Rig, rig  # noqa: F401  (fixture)

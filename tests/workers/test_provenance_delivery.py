@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from intake import provenance
-from intake.cli import cli
-from intake.models import TaskState
-from intake.tokens import Signer
+from intake.cli.main import cli
+from intake.core.models import TaskState
+from intake.protocol import envelope as provenance
+from intake.protocol.tokens import Signer
 from tests.api_harness import running_broker
 from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
 from tests.workers.harness import Rig, git_refs, rig  # noqa: F401

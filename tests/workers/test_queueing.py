@@ -14,16 +14,17 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from intake.models import TaskSpec, TaskState
-from intake.queueing import ENTRY_POINT, FAILURE_TTL_S, JOB_TIMEOUT_MARGIN_S, RESULT_TTL_S, job_id_for
-from intake.redis_conn import make_client
+from intake.core.models import TaskSpec, TaskState
+from intake.core.redis_conn import make_client
+from intake.protocol.jobs import ENTRY_POINT, FAILURE_TTL_S
+from intake.protocol.tokens import verify_dispatch
 from intake.runtime import EXAMPLE_POLICY
-from intake.tokens import verify_dispatch
-from tests.conftest import FakeClock
-from tests.workers.harness import Rig, make_rig, rig  # noqa: F401
+from intake.tasks.dispatch import JOB_TIMEOUT_MARGIN_S, RESULT_TTL_S, job_id_for
 from intake.workers.claim import Claim
 from intake.workers.config import load_worker_config
 from intake.workers.worker import build_worker
+from tests.conftest import FakeClock
+from tests.workers.harness import Rig, make_rig, rig  # noqa: F401
 
 
 def test_promotion_enqueues_a_json_job_with_only_the_task_id_and_token(rig: Rig) -> None:
@@ -153,7 +154,6 @@ def test_a_running_record_forged_in_redis_never_gets_a_token(retry_rig: Rig) -> 
     rig.r.set(rig.store.keys.task("T-0000000000ff"), json.dumps(forged))
     rig.r.zadd(rig.store.keys.tasks_open, {"T-0000000000ff": 1})
     rig.clock.advance(60)
-    before = len(rig.events("task.dispatched"))
     rig.broker.dispatcher.reconcile()
     assert len([e for e in rig.events("task.dispatched") if e["subject"] == "T-0000000000ff"]) == 0
     assert [e["data"]["why"] for e in rig.events("tamper.detected")] == ["no such task in the sealed history"]
@@ -196,8 +196,8 @@ def test_a_queued_task_goes_back_when_its_approver_is_removed(rig: Rig) -> None:
 
 
 def test_key_rotation_keeps_queued_work_valid_until_the_old_key_is_retired(rig: Rig) -> None:
-    from intake.keys import retire_public_key, rotate_signing_key
-    from intake.tokens import read_kid
+    from intake.protocol.keyfiles import retire_public_key, rotate_signing_key
+    from intake.protocol.tokens import read_kid
 
     old_task = rig.promote(text="signed with the old key")
     old_token = rig.job_token(old_task.id)

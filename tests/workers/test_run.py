@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.models import TaskState
+from intake.core.models import TaskState
 from intake.runtime import EXAMPLE_POLICY
 from tests.api_harness import running_broker
 from tests.conftest import FakeClock
@@ -181,7 +181,7 @@ def test_a_forge_error_keeps_the_pushed_branch(rig: Rig, fake_forge: FakeForge, 
 
 
 def test_git_credentials_for_local_repos_are_refused_by_the_config(rig: Rig) -> None:
-    from intake.errors import ConfigError
+    from intake.core.errors import ConfigError
     from intake.workers.config import load_worker_config
 
     with pytest.raises(ConfigError, match=r"repos\[0\]: a credential is only sent over https"):

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.models import TaskState
-from intake.redis_conn import redis_server_binary
+from intake.core.models import TaskState
+from intake.core.redis_conn import redis_server_binary
 from intake.runtime import EXAMPLE_POLICY
-from tests.conftest import FakeClock
-from tests.workers.harness import Rig, git_refs, git_show, make_rig, pids_with, rig, wait_for  # noqa: F401
 from intake.workers.rundirs import RunRoot
 from intake.workers.sandbox import Sandbox, SandboxError
+from tests.conftest import FakeClock
+from tests.workers.harness import Rig, git_refs, git_show, make_rig, pids_with, rig, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
 

@@ -21,12 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from intake.core.policy import Dependencies
 from intake.workers.agents import DemoAgent, build_prompt
-from intake.policy import Dependencies
 from intake.workers.deps.gate import check_dependency_change
 from intake.workers.gates import run_gates
-from intake.workers.snapshot import SnapshotError, blob_id
 from intake.workers.sandbox import Sandbox
+from intake.workers.snapshot import SnapshotError, blob_id
 from intake.workers.workspace import ChangedFile, GitError, Workspace, run_git
 
 

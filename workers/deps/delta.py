@@ -24,10 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from intake.workers.deps.files import MAX_DEPENDENCY_FILE_BYTES, SIBLING_NAMES, ecosystem_of, lockfile_kind, manifest_kind
-from intake.workers.deps.lockfiles import parse_lockfile
-from intake.workers.deps.manifests import ManifestError, parse_manifest, unread_part
-from intake.workers.deps.versions import (
+from intake.core.versions import (
     PackageRef,
     canonical_version,
     compare,
@@ -36,7 +33,17 @@ from intake.workers.deps.versions import (
     normalize_name,
     version_in,
 )
-from intake.workers.snapshot import ChangedFile
+
+from ..snapshot import ChangedFile
+from .files import (
+    MAX_DEPENDENCY_FILE_BYTES,
+    SIBLING_NAMES,
+    ecosystem_of,
+    lockfile_kind,
+    manifest_kind,
+)
+from .lockfiles import parse_lockfile
+from .manifests import ManifestError, parse_manifest, unread_part
 
 ReadFile = Callable[[str], "str | None"]
 
@@ -305,7 +312,7 @@ def compute_delta(changed: Sequence[ChangedFile], read_before: ReadFile, read_af
             known = {canonical_version(ref.ecosystem, b) for b in base_versions}
             new_versions = tuple(v for v in sorted(new.versions) if canonical_version(ref.ecosystem, v) not in known)
             def by_version(versions: dict[str, Any], eco: str = ref.ecosystem) -> tuple[str, ...]:
-                return tuple(sorted(versions, key=lambda v: _Key(eco, v)))
+                return tuple(sorted(versions, key=lambda version: _Key(eco, version)))
             delta.changes.append(Change(ref, kind, by_version(base_versions), by_version(new.versions),
                                         new_versions, dict(new.versions), shown))
             problem = _unlocked(ref, new, lockfiles[ref.ecosystem])

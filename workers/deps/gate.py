@@ -25,11 +25,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from intake.workers.deps.delta import Change, ReadFile, compute_delta
-from intake.workers.deps.licenses import license_key, license_passes
-from intake.workers.deps.sbom import build_sbom, sbom_digest
-from intake.workers.deps.versions import PackageRef, parse_package, parse_pinned, same_version, version_in
-from intake.workers.snapshot import ChangedFile
+from intake.core.licenses import license_key, license_passes
+from intake.core.versions import (
+    PackageRef,
+    parse_package,
+    parse_pinned,
+    same_version,
+    version_in,
+)
+
+from ..snapshot import ChangedFile
+from .delta import Change, ReadFile, compute_delta
+from .sbom import build_sbom, sbom_digest
 
 PREFIX = "dependency: "
 #: A change bringing in more package versions than this is blocked: its SBOM must fit in a
@@ -73,7 +80,7 @@ class LicenseRules(Protocol):
 
 
 class DependencyRules(Protocol):
-    """What the gate reads of the policy's ``[dependencies]`` (``intake.policy.Dependencies``)."""
+    """What the gate reads of the policy's ``[dependencies]`` (``intake.core.policy.Dependencies``)."""
 
     allow: Sequence[AllowRule]
     deny: Sequence[DenyRule]

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from intake.workers.deps.files import MAX_LOCKED_PACKAGES, lockfile_kind
-from intake.workers.deps.manifests import ManifestError
-from intake.workers.deps.versions import normalize_name
+from intake.core.versions import normalize_name
+
+from .files import MAX_LOCKED_PACKAGES, lockfile_kind
+from .manifests import ManifestError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from intake.workers.deps.files import manifest_kind
-from intake.workers.gates import is_safe_path
+from intake.core.paths import is_safe_path
+
+from .files import manifest_kind
 
 
 class ManifestError(Exception):

@@ -4,7 +4,7 @@ One component per package version the change brings in (added, upgraded, downgra
 changed; a removal is no component), with its purl, license and hash where known, and
 ``intake:change`` / ``intake:before`` properties. The document is stored in the task result
 as a dict; ``sbom_sha256`` is the SHA-256 of its canonical JSON (sorted keys, no spaces,
-UTF-8: :func:`intake.models.canonical_json`), the bytes a provenance statement names.
+UTF-8: :func:`intake.core.models.canonical_json`), the bytes a provenance statement names.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from cyclonedx.model.license import LicenseExpression
 from cyclonedx.output.json import JsonV1Dot6
 from packageurl import PackageURL
 
-from intake.models import canonical_json, sha256_hex
-from intake.workers.deps.delta import Change
-from intake.workers.deps.licenses import parse_license
-from intake.workers.deps.versions import PackageRef
+from intake.core.licenses import parse_license
+from intake.core.models import canonical_json, sha256_hex
+from intake.core.versions import PackageRef
+
+from .delta import Change
 
 _PURL_TYPE = {"pypi": "pypi", "npm": "npm", "go": "golang", "cargo": "cargo"}
 _ALGORITHMS = {"sha256": HashAlgorithm.SHA_256, "sha384": HashAlgorithm.SHA_384, "sha512": HashAlgorithm.SHA_512}

@@ -18,8 +18,8 @@ another's Message-ID. The acknowledgement mail goes out afterwards, in the backg
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import contextlib
+import ipaddress
 import logging
 import re
 import smtplib
@@ -35,10 +35,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from intake.channels.email.authenticity import DnsResolver, DnsUnavailable, TxtResolver, Verdict, authenticate
 from intake.channels.email.message import MalformedMail, ParsedMail, parse_message
 from intake.channels.email.reply import build_reply, send_reply, wants_reply
-from intake.errors import IntakeError, InvalidInput
-from intake.models import Channel, Idea, IdeaDraft, sha256_hex
-from intake.policy import Policy
-from intake.settings import Settings
+from intake.core.errors import IntakeError, InvalidInput
+from intake.core.models import Channel, Idea, IdeaDraft, sha256_hex
+from intake.core.policy import Policy
+from intake.core.settings import Settings
 
 log = logging.getLogger("intake.channels.email")
 

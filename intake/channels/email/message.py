@@ -24,7 +24,7 @@ from email.message import Message
 from email.parser import BytesParser
 from html.parser import HTMLParser
 
-from intake.people import IDENTITY_KINDS
+from intake.people.registry import IDENTITY_KINDS
 
 MAX_DEPTH = 5  # nested multipart containers
 MAX_PARTS = 100  # leaf parts in one message

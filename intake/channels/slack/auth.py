@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
-from intake.errors import ConfigError
-from intake.settings import Settings
+from intake.core.errors import ConfigError
+from intake.core.settings import Settings
 
 #: auth.test errors that mean the token itself is bad (https://docs.slack.dev/reference/methods/auth.test).
 REFUSED = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",

@@ -6,7 +6,7 @@ the words' author, never a display name; ``filed_by`` = who sent them in) and ca
 ``process_before_response``), idempotently on Slack's delivery ids.
 
 Promote, Approve and Deny buttons open modals; every submission goes through the same
-:class:`~intake.promotion.Gatekeeper` the CLI uses, so the clicking user must be a registered,
+:class:`~intake.tasks.promotion.Gatekeeper` the CLI uses, so the clicking user must be a registered,
 confirmed, eligible approver with a fresh code. Anyone else gets an ephemeral refusal and nothing
 changes. Refusals show on the modal field they concern.
 """
@@ -24,12 +24,12 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from intake.errors import IntakeError, Refused
-from intake.models import Approver, Channel, Idea, IdeaDraft, is_id, sha256_hex
-from intake.mrkdwn import escape, is_user_id
-from intake.runtime import Broker
 from intake.channels.slack import render
-from intake.channels.text import decode_slack
+from intake.core.errors import IntakeError, Refused
+from intake.core.models import Approver, Channel, Idea, IdeaDraft, is_id, sha256_hex
+from intake.runtime import Broker
+from intake.text.mrkdwn import escape, is_user_id
+from intake.text.normalise import decode_slack
 
 log = logging.getLogger("intake.channels.slack")
 
@@ -65,7 +65,7 @@ class SlackIntake:
 
     def __init__(self, broker: Broker, capture: Callable[[IdeaDraft], Awaitable[tuple[Idea, bool]]]) -> None:
         self.broker = broker
-        self.capture = capture  # durable, group-committed capture (intake.capture_queue)
+        self.capture = capture  # durable, group-committed capture (intake.storage.capture_queue)
 
     def register(self, app: AsyncApp) -> None:
         app.command("/intake")(self.on_command)

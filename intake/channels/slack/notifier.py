@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from intake.models import IDEA_PENDING, AuditEvent, Idea, Task, TaskState
-from intake.mrkdwn import is_user_id
-from intake.outbox import Delivery, Outbox
-from intake.redis_outage import OUTAGE_ERRORS
-from intake.runtime import Broker
 from intake.channels.slack import render
 from intake.channels.slack.cards import UNCERTAIN, CardReservations, card_metadata, find_posted_card
+from intake.core.models import IDEA_PENDING, AuditEvent, Idea, Task, TaskState
+from intake.runtime import Broker
+from intake.storage.outage import OUTAGE_ERRORS
+from intake.storage.outbox import Delivery, Outbox
+from intake.text.mrkdwn import is_user_id
 
 log = logging.getLogger("intake.channels.slack.notifier")
 

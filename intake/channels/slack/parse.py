@@ -14,7 +14,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from intake.errors import IntakeError
+from intake.core.errors import IntakeError
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"

@@ -7,7 +7,7 @@ Safe by construction:
   string or add a key, and an expression placed inside a quoted literal produces invalid JSON,
   which :func:`render` refuses loudly instead of sending.
 * ``StrictUndefined`` turns a missing or misspelt variable into an error, not an empty string.
-* The ``mrkdwn`` filter (:func:`intake.mrkdwn.escape`) is applied in the templates to every
+* The ``mrkdwn`` filter (:func:`intake.text.mrkdwn.escape`) is applied in the templates to every
   untrusted string that lands in a ``mrkdwn`` text object; :func:`render` then re-checks every
   mrkdwn text it produced and refuses any ``<…>`` that is not a broker-built user mention, so a
   forgotten filter is a failure, not a ping to the whole channel.
@@ -25,10 +25,9 @@ from typing import Any
 
 import jinja2
 
-from intake import mrkdwn
-from intake.channels.text import visible
-from intake.resources import TEMPLATES_DIR
-
+from intake.core.resources import TEMPLATES_DIR
+from intake.text import mrkdwn
+from intake.text.normalise import visible
 
 # Slack Block Kit limits we design around (https://docs.slack.dev/reference/block-kit).
 SECTION_TEXT_MAX = 3000

@@ -30,16 +30,16 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
-from intake.capture_queue import CaptureQueue
-from intake.errors import ConfigError
-from intake.outbox import Outbox
-from intake.redis_outage import OUTAGE_ERRORS, unavailable
-from intake.runtime import Broker
-from intake.settings import Settings
 from intake.channels.slack.listeners import SlackIntake
 from intake.channels.slack.notifier import GROUP, Pacer, SlackNotifier
 from intake.channels.slack.parse import SlackBodyError, parse_slack_body
 from intake.channels.slack.verify import slack_verification_middleware, verified_body
+from intake.core.errors import ConfigError
+from intake.core.settings import Settings
+from intake.runtime import Broker
+from intake.storage.capture_queue import CaptureQueue
+from intake.storage.outage import OUTAGE_ERRORS, unavailable
+from intake.storage.outbox import Outbox
 
 log = logging.getLogger("intake.channels.slack")
 

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from intake.channels.webhooks import WebhookRefused, read_capped
-from intake.errors import IntakeError
+from intake.core.errors import IntakeError
 
 log = logging.getLogger(__name__)
 

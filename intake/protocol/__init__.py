@@ -1,0 +1,1 @@
+"""The wire between the broker and its workers, imported by both sides: Redis key names (:mod:`.keyspace`), dispatch tokens and leases (:mod:`.tokens`), key files (:mod:`.keyfiles`), the job entry point (:mod:`.jobs`), workers' reports and their MAC (:mod:`.reports`), and the provenance envelope (:mod:`.envelope`). The worker package imports only this and :mod:`intake.core`."""

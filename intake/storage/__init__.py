@@ -1,0 +1,1 @@
+"""Ideas and tasks in Redis (:mod:`.store`), group-committed capture (:mod:`.capture_queue`), the outbox of slow follow-ups (:mod:`.outbox`), and how Redis outages look to an operator (:mod:`.outage`)."""

@@ -1,0 +1,88 @@
+"""Showing untrusted text and numbers in the console: invisible characters made visible, and
+server-side SVG charts. Templates autoescape everything; these helpers only shape the data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from intake.text.normalise import is_hidden, marker
+
+# Characters that render as nothing, or that reorder what is shown around them (bidi controls),
+# are shown as ⟨U+XXXX⟩ markers so an approver sees exactly what the agent will get. The one
+# definition of "hidden" is intake.text.normalise.is_hidden (capture refuses text of nothing else).
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    marker: bool = False
+
+
+def visible_segments(text: str) -> list[Segment]:
+    """``text`` as plain runs and ``⟨U+XXXX⟩`` markers for every hidden character."""
+    out: list[Segment] = []
+    run: list[str] = []
+    for ch in text:
+        if is_hidden(ch):
+            if run:
+                out.append(Segment("".join(run)))
+                run = []
+            out.append(Segment(marker(ch), marker=True))
+        else:
+            run.append(ch)
+    if run:
+        out.append(Segment("".join(run)))
+    return out
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    value: float
+    y: int
+    width: int
+    unit: str = ""
+
+    @property
+    def shown(self) -> str:
+        """The value as the chart prints it (``%`` values are fractions; ``s`` seconds)."""
+        if self.unit == "%":
+            return f"{self.value * 100:.0f}%"
+        if self.unit == "s":
+            return duration(self.value)
+        return f"{self.value:g}"
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``7m 3s``, ``5h 2m``, ``3d 4h``: short enough for a chart label."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A horizontal bar chart, laid out for the ``chart`` macro (pure SVG, no script)."""
+
+    title: str
+    bars: list[Bar]
+    height: int
+    width: int = 560
+    label_w: int = 200
+    key: str = ""  # a stable id for the figure (``chart-<key>``)
+
+
+def bar_chart(title: str, values: list[tuple[str, float]], *, width: int = 560, label_w: int = 200,
+              key: str = "", unit: str = "", top: float | None = None) -> Chart:
+    """Lay out one horizontal bar per (label, value); bars scale to ``top`` (default: the
+    largest value). ``unit`` is ``%`` for fractions, ``s`` for seconds, else plain numbers."""
+    top = top or max((v for _, v in values), default=0.0) or 1.0
+    span = width - label_w - 60
+    bars = [Bar(label, value, 8 + i * 24, int(span * min(value, top) / top), unit)
+            for i, (label, value) in enumerate(values)]
+    return Chart(title, bars, height=max(40, 16 + 24 * len(values)), width=width, label_w=label_w, key=key)
