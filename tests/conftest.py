@@ -23,18 +23,26 @@ from intake.storage.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VECTORS = REPO_ROOT / "tests" / "vectors"  # public vectors, copied from shared/ (see its README)
+_TMPDIR = pytest.StashKey[Path]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist each worker process gets its own TMPDIR, so workers' run roots
-    (``$TMPDIR/intake-runs/<name>``, swept when a worker starts) never meet another test
-    process's. Mode 0711: the sandbox's agent user passes through to its own work tree."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker:
-        base = Path(tempfile.gettempdir()) / f"intake-tests-{os.getuid()}-{worker}"
-        base.mkdir(mode=0o711, exist_ok=True)
-        os.chmod(base, 0o711)
-        os.environ["TMPDIR"] = tempfile.tempdir = str(base)
+    """Each test process (one per pytest-xdist worker) gets a TMPDIR of its own, so workers' run
+    roots (``$TMPDIR/intake-runs/<name>``, swept when a worker starts) never meet another test
+    process's, nor another checkout's test run. Mode 0711: the sandbox's agent user passes
+    through to its own work tree."""
+    # pytest's own tmp_path stays under the system temp dir (short paths: unix sockets).
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    base = Path(tempfile.mkdtemp(prefix=f"it-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"))
+    os.chmod(base, 0o711)
+    config.stash[_TMPDIR] = base
+    os.environ["TMPDIR"] = tempfile.tempdir = str(base)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = config.stash.get(_TMPDIR, None)
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
