@@ -164,9 +164,10 @@ class Console:
         approver_id = str(form.get("approver", "")).strip()
         broker = self.broker(request)
         try:
-            approver = await self.call(broker.approvers.active, approver_id)
-            await self.call(broker.approvers.check_stepup, approver, self.proof(form),
-                            purpose="signin", subject=approver.id)
+            # One answer for every failure, known id or not (Approvers.signin); failures are
+            # throttled per source address, never on the approver.
+            approver = await self.call(broker.approvers.signin, approver_id, self.proof(form),
+                                       source=request.remote or "unknown")
         except IntakeError as exc:
             return self.render(request, "signin.html", status=403, error=str(exc))
         session = request[SESSION].signed_in(approver.id, broker.store.clock())
@@ -179,12 +180,9 @@ class Console:
     async def signin_options(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         broker = self.broker(request)
-        try:
-            approver = await self.call(broker.approvers.active, str(body.get("approver", "")))
-            challenge_id, options = await self.call(
-                broker.approvers.passkeys.assertion_options, approver, action="signin", subject=approver.id)
-        except IntakeError as exc:
-            return web.json_response({"error": str(exc)}, status=403)
+        approver_id = str(body.get("approver", ""))[:64]
+        # The same answer for any id (nothing says whether it exists): see Passkeys.signin_options.
+        challenge_id, options = await self.call(broker.approvers.passkeys.signin_options, approver_id)
         return web.json_response({"challenge_id": challenge_id, "options": options})
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
@@ -367,15 +365,18 @@ class Console:
         return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=list(reversed(events)))
 
     # -- approvers and enrolment -----------------------------------------------------------
-    async def approvers(self, request: web.Request, error: str | None = None, link: str | None = None,
+    async def approvers(self, request: web.Request, error: str | None = None, invited: str | None = None,
                         status: int = 200, sent: str | None = None) -> web.Response:
         approvers = await self.call(self.broker(request).approvers.all)
-        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error, link=link,
-                           sent=sent)
+        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error,
+                           invited=invited, sent=sent)
 
     async def enrol_create(self, request: web.Request) -> web.StreamResponse:
-        """An admin enrols a person: an unconfirmed approver and a one-time link. The admin's
-        own step-up is required (enrolment grants power)."""
+        """An admin invites a person: an unconfirmed approver with no secret, and a one-time
+        enrolment link sent to the person's own Slack DM. The admin's own step-up is required
+        (enrolment grants power). The link is never shown to the admin: whoever opens it first
+        sees the seed, so only a channel the person alone controls may carry it. Without one,
+        the person enrols from their own OS account (``intake approver enrol``)."""
         form = await request.post()
         broker = self.broker(request)
         who = request[SESSION].who
@@ -390,15 +391,17 @@ class Console:
             await self.call(broker.approvers.add, broker.policy, approver_id, name=str(form.get("name", "")).strip(),
                             groups=groups, slack_user=str(form.get("slack_user", "")).strip() or None,
                             email=str(form.get("email", "")).strip() or None, actor=f"approver:{who}")
-            token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
+            slack_user = str(form.get("slack_user", "")).strip()
+            if slack_user and self.settings.slack_bot_token is not None:
+                token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
+                link = f"{self.settings.console_origin}/console/enrol/{token}"
+                if await send_by_dm(self.settings, broker.store, slack_user, approver_id, link,
+                                    actor=f"approver:{who}"):
+                    return await self.approvers(request, sent=slack_user)
+                await self.call(EnrolLinks(broker.store).finish, token)  # never shown: dropped at once
         except IntakeError as exc:
             return await self.approvers(request, error=str(exc), status=_status(exc))
-        link = f"{self.settings.console_origin}/console/enrol/{token}"
-        slack_user = str(form.get("slack_user", "")).strip()
-        if slack_user and await send_by_dm(self.settings, broker.store, slack_user, approver_id, link,
-                                           actor=f"approver:{who}"):
-            return await self.approvers(request, sent=slack_user)
-        return await self.approvers(request, link=link)
+        return await self.approvers(request, invited=approver_id)
 
     async def enrol_page(self, request: web.Request) -> web.Response:
         broker = self.broker(request)
@@ -414,7 +417,7 @@ class Console:
         token = request.match_info["token"]
         try:
             approver_id = await self.call(EnrolLinks(broker.store).reveal, token)
-            enrolment = await self.call(broker.approvers.reset, approver_id, actor="console:enrolment-link")
+            enrolment = await self.call(broker.approvers.enrol, approver_id, actor="console:enrolment-link")
         except IntakeError as exc:
             return self.render(request, "enrol.html", status=_status(exc), error=str(exc), stage="gone")
         svg = qrcode.make(enrolment.otpauth_uri, image_factory=qrcode.image.svg.SvgPathImage).to_string(encoding="unicode")

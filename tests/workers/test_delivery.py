@@ -235,7 +235,7 @@ def test_intake_accept_on_the_cli_refuses_another_sha(rig: Rig, fake_forge: Fake
 
     task = privileged_result(rig, forge_config(rig, fake_forge))
     wrong = "f" * 40
-    _, token = ApiTokens(rig.store, People(rig.store)).create("carol", actor="cli:root")
+    _, token = ApiTokens(rig.store, People(rig.store)).create("carol", actor="cli:root", scope="power")
     with running_broker(rig.settings) as api:
         out = subprocess.run([sys.executable, "-m", "intake", "accept", task.id, "--sha", wrong,
                               "--code", rig.code("carol")], env=rig.env(INTAKE_URL=api.tcp_url, INTAKE_TOKEN=token),
