@@ -14,6 +14,7 @@ import pyotp
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
+from intake.console.enrol import EnrolLinks
 from intake.core.models import Channel, TaskState
 from intake.core.settings import Settings
 from tests.factories import draft
@@ -309,10 +310,13 @@ def test_enrolment_by_a_one_time_link(app: Running, browser: Browser) -> None:
     page.fill("#enrol input[name=groups]", "platform")
     page.fill("#enrol input[name=code]", code_next(totps["alice"]))
     page.click("#enrol button")
-    link = page.text_content("#enrol-link") or ""
-    assert link.startswith(f"{app.url}/console/enrol/")
+    assert "bob is invited" in (page.text_content("#enrol-invited") or "")
+    assert "/console/enrol/" not in page.content()  # the admin never sees a link (nor a seed)
     assert not app.broker.approvers.get("bob").confirmed
+    assert not app.broker.approvers.get("bob").secret_enc  # invited: no secret exists yet
     admin.close()
+    # The link bob gets in his own Slack DM (send_by_dm: tests/test_enrol_dm.py).
+    link = f"{app.url}/console/enrol/" + EnrolLinks(app.broker.store).create("bob", actor="approver:alice")
 
     person = browser.new_context()
     page = person.new_page()
