@@ -43,7 +43,7 @@ from intake.core.models import (
 from intake.core.policy import ApprovalRule, Policy, RiskTier
 from intake.people.approvers import Approvers
 from intake.people.passkeys import PasskeyProof
-from intake.people.registry import People
+from intake.people.registry import People, canonical_identity
 from intake.storage.store import Pipe, Store, idea_fields
 
 
@@ -107,13 +107,17 @@ class Gatekeeper:
         to them now or linked to them before (unlinking one's own identity, or re-linking it to
         a throwaway person, does not make one's words someone else's). Compares persons, not
         strings; an unlinked identity still matches the approver's own registered ids."""
-        claimed = {idea.requester, idea.filed_by or idea.requester}
-        if approver is not None and claimed & approver.identities():
+        # issue 20: identities are compared in their canonical form (an email's +tag stripped
+        # where the policy's [identities] declares the domain subaddresses), on both sides.
+        domains = frozenset(self.policy.identities.email_subaddress_domains)
+        raw = {idea.requester, idea.filed_by or idea.requester}
+        claimed = raw | {canonical_identity(i, domains) for i in raw}
+        if approver is not None and claimed & {canonical_identity(i, domains) for i in approver.identities()}:
             return True
         me = self.people.find(person_id)
-        if me is not None and claimed & me.ever():  # also identities unlinked since
+        if me is not None and claimed & {canonical_identity(i, domains) for i in me.ever()}:  # also unlinked since
             return True
-        return person_id in self.people.persons_of(*claimed)
+        return person_id in self.people.persons_of(*claimed, subaddress_domains=domains)
 
     def _tier(self, spec: TaskSpec) -> tuple[str, RiskTier]:
         repo = self.policy.find_repo(spec.repo)
@@ -514,7 +518,9 @@ class Gatekeeper:
             raise InvalidInput("--reason: say why")
         task = self.store.get_task(task_id)
         caller = {person} if person else self.people.persons_of(identity)
-        if not is_approver and identity != task.requester and not caller & self.people.persons_of(task.requester):
+        domains = frozenset(self.policy.identities.email_subaddress_domains)
+        if not is_approver and identity != task.requester and not caller & self.people.persons_of(
+                task.requester, subaddress_domains=domains):
             raise self._refuse(identity, task_id, "not_allowed",
                                "only the requester or an approver can revoke a task")
         revoked = self.store.move_task(task_id, TaskState.REVOKED, actor=identity, reason=reason)
