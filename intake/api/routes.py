@@ -39,6 +39,7 @@ from intake.operations.indicators.figures import broker_figures
 from intake.people.registry import People, parse_identity, parse_person_id
 from intake.runtime import Broker
 from intake.storage.outage import OUTAGE_ERRORS
+from intake.tasks.review import load_review, privileged_files
 
 PREFIX = "/api/v1"
 log = logging.getLogger("intake.api")
@@ -74,6 +75,7 @@ class ApproveBody(_Body):
 class AcceptBody(_Body):
     code: str = Field(max_length=20)
     sha: str = Field(pattern=r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+    diff_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # the reviewed diff (GET .../review)
     note: str = Field("", max_length=2000)
     on_behalf_of: str | None = None
 
@@ -290,6 +292,20 @@ class Api:
     def task(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         return task_json(broker.store.get_task(request.match_info["id"]))
 
+    def review(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """The diff a task's result is reviewed by (issue 20), as the sealed history names it."""
+        task = broker.store.get_task(request.match_info["id"])
+        fact = broker.ledger.follow().task(task.id)
+        found = load_review(broker.store, task.id, fact.result_diff if fact else None, (task.result or {}).get("review"))
+        if found is None:
+            raise NotFound(f"task {task.id} has no reviewed result")
+        if found.diff is None:
+            raise Refused("review_unavailable", f"task {task.id}'s stored diff is missing or does not match its "
+                                                "sealed digest")
+        return {"task": task.id, "commit": fact.result_commit if fact else None, "sha256": found.sha256,
+                "diff": found.diff, "truncated": found.truncated, "bytes": found.size, "stat": found.stat,
+                "binary": list(found.binary), "privileged": privileged_files(found, broker.policy, task.spec.repo)}
+
     def resolve_id(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """The one idea or task id a typed prefix names (any case; an ``I-`` prefix searches
         ideas only, ``T-`` tasks only). 404 when none, 409 ``ambiguous`` with the count."""
@@ -372,7 +388,7 @@ class Api:
         self._refuse_relay(broker, caller, body.on_behalf_of, "accept", subject)
         who = self._person(caller)
         task = broker.gatekeeper.accept(subject, approver_id=who, code=body.code, sha=body.sha, note=body.note,
-                                        via="api").task
+                                        via="api", diff_sha256=body.diff_sha256).task
         return {"task": task.id, "status": task.state.value, "sha": body.sha,
                 "result_approvals": [a.approver for a in task.result_approvals]}
 
@@ -572,6 +588,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/ids/{prefix}", "resolve_id", False),
     ("GET", "/tasks", "tasks", False),
     ("GET", "/tasks/{id}", "task", False),
+    ("GET", "/tasks/{id}/review", "review", False),
     ("POST", "/tasks/{id}/approve", "approve", True),
     ("POST", "/tasks/{id}/accept", "accept", True),
     ("POST", "/tasks/{id}/deny", "deny", True),
@@ -601,7 +618,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
 
 
 # What a token of scope "ideas" (made by an admin for someone else) may call: reads, filing.
-IDEAS_SCOPE = frozenset({"me", "ideas", "file_idea", "idea", "resolve_id", "tasks", "task", "approvers",
+IDEAS_SCOPE = frozenset({"me", "ideas", "file_idea", "idea", "resolve_id", "tasks", "task", "review", "approvers",
                          "person", "audit_verify", "audit_export", "provenance", "report"})
 
 

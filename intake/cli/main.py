@@ -203,9 +203,31 @@ def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
 @click.argument("ident")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @click.option("--sbom", is_flag=True, help="Print a task's CycloneDX SBOM (JSON) of its dependency delta.")
-def show(ident: str, as_json: bool, sbom: bool) -> None:
+@click.option("--diff", "diff", is_flag=True, help="Print the diff a task's result is reviewed by, and its sha256.")
+def show(ident: str, as_json: bool, sbom: bool, diff: bool) -> None:
     """Show an idea (I-…) or a task (T-…); IDENT may be a unique prefix, in any case."""
     ident = resolve_id(ident)
+    if ident.startswith("T-") and diff:
+        review = _api().call("GET", f"/tasks/{seg(ident)}/review")
+        if as_json:
+            _out_json(review)
+            return
+        # The diff is the agent's text: terminal controls and bidi characters are made visible.
+        for line in review["stat"].splitlines():
+            click.echo(safe(line))
+        if review["binary"]:
+            click.echo("binary files (not shown): " + ", ".join(safe(b) for b in review["binary"]))
+        for path in review["privileged"]:
+            click.echo(f"PRIVILEGED PATH CHANGED: {safe(path)}")
+        click.echo("")
+        for line in review["diff"].split("\n"):
+            click.echo(safe(line))
+        if review["truncated"]:
+            click.echo(f"[the diff is {review['bytes']} bytes; only its first part is shown]")
+        click.echo(f"diff sha256: {review['sha256']}")
+        click.echo(f"accept what you reviewed: intake accept {ident} --sha {review['commit']} "
+                   f"--diff-sha256 {review['sha256']}")
+        return
     if ident.startswith("T-"):
         task = _api().call("GET", f"/tasks/{seg(ident)}")
         if sbom:
@@ -819,12 +841,13 @@ def approve(task_id: str, spec_hash: str | None, note: str, code: str,
 @cli.command()
 @click.argument("task_id")
 @click.option("--sha", required=True, help="The result commit you reviewed (refs/intake/TASK_ID).")
+@click.option("--diff-sha256", "diff_sha256", help="The sha256 of the diff you reviewed (`intake show TASK --diff`).")
 @click.option("--note", default="", help="A note for the audit log and the other approvers.")
 @_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def accept(task_id: str, sha: str, note: str, code: str, as_json: bool) -> None:
-    """Approve TASK_ID's result, commit SHA, so it may be delivered as a branch and PR."""
-    body = {"sha": sha, "note": note, "code": code,}
+def accept(task_id: str, sha: str, diff_sha256: str | None, note: str, code: str, as_json: bool) -> None:
+    """Approve TASK_ID's result, commit SHA and the diff you reviewed, so it may be delivered."""
+    body = {"sha": sha, "diff_sha256": diff_sha256, "note": note, "code": code}
     data = _api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/accept", body)
     if as_json:
         _out_json(data)

@@ -29,6 +29,7 @@ from intake.operations.indicators.figures import broker_figures
 from intake.people.passkeys import PasskeyProof
 from intake.runtime import Broker
 from intake.tasks.dependency_view import summarize_dependencies
+from intake.tasks.review import load_review, split_files
 from intake.text.html import visible_segments
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -254,14 +255,23 @@ class Console:
         approvals = [{"who": a.approver, "at": a.at, "via": a.via.partition("+")[0],
                       "factor": "passkey" if a.via.endswith("+passkey") else "totp",
                       "current": a.spec_hash == task.spec_hash} for a in task.approvals]
-        # The Accept form names the commit the sealed history holds, never the record's copy.
+        # The Accept form names the commit the sealed history holds, never the record's copy, and
+        # the digest of the diff this page renders (issue 20): no rendered diff, no form.
         accept_sha = await self.call(self._result_commit, broker, task.id) \
             if task.state is TaskState.AWAITING_RESULT_APPROVAL else None
+        fact = await self.call(lambda: broker.ledger.follow().task(task.id))
+        review = await self.call(load_review, broker.store, task.id, fact.result_diff if fact else None,
+                                 (task.result or {}).get("review"))
+        review_files = split_files(review.diff, broker.policy, task.spec.repo) if review and review.diff else []
+        if accept_sha and fact is not None and fact.result_diff is not None and not review_files:
+            accept_sha = None  # the diff cannot be shown (missing or altered in storage): no accept
         return self.render(
             request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
             segments=visible_segments(task.spec.prompt), result=task.result or {},
             dependencies=summarize_dependencies(task.result),
             approvable=task.state is TaskState.AWAITING_APPROVALS, accept_sha=accept_sha,
+            review=review, review_files=[(f, [(k, visible_segments(t)) for k, t in f.lines]) for f in review_files],
+            accept_diff=review.sha256 if review is not None and review_files else "",
             result_approvals=task.result_approvals,
             # Deny and revoke win over a result waiting for approval too.
             deniable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED,
@@ -290,7 +300,8 @@ class Console:
         task_id = request.match_info["task_id"]
         try:
             await self.call(broker.gatekeeper.accept, task_id, approver_id=request[SESSION].who,
-                            code=self.proof(form), sha=str(form.get("sha", "")), via="console")
+                            code=self.proof(form), sha=str(form.get("sha", "")), via="console",
+                            diff_sha256=str(form.get("diff_sha256", "")) or None)
         except IntakeError as exc:
             return await self.task(request, error=str(exc), status=_status(exc))
         return redirect(f"/console/tasks/{task_id}?done=accepted")

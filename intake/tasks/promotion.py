@@ -14,6 +14,7 @@ Refusals raise :class:`Refused` with a stable reason tag, are audited, and chang
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -381,9 +382,11 @@ class Gatekeeper:
         return tier.result_rule(bool(repo.privileged_paths) and touches)
 
     def accept(self, task_id: str, *, approver_id: str, code: str | PasskeyProof, sha: str, via: str = "cli",
-               note: str = "") -> Decision:
-        """Approve a task's *result*: the quarantined commit ``sha``, as the sealed history
-        names it (step-up code required, never by the requester). When the approvals of that
+               note: str = "", diff_sha256: str | None = None) -> Decision:
+        """Approve a task's *result*: the quarantined commit ``sha`` **and** the diff the approver
+        was shown (``diff_sha256``), as the sealed history names them (step-up code required,
+        never by the requester). An approval for another diff, or for none when the result has
+        one, is refused (issue 20: nobody accepts a result blind). When the approvals of that
         commit meet the rule it waits for, the task moves to ``delivering`` and a delivery job
         bound to that sha is dispatched. A new commit needs new approvals; deny and revoke win."""
         actor = f"approver:{approver_id}"
@@ -391,7 +394,7 @@ class Gatekeeper:
         approver = self._active(approver_id, task_id)
         task = self.store.get_task(task_id)
         groups = self.policy.groups_of(approver.id)
-        self._check_acceptable(task, approver, groups, sha, actor)
+        self._check_acceptable(task, approver, groups, sha, actor, diff_sha256)
         _, tier = self._tier(task.spec)
         factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id, bound=sha,
                                              require=tier.step_up)
@@ -400,9 +403,9 @@ class Gatekeeper:
         def build(pipe: Pipe) -> Task:
             now = self.store.clock()
             current = self.store.read_task(pipe, task_id)
-            rule = self._check_acceptable(current, approver, groups, sha, actor)
+            rule = self._check_acceptable(current, approver, groups, sha, actor, diff_sha256)
             approval = Approval(approver=approver.id, groups=groups, spec_hash=current.spec_hash, at=now, via=via,
-                                note=note, generation=approver.generation, sha=sha)
+                                note=note, generation=approver.generation, sha=sha, diff_sha256=diff_sha256)
             counted = [*self.valid_result_approvals(current), approval]
             done = self.satisfied(rule, counted)
             kept = [a for a in current.result_approvals if a.sha == sha]
@@ -414,7 +417,7 @@ class Gatekeeper:
             self.store.write_task(pipe, updated)
             self.store.emit(pipe, actor, "result.approved", task_id, sha=sha, spec_hash=current.spec_hash,
                             groups=list(groups), via=via, count=len(counted), required=rule.approvals,
-                            generation=approver.generation)
+                            generation=approver.generation, diff_sha256=diff_sha256)
             if done:
                 self.store.emit(pipe, "system", "task.delivering", task_id, commit=sha)
             return updated
@@ -432,7 +435,7 @@ class Gatekeeper:
                 for a in self.ledger.follow().counted_result_approvals(task.id)]
 
     def _check_acceptable(self, task: Task, approver: Approver, groups: tuple[str, ...], sha: str,
-                          actor: str) -> ApprovalRule:
+                          actor: str, diff_sha256: str | None = None) -> ApprovalRule:
         """The rule the result waits for, if ``approver`` may approve commit ``sha`` now."""
         if task.state is TaskState.DENIED:
             raise self._refuse(actor, task.id, "already_denied", f"task {task.id} was denied")
@@ -450,6 +453,14 @@ class Gatekeeper:
             raise self._refuse(actor, task.id, "wrong_sha",
                                f"task {task.id}'s result is commit {fact.result_commit[:12]}, not {sha[:12]}; "
                                "review the result again", sha=sha[:64])
+        # issue 20: bound to the diff the approver was shown, as the sealed history names it
+        # (results sealed before diffs were reviewed have none and bind to the commit alone).
+        if fact.result_diff is not None and not (
+                isinstance(diff_sha256, str) and hmac.compare_digest(diff_sha256, fact.result_diff)):
+            reason = "review_required" if not diff_sha256 else "wrong_diff"
+            raise self._refuse(actor, task.id, reason,
+                               f"task {task.id}'s result is reviewed by its diff (sha256 {fact.result_diff[:12]}); "
+                               "open it (console task page, or `intake show TASK --diff`) and accept what you saw")
         idea = self.store.get_idea(task.idea_id)
         self._check_idea_intact(idea, actor)
         if task.idea_id != idea.id or self.own_work(approver.id, idea, approver):

@@ -132,7 +132,7 @@ class Rig:
         """Approve the task's quarantined result (the commit the sealed history names)."""
         fact = self.fact(task_id)
         task = self.broker.gatekeeper.accept(task_id, approver_id=who, code=self.code(who),
-                                             sha=sha or fact.result_commit).task
+                                             sha=sha or fact.result_commit, diff_sha256=fact.result_diff).task
         self.clock.advance(30)  # the code's step is spent
         return task
 
