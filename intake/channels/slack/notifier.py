@@ -293,6 +293,7 @@ class SlackNotifier:
         if task is not None and task.result and event.action in _RESULT_EVENTS and "attempt" in event.data:
             # The run's own result event (not an acceptance): the card with the facts.
             blocks = render.result_card(task_id=task.id, result=task.result,
+                                        console_origin=self.broker.settings.console_origin,
                                         waiting=event.action == "task.awaiting_result_approval")
         else:
             blocks = render.status_message(subject_id=event.subject, state=state, detail=detail, link=link,
