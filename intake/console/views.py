@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from intake.core.errors import AuditBroken, IntakeError, InvalidInput, NotFound,
 from intake.core.models import IDEA_PENDING, Approver, TaskState
 from intake.core.settings import Settings
 from intake.operations.indicators.figures import broker_figures
+from intake.people.mfa import PERIOD
 from intake.people.passkeys import PasskeyProof
 from intake.runtime import Broker
 from intake.tasks.dependency_view import summarize_dependencies
@@ -127,10 +129,25 @@ class Console:
         broker = self.broker(request)
         ctx.setdefault("error", None)
         ctx.setdefault("notice", request.query.get("done"))
+        ctx.setdefault("next_code_in", self._next_code_in(broker, session.who))
         return aiohttp_jinja2.render_template(
             template, request, {"csrf": session.csrf, "who": session.who, "frozen": broker.gatekeeper.frozen(),
                                 "is_admin": self._is_admin(broker, session.who), **ctx}, status=status,
         )
+
+    @staticmethod
+    def _next_code_in(broker: Broker, who: str | None) -> int:
+        """Seconds until ``who``'s authenticator shows a code they have not used yet (0: now).
+        A code works once: right after a TOTP sign-in (or any action) the code on the screen is
+        spent, so the page says when the next one is due and console.js holds the code forms
+        until then, instead of letting the approver meet "already used"."""
+        if who is None:
+            return 0
+        last = broker.client.get(broker.store.keys.totp_last_step(who))
+        if last is None or not str(last).lstrip("-").isdigit():
+            return 0
+        due = (int(last) + 1) * PERIOD - broker.store.clock()
+        return max(0, math.ceil(due))
 
     @staticmethod
     def _is_admin(broker: Broker, who: str | None) -> bool:

@@ -223,6 +223,13 @@ class StepUp:
                 self.store.r.zrem(fails, slot)  # success gives the reserved slot back
                 return step
             reason = "replayed"
+            last = int(self.store.r.get(keys.totp_last_step(approver.id)) or step)
+            due = max(1, int((last + 1) * PERIOD - now) + 1)
+            refusal = self._refuse(approver, reason, f"that authenticator code was already used (a code works "
+                                   f"once); the next one is due in {due} s", purpose, subject)
+            if self._lock(keys=[fails, lock], args=[t.long_max]):
+                self.store.audit.record("system", "approver.locked", approver.id, failures=t.long_max)
+            raise refusal
         elif _CODE.fullmatch(code) and is_out_of_sync(secret, code, now):
             reason = "out_of_sync"
         # The reserved slot stays as the recorded failure.

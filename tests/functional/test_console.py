@@ -99,6 +99,18 @@ def test_sign_in_with_totp_sets_a_strict_httponly_cookie_under_a_csp(app: Runnin
     assert "not valid" in (page.text_content("#error") or "")
 
     sign_in(page, app, "alice", totps["alice"])
+    # The sign-in spent the code on alice's screen: the page says when the next one is due
+    # (issue 20), and using the spent code again says the same instead of a bare "invalid".
+    due = int(page.get_attribute("#next-code", "data-due-in") or "0")
+    assert 0 < due <= 31
+    idea_id = file_idea(app)
+    page.goto(f"{app.url}/console/ideas/{idea_id}")
+    page.select_option("#promote select[name=repo]", "acme/web")
+    page.select_option("#promote select[name=change_type]", "docs")
+    page.fill("#promote input[name=code]", code_now(totps["alice"]))
+    page.click("#promote .totp-submit")
+    assert "already used" in (page.text_content("#error") or "") and "next one is due in" in (
+        page.text_content("#error") or "")
     (cookie,) = [c for c in context.cookies() if c["name"] == "intake_console"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/console"
     assert not cookie["secure"]  # served over plain http on localhost; https origins set Secure

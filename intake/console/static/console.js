@@ -87,7 +87,26 @@ async function createWith(button) {
   form.submit();
 }
 
+// A code works once: after a sign-in (or an action) with a code, the code on the approver's
+// screen is spent. Count down to the next one, so nobody types the spent code again.
+function waitForNextCode() {
+  const notice = document.getElementById("next-code");
+  if (!notice) return;
+  let left = parseInt(notice.dataset.dueIn, 10) || 0;
+  const tick = () => {
+    if (left > 0) {
+      notice.querySelector(".due").textContent = String(left);
+      left -= 1;
+      setTimeout(tick, 1000);
+    } else {
+      notice.textContent = "Your next authenticator code is ready.";
+    }
+  };
+  tick();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  waitForNextCode();
   for (const b of document.querySelectorAll("button.passkey-assert")) {
     b.addEventListener("click", () => assertWith(b).catch((e) => showError("passkey: " + e.message)));
   }
