@@ -682,8 +682,9 @@ def approver_remove(approver_id: str) -> None:
 @_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def approver_reset(approver_id: str, code: str, as_json: bool) -> None:
-    """Yourself: a new secret (shown once), the old one and your passkeys stop working at once.
-    Someone else (admins, with their code): their factors are revoked; they enrol again."""
+    """Reset APPROVER_ID's factors. Yourself: a new secret (shown once), the old one and your
+    passkeys stop working at once. Someone else (admins, with their code): their factors are
+    revoked; they enrol again."""
     made = _api().call("POST", f"/approvers/{seg(approver_id)}/reset", {"code": code})
     if "otpauth_uri" in made:
         _show_enrolment(made, as_json)
