@@ -31,6 +31,7 @@ from intake.people.mfa import PERIOD
 from intake.people.passkeys import PasskeyProof
 from intake.runtime import Broker
 from intake.tasks.dependency_view import summarize_dependencies
+from intake.tasks.promotion import accept_bound
 from intake.tasks.review import load_review, split_files
 from intake.text.html import visible_segments
 
@@ -367,9 +368,10 @@ class Console:
                 task = await self.call(broker.store.get_task, subject)
                 bound = task.spec_hash
             elif action == "accept":
-                bound = await self.call(self._result_commit, broker, subject) or ""
-                if not bound:
+                fact = await self.call(lambda: broker.ledger.follow().task(subject))
+                if fact is None or not fact.result_commit:
                     raise NotFound(f"the sealed history holds no result for {subject}")
+                bound = accept_bound(fact.result_commit, fact.result_diff)
             elif action == "thaw" and subject == "broker":
                 bound = ""
             else:

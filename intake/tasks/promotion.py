@@ -65,6 +65,12 @@ class Decision:
         }
 
 
+def accept_bound(sha: str, diff_sha256: str | None) -> str:
+    """What a passkey assertion for a result approval names: the commit, and the reviewed diff's
+    digest when the result has one (``<sha>:<digest>``)."""
+    return f"{sha}:{diff_sha256}" if diff_sha256 else sha
+
+
 class Gatekeeper:
     """Promotion, approval, denial, amendment, revocation, the kill switch and the clocks."""
 
@@ -396,8 +402,9 @@ class Gatekeeper:
         groups = self.policy.groups_of(approver.id)
         self._check_acceptable(task, approver, groups, sha, actor, diff_sha256)
         _, tier = self._tier(task.spec)
-        factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id, bound=sha,
-                                             require=tier.step_up)
+        # A passkey assertion names the commit and (issue 20) the reviewed diff's digest.
+        factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id,
+                                             bound=accept_bound(sha, diff_sha256), require=tier.step_up)
         via = self._via(via, factor)
 
         def build(pipe: Pipe) -> Task:

@@ -171,7 +171,7 @@ def test_a_passkey_assertion_for_one_result_does_not_accept_another(
         assert f"docs/<b>{first}.md" in (page.text_content("#result") or "")
         assert page.locator("#result b").count() == 0
         got = page.evaluate(ACCEPT_ASSERTION, {"subject": second})
-        assert got["bound"] == second_sha
+        assert got["bound"] == f"{second_sha}:{rig.fact(second).result_diff}"  # commit and reviewed diff
         status = page.evaluate(POST_ACCEPT, {"post_to": first, "challenge_id": got["challenge_id"],
                                              "credential": got["credential"], "sha": first_sha,
                                              "diff_sha256": rig.fact(first).result_diff})
