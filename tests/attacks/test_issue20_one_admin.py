@@ -140,8 +140,13 @@ def test_one_admin_cannot_hold_or_use_a_second_persons_factor(api: RunningBroker
     assert "otpauth_uri" not in again
 
     # Relaying carol's approval (with any code, even one alice made up): refused before any check.
+    task_id = "T-0123456789ab"  # refused before any lookup: the relay itself is the refusal
     for path, body in [(f"/ideas/{idea_id}/promote", {"repo": "acme/payments", "change_type": "bugfix",
-                                                      "code": "123456", "on_behalf_of": "carol"})]:
+                                                      "code": "123456", "on_behalf_of": "carol"}),
+                       (f"/tasks/{task_id}/approve", {"code": "123456", "on_behalf_of": "carol"}),
+                       (f"/tasks/{task_id}/accept", {"code": "123456", "sha": "a" * 40, "diff_sha256": "b" * 64,
+                                                     "on_behalf_of": "carol"}),
+                       (f"/tasks/{task_id}/amend", {"code": "123456", "repo": "acme/web", "on_behalf_of": "carol"})]:
         assert _refused(admin.call, "POST", path, body).reason == "relay_refused"
     assert _refused(as_carol.call, "POST", f"/ideas/{idea_id}/promote",
                     {"repo": "acme/payments", "change_type": "bugfix", "code": "123456"}).reason == "token_scope"
