@@ -253,7 +253,8 @@ class StepUp:
         verdict, resets_in = self._reserve_anon(
             keys=zsets, args=[slot, t.window_s, t.per_source_max, t.window_s, t.per_pair_max, t.window_s, t.global_max])
         if verdict == "throttled":
-            self.store.audit.record("anonymous", "signin.throttled", "console", source=src[:12])
+            # Not audited: a stranger could otherwise write to the log at request rate. The
+            # refusals that reached the check are (at most the throttles' worth).
             raise Refused("throttled", f"too many failed sign-ins from here; try again in {resets_in} s")
         step = None
         if _CODE.fullmatch(code):
