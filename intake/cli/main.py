@@ -407,15 +407,10 @@ def generate(force: bool) -> None:
 @keys.command()
 def rotate() -> None:
     """A new signing key; workers accept tokens of the old one too until `keys retire`."""
-    import time
+    from intake.operations.keys import rotate_signing
 
-    from intake.protocol.keyfiles import rotate_signing_key
-
-    started = time.monotonic()
     with _local_broker() as (broker, actor):
-        new, old = rotate_signing_key(broker.settings)
-        seconds = round(time.monotonic() - started, 3)
-        broker.audit.record(actor, "keys.rotated", "broker", new_kid=new, old_kid=old, seconds=seconds)
+        new, old, seconds = rotate_signing(broker, actor=actor)
     click.echo(f"signing key rotated in {seconds}s: new {new}, old {old} still accepted "
                f"(run `intake keys retire {old}` once no token of it is live, e.g. after {2 * 120}s)")
 
@@ -424,11 +419,10 @@ def rotate() -> None:
 @click.argument("kid")
 def retire(kid: str) -> None:
     """Drop KID from the public keyring (tokens signed with it stop verifying)."""
-    from intake.protocol.keyfiles import retire_public_key
+    from intake.operations.keys import retire_signing
 
     with _local_broker() as (broker, actor):
-        retire_public_key(broker.settings, kid)
-        broker.audit.record(actor, "keys.retired", "broker", kid=kid)
+        retire_signing(broker, kid, actor=actor)
     click.echo(f"key {kid} retired")
 
 
