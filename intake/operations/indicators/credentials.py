@@ -234,7 +234,7 @@ def credential_figures(facts: list[Fact], *, first_at: float | None, since: floa
     s = _Fold(start=first_at)
     for f in facts:
         if f.at > now:
-            break
+            continue  # stamped after the report's end (another broker's clock ahead of ours)
         if f.action in CREDENTIAL_EVENTS or f.action.startswith("task."):
             _apply(s, f)
     if first_at is not None:
