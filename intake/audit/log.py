@@ -304,10 +304,13 @@ class AuditLog:
         """Copy a worker's report entry (already checked) onto the log as evidence, verbatim."""
         pipe.xadd(self.stream, {"e": fields["r"], "m": fields["m"], "k": "w"})
 
-    def record(self, actor: str, action: str, subject: str, **data: Any) -> None:
-        """Append one event on its own (no state change) and seal it."""
+    def record(self, actor: str, action: str, subject: str, *, at: float | None = None, **data: Any) -> None:
+        """Append one event on its own (no state change) and seal it; stamped ``at``, else by
+        the log's clock, else now."""
+        if at is None and self.clock is not None:
+            at = self.clock()
         pipe = self.r.pipeline(transaction=True)
-        self.append(pipe, event(actor, action, subject, at=self.clock() if self.clock else None, **data))
+        self.append(pipe, event(actor, action, subject, at=at, **data))
         pipe.execute()
         self.kick()
 

@@ -30,14 +30,27 @@ What each kind is and where its dates come from (all broker events sealed ``ok``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from intake.operations.indicators.spread import Spread, spread
 
-if TYPE_CHECKING:
-    from intake.operations.indicators.figures import Fact
+
+class Fact(Protocol):
+    """One sealed, genuine broker event (:class:`intake.operations.indicators.figures.Fact`)."""
+
+    @property
+    def at(self) -> float: ...
+
+    @property
+    def action(self) -> str: ...
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def data(self) -> dict[str, Any]: ...
 
 #: Broker events this module reads (the timeline keeps them).
 CREDENTIAL_EVENTS = frozenset({
