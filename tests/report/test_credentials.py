@@ -165,3 +165,42 @@ def test_credentials_rotated_is_an_admins_act_with_a_code(api: RunningBroker, se
     rotated = [json.loads(e[1]["e"]) for e in rclient.xrange("intake:audit")
                if json.loads(e[1]["e"]).get("action") == "credentials.rotated"]
     assert [(e["actor"], e["subject"]) for e in rotated if e["eid"] != "f" * 16] == [("person:alice", "slack-bot")]
+
+
+def test_forged_and_replayed_credential_events_change_nothing(settings: Settings, rclient: redis.Redis) -> None:
+    """Whoever holds only the keyspace forges a fresh API token and a signing key retirement, and
+    replays a genuine rotation: the figures are the genuine history's."""
+    from intake.operations.indicators.figures import Timeline, report_figures
+    from intake.operations.keys import retire_signing, rotate_signing
+
+    clock = FakeClock()
+    broker = weeks_broker(settings, rclient, clock)
+    new, old, _ = rotate_signing(broker, actor="os:intake")
+    clock.advance(HOUR)
+    broker.audit.seal_pending()
+
+    def figures() -> dict[str, Any]:
+        fig = report_figures(Timeline(broker.audit).follow(), clock.now - DAY, now=clock.now + 1,
+                             max_ages={"api_token": 30 * DAY, "signing_key": 90 * DAY}, signing_kid=new)
+        return fig.credentials.model_dump()
+
+    genuine = figures()
+    assert [(r["old"], r["new"], r["finished"]) for r in genuine["rotations"]] == [(old, new, None)]
+    rotated = next(fields for _, fields in rclient.xrange("intake:audit")
+                   if json.loads(fields["e"])["action"] == "keys.rotated")
+    rclient.xadd("intake:audit", dict(rotated))  # a verbatim copy: the same eid
+    forged = json.loads(forged_event("api_token.created", "mallory", clock.now)["e"])
+    forged["data"] = {"token": "tok-000000000bad"}
+    rclient.xadd("intake:audit", {"e": canonical_json(forged).decode(), "m": "0" * 64})
+    retire = {**json.loads(forged_event("keys.retired", "broker", clock.now)["e"]), "data": {"kid": old}}
+    rclient.xadd("intake:audit", {"e": canonical_json(retire).decode(), "m": "0" * 64})
+    broker.audit.seal_pending()
+    after = figures()
+    assert after == genuine
+    assert not any(c["name"] == "tok-000000000bad" for c in after["credentials"])
+    # The real retirement still counts, with its time.
+    clock.advance(HOUR)
+    retire_signing(broker, old, actor="os:intake")
+    broker.audit.seal_pending()
+    done = figures()["rotations"]
+    assert [(r["old"], r["seconds"]) for r in done] == [(old, 2 * HOUR)]
