@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 from aiohttp import web
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from intake.channels.email.authenticity import DnsResolver, DnsUnavailable, TxtResolver, Verdict, authenticate
 from intake.channels.email.message import MalformedMail, ParsedMail, parse_message
@@ -147,6 +147,19 @@ class EmailHandler:
         if created and verdict.verified and self.relay and wants_reply(mail, envelope_from):
             self._reply(mail, idea.id, envelope.rcpt_tos[0])
         return f"250 2.0.0 Captured as {idea.id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an exception in a session. A failed STARTTLS handshake (a client
+        offering only TLS 1.1, bytes that are no TLS) is anyone's to cause: one INFO line, and
+        aiosmtpd closes the connection. Anything else is ours: logged with its traceback, and
+        the client gets a bare 451 (never the exception's text)."""
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            reason = getattr(cause, "reason", None) or type(cause).__name__
+            log.info("email: STARTTLS handshake failed (%s); connection closed", str(reason)[:80])
+            return "454 4.7.0 TLS not available"
+        log.error("email: SMTP session error", exc_info=error)
+        return "451 4.3.0 Temporary server error; try again later"
 
     def _vouchers(self, peer: str) -> frozenset[str]:
         """The authserv-ids believed on this connection: the trusted ones, only when the peer is
