@@ -210,7 +210,7 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
         app.cleanup_ctx.append(_dev_worker_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    mount_console(app, settings, BROKER)
+    mount_console(app, settings, BROKER, dev=dev)
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     mount_email(app, settings, BROKER, CAPTURE)
