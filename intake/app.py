@@ -15,11 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from intake.api.routes import mount_api
 from intake.channels.email.listener import mount_email
+from intake.channels.email.reply import email_sender
 from intake.channels.github import GitHub
 from intake.channels.gitlab import GitLab
 from intake.channels.jira import Jira
+from intake.channels.replies import mount_replies
 from intake.channels.slack.transport import SlackMode, mount_slack
-from intake.channels.webhooks import mount_webhooks
+from intake.channels.webhooks import mount_webhooks, webhook_senders
 from intake.console import mount_console
 from intake.core.errors import ConfigError
 from intake.core.redis_conn import EmbeddedRedis
@@ -214,5 +216,8 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     mount_email(app, settings, BROKER, CAPTURE)
-    mount_webhooks(app, settings, (GitHub.from_settings, GitLab.from_settings, Jira.from_settings), CAPTURE)
+    forges = (GitHub.from_settings, GitLab.from_settings, Jira.from_settings)
+    mount_webhooks(app, settings, forges, CAPTURE)
+    # Replies to tickets and acknowledgement mails, from the outbox (retried through outages).
+    mount_replies(app, settings, BROKER, [*webhook_senders(settings, forges), email_sender(settings.smtp_relay)])
     return app
