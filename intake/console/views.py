@@ -142,7 +142,10 @@ class Console:
             origin = request.headers.get("Origin")
             token = request.headers.get("X-CSRF-Token")
             if token is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-                token = str((await request.post()).get("csrf", ""))
+                try:
+                    token = str((await request.post()).get("csrf", ""))
+                except (ValueError, AssertionError, UnicodeError, web.HTTPException):
+                    token = None  # a body that is not the form it claims to be carries no token
             if (origin is not None and origin not in self.origins(request)) or not session.csrf_ok(token):
                 # No Set-Cookie on a refusal: a cross-site POST carries no (SameSite=Strict)
                 # cookie, and answering it with a fresh session would sign the victim out.
