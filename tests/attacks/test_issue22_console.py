@@ -184,3 +184,50 @@ def test_the_html_surfaces_share_one_marker_helper() -> None:
     root = Path(__file__).resolve().parents[2]
     for module in ("intake/console/__init__.py", "intake/operations/indicators/render.py"):
         assert "finalize=show_hidden" in (root / module).read_text(), module
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
+def test_a_real_browser_signs_in_at_the_banners_127_0_0_1_in_dev_mode(settings: Settings) -> None:
+    """The dev banner prints http://127.0.0.1:PORT/console; Chromium signs in there (it sends
+    Origin: http://127.0.0.1:PORT, not the configured http://localhost:PORT)."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+    from playwright.sync_api import sync_playwright
+
+    from tests.functional.console_harness import CHROMIUM_ARGS, code_now, enrol, free_port
+
+    port = free_port()
+    configured = console_settings(settings, port=port, console_origin=f"http://localhost:{port}")
+    app = create_app(configured, dev=True)
+    [worker] = [c for c in app.cleanup_ctx if getattr(c, "__name__", "") == "_dev_worker_ctx"]
+    app.cleanup_ctx.remove(worker)  # the console is what is tested, not the embedded worker
+    totps = enrol(configured, "alice")
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            base = f"http://127.0.0.1:{port}"
+            page.goto(f"{base}/console/signin")
+            page.fill("#signin input[name=approver]", "alice")
+            page.fill("#signin input[name=code]", code_now(totps["alice"]))
+            page.click("#signin .totp-submit")
+            page.wait_for_url(f"{base}/console/ideas")
+            assert page.text_content("#who") == "alice"
+            browser.close()
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
