@@ -16,6 +16,12 @@ from intake.core.settings import Settings
 from tests.api_harness import RunningBroker, link_os_user
 
 
+@pytest.fixture(autouse=True)
+def linked(settings: Settings) -> str:
+    """The OS user running the tests is a person (an unlinked one reads nothing)."""
+    return link_os_user(settings)
+
+
 def get(url: str, path: str) -> tuple[int, Any]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
@@ -32,17 +38,13 @@ def test_the_report_needs_a_caller(api: RunningBroker) -> None:
 
 
 @pytest.mark.parametrize("since", ["yesterday", "7d%0A", "1e9d"])
-def test_a_malformed_window_is_a_400_and_a_one_line_error(api: RunningBroker, env: dict[str, str], since: str,
-                                                          settings: Settings) -> None:
-    link_os_user(settings)  # an unlinked OS user reads nothing
+def test_a_malformed_window_is_a_400_and_a_one_line_error(api: RunningBroker, env: dict[str, str], since: str) -> None:
     result = CliRunner().invoke(cli, ["report", "--since", since.replace("%0A", "\n")], env=env)
     assert result.exit_code != 0 and "--since" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_an_empty_log_reports_zeros_without_inventing_shares(api: RunningBroker, env: dict[str, str],
-                                                             settings: Settings) -> None:
-    link_os_user(settings)  # an unlinked OS user reads nothing
+def test_an_empty_log_reports_zeros_without_inventing_shares(api: RunningBroker, env: dict[str, str]) -> None:
     result = CliRunner().invoke(cli, ["report", "--format", "json"], env=env, catch_exceptions=False)
     fig = json.loads(result.stdout)
     assert (fig["ideas"], fig["delivered"], fig["segments"]) == (0, 0, [])
