@@ -104,7 +104,7 @@ class ReplyOutbox:
         """Deliver until ``stop`` is set; a Redis fault backs off and carries on."""
         while not stop.is_set():
             try:
-                await asyncio.to_thread(self.outbox.ensure_group)
+                await asyncio.to_thread(self.outbox.ensure_group, "$")
                 for delivery in await asyncio.to_thread(self.outbox.fetch, 20, block_ms):
                     await self.deliver(delivery)
             except OUTAGE_ERRORS as exc:
@@ -168,8 +168,11 @@ def mount_replies(app: web.Application, settings: Settings, broker_key: web.AppK
         stop = asyncio.Event()
         task = None
         if senders:
-            task = asyncio.create_task(reply_outbox_for(settings, app[broker_key], senders).run(stop),
-                                       name="reply-outbox")
+            replies = reply_outbox_for(settings, app[broker_key], senders)
+            # Created before anything is served, at the stream's end: every capture from now on
+            # is answered, and replies sent before this version (in memory) are not sent again.
+            await asyncio.to_thread(replies.outbox.ensure_group, "$")
+            task = asyncio.create_task(replies.run(stop), name="reply-outbox")
         try:
             yield
         finally:
