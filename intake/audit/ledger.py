@@ -9,7 +9,8 @@ renewing a lease, retrying an abandoned run, counting approvals, starting while 
 broker calls :meth:`Ledger.follow` and decides from here; a Redis record that disagrees is refused
 and reported as tampering (:meth:`Ledger.tampered`).
 
-Terminal task states are final here whatever any later record says. A break in the chain (an
+Terminal task states are final here whatever any later record says. A replayed copy of a genuine
+entry is skipped (see :meth:`Ledger._entry`), never a halt. A break in the chain (an
 edited, deleted, inserted or reordered sealed entry; sealed history behind the checkpoint) halts
 the ledger: :meth:`Ledger.require_live` refuses every power decision until an operator accepts the
 loss (``intake audit accept-rollback``), which is itself a sealed event the ledger reads.
@@ -175,15 +176,18 @@ class Ledger:
 
     def _entry(self, sealed: SealedEntry) -> None:
         """Apply one sealed broker event, once. A verbatim copy of a genuine event carries a
-        valid MAC (and is sealed ``ok``), so anyone who can XADD could replay an old thaw, key
-        issue or enrolment; the event's unique ``eid`` tells the copy, which halts the ledger
-        (as ``audit verify`` reports it) and is never applied."""
+        valid MAC, so anyone who can XADD could replay an old thaw, key issue or enrolment. The
+        sealer seals such a copy ``rejected:replay`` (never applied: it has no event here); and
+        should its replay index have been tampered with, the event's unique ``eid`` still tells
+        the copy here, which is skipped. Neither halts the ledger: a replay changes no sealed
+        history, and halting on one would let any Redis writer stop the broker (issue 19)."""
         ev = sealed.event
         if ev is None:
             return
         if ev.eid in self._eids:
-            self._anomaly(Anomaly(sealed.id, "replayed",
-                                  f"event {sealed.id} (#{sealed.seq}): a replayed copy of an earlier event", sealed.seq))
+            if self.first_report((sealed.id, "replayed")):
+                log.warning("audit entry %s (#%d) is a replayed copy of an earlier event; skipped",
+                            sealed.id, sealed.seq)
             return
         self._eids.add(ev.eid)
         self._apply(ev)
