@@ -52,11 +52,13 @@ class LeaseKeeper:
     def _loop(self) -> None:
         interval = max(_life(self.claim.lease) / 4, 1.0)
         next_beat = 0.0
+        seq = 0  # per-run heartbeat sequence number, inside the MAC'd body: a copy is refused
         task, attempt, run = self.claim.task.id, self.claim.attempt, self.claim.run_id
         while not self._stop.wait(POLL_S) and not self.lost:
             try:
                 if time.monotonic() >= next_beat:
-                    self.claimer.reporter.send("report.heartbeat", task, attempt=attempt, run=run)
+                    seq += 1
+                    self.claimer.reporter.send("report.heartbeat", task, attempt=attempt, run=run, seq=seq)
                     next_beat = time.monotonic() + interval
                 found = self.claimer.read_lease(task, attempt, run)
             except redis.RedisError as exc:

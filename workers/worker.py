@@ -134,7 +134,7 @@ def build_worker(settings: Settings, url: str, client: redis.Redis, config: Work
             keyring = load_public_keys(public)
         return keyring
 
-    claimer = Claimer(client=client, lease_key=keys.lease, reporter=reporter, keyring=current_keyring,
+    claimer = Claimer(client=client, lease_key=lambda task_id: keys.lease(config.name, task_id), reporter=reporter, keyring=current_keyring,
                       policy=load_policy(settings.policy_path), policy_path=settings.policy_path,
                       config=config, clock=clock)
     runner = TaskRunner(claimer, config)
