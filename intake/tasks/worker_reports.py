@@ -617,6 +617,14 @@ class ReportProcessor:
         paths = report.data.get("paths")
         complete = report.data.get("paths_complete") is True and isinstance(paths, list)
         listed = [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+        # The paths that decide result approval are the gates' own list (the same ``changed``
+        # the worker's gates ran on): they must cover every file the result names and its
+        # count, or the list is treated as incomplete (which needs a result approval).
+        files = (result or {}).get("files")
+        count = (result or {}).get("files_changed")
+        if (not isinstance(files, list) or not set(map(str, files)) <= set(listed)
+                or not isinstance(count, int) or count > len(listed)):
+            complete = False
         rule = self.broker.gatekeeper.result_rule(self.store.get_task(report.task), listed, complete)
         if rule is None:
             return TaskState.DELIVERING, {"commit": commit}, result
