@@ -14,7 +14,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from intake.api.routes import mount_api
-from intake.audit.ledger import WorkerScope
 from intake.channels.email.listener import mount_email
 from intake.channels.github import GitHub
 from intake.channels.gitlab import GitLab
@@ -33,7 +32,7 @@ from intake.storage.outage import (
     outage_middleware,
     watch_redis,
 )
-from intake.tasks.worker_reports import ReportProcessor, ensure_worker_key
+from intake.tasks.worker_reports import ReportProcessor, ensure_worker_key, policy_scope
 
 log = logging.getLogger("intake.app")
 
@@ -155,10 +154,7 @@ async def _dev_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     key is issued here on first start (or again when it is not the current one)."""
     from intake.workers.dev import DEV_WORKER_NAME, start_dev_worker, stop_dev_worker
 
-    policy = app[BROKER].policy
-    scope = WorkerScope(frozenset(policy.queue_for(r) for r in policy.repos),  # what the dev config serves
-                        frozenset(r.name for r in policy.repos),
-                        frozenset(c for r in policy.repos for c in r.change_types))
+    scope = policy_scope(app[BROKER].policy)  # what the dev worker's config serves
     await asyncio.to_thread(ensure_worker_key, app[BROKER], DEV_WORKER_NAME, scope)
     handle = await asyncio.to_thread(start_dev_worker, app[SETTINGS])
     log.info("dev worker started (demo agent, local bare repos in %s)", app[SETTINGS].data_dir / "repos")

@@ -139,9 +139,9 @@ def acl_rules(role: Role, prefix: str, password_rule: str, *, selectors: bool, w
     return rules
 
 
-#: The embedded server's one extra user: it may only make the server re-read its own users file
-#: (``ACL LOAD``), so a worker that joins later gets its own user without a restart. Whoever can
-#: write that file (0600 in the server's directory) already owns the data dir.
+#: The embedded server's one extra user: it may only set users (``ACL SETUSER``), so a worker that
+#: joins later gets its own user without a restart. Its password file sits beside the broker's
+#: (0600 in the data dir's keys): whoever can read it owns the data dir, and so the server, already.
 ACL_LOADER = "acl-loader"
 
 
@@ -160,7 +160,7 @@ def aclfile(prefix: str, password_hashes: dict[str, str], *, selectors: bool = F
         lines.append(" ".join(["user", user, *rules]))
     if loader:
         lines.append(f"user {prefix}-{ACL_LOADER} on {password_hashes[f'{prefix}-{ACL_LOADER}']} "
-                     "resetkeys resetchannels -@all +acl|load")
+                     "resetkeys resetchannels -@all +acl|setuser")
     return "\n".join(lines) + "\n"
 
 

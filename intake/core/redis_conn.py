@@ -41,7 +41,7 @@ from redis.sentinel import Sentinel
 
 from intake.core.errors import RedisUnavailable
 from intake.core.files import read_or_create_secret_text, write_atomic
-from intake.core.redis_acl import ACL_LOADER, ROLES, aclfile, password_hash, worker_user
+from intake.core.redis_acl import ACL_LOADER, ROLES, acl_rules, aclfile, password_hash, worker_user
 from intake.core.redis_url import parse_sentinel_url
 from intake.core.settings import Settings
 
@@ -189,8 +189,9 @@ class EmbeddedRedis:
 
     def worker_url(self, worker: str) -> str:
         """Worker ``worker``'s own user (its own leases and report stream only), created on the
-        running server if it is new: the users file is rewritten and re-read (``ACL LOAD``, the
-        only thing the loader user may do)."""
+        running server if it is new: the users file is rewritten (for the next start) and the
+        one new user set (``ACL SETUSER``, the only thing the loader user may do; ``ACL LOAD``
+        would drop every client of every user on Redis 6.2)."""
         password_file = self._worker_password_file(worker)
         new = not password_file.exists()
         password = read_or_create_secret_text(password_file)
@@ -199,9 +200,11 @@ class EmbeddedRedis:
                 _lock(start, fcntl.LOCK_EX, 20.0, "start")
                 try:
                     self._write_users()
+                    rules = acl_rules(ROLES["worker"], self.prefix, password_hash(password), selectors=False,
+                                      worker=worker)
                     loader = make_client(self._loader_url())
                     try:
-                        loader.execute_command("ACL", "LOAD")
+                        loader.execute_command("ACL", "SETUSER", worker_user(self.prefix, worker), *rules)
                     finally:
                         loader.close()
                 finally:

@@ -121,6 +121,13 @@ def worker_scope(queues: tuple[str, ...] | list[str], repos: tuple[str, ...] | l
     return WorkerScope(frozenset(queues), frozenset(repos), frozenset(change_types))
 
 
+def policy_scope(policy: Any) -> WorkerScope:
+    """Everything ``policy`` routes: every repo's queue, every repo, every change type (what dev
+    mode's embedded worker serves)."""
+    return WorkerScope(frozenset(policy.queue_for(r) for r in policy.repos), frozenset(r.name for r in policy.repos),
+                       frozenset(c for r in policy.repos for c in r.change_types))
+
+
 def register_worker(broker: BrokerHandle, worker: str, scope: WorkerScope, *, actor: str) -> None:
     """Seal ``worker.registered``: what ``worker`` may serve from now on (replacing any earlier
     registration). Claims outside it are refused."""
