@@ -36,8 +36,10 @@ Workers are separate principals (issue 19):
   renew the lease; they are never sealed (a run's claim, result or stop and an abandonment are).
 * **Junk is rejected in bulk.** Entries that fail their checks are acknowledged in one XACK per
   batch and audited at most once per stream per :data:`REJECT_AUDIT_INTERVAL_S` (the record
-  carries how many were suppressed since the last one); authenticated but refused reports get a
-  small allowance per interval (:data:`REJECT_AUDIT_BURST`) before they are summarised too.
+  carries how many were suppressed since the last one); authenticated but refused reports, and
+  the records a worker's own reports cause without changing state (a refused claim, a discarded
+  result, a stop), share a small allowance per interval (:data:`REJECT_AUDIT_BURST`) before
+  they are summarised too.
 """
 
 from __future__ import annotations
@@ -341,6 +343,24 @@ class ReportProcessor:
         log.warning("report %s from %s rejected: %s", entry, worker, reason)
         self.store.audit.record("system", "report.rejected", worker, entry=entry, reason=reason)
 
+    def _audit_for(self, report: Report, action: str, subject: str, **data: Any) -> None:
+        """Record what a worker's own report caused but that changes no state (a refused claim,
+        a discarded result, a stop): within the stream's allowance for authenticated reports
+        (:data:`REJECT_AUDIT_BURST` per interval), beyond it only counted into the summary, so a
+        worker key cannot flood the sealed log either (issue 19: every amplification)."""
+        now = time.monotonic()
+        bucket = self._rejects.get(report.stream)
+        if bucket is None or now - bucket.since >= REJECT_AUDIT_INTERVAL_S:
+            if bucket is not None and bucket.suppressed:
+                self._record_suppressed(report.worker, bucket)
+            bucket = self._rejects[report.stream] = _RejectBucket(since=now)
+        if bucket.authenticated >= REJECT_AUDIT_BURST:
+            bucket.suppressed += 1
+            bucket.reasons[action] = bucket.reasons.get(action, 0) + 1
+            return
+        bucket.authenticated += 1
+        self.store.audit.record("system", action, subject, **data)
+
     def _flush_rejects(self) -> None:
         """Record, once its interval is over, how many rejections each stream had suppressed."""
         now = time.monotonic()
@@ -411,7 +431,7 @@ class ReportProcessor:
         why = self._claim_refusal(report, attempt, nonce)
         if why is not None:
             self._lease(report.worker, report.task, attempt, run, status="refused", reason=why)
-            self.store.audit.record("system", "job.refused", report.task, reason=why, worker=report.worker,
+            self._audit_for(report, "job.refused", report.task, reason=why, worker=report.worker,
                                     job=str(d.get("job", "")), attempt=attempt)
             return
         fact = self.ledger.task(report.task)
@@ -596,7 +616,7 @@ class ReportProcessor:
                         self.broker.dispatcher.on_queued(moved)
                     return
         state = self.ledger.task(report.task)
-        self.store.audit.record("system", "run.discarded", report.task, attempt=attempt, worker=report.worker,
+        self._audit_for(report, "run.discarded", report.task, attempt=attempt, worker=report.worker,
                                 outcome=to.value, state=state.state.value if state else None, **_flat(extra))
 
     def _settling(self, report: Report, phase: TaskState, to: TaskState,
@@ -642,7 +662,7 @@ class ReportProcessor:
         reason = str(d.get("reason", "refused"))[:100]
         job = str(d.get("job", ""))[:100]
         extra = {k: str(d[k])[:200] for k in ("func", "queue", "message") if k in d}
-        self.store.audit.record("system", "job.refused", report.task or job, reason=reason, worker=report.worker,
+        self._audit_for(report, "job.refused", report.task or job, reason=reason, worker=report.worker,
                                 job=job, **extra)
         if not report.task:
             return
@@ -670,7 +690,7 @@ class ReportProcessor:
         fact = self.ledger.follow().task(report.task) if report.task else None
         if fact is not None and fact.worker is not None and fact.worker != report.worker:
             raise ReportRejected("not_your_run")  # issue 19: only the claimer speaks for its run
-        self.store.audit.record("system", "run.stopped", report.task, worker=report.worker,
+        self._audit_for(report, "run.stopped", report.task, worker=report.worker,
                                 attempt=d.get("attempt") if isinstance(d.get("attempt"), int) else None,
                                 why=str(d.get("why", ""))[:100])
 

@@ -205,3 +205,24 @@ def test_a_result_approval_older_than_its_validity_does_not_count(validity_rig: 
     assert rig.accept(task.id, "carol", sha).state is TaskState.DELIVERING  # carol again, in time
     approved = rig.events("result.approved")
     assert {e["data"]["worker"] for e in approved} == {"test"}  # bound to the worker that produced it
+
+
+def test_a_worker_key_cannot_flood_the_log_with_records_that_change_nothing(rig: Rig) -> None:
+    """Another amplification: each ``report.stopped`` (or refused claim, or stale result) used to
+    add one sealed record. 200 of them add the allowance, then one summary."""
+    name, generation, key = load_worker_key(rig.issue_key("w1"))
+    reporter = Reporter(rig.r, rig.settings.key_prefix, name, generation, key)
+    processor = ReportProcessor(rig.broker)
+    processor.streams()
+    for _ in range(200):
+        reporter.send("report.stopped", "T-000000000001", attempt=1, why="spam")
+    handled = 0
+    while handled < 200:
+        handled += processor.poll(block_ms=50)
+    from intake.tasks.worker_reports import REJECT_AUDIT_BURST
+    assert len(rig.events("run.stopped")) == REJECT_AUDIT_BURST
+    processor._rejects[reporter.stream].since -= 3600
+    processor.poll(block_ms=10)
+    [summary] = rig.events("report.rejected")
+    assert summary["data"]["suppressed"] == 200 - REJECT_AUDIT_BURST
+    assert summary["data"]["reasons"] == {"run.stopped": 200 - REJECT_AUDIT_BURST}
