@@ -16,6 +16,7 @@ spec inside its token; the broker then refuses its claim and re-dispatches the t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,8 +55,10 @@ def _free_port() -> int:
 
 def _redis7_users(tmp: Path) -> Iterator[dict[str, str]]:
     """A real Redis 7 with the users `intake redis aclfile --worker good --worker mallory` wrote."""
+    if not os.path.exists(REDIS7):
+        pytest.skip("no Redis 7 at /usr/bin/redis-server")
     version = subprocess.run([REDIS7, "--version"], capture_output=True, text=True, check=False).stdout
-    if not os.path.exists(REDIS7) or "v=7" not in version and "v=8" not in version:
+    if "v=7" not in version and "v=8" not in version:
         pytest.skip("no Redis 7 at /usr/bin/redis-server")
     port = _free_port()
     acl = tmp / "acl"
@@ -94,8 +97,11 @@ def _embedded_users(tmp: Path) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(params=["redis7", "embedded"])
 def users(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    tmp = Path(tempfile.mkdtemp(prefix="i19-", dir="/tmp"))
-    yield from (_redis7_users if request.param == "redis7" else _embedded_users)(tmp)
+    tmp = Path(tempfile.mkdtemp(prefix="i19-", dir="/tmp"))  # short: the embedded socket path
+    try:
+        yield from (_redis7_users if request.param == "redis7" else _embedded_users)(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
