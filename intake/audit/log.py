@@ -76,6 +76,15 @@ return 1
 """
 
 
+# Store a ledger snapshot only if it is newer than the one stored (several brokers share it).
+_STORE_SNAPSHOT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'body', ARGV[2], 'mac', ARGV[3])
+return 1
+"""
+
+
 def worker_report_key(audit_key: bytes, worker: str, generation: int) -> bytes:
     """The key worker ``worker`` MACs its reports with, at key generation ``generation``:
     derived one-way from the audit key, so the broker never stores it and a worker holding its
@@ -171,7 +180,11 @@ class AuditLog:
         self.stream = f"{prefix}:audit"
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
+        self.snapshot = f"{prefix}:audit:snapshot"
         self._cas = client.register_script(_FENCED_SEALS)
+        self._store_snapshot = client.register_script(_STORE_SNAPSHOT)
+        # One secret per purpose: ledger snapshots are MAC'd with their own derived key.
+        self._snapshot_key = hmac.new(key, b"intake-ledger-snapshot-v1", hashlib.sha256).digest()
         self.lease = SealerLease(client, prefix)
         self._wake = threading.Event()
         self._sealer: threading.Thread | None = None
@@ -241,6 +254,39 @@ class AuditLog:
         if event.actor.startswith("worker:") or event.action in REPORT_ACTIONS:
             return "rejected:broker_key_for_worker"  # the broker never speaks as a worker
         return OK
+
+    # -- ledger snapshots (see intake.audit.ledger) -----------------------------------------
+    def snapshot_mac(self, body: bytes) -> str:
+        """The MAC of a ledger snapshot: nobody without the audit key can make one that loads."""
+        return hmac.new(self._snapshot_key, b"snapshot|" + body, hashlib.sha256).hexdigest()
+
+    def store_snapshot(self, cursor: Head, body: bytes) -> bool:
+        """Store ``body`` (taken at ``cursor``) unless a newer snapshot is stored already."""
+        return bool(self._store_snapshot(keys=[self.snapshot], args=[cursor.seq, body, self.snapshot_mac(body)]))
+
+    def load_snapshot(self) -> bytes | None:
+        """The stored snapshot when its MAC holds (checked before it is parsed), else None."""
+        raw = self.r.hmget(self.snapshot, ["body", "mac"])
+        body, mac = raw[0], raw[1]
+        if not body or not mac:
+            return None
+        data = body.encode() if isinstance(body, str) else body
+        if not hmac.compare_digest(self.snapshot_mac(data), str(mac)):
+            log.warning("ledger snapshot in Redis has a bad MAC; ignored (tampering?)")
+            return None
+        return data
+
+    def sealed_at(self, mark: Head) -> bool:
+        """Whether the sealed entry ``mark`` names is still on the stream with that very seal
+        (two reads: the cheap check that history at a known position was not rewritten)."""
+        stored = self.r.hget(self.seals, mark.id)
+        if not self.r.xrange(self.stream, mark.id, mark.id) or stored is None:
+            return False
+        try:
+            seq, seal, _ = _split_seal(stored)
+        except ValueError:
+            return False
+        return seq == mark.seq and hmac.compare_digest(seal, mark.seal)
 
     # -- the checkpoint outside Redis ------------------------------------------------------
     def read_checkpoint(self) -> Head | None:
