@@ -237,10 +237,11 @@ def sweep(broker: Broker) -> None:
     """One pass of the broker's clocks and repairs: expiries, escalations, queued tasks whose
     enqueue was lost, runs whose worker died, sealing stragglers, a cheap check that sealed
     history behind the ledger's cursor still stands (a full walk once a day, off the ledger lock),
-and a ledger snapshot when one is due."""
+a ledger snapshot when one is due, and archiving what left the hot window."""
     broker.ledger.check_anchor()
     broker.ledger.recheck_if_due()  # the daily full walk, in its own thread
     broker.ledger.snapshot_if_due()
+    broker.archive_due()
     broker.gatekeeper.expire_due()
     broker.gatekeeper.escalate_due()
     broker.dispatcher.reconcile()

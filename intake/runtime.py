@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from intake.audit.archive import Archive, LocalDir
 from intake.audit.ledger import Ledger
 from intake.audit.log import AuditLog
 from intake.core.errors import ConfigError
@@ -60,6 +61,18 @@ class Broker:
     def ledger(self) -> Ledger:
         """The broker's verified view of the sealed chain (the authority; Redis is a cache)."""
         return Ledger(self.audit)
+
+    def archive_due(self, *, now: float | None = None) -> int:
+        """Move sealed entries older than ``INTAKE_AUDIT_HOT`` out of Redis into the archive, each
+        segment followed by a signed tree head (:mod:`intake.audit.archive`). Only the sealer
+        lease holder archives, and only entries before the newest ledger snapshot (a start
+        never needs the archive). Returns how many entries moved."""
+        archive = self.audit.archive
+        snap = self.ledger.snapshot_at
+        if archive is None or snap is None or self.audit.lease.token is None or self.ledger.halted:
+            return 0
+        return archive.archive(self.audit, self.signer, self.keyring.keys, hot_s=self.settings.audit_hot,
+                               below_seq=snap.seq, now=now)
 
     @cached_property
     def timeline(self) -> Timeline:
@@ -126,8 +139,9 @@ def open_broker(settings: Settings) -> Iterator[Broker]:
     with open_redis(settings) as (url, client):
         broker: Broker | None = None
         try:
-            audit = AuditLog(client, audit_key, settings.key_prefix,
-                             checkpoint=settings.audit_checkpoint)
+            assert settings.audit_archive is not None
+            audit = AuditLog(client, audit_key, settings.key_prefix, checkpoint=settings.audit_checkpoint,
+                             archive=Archive(LocalDir(settings.audit_archive)))
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )

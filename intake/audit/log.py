@@ -49,6 +49,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from intake.audit.archive import Archive, ArchiveBroken
 from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
 from intake.core.errors import AuditBroken
 from intake.core.models import AuditEvent, canonical_json
@@ -171,8 +172,11 @@ class AuditLog:
     """Append, seal, verify, follow and export the audit stream under ``prefix``. Broker only:
     it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
 
-    def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None) -> None:
+    def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None,
+                 archive: Archive | None = None) -> None:
         self.r = client
+        #: Sealed history moved out of Redis (:mod:`intake.audit.archive`); the chain walks it first.
+        self.archive = archive
         self.checkpoint = checkpoint
         self._key = key
         # A separate key for record MACs, derived from the audit key (one secret per purpose).
@@ -553,6 +557,49 @@ class AuditLog:
                 return
             start = f"({batch[-1][0]}"
 
+    def redis_entries(self, start: str = "-") -> Iterator[tuple[str, dict[str, str], str | None]]:
+        """The entries still in Redis from ``start``: (stream id, fields, stored seal)."""
+        return self._entries(start)
+
+    def check_sealed(self, prev: str, seq: int, stream_id: str, fields: dict[str, str],
+                     stored: str | None) -> str | Anomaly:
+        """The entry's verdict when its seal chains from ``prev`` at ``seq``, else the anomaly."""
+        return self._check_sealed(prev, seq, stream_id, fields, stored)
+
+    def drop_archived(self, tail: Head) -> int:
+        """Remove archived entries (up to and including ``tail``) and their seals from Redis."""
+        dropped = 0
+        while True:
+            batch = [stream_id for stream_id, _ in self.r.xrange(self.stream, "-", tail.id, count=_PAGE)]
+            if not batch:
+                return dropped
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(self.seals, *batch)
+            pipe.xdel(self.stream, *batch)
+            pipe.execute()
+            dropped += len(batch)
+
+    def _chain(self, cursor: Head | None, on_anomaly: Callable[[Anomaly], None]
+               ) -> Iterator[tuple[str, dict[str, str], str | None]]:
+        """The sealed chain after ``cursor``: archived entries first (when the cursor is before
+        the archive's end), then the stream in Redis after the last of them."""
+        start = f"({cursor.id}" if cursor else "-"
+        if self.archive is not None and self.archive.segments():
+            last_seg = self.archive.segments()[-1][1]
+            if cursor is None or cursor.seq < last_seg:
+                last_id = None
+                try:
+                    for seq, stream_id, fields, verdict, seal in self.archive.entries():
+                        last_id = stream_id
+                        if cursor is None or seq > cursor.seq:
+                            yield stream_id, fields, f"{seq} {seal} {verdict}"
+                except ArchiveBroken as exc:
+                    on_anomaly(Anomaly("archive", "archive", f"the audit archive: {exc}", None))
+                    return
+                if last_id is not None:
+                    start = f"({last_id}"
+        yield from self._entries(start)
+
     def follow(self, cursor: Head | None, on_entry: Callable[[SealedEntry], None],
                on_anomaly: Callable[[Anomaly], None]) -> Head | None:
         """Walk the sealed chain after ``cursor`` up to the head, checking every seal against the
@@ -568,9 +615,8 @@ class AuditLog:
                 on_anomaly(Anomaly(head.id, "head", f"event {head.id} (#{head.seq}): the head was rewritten", head.seq))
             return cursor
         prev, seq = (cursor.seal, cursor.seq) if cursor else (GENESIS, 0)
-        start = f"({cursor.id}" if cursor else "-"
         last = cursor
-        for stream_id, fields, stored in self._entries(start):
+        for stream_id, fields, stored in self._chain(cursor, on_anomaly):
             if _id_key(stream_id) > _id_key(head.id):
                 break
             seq += 1
@@ -616,10 +662,17 @@ class AuditLog:
             return Anomaly(stream_id, "altered", f"event {stream_id} (#{seq}): contents altered (MAC mismatch)", seq)
         return verdict
 
-    def verify(self) -> VerifyReport:
-        """Walk the whole chain and list every anomaly. Raises :class:`AuditBroken` (carrying
-        the report) when sealed history was changed; rejected entries alone do not raise."""
+    def verify(self, public_keys: dict[str, Any] | None = None) -> VerifyReport:
+        """Walk the whole chain (archived segments, then Redis) and list every anomaly; with
+        ``public_keys``, also check the archive's signed tree heads against its entries. Raises
+        :class:`AuditBroken` (carrying the report) when sealed history was changed; rejected
+        entries alone do not raise."""
         anomalies: list[Anomaly] = []
+        if self.archive is not None and public_keys is not None:
+            from intake.audit.archive import verify_offline
+
+            for problem in verify_offline(self.archive.store, public_keys).problems:
+                anomalies.append(Anomaly("archive", "archive", f"the audit archive: {problem}", None))
         seen: dict[str, str] = {}
         count = 0
 
