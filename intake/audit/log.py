@@ -153,6 +153,7 @@ class SealedEntry:
     verdict: str
     event: AuditEvent | None  # set when the verdict is ok and the entry is a broker event
     fields: dict[str, str] = field(repr=False, default_factory=dict)
+    seal: str = ""  # its seal on the chain (the Merkle leaf names it: intake.audit.archive.entry_line)
 
 
 def _id_key(stream_id: str) -> tuple[int, int]:
@@ -636,7 +637,7 @@ class AuditLog:
             ev = None
             if verdict == OK and fields.get("k") is None:
                 ev = AuditEvent.model_validate_json(fields["e"]).model_copy(update={"id": stream_id, "seq": seq})
-            on_entry(SealedEntry(stream_id, seq, verdict, ev, fields))
+            on_entry(SealedEntry(stream_id, seq, verdict, ev, fields, prev))
         if last is None or last.id != head.id or last.seq != head.seq:
             on_anomaly(Anomaly(head.id, "truncated",
                                f"event {head.id} (#{head.seq}): last sealed event is missing (log truncated)", head.seq))
