@@ -103,7 +103,7 @@ class Broker:
         # Queued tasks go to RQ right after their commit; Dispatcher.reconcile catches up on
         # any enqueue that this hook could not do.
         return Gatekeeper(self.store, self.approvers, self.policy, self.ledger,
-                          on_queued=self.dispatcher.on_queued)
+                          on_queued=self.dispatcher.on_queued, on_revoked=self.dispatcher.on_revoked)
 
     @cached_property
     def dispatcher(self) -> Dispatcher:

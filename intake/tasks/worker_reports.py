@@ -47,9 +47,8 @@ from intake.protocol.reports import (
     WORKER_NAME,
     report_mac,
 )
-from intake.protocol.tokens import mint_lease
 from intake.storage.outage import OUTAGE_ERRORS
-from intake.tasks.dispatch import JOB_TIMEOUT_MARGIN_S, LEASE_GRACE_S
+from intake.tasks.dispatch import JOB_TIMEOUT_MARGIN_S
 from intake.tasks.handle import BrokerHandle
 
 log = logging.getLogger("intake.tasks.worker_reports")
@@ -257,10 +256,7 @@ class ReportProcessor:
         return f"worker:{report.worker}"
 
     def _lease(self, task_id: str, attempt: int, run: str, status: str = "granted", reason: str = "") -> None:
-        ttl = self.broker.settings.lease_ttl
-        token, _ = mint_lease(self.broker.signer, task_id=task_id, attempt=attempt, run_id=run,
-                              now=self.store.clock(), status=status, reason=reason, ttl_s=ttl)
-        self.r.set(self.keys.lease(task_id), token, ex=ttl + LEASE_GRACE_S * 2)
+        self.broker.dispatcher.write_lease(task_id, attempt, run, status, reason)
 
     def _evidence(self, report: Report) -> Callable[[Any, Task], None]:
         return lambda pipe, _task: self.store.audit.append_report(pipe, report.fields)
