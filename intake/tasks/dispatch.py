@@ -269,6 +269,12 @@ class Dispatcher:
         token, _ = mint_lease(self.broker.signer, task_id=task_id, attempt=attempt, run_id=run,
                               now=self.store.clock(), status=status, reason=reason, ttl_s=ttl)
         self.store.r.set(self.keys.lease(task_id), token, ex=ttl + LEASE_GRACE_S * 2)
+        if status == "granted":
+            # A grant decided just before a revoke was sealed may land after the revoke's pushed
+            # refusal: look again now, and put the refusal back if the run is no longer live.
+            fact = self.ledger.follow(seal=False).task(task_id)
+            if fact is not None and fact.state is TaskState.REVOKED:
+                self.write_lease(task_id, attempt, run, status="revoked", reason="the task was revoked")
 
     def on_revoked(self, task_id: str, attempt: int, run: str) -> None:
         """The gatekeeper's hook after a revoke is sealed: tell the live run to stop now (a
