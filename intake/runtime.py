@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from intake.audit.archive import Archive, LocalDir
+from intake.audit.archiver import archive_due
 from intake.audit.ledger import Ledger
 from intake.audit.log import AuditLog
 from intake.core.errors import ConfigError
@@ -71,8 +72,8 @@ class Broker:
         snap = self.ledger.snapshot_at
         if archive is None or snap is None or self.audit.lease.token is None or self.ledger.halted:
             return 0
-        return archive.archive(self.audit, self.signer, self.keyring.keys, hot_s=self.settings.audit_hot,
-                               below_seq=snap.seq, now=now)
+        return archive_due(archive, self.audit, self.signer, self.keyring.keys, hot_s=self.settings.audit_hot,
+                           below_seq=snap.seq, now=now)
 
     @cached_property
     def timeline(self) -> Timeline:

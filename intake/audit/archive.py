@@ -34,20 +34,16 @@ import json
 import os
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from intake.audit import merkle
 from intake.core.models import canonical_json
-
-if TYPE_CHECKING:
-    from intake.audit.log import AuditLog, Head
 
 SEGMENT_MAX = 50_000
 _SEGMENT = re.compile(r"seg-(\d{12})-(\d{12})\.jsonl\.gz")
@@ -168,7 +164,8 @@ class ArchiveBroken(Exception):
 
 
 class Archive:
-    """The broker's side: read segments back (for the chain walk) and move entries out."""
+    """The broker's side: read segments and tree heads back (for the chain walk); moving
+    entries out is :func:`intake.audit.archiver.archive_due`."""
 
     def __init__(self, store: SegmentStore) -> None:
         self.store = store
@@ -209,51 +206,6 @@ class Archive:
                 expected += 1
             if expected != last + 1:
                 raise ArchiveBroken(f"segment {name}: ends at #{expected - 1}, its name says #{last}")
-
-    def archive(self, audit: AuditLog, signer: Any, keys: dict[str, Ed25519PublicKey], *, hot_s: float,
-                below_seq: int, now: float | None = None, segment_max: int | None = None) -> int:
-        """Move sealed entries older than ``hot_s`` (and before sealed position ``below_seq``,
-        the ledger snapshot's anchor, which stays in Redis) into new segments, each followed by a
-        signed tree head; then drop them from Redis. Returns how many moved."""
-        from intake.audit.log import GENESIS, Head
-
-        cutoff_ms = int(((time.time() if now is None else now) - hot_s) * 1000)
-        segment_max = segment_max or SEGMENT_MAX
-        moved = 0
-        with self.store.locked():
-            while True:
-                sth = self.newest_head(keys)
-                tail = Head.decode(sth.last) if sth else None
-                if tail is not None:
-                    audit.drop_archived(tail)  # a previous run may have stopped before this
-                frontier = merkle.Frontier.from_json(sth.frontier.as_json()) if sth else merkle.Frontier()
-                prev, seq = (tail.seal, tail.seq) if tail else (GENESIS, 0)
-                lines: list[bytes] = []
-                last: Head | None = None
-                for stream_id, fields, stored in audit.redis_entries(f"({tail.id}" if tail else "-"):
-                    if len(lines) >= segment_max or seq + 1 >= below_seq:
-                        break
-                    if int(stream_id.partition("-")[0]) >= cutoff_ms:
-                        break
-                    checked = audit.check_sealed(prev, seq + 1, stream_id, fields, stored)
-                    if not isinstance(checked, str):
-                        raise ArchiveBroken(f"not archiving past a break in the chain: {checked.message}")
-                    seq += 1
-                    prev = (stored or "").split(" ")[1]
-                    line = entry_line(seq, stream_id, fields, checked, prev)
-                    lines.append(line)
-                    frontier.append(merkle.leaf_hash(line))
-                    last = Head(stream_id, seq, prev)
-                if last is None:
-                    return moved
-                first = seq - len(lines) + 1
-                self.store.create(segment_name(first, seq), gzip.compress(b"".join(x + b"\n" for x in lines), 6))
-                head = TreeHead(size=frontier.size, root=frontier.root(), at=time.time(), last=last.encode(),
-                                frontier=frontier, kid=signer.kid, sig=b"")
-                head = TreeHead(**{**head.__dict__, "sig": signer.sign_bytes(head.body())})
-                self.store.create(f"sth-{head.size:012d}.json", head.encode())
-                audit.drop_archived(last)
-                moved += len(lines)
 
 
 def read_segment(raw: bytes, name: str) -> Iterator[dict[str, Any]]:
