@@ -60,7 +60,7 @@ def main() -> None:
         server = EmbeddedRedis(Path(tmp) / "r")
         client = make_client(server.acquire())
         try:
-            audit = AuditLog(client, b"k" * 32, "bench")
+            audit = AuditLog(client, b"k" * 32, "intake")  # the embedded ACL users own intake:*
             with_levers = run(audit, "g-with", args.cards, args.outage, args.cap, True)
             without = run(audit, "g-without", args.cards, args.outage, args.cap, False)
         finally:
