@@ -174,11 +174,12 @@ class AuditLog:
     it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
 
     def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None,
-                 archive: Archive | None = None) -> None:
+                 archive: Archive | None = None, clock: Callable[[], float] | None = None) -> None:
         self.r = client
         #: Sealed history moved out of Redis (:mod:`intake.audit.archive`); the chain walks it first.
         self.archive = archive
         self.checkpoint = checkpoint
+        self.clock = clock  # stamps :meth:`record`'s events (a test's clock); None: the time
         self._key = key
         # A separate key for record MACs, derived from the audit key (one secret per purpose).
         self._record_key = hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
@@ -353,10 +354,13 @@ class AuditLog:
         """Copy a worker's report entry (already checked) onto the log as evidence, verbatim."""
         pipe.xadd(self.stream, {"e": fields["r"], "m": fields["m"], "k": "w"})
 
-    def record(self, actor: str, action: str, subject: str, **data: Any) -> None:
-        """Append one event on its own (no state change) and seal it."""
+    def record(self, actor: str, action: str, subject: str, *, at: float | None = None, **data: Any) -> None:
+        """Append one event on its own (no state change) and seal it; stamped ``at``, else by
+        the log's clock, else now."""
+        if at is None and self.clock is not None:
+            at = self.clock()
         pipe = self.r.pipeline(transaction=True)
-        self.append(pipe, event(actor, action, subject, **data))
+        self.append(pipe, event(actor, action, subject, at=at, **data))
         pipe.execute()
         self.kick()
 
