@@ -571,6 +571,13 @@ class AuditLog:
         """The entry's verdict when its seal chains from ``prev`` at ``seq``, else the anomaly."""
         return self._check_sealed(prev, seq, stream_id, fields, stored)
 
+    def archived_through(self) -> int:
+        """The last sealed position moved to the archive (0: none)."""
+        if self.archive is None:
+            return 0
+        segments = self.archive.segments()
+        return segments[-1][1] if segments else 0
+
     def drop_archived(self, tail: Head) -> int:
         """Remove archived entries (up to and including ``tail``) and their seals from Redis."""
         dropped = 0

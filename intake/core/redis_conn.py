@@ -393,7 +393,7 @@ class EmbeddedRedis:
             return
         with contextlib.suppress(ProcessLookupError):  # it may already be going down
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a loaded host can take a while to fsync and exit
         while self._ping() and time.monotonic() < deadline:
             time.sleep(0.02)
 
