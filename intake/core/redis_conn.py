@@ -297,7 +297,7 @@ class EmbeddedRedis:
     def stop_if_unused(self) -> bool:
         """Shut the server down if no process is using it (e.g. after a user's hold was lost
         to an interrupted shutdown). Returns True if it stopped a running server."""
-        if not self.dir.exists():
+        if not self.dir.is_dir():
             return False
         with open(self.dir / "start.lock", "a") as start, open(self.dir / "users.lock", "a") as users:
             _lock(start, fcntl.LOCK_EX, 30.0, "start")

@@ -78,3 +78,15 @@ def test_ten_cold_starts_on_a_long_log_all_succeed(tmp_path: Path) -> None:
     loads = re.findall(r"DB loaded from (?:append only file|disk): ([0-9.]+) seconds",
                        (redis_dir / "redis.log").read_text())
     assert len(loads) >= STARTS, "the embedded Redis did not load its data on each start"
+
+
+def test_a_start_that_fails_in_the_background_stops_serve_with_its_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    settings = settings_for(data)
+    (data / "redis").write_text("a file where the embedded Redis's directory should be")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "SLACK_"))}
+    env.update(INTAKE_DATA_DIR=str(data), INTAKE_POLICY=str(settings.policy_path), INTAKE_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-m", "intake", "serve"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"intake: INTAKE_DATA_DIR: cannot create {data / 'redis'}: File exists"
