@@ -27,6 +27,27 @@ sandbox's pid namespace is killed: SIGKILL to its pid 1 makes the kernel kill ev
 it, ``setsid`` and double-forked grandchildren included. :meth:`Sandbox.run` returns only once
 no process of that namespace is left (it raises :class:`SandboxError` if one is).
 
+Network: ``"none"`` (an empty network namespace), ``"egress"`` (the same empty namespace plus the
+filtering proxy of :mod:`workers.egress`, reached through its unix socket bind-mounted at
+``/run/intake-egress.sock`` and a ``socat`` forwarder on the sandbox's own ``127.0.0.1:3128``;
+``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` point there) or ``"host"`` (the host's network: the
+explicit opt-out, recorded on every run).
+
+Limits (:class:`RunLimits`), each of which **stops** the run with a reason
+(:attr:`AgentResult.limit`) rather than truncating: output past ``max_output_bytes``; disk past
+``max_disk_bytes`` (HOME and ``/tmp`` are directories of the run, not memory, so the work tree,
+HOME and ``/tmp`` are all on the run's disk: the kernel caps every single file at the bound
+(``RLIMIT_FSIZE``) and the worker measures the three trees every poll); processes past
+``max_processes`` (``RLIMIT_NPROC`` of the agent user, which the kernel enforces at fork; the
+worker stops the run when the agent user's process count reaches it).
+
+Killing works without ``CAP_KILL``: bubblewrap is started by a small holder process of the
+worker's own user (:data:`_HOLDER`) with ``--die-with-parent``, so SIGKILL to the holder makes the
+kernel kill bubblewrap, the namespace's init and so every process of the sandbox. The worker then
+waits on a pidfd of that init, which becomes readable only once the namespace is empty. The
+holder drops every inheritable and ambient capability (``setpriv``) before bubblewrap runs, which
+refuses to run with capabilities it was not installed setuid for.
+
 Mode ``"none"`` is the explicit opt-out: the program runs as the worker's own user in its own
 process group (killed whole at the end), with none of the isolation above.
 """
@@ -38,17 +59,20 @@ import ctypes
 import json
 import os
 import pwd
+import resource
 import selectors
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from intake.core.errors import IntakeError
+
+from .egress import PROXY_PORT, EgressProxy, Resolver, Rule
 
 BWRAP = "/usr/bin/bwrap"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -57,7 +81,11 @@ HOME_INSIDE = "/home/agent"
 INPUTS_INSIDE = "/intake"
 
 Mode = Literal["bwrap", "none"]
-Network = Literal["none", "host"]
+Network = Literal["none", "egress", "host"]
+SETPRIV = "/usr/bin/setpriv"
+SOCAT = "/usr/bin/socat"
+EGRESS_SOCKET_INSIDE = "/run/intake-egress.sock"
+TMP_INSIDE = "/tmp"
 
 _CHUNK = 65536
 _DRAIN_S = 2.0  # after the kill, how long to wait for the last output
@@ -89,11 +117,24 @@ class AgentResult:
     stopped: bool
     output_tail: str
     output_truncated: bool
+    #: Which limit stopped the run ("output", "disk", "processes"), with ``limit_reason``.
+    limit: str | None = None
+    limit_reason: str | None = None
+    #: The egress proxy's facts for this run (see :meth:`workers.egress.EgressProxy.summary`).
+    egress: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
         """True when the program finished by itself with exit status 0."""
-        return self.exit_code == 0 and not self.timed_out and not self.stopped
+        return self.exit_code == 0 and not self.timed_out and not self.stopped and self.limit is None
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """What one sandboxed run may use beyond time and output (see the module docstring)."""
+
+    max_disk_bytes: int = 1024 * 1024 * 1024
+    max_processes: int = 256
 
 
 class _Tail:
@@ -153,22 +194,32 @@ def _can_setuid() -> bool:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """How agents and checks are run; see the module docstring."""
+    """How agents and checks are run; see the module docstring.
+
+    ``egress`` is the allowlist of a ``network = "egress"`` sandbox. ``resolver`` replaces the
+    egress proxy's resolver; only tests set it (no configuration can), to make a name resolve
+    to an address of their choosing.
+    """
 
     mode: Mode = "bwrap"
     agent_user: str = "intake-agent"
     network: Network = "none"
     bwrap: str = BWRAP
     term_grace_s: float = 3.0  # mode "none" only: SIGTERM, then SIGKILL after this
+    egress: tuple[Rule, ...] = ()
+    resolver: Resolver | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("bwrap", "none"):
             raise ValueError(f"sandbox mode must be 'bwrap' or 'none', not {self.mode!r}")
-        if self.network not in ("none", "host"):
-            raise ValueError(f"network must be 'none' or 'host', not {self.network!r}")
+        if self.network not in ("none", "egress", "host"):
+            raise ValueError(f"network must be 'none', 'egress' or 'host', not {self.network!r}")
+        if self.network == "egress" and self.mode == "none":
+            raise ValueError('network = "egress" needs the bwrap sandbox (an unsandboxed program '
+                             "would reach the host's network directly)")
 
-    def with_network(self, network: Network) -> Sandbox:
-        return replace(self, network=network)
+    def with_network(self, network: Network, egress: tuple[Rule, ...] = ()) -> Sandbox:
+        return replace(self, network=network, egress=tuple(egress) if network == "egress" else ())
 
     # -- can it run here --------------------------------------------------------------------
     def user(self) -> pwd.struct_passwd:
@@ -192,6 +243,11 @@ class Sandbox:
         if not (os.path.isfile(self.bwrap) and os.access(self.bwrap, os.X_OK)):
             raise SandboxError(f"bubblewrap not found at {self.bwrap} (apt-get install bubblewrap), "
                                'or set sandbox = "none" in the worker config to run agents unsandboxed')
+        if not os.access(SETPRIV, os.X_OK):
+            raise SandboxError(f"setpriv not found at {SETPRIV} (apt-get install util-linux)")
+        if self.network == "egress" and not os.access(SOCAT, os.X_OK):
+            raise SandboxError(f"socat not found at {SOCAT} (apt-get install socat); it bridges the "
+                               "egress proxy into the sandbox")
         self.user()
         if not _can_setuid():
             raise SandboxError("the worker cannot start processes as the agent user: run it as root "
@@ -204,13 +260,13 @@ class Sandbox:
             return View(str(workdir), str(home), str(inputs) if inputs is not None else None)
         return View(WORKDIR_INSIDE, HOME_INSIDE, INPUTS_INSIDE if inputs is not None else None)
 
-    def _bwrap_argv(self, argv: Sequence[str], workdir: Path, home: Path, inputs: Path | None,
-                    ro_paths: Sequence[Path], info_fd: int) -> list[str]:
+    def _bwrap_argv(self, argv: Sequence[str], workdir: Path, home: Path, tmp: Path, inputs: Path | None,
+                    ro_paths: Sequence[Path], info_fd: int, socket: Path | None) -> list[str]:
         args = [self.bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try", "--die-with-parent", "--new-session",
                 "--hostname", "intake-sandbox", "--ro-bind", "/usr", "/usr"]
-        if self.network == "none":
-            args.append("--unshare-net")
+        if self.network != "host":
+            args.append("--unshare-net")  # loopback only: no route, no DNS, no UDP or raw sockets out
         for name in _ROOT_LINKS:
             host = Path("/") / name
             if host.is_symlink():
@@ -219,13 +275,19 @@ class Sandbox:
                 args += ["--ro-bind", str(host), f"/{name}"]
         args += ["--dir", "/etc"]
         for name in _ETC:
+            if self.network != "host" and name in {"resolv.conf", "host.conf"}:
+                continue  # no resolver inside: names are the egress proxy's to resolve
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        # /tmp is a directory of the run (on disk, measured), not a tmpfs in the host's memory.
+        args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(tmp), TMP_INSIDE,
                  "--bind", str(workdir), WORKDIR_INSIDE, "--bind", str(home), HOME_INSIDE]
         if inputs is not None:
             args += ["--ro-bind", str(inputs), INPUTS_INSIDE]
         for path in ro_paths:
             args += ["--ro-bind", str(path), str(path)]
+        if socket is not None:
+            args += ["--ro-bind", str(socket), EGRESS_SOCKET_INSIDE]
+            argv = ["/bin/sh", "-c", _FORWARDER, "intake-egress", *argv]
         args += ["--chdir", WORKDIR_INSIDE, "--info-fd", str(info_fd), "--", *argv]
         return args
 
@@ -244,39 +306,114 @@ class Sandbox:
         poll_interval: float = 0.25,
         inputs: Path | None = None,
         ro_paths: Sequence[Path] = (),
+        limits: RunLimits | None = None,
     ) -> AgentResult:
-        """Run ``argv`` in the sandbox until it exits, times out or ``should_stop()`` is true.
+        """Run ``argv`` in the sandbox until it exits, times out, hits a limit or
+        ``should_stop()`` is true.
 
         ``env`` is the program's whole environment (``PATH`` is cleaned of relative entries;
-        ``HOME`` and ``TMPDIR`` are set to the sandbox's). ``stdin`` is written to its standard
-        input. ``should_stop`` is called about every ``poll_interval`` seconds. ``inputs`` is a
-        directory of files the program may read (mounted read-only), ``ro_paths`` extra
-        read-only paths (mounted at the same place). Raises :class:`SandboxError` if the
-        program cannot be started or a process of it survives the kill.
+        ``HOME`` and ``TMPDIR`` are set to the sandbox's, and the proxy variables for
+        ``network = "egress"``). ``stdin`` is written to its standard input. ``should_stop`` is
+        called about every ``poll_interval`` seconds. ``inputs`` is a directory of files the
+        program may read (mounted read-only), ``ro_paths`` extra read-only paths (mounted at
+        the same place). Raises :class:`SandboxError` if the program cannot be started or a
+        process of it survives the kill.
         """
         if timeout_s <= 0 or max_output_bytes <= 0 or poll_interval <= 0:
             raise ValueError("timeout_s, max_output_bytes and poll_interval must be positive")
+        limits = limits or RunLimits()
         workdir = Path(workdir).resolve(strict=True)
         home = Path(home).resolve(strict=True)
         view = self.view(workdir, home, inputs)
         child_env = {**env, "PATH": safe_path(env.get("PATH")), "HOME": view.home, "TMPDIR": "/tmp"}
         if self.mode == "none":
             child_env["TMPDIR"] = view.home
-            return _Run(self, None, list(argv), workdir, child_env).go(
+            return _Run(self, None, list(argv), workdir, child_env, limits).go(
                 stdin, timeout_s, max_output_bytes, should_stop, poll_interval)
         self.check()
         user = self.user()
-        chown_tree(workdir, user.pw_uid, user.pw_gid)
-        chown_tree(home, user.pw_uid, user.pw_gid)
-        result = _Run(self, user, list(argv), workdir, child_env, home=home, inputs=inputs,
-                      ro_paths=tuple(ro_paths)).go(stdin, timeout_s, max_output_bytes, should_stop,
-                                                   poll_interval)
+        tmp = _sibling(home, "tmp", 0o700)
+        proxy = None
+        if self.network == "egress":
+            url = f"http://127.0.0.1:{PROXY_PORT}"
+            for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+                child_env[name] = url
+            child_env["NO_PROXY"] = child_env["no_proxy"] = ""
+            proxy = EgressProxy(self.egress, _sibling(home, "egress", 0o711) / "proxy.sock",
+                                resolver=self.resolver)
+            try:
+                proxy.start()
+            except OSError as exc:
+                raise SandboxError(str(exc)) from None
+        try:
+            for tree in (workdir, home, tmp):
+                chown_tree(tree, user.pw_uid, user.pw_gid)
+            result = _Run(self, user, list(argv), workdir, child_env, limits, home=home, tmp=tmp,
+                          inputs=inputs, ro_paths=tuple(ro_paths),
+                          socket=proxy.socket_path if proxy else None).go(
+                stdin, timeout_s, max_output_bytes, should_stop, poll_interval)
+        finally:
+            if proxy is not None:
+                proxy.stop()
         # Reached only once the namespace is empty (on any error the caller throws the
         # directories away unread): take the files back, so nothing the agent started can
         # change them while the worker reads them.
-        chown_tree(workdir, os.getuid(), os.getgid())
-        chown_tree(home, os.getuid(), os.getgid())
+        for tree in (workdir, home, tmp):
+            chown_tree(tree, os.getuid(), os.getgid())
+        if proxy is not None:
+            result = replace(result, egress=proxy.summary())
         return result
+
+
+def _sibling(home: Path, name: str, mode: int) -> Path:
+    """A fresh directory next to ``home`` (in the run directory) for the sandbox's ``name``."""
+    path = home.parent / f"{home.name}-{name}"
+    path.mkdir(mode=mode)
+    os.chmod(path, mode)
+    return path
+
+
+# Runs inside the sandbox, as the agent, before the agent: bridge 127.0.0.1:3128 to the proxy's
+# unix socket, wait until it listens (read from the namespace's own /proc/net/tcp, so the wait
+# makes no connection the proxy would record), then become the agent.
+_FORWARDER = (
+    f"{SOCAT} TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:{EGRESS_SOCKET_INSIDE}"
+    " </dev/null >/dev/null 2>&1 &\n"
+    "i=0\n"
+    f"until grep -q ':{PROXY_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do\n"
+    "  i=$((i+1)); if [ $i -gt 1000 ]; then echo 'intake-sandbox: the egress forwarder did not start' >&2;"
+    " exit 125; fi; sleep 0.01\n"
+    "done\n"
+    'exec "$@"\n'
+)
+
+# The worker's own small process between it and bubblewrap (argv: worker pid, max processes,
+# max file size, then the command). Linux SIGKILLs it when the worker dies; killing it makes
+# bubblewrap (--die-with-parent) and so the whole sandbox die, with no CAP_KILL needed. The
+# limits are set in the forked child only: RLIMIT_NPROC counts the processes of the child's
+# user, which setpriv then makes the agent user.
+_HOLDER = """
+import ctypes, os, resource, sys
+ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+pid = os.fork()
+if pid == 0:
+    try:
+        resource.setrlimit(resource.RLIMIT_NPROC, (int(sys.argv[2]),) * 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]),) * 2)
+        os.execv(sys.argv[4], sys.argv[4:])
+    except OSError as exc:
+        os.write(2, f"intake-sandbox: cannot start {sys.argv[4]}: {exc.strerror}\\n".encode())
+    os._exit(126)
+while True:
+    try:
+        _, status = os.waitpid(pid, 0)
+        break
+    except InterruptedError:
+        continue
+os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
 
 
 _PR_SET_PDEATHSIG = 1
@@ -351,13 +488,16 @@ def _in_group(pgid: int) -> Callable[[str], bool]:
 
 
 class _Run:
-    """One process run: start, feed stdin, collect output, kill, confirm nothing is left."""
+    """One process run: start, feed stdin, collect output, watch the limits, kill, confirm
+    nothing is left."""
 
     def __init__(self, box: Sandbox, user: pwd.struct_passwd | None, argv: list[str], workdir: Path,
-                 env: dict[str, str], *, home: Path | None = None, inputs: Path | None = None,
-                 ro_paths: tuple[Path, ...] = ()) -> None:
+                 env: dict[str, str], limits: RunLimits, *, home: Path | None = None,
+                 tmp: Path | None = None, inputs: Path | None = None, ro_paths: tuple[Path, ...] = (),
+                 socket: Path | None = None) -> None:
         self.box, self.user, self.argv, self.workdir, self.env = box, user, argv, workdir, env
-        self.home, self.inputs, self.ro_paths = home, inputs, ro_paths
+        self.limits, self.home, self.tmp, self.inputs, self.ro_paths = limits, home, tmp, inputs, ro_paths
+        self.socket = socket
         self.ns_inode: int | None = None
         self.init_pidfd: int | None = None
 
@@ -370,15 +510,20 @@ class _Run:
                                         preexec_fn=_die_with_parent(os.getpid()), **common)  # type: ignore[call-overload]
             except OSError as exc:
                 raise SandboxError(f"could not be started: {self.argv[0]}: {exc.strerror}") from None
-        assert self.home is not None
+        assert self.home is not None and self.tmp is not None
         info_r, info_w = os.pipe()
         try:
-            argv = self.box._bwrap_argv(self.argv, self.workdir, self.home, self.inputs,
-                                        self.ro_paths, info_w)
+            inner = self.box._bwrap_argv(self.argv, self.workdir, self.home, self.tmp, self.inputs,
+                                         self.ro_paths, info_w, self.socket)
+            # setpriv: become the agent user and drop every inheritable and ambient capability
+            # (a worker with ambient capabilities would otherwise hand them to bubblewrap).
+            drop = [SETPRIV, f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--clear-groups",
+                    "--inh-caps=-all", "--ambient-caps=-all", "--"]
+            argv = [sys.executable, "-I", "-S", "-c", _HOLDER, str(os.getpid()),
+                    str(_nproc_limit(self.limits.max_processes)), str(self.limits.max_disk_bytes), *drop, *inner]
             try:
                 proc = subprocess.Popen(  # type: ignore[call-overload]
-                    argv, cwd="/", user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[],
-                    pass_fds=(info_w,), start_new_session=True, **common)
+                    argv, cwd="/", pass_fds=(info_w,), start_new_session=True, **common)
             except OSError as exc:
                 raise SandboxError(f"bubblewrap could not be started: {exc.strerror}") from None
             os.close(info_w)
@@ -403,9 +548,10 @@ class _Run:
         child = int(info["child-pid"])
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(child)
-            # The pid could in theory have been reused already: it is ours only if it is in
-            # the sandbox's namespace. If it is not, the namespace's init already exited.
-            if _in_namespace(self.ns_inode)(f"/proc/{child}"):
+            # The pid could in theory have been reused already: it is ours only if its parent is
+            # bubblewrap, whose parent is the holder (read from /proc/PID/stat, which needs no
+            # permission over the agent user's processes). Else the namespace's init is gone.
+            if _parent(_parent(child)) == proc.pid:
                 self.init_pidfd = pidfd
             else:
                 os.close(pidfd)
@@ -437,19 +583,42 @@ class _Run:
         if self.user is None:
             _kill_group(proc.pid, self.box.term_grace_s)
             return
-        if self.init_pidfd is not None:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-            os.close(self.init_pidfd)
-            self.init_pidfd = None
+        # The holder is the worker's own process: SIGKILL to it needs no capability, and
+        # bubblewrap's --die-with-parent takes the namespace with it.
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()  # bwrap itself; --die-with-parent takes the namespace with it too
+            proc.kill()
         assert self.ns_inode is not None
         deadline = time.monotonic() + _GONE_S
+        if self.init_pidfd is not None:
+            # Readable once the namespace's init has exited, which the kernel lets happen only
+            # after every other process of the namespace is gone.
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.init_pidfd, selectors.EVENT_READ)
+                empty = bool(sel.select(_GONE_S))
+            os.close(self.init_pidfd)
+            self.init_pidfd = None
+            if not empty:
+                raise SandboxError("processes of the sandbox survived the kill")
+            return
         while _processes_where(_in_namespace(self.ns_inode)):
             if time.monotonic() > deadline:
                 raise SandboxError("processes of the sandbox survived the kill")
             time.sleep(0.01)
+
+    def _over_limit(self) -> tuple[str, str] | None:
+        """The limit the running sandbox has reached, if any (``(limit, reason)``)."""
+        if self.user is None:
+            return None
+        used = _disk_usage((self.workdir, self.home, self.tmp))  # type: ignore[arg-type]
+        if used is None:
+            return "disk", "the agent made part of its files unreadable to the worker's disk bound"
+        if used >= self.limits.max_disk_bytes:
+            return "disk", f"the run wrote {used} bytes, reaching limits.max_disk_bytes ({self.limits.max_disk_bytes})"
+        count = _processes_of(self.user.pw_uid)
+        if count >= self.limits.max_processes:
+            return "processes", (f"the agent user ran {count} processes, reaching limits.max_processes "
+                                 f"({self.limits.max_processes})")
+        return None
 
     def go(self, stdin: bytes | None, timeout_s: float, cap: int,
            should_stop: Callable[[], bool] | None, poll_interval: float) -> AgentResult:
@@ -469,6 +638,7 @@ class _Run:
         else:
             proc.stdin.close()
         timed_out = stopped = False
+        limit: tuple[str, str] | None = None
         deadline = time.monotonic() + timeout_s
         next_check = 0.0
         try:
@@ -477,10 +647,13 @@ class _Run:
                 if now >= deadline:
                     timed_out = True
                     break
-                if should_stop is not None and now >= next_check:
+                if now >= next_check:
                     next_check = now + poll_interval
-                    if should_stop():
+                    if should_stop is not None and should_stop():
                         stopped = True
+                        break
+                    limit = self._over_limit()
+                    if limit is not None:
                         break
                 for key, _ in selector.select(min(poll_interval, deadline - now)):
                     if key.fd == pidfd:
@@ -493,6 +666,9 @@ class _Run:
                             selector.unregister(out_fd)
                     else:
                         pending = _feed_stdin(proc, selector, pending)
+                if tail.total > cap:
+                    limit = ("output", f"the output passed limits.max_output_bytes ({cap})")
+                    break
         finally:
             # Also on a normal exit: helpers the program left running must not outlive it.
             self._kill(proc)
@@ -507,13 +683,78 @@ class _Run:
             _drain(selector, out_fd, tail)
             selector.close()
             proc.stdout.close()
+        if limit is None and not (timed_out or stopped):
+            # A file cut at RLIMIT_FSIZE, or the last writes before the exit.
+            limit = self._over_limit() if self.user is not None else None
+            if limit is not None and limit[0] == "processes":
+                limit = None  # counted after the kill: not this run's
+            if limit is None and proc.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ):
+                limit = ("disk", f"a file reached limits.max_disk_bytes ({self.limits.max_disk_bytes})")
+        if limit is None and tail.total > cap:
+            limit = ("output", f"the output passed limits.max_output_bytes ({cap})")
+        cut = timed_out or stopped or limit is not None
         return AgentResult(
-            exit_code=None if timed_out or stopped else proc.returncode,
+            exit_code=None if cut else proc.returncode,
             timed_out=timed_out,
             stopped=stopped,
             output_tail=tail.text(),
             output_truncated=tail.total > cap,
+            limit=limit[0] if limit else None,
+            limit_reason=limit[1] if limit else None,
         )
+
+
+def _parent(pid: int) -> int | None:
+    """``pid``'s parent, from the world-readable /proc/PID/stat (None if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def _nproc_limit(wanted: int) -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+def _disk_usage(roots: Sequence[Path]) -> int | None:
+    """Bytes allocated under ``roots`` (not following links), or None if a directory could not
+    be read (the agent can hide a directory from the worker by taking its permissions away)."""
+    total = 0
+    stack = [str(r) for r in roots]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    info = entry.stat(follow_symlinks=False)
+                    total += info.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return total
+
+
+def _processes_of(uid: int) -> int:
+    """How many live processes have ``uid`` as their real uid (/proc/PID/status is readable by
+    everyone)."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/status", encoding="ascii", errors="replace") as handle:
+                for line in handle:
+                    if line.startswith("Uid:"):
+                        count += line.split()[1] == str(uid)
+                        break
+        except OSError:
+            continue
+    return count
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
