@@ -256,16 +256,19 @@ class EgressProxy:
         attempt = Attempt(host="", port=0, method="", allowed=False, reason="")
         upstream: asyncio.StreamWriter | None = None
         try:
+            first = await asyncio.wait_for(reader.read(1), _HEAD_TIMEOUT_S)
+            if not first:
+                return  # opened and closed without a word: not an attempt
+            if first in (b"\x04", b"\x05"):  # SOCKS4/5: not offered (names would escape vetting)
+                raise _Refused("SOCKS is not offered; use the HTTP proxy", 400)
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HEAD_TIMEOUT_S)
+                head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HEAD_TIMEOUT_S)
             except asyncio.LimitOverrunError:
                 raise _Refused("request head too large", 431) from None
             except (TimeoutError, asyncio.IncompleteReadError) as exc:
-                partial = getattr(exc, "partial", b"")
-                if not partial:
-                    return  # opened and closed without a word: not an attempt
-                raise _Refused("not an HTTP proxy request" if partial[:1] in (b"\x04", b"\x05")
-                               or b"\r\n" not in partial else "incomplete request head", 400) from None
+                partial = first + getattr(exc, "partial", b"")
+                raise _Refused("not an HTTP proxy request" if b"\r\n" not in partial
+                               else "incomplete request head", 400) from None
             method, host, port, forward = self._parse(head, attempt)
             attempt.method, attempt.host, attempt.port = method, host, port
             address = await self._vet(host, port)
@@ -290,7 +293,7 @@ class EgressProxy:
                 writer.write(b"HTTP/1.1 %d Refused\r\nContent-Type: text/plain\r\nConnection: close\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (refused.status, len(body), body))
                 await writer.drain()
-        except (OSError, asyncio.CancelledError):
+        except (OSError, TimeoutError, asyncio.CancelledError):
             if not attempt.reason:
                 attempt.reason = "closed"
         finally:

@@ -62,12 +62,12 @@ from .checks import describe_failure, run_checks
 from .claim import Claim, Claimer
 from .config import RepoConfig, WorkerConfig
 from .deps.gate import check_dependency_change
+from .egress import EgressError, parse_allowlist
 from .forge import ForgeError, create_pull_request
 from .gates import run_gates
 from .lease import LeaseKeeper
 from .refusal import JobRefused
 from .rundirs import RunRoot
-from .egress import EgressError, parse_allowlist
 from .sandbox import Network, RunLimits, SandboxError
 from .workspace import GitError, Workspace
 
