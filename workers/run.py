@@ -159,6 +159,9 @@ class TaskRunner:
         outcome = self._attempt_work(claim, lease)
         repo = self.config.repo(claim.task.spec.repo)
         isolation = {"sandbox": self.sandbox.mode, "network": network_for(repo, claim.task.spec)}
+        egress = outcome.result.get("egress") if outcome.result else None
+        if isinstance(egress, dict):  # counted per repo in the leading-indicator report
+            isolation["egress_refused"] = egress.get("refused", 0)
         outcome.data.update(isolation)
         if outcome.result:
             outcome.result.update(isolation)

@@ -12,7 +12,6 @@ import secrets
 import socketserver
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

@@ -158,6 +158,8 @@ class Figures(BaseModel):
     revoke_to_stop: Spread = Field(default_factory=Spread)
     mfa_failures: dict[str, int] = Field(default_factory=dict)
     gate_blocks: dict[str, int] = Field(default_factory=dict)
+    #: Connections the egress proxy refused to agents, per repo (from the runs' MAC'd results).
+    egress_refused: dict[str, int] = Field(default_factory=dict)
     notable: list[Notable] = Field(default_factory=list)
     audit: AuditFigures = Field(default_factory=AuditFigures)
 
@@ -298,6 +300,7 @@ def broker_figures(broker: FigureSources, since: str) -> Figures:
 # -- folding the facts over a window -----------------------------------------------------------
 @dataclass
 class _Task:
+    repo: str = "unknown"
     tier: str = "unknown"
     change_type: str = "unknown"
     idea: str = ""
@@ -387,6 +390,7 @@ def compute_figures(timeline: Timeline, since: float, *, now: float, until: floa
     to_stop: list[float] = []
     mfa: Counter[str] = Counter()
     gates: Counter[str] = Counter()
+    egress: Counter[str] = Counter()
     licenses: Counter[str] = Counter()
     deps = fig.dependencies
 
@@ -422,11 +426,15 @@ def compute_figures(timeline: Timeline, since: float, *, now: float, until: floa
                 t.change_type = str(f.data.get("change_type") or "unknown")
             if what == "created":
                 t.idea, t.created_at = str(f.data.get("idea", "")), f.at
+                t.repo = str(f.data.get("repo") or "unknown")
                 if inside(f.at):
                     fig.created += 1
                     segment(t).created += 1
             if f.result is not None:
                 t.result = {**t.result, **f.result}
+                refused = (f.result.get("egress") or {}).get("refused") if isinstance(f.result.get("egress"), dict) else 0
+                if inside(f.at) and isinstance(refused, int) and refused > 0:
+                    egress[t.repo] += refused
             if what in OUTCOMES:
                 if what == "revoked" and t.running:
                     t.revoked_at = f.at  # a running task: the time until its run stops
@@ -438,6 +446,7 @@ def compute_figures(timeline: Timeline, since: float, *, now: float, until: floa
     fig.time_to_promote, fig.time_to_deliver = spread(to_promote), spread(to_deliver)
     fig.revoke_to_stop = spread(to_stop)
     fig.mfa_failures, fig.gate_blocks = dict(sorted(mfa.items())), dict(sorted(gates.items()))
+    fig.egress_refused = _capped(egress)
     deps.licenses = _capped(licenses)
     deps.bumped = deps.upgraded + deps.downgraded
     deps.sbom_coverage = deps.with_sbom / deps.changes if deps.changes else None
