@@ -440,21 +440,82 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
 SANDBOX_RECORD = "sandboxes"
 
 
-def kill_namespaces(record: Path) -> int:
+def kill_namespaces(record: Path, user: pwd.struct_passwd | None = None) -> int:
     """SIGKILL every process still in a pid namespace listed in ``record`` (a dead run's):
     returns how many were found. A namespace whose init is gone is empty, so the inodes cannot
-    point at anything else while one of its processes lives."""
+    point at anything else while one of its processes lives. A worker that is not root cannot
+    see or signal the agent user's processes: given ``user``, a helper running as that user
+    does it (:func:`kill_as`)."""
     try:
         inodes = {int(line) for line in record.read_text(encoding="ascii").split() if line.isdigit()}
     except OSError:
         return 0
+    if not inodes:
+        return 0
+    if os.geteuid() != 0 and user is not None:
+        return kill_as(user, sorted(inodes))
     killed = 0
     for inode in inodes:
         for pid in _processes_where(_in_namespace(inode)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                raise SandboxError(f"cannot kill process {pid} left by a dead run: permission denied "
+                                   "(run the worker as root or with CAP_SETUID and CAP_SETGID)") from None
     return killed
+
+
+# Run as the agent user (setpriv): SIGKILL every process in the given pid namespaces until none is
+# left; prints how many it found. The agent user may read its own processes' /proc entries.
+_KILLER = """
+import os, sys, time
+want = {"pid:[%s]" % n for n in sys.argv[1:]}
+found = set()
+deadline = time.monotonic() + 5
+while True:
+    left = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/ns/pid") not in want:
+                continue
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            if stat[stat.rfind(")") + 2] in "ZX":
+                continue
+            os.kill(int(name), 9)
+            left.append(int(name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # gone, or another user's (not in a namespace of ours)
+    found.update(left)
+    if not left:
+        break
+    if time.monotonic() > deadline:
+        sys.exit(3)
+    time.sleep(0.01)
+print(len(found))
+"""
+
+
+def kill_as(user: pwd.struct_passwd, inodes: Sequence[int]) -> int:
+    """SIGKILL, as ``user``, every process in the pid namespaces ``inodes`` and wait until none
+    is left; returns how many there were. Raises :class:`SandboxError` (one line) if that fails."""
+    argv = [SETPRIV, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--inh-caps=-all",
+            "--ambient-caps=-all", "--", sys.executable, "-I", "-S", "-c", _KILLER, *map(str, inodes)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=_GONE_S + 5, env={}, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxError(f"cannot kill the sandbox as {user.pw_name}: {type(exc).__name__}") from None
+    if done.returncode != 0:
+        why = (done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"])[-1]
+        if done.returncode == 3:
+            why = "processes of the sandbox survived the kill"
+        raise SandboxError(f"cannot kill the sandbox as {user.pw_name}: {why[:200]}")
+    return int(done.stdout.strip() or 0)
 
 
 def _processes_where(match: Callable[[str], bool]) -> list[int]:
@@ -583,12 +644,19 @@ class _Run:
         if self.user is None:
             _kill_group(proc.pid, self.box.term_grace_s)
             return
-        # The holder is the worker's own process: SIGKILL to it needs no capability, and
-        # bubblewrap's --die-with-parent takes the namespace with it.
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
         assert self.ns_inode is not None
-        deadline = time.monotonic() + _GONE_S
+        # SIGKILL to the namespace's init makes the kernel kill every process in it. A root
+        # worker signals it directly; a worker with only CAP_SETUID/CAP_SETGID may not signal
+        # another user's process, so a helper that becomes the agent user does it.
+        try:
+            if self.init_pidfd is not None:
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            kill_as(self.user, [self.ns_inode])
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # the holder (the worker's own process)
         if self.init_pidfd is not None:
             # Readable once the namespace's init has exited, which the kernel lets happen only
             # after every other process of the namespace is gone.
@@ -600,6 +668,10 @@ class _Run:
             if not empty:
                 raise SandboxError("processes of the sandbox survived the kill")
             return
+        if os.geteuid() != 0:
+            kill_as(self.user, [self.ns_inode])  # it waits until the namespace is empty
+            return
+        deadline = time.monotonic() + _GONE_S
         while _processes_where(_in_namespace(self.ns_inode)):
             if time.monotonic() > deadline:
                 raise SandboxError("processes of the sandbox survived the kill")
@@ -609,7 +681,12 @@ class _Run:
         """The limit the running sandbox has reached, if any (``(limit, reason)``)."""
         if self.user is None:
             return None
-        used = _disk_usage((self.workdir, self.home, self.tmp))  # type: ignore[arg-type]
+        roots = (self.workdir, self.home, self.tmp)
+        used = _disk_usage(roots)  # type: ignore[arg-type]
+        if used is None and os.geteuid() != 0:
+            # A worker that is not root cannot read the agent's private directories (a cache
+            # made 0700): measure them as the agent user.
+            used = disk_usage_as(self.user, roots)  # type: ignore[arg-type]
         if used is None:
             return "disk", "the agent made part of its files unreadable to the worker's disk bound"
         if used >= self.limits.max_disk_bytes:
@@ -737,6 +814,37 @@ def _disk_usage(roots: Sequence[Path]) -> int | None:
         except OSError:
             return None
     return total
+
+
+_DU = """
+import os, sys
+total, stack = 0, list(sys.argv[1:])
+while stack:
+    top = stack.pop()
+    try:
+        with os.scandir(top) as entries:
+            for entry in entries:
+                info = entry.stat(follow_symlinks=False)
+                total += info.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    except FileNotFoundError:
+        continue
+    except OSError:
+        sys.exit(3)
+print(total)
+"""
+
+
+def disk_usage_as(user: pwd.struct_passwd, roots: Sequence[Path]) -> int | None:
+    """:func:`_disk_usage` measured by a helper running as ``user`` (None if it cannot)."""
+    argv = [SETPRIV, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--inh-caps=-all",
+            "--ambient-caps=-all", "--", sys.executable, "-I", "-S", "-c", _DU, *map(str, roots)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=30, env={}, cwd="/")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return int(done.stdout) if done.returncode == 0 and done.stdout.strip().isdigit() else None
 
 
 def _processes_of(uid: int) -> int:

@@ -139,7 +139,7 @@ def build_worker(settings: Settings, url: str, client: redis.Redis, config: Work
                       config=config, clock=clock)
     runner = TaskRunner(claimer, config)
     # Whatever runs killed with SIGKILL left behind (work trees, homes, git dirs) goes now.
-    runner.runs.sweep()
+    runner.runs.sweep(runner.sandbox.user() if runner.sandbox.mode == "bwrap" else None)
     return IntakeWorker(
         list(config.queues), runner=runner, reporter=reporter, name=worker_name,
         connection=make_client(url, decode=False),
