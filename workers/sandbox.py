@@ -62,6 +62,7 @@ import pwd
 import resource
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -173,11 +174,37 @@ def safe_path(value: str | None) -> str:
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
     """``chown -R`` without following symlinks (a link in the tree must not hand the owner a
-    file outside it)."""
-    os.chown(root, uid, gid, follow_symlinks=False)
-    for top, dirs, files in os.walk(root, followlinks=False):
-        for name in (*dirs, *files):
-            os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+    file outside it). Raises :class:`SandboxError` (one line) on any failure, never skips.
+
+    A worker that is not root can list only directories it owns: giving the tree away goes
+    bottom-up (each directory is listed while still the worker's), taking it back top-down
+    (each directory is the worker's again, and searchable by it, before it is listed)."""
+    def fail(exc: OSError) -> None:
+        raise SandboxError(f"cannot chown {exc.filename}: {exc.strerror}")
+
+    try:
+        if uid == os.getuid():
+            os.chown(root, uid, gid, follow_symlinks=False)
+            _searchable(str(root))
+            for top, dirs, files in os.walk(root, followlinks=False, onerror=fail):
+                for name in (*dirs, *files):
+                    os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+                for name in dirs:
+                    _searchable(os.path.join(top, name))
+        else:
+            for top, dirs, files in os.walk(root, topdown=False, followlinks=False, onerror=fail):
+                for name in (*dirs, *files):
+                    os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+            os.chown(root, uid, gid, follow_symlinks=False)
+    except OSError as exc:
+        fail(exc)
+
+
+def _searchable(path: str) -> None:
+    """Give the (now worker-owned) directory ``path`` owner rwx: the agent may have taken it away."""
+    info = os.lstat(path)
+    if stat.S_ISDIR(info.st_mode) and info.st_mode & 0o700 != 0o700:
+        os.chmod(path, stat.S_IMODE(info.st_mode) | 0o700)
 
 
 def _can_setuid() -> bool:

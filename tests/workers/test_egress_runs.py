@@ -27,8 +27,8 @@ from tests.workers.test_egress import _Counting, listeners  # noqa: F401
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
 
 
-def policy_with(egress: list[str], limits: str = "max_output_bytes = 1048576") -> str:
-    text = EXAMPLE_POLICY.read_text()
+def policy_with(egress: list[str], limits: str = "max_output_bytes = 1048576", run_timeout: str = "30m") -> str:
+    text = EXAMPLE_POLICY.read_text().replace('run_timeout = "30m"', f'run_timeout = "{run_timeout}"')
     text = text.replace("[limits]\nmax_output_bytes = 1048576\n", f"[limits]\n{limits}\n")
     marker = 'name = "acme/web"\n'
     assert marker in text and "[limits]\n" in text
@@ -39,8 +39,8 @@ def policy_with(egress: list[str], limits: str = "max_output_bytes = 1048576") -
 def build(tmp_path: Path, redis_server: str, rclient: redis.Redis, clock: FakeClock) -> Iterator:
     made: list[Rig] = []
 
-    def make(egress: list[str], limits: str = "max_output_bytes = 1048576") -> Rig:
-        rig = make_rig(tmp_path, redis_server, rclient, clock, policy_text=policy_with(egress, limits))
+    def make(egress: list[str], limits: str = "max_output_bytes = 1048576", run_timeout: str = "30m") -> Rig:
+        rig = make_rig(tmp_path, redis_server, rclient, clock, policy_text=policy_with(egress, limits, run_timeout))
         made.append(rig)
         return rig
 
