@@ -8,6 +8,7 @@ installs it once, ~3 minutes, printed), later runs reuse it."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import http.server
 import json
@@ -113,6 +114,25 @@ def aider_agent(aider: Path, port: int) -> dict[str, object]:
         "--message-file", "{prompt_file}", NOTE]}
 
 
+@contextlib.contextmanager
+def ticking(rig) -> Iterator[None]:  # noqa: ANN001
+    """The rig's clock moves with real time while a long run lasts: the broker's lease renewals
+    carry its time, and a renewal at a frozen time is no renewal (a replay) to the worker."""
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            rig.clock.advance(1.0)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def key_file(tmp: Path) -> Path:
     path = tmp / "model-key"
     path.write_text("sk-test-model-key-7788\n")
@@ -126,7 +146,8 @@ def test_aider_edits_through_the_allowlisted_stub_to_a_delivered_branch_with_pro
     task = rig.promote(text="Please document the deploy steps")
     config = rig.config(agent=aider_agent(aider, stub.port),
                         repos={"acme/web": {"agent_env": {"OPENAI_API_KEY": {"file": str(key_file(rig.tmp))}}}})
-    rig.work(config)
+    with ticking(rig):
+        rig.work(config)
     done = rig.task(task.id)
     assert done.state is TaskState.SUCCEEDED, (done.reason, (done.result or {}).get("output_tail"))
     assert stub.requests and stub.requests[0]["path"] == "/v1/chat/completions"
@@ -154,7 +175,8 @@ def test_aider_with_the_stub_off_the_allowlist_fails_with_the_refusal_on_the_rec
     task = rig.promote(text="Please document the deploy steps")
     config = rig.config(agent=aider_agent(aider, stub.port),
                         repos={"acme/web": {"agent_env": {"OPENAI_API_KEY": {"file": str(key_file(rig.tmp))}}}})
-    rig.work(config)
+    with ticking(rig):
+        rig.work(config)
     done = rig.task(task.id)
     assert done.state is TaskState.FAILED and done.reason == "the agent timed out after 10s", done.reason
     assert stub.requests == []
