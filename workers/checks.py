@@ -48,9 +48,11 @@ def run_checks(sandbox: Sandbox, ws: Workspace, run_dir: Path, spec: TaskSpec, e
                           limits=RunLimits(spec.limits.max_disk_bytes, spec.limits.max_processes))
         if ran.stopped:
             break
-        outcomes.append({"name": check.name, "ok": ran.ok, "exit_code": ran.exit_code,
-                         "timed_out": ran.timed_out, "limit": ran.limit_reason,
-                         "tail": _redact(ran.output_tail, secrets)[-CHECK_TAIL_CHARS:]})
+        outcome = {"name": check.name, "ok": ran.ok, "exit_code": ran.exit_code, "timed_out": ran.timed_out,
+                   "tail": _redact(ran.output_tail, secrets)[-CHECK_TAIL_CHARS:]}
+        if ran.limit_reason is not None:
+            outcome["limit"] = ran.limit_reason
+        outcomes.append(outcome)
     return outcomes
 
 
