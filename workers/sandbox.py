@@ -242,7 +242,7 @@ class Sandbox:
         if self.network not in ("none", "egress", "host"):
             raise ValueError(f"network must be 'none', 'egress' or 'host', not {self.network!r}")
         if self.network == "egress" and self.mode == "none":
-            raise ValueError('network = "egress" needs the bwrap sandbox (an unsandboxed program '
+            raise SandboxError('network = "egress" needs the bwrap sandbox (an unsandboxed program '
                              "would reach the host's network directly)")
 
     def with_network(self, network: Network, egress: tuple[Rule, ...] = ()) -> Sandbox:

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from intake.cli.main import cli
 from intake.core.models import TaskState
 from intake.core.resources import EXAMPLE_POLICY
+from intake.operations.indicators.figures import broker_figures
 from intake.protocol import envelope as provenance
 from tests.api_harness import running_broker
 from tests.conftest import FakeClock
@@ -114,6 +115,8 @@ def test_without_an_allowlist_the_stub_is_unreachable_and_the_run_fails_with_the
     assert egress["allowed"] == 0 and egress["refused"] == 2
     assert [(a["port"], a["reason"]) for a in egress["attempts"]] == [
         (stub.port, "not on the allowlist"), (forbidden.port, "not on the allowlist")]
+    # The leading-indicator report counts the refusals per repo (from the sealed run results).
+    assert broker_figures(rig.broker, "1d").egress_refused == {"acme/web": 2}
 
 
 DISK = "import os\nwith open('docs/big.bin', 'wb') as f:\n    for _ in range(64):\n        f.write(os.urandom(1 << 20))\n"
@@ -137,3 +140,17 @@ def test_a_limit_stops_the_run_as_blocked_with_the_reason(build, script: str, li
     assert done.state is TaskState.BLOCKED, (done.state, done.reason)
     assert done.reason is not None and done.reason.startswith("stopped at a limit: ") and words in done.reason
     assert done.result["limit"] == limit and done.result["pushed"] is False
+
+
+def test_the_policy_refuses_an_egress_entry_without_a_port() -> None:
+    import tomllib
+
+    from intake.core.errors import PolicyError
+    from intake.core.policy import parse_policy
+
+    for bad in ("api.example.com", "api.example.com:443/v1", "http://api.example.com:443", "api example:443"):
+        data = tomllib.loads(policy_with([bad]))
+        with pytest.raises(PolicyError, match="egress"):
+            parse_policy(data)
+    assert parse_policy(tomllib.loads(policy_with(["*.example.com:443", "127.0.0.1:8080"]))).find_repo(
+        "acme/web").egress == ("*.example.com:443", "127.0.0.1:8080")
