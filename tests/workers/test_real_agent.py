@@ -171,14 +171,14 @@ def test_aider_edits_through_the_allowlisted_stub_to_a_delivered_branch_with_pro
 def test_aider_with_the_stub_off_the_allowlist_fails_with_the_refusal_on_the_record(
         build, stub: ModelStub, aider: Path) -> None:  # noqa: F811
     # aider retries a refused model call for a minute; the run's time limit ends it first.
-    rig = build(["api.openai.com:443"], run_timeout="10s")
+    rig = build(["api.openai.com:443"], run_timeout="45s")
     task = rig.promote(text="Please document the deploy steps")
     config = rig.config(agent=aider_agent(aider, stub.port),
                         repos={"acme/web": {"agent_env": {"OPENAI_API_KEY": {"file": str(key_file(rig.tmp))}}}})
     with ticking(rig):
         rig.work(config)
     done = rig.task(task.id)
-    assert done.state is TaskState.FAILED and done.reason == "the agent timed out after 10s", done.reason
+    assert done.state is TaskState.FAILED and done.reason == "the agent timed out after 45s", done.reason
     assert stub.requests == []
     refused = [a for a in done.result["egress"]["attempts"] if not a["allowed"]]
     assert ("127.0.0.1", stub.port, "not on the allowlist") in {(a["host"], a["port"], a["reason"]) for a in refused}
