@@ -116,7 +116,7 @@ def test_without_an_allowlist_the_stub_is_unreachable_and_the_run_fails_with_the
     assert [(a["port"], a["reason"]) for a in egress["attempts"]] == [
         (stub.port, "not on the allowlist"), (forbidden.port, "not on the allowlist")]
     # The leading-indicator report counts the refusals per repo (from the sealed run results).
-    assert broker_figures(rig.broker, "1d").egress_refused == {"acme/web": 2}
+    assert broker_figures(rig.broker, "1d").refused_egress_by_repo == {"acme/web": 2}
 
 
 DISK = "import os\nwith open('docs/big.bin', 'wb') as f:\n    for _ in range(64):\n        f.write(os.urandom(1 << 20))\n"
