@@ -5,22 +5,25 @@ user (``agent_user``, never root, never the worker's own uid) in new user, pid, 
 and (unless the repo opts into ``network = "host"``) network namespaces. Inside it sees:
 
 * the system read-only: ``/usr`` and the ``/bin``, ``/lib*`` links, and a handful of ``/etc``
-  files programs need (passwd, group, hosts, resolv.conf, TLS certificates, alternatives);
-* a fresh ``/proc`` (only its own pids), ``/dev`` and ``/tmp``;
-* the work tree read-write at ``/work``, a fresh HOME read-write at ``/home/agent``, an inputs
+  files programs need (passwd, group, hosts, TLS certificates, alternatives; ``resolv.conf``
+  only with the host's network);
+* a fresh ``/proc`` (only its own pids) and ``/dev``;
+* the work tree read-write at ``/work``, a fresh HOME read-write at ``/home/agent`` and a fresh
+  ``/tmp`` (directories of the run, next to HOME), an inputs
   directory (the prompt file) read-only at ``/intake``, and any read-only paths the agent
   configuration names (an agent's own install);
 * exactly the environment it is given (passed through bwrap's own environment rather than
   ``--setenv``, so that no secret lands in an argv that every local user can read).
 
 Nothing else: not the worker's config, credential files, keys, data dir or Redis socket, which
-are simply never mounted. The work tree and HOME are chowned to the agent user before the run and
-back to the worker after it, once every process of the sandbox is gone, so the worker never
-reads files the agent could still change.
+are simply never mounted. The work tree, HOME and ``/tmp`` are chowned to the agent user before the
+run and back to the worker after it, once every process of the sandbox is gone, so the worker
+never reads files the agent could still change.
 
-Starting bwrap as another user needs root or ``CAP_SETUID`` + ``CAP_SETGID`` (the worker's
-systemd unit: ``AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_CHOWN CAP_FOWNER`` and
-``User=intake``), plus unprivileged user namespaces in the kernel.
+Starting bwrap as another user needs root or ``CAP_SETUID`` + ``CAP_SETGID`` (+ ``CAP_CHOWN``
+and ``CAP_FOWNER`` for the chowns: the worker's systemd unit, ``AmbientCapabilities=CAP_SETUID
+CAP_SETGID CAP_CHOWN CAP_FOWNER`` and ``User=intake``), ``setpriv``, plus unprivileged user
+namespaces in the kernel.
 
 Whatever ends the run (the program exits, the timeout, ``should_stop()``, an exception), the
 sandbox's pid namespace is killed: SIGKILL to its pid 1 makes the kernel kill every process in
