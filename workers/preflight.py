@@ -1,7 +1,7 @@
 """What a worker checks before it takes a job, so a broken set-up fails at start, not mid-task.
 
 :func:`worker_problems` lists, one line each: an agent program that is missing or not
-executable, a sandbox helper that is missing (``setpriv``, ``socat``), a credential that does not resolve (an unset variable, a missing or group-readable
+executable, a sandbox helper that is missing (``setpriv``, ``prlimit``, ``socat``), a credential that does not resolve (an unset variable, a missing or group-readable
 file), and a report key that is missing, unreadable or another worker's. ``intake worker``
 stops on the first (:func:`preflight`); ``intake doctor --worker-config`` prints them all.
 Reaching Redis as the worker's user is checked where the worker opens it
@@ -19,7 +19,7 @@ from intake.core.settings import Settings
 from intake.protocol.keyfiles import load_worker_key
 
 from .config import CommandAgentConfig, WorkerConfig
-from .sandbox import SETPRIV, SOCAT, safe_path
+from .sandbox import PRLIMIT, SETPRIV, SOCAT, safe_path
 
 
 def agent_problem(config: WorkerConfig) -> str | None:
@@ -49,7 +49,7 @@ def sandbox_problems(config: WorkerConfig) -> list[str]:
     agent user, and ``socat`` to bridge a spec's egress allowlist into it."""
     if config.sandbox != "bwrap":
         return []
-    needs = [(SETPRIV, "util-linux"), (SOCAT, "socat")]
+    needs = [(SETPRIV, "util-linux"), (PRLIMIT, "util-linux"), (SOCAT, "socat")]
     return [f"sandbox: {path} is missing (apt-get install {package})" for path, package in needs
             if not os.access(path, os.X_OK)]
 

@@ -44,12 +44,12 @@ HOME and ``/tmp`` are all on the run's disk: the kernel caps every single file a
 ``max_processes`` (``RLIMIT_NPROC`` of the agent user, which the kernel enforces at fork; the
 worker stops the run when the agent user's process count reaches it).
 
-Killing works without ``CAP_KILL``: bubblewrap is started by a small holder process of the
-worker's own user (:data:`_HOLDER`) with ``--die-with-parent``, so SIGKILL to the holder makes the
-kernel kill bubblewrap, the namespace's init and so every process of the sandbox. The worker then
-waits on a pidfd of that init, which becomes readable only once the namespace is empty. The
-holder drops every inheritable and ambient capability (``setpriv``) before bubblewrap runs, which
-refuses to run with capabilities it was not installed setuid for.
+Killing works without ``CAP_KILL``: a root worker SIGKILLs the namespace's init itself; a worker
+that is not root may not signal another user's process, so a helper that becomes the agent user
+(:func:`kill_as`, through ``setpriv``) does it. The worker then waits on a pidfd of that init,
+which becomes readable only once the namespace is empty. Bubblewrap is started through
+``prlimit`` (the process and file-size caps) and ``setpriv``, which drops every inheritable and
+ambient capability: bubblewrap refuses to run with capabilities it was not installed setuid for.
 
 Mode ``"none"`` is the explicit opt-out: the program runs as the worker's own user in its own
 process group (killed whole at the end), with none of the isolation above.
@@ -87,6 +87,7 @@ INPUTS_INSIDE = "/intake"
 Mode = Literal["bwrap", "none"]
 Network = Literal["none", "egress", "host"]
 SETPRIV = "/usr/bin/setpriv"
+PRLIMIT = "/usr/bin/prlimit"
 SOCAT = "/usr/bin/socat"
 EGRESS_SOCKET_INSIDE = "/run/intake-egress.sock"
 TMP_INSIDE = "/tmp"
@@ -273,8 +274,9 @@ class Sandbox:
         if not (os.path.isfile(self.bwrap) and os.access(self.bwrap, os.X_OK)):
             raise SandboxError(f"bubblewrap not found at {self.bwrap} (apt-get install bubblewrap), "
                                'or set sandbox = "none" in the worker config to run agents unsandboxed')
-        if not os.access(SETPRIV, os.X_OK):
-            raise SandboxError(f"setpriv not found at {SETPRIV} (apt-get install util-linux)")
+        for tool in (SETPRIV, PRLIMIT):
+            if not os.access(tool, os.X_OK):
+                raise SandboxError(f"{tool} not found (apt-get install util-linux)")
         if self.network == "egress" and not os.access(SOCAT, os.X_OK):
             raise SandboxError(f"socat not found at {SOCAT} (apt-get install socat); it bridges the "
                                "egress proxy into the sandbox")
@@ -417,33 +419,6 @@ _FORWARDER = (
     'exec "$@"\n'
 )
 
-# The worker's own small process between it and bubblewrap (argv: worker pid, max processes,
-# max file size, then the command). Linux SIGKILLs it when the worker dies; killing it makes
-# bubblewrap (--die-with-parent) and so the whole sandbox die, with no CAP_KILL needed. The
-# limits are set in the forked child only: RLIMIT_NPROC counts the processes of the child's
-# user, which setpriv then makes the agent user.
-_HOLDER = """
-import ctypes, os, resource, sys
-ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)
-if os.getppid() != int(sys.argv[1]):
-    os._exit(1)
-pid = os.fork()
-if pid == 0:
-    try:
-        resource.setrlimit(resource.RLIMIT_NPROC, (int(sys.argv[2]),) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]),) * 2)
-        os.execv(sys.argv[4], sys.argv[4:])
-    except OSError as exc:
-        os.write(2, f"intake-sandbox: cannot start {sys.argv[4]}: {exc.strerror}\\n".encode())
-    os._exit(126)
-while True:
-    try:
-        _, status = os.waitpid(pid, 0)
-        break
-    except InterruptedError:
-        continue
-os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-"""
 
 
 _PR_SET_PDEATHSIG = 1
@@ -610,8 +585,11 @@ class _Run:
             # (a worker with ambient capabilities would otherwise hand them to bubblewrap).
             drop = [SETPRIV, f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--clear-groups",
                     "--inh-caps=-all", "--ambient-caps=-all", "--"]
-            argv = [sys.executable, "-I", "-S", "-c", _HOLDER, str(os.getpid()),
-                    str(_nproc_limit(self.limits.max_processes)), str(self.limits.max_disk_bytes), *drop, *inner]
+            # prlimit: the agent user's process cap (counted from setpriv's uid change on) and the
+            # per-file size cap. Each of the three execs the next: bubblewrap is the worker's own
+            # child, so --die-with-parent ties the sandbox to the worker process.
+            nproc, fsize = _nproc_limit(self.limits.max_processes), self.limits.max_disk_bytes
+            argv = [PRLIMIT, f"--nproc={nproc}:{nproc}", f"--fsize={fsize}:{fsize}", "--", *drop, *inner]
             try:
                 proc = subprocess.Popen(  # type: ignore[call-overload]
                     argv, cwd="/", pass_fds=(info_w,), start_new_session=True, **common)
@@ -640,9 +618,9 @@ class _Run:
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(child)
             # The pid could in theory have been reused already: it is ours only if its parent is
-            # bubblewrap, whose parent is the holder (read from /proc/PID/stat, which needs no
-            # permission over the agent user's processes). Else the namespace's init is gone.
-            if _parent(_parent(child)) == proc.pid:
+            # bubblewrap (read from /proc/PID/stat, which needs no permission over the agent
+            # user's processes). Else the namespace's init is gone.
+            if _parent(child) == proc.pid:
                 self.init_pidfd = pidfd
             else:
                 os.close(pidfd)
@@ -685,8 +663,8 @@ class _Run:
             pass
         except PermissionError:
             kill_as(self.user, [self.ns_inode])
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()  # the holder (the worker's own process)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            proc.kill()  # bubblewrap itself (the agent user's: a non-root worker relies on kill_as)
         if self.init_pidfd is not None:
             # Readable once the namespace's init has exited, which the kernel lets happen only
             # after every other process of the namespace is gone.
