@@ -20,7 +20,7 @@ from intake.core.models import TaskState
 from intake.core.resources import EXAMPLE_POLICY
 from intake.operations.indicators.figures import broker_figures
 from intake.protocol import envelope as provenance
-from tests.api_harness import running_broker
+from tests.api_harness import link_os_user, running_broker
 from tests.conftest import FakeClock
 from tests.workers.harness import Rig, make_rig
 from tests.workers.test_egress import _Counting, listeners  # noqa: F401
@@ -94,11 +94,13 @@ def test_the_agent_reaches_the_allowlisted_stub_only_and_provenance_names_the_eg
     assert [(a["host"], a["port"], a["allowed"], a["reason"]) for a in egress["attempts"]] == [
         ("127.0.0.1", stub.port, True, "allowed"), ("127.0.0.1", forbidden.port, False, "not on the allowlist")]
     assert egress["attempts"][0]["bytesDown"] > 0
+    link_os_user(rig.settings)  # the CLI reads as the OS user, who must be a person
     with running_broker(rig.settings) as broker:
         result = CliRunner().invoke(cli, ["provenance", "verify", sha, "--repo", str(clone), "--json"],
                                     env=rig.env(INTAKE_URL=broker.socket_url), catch_exceptions=False)
+    assert result.exit_code == 0, (result.output, result.exception)
     out = json.loads(result.stdout)
-    assert result.exit_code == 0 and out["ok"] is True, out
+    assert out["ok"] is True, out
 
 
 def test_without_an_allowlist_the_stub_is_unreachable_and_the_run_fails_with_the_record(
