@@ -35,7 +35,7 @@ from intake.storage.outage import (
     outage_middleware,
     watch_redis,
 )
-from intake.tasks.worker_reports import ReportProcessor, ensure_worker_key
+from intake.tasks.worker_reports import ReportProcessor, ensure_worker_key, policy_scope
 
 log = logging.getLogger("intake.app")
 
@@ -185,7 +185,8 @@ async def _dev_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     key is issued here on first start (or again when it is not the current one)."""
     from intake.workers.dev import DEV_WORKER_NAME, start_dev_worker, stop_dev_worker
 
-    await asyncio.to_thread(ensure_worker_key, app[BROKER], DEV_WORKER_NAME)
+    scope = policy_scope(app[BROKER].policy)  # what the dev worker's config serves
+    await asyncio.to_thread(ensure_worker_key, app[BROKER], DEV_WORKER_NAME, scope)
     handle = await asyncio.to_thread(start_dev_worker, app[SETTINGS])
     log.info("dev worker started (demo agent, local bare repos in %s)", app[SETTINGS].data_dir / "repos")
     try:

@@ -9,7 +9,8 @@ renewing a lease, retrying an abandoned run, counting approvals, starting while 
 broker calls :meth:`Ledger.follow` and decides from here; a Redis record that disagrees is refused
 and reported as tampering (:meth:`Ledger.tampered`).
 
-Terminal task states are final here whatever any later record says. A break in the chain (an
+Terminal task states are final here whatever any later record says. A replayed copy of a genuine
+entry is skipped (see :meth:`Ledger._entry`), never a halt. A break in the chain (an
 edited, deleted, inserted or reordered sealed entry; sealed history behind the checkpoint) halts
 the ledger: :meth:`Ledger.require_live` refuses every power decision until an operator accepts the
 loss (``intake audit accept-rollback``), which is itself a sealed event the ledger reads.
@@ -79,6 +80,33 @@ class TaskFact:
     result_approvals: list[ApprovalFact] = field(default_factory=list)
     result_rule: dict[str, object] | None = None  # the ApprovalRule it waits for, None: none
     deliveries: int = 0
+    # Issue 19: the worker that claimed the live run (only it may report on it), and the
+    # worker whose run produced ``result_commit`` (a result approval binds to it too).
+    worker: str | None = None
+    result_worker: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerScope:
+    """What a registered worker may serve (sealed ``worker.registered``): a claim is accepted
+    only for a task whose queue, repo and change type are all in here (issue 19)."""
+
+    queues: frozenset[str]
+    repos: frozenset[str]
+    change_types: frozenset[str]
+
+    def serves(self, *, queue: str | None, repo: str, change_type: str) -> bool:
+        return queue in self.queues and repo in self.repos and change_type in self.change_types
+
+    def as_data(self) -> dict[str, list[str]]:
+        return {"queues": sorted(self.queues), "repos": sorted(self.repos), "change_types": sorted(self.change_types)}
+
+    @classmethod
+    def from_data(cls, data: dict[str, object]) -> WorkerScope:
+        def names(key: str) -> frozenset[str]:
+            value = data.get(key)
+            return frozenset(str(v) for v in value) if isinstance(value, list) else frozenset()
+        return cls(names("queues"), names("repos"), names("change_types"))
 
 
 @dataclass
@@ -102,6 +130,7 @@ class Ledger:
         self.approvers: dict[str, ApproverFact] = {}
         self.workers: dict[str, int | None] = {}  # current report-key generation, None if revoked
         self.worker_generations: dict[str, int] = {}  # the highest generation ever issued
+        self.worker_scopes: dict[str, WorkerScope] = {}  # what each registered worker may serve
         self.frozen: dict[str, object] | None = None
         self.anomalies: list[Anomaly] = []
         self._accepted = 0  # anomalies[:_accepted] were accepted by an operator
@@ -175,15 +204,18 @@ class Ledger:
 
     def _entry(self, sealed: SealedEntry) -> None:
         """Apply one sealed broker event, once. A verbatim copy of a genuine event carries a
-        valid MAC (and is sealed ``ok``), so anyone who can XADD could replay an old thaw, key
-        issue or enrolment; the event's unique ``eid`` tells the copy, which halts the ledger
-        (as ``audit verify`` reports it) and is never applied."""
+        valid MAC, so anyone who can XADD could replay an old thaw, key issue or enrolment. The
+        sealer seals such a copy ``rejected:replay`` (never applied: it has no event here); and
+        should its replay index have been tampered with, the event's unique ``eid`` still tells
+        the copy here, which is skipped. Neither halts the ledger: a replay changes no sealed
+        history, and halting on one would let any Redis writer stop the broker (issue 19)."""
         ev = sealed.event
         if ev is None:
             return
         if ev.eid in self._eids:
-            self._anomaly(Anomaly(sealed.id, "replayed",
-                                  f"event {sealed.id} (#{sealed.seq}): a replayed copy of an earlier event", sealed.seq))
+            if self.first_report((sealed.id, "replayed")):
+                log.warning("audit entry %s (#%d) is a replayed copy of an earlier event; skipped",
+                            sealed.id, sealed.seq)
             return
         self._eids.add(ev.eid)
         self._apply(ev)
@@ -216,8 +248,10 @@ class Ledger:
                 ))
         elif action == "result.approved":
             fact = self.tasks.get(subject)
+            # Bound to the commit and to the worker whose run produced it (issue 19).
             if (fact is not None and fact.state is TaskState.AWAITING_RESULT_APPROVAL
-                    and fact.result_commit is not None and data.get("sha") == fact.result_commit):
+                    and fact.result_commit is not None and data.get("sha") == fact.result_commit
+                    and data.get("worker", fact.result_worker) == fact.result_worker):
                 fact.result_approvals.append(ApprovalFact(
                     approver=ev.actor.removeprefix("approver:"), generation=int(data.get("generation", 0)),
                     spec_hash=str(data.get("spec_hash", "")), at=ev.at, via=str(data.get("via", "cli")),
@@ -232,6 +266,8 @@ class Ledger:
             self.workers[subject] = self.worker_generations[subject] = int(data["generation"])  # type: ignore[call-overload]
         elif action == "worker.key_revoked":
             self.workers[subject] = None
+        elif action == "worker.registered":
+            self.worker_scopes[subject] = WorkerScope.from_data(data)
         elif action == "audit.rollback_accepted":
             self._accepted = len(self.anomalies)
 
@@ -260,6 +296,7 @@ class Ledger:
             if fact.state is TaskState.DELIVERING and nonce in fact.dispatches:
                 fact.deliveries = int(data.get("attempt", fact.deliveries + 1))  # type: ignore[call-overload]
                 fact.run = str(data.get("run", "")) or None
+                fact.worker = str(data.get("worker", "")) or None
                 fact.started_at = ev.at
                 fact.used_nonces.add(nonce)
                 fact.dispatches = {}
@@ -279,16 +316,19 @@ class Ledger:
             # A new commit: a new quarantined result, and approvals of any earlier one are void.
             fact.result_commit = str(data.get("commit", "")) or None
             fact.result_approvals = []
+            fact.result_worker = fact.worker
             rule = data.get("rule")
             fact.result_rule = rule if isinstance(rule, dict) else None
         if state is TaskState.RUNNING:
             fact.attempts = int(data.get("attempt", fact.attempts + 1))  # type: ignore[call-overload]
             fact.run = str(data.get("run", "")) or None
+            fact.worker = str(data.get("worker", "")) or None
             fact.started_at = ev.at
             if data.get("nonce"):
                 fact.used_nonces.add(str(data["nonce"]))
         else:
             fact.run = None
+            fact.worker = None
         if state is TaskState.QUEUED:
             if data.get("window_ends_at") is not None:
                 fact.window_ends_at = float(data["window_ends_at"])  # type: ignore[arg-type]
@@ -336,12 +376,15 @@ class Ledger:
             return [] if fact is None else self._current(fact.approvals, fact.spec_hash,
                                                          lambda a: a.at > now - validity)
 
-    def counted_result_approvals(self, task_id: str) -> list[ApprovalFact]:
-        """The approvals that count for the task's quarantined commit: of that very SHA (a new
-        commit starts over), one per approver, by an approver whose enrolment is still current."""
+    def counted_result_approvals(self, task_id: str, *, now: float, validity: float) -> list[ApprovalFact]:
+        """The approvals that count for the task's quarantined commit: of that very SHA and the
+        worker that produced it (a new commit starts over), within their validity (issue 19:
+        an old result approval does not count), one per approver, by an approver whose
+        enrolment is still current."""
         with self._lock:
             fact = self.tasks.get(task_id)
-            return [] if fact is None else self._current(fact.result_approvals, fact.spec_hash, lambda a: True)
+            return [] if fact is None else self._current(fact.result_approvals, fact.spec_hash,
+                                                         lambda a: a.at > now - validity)
 
     def _current(self, approvals: list[ApprovalFact], spec_hash: str,
                  keep: Callable[[ApprovalFact], bool]) -> list[ApprovalFact]:
@@ -365,6 +408,11 @@ class Ledger:
         if record.spec_hash != fact.spec_hash or record.spec.spec_hash() != fact.spec_hash:
             return "the record's spec is not the one the sealed history names"
         return None
+
+    def worker_scope(self, worker: str) -> WorkerScope | None:
+        """What ``worker`` is registered to serve (None: not registered, so it serves nothing)."""
+        with self._lock:
+            return self.worker_scopes.get(worker)
 
     def first_report(self, key: tuple[str, str]) -> bool:
         """True the first time ``key`` is reported by this process (tamper reports stay few)."""

@@ -59,17 +59,25 @@ log = logging.getLogger("intake.audit.log")
 GENESIS = "0" * 64
 _PAGE = 500
 OK = "ok"
+#: The verdict for a verbatim copy of an earlier genuine entry (same ``eid``/``rid``): its MAC
+#: holds, but it is not a new event. Sealed, kept in order, and never applied: a Redis writer
+#: replaying history gets a rejected entry, not a halted broker (issue 19).
+REPLAY = "rejected:replay"
 
 #: What a worker may say, on its own report key; everything else is the broker's to say.
 # Publish a batch of seals only while the caller holds the sealer lease with a current fencing
 # token (-1 otherwise: a paused old holder cannot seal) and nobody advanced the head meanwhile
-# (0). A publish renews the lease, so a long catch-up never outlives it.
+# (0). A publish renews the lease, so a long catch-up never outlives it. ARGV[6] is how many
+# (stream id, seal) pairs follow; after them come (unique id, stream id) pairs for the index of
+# genuine entries the sealer uses to recognise replays.
 _FENCED_SEALS = """
 if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -1 end
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then return -1 end
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[6])
+for i = 7, 6 + n * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 7 + n * 2, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return 1
@@ -117,7 +125,10 @@ class Anomaly:
 
     @property
     def fatal(self) -> bool:
-        return self.kind != "rejected"
+        # A replayed copy of a genuine entry is not a break in sealed history: it is skipped
+        # (sealed ``rejected:replay``, or, if the sealer's index was tampered with, recognised
+        # by its ``eid`` when read). Only an edit, deletion, insertion, reorder or rollback halts.
+        return self.kind not in ("rejected", "replayed")
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "seq": self.seq, "kind": self.kind, "fatal": self.fatal, "message": self.message}
@@ -143,6 +154,19 @@ class SealedEntry:
     verdict: str
     event: AuditEvent | None  # set when the verdict is ok and the entry is a broker event
     fields: dict[str, str] = field(repr=False, default_factory=dict)
+
+
+def entry_uid(fields: dict[str, str]) -> str:
+    """The unique id an entry carries (a broker event's ``eid``, a worker report's ``rid``), or
+    ``""``. Two entries with one uid are one event twice: the later is a replay."""
+    try:
+        data = json.loads(fields.get("e", ""))
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    uid = data.get("rid" if fields.get("k") == "w" else "eid")
+    return uid if isinstance(uid, str) else ""
 
 
 def _id_key(stream_id: str) -> tuple[int, int]:
@@ -173,6 +197,11 @@ class AuditLog:
         self.stream = f"{prefix}:audit"
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
+        # uid -> stream id of the first genuine entry with it: the sealer's replay index. Only a
+        # hint: a hit counts only when that earlier entry is there and judges ok with the same
+        # uid (so a planted uid cannot get a fresh genuine event sealed as a replay), and a
+        # deleted hint only lets a replay be sealed ok, which every reader skips by its uid.
+        self.uids = f"{prefix}:audit:uids"
         self._cas = client.register_script(_FENCED_SEALS)
         self.lease = SealerLease(client, prefix)
         self._wake = threading.Event()
@@ -453,18 +482,23 @@ class AuditLog:
                 return published
             prev, seq = (head.seal, head.seq) if head else (GENESIS, 0)
             args: list[str] = []
+            verdicts = self._verdicts(entries)
+            uid_args: list[str] = []
             last = head
             for stream_id, fields in entries:
                 seq += 1
-                verdict = self.judge(fields)
+                verdict, uid = verdicts[stream_id]
+                if verdict == OK and uid:
+                    uid_args += [uid, stream_id]
                 if verdict != OK:
                     log.warning("audit entry %s sealed as %s", stream_id, verdict)
                 prev = self._seal(prev, seq, stream_id, fields.get("m", ""), verdict)
                 args += [stream_id, f"{seq} {prev} {verdict}"]
                 last = Head(stream_id, seq, prev)
             assert last is not None
-            done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence],
-                                 args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms, *args]))
+            done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence, self.uids],
+                                 args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms,
+                                       len(args) // 2, *args, *uid_args]))
             if done < 0:
                 self.lease.lost()
                 raise LeaseLost()
@@ -472,6 +506,40 @@ class AuditLog:
                 published += len(entries)
                 self._write_checkpoint(last)
         return published
+
+    def _verdicts(self, entries: list[tuple[str, dict[str, str]]]) -> dict[str, tuple[str, str]]:
+        """Each entry's verdict and uid for sealing: :meth:`judge`'s, except that a genuine entry
+        whose uid an earlier genuine entry carries (in this batch, or per the index, checked
+        against the entry it names) is sealed :data:`REPLAY`."""
+        judged = {sid: (self.judge(f), entry_uid(f)) for sid, f in entries}
+        uids = [uid for verdict, uid in judged.values() if verdict == OK and uid]
+        hints = dict(zip(uids, self.r.hmget(self.uids, uids), strict=True)) if uids else {}
+        first: dict[str, str] = {}
+        out: dict[str, tuple[str, str]] = {}
+        for sid, (verdict, uid) in judged.items():
+            if verdict == OK and uid:
+                earlier = first.get(uid) or self._genuine_earlier(hints.get(uid), uid, sid)
+                if earlier is not None:
+                    log.warning("audit entry %s is a replay of %s", sid, earlier)
+                    verdict = REPLAY
+                else:
+                    first[uid] = sid
+            out[sid] = (verdict, uid)
+        return out
+
+    def _genuine_earlier(self, hint: str | None, uid: str, stream_id: str) -> str | None:
+        """``hint`` when it names an earlier entry that judges ok and carries ``uid``."""
+        if not hint:
+            return None
+        try:
+            if _id_key(hint) >= _id_key(stream_id):
+                return None
+        except ValueError:
+            return None
+        found = self.r.xrange(self.stream, hint, hint)
+        if not found or self.judge(found[0][1]) != OK or entry_uid(found[0][1]) != uid:
+            return None
+        return hint
 
     def accept_rollback(self, *, actor: str, reason: str) -> str | None:
         """The operator accepts that sealed history behind the checkpoint is gone: record a
@@ -571,6 +639,8 @@ class AuditLog:
             return Anomaly(stream_id, "reordered",
                            f"event {stream_id} (#{seq}): seal mismatch; history was reordered or altered", seq)
         verdict = self.judge(fields)
+        if verdict == OK and stored_verdict == REPLAY:
+            return REPLAY  # the sealer recognised a copy (the seal's MAC vouches for the verdict)
         if verdict != stored_verdict:
             return Anomaly(stream_id, "altered", f"event {stream_id} (#{seq}): contents altered (MAC mismatch)", seq)
         return verdict
@@ -589,8 +659,8 @@ class AuditLog:
                 anomalies.append(Anomaly(sealed.id, "rejected",
                                          f"event {sealed.id} (#{sealed.seq}): sealed as {sealed.verdict}", sealed.seq))
                 return
-            eid = json.loads(sealed.fields["e"]).get("eid") or json.loads(sealed.fields["e"]).get("rid", "")
-            if eid in seen:
+            eid = entry_uid(sealed.fields)
+            if eid and eid in seen:
                 anomalies.append(Anomaly(sealed.id, "replayed", f"event {sealed.id}: a replayed copy of an earlier event",
                                          sealed.seq))
             seen[eid] = sealed.id

@@ -436,13 +436,25 @@ def worker_key() -> None:
 @click.argument("name")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the key file (default keys/workers/NAME.key in the data dir).")
-def worker_key_issue(name: str, output: Path | None) -> None:
-    """Issue worker NAME a new report key (any older one stops working at once)."""
-    from intake.protocol.keyfiles import write_worker_key
-    from intake.tasks.worker_reports import issue_worker_key
+@click.option("--queue", "queues", multiple=True, help="A queue NAME may serve (repeatable).")
+@click.option("--repo", "repos", multiple=True, help="A repo NAME may work on (repeatable).")
+@click.option("--change-type", "change_types", multiple=True, help="A change type NAME may make (repeatable).")
+def worker_key_issue(name: str, output: Path | None, queues: tuple[str, ...], repos: tuple[str, ...],
+                     change_types: tuple[str, ...]) -> None:
+    """Issue worker NAME a new report key (any older one stops working at once).
 
+    With --queue/--repo/--change-type, first register (a sealed ``worker.registered``) what
+    NAME may serve, replacing any earlier registration: the broker grants a claim only to a
+    worker registered for the task's queue, repo and change type. A worker never registered
+    serves nothing."""
+    from intake.protocol.keyfiles import write_worker_key
+    from intake.tasks.worker_reports import issue_worker_key, worker_scope
+
+    scope = worker_scope(queues, repos, change_types) if (queues or repos or change_types) else None
     with _local_broker() as (broker, actor):
-        generation, key = issue_worker_key(broker, name, actor=actor)
+        if scope is None and broker.ledger.follow().worker_scope(name) is None:
+            raise InvalidInput(f"worker {name} is not registered: give --queue, --repo and --change-type")
+        generation, key = issue_worker_key(broker, name, actor=actor, scope=scope)
         path = output or broker.settings.worker_key_path(name)
         write_worker_key(path, name, generation, key)
     click.echo(f"worker {name}: key generation {generation} written to {path} (mode 0600); "

@@ -41,7 +41,7 @@ from redis.sentinel import Sentinel
 
 from intake.core.errors import RedisUnavailable
 from intake.core.files import read_or_create_secret_text, write_atomic
-from intake.core.redis_acl import ROLES, aclfile, password_hash
+from intake.core.redis_acl import ACL_LOADER, ROLES, acl_rules, aclfile, password_hash, worker_user
 from intake.core.redis_url import parse_sentinel_url
 from intake.core.settings import Settings
 
@@ -178,6 +178,57 @@ class EmbeddedRedis:
         password = read_or_create_secret_text(self.password_file(role))
         return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
 
+    # -- per-worker users (issue 19) -------------------------------------------------------
+    def _worker_password_file(self, worker: str) -> Path:
+        return self.keys_dir / f"redis-worker-{worker}.pass"
+
+    def _named_workers(self) -> tuple[str, ...]:
+        found = sorted(p.name.removeprefix("redis-worker-").removesuffix(".pass")
+                       for p in self.keys_dir.glob("redis-worker-*.pass"))
+        return tuple(found)
+
+    def worker_url(self, worker: str) -> str:
+        """Worker ``worker``'s own user (its own leases and report stream only), created on the
+        running server if it is new: the users file is rewritten (for the next start) and the
+        one new user set (``ACL SETUSER``, the only thing the loader user may do; ``ACL LOAD``
+        would drop every client of every user on Redis 6.2)."""
+        password_file = self._worker_password_file(worker)
+        new = not password_file.exists()
+        password = read_or_create_secret_text(password_file)
+        if new or worker_user(self.prefix, worker) not in (self.dir / "users.acl").read_text():
+            with open(self.dir / "start.lock", "a") as start:
+                _lock(start, fcntl.LOCK_EX, 20.0, "start")
+                try:
+                    self._write_users()
+                    rules = acl_rules(ROLES["worker"], self.prefix, password_hash(password), selectors=False,
+                                      worker=worker)
+                    loader = make_client(self._loader_url())
+                    try:
+                        loader.execute_command("ACL", "SETUSER", worker_user(self.prefix, worker), *rules)
+                    finally:
+                        loader.close()
+                finally:
+                    fcntl.flock(start, fcntl.LOCK_UN)
+        user = worker_user(self.prefix, worker)
+        return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
+
+    def _loader_url(self) -> str:
+        user = f"{self.prefix}-{ACL_LOADER}"
+        password = read_or_create_secret_text(self.keys_dir / f"redis-{ACL_LOADER}.pass")
+        return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
+
+    def _write_users(self) -> None:
+        """The users file: every role, every named worker's own user, and the loader."""
+        workers = self._named_workers()
+        hashes = {ROLES[role].user(self.prefix): password_hash(read_or_create_secret_text(self.password_file(role)))
+                  for role in ROLES}
+        hashes.update({worker_user(self.prefix, w): password_hash(
+            read_or_create_secret_text(self._worker_password_file(w))) for w in workers})
+        hashes[f"{self.prefix}-{ACL_LOADER}"] = password_hash(
+            read_or_create_secret_text(self.keys_dir / f"redis-{ACL_LOADER}.pass"))
+        write_atomic(self.dir / "users.acl",
+                     aclfile(self.prefix, hashes, workers=workers, shared_worker=True, loader=True).encode(), 0o600)
+
     @property
     def url(self) -> str:
         """The broker user's URL."""
@@ -293,9 +344,7 @@ class EmbeddedRedis:
         # Users and config are rewritten on every start, so a changed role takes effect on the
         # next start; missing password files (a data dir from before the ACL users) are created.
         self._check_writable()
-        hashes = {ROLES[role].user(self.prefix): password_hash(read_or_create_secret_text(self.password_file(role)))
-                  for role in ROLES}
-        write_atomic(self.dir / "users.acl", aclfile(self.prefix, hashes).encode(), 0o600)
+        self._write_users()
         conf = self.dir / "redis.conf"
         write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync).encode(),
                      0o600)
@@ -369,10 +418,11 @@ class EmbeddedRedis:
 
 
 @contextmanager
-def redis_urls(settings: Settings) -> Iterator[dict[Role, str]]:
+def redis_urls(settings: Settings, *, worker: str | None = None) -> Iterator[dict[Role, str]]:
     """The Redis URL per role for the duration of the block (joining the embedded server if
     needed). A configured ``INTAKE_REDIS_URL`` serves every role: each process is given the URL
-    of its own user."""
+    of its own user. With ``worker``, the embedded server's ``worker`` URL is that worker's own
+    user (issue 19), not the shared one."""
     if settings.redis_url is not None:
         url = with_tls_files(settings.redis_url.get_secret_value(), settings)
         yield {"broker": url, "worker": url, "readonly": url}
@@ -380,7 +430,10 @@ def redis_urls(settings: Settings) -> Iterator[dict[Role, str]]:
     embedded = EmbeddedRedis(settings.data_dir, prefix=settings.key_prefix, appendfsync=settings.redis_appendfsync)
     embedded.acquire()
     try:
-        yield {role: embedded.url_for(role) for role in ROLES}  # type: ignore[misc]
+        urls = {role: embedded.url_for(role) for role in ROLES}
+        if worker is not None:
+            urls["worker"] = embedded.worker_url(worker)
+        yield urls  # type: ignore[misc]
     finally:
         embedded.release()
 
@@ -403,10 +456,11 @@ def check_server(client: redis.Redis) -> None:
 
 
 @contextmanager
-def open_redis(settings: Settings, *, role: str = "broker") -> Iterator[tuple[str, redis.Redis]]:
+def open_redis(settings: Settings, *, role: str = "broker", worker: str | None = None) -> Iterator[tuple[str, redis.Redis]]:
     """Redis (embedded or configured) for the block's duration, as ``role``'s Redis user (see
-    :mod:`intake.core.redis_acl`; a configured URL is used as given): its URL and a text client."""
-    with redis_urls(settings) as urls:
+    :mod:`intake.core.redis_acl`; a configured URL is used as given): its URL and a text client.
+    ``worker``: on the embedded server, that worker's own user."""
+    with redis_urls(settings, worker=worker) as urls:
         url = urls[role]
         client = make_client(url)
         try:

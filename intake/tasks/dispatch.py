@@ -290,7 +290,9 @@ class Dispatcher:
 
     def lease_ok(self, fact: TaskFact) -> bool:
         """Whether the running attempt holds a broker-signed, granted, unexpired lease."""
-        raw = self.store.r.get(self.keys.lease(fact.id))
+        if fact.worker is None:
+            return False
+        raw = self.store.r.get(self.keys.lease(fact.worker, fact.id))  # the claimer's own lease key
         if not raw:
             return False
         try:

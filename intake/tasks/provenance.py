@@ -83,8 +83,8 @@ class LogFacts:
 def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
     """Walk the whole sealed chain (checking every seal) and collect the facts of ``task_id``'s
     run that produced ``commit``. Only genuine entries count: broker events sealed ``ok`` and
-    the worker's own MAC'd reports sealed ``ok``; a replayed copy (a repeated ``eid``) is ignored
-    and reported as an anomaly, like every break in the chain."""
+    the worker's own MAC'd reports sealed ``ok``; a replayed copy (a repeated ``eid``) is skipped,
+    and every break in the chain is reported as an anomaly."""
     facts = LogFacts(task_id, commit)
     ideas: dict[str, dict[str, Any]] = {}
     runs: dict[str, dict[str, Any]] = {}  # the running events of the task, by run id
@@ -102,8 +102,7 @@ def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
                 _report(sealed.fields.get("e", ""))
             return
         if ev.eid in seen:
-            facts.anomalies.append(f"event {sealed.id}: a replayed copy of an earlier event")
-            return
+            return  # a replayed copy (sealed ok only if the sealer's index was tampered): skipped
         seen.add(ev.eid)
         data, action = ev.data, ev.action
         if action == "idea.captured":
@@ -309,6 +308,8 @@ def issue(broker: BrokerHandle, task: Task, commit: str) -> Issued:
         raise ProvenanceInvalid("audit_broken", f"the audit chain is broken: {facts.anomalies[0]}")
     if (missing := facts.missing()) is not None:
         raise ProvenanceInvalid("incomplete", f"the sealed log has no {missing} fact for {task.id} at {commit[:12]}")
+    if (why := _not_quarantined(broker, task.id, commit, facts)) is not None:
+        raise ProvenanceInvalid("not_quarantined", why)
     idea = broker.store.get_idea(task.idea_id)
     if idea.id != (facts.created or {}).get("idea") or not broker.audit.record_ok("idea", idea_fields(idea), idea.mac):
         raise ProvenanceInvalid("tampered", f"idea {task.idea_id} failed its integrity check")
@@ -316,6 +317,22 @@ def issue(broker: BrokerHandle, task: Task, commit: str) -> Issued:
     statement = build_statement(facts, record)
     envelope = sign_statement(broker.signer, statement)
     return Issued(task.id, commit, envelope, digest_of(envelope), digest_of(canonical_json(statement)))
+
+
+def _not_quarantined(broker: BrokerHandle, task_id: str, commit: str, facts: LogFacts) -> str | None:
+    """Why ``commit`` is not the task's quarantined result, or None (issue 19). The broker signs
+    provenance only for the commit its ledger names as the result, which the worker that
+    claimed that very run reported (MAC'd with its own key, sealed) as pushed to the task's
+    quarantine ref; the delivery worker then checks the ref holds exactly that commit."""
+    fact = broker.ledger.follow().task(task_id)
+    if fact is None or fact.result_commit != commit:
+        return f"{commit[:12]} is not the result the sealed history names for {task_id}"
+    report, running = facts.report or {}, facts.running or {}
+    if not running.get("worker") or report.get("w") != running.get("worker"):
+        return f"the result report for {task_id} is not from the worker that claimed the run"
+    if report.get("commit") != commit or report.get("quarantine") != f"refs/intake/{task_id}":
+        return f"the claiming worker did not report {commit[:12]} as quarantined at refs/intake/{task_id}"
+    return None
 
 
 def record_issued(broker: BrokerHandle, pipe: Any, issued: Issued) -> None:
