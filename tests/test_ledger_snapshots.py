@@ -33,6 +33,7 @@ def counting(rig: Rig) -> tuple[Ledger, list[int]]:
 
 def test_a_start_replays_only_what_follows_the_snapshot_and_believes_the_same(rig: Rig) -> None:
     task = rig.promote()
+    rig.issue_key("w1")  # a registered worker: its scope must survive the snapshot too
     rig.broker.ledger.follow()
     assert rig.broker.ledger.snapshot_if_due(every=1)
     snap = rig.broker.ledger.snapshot_at
@@ -52,6 +53,7 @@ def test_a_start_replays_only_what_follows_the_snapshot_and_believes_the_same(ri
     full._loaded = True  # no snapshot: the whole log
     full.follow()
     assert facts(fresh) == facts(full)
+    assert "w1" in fresh.worker_scopes
     assert fresh.task(task.id).state is TaskState.REVOKED  # type: ignore[union-attr]
     assert fresh.halted is None
 

@@ -66,7 +66,7 @@ SNAPSHOT_VERSION = 1
 #: How often the clocks walk the whole chain again (in a thread, outside the ledger lock).
 FULL_CHECK_EVERY_S = 24 * 3600.0
 #: The actions whose events change the ledger: only their unique ids are kept for replay checks.
-_APPLIED_KINDS = ("task.", "approval.", "result.", "broker.", "approver.", "worker.key_", "audit.rollback")
+_APPLIED_KINDS = ("task.", "approval.", "result.", "broker.", "approver.", "worker.", "audit.rollback")
 
 
 @dataclass(frozen=True)
@@ -271,6 +271,7 @@ class Ledger:
             tasks.append(raw)
         return {"tasks": tasks, "approvers": {k: asdict(v) for k, v in self.approvers.items()},
                 "workers": self.workers, "worker_generations": self.worker_generations,
+                "worker_scopes": {k: v.as_data() for k, v in self.worker_scopes.items()},
                 "frozen": self.frozen, "eids": sorted(self._eids)}
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -285,6 +286,7 @@ class Ledger:
         self.approvers = {k: ApproverFact(**v) for k, v in state["approvers"].items()}
         self.workers = dict(state["workers"])
         self.worker_generations = {k: int(v) for k, v in state["worker_generations"].items()}
+        self.worker_scopes = {k: WorkerScope.from_data(v) for k, v in state["worker_scopes"].items()}
         self.frozen = state["frozen"]
         self._eids = set(state["eids"])
 

@@ -159,8 +159,11 @@ class Gatekeeper:
             limits=Limits(
                 run_timeout_s=self.policy.clocks.run_timeout,
                 max_output_bytes=self.policy.limits.max_output_bytes,
+                max_disk_bytes=self.policy.limits.max_disk_bytes,
+                max_processes=self.policy.limits.max_processes,
             ),
             policy_version=self.policy.version_hash,
+            egress=repo.egress,
         )
 
     def approval(self, approver: Approver, spec_hash: str, now: float, via: str, note: str) -> Approval:

@@ -204,6 +204,18 @@ def spec_view(spec: TaskSpec) -> dict[str, Any]:
     return {**body, "promptSha256": digest_of(prompt)}
 
 
+def _egress(facts: Any) -> dict[str, Any] | None:
+    """The run's egress facts as the worker reported them (None: the agent had no allowlist)."""
+    if not isinstance(facts, dict):
+        return None
+    attempts = facts.get("attempts") if isinstance(facts.get("attempts"), list) else []
+    return {"allowlist": facts.get("allowlist"), "allowed": facts.get("allowed"), "refused": facts.get("refused"),
+            "bytesUp": facts.get("bytes_up"), "bytesDown": facts.get("bytes_down"),
+            "attempts": [{"host": a.get("host"), "port": a.get("port"), "allowed": a.get("allowed"),
+                          "reason": a.get("reason"), "bytesUp": a.get("bytes_up"), "bytesDown": a.get("bytes_down")}
+                         for a in attempts if isinstance(a, dict)]}
+
+
 def build_statement(facts: LogFacts, record: dict[str, Any] | None) -> dict[str, Any]:
     """The in-toto Statement v1 for ``facts`` (complete: see :meth:`LogFacts.missing`).
     ``record`` holds the parts under :data:`RECORD_PATHS` (None: left null, for comparing)."""
@@ -237,6 +249,7 @@ def build_statement(facts: LogFacts, record: dict[str, Any] | None) -> dict[str,
         "dispatch": [{k: facts.dispatch.get(k) for k in ("kind", "job", "tokenId", "kid")}],
         "worker": {"name": report.get("w"), "claimedAs": run.get("worker")},
         "sandbox": {"mode": report.get("sandbox"), "network": report.get("network")},
+        "egress": _egress(report.get("egress")),
         "gates": report.get("gates"),
         "checks": [{"name": c.get("name"), "ok": c.get("ok"), "exitCode": c.get("exit_code")}
                    for c in checks if isinstance(c, dict)],
