@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,13 @@ from intake.core.errors import AuditBroken, IntakeError, InvalidInput, NotFound,
 from intake.core.models import IDEA_PENDING, Approver, TaskState
 from intake.core.settings import Settings
 from intake.operations.indicators.figures import broker_figures
+from intake.people.mfa import PERIOD
 from intake.people.passkeys import PasskeyProof
 from intake.runtime import Broker
 from intake.storage.outage import OUTAGE_ERRORS
 from intake.tasks.dependency_view import summarize_dependencies
+from intake.tasks.promotion import accept_bound
+from intake.tasks.review import load_review, split_files
 from intake.text.html import visible_segments
 
 log = logging.getLogger("intake.console")
@@ -175,10 +179,25 @@ class Console:
         broker = self.broker(request)
         ctx.setdefault("error", None)
         ctx.setdefault("notice", request.query.get("done"))
+        ctx.setdefault("next_code_in", self._next_code_in(broker, session.who))
         return aiohttp_jinja2.render_template(
             template, request, {"csrf": session.csrf, "who": session.who, "frozen": broker.gatekeeper.frozen(),
                                 "is_admin": self._is_admin(broker, session.who), **ctx}, status=status,
         )
+
+    @staticmethod
+    def _next_code_in(broker: Broker, who: str | None) -> int:
+        """Seconds until ``who``'s authenticator shows a code they have not used yet (0: now).
+        A code works once: right after a TOTP sign-in (or any action) the code on the screen is
+        spent, so the page says when the next one is due and console.js holds the code forms
+        until then, instead of letting the approver meet "already used"."""
+        if who is None:
+            return 0
+        last = broker.client.get(broker.store.keys.totp_last_step(who))
+        if last is None or not str(last).lstrip("-").isdigit():
+            return 0
+        due = (int(last) + 1) * PERIOD - broker.store.clock()
+        return max(0, math.ceil(due))
 
     @staticmethod
     def _is_admin(broker: Broker, who: str | None) -> bool:
@@ -213,9 +232,10 @@ class Console:
         approver_id = str(form.get("approver", "")).strip()
         broker = self.broker(request)
         try:
-            approver = await self.call(broker.approvers.active, approver_id)
-            await self.call(broker.approvers.check_stepup, approver, self.proof(form),
-                            purpose="signin", subject=approver.id)
+            # One answer for every failure, known id or not (Approvers.signin); failures are
+            # throttled per source address, never on the approver.
+            approver = await self.call(broker.approvers.signin, approver_id, self.proof(form),
+                                       source=request.remote or "unknown")
         except IntakeError as exc:
             return self.render(request, "signin.html", status=403, error=str(exc))
         session = request[SESSION].signed_in(approver.id, broker.store.clock())
@@ -228,12 +248,9 @@ class Console:
     async def signin_options(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         broker = self.broker(request)
-        try:
-            approver = await self.call(broker.approvers.active, str(body.get("approver", "")))
-            challenge_id, options = await self.call(
-                broker.approvers.passkeys.assertion_options, approver, action="signin", subject=approver.id)
-        except IntakeError as exc:
-            return web.json_response({"error": str(exc)}, status=403)
+        approver_id = str(body.get("approver", ""))[:64]
+        # The same answer for any id (nothing says whether it exists): see Passkeys.signin_options.
+        challenge_id, options = await self.call(broker.approvers.passkeys.signin_options, approver_id)
         return web.json_response({"challenge_id": challenge_id, "options": options})
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
@@ -305,14 +322,23 @@ class Console:
         approvals = [{"who": a.approver, "at": a.at, "via": a.via.partition("+")[0],
                       "factor": "passkey" if a.via.endswith("+passkey") else "totp",
                       "current": a.spec_hash == task.spec_hash} for a in task.approvals]
-        # The Accept form names the commit the sealed history holds, never the record's copy.
+        # The Accept form names the commit the sealed history holds, never the record's copy, and
+        # the digest of the diff this page renders (issue 20): no rendered diff, no form.
         accept_sha = await self.call(self._result_commit, broker, task.id) \
             if task.state is TaskState.AWAITING_RESULT_APPROVAL else None
+        fact = await self.call(lambda: broker.ledger.follow().task(task.id))
+        review = await self.call(load_review, broker.store, task.id, fact.result_diff if fact else None,
+                                 (task.result or {}).get("review"))
+        review_files = split_files(review.diff, broker.policy, task.spec.repo) if review and review.diff else []
+        if accept_sha and fact is not None and fact.result_diff is not None and not review_files:
+            accept_sha = None  # the diff cannot be shown (missing or altered in storage): no accept
         return self.render(
             request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
             segments=visible_segments(task.spec.prompt), result=task.result or {},
             dependencies=summarize_dependencies(task.result),
             approvable=task.state is TaskState.AWAITING_APPROVALS, accept_sha=accept_sha,
+            review=review, review_files=[(f, [(k, visible_segments(t)) for k, t in f.lines]) for f in review_files],
+            accept_diff=review.sha256 if review is not None and review_files else "",
             result_approvals=task.result_approvals,
             # Deny and revoke win over a result waiting for approval too.
             deniable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED,
@@ -341,7 +367,8 @@ class Console:
         task_id = request.match_info["task_id"]
         try:
             await self.call(broker.gatekeeper.accept, task_id, approver_id=request[SESSION].who,
-                            code=self.proof(form), sha=str(form.get("sha", "")), via="console")
+                            code=self.proof(form), sha=str(form.get("sha", "")), via="console",
+                            diff_sha256=str(form.get("diff_sha256", "")) or None)
         except IntakeError as exc:
             return await self.task(request, error=str(exc), status=_status(exc))
         return redirect(f"/console/tasks/{task_id}?done=accepted")
@@ -390,9 +417,10 @@ class Console:
                 task = await self.call(broker.store.get_task, subject)
                 bound = task.spec_hash
             elif action == "accept":
-                bound = await self.call(self._result_commit, broker, subject) or ""
-                if not bound:
+                fact = await self.call(lambda: broker.ledger.follow().task(subject))
+                if fact is None or not fact.result_commit:
                     raise NotFound(f"the sealed history holds no result for {subject}")
+                bound = accept_bound(fact.result_commit, fact.result_diff)
             elif action == "thaw" and subject == "broker":
                 bound = ""
             else:
@@ -416,15 +444,18 @@ class Console:
         return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=list(reversed(events)))
 
     # -- approvers and enrolment -----------------------------------------------------------
-    async def approvers(self, request: web.Request, error: str | None = None, link: str | None = None,
+    async def approvers(self, request: web.Request, error: str | None = None, invited: str | None = None,
                         status: int = 200, sent: str | None = None) -> web.Response:
         approvers = await self.call(self.broker(request).approvers.all)
-        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error, link=link,
-                           sent=sent)
+        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error,
+                           invited=invited, sent=sent)
 
     async def enrol_create(self, request: web.Request) -> web.StreamResponse:
-        """An admin enrols a person: an unconfirmed approver and a one-time link. The admin's
-        own step-up is required (enrolment grants power)."""
+        """An admin invites a person: an unconfirmed approver with no secret, and a one-time
+        enrolment link sent to the person's own Slack DM. The admin's own step-up is required
+        (enrolment grants power). The link is never shown to the admin: whoever opens it first
+        sees the seed, so only a channel the person alone controls may carry it. Without one,
+        the person enrols from their own OS account (``intake approver enrol``)."""
         form = await request.post()
         broker = self.broker(request)
         who = request[SESSION].who
@@ -439,15 +470,17 @@ class Console:
             await self.call(broker.approvers.add, broker.policy, approver_id, name=str(form.get("name", "")).strip(),
                             groups=groups, slack_user=str(form.get("slack_user", "")).strip() or None,
                             email=str(form.get("email", "")).strip() or None, actor=f"approver:{who}")
-            token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
+            slack_user = str(form.get("slack_user", "")).strip()
+            if slack_user and self.settings.slack_bot_token is not None:
+                token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
+                link = f"{self.settings.console_origin}/console/enrol/{token}"
+                if await send_by_dm(self.settings, broker.store, slack_user, approver_id, link,
+                                    actor=f"approver:{who}"):
+                    return await self.approvers(request, sent=slack_user)
+                await self.call(EnrolLinks(broker.store).finish, token)  # never shown: dropped at once
         except IntakeError as exc:
             return await self.approvers(request, error=str(exc), status=_status(exc))
-        link = f"{self.settings.console_origin}/console/enrol/{token}"
-        slack_user = str(form.get("slack_user", "")).strip()
-        if slack_user and await send_by_dm(self.settings, broker.store, slack_user, approver_id, link,
-                                           actor=f"approver:{who}"):
-            return await self.approvers(request, sent=slack_user)
-        return await self.approvers(request, link=link)
+        return await self.approvers(request, invited=approver_id)
 
     async def enrol_page(self, request: web.Request) -> web.Response:
         broker = self.broker(request)
@@ -463,7 +496,7 @@ class Console:
         token = request.match_info["token"]
         try:
             approver_id = await self.call(EnrolLinks(broker.store).reveal, token)
-            enrolment = await self.call(broker.approvers.reset, approver_id, actor="console:enrolment-link")
+            enrolment = await self.call(broker.approvers.enrol, approver_id, actor="console:enrolment-link")
         except IntakeError as exc:
             return self.render(request, "enrol.html", status=_status(exc), error=str(exc), stage="gone")
         svg = qrcode.make(enrolment.otpauth_uri, image_factory=qrcode.image.svg.SvgPathImage).to_string(encoding="unicode")

@@ -113,9 +113,11 @@ class Settings(BaseSettings):
     # ... and only on connections from these addresses/networks (the MTA that wrote them): a
     # client connecting directly could write the same header itself.
     smtp_trusted_peers: str = ""
+    # Domains whose ARC seal (ARC-Seal d=) makes an ARC set's results count; empty: ARC never does.
+    smtp_arc_sealers: str = ""
     smtp_relay: str | None = None  # host:port of the relay that carries replies
 
-    @field_validator("smtp_recipients", "smtp_trusted_authserv")
+    @field_validator("smtp_recipients", "smtp_trusted_authserv", "smtp_arc_sealers")
     @classmethod
     def _comma_list(cls, value: str) -> str:
         items = [v.strip().lower() for v in value.split(",") if v.strip()]

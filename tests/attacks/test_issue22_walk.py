@@ -61,7 +61,7 @@ def running(settings: Settings) -> Iterator[tuple[RunningBroker, dict[str, Any]]
     """The real app, an admin approver (alice) with an API token, and one idea and one task."""
     codes = enrol(settings, {"alice": ("platform", ())})["alice"]
     with open_broker(settings) as broker:
-        token = ApiTokens(broker.store, People(broker.store)).create("alice", actor="test:setup")[1]
+        token = ApiTokens(broker.store, People(broker.store)).create("alice", actor="test:setup", scope="power")[1]
         idea, _ = broker.store.capture(draft(text="walk me"))
         other, _ = broker.store.capture(draft(text="promote me"))
         task = broker.gatekeeper.promote(other.id, repo="acme/web", change_type="docs", approver_id="alice",

@@ -87,7 +87,60 @@ async function createWith(button) {
   form.submit();
 }
 
+// A code works once: after a sign-in (or an action) with a code, the code on the approver's
+// screen is spent. The page counts down to the next one, and a code form holding the code just
+// spent in this tab is held (not sent, so no refusal is recorded) until the next code is due.
+const SPENT = "intake-spent-code";
+const PENDING = "intake-sent-code";
+let codeDueIn = 0;
+
+function remember(form) {
+  // Sent, not yet known to be spent: the next page says (no error shown: it was accepted).
+  const code = form.elements.code ? form.elements.code.value.trim() : "";
+  if (code) sessionStorage.setItem(PENDING, code);
+}
+
+function settleSentCode() {
+  const sent = sessionStorage.getItem(PENDING);
+  sessionStorage.removeItem(PENDING);
+  if (sent && !document.getElementById("error")) sessionStorage.setItem(SPENT, sent);  // a spent one-time code
+}
+
+function guardCodeForms() {
+  for (const form of document.querySelectorAll("form")) {
+    if (!form.querySelector("button.totp-submit")) continue;
+    form.addEventListener("submit", (event) => {
+      const code = form.elements.code ? form.elements.code.value.trim() : "";
+      if (codeDueIn > 0 && code && code === sessionStorage.getItem(SPENT)) {
+        event.preventDefault();
+        showError(`That code was already used (a code works once); your next code is due in ${codeDueIn} s.`);
+        return;
+      }
+      remember(form);
+    });
+  }
+}
+
+function waitForNextCode() {
+  const notice = document.getElementById("next-code");
+  if (!notice) return;
+  codeDueIn = parseInt(notice.dataset.dueIn, 10) || 0;
+  const tick = () => {
+    if (codeDueIn > 0) {
+      notice.querySelector(".due").textContent = String(codeDueIn);
+      codeDueIn -= 1;
+      setTimeout(tick, 1000);
+    } else {
+      notice.textContent = "Your next authenticator code is ready.";
+    }
+  };
+  tick();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  settleSentCode();
+  waitForNextCode();
+  guardCodeForms();
   for (const b of document.querySelectorAll("button.passkey-assert")) {
     b.addEventListener("click", () => assertWith(b).catch((e) => showError("passkey: " + e.message)));
   }
