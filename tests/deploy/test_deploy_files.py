@@ -25,10 +25,10 @@ K8S_VERSION = "1.31.0"
 SANDBOX_CAPS = {"SETUID", "SETGID", "CHOWN", "FOWNER"}
 
 # What a secret looks like when someone pastes one: Slack tokens, a Redis URL with a password,
-# PEM private keys, long base64 or hex blobs, password=… assignments.
+# PEM private keys, long base64 or hex blobs (but not an image digest, `@sha256:<hex>`), password=… assignments.
 SECRET = re.compile(
     r"xox[abposr]-[0-9A-Za-z-]{6,}|xapp-[0-9A-Za-z-]{6,}|rediss?://[^:@\s/]*:[^@\s]{6,}@"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----|(?<![\w/.-])[A-Za-z0-9+/]{40,}={0,2}(?![\w/.-])"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----|(?<![\w/.-])(?<!@sha256:)[A-Za-z0-9+/]{40,}={0,2}(?![\w/.-])"
     r"|(?i:password|passwd|secret|token)\s*[:=]\s*['\"]?(?![/.$])[A-Za-z0-9+/_-]{12,}"
 )
 
@@ -48,6 +48,8 @@ def test_the_secret_pattern_catches_what_it_must() -> None:
                     "key: " + "QUJD" * 11):
         assert SECRET.search(planted), planted
     assert not SECRET.search("INTAKE_SIGNING_KEY: /run/secrets/signing_key")
+    assert not SECRET.search("FROM redis:7.2@sha256:" + "ab" * 32)
+    assert SECRET.search("token:" + "ab" * 32), "only an image digest is exempt, not any hex after a colon"
 
 
 def test_no_deploy_file_holds_a_secret() -> None:
