@@ -368,8 +368,9 @@ def _code_needs() -> tuple[set[str], set[str]]:
     scopes |= {EVENT_SCOPES[e] for e in events}
     if any(re.search(r"app\.(command|shortcut)\(", t) for t in source.values()):
         scopes.add("commands")
-    if "def send_by_dm" in source[REPO_ROOT / "intake" / "console" / "enrol.py"]:
-        scopes.add("im:write")  # enrolment links go to the approver's DM with the app
+    # Enrolment links go to the approver's DM with the app as chat.postMessage with the user id as
+    # the channel (the app's Messages tab): chat:write, no im:write (that is conversations.open's).
+    assert "channel=slack_user" in source[REPO_ROOT / "intake" / "console" / "enrol.py"]
     return scopes, events
 
 
