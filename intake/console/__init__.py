@@ -7,6 +7,7 @@ import jinja2
 from aiohttp import web
 
 from intake.console.session import SessionBox
+from intake.console.sso import OidcClient
 from intake.console.views import STATIC_DIR, Console
 from intake.core.resources import TEMPLATES_DIR
 from intake.core.settings import Settings
@@ -25,8 +26,9 @@ def _when(ts: float | None) -> str:
 def mount_console(app: web.Application, settings: Settings, broker_key: web.AppKey[Broker]) -> None:
     """Add the console sub-application at ``/console``. Loads the console key now, so a
     missing or unreadable key stops the server at start."""
-    box = SessionBox(load_secret(settings, "console"))
-    console = Console(settings, broker_key, box)
+    key = load_secret(settings, "console")
+    sso = OidcClient(settings, key) if settings.oidc_issuer else None
+    console = Console(settings, broker_key, SessionBox(key), sso)
     sub = web.Application(middlewares=[console.headers, console.sessions])
     env = aiohttp_jinja2.setup(
         sub, loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "console"), autoescape=True,
@@ -39,6 +41,8 @@ def mount_console(app: web.Application, settings: Settings, broker_key: web.AppK
     r.add_post("/signin", console.signin)
     r.add_post("/signin/options", console.signin_options)
     r.add_post("/signout", console.signout)
+    r.add_get("/sso/start", console.sso_start)
+    r.add_get("/sso/callback", console.sso_callback)
     r.add_get("/ideas", console.ideas)
     r.add_get("/ideas/{idea_id}", console.idea)
     r.add_post("/ideas/{idea_id}/promote", console.promote)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiohttp_jinja2
 import qrcode
 import qrcode.image.svg
@@ -22,11 +23,13 @@ from markupsafe import Markup
 
 from intake.console.enrol import EnrolLinks, send_by_dm
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
+from intake.console.sso import FLOW_COOKIE, FLOW_PATH, FLOW_TTL_S, OidcClient, identity_for
 from intake.core.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
 from intake.core.models import IDEA_PENDING, Approver, TaskState
 from intake.core.settings import Settings
 from intake.operations.indicators.figures import broker_figures
 from intake.people.passkeys import PasskeyProof
+from intake.people.registry import People
 from intake.runtime import Broker
 from intake.tasks.dependency_view import summarize_dependencies
 from intake.text.html import visible_segments
@@ -34,7 +37,7 @@ from intake.text.html import visible_segments
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; "
        "base-uri 'none'; form-action 'self'")
-PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/")
+PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/", "/console/sso/")
 SESSION = web.RequestKey("session", Session)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUS = {Refused: 403, NotFound: 404, InvalidInput: 400}
@@ -52,10 +55,12 @@ def _status(exc: IntakeError) -> int:
 class Console:
     """Handlers and middlewares of the ``/console`` sub-application."""
 
-    def __init__(self, settings: Settings, broker_key: web.AppKey[Broker], box: SessionBox) -> None:
+    def __init__(self, settings: Settings, broker_key: web.AppKey[Broker], box: SessionBox,
+                 sso: OidcClient | None = None) -> None:
         self.settings = settings
         self.broker_key = broker_key
         self.box = box
+        self.sso = sso
         self.secure = settings.console_origin.startswith("https://")
 
     def broker(self, request: web.Request) -> Broker:
@@ -128,7 +133,8 @@ class Console:
         ctx.setdefault("notice", request.query.get("done"))
         return aiohttp_jinja2.render_template(
             template, request, {"csrf": session.csrf, "who": session.who, "frozen": broker.gatekeeper.frozen(),
-                                "is_admin": self._is_admin(broker, session.who), **ctx}, status=status,
+                                "is_admin": self._is_admin(broker, session.who), "sso": self.sso is not None,
+                                **ctx}, status=status,
         )
 
     @staticmethod
@@ -175,6 +181,58 @@ class Console:
         await self.call(broker.audit.record, f"approver:{approver.id}", "console.signed_in", approver.id)
         request[SESSION] = session
         return redirect("/console/ideas")
+
+    async def sso_start(self, request: web.Request) -> web.StreamResponse:
+        """Send the browser to the identity provider (a GET link: a form POST redirecting to
+        another origin would break the CSP's form-action 'self'), with a sealed flow cookie."""
+        if self.sso is None:
+            raise web.HTTPNotFound()
+        flow = self.sso.new_flow()
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = await self.sso.authorization_url(http, flow)
+        except IntakeError as exc:
+            return self.render(request, "signin.html", status=502, error=str(exc))
+        response = redirect(url)
+        # Lax, not Strict: the provider's redirect back is a cross-site navigation.
+        response.set_cookie(FLOW_COOKIE, self.sso.seal(flow), max_age=FLOW_TTL_S, path=FLOW_PATH,
+                            httponly=True, samesite="Lax", secure=self.secure)
+        return response
+
+    async def sso_callback(self, request: web.Request) -> web.StreamResponse:
+        """The provider's redirect back: state, PKCE exchange, ID token checks (intake/console/sso.py),
+        then the person linked to ``oidc:<issuer>#<sub>`` is signed in if they are an active approver."""
+        if self.sso is None:
+            raise web.HTTPNotFound()
+        broker = self.broker(request)
+        query = request.query
+        try:
+            if "error" in query:
+                raise Refused("sso_denied", "the identity provider did not sign you in")
+            flow = self.sso.open(request.cookies.get(FLOW_COOKIE), query.get("state", ""))
+            async with aiohttp.ClientSession() as http:
+                sub = await self.sso.subject(http, flow, query.get("code", ""))
+            identity = identity_for(self.sso.issuer, sub)
+            person = await self.call(People(broker.store).resolve, identity)
+            if person is None:
+                raise Refused("sso_unlinked", f"{identity} is linked to nobody: ask an admin to "
+                                              "`intake person link YOU` it")
+            approver = await self.call(broker.approvers.active, person)
+        except IntakeError as exc:
+            failed = self.render(request, "signin.html", status=403, error=str(exc))
+            failed.del_cookie(FLOW_COOKIE, path=FLOW_PATH)
+            return failed
+        session = request[SESSION].signed_in(approver.id, broker.store.clock())
+        await self.call(broker.client.set, broker.store.keys.console_session(session.sid), approver.id,
+                        ex=SESSION_TTL_S)
+        await self.call(broker.audit.record, f"approver:{approver.id}", "console.signed_in", approver.id,
+                        via="oidc", identity=identity)
+        request[SESSION] = session
+        # A page, not a redirect: the next navigation starts here (same site), so the browser
+        # sends the SameSite=Strict session cookie with it.
+        done = self.render(request, "sso_done.html", target="/console/ideas")
+        done.del_cookie(FLOW_COOKIE, path=FLOW_PATH)
+        return done
 
     async def signin_options(self, request: web.Request) -> web.Response:
         body = await self._json(request)
