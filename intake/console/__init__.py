@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
 from intake.console.session import SessionBox
 from intake.console.sso import OidcClient
-from intake.console.views import STATIC_DIR, Console
+from intake.console.views import STATIC_DIR, STOPPING, Console
 from intake.core.resources import TEMPLATES_DIR
 from intake.core.settings import Settings
 from intake.protocol.keyfiles import load_secret
@@ -35,6 +37,12 @@ def mount_console(app: web.Application, settings: Settings, broker_key: web.AppK
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
     env.filters["when"] = _when
+    sub[STOPPING] = asyncio.Event()
+
+    async def _stop_streams(_: web.Application) -> None:
+        sub[STOPPING].set()
+
+    sub.on_shutdown.append(_stop_streams)
     r = sub.router
     r.add_get("/", console.home)
     r.add_get("/signin", console.signin_page)
@@ -67,5 +75,6 @@ def mount_console(app: web.Application, settings: Settings, broker_key: web.AppK
     r.add_post("/freeze", console.freeze)
     r.add_post("/thaw", console.thaw)
     r.add_get("/dashboard", console.dashboard)
+    r.add_get("/events", console.events)
     r.add_static("/static/", STATIC_DIR)
     app.add_subapp("/console", sub)

@@ -22,15 +22,17 @@ from aiohttp import web
 from markupsafe import Markup
 
 from intake.console.enrol import EnrolLinks, send_by_dm
+from intake.console.listing import WINDOW, Filters, event_checks, idea_checks, match_all, paginate, task_checks
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
 from intake.console.sso import FLOW_COOKIE, FLOW_PATH, FLOW_TTL_S, OidcClient, identity_for
 from intake.core.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
-from intake.core.models import IDEA_PENDING, Approver, TaskState
+from intake.core.models import IDEA_PENDING, Approver, IdeaState, TaskState
 from intake.core.settings import Settings
 from intake.operations.indicators.figures import broker_figures
 from intake.people.passkeys import PasskeyProof
 from intake.people.registry import People
 from intake.runtime import Broker
+from intake.tasks import provenance
 from intake.tasks.dependency_view import summarize_dependencies
 from intake.text.html import visible_segments
 
@@ -39,8 +41,19 @@ CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestor
        "base-uri 'none'; form-action 'self'")
 PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/", "/console/sso/")
 SESSION = web.RequestKey("session", Session)
+STOPPING = web.AppKey("console_stopping", asyncio.Event)  # set at shutdown: open event streams end
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUS = {Refused: 403, NotFound: 404, InvalidInput: 400}
+
+
+def _sse_line(fields: dict[str, str]) -> str:
+    """One audit entry as an SSE ``change`` event: its action and subject only."""
+    try:
+        entry = json.loads(fields.get("e", "{}"))
+    except ValueError:
+        entry = {}
+    data = json.dumps({"action": str(entry.get("action", "")), "subject": str(entry.get("subject", ""))})
+    return f"event: change\ndata: {data}\n\n"
 
 
 def redirect(location: str) -> web.Response:
@@ -267,8 +280,12 @@ class Console:
         return redirect("/console/ideas")
 
     async def ideas(self, request: web.Request) -> web.Response:
-        ideas = await self.call(self.broker(request).store.pending_ideas)
-        return self.render(request, "ideas.html", ideas=ideas)
+        """Ideas, newest first: pending by default; search, filters, pages (intake/console/listing.py)."""
+        f = Filters.parse(request.query, ("q", "state", "requester", "since"), {"state": "awaiting_approval"})
+        recent = await self.call(self.broker(request).store.recent_ideas, WINDOW)
+        page = paginate(match_all(recent, idea_checks(f)), f.page)
+        return self.render(request, "ideas.html", ideas=page.items, page=page, filters=f,
+                           states=[s.value for s in IdeaState])
 
     async def idea(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
         broker = self.broker(request)
@@ -303,8 +320,13 @@ class Console:
 
     # -- tasks -----------------------------------------------------------------------------
     async def tasks(self, request: web.Request) -> web.Response:
-        tasks = await self.call(self.broker(request).store.recent_tasks, 100)
-        return self.render(request, "tasks.html", tasks=tasks)
+        broker = self.broker(request)
+        f = Filters.parse(request.query, ("q", "state", "repo", "requester", "approver", "tier", "since"))
+        recent = await self.call(broker.store.recent_tasks, WINDOW)
+        page = paginate(match_all(recent, task_checks(f)), f.page)
+        return self.render(request, "tasks.html", tasks=page.items, page=page, filters=f,
+                           states=[s.value for s in TaskState], repos=[r.name for r in broker.policy.repos],
+                           tiers=list(broker.policy.risk_tiers))
 
     async def task(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
         broker = self.broker(request)
@@ -317,8 +339,9 @@ class Console:
         # The Accept form names the commit the sealed history holds, never the record's copy.
         accept_sha = await self.call(self._result_commit, broker, task.id) \
             if task.state is TaskState.AWAITING_RESULT_APPROVAL else None
+        provenance = await self.call(self._provenance, broker, task)
         return self.render(
-            request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
+            request, "task.html", status=status, task=task, idea=idea, approvals=approvals, provenance=provenance,
             segments=visible_segments(task.spec.prompt), result=task.result or {},
             dependencies=summarize_dependencies(task.result),
             approvable=task.state is TaskState.AWAITING_APPROVALS, accept_sha=accept_sha,
@@ -330,6 +353,22 @@ class Console:
                                      TaskState.AWAITING_RESULT_APPROVAL),
             passkey_only=tier is not None and tier.step_up == "passkey", error=error,
         )
+
+    @staticmethod
+    def _provenance(broker: Broker, task: Any) -> dict[str, Any] | None:
+        """The delivered commit's signed statement and `intake provenance verify`'s verdict on it
+        (signature with the public keyring, subject, every fact against the sealed log)."""
+        if not (task.result or {}).get("commit") or task.state is not TaskState.SUCCEEDED:
+            return None
+        try:
+            known = provenance.lookup(broker, task.id)
+        except IntakeError:
+            return None
+        if not known.get("envelope"):
+            return {"commit": known["commit"], "statement": None, "failures": ["no stored envelope"]}
+        statement, failures = provenance.verify(known["envelope"], broker.keyring, commit=known["commit"],
+                                                known=known)
+        return {"commit": known["commit"], "statement": statement, "failures": failures}
 
     async def approve(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -421,8 +460,35 @@ class Console:
             ok = True
         except AuditBroken as exc:
             status, ok = f"BROKEN: {exc}", False
-        events = await self.call(lambda: list(broker.audit.export())[-200:])
-        return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=list(reversed(events)))
+        f = Filters.parse(request.query, ("q", "actor", "action", "since"))
+        events = await self.call(lambda: list(broker.audit.export())[-WINDOW:])
+        page = paginate(match_all(reversed(events), event_checks(f)), f.page)
+        return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=page.items, page=page,
+                           filters=f)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: one ``change`` event (the audit action and subject, never data) per
+        audit entry appended after the stream opened; a comment every second keeps it alive and
+        notices a closed tab. Pages reload their own ``data-live`` part on each (console.js)."""
+        broker = self.broker(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        last = await self.call(lambda: (broker.client.xrevrange(broker.audit.stream, "+", "-", count=1)
+                                        or [("0-0", {})])[0][0])
+        stopping: asyncio.Event = request.app[STOPPING]
+        try:
+            while not stopping.is_set():
+                batch = await self.call(broker.client.xread, {broker.audit.stream: last}, count=50, block=1000)
+                lines = []
+                for _stream, entries in batch or []:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        lines.append(_sse_line(fields))
+                await response.write("".join(lines).encode() or b": keep-alive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response
 
     # -- approvers and enrolment -----------------------------------------------------------
     async def approvers(self, request: web.Request, error: str | None = None, link: str | None = None,
