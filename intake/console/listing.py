@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
+from intake.core.models import IDEA_PENDING
+
 WINDOW = 1000
 PER_PAGE = 25
 T = TypeVar("T")
@@ -97,8 +99,8 @@ def idea_checks(f: Filters) -> list[Callable[[Any], bool]]:
     checks: list[Callable[[Any], bool]] = []
     if q := f.get("q"):
         checks.append(lambda i: _has(i.id, q) or _has(i.title, q) or _has(i.text, q))
-    if state := f.get("state"):
-        checks.append(lambda i: i.state.value == state)
+    if state := f.get("state"):  # "pending": every state still waiting for promotion
+        checks.append(lambda i: i.state in IDEA_PENDING if state == "pending" else i.state.value == state)
     if requester := f.get("requester"):
         checks.append(lambda i: _has(i.requester, requester))
     if (since := f.since_ts()) is not None:

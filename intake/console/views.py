@@ -281,11 +281,11 @@ class Console:
 
     async def ideas(self, request: web.Request) -> web.Response:
         """Ideas, newest first: pending by default; search, filters, pages (intake/console/listing.py)."""
-        f = Filters.parse(request.query, ("q", "state", "requester", "since"), {"state": "awaiting_approval"})
+        f = Filters.parse(request.query, ("q", "state", "requester", "since"), {"state": "pending"})
         recent = await self.call(self.broker(request).store.recent_ideas, WINDOW)
         page = paginate(match_all(recent, idea_checks(f)), f.page)
         return self.render(request, "ideas.html", ideas=page.items, page=page, filters=f,
-                           states=[s.value for s in IdeaState])
+                           states=["pending", *(s.value for s in IdeaState)])
 
     async def idea(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
         broker = self.broker(request)
