@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ from intake.runtime import Broker
 from intake.storage.outage import OUTAGE_ERRORS
 
 PREFIX = "/api/v1"
+#: Names of credentials intake does not issue (``slack-bot``, ``slack-signing``, ``forge-token``).
+EXTERNAL_CREDENTIAL = r"[a-z][a-z0-9-]{1,39}"
 log = logging.getLogger("intake.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -104,6 +107,10 @@ class PersonBody(_Body):
     id: str
     name: str = Field(min_length=1, max_length=100)
     identities: list[str] = Field(default_factory=list, max_length=50)
+    code: str = Field(max_length=20)
+
+
+class CodeOnlyBody(_Body):
     code: str = Field(max_length=20)
 
 
@@ -314,8 +321,9 @@ class Api:
         return lookup(broker, request.query.get("ref", ""))
 
     def report(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
-        """The leading-indicator figures over ``?since=`` (default 7d), from sealed history only."""
-        return broker_figures(broker, request.query.get("since", "7d")).model_dump(mode="json")
+        """The leading-indicator figures over ``?since=`` (default 7d), per ``?by=`` period (day,
+        week) when asked, from sealed history only."""
+        return broker_figures(broker, request.query.get("since", "7d"), request.query.get("by")).model_dump(mode="json")
 
     # -- filing ----------------------------------------------------------------------------
     def file_idea(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
@@ -494,6 +502,19 @@ class Api:
         token_id, token = ApiTokens(broker.store, People(broker.store)).create(pid, actor=caller.actor)
         return {"id": token_id, "person": pid, "token": token}
 
+    def credential_rotated(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
+        """An operator declares that a credential intake does not issue (a Slack token, a forge
+        token) was rotated: admins, with their own code; a sealed ``credentials.rotated`` event
+        the report dates that credential's age from."""
+        body = CodeOnlyBody.model_validate(data)
+        name = request.match_info["name"]
+        if not re.fullmatch(EXTERNAL_CREDENTIAL, name):
+            raise InvalidInput(f"{name[:60]!r} is not a credential name (a-z, 0-9 and '-', e.g. slack-bot)")
+        self._admin_stepup(broker, caller, body.code, "credentials.rotated", name)
+        broker.store.audit.record(caller.actor, "credentials.rotated", name)
+        broker.store.audit.seal_pending()
+        return {"name": name, "rotated": True}
+
     def token_revoke(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         self._admin(broker, caller)
         person = ApiTokens(broker.store, People(broker.store)).revoke(request.match_info["token"], actor=caller.actor)
@@ -531,6 +552,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("DELETE", "/people/{id}/links/{identity}", "person_unlink", False),
     ("POST", "/people/{id}/tokens", "token_create", True),
     ("DELETE", "/tokens/{token}", "token_revoke", False),
+    ("POST", "/credentials/{name}/rotated", "credential_rotated", True),
     ("GET", "/audit/verify", "audit_verify", False),
     ("GET", "/audit/export", "audit_export", False),
     ("GET", "/provenance", "provenance", False),

@@ -162,9 +162,11 @@ class AuditLog:
     """Append, seal, verify, follow and export the audit stream under ``prefix``. Broker only:
     it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
 
-    def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None) -> None:
+    def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.r = client
         self.checkpoint = checkpoint
+        self.clock = clock  # stamps :meth:`record`'s events (a test's clock); None: the time
         self._key = key
         # A separate key for record MACs, derived from the audit key (one secret per purpose).
         self._record_key = hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
@@ -302,10 +304,13 @@ class AuditLog:
         """Copy a worker's report entry (already checked) onto the log as evidence, verbatim."""
         pipe.xadd(self.stream, {"e": fields["r"], "m": fields["m"], "k": "w"})
 
-    def record(self, actor: str, action: str, subject: str, **data: Any) -> None:
-        """Append one event on its own (no state change) and seal it."""
+    def record(self, actor: str, action: str, subject: str, *, at: float | None = None, **data: Any) -> None:
+        """Append one event on its own (no state change) and seal it; stamped ``at``, else by
+        the log's clock, else now."""
+        if at is None and self.clock is not None:
+            at = self.clock()
         pipe = self.r.pipeline(transaction=True)
-        self.append(pipe, event(actor, action, subject, **data))
+        self.append(pipe, event(actor, action, subject, at=at, **data))
         pipe.execute()
         self.kick()
 

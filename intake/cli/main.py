@@ -145,6 +145,7 @@ def doctor(worker_configs: tuple[Path, ...], as_json: bool) -> None:
     from intake.operations.doctor import problems, run_doctor
 
     findings = run_doctor(worker_configs)
+    findings += _credential_findings()
     if as_json:
         _out_json({"ok": not problems(findings), "findings": [f.as_json() for f in findings]})
     else:
@@ -154,6 +155,28 @@ def doctor(worker_configs: tuple[Path, ...], as_json: bool) -> None:
         click.echo(f"{count} problem(s)" if count else "no problems")
     if problems(findings):
         sys.exit(1)
+
+
+def _credential_findings() -> list[Any]:
+    """Credential ages, from a running broker's report (it reads the sealed log); nothing is
+    opened or started here, so without a broker this is a warning that they were not checked."""
+    from intake.core.errors import ConfigError
+    from intake.operations.doctor import check_credentials, warning
+    from intake.operations.indicators.figures import Figures
+
+    try:
+        settings = load_settings()
+    except ConfigError:
+        return []  # run_doctor reported it
+    if not settings.url and not (settings.data_dir / "intake.sock").exists():
+        return [warning("credentials", "not checked: no broker is running here (its socket "
+                                       f"{settings.data_dir / 'intake.sock'} is missing; the ages come from its sealed log)")]
+    try:
+        client = ApiClient(broker_url(settings), settings.token.get_secret_value() if settings.token else None, timeout=30)
+        fig = Figures.model_validate(client.call("GET", "/report", query={"since": "1d"}))
+    except IntakeError as exc:
+        return [warning("credentials", f"not checked: {exc}")]
+    return check_credentials(fig.credentials)
 
 
 # -- ideas -----------------------------------------------------------------------------------
@@ -310,17 +333,19 @@ def provenance_verify(ref: str, repo: Path | None, as_json: bool) -> None:
               help="Start of the window: a span back from now (7d, 24h, 30m) or an ISO date/time (UTC).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text", show_default=True,
               help="text for a terminal, json for machines, html for a self-contained page with charts.")
+@click.option("--by", type=click.Choice(["day", "week"]), default=None,
+              help="Also show each indicator per period (from --since), with the change from the previous one.")
 @click.option("-o", "--output", type=click.File("w"), default="-", metavar="FILE",
               help="File to write (default stdout).")
-def report(since: str, fmt: str, output: Any) -> None:
+def report(since: str, fmt: str, by: str | None, output: Any) -> None:
     """The leading indicators (change-risk segmentation, provenance and dependency posture, time
-    to promote and deliver, MFA failures, revoke to stop, gate blocks), from the sealed audit log."""
-    from urllib.parse import urlencode
-
+    to promote and deliver, MFA failures, revoke to stop, gate blocks), their trend, and credential
+    hygiene, from the sealed audit log."""
     from intake.operations.indicators.figures import Figures
     from intake.operations.indicators.render import render
 
-    figures = Figures.model_validate(_api().call("GET", "/report?" + urlencode({"since": since})))
+    query = {"since": since, **({"by": by} if by else {})}
+    figures = Figures.model_validate(_api().call("GET", "/report", query=query))
     output.write(render(figures, fmt))
 
 
@@ -382,15 +407,10 @@ def generate(force: bool) -> None:
 @keys.command()
 def rotate() -> None:
     """A new signing key; workers accept tokens of the old one too until `keys retire`."""
-    import time
+    from intake.operations.keys import rotate_signing
 
-    from intake.protocol.keyfiles import rotate_signing_key
-
-    started = time.monotonic()
     with _local_broker() as (broker, actor):
-        new, old = rotate_signing_key(broker.settings)
-        seconds = round(time.monotonic() - started, 3)
-        broker.audit.record(actor, "keys.rotated", "broker", new_kid=new, old_kid=old, seconds=seconds)
+        new, old, seconds = rotate_signing(broker, actor=actor)
     click.echo(f"signing key rotated in {seconds}s: new {new}, old {old} still accepted "
                f"(run `intake keys retire {old}` once no token of it is live, e.g. after {2 * 120}s)")
 
@@ -399,11 +419,10 @@ def rotate() -> None:
 @click.argument("kid")
 def retire(kid: str) -> None:
     """Drop KID from the public keyring (tokens signed with it stop verifying)."""
-    from intake.protocol.keyfiles import retire_public_key
+    from intake.operations.keys import retire_signing
 
     with _local_broker() as (broker, actor):
-        retire_public_key(broker.settings, kid)
-        broker.audit.record(actor, "keys.retired", "broker", kid=kid)
+        retire_signing(broker, kid, actor=actor)
     click.echo(f"key {kid} retired")
 
 
@@ -753,6 +772,22 @@ def token_revoke(token_id: str) -> None:
     """Revoke the API token TOKEN_ID at once (admins; no code)."""
     _api().call("DELETE", f"/tokens/{seg(token_id)}")
     click.echo(f"token {token_id} revoked")
+
+
+# -- credentials intake does not issue -------------------------------------------------------
+@cli.group()
+def credentials() -> None:
+    """Credentials intake does not issue (Slack, forge tokens): declare their rotations."""
+
+
+@credentials.command(name="rotated")
+@click.argument("name")
+@_code_option
+def credentials_rotated(name: str, code: str) -> None:
+    """Record that NAME (slack-bot, slack-signing, slack-app, forge-token, …) was rotated today
+    (admins, with their code); the report ages it from here."""
+    _api().call("POST", f"/credentials/{seg(name)}/rotated", {"code": code})
+    click.echo(f"credential {name}: rotation recorded")
 
 
 # -- promotion -------------------------------------------------------------------------------

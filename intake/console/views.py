@@ -36,6 +36,8 @@ from intake.tasks import provenance
 from intake.tasks.dependency_view import summarize_dependencies
 from intake.text.html import visible_segments
 
+DASHBOARD_SINCE = "12w"  # the dashboard's default window: a quarter, week by week
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; "
        "base-uri 'none'; form-action 'self'")
@@ -628,16 +630,18 @@ class Console:
 
     # -- dashboard -------------------------------------------------------------------------
     async def dashboard(self, request: web.Request) -> web.Response:
-        """The report's figures and charts (:mod:`intake.operations.indicators`), over ``?since=`` (default 7d)."""
+        """The report's figures, trend and charts (:mod:`intake.operations.indicators`), over
+        ``?since=`` (default 12w) per ``?by=`` period (default week)."""
         # Imported here: intake.operations.indicators.render uses this package's SVG helpers (display.py).
         from intake.operations.indicators.render import figures_context
 
         broker = self.broker(request)
-        since = request.query.get("since", "7d")[:40]
+        since = request.query.get("since", DASHBOARD_SINCE)[:40]
+        by = request.query.get("by", "week")[:10]
         try:
-            fig = await self.call(broker_figures, broker, since)
+            fig = await self.call(broker_figures, broker, since, by)
         except IntakeError as exc:
-            fig = await self.call(broker_figures, broker, "7d")
-            return self.render(request, "dashboard.html", status=400, error=str(exc), since="7d",
-                               **figures_context(fig))
-        return self.render(request, "dashboard.html", since=since, **figures_context(fig))
+            fig = await self.call(broker_figures, broker, DASHBOARD_SINCE, "week")
+            return self.render(request, "dashboard.html", status=400, error=str(exc), since=DASHBOARD_SINCE,
+                               by="week", **figures_context(fig))
+        return self.render(request, "dashboard.html", since=since, by=by, **figures_context(fig))

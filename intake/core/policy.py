@@ -138,6 +138,37 @@ class Dependencies(_Strict):
     require_integrity: bool = False
 
 
+#: Kinds of credential the report tracks (``[credentials.<kind>]``): keys and factors intake
+#: issues or holds, and ``external`` ones it does not issue (Slack, forge tokens), whose
+#: rotations an operator declares (``intake credentials rotated NAME``).
+CREDENTIAL_KINDS = ("signing_key", "audit_key", "secrets_key", "worker_key", "api_token", "factor", "external")
+
+
+class CredentialKind(_Strict):
+    max_age: Duration
+
+
+class Credentials(_Strict):
+    """How old a credential may grow before the report and ``intake doctor`` flag it:
+    ``max_age`` for every kind, ``[credentials.<kind>] max_age`` for one kind."""
+
+    max_age: Duration = 90 * 86400
+    signing_key: CredentialKind | None = None
+    audit_key: CredentialKind | None = None
+    secrets_key: CredentialKind | None = None
+    worker_key: CredentialKind | None = None
+    api_token: CredentialKind | None = None
+    factor: CredentialKind | None = None
+    external: CredentialKind | None = None
+
+    def max_age_of(self, kind: str) -> int:
+        own = getattr(self, kind, None) if kind in CREDENTIAL_KINDS else None
+        return own.max_age if isinstance(own, CredentialKind) else self.max_age
+
+    def max_ages(self) -> dict[str, int]:
+        return {kind: self.max_age_of(kind) for kind in CREDENTIAL_KINDS}
+
+
 class ChangeType(_Strict):
     """A kind of change and the paths it may touch (globs, as the gates match them). A task's
     effective scope is these paths intersected with its repo's allowed and blocked paths; build
@@ -261,6 +292,7 @@ class Policy(_Strict):
     repos: tuple[Repo, ...] = Field(min_length=1)
     admins: Admins = Admins()
     channels: Channels = Channels()
+    credentials: Credentials = Credentials()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Policy:

@@ -19,7 +19,11 @@ directory it creates nothing (no data dir, no Redis, no password file). What is 
   signing secret or app token its mode needs is set;
 - worker configs (``--worker-config FILE``): valid, covering their queues, agent program
   present and executable, credentials resolvable, report key usable
-  (:mod:`intake.workers.preflight`).
+  (:mod:`intake.workers.preflight`);
+- credential ages (:func:`check_credentials`): every credential past the policy's
+  ``[credentials]`` maximum age is a warning. The ages come from the sealed audit log, which
+  ``intake doctor`` reads only through a broker that is running (``GET /api/v1/report``): the
+  doctor opens and starts nothing for it, and says so when no broker answers.
 
 No finding ever holds a secret value: they name variables and files.
 """
@@ -38,6 +42,7 @@ import redis
 
 from intake.core.errors import ConfigError, IntakeError
 from intake.core.settings import Settings, load_settings
+from intake.operations.indicators.credentials import CredentialFigures
 
 Status = Literal["ok", "warning", "problem"]
 MIN_REDIS = (6, 2)
@@ -286,6 +291,17 @@ def check_worker_config(settings: Settings, path: Path) -> list[Finding]:
     except IntakeError:
         pass  # an invalid policy is the policy check's finding
     return found or [ok(c, f"worker {config.name}: agent, credentials and report key ready")]
+
+
+# -- credentials -------------------------------------------------------------------------------
+def check_credentials(figures: CredentialFigures) -> list[Finding]:
+    """A warning per credential past its maximum age (names and ids only, never a secret)."""
+    from intake.text.html import duration
+
+    late = [c for c in figures.credentials if c.overdue]
+    found = [warning("credentials", f"{c.kind} {c.name}: {duration(c.age or 0)} old, past the policy's maximum of "
+                                    f"{duration(c.max_age)} (rotate it)") for c in late]
+    return found or [ok("credentials", f"{len(figures.credentials)} credentials, none past its maximum age")]
 
 
 # -- all ---------------------------------------------------------------------------------------

@@ -86,3 +86,45 @@ def bar_chart(title: str, values: list[tuple[str, float]], *, width: int = 560, 
     bars = [Bar(label, value, 8 + i * 24, int(span * min(value, top) / top), unit)
             for i, (label, value) in enumerate(values)]
     return Chart(title, bars, height=max(40, 16 + 24 * len(values)), width=width, label_w=label_w, key=key)
+
+
+@dataclass(frozen=True)
+class Point:
+    x: float
+    y: float
+    label: str  # the period and its value, for the point's <title>
+
+
+@dataclass(frozen=True)
+class Sparkline:
+    """A small line chart of one indicator over the trend's periods, laid out for the
+    ``sparkline`` macro (pure SVG, no script). Missing values leave a gap."""
+
+    key: str
+    title: str
+    points: list[Point]
+    paths: list[str]  # one polyline ("x,y x,y …") per run of adjacent values
+    width: int = 180
+    height: int = 40
+
+
+def sparkline(key: str, title: str, values: list[tuple[str, float | None]], *, unit: str = "",
+              width: int = 180, height: int = 40) -> Sparkline:
+    """Lay out ``values`` (label, value or None) left to right, scaled between 0 and the largest
+    value; ``unit`` as for :class:`Bar`."""
+    top = max((v for _, v in values if v is not None), default=0.0) or 1.0
+    step = (width - 8) / max(len(values) - 1, 1)
+    points, runs, run = [], [], []
+    for i, (label, value) in enumerate(values):
+        if value is None:
+            if len(run) > 1:
+                runs.append(run)
+            run = []
+            continue
+        x, y = 4 + i * step, height - 4 - (height - 8) * min(value, top) / top
+        shown = Bar(label, value, 0, 0, unit).shown
+        points.append(Point(round(x, 1), round(y, 1), f"{label}: {shown}"))
+        run.append(f"{x:.1f},{y:.1f}")
+    if len(run) > 1:
+        runs.append(run)
+    return Sparkline(key, title, points, [" ".join(r) for r in runs], width, height)

@@ -21,15 +21,15 @@ def emit(store: Store, actor: str, action: str, subject: str, **data: Any) -> No
 
 
 def settle(store: Store, task_id: str, state: str, result: dict[str, Any], *, worker: str = "w1",
-           run: str | None = None, **data: Any) -> str:
+           run: str | None = None, generation: int = 1, **data: Any) -> str:
     """A worker's MAC'd ``report.result`` copied in as evidence, and the broker's ``task.<state>``
     for that run in the same MULTI (what ReportProcessor does). Returns the run id."""
     run = run or secrets.token_hex(8)
-    body = canonical_json({"w": worker, "g": 1, "action": "report.result", "task": task_id, "at": store.clock(),
+    body = canonical_json({"w": worker, "g": generation, "action": "report.result", "task": task_id, "at": store.clock(),
                            "rid": secrets.token_hex(8),
                            "data": {"attempt": 1, "run": run, "state": state, "result": result}}).decode()
     pipe = store.r.pipeline(transaction=True)
-    store.audit.append_report(pipe, {"r": body, "m": report_mac(store.audit.worker_key(worker, 1), body)})
+    store.audit.append_report(pipe, {"r": body, "m": report_mac(store.audit.worker_key(worker, generation), body)})
     store.emit(pipe, "system", f"task.{state}", task_id, attempt=1, run=run, worker=worker, **data)
     pipe.execute()
     store.audit.seal_pending()

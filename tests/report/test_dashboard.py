@@ -86,6 +86,16 @@ def test_the_dashboard_shows_the_reports_figures(app: Running, browser: Browser)
     assert page.locator("#notable td.title").all_inner_texts() == [HOSTILE]
     assert page.locator("#notable img").count() == 0 and dialogs == []
 
+    # The trend, by day: a column per day, a sparkline per indicator with a point per day.
+    page.goto(f"{app.url}/console/dashboard?since=3d&by=day")
+    assert page.locator("#trend tr").first.locator("th").count() == 2 + 3
+    ideas = page.locator('#trend tr[data-indicator="ideas"]')
+    assert ideas.locator("span.value").all_inner_texts() == ["0", "0", "2"]
+    assert ideas.locator("circle.point").count() == 3
+    box = ideas.locator("svg").bounding_box()
+    assert box is not None and box["width"] > 0 and box["height"] > 0
+    assert page.locator("#credentials td").count() > 0
+
     response = page.goto(f"{app.url}/console/dashboard?since=yesterday")
     assert response is not None and response.status == 400
     assert "--since" in (page.text_content("#error") or "")

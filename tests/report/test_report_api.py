@@ -45,3 +45,26 @@ def test_an_empty_log_reports_zeros_without_inventing_shares(api: RunningBroker,
                                                                             "mean": None}
     text = CliRunner().invoke(cli, ["report"], env=env, catch_exceptions=False).stdout
     assert "provenance: 0 of 0 delivered changes verified (n/a)" in text
+
+
+@pytest.mark.parametrize(("query", "says"), [("?by=month", "--by"), ("?by=week%0A", "--by"),
+                                             ("?since=2000-01-01&by=day", "at most")])
+def test_a_bad_period_is_a_400(api: RunningBroker, env: dict[str, str], query: str, says: str) -> None:
+    from intake.cli.client import ApiClient, ApiError
+
+    with pytest.raises(ApiError) as err:
+        ApiClient(api.socket_url).call("GET", "/report" + query)
+    assert err.value.status == 400 and says in str(err.value)
+    result = CliRunner().invoke(cli, ["report", "--by", "month"], env=env)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_an_empty_log_has_an_empty_trend_without_made_up_changes(api: RunningBroker, env: dict[str, str]) -> None:
+    out = CliRunner().invoke(cli, ["report", "--since", "3d", "--by", "day", "--format", "json"], env=env,
+                             catch_exceptions=False).stdout
+    fig = json.loads(out)
+    assert fig["by"] == "day" and len(fig["periods"]) == 3
+    first, second = fig["periods"][:2]
+    assert first["values"]["ideas"] == 0 and first["change"]["ideas"] is None and second["change"]["ideas"] == 0
+    assert second["values"]["promote_p50"] is None and second["change"]["promote_p50"] is None
+    assert fig["credentials"]["overdue"] == 0 and fig["credentials"]["time_to_rotate"]["count"] == 0

@@ -21,7 +21,6 @@ every renderer escapes them for its surface.
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 from collections import Counter, defaultdict
@@ -35,6 +34,9 @@ from intake.audit.ledger import Ledger
 from intake.audit.log import OK, Anomaly, AuditLog, Head, SealedEntry
 from intake.core.errors import IntakeError, InvalidInput
 from intake.core.models import AuditEvent, sha256_hex
+from intake.core.policy import Policy
+from intake.operations.indicators.credentials import CREDENTIAL_EVENTS, CredentialFigures, credential_figures
+from intake.operations.indicators.spread import Spread, spread
 from intake.operations.metrics import gate_kind
 from intake.storage.store import Store, default_title, idea_fields
 
@@ -43,9 +45,13 @@ OUTCOMES = ("succeeded", "blocked", "failed", "revoked", "denied", "expired")
 #: States a run's result is settled into (the evidence before them is that run's result).
 _SETTLED = frozenset({"delivering", "awaiting_result_approval", "succeeded", "blocked", "failed"})
 # Task events the figures follow (queued and running: whether a revoke caught a run live).
-_TASK_EVENTS = frozenset({"created", "amended", "queued", "running", *_SETTLED, *OUTCOMES})
-_WANTED = frozenset({"idea.captured", "idea.promoted", "run.stopped", "mfa.refused", "provenance.issued"})
+_TASK_EVENTS = frozenset({"created", "amended", "queued", "running", "delivery_started", *_SETTLED, *OUTCOMES})
+_WANTED = frozenset({"idea.captured", "idea.promoted", "run.stopped", "mfa.refused", "provenance.issued",
+                     *CREDENTIAL_EVENTS})
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: ``--by``: the length of one period of the trend.
+PERIODS = {"day": 86400, "week": 7 * 86400}
+MAX_PERIODS = 400
 _RELATIVE = re.compile(r"([1-9][0-9]{0,5})([smhdw])")
 _TAG = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _LICENSE = re.compile(r"[A-Za-z0-9.+:() -]{1,80}")
@@ -70,15 +76,6 @@ def parse_since(text: str, now: float) -> float:
 
 
 # -- the figures -------------------------------------------------------------------------------
-class Spread(BaseModel):
-    """A duration's distribution, in seconds (nearest-rank percentiles); None when no samples."""
-
-    count: int = 0
-    p50: float | None = None
-    p90: float | None = None
-    mean: float | None = None
-
-
 class Segment(BaseModel):
     """Change-risk segmentation: what happened to changes of one risk tier and change type."""
 
@@ -91,6 +88,30 @@ class Segment(BaseModel):
     revoked: int = 0
     denied: int = 0
     expired: int = 0
+
+
+class RepoDependencies(BaseModel):
+    """Dependency risk posture of one repo: packages agents added or bumped in delivered changes,
+    how many of those carry an integrity hash (pinned), how many had no known license, and
+    denylist findings on blocked changes. ``trend``: packages added or bumped per period."""
+
+    repo: str
+    added: int = 0
+    bumped: int = 0
+    pinned: int = 0
+    unknown_licenses: int = 0
+    denylist_hits: int = 0
+    trend: list[int] = Field(default_factory=list)
+
+
+class Period(BaseModel):
+    """One period of the trend (``--by``): each indicator's value and its change from the
+    period before (None for the first period, or when either value is missing)."""
+
+    since: float
+    until: float
+    values: dict[str, float | None] = Field(default_factory=dict)
+    change: dict[str, float | None] = Field(default_factory=dict)
 
 
 class ProvenanceFigures(BaseModel):
@@ -136,7 +157,7 @@ class AuditFigures(BaseModel):
 
 
 class Figures(BaseModel):
-    """Every figure of the report over ``[since, until]`` (``until`` None: up to the log's end)."""
+    """Every figure of the report over ``[since, until)`` (``until`` None: up to the log's end)."""
 
     since: float
     until: float | None = None
@@ -150,9 +171,11 @@ class Figures(BaseModel):
     revoked: int = 0
     denied: int = 0
     expired: int = 0
+    refused_egress: int = 0  # egress requests refused by the sandbox's proxy, from accepted results
     segments: list[Segment] = Field(default_factory=list)
     provenance: ProvenanceFigures = Field(default_factory=ProvenanceFigures)
     dependencies: DependencyFigures = Field(default_factory=DependencyFigures)
+    repos: list[RepoDependencies] = Field(default_factory=list)
     time_to_promote: Spread = Field(default_factory=Spread)
     time_to_deliver: Spread = Field(default_factory=Spread)
     revoke_to_stop: Spread = Field(default_factory=Spread)
@@ -160,6 +183,9 @@ class Figures(BaseModel):
     gate_blocks: dict[str, int] = Field(default_factory=dict)
     notable: list[Notable] = Field(default_factory=list)
     audit: AuditFigures = Field(default_factory=AuditFigures)
+    by: str | None = None  # the trend's period (``day``, ``week``), None: no trend
+    periods: list[Period] = Field(default_factory=list)
+    credentials: CredentialFigures = Field(default_factory=CredentialFigures)
 
 
 # -- following the sealed chain ----------------------------------------------------------------
@@ -186,6 +212,7 @@ class Timeline:
     rejected: int = 0
     replayed: int = 0
     broken: list[str] = field(default_factory=list)
+    first_at: float | None = None  # the first genuine broker event: the log's (and its keys') start
     _cursor: Head | None = None
     _seen: set[str] = field(default_factory=set)
     _evidence: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -242,6 +269,8 @@ class Timeline:
     def _broker_event(self, ev: AuditEvent) -> None:
         if not self._once(f"e:{ev.eid}"):
             return
+        if self.first_at is None:
+            self.first_at = ev.at
         kind, _, what = ev.action.partition(".")
         if ev.action not in _WANTED and not (kind == "task" and what in _TASK_EVENTS):
             return
@@ -271,6 +300,10 @@ class Timeline:
         return default_title(idea.text)
 
 
+class _Signer(Protocol):
+    kid: str
+
+
 class FigureSources(Protocol):
     """What the broker's figures read (:class:`intake.runtime.Broker` is one)."""
 
@@ -282,17 +315,104 @@ class FigureSources(Protocol):
     @property
     def timeline(self) -> Timeline: ...
 
+    @property
+    def policy(self) -> Policy: ...
 
-def broker_figures(broker: FigureSources, since: str) -> Figures:
+    @property
+    def signer(self) -> _Signer: ...
+
+
+def parse_by(text: str | None) -> str | None:
+    """``--by``: ``day`` or ``week`` (or nothing: no trend); InvalidInput otherwise."""
+    if text in (None, ""):
+        return None
+    if text not in PERIODS:
+        raise InvalidInput(f"--by: {str(text)[:20]!r} is not one of {', '.join(PERIODS)}")
+    return text
+
+
+def broker_figures(broker: FigureSources, since: str, by: str | None = None) -> Figures:
     """The figures since ``since`` (as :func:`parse_since` reads it) on the broker's own
-    timeline; a break the broker's ledger found (it re-walks the whole chain now and then, so
+    timeline, with the trend ``by`` period and credential hygiene under the policy's maximum
+    ages; a break the broker's ledger found (it re-walks the whole chain now and then, so
     history rewritten behind the timeline's cursor shows too) is reported as broken."""
     now = broker.store.clock()
-    fig = compute_figures(broker.timeline.follow(), parse_since(since, now), now=now)
+    start, period = parse_since(since, now), parse_by(by)
+    fig = report_figures(broker.timeline.follow(), start, now=now, by=period,
+                         max_ages=broker.policy.credentials.max_ages(), signing_kid=broker.signer.kid)
     halted = broker.ledger.follow().halted
     if halted is not None and halted not in fig.audit.broken:
         fig.audit.broken.append(halted)
     return fig
+
+
+def report_figures(timeline: Timeline, since: float, *, now: float, by: str | None = None,
+                   max_ages: dict[str, int] | None = None, signing_kid: str | None = None) -> Figures:
+    """The whole report: the figures over ``[since, now]``, each indicator per period (``by``,
+    periods of :data:`PERIODS` from ``since``, the last one ending at ``now``) with its change
+    from the period before, each repo's dependency trend, and credential hygiene at ``now``."""
+    fig = compute_figures(timeline, since, now=now)
+    facts, _ = timeline.snapshot()
+    fig.credentials = credential_figures(facts, first_at=timeline.first_at, since=since, now=now,
+                                         max_ages=max_ages or {}, signing_kid=signing_kid)
+    if by is None:
+        return fig
+    step = PERIODS[by]
+    count = max(1, -(-int(now - since) // step))
+    if count > MAX_PERIODS:
+        raise InvalidInput(f"--by: {count} {by}s from --since; at most {MAX_PERIODS} periods")
+    fig.by = by
+    trends: dict[str, list[int]] = {r.repo: [] for r in fig.repos}
+    for i in range(count):
+        start, last = since + i * step, i == count - 1
+        end = now if last else start + step
+        part = compute_figures(timeline, start, now=now, until=None if last else end)
+        for repo, trend in trends.items():
+            own = next((r for r in part.repos if r.repo == repo), None)
+            trend.append(own.added + own.bumped if own else 0)
+        fig.periods.append(Period(since=start, until=end, values=period_values(part)))
+    reasons = sorted({k for p in fig.periods for k in p.values if k.startswith("blocks:")})
+    before: dict[str, float | None] = {}
+    for i, period in enumerate(fig.periods):
+        for k in reasons:  # every period names every block reason (0 where none)
+            period.values.setdefault(k, 0)
+        period.change = {k: None if i == 0 or v is None or before.get(k) is None else v - before[k]  # type: ignore[operator]
+                         for k, v in period.values.items()}
+        before = period.values
+    for r in fig.repos:
+        r.trend = trends[r.repo]
+    return fig
+
+
+#: The trend's indicators, in order: key, label, unit (``%`` a fraction, ``s`` seconds). Block
+#: reasons follow as ``blocks:<reason>``.
+INDICATORS = (
+    ("ideas", "ideas", ""), ("promoted", "promotions", ""), ("delivered", "deliveries", ""),
+    ("blocked", "blocked", ""), ("refused_egress", "refused egress", ""),
+    ("provenance_share", "verified provenance", "%"),
+    ("promote_p50", "time to promote p50", "s"), ("promote_p90", "time to promote p90", "s"),
+    ("deliver_p50", "time to deliver p50", "s"), ("deliver_p90", "time to deliver p90", "s"),
+    ("revoke_to_stop", "mean revoke to stop", "s"),
+    ("deps_changed", "packages added or bumped", ""), ("deps_pinned", "of them pinned with a hash", ""),
+    ("deps_unknown_license", "of them with no known license", ""), ("denylist_hits", "denylist hits", ""),
+)
+
+
+def period_values(fig: Figures) -> dict[str, float | None]:
+    """One period's indicator values (see :data:`INDICATORS`), block reasons as ``blocks:<reason>``."""
+    repos = fig.repos
+    values: dict[str, float | None] = {
+        "ideas": fig.ideas, "promoted": fig.promoted, "delivered": fig.delivered, "blocked": fig.blocked,
+        "refused_egress": fig.refused_egress, "provenance_share": fig.provenance.share,
+        "promote_p50": fig.time_to_promote.p50, "promote_p90": fig.time_to_promote.p90,
+        "deliver_p50": fig.time_to_deliver.p50, "deliver_p90": fig.time_to_deliver.p90,
+        "revoke_to_stop": fig.revoke_to_stop.mean,
+        "deps_changed": sum(r.added + r.bumped for r in repos), "deps_pinned": sum(r.pinned for r in repos),
+        "deps_unknown_license": sum(r.unknown_licenses for r in repos),
+        "denylist_hits": sum(r.denylist_hits for r in repos),
+    }
+    values.update({f"blocks:{k}": v for k, v in fig.gate_blocks.items()})
+    return values
 
 
 # -- folding the facts over a window -----------------------------------------------------------
@@ -300,23 +420,12 @@ def broker_figures(broker: FigureSources, since: str) -> Figures:
 class _Task:
     tier: str = "unknown"
     change_type: str = "unknown"
+    repo: str = "unknown"
     idea: str = ""
     created_at: float | None = None
     running: bool = False
     revoked_at: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
-
-
-def spread(samples: list[float]) -> Spread:
-    """Count, nearest-rank p50 and p90, and mean of ``samples`` (seconds)."""
-    if not samples:
-        return Spread()
-    ordered = sorted(samples)
-
-    def rank(q: float) -> float:
-        return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
-
-    return Spread(count=len(ordered), p50=rank(0.5), p90=rank(0.9), mean=sum(ordered) / len(ordered))
 
 
 def _tag(value: object) -> str:
@@ -368,14 +477,14 @@ def _has_sbom(result: dict[str, Any]) -> bool:
 
 
 def compute_figures(timeline: Timeline, since: float, *, now: float, until: float | None = None) -> Figures:
-    """The figures over ``[since, until]`` from what ``timeline`` has followed (call its
+    """The figures over ``[since, until)`` from what ``timeline`` has followed (call its
     :meth:`~Timeline.follow` first). Durations whose start lies before the window count when
     their end lies inside it."""
     facts, audit = timeline.snapshot()
     fig = Figures(since=since, until=until, generated_at=now, audit=audit)
 
     def inside(at: float) -> bool:
-        return at >= since and (until is None or at <= until)
+        return at >= since and (until is None or at < until)
 
     tasks: defaultdict[str, _Task] = defaultdict(_Task)
     captured: dict[str, tuple[float, str]] = {}
@@ -420,6 +529,7 @@ def compute_figures(timeline: Timeline, since: float, *, now: float, until: floa
             if what in ("created", "amended"):
                 t.tier = str(f.data.get("tier") or "unknown")
                 t.change_type = str(f.data.get("change_type") or "unknown")
+                t.repo = str(f.data.get("repo") or t.repo)[:200]
             if what == "created":
                 t.idea, t.created_at = str(f.data.get("idea", "")), f.at
                 if inside(f.at):
@@ -443,6 +553,7 @@ def compute_figures(timeline: Timeline, since: float, *, now: float, until: floa
     deps.sbom_coverage = deps.with_sbom / deps.changes if deps.changes else None
     prov = fig.provenance
     prov.share = prov.verified / prov.delivered if prov.delivered else None
+    fig.repos = sorted(fig.repos, key=lambda r: r.repo)
     fig.notable = fig.notable[-NOTABLE_LIMIT:]
     return fig
 
@@ -461,6 +572,8 @@ def _settle(fig: Figures, f: Fact, t: _Task, what: str, issued: set[tuple[str, s
             captured: dict[str, tuple[float, str]]) -> None:
     """Fold one outcome inside the window: delivery, provenance, dependencies, gates, notables."""
     deps = fig.dependencies
+    fig.refused_egress += _refused_egress(t.result) if what in ("succeeded", "blocked", "failed") else 0
+    repo = _repo(fig, t.repo) if what in ("succeeded", "blocked") else None
     if what == "succeeded":
         fig.provenance.delivered += 1
         fig.provenance.verified += (f.subject, str(f.data.get("commit", ""))) in issued
@@ -476,6 +589,7 @@ def _settle(fig: Figures, f: Fact, t: _Task, what: str, issued: set[tuple[str, s
                 setattr(deps, str(change), getattr(deps, str(change)) + 1)
                 if change != "removed":
                     licenses[_license(d.get("license"))] += 1
+                    _posture(repo, d)
         return
     if what not in ("blocked", "revoked"):
         return
@@ -484,6 +598,9 @@ def _settle(fig: Figures, f: Fact, t: _Task, what: str, issued: set[tuple[str, s
         for label in _block_labels(t.result):
             gates[label] += 1
         deps.denied += sum(1 for g in _gate_reasons(t.result) if g.startswith("dependency:"))
+        if repo is not None:
+            repo.denylist_hits += sum(1 for g in _gate_reasons(t.result) if g.startswith("dependency:")
+                                      and "denylist" in g)
         reasons = _gate_reasons(t.result)[:10]
     if isinstance(f.data.get("reason"), str) and f.data["reason"] and not reasons:
         reasons = [f.data["reason"]]
@@ -491,3 +608,44 @@ def _settle(fig: Figures, f: Fact, t: _Task, what: str, issued: set[tuple[str, s
     fig.notable.append(Notable(task=f.subject, idea=t.idea, tier=t.tier, change_type=t.change_type, outcome=what,
                                at=f.at, reasons=[r[:300] for r in reasons],
                                title=timeline.verified_title(t.idea, idea_sha)))
+
+
+def _repo(fig: Figures, name: str) -> RepoDependencies:
+    found = next((r for r in fig.repos if r.repo == name), None)
+    if found is None:
+        found = RepoDependencies(repo=name)
+        fig.repos.append(found)
+    return found
+
+
+def _posture(repo: RepoDependencies | None, d: dict[str, Any]) -> None:
+    """One added or bumped package of a delivered change, in its repo's posture."""
+    if repo is None:
+        return
+    if d.get("change") == "added":
+        repo.added += 1
+    else:
+        repo.bumped += 1
+    repo.pinned += bool(isinstance(d.get("integrity"), str) and d["integrity"])
+    repo.unknown_licenses += _license(d.get("license")) == "unknown"
+
+
+def _refused_egress(result: dict[str, Any]) -> int:
+    """Egress the sandbox's proxy refused, as a run's accepted result reports it: a list of
+    requests (each ``refused`` true, or a ``verdict``/``decision`` of ``refused``/``denied``), or a
+    summary with a ``refused`` count or list. Anything else counts 0."""
+    egress = result.get("egress")
+    if isinstance(egress, dict):
+        refused = egress.get("refused")
+        if isinstance(refused, bool):
+            return int(refused)
+        if isinstance(refused, int):
+            return max(refused, 0)
+        if isinstance(refused, list):
+            return len(refused)
+        egress = egress.get("requests")
+    if not isinstance(egress, list):
+        return 0
+    return sum(1 for e in egress if isinstance(e, dict) and (
+        e.get("refused") is True or e.get("allowed") is False
+        or e.get("verdict") in ("refused", "denied") or e.get("decision") in ("refused", "denied")))
