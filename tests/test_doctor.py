@@ -114,10 +114,11 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-def test_doctor_in_an_empty_directory_creates_nothing(tmp_path: Path) -> None:
+def test_doctor_in_an_empty_directory_creates_nothing(short_tmp: Path) -> None:
     """Read-only: no .intake/, no embedded Redis (no AOF, no socket), no password or key file,
-    in the directory or in HOME, however many times it runs, and it says what it could not check."""
-    cwd, home = tmp_path / "empty", tmp_path / "home"
+    in the directory or in HOME, however many times it runs, and it says what it could not check.
+    (A short path: the embedded Redis's socket path must fit, or doctor says that instead.)"""
+    cwd, home = short_tmp / "empty", short_tmp / "home"
     cwd.mkdir()
     home.mkdir()
     (home / "existing").write_text("x")
