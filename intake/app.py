@@ -15,12 +15,15 @@ from prometheus_client import CollectorRegistry
 
 from intake.api.routes import mount_api
 from intake.channels.email.listener import mount_email
+from intake.channels.email.reply import email_sender
 from intake.channels.github import GitHub
 from intake.channels.gitlab import GitLab
 from intake.channels.jira import Jira
+from intake.channels.replies import mount_replies
 from intake.channels.slack.transport import SlackMode, mount_slack
-from intake.channels.webhooks import mount_webhooks
+from intake.channels.webhooks import mount_webhooks, webhook_senders
 from intake.console import mount_console
+from intake.core.errors import ConfigError
 from intake.core.redis_conn import EmbeddedRedis
 from intake.core.settings import Settings
 from intake.operations.metrics import metrics_registry, render_metrics
@@ -41,6 +44,7 @@ SETTINGS = web.AppKey("settings", Settings)
 CAPTURE = web.AppKey("capture", CaptureQueue)
 SLACK_MODE = web.AppKey("slack_mode", SlackMode)
 METRICS = web.AppKey("metrics", CollectorRegistry)
+METRICS_PORT = web.AppKey("metrics_port", int)  # where /metrics listens (when INTAKE_METRICS_PORT is set)
 OUTAGE = web.AppKey("redis_outage", RedisOutage)
 
 
@@ -62,10 +66,37 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "redis": "up", "ledger": "ok"})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """The leading indicators in the Prometheus text format (intake.operations.metrics)."""
-    body = await asyncio.to_thread(render_metrics, request.app[METRICS])
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serve ``GET /metrics`` (the leading indicators in the Prometheus text format,
+    intake.operations.metrics) on its own listener, ``INTAKE_METRICS_HOST:INTAKE_METRICS_PORT``
+    (loopback by default), for the app's lifetime: never on the public API port, where anyone
+    who reaches the broker would read its counters unauthenticated."""
+    settings, registry, outage = app[SETTINGS], app[METRICS], app[OUTAGE]
+
+    async def metrics(request: web.Request) -> web.Response:
+        try:
+            body = await asyncio.to_thread(render_metrics, registry)
+        except OUTAGE_ERRORS as exc:
+            outage.failed(exc, "/metrics")
+            return web.Response(status=503, text="redis unavailable\n", headers={"Retry-After": "1"})
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    listener = web.Application()
+    listener.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(listener, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"INTAKE_METRICS_HOST/INTAKE_METRICS_PORT: cannot listen on "
+                          f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror}") from None
+    app[METRICS_PORT] = int(runner.addresses[0][1])
+    log.info("metrics: GET /metrics on http://%s:%s", settings.metrics_host, app[METRICS_PORT])
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -173,16 +204,20 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     app.middlewares.append(outage_middleware(app[OUTAGE]))  # outermost: a Redis fault is a 503
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_outage_ctx)
+    if settings.metrics_port is not None:
+        app.cleanup_ctx.append(_metrics_ctx)
     if not settings.edge:  # the full serves run the clocks for the edges too
         app.cleanup_ctx.append(_clocks_ctx)
     if dev:
         app.cleanup_ctx.append(_dev_worker_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    mount_console(app, settings, BROKER)
+    mount_console(app, settings, BROKER, dev=dev)
     mount_api(app, lambda request: request.app[BROKER])
     app[SLACK_MODE] = mount_slack(app, settings, BROKER, CAPTURE)
     mount_email(app, settings, BROKER, CAPTURE)
-    mount_webhooks(app, settings, (GitHub.from_settings, GitLab.from_settings, Jira.from_settings), CAPTURE)
+    forges = (GitHub.from_settings, GitLab.from_settings, Jira.from_settings)
+    mount_webhooks(app, settings, forges, CAPTURE)
+    # Replies to tickets and acknowledgement mails, from the outbox (retried through outages).
+    mount_replies(app, settings, BROKER, [*webhook_senders(settings, forges), email_sender(settings.smtp_relay)])
     return app

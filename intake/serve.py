@@ -171,6 +171,14 @@ def _run(settings: Settings, tcp: socket.socket, *, dev: bool) -> None:
         redis_where = "configured INTAKE_REDIS_URL" if settings.redis_url else f"embedded, {settings.data_dir}/redis"
         click.echo(f"intake: policy {settings.policy_path} ({policy.version_hash[:12]}); redis {redis_where}")
         port = tcp.getsockname()[1]
+        if settings.metrics_port is not None:
+            click.echo(f"intake: /metrics on its own listener, http://{settings.metrics_host}:{settings.metrics_port}"
+                       + (" (a free port, logged when bound)" if settings.metrics_port == 0 else ""))
+        if dev:  # the console accepts the loopback origin the browser uses (both names)
+            click.echo(f"intake: console at http://127.0.0.1:{port}/console (or http://localhost:{port}/console; "
+                       f"passkeys only at {settings.console_origin}, their origin)")
+        else:
+            click.echo(f"intake: console at {settings.console_origin}/console")
         click.echo(f"intake: serving on http://{settings.host}:{port} and unix:{sock_path}  (Ctrl-C to stop)")
         web.run_app(app, sock=[tcp, sock], print=None, access_log_class=AccessLogger,
                     loop=event_loop())

@@ -96,6 +96,18 @@ def enrol(settings: Settings, people: dict[str, tuple[str, tuple[str, ...]]]) ->
     return out
 
 
+def link_os_user(settings: Settings, person: str = "operator") -> str:
+    """Link the OS user running the tests to ``person`` (created if new): over the socket, an
+    unlinked OS user reads nothing. Returns the person id."""
+    import getpass
+
+    with open_broker(settings) as broker:
+        People(broker.store).upsert(person, name=person.title(), identities=(f"os:{getpass.getuser()}",),
+                                    actor="test:setup")
+        broker.audit.seal_pending()
+    return person
+
+
 def post(url: str, path: str, body: bytes, token: str | None = None) -> tuple[int, bytes]:
     """A raw POST on the socket (``unix://``) or over TCP, answering (status, body)."""
     parts = urlsplit(url)

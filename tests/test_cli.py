@@ -14,7 +14,15 @@ from click.testing import CliRunner, Result
 from intake.cli.main import cli
 from intake.core.settings import Settings
 
-pytestmark = pytest.mark.usefixtures("api")
+pytestmark = pytest.mark.usefixtures("api", "linked")
+
+
+@pytest.fixture
+def linked(settings: Settings) -> str:
+    """The OS user running the tests is a person (an unlinked one reads nothing)."""
+    from tests.api_harness import link_os_user
+
+    return link_os_user(settings)
 
 
 def run(env: dict[str, str], *args: str) -> Result:
@@ -50,10 +58,11 @@ def test_show_escapes_terminal_controls(env: dict[str, str]) -> None:
 
 
 def test_audit_verify_and_xdel(env: dict[str, str], rclient: redis.Redis) -> None:
+    linking = rclient.xlen("intake:audit")  # the OS user's link to a person
     for n in range(3):
         assert run(env, "idea", f"idea {n}", "--as", "bob").exit_code == 0
     ok = run(env, "audit", "verify")
-    assert ok.exit_code == 0 and "3 events" in ok.stdout
+    assert ok.exit_code == 0 and f"{linking + 3} events" in ok.stdout
     victim = rclient.xrange("intake:audit")[1][0]
     rclient.xdel("intake:audit", victim)
     broken = run(env, "audit", "verify")
@@ -93,7 +102,8 @@ def test_audit_export_jsonl(env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "audit.jsonl"
     assert run(env, "audit", "export", "-o", str(out)).exit_code == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(e["seq"], e["action"], e["actor"]) for e in lines] == [(1, "idea.captured", "cli:bob")]
+    assert [e["actor"] for e in lines[:-1]] == ["test:setup"] * (len(lines) - 1)  # the OS user's link
+    assert [(e["seq"], e["action"], e["actor"]) for e in lines[-1:]] == [(len(lines), "idea.captured", "cli:bob")]
     assert "secret-looking" not in out.read_text()  # the log holds hashes, not bodies
 
 

@@ -16,6 +16,14 @@ from intake.core.settings import Settings
 pytestmark = pytest.mark.usefixtures("api")
 
 
+@pytest.fixture
+def linked(settings: Settings) -> str:
+    """The OS user running the tests is a person (an unlinked one reads nothing)."""
+    from tests.api_harness import link_os_user
+
+    return link_os_user(settings)
+
+
 def run(env: dict[str, str], *args: str) -> Result:
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
@@ -32,7 +40,7 @@ def one_line_error(result: Result) -> str:
     return result.stderr
 
 
-def test_a_unique_prefix_in_any_case_names_the_idea(env: dict[str, str]) -> None:
+def test_a_unique_prefix_in_any_case_names_the_idea(env: dict[str, str], linked: str) -> None:
     ident = file_idea(env, "Document the release steps")
     for typed in (ident[:6], "i-" + ident[2:8].upper(), ident.lower(), ident.upper()):
         shown = run(env, "show", typed, "--json")
@@ -40,7 +48,7 @@ def test_a_unique_prefix_in_any_case_names_the_idea(env: dict[str, str]) -> None
         assert json.loads(shown.stdout)["id"] == ident
 
 
-def test_an_ambiguous_prefix_says_how_many(env: dict[str, str], rclient: redis.Redis) -> None:
+def test_an_ambiguous_prefix_says_how_many(env: dict[str, str], rclient: redis.Redis, linked: str) -> None:
     # Two ideas whose ids share a prefix (index entries; ids are random otherwise).
     rclient.zadd("intake:ideas", {"I-abcd00000001": 1.0, "I-abcd00000002": 2.0, "I-abce00000003": 3.0})
     err = one_line_error(run(env, "show", "I-ABCD"))
@@ -49,14 +57,14 @@ def test_an_ambiguous_prefix_says_how_many(env: dict[str, str], rclient: redis.R
     assert "no idea I-abce00000003" in one_line_error(run(env, "show", "i-AbCe"))
 
 
-def test_unknown_and_malformed_prefixes(env: dict[str, str]) -> None:
+def test_unknown_and_malformed_prefixes(env: dict[str, str], linked: str) -> None:
     assert one_line_error(run(env, "show", "I-ffff")) == "intake: no idea id starts with I-ffff\n"
     assert "not an idea id" in one_line_error(run(env, "show", "I-abc"))  # too short
     assert "not an idea id" in one_line_error(run(env, "show", "I-ab*"))  # no globs
     assert "not an idea id" in one_line_error(run(env, "show", "3f9a1c"))  # the kind letter is needed
 
 
-def test_prefixes_never_cross_kinds(env: dict[str, str], rclient: redis.Redis, settings: Settings) -> None:
+def test_prefixes_never_cross_kinds(env: dict[str, str], rclient: redis.Redis, settings: Settings, linked: str) -> None:
     ident = file_idea(env, "Add a test for the parser")
     hexpart = ident[2:]
     # A task whose id has the idea's digits: each kind resolves to its own.
@@ -71,7 +79,7 @@ def test_prefixes_never_cross_kinds(env: dict[str, str], rclient: redis.Redis, s
     assert err == f"intake: {ident[:8]!r} is an idea id; this needs a task id (T-…)\n"
 
 
-def test_the_resolver_refuses_hostile_input(settings: Settings) -> None:
+def test_the_resolver_refuses_hostile_input(settings: Settings, linked: str) -> None:
     """A raw API caller: glob characters, other shapes and overlong input are a 400, not a scan."""
     client = ApiClient(broker_url(settings))
     for bad in ("I-*", "I-ab[cd]e", "I-abcd?", "X-abcd", "I-" + "a" * 13, "I-abcd\n"):
@@ -80,7 +88,7 @@ def test_the_resolver_refuses_hostile_input(settings: Settings) -> None:
         assert caught.value.status == 400, bad
 
 
-def test_lists_are_tables_and_show_has_no_reprs(env: dict[str, str]) -> None:
+def test_lists_are_tables_and_show_has_no_reprs(env: dict[str, str], linked: str) -> None:
     first = file_idea(env, "Rotate the staging cert\nand say so in #ops")
     second = file_idea(env, "x" * 200)
     lines = run(env, "list").stdout.splitlines()

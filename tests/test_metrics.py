@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import aiohttp
 import pyotp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from intake.app import BROKER, create_app
+from intake.app import BROKER, METRICS_PORT, create_app
 from intake.core.errors import Refused
 from intake.core.models import Channel, TaskState
 from intake.core.settings import Settings, load_settings
@@ -29,9 +30,9 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_match_a_scripted_scenario(settings: Settings, clock: FakeClock) -> None:
     assert settings.redis_url is not None
     s = load_settings(_env_file=None, data_dir=settings.data_dir, redis_url=settings.redis_url.get_secret_value(),
-                      policy=settings.policy_path, sweep_interval=3600)
+                      policy=settings.policy_path, sweep_interval=3600, metrics_port=0)
     app = create_app(s)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with TestClient(TestServer(app, host="127.0.0.1")), aiohttp.ClientSession() as scraper:
         broker = app[BROKER]
         broker.store.clock = clock
         store, gk = broker.store, broker.gatekeeper
@@ -68,7 +69,7 @@ async def test_metrics_match_a_scripted_scenario(settings: Settings, clock: Fake
         # A forged entry written straight into Redis counts for nothing.
         broker.client.xadd(broker.audit.stream, {"e": '{"action":"idea.captured","data":{"channel":"email"}}', "m": "0" * 64})
 
-        resp = await client.get("/metrics")
+        resp = await scraper.get(f"http://127.0.0.1:{app[METRICS_PORT]}/metrics")
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
         m = _samples(await resp.text())
 
@@ -127,3 +128,24 @@ def test_outbox_lag_and_drops(settings: Settings, tmp_path: Path) -> None:
     assert [(s.labels, s.value) for s in dropped if s.name.endswith("_total")] == [({"group": "slack_notifier"}, 1.0)]
     lag = {s.labels["group"]: s.value for s in fams["intake_outbox_lag_events"].samples}
     assert lag["slack-notifier"] == 2  # the second delivery is pending, the drop event undelivered
+
+
+async def test_metrics_are_never_on_the_public_port(settings: Settings) -> None:
+    """A stranger who reaches the API port asks for /metrics: 404 there, with or without a
+    metrics listener; the listener itself binds loopback by default."""
+    assert settings.redis_url is not None
+    base = {"_env_file": None, "data_dir": settings.data_dir, "redis_url": settings.redis_url.get_secret_value(),
+            "policy": settings.policy_path, "sweep_interval": 3600}
+    assert load_settings(**base).metrics_port is None and load_settings(**base).metrics_host == "127.0.0.1"
+    for extra in ({}, {"metrics_port": 0}):
+        app = create_app(load_settings(**base, **extra))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            assert (await client.get("/metrics")).status == 404
+            assert (await client.get("/metrics", headers={"Authorization": "Bearer x"})).status == 404
+            if extra:
+                async with aiohttp.ClientSession() as scraper:
+                    scraped = await scraper.get(f"http://127.0.0.1:{app[METRICS_PORT]}/metrics")
+                    assert scraped.status == 200 and "intake_ideas_captured_total" in await scraped.text()
+            else:
+                assert METRICS_PORT not in app
+

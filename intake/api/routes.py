@@ -142,21 +142,33 @@ class Api:
 
     # -- plumbing --------------------------------------------------------------------------
     def route(self, work: Callable[[Broker, Caller, web.Request, dict[str, Any]], Any],
-              body: bool = False) -> Handler:
-        """Wrap ``work(broker, caller, request, body)``: authenticate first, parse the JSON
-        body, run the (blocking) broker code in a thread, and translate errors into 4xx JSON."""
+              body: bool = False, linked: bool = False) -> Handler:
+        """Wrap ``work(broker, caller, request, body)``: authenticate first (one
+        ``Authorization`` header at most: two are a 400, never a guess at which one counts),
+        refuse a caller who is nobody when ``linked`` (reads: an OS user on the socket that no
+        person is linked to reads nothing), parse the JSON body (``application/json`` in UTF-8
+        only: a form post or a UTF-16 body is refused, not sniffed), run the (blocking) broker
+        code in a thread, and translate errors into 4xx JSON."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
+            if len(request.headers.getall("Authorization", [])) > 1:
+                return _error(400, "bad_request", "send at most one Authorization header")
             broker = self._broker(request)
             people, tokens = People(broker.store), ApiTokens(broker.store, People(broker.store))
             try:
                 caller = await asyncio.to_thread(identify, request, people, tokens)
             except Unauthenticated as exc:
                 return _error(401, "unauthenticated", str(exc))
+            if linked and caller.person is None:
+                return _error(403, "not_linked", f"{caller.identity} is not linked to a person in intake, so it "
+                                                 "reads nothing; an admin can link it (intake person link ID IDENTITY)")
             data: dict[str, Any] = {}
             if body:
+                if request.content_type != "application/json" or (request.charset or "utf-8").lower() != "utf-8":
+                    return _error(415, "unsupported_media_type",
+                                  "send the body as Content-Type: application/json in UTF-8")
                 try:
-                    data = json.loads(await request.read() or b"null")
+                    data = json.loads((await request.read()).decode("utf-8") or "null")
                 except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the decoder's depth
                     return _error(400, "bad_json", "the request body is not JSON")
                 if not isinstance(data, dict):
@@ -577,4 +589,6 @@ def mount_api(app: web.Application, broker: Callable[[web.Request], Broker]) -> 
     app.on_response_prepare.append(_mark_api_response)
     app.router.add_get(PREFIX + broker_identity.PATH, _identity)
     for method, path, name, takes_body in ROUTES:
-        app.router.add_route(method, PREFIX + path, api.route(getattr(api, name), body=takes_body))
+        # Every read but "who am I" is for a person: an unlinked OS user on the socket is nobody.
+        reads = method == "GET" and name != "me"
+        app.router.add_route(method, PREFIX + path, api.route(getattr(api, name), body=takes_body, linked=reads))

@@ -18,12 +18,13 @@ broker's API with a step-up).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from intake.channels.replies import Reply
+from intake.channels.replies import Reply, reply_text
 from intake.channels.webhooks import (
     Outcome,
     check_hmac_sha256,
@@ -33,7 +34,7 @@ from intake.channels.webhooks import (
     slash_intake,
     token,
 )
-from intake.core.models import Channel, IdeaDraft, sha256_hex
+from intake.core.models import Channel, Idea, IdeaDraft, sha256_hex
 from intake.core.settings import Settings
 
 _ASSOCIATIONS = {"COLLABORATOR", "CONTRIBUTOR", "FIRST_TIMER", "FIRST_TIME_CONTRIBUTOR", "MANNEQUIN",
@@ -104,19 +105,22 @@ class GitHub:
                         "delivery": delivery, "url": url[:500]},
             raw_sha256=sha256_hex(body),
         )
-        return Outcome(draft=draft, reply=self._reply(repo, number))
+        return Outcome(draft=draft)
 
     def _takes(self, action: Any, payload: dict[str, Any]) -> bool:
         if not self.label:
             return action == "opened"
         return action == "labeled" and field(payload, "label", "name", required=False) == self.label
 
-    def _reply(self, repo: str, number: int) -> Any:
-        if not self.token:
+    def reply_for(self, idea: Idea) -> Reply | None:
+        """A comment on the issue the idea came from (its provenance's repo and issue)."""
+        repo, number = idea.provenance.get("repo", ""), idea.provenance.get("issue", "")
+        if not self.token or not re.fullmatch(r"[^/\s]{1,100}/[^/\s]{1,100}", repo) \
+                or not re.fullmatch(r"[0-9]{1,12}", number):
             return None
         owner, _, name = repo.partition("/")
         url = (f"{self.api_url.rstrip('/')}/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
                f"/issues/{number}/comments")
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/vnd.github+json",
                    "X-GitHub-Api-Version": "2022-11-28", "User-Agent": "intake"}
-        return lambda text: Reply(url=url, json={"body": text}, headers=headers)
+        return Reply(url=url, json={"body": reply_text(idea.id)}, headers=headers)

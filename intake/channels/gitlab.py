@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
-from intake.channels.replies import Reply
+from intake.channels.replies import Reply, reply_text
 from intake.channels.webhooks import Outcome, WebhookRefused, field, forge_identity, single_header, slash_intake, token
-from intake.core.models import Channel, IdeaDraft, sha256_hex
+from intake.core.models import Channel, Idea, IdeaDraft, sha256_hex
 from intake.core.settings import Settings
 
 SIGNATURE_WINDOW = 300
@@ -134,15 +134,18 @@ class GitLab:
         draft = IdeaDraft(
             channel=Channel.GITLAB, requester=forge_identity("gitlab", username),
             delivery_id=f"{project_id}:{via}:{thing}", text=text, title=title[:200],
-            provenance={"via": via, "project": project[:200], "issue": str(iid), "username": username[:100],
+            provenance={"via": via, "project": project[:200], "project_id": str(project_id), "issue": str(iid),
+                        "username": username[:100],
                         "delivery": delivery, "url": url[:500]},
             raw_sha256=sha256_hex(body),
         )
-        return Outcome(draft=draft, reply=self._reply(project_id, iid))
+        return Outcome(draft=draft)
 
-    def _reply(self, project_id: int, iid: int) -> Any:
-        if not self.token:
+    def reply_for(self, idea: Idea) -> Reply | None:
+        """A note on the issue the idea came from (its provenance's project id and issue iid)."""
+        project_id, iid = idea.provenance.get("project_id", ""), idea.provenance.get("issue", "")
+        if not self.token or not re.fullmatch(r"[0-9]{1,12}", project_id) or not re.fullmatch(r"[0-9]{1,12}", iid):
             return None
         url = f"{self.api_url.rstrip('/')}/api/v4/projects/{project_id}/issues/{iid}/notes"
         headers = {"PRIVATE-TOKEN": self.token, "User-Agent": "intake"}
-        return lambda text: Reply(url=url, json={"body": text}, headers=headers)
+        return Reply(url=url, json={"body": reply_text(idea.id)}, headers=headers)

@@ -15,12 +15,13 @@ are stable; display names and e-mail addresses are not identities).
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from intake.channels.replies import Reply
+from intake.channels.replies import Reply, reply_text
 from intake.channels.webhooks import (
     Outcome,
     check_hmac_sha256,
@@ -30,7 +31,7 @@ from intake.channels.webhooks import (
     slash_intake,
     token,
 )
-from intake.core.models import Channel, IdeaDraft, sha256_hex
+from intake.core.models import Channel, Idea, IdeaDraft, sha256_hex
 from intake.core.settings import Settings
 
 
@@ -80,10 +81,12 @@ class Jira:
             provenance={"via": via, "issue": key, "account_id": author, "delivery": delivery},
             raw_sha256=sha256_hex(body),
         )
-        return Outcome(draft=draft, reply=self._reply(key))
+        return Outcome(draft=draft)
 
-    def _reply(self, key: str) -> Any:
-        if not (self.api_url and self.token):
+    def reply_for(self, idea: Idea) -> Reply | None:
+        """A comment on the issue the idea came from (its provenance's issue key)."""
+        key = idea.provenance.get("issue", "")
+        if not (self.api_url and self.token) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,100}", key):
             return None
         url = f"{self.api_url.rstrip('/')}/rest/api/2/issue/{quote(key, safe='')}/comment"
         if self.user:  # Jira Cloud: e-mail and API token
@@ -91,4 +94,4 @@ class Jira:
         else:  # Data Center: a personal access token
             auth = f"Bearer {self.token}"
         headers = {"Authorization": auth, "User-Agent": "intake"}
-        return lambda text: Reply(url=url, json={"body": text}, headers=headers)
+        return Reply(url=url, json={"body": reply_text(idea.id)}, headers=headers)

@@ -9,9 +9,10 @@ never the body, a signature or a secret):
 2. the channel's signature or token over the *raw bytes*, before anything parses them (401);
 3. the body is one JSON object (400), then the channel's pure parser turns it into an
    :class:`~intake.core.models.IdeaDraft` or says why the event is ignored (400 if malformed);
-4. the one capture (idempotent on the namespaced delivery id); only a first capture sends the
-   reply with the idea id back to the ticket (:mod:`intake.channels.replies`), after the
-   answer, so a slow forge never holds up the acknowledgement.
+4. the one capture (idempotent on the namespaced delivery id). A first capture queues the reply
+   with the idea id back to the ticket in the same transaction (its ``idea.captured`` event):
+   the reply outbox (:mod:`intake.channels.replies`) posts it, retrying through a forge
+   outage, so a slow or failing forge never holds up the acknowledgement nor loses the reply.
 
 Forges sign no timestamp (GitLab's signing token aside) and no delivery header, so a replayed
 delivery is bounded by the dedupe on what the signed body names (the issue, comment or note):
@@ -21,13 +22,12 @@ the same body again, under whatever delivery header, is the same idea, and write
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,9 +35,9 @@ import aiohttp
 import redis
 from aiohttp import web
 
-from intake.channels.replies import Reply, post_reply
+from intake.channels.replies import Reply, Send, SenderFactory, post_reply
 from intake.core.errors import IntakeError, InvalidInput
-from intake.core.models import IdeaDraft
+from intake.core.models import Idea, IdeaDraft
 from intake.core.settings import Settings
 from intake.people.registry import parse_identity
 from intake.storage.capture_queue import CaptureQueue
@@ -59,11 +59,10 @@ class WebhookRefused(IntakeError):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a channel's parser made of a verified payload: a draft to capture (and where to
-    reply), or ``ignored`` naming why not (an event intake does not take, a ping, …)."""
+    """What a channel's parser made of a verified payload: a draft to capture, or ``ignored``
+    naming why not (an event intake does not take, a ping, …)."""
 
     draft: IdeaDraft | None = None
-    reply: Callable[[str], Reply] | None = None
     ignored: str = ""
 
 
@@ -77,6 +76,10 @@ class WebhookChannel(Protocol):
 
     def parse(self, headers: Mapping[str, str], payload: dict[str, Any], body: bytes) -> Outcome:
         """The draft for this event, or why it is ignored; raise :class:`WebhookRefused`."""
+
+    def reply_for(self, idea: Idea) -> Reply | None:
+        """The reply to post on the ticket ``idea`` came from (built from its stored
+        provenance), or None (no API token configured, a provenance it cannot answer)."""
 
 
 # -- shared checks -------------------------------------------------------------------------
@@ -206,24 +209,17 @@ def slash_intake(text: str) -> str | None:
     return rest.strip() or None
 
 
-def reply_text(idea_id: str) -> str:
-    return (f"intake captured this as idea {idea_id}. An approver will review it; "
-            "nothing runs unless they promote it.")
-
-
 # -- the aiohttp side ----------------------------------------------------------------------
 Capture = Callable[[IdeaDraft], Awaitable[Any]]
 
 
 class WebhookEdge:
-    """The routes for the configured channels, their reply session and reply tasks."""
+    """The routes for the configured channels."""
 
     def __init__(self, channels: list[WebhookChannel], capture: Callable[[], Capture], max_body: int) -> None:
         self.channels = channels
         self.capture = capture
         self.max_body = max_body
-        self.session: aiohttp.ClientSession | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
 
     def handler(self, channel: WebhookChannel) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
@@ -250,32 +246,9 @@ class WebhookEdge:
                 log.warning("%s webhook not stored: %s", channel.name, type(exc).__name__)
                 return web.json_response({"error": "unavailable, try again"}, status=503)
             log.info("%s webhook captured idea=%s created=%s", channel.name, idea.id, created)
-            if created and outcome.reply is not None:
-                self._send_later(channel.name, outcome.reply(reply_text(idea.id)))
             return web.json_response({"idea": idea.id, "created": created}, status=202)
 
         return handle
-
-    def _send_later(self, name: str, reply: Reply) -> None:
-        if self.session is None:
-            return
-        task = asyncio.create_task(post_reply(self.session, reply, channel=name), name=f"{name}-reply")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """One client session for the replies; pending replies get a few seconds at shutdown."""
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
-        try:
-            yield
-        finally:
-            if self.tasks:
-                await asyncio.wait(set(self.tasks), timeout=5)
-            for task in set(self.tasks):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await self.session.close()
 
 
 #: Builds a ticket channel from settings, or None when its webhook secret is not set.
@@ -297,5 +270,24 @@ def mount_webhooks(app: web.Application, settings: Settings, factories: Iterable
     edge = WebhookEdge(channels, lambda: app[capture_key].capture, settings.webhook_max_body)
     for channel in channels:
         app.router.add_post(f"/webhooks/{channel.name}", edge.handler(channel))
-    app.cleanup_ctx.append(edge.lifecycle)
     return [c.name for c in channels]
+
+
+def webhook_senders(settings: Settings, factories: Iterable[ChannelFactory]) -> list[SenderFactory]:
+    """The reply outbox's senders for the configured ticket channels (see
+    :mod:`intake.channels.replies`)."""
+
+    def sender(channel: WebhookChannel) -> SenderFactory:
+        def make(session: aiohttp.ClientSession) -> tuple[str, Send]:
+            async def send(idea: Idea) -> bool:
+                reply = channel.reply_for(idea)
+                if reply is None:
+                    return False
+                await post_reply(session, reply, channel=channel.name)
+                return True
+
+            return channel.name, send
+
+        return make
+
+    return [sender(c) for c in configured_channels(settings, factories)]

@@ -15,6 +15,7 @@ from intake.core.resources import TEMPLATES_DIR
 from intake.core.settings import Settings
 from intake.protocol.keyfiles import load_secret
 from intake.runtime import Broker
+from intake.text.html import show_hidden
 
 
 def _when(ts: float | None) -> str:
@@ -25,16 +26,18 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def mount_console(app: web.Application, settings: Settings, broker_key: web.AppKey[Broker]) -> None:
+def mount_console(app: web.Application, settings: Settings, broker_key: web.AppKey[Broker], *,
+                  dev: bool = False) -> None:
     """Add the console sub-application at ``/console``. Loads the console key now, so a
-    missing or unreadable key stops the server at start."""
+    missing or unreadable key stops the server at start. ``dev``: also accept the loopback
+    origin the browser used (see :meth:`Console.origins`)."""
     key = load_secret(settings, "console")
     sso = OidcClient(settings, key) if settings.oidc_issuer else None
-    console = Console(settings, broker_key, SessionBox(key), sso)
-    sub = web.Application(middlewares=[console.headers, console.sessions])
+    console = Console(settings, broker_key, SessionBox(key), sso, dev=dev)
+    sub = web.Application(middlewares=[console.headers, console.sessions, console.errors])
     env = aiohttp_jinja2.setup(
         sub, loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "console"), autoescape=True,
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, finalize=show_hidden,
     )
     env.filters["when"] = _when
     sub[STOPPING] = asyncio.Event()

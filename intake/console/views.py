@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ from intake.operations.indicators.figures import broker_figures
 from intake.people.passkeys import PasskeyProof
 from intake.people.registry import People
 from intake.runtime import Broker
+from intake.storage.outage import OUTAGE_ERRORS
 from intake.tasks import provenance
 from intake.tasks.dependency_view import summarize_dependencies
 from intake.text.html import visible_segments
 
+log = logging.getLogger("intake.console")
 DASHBOARD_SINCE = "12w"  # the dashboard's default window: a quarter, week by week
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -71,11 +74,12 @@ class Console:
     """Handlers and middlewares of the ``/console`` sub-application."""
 
     def __init__(self, settings: Settings, broker_key: web.AppKey[Broker], box: SessionBox,
-                 sso: OidcClient | None = None) -> None:
+                 sso: OidcClient | None = None, *, dev: bool = False) -> None:
         self.settings = settings
         self.broker_key = broker_key
         self.box = box
         self.sso = sso
+        self.dev = dev
         self.secure = settings.console_origin.startswith("https://")
 
     def broker(self, request: web.Request) -> Broker:
@@ -100,6 +104,46 @@ class Console:
         return response
 
     @web.middleware
+    async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """An unknown or malformed id, an unknown path, a refusal a handler did not turn into a
+        page: an error page (404, 400, 403, ...) under the same headers as every page, never a
+        500 with a traceback. A bug is still a 500, logged by type only, with the same page."""
+        try:
+            return await handler(request)
+        except IntakeError as exc:
+            return self._error_page(request, _status(exc), str(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return self._error_page(request, exc.status, exc.text if exc.status != 404 else "no such page")
+        except OUTAGE_ERRORS:
+            raise  # the app's outage middleware answers 503
+        except Exception as exc:
+            log.error("console %s %s failed: %s", request.method, request.path, type(exc).__name__)
+            return self._error_page(request, 500, "internal error; the broker's log names it")
+
+    def _error_page(self, request: web.Request, status: int, message: str) -> web.Response:
+        reason = web.Response(status=status).reason
+        try:
+            return self.render(request, "error.html", status=status, code=status, reason=reason, message=message[:500],
+                               notice=None)
+        except Exception as exc:  # no session or no broker: a plain page, still under the headers
+            log.error("console error page failed: %s", type(exc).__name__)
+            return web.Response(status=status, text=f"{status} {reason}")
+
+    def origins(self, request: web.Request) -> tuple[str, ...]:
+        """The origins a POST may come from: the configured console origin; in dev mode also
+        the loopback origin the browser actually used (``http://127.0.0.1:PORT``, or
+        ``http://localhost:PORT``, as the banner prints it), so the console works at either.
+        A Host that is no loopback name (a DNS-rebinding page) never counts."""
+        allowed = (self.settings.console_origin,)
+        host = request.host.lower()
+        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if self.dev and name in ("127.0.0.1", "localhost", "[::1]") and port.isdigit():
+            allowed += (f"http://{name}:{port}",)
+        return allowed
+
+    @web.middleware
     async def sessions(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Open the session (or start an anonymous one), refuse a POST without its CSRF token
         or from another origin before any handler runs, and require sign-in off the public pages."""
@@ -117,16 +161,18 @@ class Console:
             origin = request.headers.get("Origin")
             token = request.headers.get("X-CSRF-Token")
             if token is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-                token = str((await request.post()).get("csrf", ""))
-            if (origin is not None and origin != self.settings.console_origin) or not session.csrf_ok(token):
-                response: web.StreamResponse = web.Response(status=403, text="refused: missing or wrong CSRF token")
-                return self._with_cookie(request, response)
+                try:
+                    token = str((await request.post()).get("csrf", ""))
+                except (ValueError, AssertionError, UnicodeError, web.HTTPException):
+                    token = None  # a body that is not the form it claims to be carries no token
+            if (origin is not None and origin not in self.origins(request)) or not session.csrf_ok(token):
+                # No Set-Cookie on a refusal: a cross-site POST carries no (SameSite=Strict)
+                # cookie, and answering it with a fresh session would sign the victim out.
+                return web.Response(status=403, text="refused: missing or wrong CSRF token")
         if session.who is None and not request.path.startswith(PUBLIC):
             if request.method == "GET":
-                response = redirect("/console/signin")
-            else:
-                response = web.Response(status=403, text="sign in first")
-            return self._with_cookie(request, response)
+                return self._with_cookie(request, redirect("/console/signin"))
+            return web.Response(status=403, text="sign in first")
         return self._with_cookie(request, await handler(request))
 
     def _live(self, broker: Broker, session: Session) -> bool:

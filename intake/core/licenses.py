@@ -55,3 +55,12 @@ def license_passes(expression: str, allowed: Collection[str], denied: Collection
         return any(ok(arg) for arg in node.args)  # OR
 
     return ok(parse_license(expression))
+
+
+def same_license(first: str, second: str) -> bool:
+    """Whether two license expressions say the same thing (``MIT OR ISC`` is ``ISC OR MIT``,
+    ``GPL-3.0`` is ``GPL-3.0-only``); text that is no SPDX expression equals only itself."""
+    try:
+        return bool(_LICENSING.is_equivalent(parse_license(first), parse_license(second)))
+    except ValueError:
+        return " ".join(first.split()) == " ".join(second.split())

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     policy: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # /metrics is served on a listener of its own, never on the public API port: on only when
+    # metrics_port is set, loopback unless metrics_host says otherwise (a Prometheus in the
+    # same pod or host scrapes it; anything wider is a network-policy decision).
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     key_prefix: str = "intake"
     max_text_bytes: int = Field(16 * 1024, ge=1, le=1024 * 1024)
     sweep_interval: float = Field(5.0, gt=0, le=3600)

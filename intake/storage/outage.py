@@ -26,7 +26,7 @@ log = logging.getLogger("intake.redis")
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 #: Paths that never need Redis: liveness must say the process is alive whatever Redis does.
-_NO_REDIS = frozenset({"/healthz", "/metrics"})
+_NO_REDIS = frozenset({"/healthz"})
 
 
 class RedisOutage:

@@ -121,10 +121,12 @@ class Outbox:
         self._take = self.r.register_script(_TAKE)
         self._next_reap = 0.0
 
-    def ensure_group(self) -> None:
-        """Create the group at the start of the stream (handlers skip what is already done)."""
+    def ensure_group(self, start: str = "0") -> None:
+        """Create the group, if it does not exist yet, at ``start``: the start of the stream
+        (handlers skip what is already done), or ``$`` for a group that must act only on events
+        from its creation on (one whose past deliveries were made some other way)."""
         try:
-            self.r.xgroup_create(self.audit.stream, self.group, id="0", mkstream=True)
+            self.r.xgroup_create(self.audit.stream, self.group, id=start, mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise

@@ -4,12 +4,26 @@ server-side SVG charts. Templates autoescape everything; these helpers only shap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from intake.text.normalise import is_hidden, marker
+from markupsafe import Markup
+
+from intake.text.normalise import is_hidden, marker, visible
 
 # Characters that render as nothing, or that reorder what is shown around them (bidi controls),
 # are shown as ⟨U+XXXX⟩ markers so an approver sees exactly what the agent will get. The one
 # definition of "hidden" is intake.text.normalise.is_hidden (capture refuses text of nothing else).
+
+
+def show_hidden(value: Any) -> Any:
+    """The Jinja ``finalize`` of every HTML surface (console pages, the HTML report): each
+    string a template prints has its hidden characters replaced by ``⟨U+XXXX⟩`` markers before
+    it is autoescaped, so no page (a list, a table cell, a chart label, an attribute) can show
+    text that reads differently from what is stored. Plain text, never markup: a marker is
+    safe in any HTML context. :class:`Markup` (our own HTML) passes unchanged."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return visible(value)
+    return value
 
 
 @dataclass(frozen=True)

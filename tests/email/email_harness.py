@@ -103,7 +103,8 @@ class Relay:
     """A second aiosmtpd on loopback (its own loop and thread) standing in for the outbound
     relay; keeps what it gets."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
         self.received: list[Any] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="relay", daemon=True)
@@ -118,7 +119,7 @@ class Relay:
 
         async def start() -> asyncio.base_events.Server:
             return await self.loop.create_server(lambda: SMTP(self, hostname="relay", loop=self.loop),
-                                                 host="127.0.0.1", port=0)
+                                                 host="127.0.0.1", port=self.port)
 
         self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=30)
         return self

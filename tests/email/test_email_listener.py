@@ -3,9 +3,11 @@ Redis, a second aiosmtpd as the reply relay, DKIM checked by dkimpy against fixe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import smtplib
 import ssl
 import zipfile
@@ -233,7 +235,8 @@ def test_email_can_never_approve_anything(settings: Settings, tmp_path: Path) ->
         assert mailed[0].requester == "email:carol@example.org" and mailed[0].state.value == "captured"
 
 
-def test_starttls_when_a_certificate_is_configured(settings: Settings, tmp_path: Path) -> None:
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost/127.0.0.1 and its key, as PEM files."""
     import datetime
     import ipaddress
 
@@ -256,6 +259,11 @@ def test_starttls_when_a_certificate_is_configured(settings: Settings, tmp_path:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_starttls_when_a_certificate_is_configured(settings: Settings, tmp_path: Path) -> None:
+    cert_path, key_path = self_signed(tmp_path)
     with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_cert=cert_path, smtp_key=key_path),
                       RecordResolver()) as smtp, smtp.smtp() as client:
         client.ehlo()
@@ -264,6 +272,46 @@ def test_starttls_when_a_certificate_is_configured(settings: Settings, tmp_path:
         client.ehlo("localhost")
         client.sendmail("a@example.net", [RECIPIENT], mail("a@example.net", "over TLS"))
     assert [i.text for i in ideas(settings)] == ["over TLS"]
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("how", ["tls1.1", "garbage"])
+def test_a_failed_starttls_handshake_is_one_quiet_line_and_a_closed_connection(
+        settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """Any unauthenticated client can start STARTTLS and fail the handshake (a TLS 1.1 client,
+    bytes that are no TLS at all): the broker logs one INFO line, no ERROR, no traceback, and
+    the connection is closed; the listener still serves the next client."""
+    cert_path, key_path = self_signed(tmp_path)
+    caplog.set_level(logging.DEBUG)
+    with running_mail(email_settings(settings, tmp_path, unverified="flag", smtp_cert=cert_path, smtp_key=key_path),
+                      RecordResolver()) as smtp:
+        client = smtp.smtp()
+        client.ehlo()
+        code, _ = client.docmd("STARTTLS")
+        assert code == 220
+        watch = client.sock.dup()  # the connection as the server sees it, after the TLS attempt
+        if how == "tls1.1":
+            old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+            old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+            with contextlib.suppress(ssl.SSLError, OSError):
+                old.set_ciphers("ALL:@SECLEVEL=0")
+            with pytest.raises((ssl.SSLError, OSError)):
+                old.wrap_socket(client.sock, server_hostname="localhost")
+        else:
+            client.sock.sendall(b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)
+        watch.settimeout(30)
+        with contextlib.suppress(ConnectionResetError):  # closed by the server: EOF, or a reset
+            while watch.recv(4096):
+                pass
+        watch.close()
+        client.close()
+        # The listener is still up for the next client.
+        assert smtp.send(mail("a@example.net", "after the failed handshake"))[0] == 250
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert records == [], [(r.name, r.levelname, r.getMessage()) for r in records]
+    failed = [r for r in caplog.records if "STARTTLS" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.INFO, [r.getMessage() for r in failed]
 
 
 def test_settings_fail_fast(settings: Settings, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import redis
 
+from intake.app import METRICS_PORT
 from intake.channels.slack.cards import CardReservations, card_metadata
 from intake.core.models import Idea
 from intake.core.redis_conn import make_client
@@ -208,14 +209,16 @@ async def test_a_long_slack_outage_delays_cards_and_drops_none(
 async def test_an_event_past_its_max_age_is_given_up_audited_and_counted(
     settings: Settings, store: Store, rclient: redis.Redis
 ) -> None:
-    async with running_app(settings, "http", outbox_max_age=1) as slack:
+    async with running_app(settings, "http", outbox_max_age=1, metrics_port=0) as slack:
         slack.sim.outage(True)
         idea, _ = store.capture(draft(requester=f"slack:{REQUESTER}", text="never carded"))
         dropped = await until(lambda: audited(settings, rclient, "outbox.dropped", idea.id), 30,
                               "the outbox to give up")
         assert dropped[0]["data"]["event_action"] == "idea.captured" and dropped[0]["data"]["attempts"] >= 1
         assert dropped[0]["data"]["error"] == "service_unavailable"
-        metrics = await (await slack.client.get("/metrics")).text()
+        port = slack.client.server.app[METRICS_PORT]
+        async with aiohttp.ClientSession() as scraper:
+            metrics = await (await scraper.get(f"http://127.0.0.1:{port}/metrics")).text()
         assert 'intake_outbox_dropped_total{group="slack_notifier"} 1.0' in metrics
     assert "xoxb-test" not in str(dropped)
 

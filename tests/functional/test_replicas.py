@@ -25,6 +25,7 @@ from intake.channels.slack.verify import compute_signature
 from intake.core.redis_conn import EmbeddedRedis, make_client
 from intake.core.settings import Settings
 from intake.protocol.keyfiles import load_secret
+from tests.api_harness import link_os_user
 from tests.functional.test_serve import free_port, wait_http
 from tests.slack_sim import SlackSim
 
@@ -202,6 +203,7 @@ async def test_two_replicas_one_sealer_fenced_and_taken_over_mid_burst(
     assert len(set(ideas.values())) == len(ideas) == 65
     assert {counts[idea] for idea in ideas.values()} == {1}  # each event once, each sealed once
     env = {"INTAKE_DATA_DIR": str(first.data_dir), "PATH": os.environ["PATH"]}  # type: ignore[attr-defined]
+    link_os_user(settings)  # the CLI reads as the OS user, who must be a person
     verify = subprocess.run([sys.executable, "-m", "intake", "audit", "verify"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr

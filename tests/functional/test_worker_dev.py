@@ -18,7 +18,7 @@ from intake.core.settings import load_settings
 from intake.runtime import open_broker, prepare_dev
 from intake.tasks.worker_reports import ensure_worker_key
 from intake.workers.dev import DEV_WORKER_NAME, prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
-from tests.api_harness import running_broker
+from tests.api_harness import link_os_user, running_broker
 from tests.conftest import FakeClock
 from tests.workers.harness import git_refs, git_show, make_rig, wait_for
 
@@ -58,6 +58,7 @@ def test_dev_mode_runs_an_idea_all_the_way_to_a_pushed_branch(dev_settings, cloc
             task = rig.promote(text="Document how to run the tests")
             done = wait_for(lambda: rig.task(task.id).state is TaskState.SUCCEEDED and rig.task(task.id),
                             30, "the embedded worker to run the task")
+            link_os_user(dev_settings)  # the CLI reads as the OS user, who must be a person
             with running_broker(dev_settings):  # the CLI reads through the broker's API
                 shown = subprocess.run(
                     [sys.executable, "-m", "intake", "show", task.id, "--json"], env=rig.env(),

@@ -34,14 +34,20 @@ def vector(name: str) -> dict[str, Any]:
 
 
 class ForgeFake:
-    """Records every POST (path, headers, JSON) on 127.0.0.1; answers 201."""
+    """Records every POST (path, headers, JSON) on 127.0.0.1; answers 201, or 503 (counted in
+    ``refused``, not recorded) while ``outage`` is set."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
+        self.outage = False
+        self.refused = 0
 
     async def _any(self, request: web.Request) -> web.Response:
+        if self.outage:
+            self.refused += 1
+            return web.json_response({"message": "Service Unavailable"}, status=503)
         self.calls.append({"path": request.path, "headers": dict(request.headers), "json": await request.json()})
         return web.json_response({"id": len(self.calls)}, status=201)
 

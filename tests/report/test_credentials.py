@@ -20,7 +20,7 @@ from intake.cli.main import cli
 from intake.core.models import canonical_json
 from intake.core.settings import Settings
 from intake.runtime import Broker
-from tests.api_harness import RunningBroker, enrol, running_broker
+from tests.api_harness import RunningBroker, enrol, link_os_user, running_broker
 from tests.conftest import FakeClock
 from tests.report.weeks import DAY, HOUR, Weeks, run_weeks, weeks_broker
 
@@ -31,7 +31,9 @@ ME = f"os:{getpass.getuser()}"
 def weeks(settings: Settings, rclient: redis.Redis) -> Iterator[tuple[Broker, Weeks]]:
     clock = FakeClock()
     broker = weeks_broker(settings, rclient, clock)
-    yield broker, run_weeks(broker, clock)
+    ran = run_weeks(broker, clock)
+    link_os_user(settings)  # the CLI reads as the OS user, who must be a person
+    yield broker, ran
 
 
 def cli_run(env: dict[str, str], *args: str) -> tuple[int, str]:

@@ -12,7 +12,14 @@ import pytest
 from click.testing import CliRunner
 
 from intake.cli.main import cli
-from tests.api_harness import RunningBroker
+from intake.core.settings import Settings
+from tests.api_harness import RunningBroker, link_os_user
+
+
+@pytest.fixture(autouse=True)
+def linked(settings: Settings) -> str:
+    """The OS user running the tests is a person (an unlinked one reads nothing)."""
+    return link_os_user(settings)
 
 
 def get(url: str, path: str) -> tuple[int, Any]:

@@ -17,7 +17,7 @@ from playwright.sync_api import sync_playwright
 
 from intake.cli.main import cli
 from intake.operations.indicators.figures import spread
-from tests.api_harness import running_broker
+from tests.api_harness import link_os_user, running_broker
 from tests.conftest import FakeClock
 from tests.functional.console_harness import CHROMIUM_ARGS
 from tests.report.scenario import HOSTILE, Scenario, run_scenario
@@ -31,6 +31,7 @@ CHARTS = ("funnel", "tiers", "change-types", "provenance", "dependencies", "lice
 @pytest.fixture
 def rig(tmp_path: Path, redis_server: str, rclient: redis.Redis, clock: FakeClock) -> Iterator[Rig]:
     made = make_rig(tmp_path, redis_server, rclient, clock)
+    link_os_user(made.settings)  # the CLI reads as the OS user, who must be a person
     yield made
     made.close()
 

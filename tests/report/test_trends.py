@@ -22,7 +22,7 @@ from playwright.sync_api import sync_playwright
 from intake.cli.main import cli
 from intake.core.settings import Settings
 from intake.runtime import Broker
-from tests.api_harness import running_broker
+from tests.api_harness import link_os_user, running_broker
 from tests.conftest import FakeClock
 from tests.functional.console_harness import CHROMIUM_ARGS
 from tests.report.weeks import WEEK, WEEKS, Weeks, run_weeks, weeks_broker
@@ -36,7 +36,9 @@ SCALAR = ("ideas", "promoted", "delivered", "blocked", "refused_egress", "deps_c
 def weeks(settings: Settings, rclient: redis.Redis) -> Iterator[tuple[Broker, Weeks]]:
     clock = FakeClock()
     broker = weeks_broker(settings, rclient, clock)
-    yield broker, run_weeks(broker, clock)
+    ran = run_weeks(broker, clock)
+    link_os_user(settings)  # the CLI reads as the OS user, who must be a person
+    yield broker, ran
 
 
 def cli_run(env: dict[str, str], *args: str) -> str:

@@ -101,10 +101,11 @@ def test_an_allowed_pypi_package_within_its_specifier_is_delivered_with_an_sbom(
 def test_a_gpl_addition_under_a_policy_denying_gpl_is_blocked(deps_rig: Rig) -> None:
     ended = run(deps_rig, {"requirements.txt": f"gplthing==1.0 --hash=sha256:{SHA}\n"})
     assert blocked(ended) == ["dependency: denied license: pypi:gplthing 1.0 (GPL-3.0-or-later)"]
-    # The lockfile's own license counts as well.
+    # A lockfile that names another license than the policy's entry is refused (the policy wins).
     ended = run(deps_rig, npm({"left-pad": "1.3.0"},
                               {"left-pad": {"version": "1.3.0", "integrity": "sha512-AAAA", "license": "GPL-2.0-only"}}))
-    assert blocked(ended) == ["dependency: denied license: npm:left-pad 1.3.0 (GPL-2.0-only)"]
+    assert blocked(ended) == ["dependency: license disagrees with the policy: npm:left-pad 1.3.0 "
+                              "(the lockfile says GPL-2.0-only, the policy says WTFPL)"]
 
 
 def test_npm_mypy_is_not_admitted_by_an_allowlisted_pypi_mypy(deps_rig: Rig) -> None:
@@ -142,7 +143,7 @@ def test_a_lockfile_that_hides_a_dependency_is_blocked(deps_rig: Rig) -> None:
     ]
     # An entry named as the allowed left-pad whose tarball is the denylisted axios release.
     files = npm({"left-pad": "1.3.0"}, {"left-pad": {
-        "version": "1.3.0", "integrity": "sha512-AAAA", "license": "MIT",
+        "version": "1.3.0", "integrity": "sha512-AAAA", "license": "WTFPL",
         "resolved": "https://registry.npmjs.org/axios/-/axios-1.14.1.tgz"}})
     assert blocked(run(deps_rig, files)) == [
         "dependency: not a registry package: left-pad 1.3.0 from https://registry.npmjs.org/axios/-/axios-1.14.1.tgz "

@@ -19,7 +19,7 @@ from intake.cli.main import cli
 from intake.core.models import TaskState
 from intake.protocol import envelope as provenance
 from intake.protocol.tokens import Signer
-from tests.api_harness import running_broker
+from tests.api_harness import link_os_user, running_broker
 from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
 from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
 
@@ -47,6 +47,7 @@ def delivered(rig: Rig, tmp_path: Path) -> Iterator[tuple[Rig, str, str, Path, d
     sha = (done.result or {})["commit"]
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", "--mirror", str(rig.bare("acme/web")), str(clone)], check=True)
+    link_os_user(rig.settings)  # the CLI reads as the OS user, who must be a person
     with running_broker(rig.settings) as running:
         yield rig, task.id, sha, clone, rig.env(INTAKE_URL=running.socket_url)
 
@@ -171,6 +172,7 @@ def test_a_hostile_agents_own_note_is_neither_delivered_nor_verified(
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", "--mirror", str(bare), str(clone)], check=True)
     set_note(clone, sha, forged)
+    link_os_user(rig.settings)  # the CLI reads as the OS user, who must be a person
     with running_broker(rig.settings) as running:
         code, out = cli_verify(rig.env(INTAKE_URL=running.socket_url), sha, "--repo", str(clone))
     assert code == 1 and out["failures"][0].startswith("signature:")

@@ -16,7 +16,7 @@ import redis
 
 from intake.core.models import TaskState
 from intake.runtime import EXAMPLE_POLICY
-from tests.api_harness import running_broker
+from tests.api_harness import link_os_user, running_broker
 from tests.conftest import FakeClock
 from tests.workers.fake_forge import FakeForge, fake_forge  # noqa: F401
 from tests.workers.harness import Rig, git_refs, git_show, in_a_work_tree, make_rig, rig, wait_for  # noqa: F401
@@ -48,6 +48,7 @@ def test_demo_agent_run_pushes_the_branch_and_records_the_result(rig: Rig) -> No
     succeeded = rig.events("task.succeeded")[-1]
     assert succeeded["data"]["branch"] == branch and succeeded["data"]["commit"] == result["commit"]
     # What an operator sees: `intake show TASK --json`.
+    link_os_user(rig.settings)  # the CLI reads as the OS user, who must be a person
     with running_broker(rig.settings):  # the CLI reads through the broker's API
         shown = subprocess.run([sys.executable, "-m", "intake", "show", task.id, "--json"], env=rig.env(),
                                capture_output=True, text=True, timeout=60, check=True)

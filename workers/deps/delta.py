@@ -43,7 +43,7 @@ from .files import (
     manifest_kind,
 )
 from .lockfiles import parse_lockfile
-from .manifests import ManifestError, parse_manifest, unread_part
+from .manifests import ManifestError, non_dependency_fields, parse_manifest, unread_part
 
 ReadFile = Callable[[str], "str | None"]
 
@@ -258,9 +258,21 @@ def _directories(changed: Sequence[ChangedFile]) -> dict[str, set[str]]:
 def _outside_dependencies(path: str, read_before: ReadFile, read_after: ReadFile) -> str | None:
     """Why manifest ``path`` changed outside what the gate reads (npm scripts, a Cargo build
     script, ...: code that runs at install or build time, which no allowlist entry covers), or
-    ``None``. Only a manifest the base has is compared (a new one has nothing to compare with);
-    an unparseable side is reported elsewhere."""
+    ``None``. A manifest the base has is compared with it; a new one (nothing to compare with)
+    may hold only its dependency tables and inert identity fields (see
+    :func:`.manifests.non_dependency_fields`). An unparseable side is reported elsewhere."""
     before, after = _read(read_before, path, None), _read(read_after, path, None)
+    if before is None and after is not None:
+        try:
+            parse_manifest(path, after)  # an unparseable one is reported as such
+            extra = non_dependency_fields(path, after)
+        except ManifestError:
+            return None
+        if not extra:
+            return None
+        shown = ", ".join(_show(e) for e in sorted(set(extra))[:5]) + (", ..." if len(set(extra)) > 5 else "")
+        return (f"new manifest holds more than dependencies: {_show(path)} ({shown}; a new manifest may hold only "
+                "dependency tables and name, version, private, description)")
     if before is None or after is None or before == after:
         return None
     try:

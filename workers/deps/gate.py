@@ -9,8 +9,10 @@ version it brings in (or, when no version is known, for the package as such):
 2. **allowlist**: the package must be on it, under its ecosystem (``pypi:mypy`` never admits
    ``npm:mypy``), every package, direct or only locked; when its entries carry ``version``
    specifiers the version must be known and within one of them;
-3. **licenses**: the lockfile's license, else the admitting allowlist entry's; a denied one,
-   one outside ``allowed`` (when set), and an unknown one (when ``unknown = "block"``) block;
+3. **licenses**: the admitting allowlist entry's ``license`` when it states one (the policy
+   wins: a lockfile entry is the agent's to write, so one that says another license blocks),
+   else the lockfile's; a denied one, one outside ``allowed`` (when set), and an unknown one
+   (when ``unknown = "block"``) block;
 4. **integrity** (``require_integrity = true``): the version must have a hash in the lockfile
    (npm ``integrity``, pip ``--hash``, uv/poetry file hashes, go.sum, Cargo.lock ``checksum``).
 
@@ -25,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from intake.core.licenses import license_key, license_passes
+from intake.core.licenses import license_key, license_passes, same_license
 from intake.core.versions import (
     PackageRef,
     parse_package,
@@ -51,6 +53,7 @@ REASON_KINDS = (
     "missing integrity hash", "integrity hash changed for an unchanged version", "lockfile mismatch",
     "not a registry package", "requirement line not allowed", "unparseable dependency file",
     "dependency file too large to check", "too many packages", "manifest changed outside its dependencies",
+    "license disagrees with the policy", "new manifest holds more than dependencies",
 )
 
 
@@ -105,6 +108,10 @@ class DependencyCheck:
         return {"delta": self.entries, "sbom": sbom, "sbom_sha256": sbom_digest(sbom)}
 
 
+def _shown(license: str) -> str:
+    return license[:80] if license[:80].isprintable() else repr(license[:80])
+
+
 def _label(ref: PackageRef, version: str | None) -> str:
     return f"{ref} {version}" if version else f"{ref} (version not pinned)"
 
@@ -135,7 +142,10 @@ def _check_version(ref: PackageRef, version: str | None, facts: tuple[str | None
         specs = " or ".join(repr(r.version) for r in entries)
         return [f"version outside specifier: {label} (allowed: {specs})"], facts[1]
     integrity, locked_license = facts
-    license = locked_license or admitting.license
+    license = admitting.license or locked_license
+    if admitting.license and locked_license and not same_license(admitting.license, locked_license):
+        reasons.append(f"license disagrees with the policy: {label} (the lockfile says {_shown(locked_license)}, "
+                       f"the policy says {_shown(admitting.license)})")
     licenses = rules.licenses
     if license is None:
         if licenses.unknown == "block":
@@ -151,8 +161,7 @@ def _check_version(ref: PackageRef, version: str | None, facts: tuple[str | None
             if licenses.unknown == "block":
                 reasons.append(f"unknown license: {label} ({license[:80]!r} is not an SPDX expression)")
         elif not passes:
-            shown = license[:80] if license[:80].isprintable() else repr(license[:80])
-            reasons.append(f"denied license: {label} ({shown})")
+            reasons.append(f"denied license: {label} ({_shown(license)})")
     if rules.require_integrity and not integrity:
         reasons.append(f"missing integrity hash: {label}")
     return reasons, license

@@ -425,6 +425,41 @@ def unread_part(path: str, text: str) -> str:
         raise ManifestError(type(exc).__name__) from None
 
 
+# What a NEW manifest may hold beside its dependency tables: identity fields that neither run
+# nor fetch anything. Scripts, entry points, ``bin``, ``workspaces``, registry settings, build
+# backends and every unknown key are refused: a new manifest has no base to compare with, so
+# nothing but this list can vouch for it.
+_IDENTITY: dict[str, tuple[tuple[str, ...], ...]] = {
+    "npm": (("name",), ("version",), ("private",), ("description",)),
+    "pyproject": (("project", "name"), ("project", "version"), ("project", "description")),
+    "cargo": (("package", "name"), ("package", "version"), ("package", "description"), ("package", "publish")),
+}
+
+
+def _leaves(value: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(value, dict) and value:
+        return [leaf for key, body in value.items() for leaf in _leaves(body, (*prefix, str(key)))]
+    return [prefix]
+
+
+def non_dependency_fields(path: str, text: str) -> list[str]:
+    """The fields of manifest ``path`` outside its dependency tables and the inert identity
+    fields (name, version, private, description; go.mod's ``module``), as dotted key paths (go.mod:
+    its directives): what a NEW manifest may not hold. Raises :class:`ManifestError` like
+    :func:`parse_manifest`."""
+    kind = manifest_kind(path)
+    rest = unread_part(path, text)
+    if kind == "requirements":
+        return []
+    if kind == "go":
+        lines = [line for line in rest.splitlines() if line.split()[0] != "module"]
+        return [line.split()[0] for line in lines]
+    data = json.loads(rest)
+    for identity in _IDENTITY[kind or ""]:
+        _drop(data, identity)
+    return [".".join(leaf)[:80] for leaf in _leaves(data) if leaf]
+
+
 _PARSERS: dict[str, Callable[[str], Deps]] = {
     "pyproject": _parse_pyproject,
     "requirements": _parse_requirements,  # given the manifest's path (for includes)

@@ -12,7 +12,8 @@ happen as early as SMTP allows and nothing is written for them:
 
 A message is captured durably before the 250 (whose text names the idea), idempotently on
 ``<From address> <Message-ID>``, so a resend is one idea and one sender cannot collide with
-another's Message-ID. The acknowledgement mail goes out afterwards, in the background.
+another's Message-ID. The acknowledgement mail goes out afterwards, through the reply outbox
+(:mod:`intake.channels.email.reply`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import contextlib
 import ipaddress
 import logging
 import re
-import smtplib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,11 +30,11 @@ from typing import Any
 
 import redis
 from aiohttp import web
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from intake.channels.email.authenticity import DnsResolver, DnsUnavailable, TxtResolver, Verdict, authenticate
 from intake.channels.email.message import MalformedMail, ParsedMail, parse_message
-from intake.channels.email.reply import build_reply, send_reply, wants_reply
+from intake.channels.email.reply import wants_reply
 from intake.core.errors import IntakeError, InvalidInput
 from intake.core.models import Channel, Idea, IdeaDraft, sha256_hex
 from intake.core.policy import Policy
@@ -54,11 +54,12 @@ class MailRefused(Exception):
 
 
 def build_draft(raw: bytes, mail: ParsedMail, verdict: Verdict, policy: Policy, *,
-                envelope_from: str, peer: str) -> IdeaDraft:
+                envelope_from: str, peer: str, ack_from: str | None = None) -> IdeaDraft:
     """The idea draft for an authenticated-as-far-as-possible message, or MailRefused.
 
     The requester is ``email:<address>`` only when the verdict passed (only then does it
-    resolve to a person); otherwise ``unverified-email:<address>``, which is nobody's identity."""
+    resolve to a person); otherwise ``unverified-email:<address>``, which is nobody's identity.
+    ``ack_from``: the address to acknowledge the capture from (the reply outbox sends it)."""
     if not verdict.verified and policy.channels.email.unverified == "refuse":
         raise MailRefused(f"550 5.7.1 Unverified sender: no aligned DKIM signature ({verdict.reason})")
     provenance = {"via": "smtp", **verdict.provenance()}
@@ -69,6 +70,8 @@ def build_draft(raw: bytes, mail: ParsedMail, verdict: Verdict, policy: Policy, 
         provenance["envelope_from"] = envelope_from[:254]
     if peer:
         provenance["peer"] = peer
+    if ack_from:
+        provenance["ack_from"] = ack_from[:254]
     if mail.html_only:
         provenance["body"] = "html, converted to text"
     if mail.attachments:
@@ -110,7 +113,6 @@ class EmailHandler:
         self.policy = policy
         self.capture = capture
         self.resolver = resolver
-        self.replies: set[asyncio.Task[None]] = set()
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -126,7 +128,11 @@ class EmailHandler:
         envelope_from = envelope.mail_from or ""
         try:
             mail, verdict = await asyncio.to_thread(self._read, raw, self._vouchers(str(peer)))
-            draft = build_draft(raw, mail, verdict, self.policy(), envelope_from=envelope_from, peer=str(peer))
+            # Answer only a verified, non-automated sender, and only when a relay is set.
+            ack = envelope.rcpt_tos[0] if (verdict.verified and self.relay and envelope.rcpt_tos
+                                           and wants_reply(mail, envelope_from)) else None
+            draft = build_draft(raw, mail, verdict, self.policy(), envelope_from=envelope_from, peer=str(peer),
+                                ack_from=ack)
             idea, created = await self.capture(draft)
         except MailRefused as exc:
             log.info("email refused: %s", exc.reply[:3])
@@ -144,9 +150,20 @@ class EmailHandler:
             log.warning("email deferred: Redis unavailable")
             return "451 4.3.0 Temporarily unable to store the message; try again later"
         log.info("email captured: idea=%s created=%s dkim=%s", idea.id, created, verdict.result)
-        if created and verdict.verified and self.relay and wants_reply(mail, envelope_from):
-            self._reply(mail, idea.id, envelope.rcpt_tos[0])
         return f"250 2.0.0 Captured as {idea.id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an exception in a session. A failed STARTTLS handshake (a client
+        offering only TLS 1.1, bytes that are no TLS) is anyone's to cause: one INFO line, and
+        aiosmtpd closes the connection. Anything else is ours: logged with its traceback, and
+        the client gets a bare 451 (never the exception's text)."""
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            reason = getattr(cause, "reason", None) or type(cause).__name__
+            log.info("email: STARTTLS handshake failed (%s); connection closed", str(reason)[:80])
+            return "454 4.7.0 TLS not available"
+        log.error("email: SMTP session error", exc_info=error)
+        return "451 4.3.0 Temporary server error; try again later"
 
     def _vouchers(self, peer: str) -> frozenset[str]:
         """The authserv-ids believed on this connection: the trusted ones, only when the peer is
@@ -161,27 +178,6 @@ class EmailHandler:
         """Parse and authenticate (blocking: DNS); runs in a worker thread."""
         mail = parse_message(raw)
         return mail, authenticate(raw, mail, self.resolver, trusted)
-
-    def _reply(self, mail: ParsedMail, idea_id: str, sender: str) -> None:
-        assert self.relay is not None
-        message = build_reply(mail, sender=sender, idea_id=idea_id, created=True)
-        relay = self.relay
-
-        async def send() -> None:
-            try:
-                await asyncio.to_thread(send_reply, relay, message)
-                log.info("email reply sent: idea=%s", idea_id)
-            except (OSError, smtplib.SMTPException) as exc:
-                log.warning("email reply failed: idea=%s error=%s", idea_id, type(exc).__name__)
-
-        task = asyncio.create_task(send(), name=f"email-reply-{idea_id}")
-        self.replies.add(task)
-        task.add_done_callback(self.replies.discard)
-
-    async def drain(self) -> None:
-        """Wait for replies in flight (at shutdown)."""
-        if self.replies:
-            await asyncio.wait(set(self.replies), timeout=30)
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -232,7 +228,6 @@ async def stop_listener(listener: EmailListener) -> None:
     listener.server.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(listener.server.wait_closed(), timeout=10)
-    await listener.handler.drain()
 
 
 EMAIL_LISTENER = web.AppKey("email_listener", EmailListener)

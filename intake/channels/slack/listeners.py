@@ -14,7 +14,6 @@ changes. Refusals show on the modal field they concern.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from intake.channels.slack import render
+from intake.channels.slack.modals import ModalRefused, open_reference, seal_reference
 from intake.core.errors import IntakeError, Refused
 from intake.core.models import Approver, Channel, Idea, IdeaDraft, is_id, sha256_hex
 from intake.runtime import Broker
@@ -252,7 +252,7 @@ class SlackIntake:
         policy = self.broker.policy
         view = render.promote_modal(
             idea_id=idea_id, repos=[r.name for r in policy.repos], change_types=sorted(policy.change_types),
-            private_metadata=json.dumps({"idea": idea_id}), text=pressed[1].text,
+            private_metadata=self._reference(body, "promote", subject=idea_id), text=pressed[1].text,
         )
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
@@ -266,7 +266,7 @@ class SlackIntake:
         summary = f"{task.spec.repo} · {task.spec.change_type} · {task.required} approvals needed\n\n{task.spec.prompt}"
         view = render.approve_modal(
             task_id=task_id, summary=summary, spec_hash=spec_hash,
-            private_metadata=json.dumps({"task": task_id, "spec_hash": spec_hash}),
+            private_metadata=self._reference(body, "approve", subject=task_id, spec_hash=spec_hash),
         )
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
@@ -283,7 +283,7 @@ class SlackIntake:
                    f"{result.get('files_changed', 0)} files, +{result.get('additions', 0)} / "
                    f"-{result.get('deletions', 0)}\n" + "\n".join(str(f) for f in result.get("files") or []))
         view = render.accept_modal(task_id=task_id, sha=sha, summary=summary,
-                                   private_metadata=json.dumps({"task": task_id, "sha": sha}))
+                                   private_metadata=self._reference(body, "accept", subject=task_id, sha=sha))
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
     async def on_deny_button(self, ack: Any, body: dict[str, Any], action: dict[str, Any],
@@ -291,7 +291,7 @@ class SlackIntake:
         subject = str(action.get("value", ""))
         if await self._pressed(ack, body, client, subject, None, "deny") is None:
             return
-        view = render.deny_modal(subject_id=subject, private_metadata=json.dumps({"subject": subject}))
+        view = render.deny_modal(subject_id=subject, private_metadata=self._reference(body, "deny", subject=subject))
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
     # -- modal submissions -----------------------------------------------------------------
@@ -305,14 +305,41 @@ class SlackIntake:
                 out[block_id] = selected.get("value") if selected else element.get("value")
         return out
 
-    async def _submit(self, ack: Any, body: dict[str, Any], field: str, call: Any,
+    def _reference(self, body: dict[str, Any], kind: str, **ref: str) -> str:
+        """The MAC'd reference a modal opened from this button press carries (see
+        :mod:`intake.channels.slack.modals`): bound to the presser and the card."""
+        container = body.get("container") or {}
+        card = f"{container.get('channel_id') or (body.get('channel') or {}).get('id') or ''}/" \
+               f"{container.get('message_ts') or ''}"
+        return seal_reference(self.broker.store.audit, kind=kind, opener=body["user"]["id"], card=card[:64],
+                              now=self.broker.store.clock(), **ref)
+
+    async def _submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any], kind: str, field: str,
+                      call: Callable[[Approver, dict[str, str], dict[str, Any]], Any],
                       fields: dict[str, str] | None = None) -> None:
-        """Run one gatekept call for the submitting user; refusals go back onto the modal, under
-        ``field`` or the input block ``fields`` names for the refusal's reason."""
+        """Run one gatekept call for the submitting user on the modal's verified reference.
+        A reference the broker did not write for this user, and a submitter who is not (or no
+        longer) a confirmed approver, are refused on the modal and audited; the gatekeeper's
+        refusals go back onto the modal, under ``field`` or the input block ``fields`` names."""
         user = body["user"]["id"]
+        audit = self.broker.store.audit
         try:
-            approver = await asyncio.to_thread(self.broker.approvers.by_slack_user, user)
-            await asyncio.to_thread(call, approver)
+            ref = open_reference(audit, view.get("private_metadata"), kind=kind, submitter=user,
+                                 now=self.broker.store.clock())
+        except ModalRefused as exc:
+            await asyncio.to_thread(audit.record, f"slack:{user}", "approval.refused", "slack:modal",
+                                    reason=exc.reason, via="slack", act=kind)
+            await ack(response_action="errors", errors={field: str(exc)[:150]})
+            return
+        approver = await self._approver(user)
+        if approver is None:
+            await asyncio.to_thread(audit.record, f"slack:{user}", "approval.refused", ref["subject"],
+                                    reason="not_approver", via="slack", act=kind)
+            await ack(response_action="errors",
+                      errors={field: "Only registered, confirmed intake approvers can do that. Nothing was changed."})
+            return
+        try:
+            await asyncio.to_thread(call, approver, ref, self._values(view))
         except Refused as exc:
             await ack(response_action="errors", errors={(fields or {}).get(exc.reason, field): str(exc)[:150]})
             return
@@ -322,33 +349,25 @@ class SlackIntake:
         await ack()
 
     async def on_promote_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        meta = json.loads(view.get("private_metadata") or "{}")
-        values = self._values(view)
-        await self._submit(ack, body, "code", lambda approver: self.broker.gatekeeper.promote(
-            str(meta.get("idea", "")), repo=values.get("repo") or "", change_type=values.get("change_type") or "",
+        await self._submit(ack, body, view, "promote", "code", lambda approver, ref, values: self.broker.gatekeeper.promote(
+            ref["subject"], repo=values.get("repo") or "", change_type=values.get("change_type") or "",
             approver_id=approver.id, code=(values.get("code") or "").strip(), via="slack",
             note=values.get("note") or "",
         ), _FIELD)
 
     async def on_approve_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        meta = json.loads(view.get("private_metadata") or "{}")
-        values = self._values(view)
-        await self._submit(ack, body, "code", lambda approver: self.broker.gatekeeper.approve(
-            str(meta.get("task", "")), approver_id=approver.id, code=(values.get("code") or "").strip(),
-            spec_hash=str(meta.get("spec_hash", "")), via="slack",
+        await self._submit(ack, body, view, "approve", "code", lambda approver, ref, values: self.broker.gatekeeper.approve(
+            ref["subject"], approver_id=approver.id, code=(values.get("code") or "").strip(),
+            spec_hash=ref.get("spec_hash", ""), via="slack",
         ))
 
     async def on_accept_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        meta = json.loads(view.get("private_metadata") or "{}")
-        values = self._values(view)
-        await self._submit(ack, body, "code", lambda approver: self.broker.gatekeeper.accept(
-            str(meta.get("task", "")), approver_id=approver.id, code=(values.get("code") or "").strip(),
-            sha=str(meta.get("sha", "")), via="slack",
+        await self._submit(ack, body, view, "accept", "code", lambda approver, ref, values: self.broker.gatekeeper.accept(
+            ref["subject"], approver_id=approver.id, code=(values.get("code") or "").strip(),
+            sha=ref.get("sha", ""), via="slack",
         ))
 
     async def on_deny_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        meta = json.loads(view.get("private_metadata") or "{}")
-        values = self._values(view)
-        await self._submit(ack, body, "reason", lambda approver: self.broker.gatekeeper.deny(
-            str(meta.get("subject", "")), approver_id=approver.id, reason=values.get("reason") or "",
+        await self._submit(ack, body, view, "deny", "reason", lambda approver, ref, values: self.broker.gatekeeper.deny(
+            ref["subject"], approver_id=approver.id, reason=values.get("reason") or "",
         ))

@@ -19,7 +19,7 @@ from markupsafe import Markup
 
 from intake.core.resources import TEMPLATES_DIR
 from intake.operations.indicators.figures import INDICATORS, Figures, Spread
-from intake.text.html import Chart, Sparkline, bar_chart, duration, sparkline
+from intake.text.html import Chart, Sparkline, bar_chart, duration, show_hidden, sparkline
 from intake.text.terminal import safe
 
 FORMATS = ("text", "json", "html")
@@ -148,7 +148,8 @@ def _oldest(fig: Figures) -> list[tuple[str, float]]:
 
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "console"), autoescape=True,
-                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              finalize=show_hidden)
 
 
 def css_hash() -> str:
