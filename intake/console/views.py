@@ -47,6 +47,7 @@ CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestor
 PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/", "/console/sso/")
 SESSION = web.RequestKey("session", Session)
 STOPPING = web.AppKey("console_stopping", asyncio.Event)  # set at shutdown: open event streams end
+STREAM_S = 60  # one event stream's life; the browser reconnects (bounded work per connection)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUS = {Refused: 403, NotFound: 404, InvalidInput: 400}
 
@@ -525,8 +526,10 @@ class Console:
         last = await self.call(lambda: (broker.client.xrevrange(broker.audit.stream, "+", "-", count=1)
                                         or [("0-0", {})])[0][0])
         stopping: asyncio.Event = request.app[STOPPING]
+        ends = asyncio.get_running_loop().time() + STREAM_S  # EventSource reconnects by itself
         try:
-            while not stopping.is_set():
+            await response.write(b"retry: 2000\n\n")
+            while not stopping.is_set() and asyncio.get_running_loop().time() < ends:
                 batch = await self.call(broker.client.xread, {broker.audit.stream: last}, count=50, block=1000)
                 lines = []
                 for _stream, entries in batch or []:
