@@ -193,3 +193,23 @@ def test_keys_rotate_and_retire_on_the_broker_host(env: dict[str, str], settings
     assert old not in load_public_keys(settings.keys["public"]).keys
     current = run(env, "keys", "retire", next(iter(load_public_keys(settings.keys["public"]).keys)))
     assert current.exit_code != 0 and "current signing key" in current.stderr
+
+
+def test_worker_key_issue_registers_what_the_worker_serves(env: dict[str, str], settings: Settings) -> None:
+    """Issue 19: a worker is registered (sealed ``worker.registered``) before its key is issued;
+    the first issue without a scope is refused with one line."""
+    refused = run(env, "worker-key", "issue", "w1")
+    assert refused.exit_code != 0 and "not registered" in refused.output
+    ok = run(env, "worker-key", "issue", "w1", "--queue", "tier-standard", "--repo", "acme/web",
+             "--change-type", "docs", "--change-type", "tests")
+    assert ok.exit_code == 0, ok.output
+    assert settings.worker_key_path("w1").exists()
+    again = run(env, "worker-key", "issue", "w1")  # a new key keeps the registration
+    assert again.exit_code == 0, again.output
+    bad = run(env, "worker-key", "issue", "w2", "--queue", "tier standard", "--repo", "acme/web",
+              "--change-type", "docs")
+    assert bad.exit_code != 0 and "--queue" in bad.output
+    events = [json.loads(line) for line in run(env, "audit", "export").stdout.splitlines()]
+    [registered] = [e for e in events if e.get("action") == "worker.registered"]
+    assert registered["subject"] == "w1" and registered["data"] == {
+        "queues": ["tier-standard"], "repos": ["acme/web"], "change_types": ["docs", "tests"]}

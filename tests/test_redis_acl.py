@@ -38,7 +38,7 @@ from tests.conftest import REPO_ROOT
 from tests.workers.harness import Rig, rig  # noqa: F401
 
 TASK, NONCE, FREEZE, AUDIT = "intake:task:T-0001", "intake:nonce:0123abcd", "intake:freeze", "intake:audit"
-LEASE, REPORTS = "intake:lease:T-0001", "intake:reports:w1"
+LEASE, REPORTS = "intake:lease:w1:T-0001", "intake:reports:w1"
 NoPerm = redis.exceptions.NoPermissionError
 NO_RETRY = Retry(NoBackoff(), 0)  # redis-py retries refused logins (a ConnectionError) by default
 

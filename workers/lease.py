@@ -23,6 +23,9 @@ from .claim import Claim, Claimer
 
 log = logging.getLogger("intake.worker")
 POLL_S = 0.25
+#: A beat every quarter of the lease's life, and at least this far apart.
+BEAT_SHARE = 0.25
+MIN_BEAT_S = 1.0
 
 
 class LeaseKeeper:
@@ -50,13 +53,15 @@ class LeaseKeeper:
         return self
 
     def _loop(self) -> None:
-        interval = max(_life(self.claim.lease) / 4, 1.0)
+        interval = max(_life(self.claim.lease) * BEAT_SHARE, MIN_BEAT_S)
         next_beat = 0.0
+        seq = 0  # per-run heartbeat sequence number, inside the MAC'd body: a copy is refused
         task, attempt, run = self.claim.task.id, self.claim.attempt, self.claim.run_id
         while not self._stop.wait(POLL_S) and not self.lost:
             try:
                 if time.monotonic() >= next_beat:
-                    self.claimer.reporter.send("report.heartbeat", task, attempt=attempt, run=run)
+                    seq += 1
+                    self.claimer.reporter.send("report.heartbeat", task, attempt=attempt, run=run, seq=seq)
                     next_beat = time.monotonic() + interval
                 found = self.claimer.read_lease(task, attempt, run)
             except redis.RedisError as exc:

@@ -134,7 +134,7 @@ def build_worker(settings: Settings, url: str, client: redis.Redis, config: Work
             keyring = load_public_keys(public)
         return keyring
 
-    claimer = Claimer(client=client, lease_key=keys.lease, reporter=reporter, keyring=current_keyring,
+    claimer = Claimer(client=client, lease_key=lambda task_id: keys.lease(config.name, task_id), reporter=reporter, keyring=current_keyring,
                       policy=load_policy(settings.policy_path), policy_path=settings.policy_path,
                       config=config, clock=clock)
     runner = TaskRunner(claimer, config)
@@ -205,7 +205,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
     from intake.core.policy import load_policy
 
     config.check_covers(load_policy(settings.policy_path))
-    with open_redis(settings, role="worker") as (url, client):
+    with open_redis(settings, role="worker", worker=config.name) as (url, client):
         worker = build_worker(settings, url, client, config)
         log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
                  ", ".join(r.name for r in config.repos))

@@ -49,6 +49,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from intake.audit.archive import Archive, ArchiveBroken
 from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
 from intake.core.errors import AuditBroken
 from intake.core.models import AuditEvent, canonical_json
@@ -59,19 +60,36 @@ log = logging.getLogger("intake.audit.log")
 GENESIS = "0" * 64
 _PAGE = 500
 OK = "ok"
+#: The verdict for a verbatim copy of an earlier genuine entry (same ``eid``/``rid``): its MAC
+#: holds, but it is not a new event. Sealed, kept in order, and never applied: a Redis writer
+#: replaying history gets a rejected entry, not a halted broker (issue 19).
+REPLAY = "rejected:replay"
 
 #: What a worker may say, on its own report key; everything else is the broker's to say.
 # Publish a batch of seals only while the caller holds the sealer lease with a current fencing
 # token (-1 otherwise: a paused old holder cannot seal) and nobody advanced the head meanwhile
-# (0). A publish renews the lease, so a long catch-up never outlives it.
+# (0). A publish renews the lease, so a long catch-up never outlives it. ARGV[6] is how many
+# (stream id, seal) pairs follow; after them come (unique id, stream id) pairs for the index of
+# genuine entries the sealer uses to recognise replays.
 _FENCED_SEALS = """
 if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -1 end
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then return -1 end
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[6])
+for i = 7, 6 + n * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 7 + n * 2, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return 1
+"""
+
+
+# Store a ledger snapshot only if it is newer than the one stored (several brokers share it).
+_STORE_SNAPSHOT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'body', ARGV[2], 'mac', ARGV[3])
 return 1
 """
 
@@ -117,7 +135,10 @@ class Anomaly:
 
     @property
     def fatal(self) -> bool:
-        return self.kind != "rejected"
+        # A replayed copy of a genuine entry is not a break in sealed history: it is skipped
+        # (sealed ``rejected:replay``, or, if the sealer's index was tampered with, recognised
+        # by its ``eid`` when read). Only an edit, deletion, insertion, reorder or rollback halts.
+        return self.kind not in ("rejected", "replayed")
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "seq": self.seq, "kind": self.kind, "fatal": self.fatal, "message": self.message}
@@ -143,6 +164,20 @@ class SealedEntry:
     verdict: str
     event: AuditEvent | None  # set when the verdict is ok and the entry is a broker event
     fields: dict[str, str] = field(repr=False, default_factory=dict)
+    seal: str = ""  # its seal on the chain (the Merkle leaf names it: intake.audit.archive.entry_line)
+
+
+def entry_uid(fields: dict[str, str]) -> str:
+    """The unique id an entry carries (a broker event's ``eid``, a worker report's ``rid``), or
+    ``""``. Two entries with one uid are one event twice: the later is a replay."""
+    try:
+        data = json.loads(fields.get("e", ""))
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    uid = data.get("rid" if fields.get("k") == "w" else "eid")
+    return uid if isinstance(uid, str) else ""
 
 
 def _id_key(stream_id: str) -> tuple[int, int]:
@@ -163,8 +198,10 @@ class AuditLog:
     it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
 
     def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 archive: Archive | None = None, clock: Callable[[], float] | None = None) -> None:
         self.r = client
+        #: Sealed history moved out of Redis (:mod:`intake.audit.archive`); the chain walks it first.
+        self.archive = archive
         self.checkpoint = checkpoint
         self.clock = clock  # stamps :meth:`record`'s events (a test's clock); None: the time
         self._key = key
@@ -173,7 +210,16 @@ class AuditLog:
         self.stream = f"{prefix}:audit"
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
+        # uid -> stream id of the first genuine entry with it: the sealer's replay index. Only a
+        # hint: a hit counts only when that earlier entry is there and judges ok with the same
+        # uid (so a planted uid cannot get a fresh genuine event sealed as a replay), and a
+        # deleted hint only lets a replay be sealed ok, which every reader skips by its uid.
+        self.uids = f"{prefix}:audit:uids"
+        self.snapshot = f"{prefix}:audit:snapshot"
         self._cas = client.register_script(_FENCED_SEALS)
+        self._store_snapshot = client.register_script(_STORE_SNAPSHOT)
+        # One secret per purpose: ledger snapshots are MAC'd with their own derived key.
+        self._snapshot_key = hmac.new(key, b"intake-ledger-snapshot-v1", hashlib.sha256).digest()
         self.lease = SealerLease(client, prefix)
         self._wake = threading.Event()
         self._sealer: threading.Thread | None = None
@@ -243,6 +289,39 @@ class AuditLog:
         if event.actor.startswith("worker:") or event.action in REPORT_ACTIONS:
             return "rejected:broker_key_for_worker"  # the broker never speaks as a worker
         return OK
+
+    # -- ledger snapshots (see intake.audit.ledger) -----------------------------------------
+    def snapshot_mac(self, body: bytes) -> str:
+        """The MAC of a ledger snapshot: nobody without the audit key can make one that loads."""
+        return hmac.new(self._snapshot_key, b"snapshot|" + body, hashlib.sha256).hexdigest()
+
+    def store_snapshot(self, cursor: Head, body: bytes) -> bool:
+        """Store ``body`` (taken at ``cursor``) unless a newer snapshot is stored already."""
+        return bool(self._store_snapshot(keys=[self.snapshot], args=[cursor.seq, body, self.snapshot_mac(body)]))
+
+    def load_snapshot(self) -> bytes | None:
+        """The stored snapshot when its MAC holds (checked before it is parsed), else None."""
+        raw = self.r.hmget(self.snapshot, ["body", "mac"])
+        body, mac = raw[0], raw[1]
+        if not body or not mac:
+            return None
+        data = body.encode() if isinstance(body, str) else body
+        if not hmac.compare_digest(self.snapshot_mac(data), str(mac)):
+            log.warning("ledger snapshot in Redis has a bad MAC; ignored (tampering?)")
+            return None
+        return data
+
+    def sealed_at(self, mark: Head) -> bool:
+        """Whether the sealed entry ``mark`` names is still on the stream with that very seal
+        (two reads: the cheap check that history at a known position was not rewritten)."""
+        stored = self.r.hget(self.seals, mark.id)
+        if not self.r.xrange(self.stream, mark.id, mark.id) or stored is None:
+            return False
+        try:
+            seq, seal, _ = _split_seal(stored)
+        except ValueError:
+            return False
+        return seq == mark.seq and hmac.compare_digest(seal, mark.seal)
 
     # -- the checkpoint outside Redis ------------------------------------------------------
     def read_checkpoint(self) -> Head | None:
@@ -453,18 +532,23 @@ class AuditLog:
                 return published
             prev, seq = (head.seal, head.seq) if head else (GENESIS, 0)
             args: list[str] = []
+            verdicts = self._verdicts(entries)
+            uid_args: list[str] = []
             last = head
             for stream_id, fields in entries:
                 seq += 1
-                verdict = self.judge(fields)
+                verdict, uid = verdicts[stream_id]
+                if verdict == OK and uid:
+                    uid_args += [uid, stream_id]
                 if verdict != OK:
                     log.warning("audit entry %s sealed as %s", stream_id, verdict)
                 prev = self._seal(prev, seq, stream_id, fields.get("m", ""), verdict)
                 args += [stream_id, f"{seq} {prev} {verdict}"]
                 last = Head(stream_id, seq, prev)
             assert last is not None
-            done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence],
-                                 args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms, *args]))
+            done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence, self.uids],
+                                 args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms,
+                                       len(args) // 2, *args, *uid_args]))
             if done < 0:
                 self.lease.lost()
                 raise LeaseLost()
@@ -472,6 +556,40 @@ class AuditLog:
                 published += len(entries)
                 self._write_checkpoint(last)
         return published
+
+    def _verdicts(self, entries: list[tuple[str, dict[str, str]]]) -> dict[str, tuple[str, str]]:
+        """Each entry's verdict and uid for sealing: :meth:`judge`'s, except that a genuine entry
+        whose uid an earlier genuine entry carries (in this batch, or per the index, checked
+        against the entry it names) is sealed :data:`REPLAY`."""
+        judged = {sid: (self.judge(f), entry_uid(f)) for sid, f in entries}
+        uids = [uid for verdict, uid in judged.values() if verdict == OK and uid]
+        hints = dict(zip(uids, self.r.hmget(self.uids, uids), strict=True)) if uids else {}
+        first: dict[str, str] = {}
+        out: dict[str, tuple[str, str]] = {}
+        for sid, (verdict, uid) in judged.items():
+            if verdict == OK and uid:
+                earlier = first.get(uid) or self._genuine_earlier(hints.get(uid), uid, sid)
+                if earlier is not None:
+                    log.warning("audit entry %s is a replay of %s", sid, earlier)
+                    verdict = REPLAY
+                else:
+                    first[uid] = sid
+            out[sid] = (verdict, uid)
+        return out
+
+    def _genuine_earlier(self, hint: str | None, uid: str, stream_id: str) -> str | None:
+        """``hint`` when it names an earlier entry that judges ok and carries ``uid``."""
+        if not hint:
+            return None
+        try:
+            if _id_key(hint) >= _id_key(stream_id):
+                return None
+        except ValueError:
+            return None
+        found = self.r.xrange(self.stream, hint, hint)
+        if not found or self.judge(found[0][1]) != OK or entry_uid(found[0][1]) != uid:
+            return None
+        return hint
 
     def accept_rollback(self, *, actor: str, reason: str) -> str | None:
         """The operator accepts that sealed history behind the checkpoint is gone: record a
@@ -512,6 +630,56 @@ class AuditLog:
                 return
             start = f"({batch[-1][0]}"
 
+    def redis_entries(self, start: str = "-") -> Iterator[tuple[str, dict[str, str], str | None]]:
+        """The entries still in Redis from ``start``: (stream id, fields, stored seal)."""
+        return self._entries(start)
+
+    def check_sealed(self, prev: str, seq: int, stream_id: str, fields: dict[str, str],
+                     stored: str | None) -> str | Anomaly:
+        """The entry's verdict when its seal chains from ``prev`` at ``seq``, else the anomaly."""
+        return self._check_sealed(prev, seq, stream_id, fields, stored)
+
+    def archived_through(self) -> int:
+        """The last sealed position moved to the archive (0: none)."""
+        if self.archive is None:
+            return 0
+        segments = self.archive.segments()
+        return segments[-1][1] if segments else 0
+
+    def drop_archived(self, tail: Head) -> int:
+        """Remove archived entries (up to and including ``tail``) and their seals from Redis."""
+        dropped = 0
+        while True:
+            batch = [stream_id for stream_id, _ in self.r.xrange(self.stream, "-", tail.id, count=_PAGE)]
+            if not batch:
+                return dropped
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(self.seals, *batch)
+            pipe.xdel(self.stream, *batch)
+            pipe.execute()
+            dropped += len(batch)
+
+    def _chain(self, cursor: Head | None, on_anomaly: Callable[[Anomaly], None]
+               ) -> Iterator[tuple[str, dict[str, str], str | None]]:
+        """The sealed chain after ``cursor``: archived entries first (when the cursor is before
+        the archive's end), then the stream in Redis after the last of them."""
+        start = f"({cursor.id}" if cursor else "-"
+        if self.archive is not None and self.archive.segments():
+            last_seg = self.archive.segments()[-1][1]
+            if cursor is None or cursor.seq < last_seg:
+                last_id = None
+                try:
+                    for seq, stream_id, fields, verdict, seal in self.archive.entries():
+                        last_id = stream_id
+                        if cursor is None or seq > cursor.seq:
+                            yield stream_id, fields, f"{seq} {seal} {verdict}"
+                except ArchiveBroken as exc:
+                    on_anomaly(Anomaly("archive", "archive", f"the audit archive: {exc}", None))
+                    return
+                if last_id is not None:
+                    start = f"({last_id}"
+        yield from self._entries(start)
+
     def follow(self, cursor: Head | None, on_entry: Callable[[SealedEntry], None],
                on_anomaly: Callable[[Anomaly], None]) -> Head | None:
         """Walk the sealed chain after ``cursor`` up to the head, checking every seal against the
@@ -527,9 +695,8 @@ class AuditLog:
                 on_anomaly(Anomaly(head.id, "head", f"event {head.id} (#{head.seq}): the head was rewritten", head.seq))
             return cursor
         prev, seq = (cursor.seal, cursor.seq) if cursor else (GENESIS, 0)
-        start = f"({cursor.id}" if cursor else "-"
         last = cursor
-        for stream_id, fields, stored in self._entries(start):
+        for stream_id, fields, stored in self._chain(cursor, on_anomaly):
             if _id_key(stream_id) > _id_key(head.id):
                 break
             seq += 1
@@ -549,7 +716,7 @@ class AuditLog:
             ev = None
             if verdict == OK and fields.get("k") is None:
                 ev = AuditEvent.model_validate_json(fields["e"]).model_copy(update={"id": stream_id, "seq": seq})
-            on_entry(SealedEntry(stream_id, seq, verdict, ev, fields))
+            on_entry(SealedEntry(stream_id, seq, verdict, ev, fields, prev))
         if last is None or last.id != head.id or last.seq != head.seq:
             on_anomaly(Anomaly(head.id, "truncated",
                                f"event {head.id} (#{head.seq}): last sealed event is missing (log truncated)", head.seq))
@@ -571,14 +738,23 @@ class AuditLog:
             return Anomaly(stream_id, "reordered",
                            f"event {stream_id} (#{seq}): seal mismatch; history was reordered or altered", seq)
         verdict = self.judge(fields)
+        if verdict == OK and stored_verdict == REPLAY:
+            return REPLAY  # the sealer recognised a copy (the seal's MAC vouches for the verdict)
         if verdict != stored_verdict:
             return Anomaly(stream_id, "altered", f"event {stream_id} (#{seq}): contents altered (MAC mismatch)", seq)
         return verdict
 
-    def verify(self) -> VerifyReport:
-        """Walk the whole chain and list every anomaly. Raises :class:`AuditBroken` (carrying
-        the report) when sealed history was changed; rejected entries alone do not raise."""
+    def verify(self, public_keys: dict[str, Any] | None = None) -> VerifyReport:
+        """Walk the whole chain (archived segments, then Redis) and list every anomaly; with
+        ``public_keys``, also check the archive's signed tree heads against its entries. Raises
+        :class:`AuditBroken` (carrying the report) when sealed history was changed; rejected
+        entries alone do not raise."""
         anomalies: list[Anomaly] = []
+        if self.archive is not None and public_keys is not None:
+            from intake.audit.archive import verify_offline
+
+            for problem in verify_offline(self.archive.store, public_keys).problems:
+                anomalies.append(Anomaly("archive", "archive", f"the audit archive: {problem}", None))
         seen: dict[str, str] = {}
         count = 0
 
@@ -589,8 +765,8 @@ class AuditLog:
                 anomalies.append(Anomaly(sealed.id, "rejected",
                                          f"event {sealed.id} (#{sealed.seq}): sealed as {sealed.verdict}", sealed.seq))
                 return
-            eid = json.loads(sealed.fields["e"]).get("eid") or json.loads(sealed.fields["e"]).get("rid", "")
-            if eid in seen:
+            eid = entry_uid(sealed.fields)
+            if eid and eid in seen:
                 anomalies.append(Anomaly(sealed.id, "replayed", f"event {sealed.id}: a replayed copy of an earlier event",
                                          sealed.seq))
             seen[eid] = sealed.id

@@ -251,8 +251,16 @@ def audit() -> None:
 
 @audit.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(as_json: bool) -> None:
+@click.option("--offline", "offline", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Check an archive copy alone (segments, signed tree heads, consistency): "
+                                  "no broker, no Redis, no audit key.")
+@click.option("--public-key", "public_key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="PEM", help="With --offline: the broker's public key(s) the tree heads must be signed by.")
+def verify(as_json: bool, offline: Path | None, public_key: Path | None) -> None:
     """Check the whole chain and list every anomaly; exit 1 when sealed history was changed."""
+    if offline is not None or public_key is not None:
+        _verify_offline(offline, public_key, as_json)
+        return
     client = _api()
     status, _, raw = client.request("GET", "/audit/verify")
     report = json.loads(raw)
@@ -271,6 +279,28 @@ def verify(as_json: bool) -> None:
         if as_json:
             sys.exit(1)
         raise AuditBroken(report.get("event", "?"), report.get("message", "the audit log is broken"))
+
+
+def _verify_offline(directory: Path | None, public_key: Path | None, as_json: bool) -> None:
+    from intake.audit.archive import LocalDir, verify_offline
+    from intake.protocol.keyfiles import load_public_keys
+
+    if directory is None or public_key is None:
+        raise InvalidInput("--offline DIR and --public-key PEM go together")
+    if not directory.is_dir():
+        raise InvalidInput(f"--offline: no archive directory at {directory}")
+    report = verify_offline(LocalDir(directory), load_public_keys(public_key).keys)
+    if as_json:
+        _out_json({"ok": not report.problems, "entries": report.entries, "segments": report.segments,
+                   "tree_heads": report.tree_heads, "problems": list(report.problems)})
+    else:
+        for problem in report.problems:
+            click.echo(f"BROKEN: {safe(problem)}")
+        if not report.problems:
+            click.echo(f"archive intact: {report.entries} entries in {report.segments} segments, "
+                       f"{report.tree_heads} signed tree heads verified and consistent")
+    if report.problems:
+        sys.exit(1)
 
 
 @audit.command(name="accept-rollback")
@@ -436,13 +466,25 @@ def worker_key() -> None:
 @click.argument("name")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the key file (default keys/workers/NAME.key in the data dir).")
-def worker_key_issue(name: str, output: Path | None) -> None:
-    """Issue worker NAME a new report key (any older one stops working at once)."""
-    from intake.protocol.keyfiles import write_worker_key
-    from intake.tasks.worker_reports import issue_worker_key
+@click.option("--queue", "queues", multiple=True, help="A queue NAME may serve (repeatable).")
+@click.option("--repo", "repos", multiple=True, help="A repo NAME may work on (repeatable).")
+@click.option("--change-type", "change_types", multiple=True, help="A change type NAME may make (repeatable).")
+def worker_key_issue(name: str, output: Path | None, queues: tuple[str, ...], repos: tuple[str, ...],
+                     change_types: tuple[str, ...]) -> None:
+    """Issue worker NAME a new report key (any older one stops working at once).
 
+    With --queue/--repo/--change-type, first register (a sealed ``worker.registered``) what
+    NAME may serve, replacing any earlier registration: the broker grants a claim only to a
+    worker registered for the task's queue, repo and change type. A worker never registered
+    serves nothing."""
+    from intake.protocol.keyfiles import write_worker_key
+    from intake.tasks.worker_reports import issue_worker_key, worker_scope
+
+    scope = worker_scope(queues, repos, change_types) if (queues or repos or change_types) else None
     with _local_broker() as (broker, actor):
-        generation, key = issue_worker_key(broker, name, actor=actor)
+        if scope is None and broker.ledger.follow().worker_scope(name) is None:
+            raise InvalidInput(f"worker {name} is not registered: give --queue, --repo and --change-type")
+        generation, key = issue_worker_key(broker, name, actor=actor, scope=scope)
         path = output or broker.settings.worker_key_path(name)
         write_worker_key(path, name, generation, key)
     click.echo(f"worker {name}: key generation {generation} written to {path} (mode 0600); "

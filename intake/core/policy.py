@@ -186,6 +186,14 @@ class ApprovalRule(_Strict):
     require: dict[Name, int] = Field(default_factory=dict)
 
 
+class ResultApprovalRule(ApprovalRule):
+    """``result_approvals``: the rule for approving a run's result, and how long such an
+    approval counts (``validity``; default: ``clocks.approval_validity``). An approval older
+    than that no longer counts towards delivery (issue 19)."""
+
+    validity: Duration | None = None
+
+
 class RiskTier(ApprovalRule):
     """A tier's rule for approving the spec, and optionally (``result_approvals``) for approving
     the result: the quarantined commit, before it may become a branch."""
@@ -193,16 +201,16 @@ class RiskTier(ApprovalRule):
     retries: int = Field(0, ge=0, le=3)
     # "passkey": every approval of this tier's work needs a passkey assertion, not a TOTP code.
     step_up: Literal["any", "passkey"] = "any"
-    result_approvals: ApprovalRule | None = None
+    result_approvals: ResultApprovalRule | None = None
 
-    def result_rule(self, touches_privileged: bool) -> ApprovalRule | None:
+    def result_rule(self, touches_privileged: bool) -> ResultApprovalRule | None:
         """The rule a result must meet before delivery, or None to deliver automatically. A
         change to a repo's privileged paths needs one whatever the tier: the tier's own
         ``result_approvals``, else one approval from the tier's groups."""
         if self.result_approvals is not None:
             return self.result_approvals
         if touches_privileged:
-            return ApprovalRule(approvals=1, groups=self.groups)
+            return ResultApprovalRule(approvals=1, groups=self.groups)
         return None
 
 

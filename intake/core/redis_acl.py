@@ -16,8 +16,10 @@ The roles are data (:data:`ROLES`), rendered per key prefix. On Redis 7+ / Valke
 lease and report grants are ACL *selectors* (``(%R~<prefix>:lease:* +get)``), so the worker can
 GET a lease but not overwrite it, and XADD a report but not delete a stream. Redis 6.2 (the
 embedded server) has neither selectors nor ``%R~``: there the grants are merged into the user's
-flat key patterns and command list, so a worker user can also overwrite or delete lease keys and
-report streams (both signed or MAC'd by their writers; the worst it can do is stop its own work).
+flat key patterns and command list, so a worker user can also overwrite or delete its own lease
+keys and its own report stream (both signed or MAC'd by their writers; the worst it can do is
+stop its own work). Lease and report keys are named per worker (issue 19), so on both versions a
+named worker's user reaches only its own; RQ's ``rq:*`` keys stay shared by every worker user.
 Task, nonce, freeze and audit keys stay out of reach on both.
 """
 
@@ -92,7 +94,8 @@ ROLES: dict[str, Role] = {
         commands=RQ_WORKER_COMMANDS,
         channels=("rq:pubsub:*",),
         narrow=(
-            Grant(("{prefix}:lease:*",), ("get",), read_only=True),
+            # Its own leases only (issue 19): ``{prefix}:lease:<worker>:<task>``.
+            Grant(("{prefix}:lease:{worker}:*",), ("get",), read_only=True),
             Grant(("{prefix}:reports:{worker}",), ("xadd",)),
         ),
     ),
@@ -136,30 +139,47 @@ def acl_rules(role: Role, prefix: str, password_rule: str, *, selectors: bool, w
     return rules
 
 
+#: The embedded server's one extra user: it may only set users (``ACL SETUSER``), so a worker that
+#: joins later gets its own user without a restart. Its password file sits beside the broker's
+#: (0600 in the data dir's keys): whoever can read it owns the data dir, and so the server, already.
+ACL_LOADER = "acl-loader"
+
+
 def aclfile(prefix: str, password_hashes: dict[str, str], *, selectors: bool = False,
-            workers: tuple[str, ...] = ()) -> str:
+            workers: tuple[str, ...] = (), shared_worker: bool = False, loader: bool = False) -> str:
     """An ``aclfile``: the users of :data:`ROLES`, and the default user off.
 
     ``password_hashes`` maps each user name (:func:`user_names`) to its ``#sha256`` rule.
     ``selectors`` renders Redis 7 selectors (off for the embedded Redis 6.2); ``workers`` gives
-    each named worker its own user, limited to its own report stream.
+    each named worker its own user, limited to its own leases and report stream, and replaces
+    the shared worker user unless ``shared_worker``; ``loader`` adds :data:`ACL_LOADER`.
     """
     lines = ["user default off resetpass resetkeys resetchannels -@all"]
-    for user, (role, worker) in user_names(prefix, workers).items():
+    for user, (role, worker) in user_names(prefix, workers, shared_worker=shared_worker).items():
         rules = acl_rules(role, prefix, password_hashes[user], selectors=selectors, worker=worker)
         lines.append(" ".join(["user", user, *rules]))
+    if loader:
+        lines.append(f"user {prefix}-{ACL_LOADER} on {password_hashes[f'{prefix}-{ACL_LOADER}']} "
+                     "resetkeys resetchannels -@all +acl|setuser")
     return "\n".join(lines) + "\n"
 
 
-def user_names(prefix: str, workers: tuple[str, ...] = ()) -> dict[str, tuple[Role, str]]:
-    """Every ACL user name with its role and report stream: ``<prefix>-<role>``, and
-    ``<prefix>-worker-<name>`` for each named worker instead of the shared worker user."""
+def worker_user(prefix: str, worker: str) -> str:
+    """The ACL user of one named worker."""
+    return f"{ROLES['worker'].user(prefix)}-{worker}"
+
+
+def user_names(prefix: str, workers: tuple[str, ...] = (), *,
+               shared_worker: bool = False) -> dict[str, tuple[Role, str]]:
+    """Every ACL user name with its role and worker: ``<prefix>-<role>``, and
+    ``<prefix>-worker-<name>`` for each named worker (instead of the shared worker user, unless
+    ``shared_worker``)."""
     users: dict[str, tuple[Role, str]] = {}
     for name, role in ROLES.items():
-        if name == "worker" and workers:
-            users.update({f"{role.user(prefix)}-{w}": (role, w) for w in workers})
-        else:
+        if name != "worker" or not workers or shared_worker:
             users[role.user(prefix)] = (role, "*")
+        if name == "worker":
+            users.update({worker_user(prefix, w): (role, w) for w in workers})
     return users
 
 

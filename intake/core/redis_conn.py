@@ -10,9 +10,16 @@ folder (``keys/redis-<role>.pass``, mode 0600); the server reads only their SHA-
 an ``aclfile`` in its own directory, so no password is ever on a command line or in redis.conf.
 
 Every process that uses the embedded server (``intake serve`` and each CLI command) holds a
-shared lock on ``users.lock`` while it does. Starting and stopping happen under an exclusive
-``start.lock``: the first user starts the server, the last one out shuts it down (an fsync of the
-AOF), and two processes never start a second server on the same data.
+shared lock on ``users.lock`` while it does, taken *before* it asks to start the server, so a
+process that is still waiting for the server (for the start lock, or for the AOF to load) counts
+as a user and is never left with a server shut down under it. Starting and stopping happen under
+an exclusive ``start.lock``: the first user starts the server, the last one out shuts it down (an
+fsync of the AOF), and two processes never start a second server on the same data.
+
+A server with history takes a while to load its AOF. Until it has, it answers a raw ``PING``
+with ``-NOAUTH`` and every authenticated command with ``-LOADING``; :meth:`EmbeddedRedis.acquire`
+waits (outside the start lock, up to :data:`LOAD_TIMEOUT_S`) until ``INFO persistence`` says
+``loading:0``, so no caller ever meets a half-loaded server.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from redis.sentinel import Sentinel
 
 from intake.core.errors import RedisUnavailable
 from intake.core.files import read_or_create_secret_text, write_atomic
-from intake.core.redis_acl import ROLES, aclfile, password_hash
+from intake.core.redis_acl import ACL_LOADER, ROLES, acl_rules, aclfile, password_hash, worker_user
 from intake.core.redis_url import parse_sentinel_url
 from intake.core.settings import Settings
 
@@ -63,6 +70,10 @@ maxmemory-policy noeviction
 """
 
 Role = Literal["broker", "worker", "readonly"]
+
+#: How long a process waits for the embedded server to finish loading its AOF (a log of
+#: millions of entries takes tens of seconds on a slow disk).
+LOAD_TIMEOUT_S = 600.0
 APPENDFSYNC = ("always", "everysec", "no")
 
 
@@ -178,6 +189,57 @@ class EmbeddedRedis:
         password = read_or_create_secret_text(self.password_file(role))
         return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
 
+    # -- per-worker users (issue 19) -------------------------------------------------------
+    def _worker_password_file(self, worker: str) -> Path:
+        return self.keys_dir / f"redis-worker-{worker}.pass"
+
+    def _named_workers(self) -> tuple[str, ...]:
+        found = sorted(p.name.removeprefix("redis-worker-").removesuffix(".pass")
+                       for p in self.keys_dir.glob("redis-worker-*.pass"))
+        return tuple(found)
+
+    def worker_url(self, worker: str) -> str:
+        """Worker ``worker``'s own user (its own leases and report stream only), created on the
+        running server if it is new: the users file is rewritten (for the next start) and the
+        one new user set (``ACL SETUSER``, the only thing the loader user may do; ``ACL LOAD``
+        would drop every client of every user on Redis 6.2)."""
+        password_file = self._worker_password_file(worker)
+        new = not password_file.exists()
+        password = read_or_create_secret_text(password_file)
+        if new or worker_user(self.prefix, worker) not in (self.dir / "users.acl").read_text():
+            with open(self.dir / "start.lock", "a") as start:
+                _lock(start, fcntl.LOCK_EX, 20.0, "start")
+                try:
+                    self._write_users()
+                    rules = acl_rules(ROLES["worker"], self.prefix, password_hash(password), selectors=False,
+                                      worker=worker)
+                    loader = make_client(self._loader_url())
+                    try:
+                        loader.execute_command("ACL", "SETUSER", worker_user(self.prefix, worker), *rules)
+                    finally:
+                        loader.close()
+                finally:
+                    fcntl.flock(start, fcntl.LOCK_UN)
+        user = worker_user(self.prefix, worker)
+        return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
+
+    def _loader_url(self) -> str:
+        user = f"{self.prefix}-{ACL_LOADER}"
+        password = read_or_create_secret_text(self.keys_dir / f"redis-{ACL_LOADER}.pass")
+        return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
+
+    def _write_users(self) -> None:
+        """The users file: every role, every named worker's own user, and the loader."""
+        workers = self._named_workers()
+        hashes = {ROLES[role].user(self.prefix): password_hash(read_or_create_secret_text(self.password_file(role)))
+                  for role in ROLES}
+        hashes.update({worker_user(self.prefix, w): password_hash(
+            read_or_create_secret_text(self._worker_password_file(w))) for w in workers})
+        hashes[f"{self.prefix}-{ACL_LOADER}"] = password_hash(
+            read_or_create_secret_text(self.keys_dir / f"redis-{ACL_LOADER}.pass"))
+        write_atomic(self.dir / "users.acl",
+                     aclfile(self.prefix, hashes, workers=workers, shared_worker=True, loader=True).encode(), 0o600)
+
     @property
     def url(self) -> str:
         """The broker user's URL."""
@@ -209,27 +271,59 @@ class EmbeddedRedis:
             return False
         return reply.startswith((b"+PONG", b"-NOAUTH"))
 
-    def acquire(self, timeout: float = 20.0, *, role: Role = "broker") -> str:
-        """Join (or start) the data dir's server; returns ``role``'s URL."""
+    def acquire(self, timeout: float = 20.0, *, role: Role = "broker", load_timeout: float = LOAD_TIMEOUT_S) -> str:
+        """Join (or start) the data dir's server once it has loaded its data; returns ``role``'s URL."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise RedisUnavailable(f"INTAKE_DATA_DIR: cannot create {self.dir}: {exc.strerror or exc}") from None
-        with open(self.dir / "start.lock", "a") as start:
-            _lock(start, fcntl.LOCK_EX, timeout, "start")
-            try:
-                self._users = open(self.dir / "users.lock", "a")  # noqa: SIM115 - held until release
-                _lock(self._users, fcntl.LOCK_SH, timeout, "users")
-                if not self._ping():
-                    self._start(timeout)
-                url = self.url_for(role)
-                self._check_login(url)
-            except BaseException:
-                self._drop_users()
-                raise
-            finally:
-                fcntl.flock(start, fcntl.LOCK_UN)
+        # The shared hold first: from here on a last user leaving leaves this server running.
+        self._users = open(self.dir / "users.lock", "a")  # noqa: SIM115 - held until release
+        try:
+            _lock(self._users, fcntl.LOCK_SH, timeout, "users")
+            with open(self.dir / "start.lock", "a") as start:
+                _lock(start, fcntl.LOCK_EX, timeout, "start")
+                try:
+                    if not self._ping():
+                        self._start(timeout)
+                finally:
+                    fcntl.flock(start, fcntl.LOCK_UN)
+            url = self.url_for(role)
+            self._wait_loaded(url, load_timeout)
+        except BaseException:
+            self._drop_users()
+            raise
         return url
+
+    def _wait_loaded(self, url: str, timeout: float) -> None:
+        """Log in as ``url``'s user and wait until the server has loaded its data (``INFO
+        persistence`` ``loading:0``; INFO and AUTH are answered while loading, PING is not)."""
+        client = make_client(url)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if int(client.info("persistence").get("loading", 0)) == 0:
+                        client.ping()
+                        return
+                except redis.AuthenticationError:
+                    raise RedisUnavailable(
+                        f"the embedded Redis in {self.dir} refuses intake's password files in {self.keys_dir} "
+                        "(started before them, or they changed): stop every intake process on this data dir "
+                        "and start again"
+                    ) from None
+                except redis.BusyLoadingError:
+                    pass
+                except redis.ConnectionError:
+                    if not self._ping():
+                        raise RedisUnavailable(f"embedded redis-server in {self.dir} stopped while loading: "
+                                               f"{self._log_tail()} (see {self.dir / 'redis.log'})") from None
+                if time.monotonic() > deadline:
+                    raise RedisUnavailable(f"embedded redis-server in {self.dir} is still loading its data "
+                                           f"after {timeout:.0f} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def revive(self, timeout: float = 20.0) -> bool:
         """Start the server again if it died while this process uses it (same data dir, same
@@ -244,19 +338,6 @@ class EmbeddedRedis:
                 return True
             finally:
                 fcntl.flock(start, fcntl.LOCK_UN)
-
-    def _check_login(self, url: str) -> None:
-        client = make_client(url)
-        try:
-            client.ping()
-        except redis.AuthenticationError:
-            raise RedisUnavailable(
-                f"the embedded Redis in {self.dir} refuses intake's password files in {self.keys_dir} "
-                "(started before them, or they changed): stop every intake process on this data dir "
-                "and start again"
-            ) from None
-        finally:
-            client.close()
 
     def release(self) -> None:
         """Leave the server; the last user out shuts it down cleanly."""
@@ -278,7 +359,7 @@ class EmbeddedRedis:
     def stop_if_unused(self) -> bool:
         """Shut the server down if no process is using it (e.g. after a user's hold was lost
         to an interrupted shutdown). Returns True if it stopped a running server."""
-        if not self.dir.exists():
+        if not self.dir.is_dir():
             return False
         with open(self.dir / "start.lock", "a") as start, open(self.dir / "users.lock", "a") as users:
             _lock(start, fcntl.LOCK_EX, 30.0, "start")
@@ -304,9 +385,7 @@ class EmbeddedRedis:
         # Users and config are rewritten on every start, so a changed role takes effect on the
         # next start; missing password files (a data dir from before the ACL users) are created.
         self._check_writable()
-        hashes = {ROLES[role].user(self.prefix): password_hash(read_or_create_secret_text(self.password_file(role)))
-                  for role in ROLES}
-        write_atomic(self.dir / "users.acl", aclfile(self.prefix, hashes).encode(), 0o600)
+        self._write_users()
         conf = self.dir / "redis.conf"
         write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync).encode(),
                      0o600)
@@ -374,16 +453,17 @@ class EmbeddedRedis:
             return
         with contextlib.suppress(ProcessLookupError):  # it may already be going down
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a loaded host can take a while to fsync and exit
         while self._ping() and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
 @contextmanager
-def redis_urls(settings: Settings) -> Iterator[dict[Role, str]]:
+def redis_urls(settings: Settings, *, worker: str | None = None) -> Iterator[dict[Role, str]]:
     """The Redis URL per role for the duration of the block (joining the embedded server if
     needed). A configured ``INTAKE_REDIS_URL`` serves every role: each process is given the URL
-    of its own user."""
+    of its own user. With ``worker``, the embedded server's ``worker`` URL is that worker's own
+    user (issue 19), not the shared one."""
     if settings.redis_url is not None:
         url = with_tls_files(settings.redis_url.get_secret_value(), settings)
         yield {"broker": url, "worker": url, "readonly": url}
@@ -391,7 +471,10 @@ def redis_urls(settings: Settings) -> Iterator[dict[Role, str]]:
     embedded = EmbeddedRedis(settings.data_dir, prefix=settings.key_prefix, appendfsync=settings.redis_appendfsync)
     embedded.acquire()
     try:
-        yield {role: embedded.url_for(role) for role in ROLES}  # type: ignore[misc]
+        urls = {role: embedded.url_for(role) for role in ROLES}
+        if worker is not None:
+            urls["worker"] = embedded.worker_url(worker)
+        yield urls  # type: ignore[misc]
     finally:
         embedded.release()
 
@@ -414,10 +497,11 @@ def check_server(client: redis.Redis) -> None:
 
 
 @contextmanager
-def open_redis(settings: Settings, *, role: str = "broker") -> Iterator[tuple[str, redis.Redis]]:
+def open_redis(settings: Settings, *, role: str = "broker", worker: str | None = None) -> Iterator[tuple[str, redis.Redis]]:
     """Redis (embedded or configured) for the block's duration, as ``role``'s Redis user (see
-    :mod:`intake.core.redis_acl`; a configured URL is used as given): its URL and a text client."""
-    with redis_urls(settings) as urls:
+    :mod:`intake.core.redis_acl`; a configured URL is used as given): its URL and a text client.
+    ``worker``: on the embedded server, that worker's own user."""
+    with redis_urls(settings, worker=worker) as urls:
         url = urls[role]
         client = make_client(url)
         try:

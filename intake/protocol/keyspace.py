@@ -55,9 +55,15 @@ class Keys:
     def freeze(self) -> str:
         return f"{self.p}:freeze"
 
-    def lease(self, task_id: str) -> str:
-        """A running attempt's broker-signed lease (workers may only read it)."""
-        return f"{self.p}:lease:{task_id}"
+    def lease(self, worker: str, task_id: str) -> str:
+        """The broker-signed lease of ``worker``'s run of a task. Under the worker's name, so
+        its Redis user can be allowed to read its own leases only (issue 19)."""
+        return f"{self.p}:lease:{worker}:{task_id}"
+
+    def beats(self, task_id: str) -> str:
+        """The highest heartbeat sequence number the broker accepted, per run of a task (broker
+        only): a replayed or out-of-order heartbeat is refused (issue 19)."""
+        return f"{self.p}:beats:{task_id}"
 
     def reports(self, worker: str) -> str:
         """Worker ``worker``'s report stream (the only key it may append to)."""

@@ -40,7 +40,7 @@ from intake.core.models import (
     TaskState,
     new_id,
 )
-from intake.core.policy import ApprovalRule, Policy, RiskTier
+from intake.core.policy import ApprovalRule, Policy, ResultApprovalRule, RiskTier
 from intake.people.approvers import Approvers
 from intake.people.passkeys import PasskeyProof
 from intake.people.registry import People
@@ -75,6 +75,7 @@ class Gatekeeper:
         ledger: Ledger,
         *,
         on_queued: Callable[[Task], None] | None = None,
+        on_revoked: Callable[[str, str, int, str], None] | None = None,
         people: People | None = None,
     ) -> None:
         self.store = store
@@ -83,6 +84,7 @@ class Gatekeeper:
         self.policy = policy
         self.ledger = ledger
         self.on_queued = on_queued
+        self.on_revoked = on_revoked  # (task, worker, attempt, run): tell a live run to stop now
 
     # -- helpers ---------------------------------------------------------------------------
     def _refuse(self, actor: str, subject: str, reason: str, message: str, **data: Any) -> Refused:
@@ -365,13 +367,13 @@ class Gatekeeper:
             raise self._refuse(actor, task.id, "wrong_group", why)
 
     # -- the result -------------------------------------------------------------------------
-    def result_rule(self, task: Task, paths: list[str], complete: bool) -> ApprovalRule | None:
+    def result_rule(self, task: Task, paths: list[str], complete: bool) -> ResultApprovalRule | None:
         """The approval a run's result needs before delivery (None: deliver now), from the
         policy: the tier's ``result_approvals``, or, when the change touches one of the repo's
         ``privileged_paths`` (or the path list is incomplete), one whatever the tier."""
         repo = self.policy.find_repo(task.spec.repo)
         if repo is None:
-            return ApprovalRule(approvals=1, groups=tuple(self.policy.groups))
+            return ResultApprovalRule(approvals=1, groups=tuple(self.policy.groups))
         _, tier = self._tier(task.spec)
         touches = not complete or repo.touches_privileged(paths)
         return tier.result_rule(bool(repo.privileged_paths) and touches)
@@ -408,9 +410,12 @@ class Gatekeeper:
             updated = current.model_copy(update=changes)
             pipe.multi()
             self.store.write_task(pipe, updated)
+            fact = self.ledger.task(task_id)
             self.store.emit(pipe, actor, "result.approved", task_id, sha=sha, spec_hash=current.spec_hash,
                             groups=list(groups), via=via, count=len(counted), required=rule.approvals,
-                            generation=approver.generation)
+                            generation=approver.generation,
+                            # bound to the worker whose run produced the commit, too (issue 19)
+                            worker=fact.result_worker if fact is not None else None)
             if done:
                 self.store.emit(pipe, "system", "task.delivering", task_id, commit=sha)
             return updated
@@ -421,11 +426,23 @@ class Gatekeeper:
             self.on_queued(updated)
         return Decision(updated)
 
+    def result_validity(self, task_id: str) -> float:
+        """How long a result approval of ``task_id`` counts: the ``validity`` of the rule its
+        result waits for (as sealed), else the policy's approval validity (issue 19)."""
+        fact = self.ledger.task(task_id)
+        validity = (fact.result_rule or {}).get("validity") if fact is not None else None
+        if isinstance(validity, int | float) and not isinstance(validity, bool) and validity > 0:
+            return float(validity)
+        return float(self.policy.clocks.approval_validity)
+
     def valid_result_approvals(self, task: Task) -> list[Approval]:
-        """Approvals of the task's quarantined commit that count, from the ledger alone."""
+        """Approvals of the task's quarantined commit (and of the worker that produced it)
+        that count now, from the ledger alone: older than the result validity, they do not."""
+        self.ledger.follow()
+        counted = self.ledger.counted_result_approvals(task.id, now=self.store.clock(),
+                                                       validity=self.result_validity(task.id))
         return [Approval(approver=a.approver, groups=self.policy.groups_of(a.approver), spec_hash=a.spec_hash,
-                         at=a.at, via=a.via, generation=a.generation)
-                for a in self.ledger.follow().counted_result_approvals(task.id)]
+                         at=a.at, via=a.via, generation=a.generation) for a in counted]
 
     def _check_acceptable(self, task: Task, approver: Approver, groups: tuple[str, ...], sha: str,
                           actor: str) -> ApprovalRule:
@@ -452,7 +469,7 @@ class Gatekeeper:
             raise self._refuse(actor, task.id, "self_approval", "you cannot approve the result of your own request")
         if any(a.approver == approver.id for a in self.valid_result_approvals(task)):
             raise self._refuse(actor, task.id, "already_approved", f"you already approved {task.id}'s result")
-        rule = ApprovalRule.model_validate(fact.result_rule)
+        rule = ResultApprovalRule.model_validate(fact.result_rule)
         if (why := self.fit(rule, f"{task.risk_tier} result", self.valid_result_approvals(task), groups)) is not None:
             raise self._refuse(actor, task.id, "wrong_group", why)
         return rule
@@ -517,8 +534,12 @@ class Gatekeeper:
         if not is_approver and identity != task.requester and not caller & self.people.persons_of(task.requester):
             raise self._refuse(identity, task_id, "not_allowed",
                                "only the requester or an approver can revoke a task")
+        live = self.ledger.follow().task(task_id)
         revoked = self.store.move_task(task_id, TaskState.REVOKED, actor=identity, reason=reason)
         self.store.audit.seal_pending()  # sealed at once: no lease is renewed after this
+        if live is not None and live.run and live.worker and self.on_revoked is not None:
+            attempt = live.deliveries if live.state is TaskState.DELIVERING else live.attempts
+            self.on_revoked(task_id, live.worker, attempt, live.run)
         return revoked
 
     def frozen(self) -> dict[str, Any] | None:

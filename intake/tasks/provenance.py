@@ -19,6 +19,14 @@ and the spec body (whose hash the log names) come from records. Verification
 the subject is the commit, and then rebuilds the same predicate from the sealed log and compares
 every fact (:func:`compare`): a forged, rewritten or re-signed envelope disagrees somewhere.
 
+**Inclusion proofs.** The same walk computes the RFC 9162 Merkle tree over every sealed entry
+(the tree the archive's signed tree heads are over, :mod:`intake.audit.archive`), and the
+broker's answer (:func:`lookup`) carries a tree head over the whole log signed with its Ed25519
+key and, for each approval of the task's spec, the entry itself and its inclusion proof.
+:func:`verify` checks the tree head with the public key and each proof against its root, and that
+every approval the statement names is one of the proven entries: the approvals are in the log
+anyone can check, not only in the broker's say-so.
+
 The envelope's format (DSSE, in-toto) is the wire's: :mod:`intake.protocol.envelope`.
 """
 
@@ -26,10 +34,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from intake.audit import merkle
+from intake.audit.archive import TreeHead, entry_line
 from intake.audit.log import OK, Anomaly, AuditLog, SealedEntry
 from intake.core.models import Task, TaskSpec, canonical_json
 from intake.protocol.envelope import (
@@ -71,6 +82,8 @@ class LogFacts:
     report: dict[str, Any] | None = None
     issued: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
+    leaves: list[bytes] = field(default_factory=list, repr=False)  # every sealed entry's Merkle leaf
+    approval_entries: list[tuple[int, bytes]] = field(default_factory=list, repr=False)  # (index, line)
 
     def missing(self) -> str | None:
         """Which fact the log lacks for a statement (None when all are there)."""
@@ -83,8 +96,8 @@ class LogFacts:
 def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
     """Walk the whole sealed chain (checking every seal) and collect the facts of ``task_id``'s
     run that produced ``commit``. Only genuine entries count: broker events sealed ``ok`` and
-    the worker's own MAC'd reports sealed ``ok``; a replayed copy (a repeated ``eid``) is ignored
-    and reported as an anomaly, like every break in the chain."""
+    the worker's own MAC'd reports sealed ``ok``; a replayed copy (a repeated ``eid``) is skipped,
+    and every break in the chain is reported as an anomaly."""
     facts = LogFacts(task_id, commit)
     ideas: dict[str, dict[str, Any]] = {}
     runs: dict[str, dict[str, Any]] = {}  # the running events of the task, by run id
@@ -94,6 +107,8 @@ def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
     current: dict[str, Any] = {}
 
     def on_entry(sealed: SealedEntry) -> None:
+        line = entry_line(sealed.seq, sealed.id, sealed.fields, sealed.verdict, sealed.seal)
+        facts.leaves.append(merkle.leaf_hash(line))
         if sealed.verdict != OK:
             return
         ev = sealed.event
@@ -102,8 +117,7 @@ def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
                 _report(sealed.fields.get("e", ""))
             return
         if ev.eid in seen:
-            facts.anomalies.append(f"event {sealed.id}: a replayed copy of an earlier event")
-            return
+            return  # a replayed copy (sealed ok only if the sealer's index was tampered): skipped
         seen.add(ev.eid)
         data, action = ev.data, ev.action
         if action == "idea.captured":
@@ -118,9 +132,11 @@ def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
                                         ("idea", "repo", "change_type", "spec_hash", "policy_version", "tier")
                                         if k in data or k not in base}}
             facts.approvals = []
+            facts.approval_entries = []
         elif action == "approval.recorded" and facts.created and facts.running is None:
             if data.get("spec_hash") == facts.created.get("spec_hash"):
                 facts.approvals.append(_approval(ev.actor, ev.at, data))
+                facts.approval_entries.append((len(facts.leaves) - 1, line))
         elif action == "task.dispatched" and data.get("kind", "run") == "run":
             dispatches[str(data.get("nonce"))] = {"kind": "run", "job": data.get("job"),
                                                   "tokenId": data.get("nonce"), "kid": data.get("kid"),
@@ -296,6 +312,8 @@ def issue(broker: BrokerHandle, task: Task, commit: str) -> Issued:
         raise ProvenanceInvalid("audit_broken", f"the audit chain is broken: {facts.anomalies[0]}")
     if (missing := facts.missing()) is not None:
         raise ProvenanceInvalid("incomplete", f"the sealed log has no {missing} fact for {task.id} at {commit[:12]}")
+    if (why := _not_quarantined(broker, task.id, commit, facts)) is not None:
+        raise ProvenanceInvalid("not_quarantined", why)
     idea = broker.store.get_idea(task.idea_id)
     if idea.id != (facts.created or {}).get("idea") or not broker.audit.record_ok("idea", idea_fields(idea), idea.mac):
         raise ProvenanceInvalid("tampered", f"idea {task.idea_id} failed its integrity check")
@@ -303,6 +321,22 @@ def issue(broker: BrokerHandle, task: Task, commit: str) -> Issued:
     statement = build_statement(facts, record)
     envelope = sign_statement(broker.signer, statement)
     return Issued(task.id, commit, envelope, digest_of(envelope), digest_of(canonical_json(statement)))
+
+
+def _not_quarantined(broker: BrokerHandle, task_id: str, commit: str, facts: LogFacts) -> str | None:
+    """Why ``commit`` is not the task's quarantined result, or None (issue 19). The broker signs
+    provenance only for the commit its ledger names as the result, which the worker that
+    claimed that very run reported (MAC'd with its own key, sealed) as pushed to the task's
+    quarantine ref; the delivery worker then checks the ref holds exactly that commit."""
+    fact = broker.ledger.follow().task(task_id)
+    if fact is None or fact.result_commit != commit:
+        return f"{commit[:12]} is not the result the sealed history names for {task_id}"
+    report, running = facts.report or {}, facts.running or {}
+    if not running.get("worker") or report.get("w") != running.get("worker"):
+        return f"the result report for {task_id} is not from the worker that claimed the run"
+    if report.get("commit") != commit or report.get("quarantine") != f"refs/intake/{task_id}":
+        return f"the claiming worker did not report {commit[:12]} as quarantined at refs/intake/{task_id}"
+    return None
 
 
 def record_issued(broker: BrokerHandle, pipe: Any, issued: Issued) -> None:
@@ -344,7 +378,60 @@ def lookup(broker: BrokerHandle, ref: str) -> dict[str, Any]:
         "missing": facts.missing(),
         "issued": sorted({str(i.get("envelope_sha256")) for i in facts.issued}),
         "anomalies": facts.anomalies,
+        "inclusion": inclusion(broker, facts) if facts.leaves else None,
     }
+
+
+def inclusion(broker: BrokerHandle, facts: LogFacts) -> dict[str, Any]:
+    """A tree head over the whole sealed log, signed now, and each approval entry of the task
+    with its inclusion proof in that tree."""
+    frontier = merkle.Frontier()
+    for leaf in facts.leaves:
+        frontier.append(leaf)
+    signer = broker.signer
+    head = TreeHead(size=frontier.size, root=frontier.root(), at=time.time(), last="", frontier=frontier,
+                    kid=signer.kid, sig=b"")
+    head = TreeHead(**{**head.__dict__, "sig": signer.sign_bytes(head.body())})
+    return {"tree_head": head.encode().decode(),
+            "entries": [{"index": index, "line": line.decode(),
+                         "proof": [p.hex() for p in merkle.inclusion_proof(index, facts.leaves)]}
+                        for index, line in facts.approval_entries]}
+
+
+def verify_inclusion(statement: dict[str, Any], found: Any, keyring: Keyring) -> tuple[str | None, list[str]]:
+    """Check the approvals' inclusion proofs (see the module docstring): (a one-line summary
+    when they hold, one line per failure)."""
+    if not isinstance(found, dict):
+        return None, ["inclusion: the broker gave no inclusion proof of the approvals"]
+    try:
+        head = TreeHead.decode(str(found["tree_head"]).encode())
+        entries = list(found["entries"])
+    except (ValueError, KeyError, TypeError):
+        return None, ["inclusion: the tree head or proofs are malformed"]
+    if not head.verify(keyring.keys):
+        return None, ["inclusion: the tree head is not signed by the broker's public key"]
+    proven: set[str] = set()
+    task = statement.get("predicate", {}).get("buildDefinition", {}).get("externalParameters", {}).get("task")
+    for item in entries:
+        try:
+            line = str(item["line"]).encode()
+            proof = [bytes.fromhex(p) for p in item["proof"]]
+            index = int(item["index"])
+            entry = json.loads(line)
+            event = json.loads(entry["f"]["e"])
+        except (ValueError, KeyError, TypeError):
+            return None, ["inclusion: a proven entry is malformed"]
+        if not merkle.verify_inclusion(index, head.size, merkle.leaf_hash(line), proof, head.root):
+            return None, [f"inclusion: entry #{index + 1}'s proof does not verify against the signed tree head"]
+        if (entry.get("verdict") == OK and event.get("action") == "approval.recorded"
+                and event.get("subject") == task and str(event.get("actor", "")).startswith("approver:")):
+            proven.add(str(event["actor"]).removeprefix("approver:"))
+    named = {str(a.get("person")) for a in statement.get("predicate", {}).get("approvals", []) if isinstance(a, dict)}
+    if not named or not named <= proven:
+        return None, [f"inclusion: approvals by {', '.join(sorted(named - proven)) or 'nobody'} are not proven "
+                      "in the signed tree"]
+    return (f"{len(named)} approval(s) proven in the log's Merkle tree of {head.size} entries "
+            f"(tree head signed by {head.kid})"), []
 
 
 def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any],
@@ -372,6 +459,10 @@ def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any
         failures.append(f"audit log: the delivered commit of {known.get('task')} is {known.get('commit')}")
     if digest_of(envelope.strip()) not in known.get("issued", []):
         failures.append("issued: the broker never issued this envelope (no provenance.issued with its sha256)")
+    summary, missing = verify_inclusion(statement, known.get("inclusion"), keyring)
+    failures += missing
+    if summary is not None:
+        known["inclusion_verified"] = summary
     expected = known.get("expected")
     if expected is None:
         failures.append(f"audit log: no {known.get('missing')} fact for the task's run")

@@ -19,6 +19,27 @@ Redis says on its own. A report that fails its checks is quarantined: acknowledg
 
 Accepted reports are copied onto the audit log verbatim (``k=w`` entries the sealer checks against
 the worker's key) in the same MULTI as the broker's own event, as evidence of who said what.
+
+Workers are separate principals (issue 19):
+
+* **Registered scope.** ``intake worker-key issue NAME --queue … --repo … --change-type …``
+  seals ``worker.registered``; a claim is granted only to a worker registered for the task's
+  queue, repo and change type (else refused as ``not_registered``). A ``report.refused`` that
+  would end a task counts only from a worker registered for the task's queue.
+* **Only the claimer reports on its run.** Every heartbeat and result of a run is accepted only
+  from the worker the ledger says claimed it; anyone else's is rejected (``not_your_run``) and
+  changes nothing. Leases are written under the claiming worker's name
+  (``{prefix}:lease:<worker>:<task>``), so a refusal sent to one worker never touches another's.
+* **Heartbeats are not history.** A heartbeat carries a per-run sequence number inside its MAC'd
+  body; the broker keeps the highest one accepted (memory and ``{prefix}:beats:<task>``) and
+  refuses a replayed or out-of-order beat, so a copy never renews a dead run's lease. Beats only
+  renew the lease; they are never sealed (a run's claim, result or stop and an abandonment are).
+* **Junk is rejected in bulk.** Entries that fail their checks are acknowledged in one XACK per
+  batch and audited at most once per stream per :data:`REJECT_AUDIT_INTERVAL_S` (the record
+  carries how many were suppressed since the last one); authenticated but refused reports, and
+  the records a worker's own reports cause without changing state (a refused claim, a discarded
+  result, a stop), share a small allowance per interval (:data:`REJECT_AUDIT_BURST`) before
+  they are summarised too.
 """
 
 from __future__ import annotations
@@ -34,11 +55,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from intake.audit.ledger import WorkerScope
 from intake.core.errors import IllegalTransition, IntakeError, InvalidInput, NotFound
 from intake.core.models import Task, TaskState, is_id
 from intake.protocol.reports import (
@@ -47,9 +69,8 @@ from intake.protocol.reports import (
     WORKER_NAME,
     report_mac,
 )
-from intake.protocol.tokens import mint_lease
 from intake.storage.outage import OUTAGE_ERRORS
-from intake.tasks.dispatch import JOB_TIMEOUT_MARGIN_S, LEASE_GRACE_S
+from intake.tasks.dispatch import JOB_TIMEOUT_MARGIN_S
 from intake.tasks.handle import BrokerHandle
 
 log = logging.getLogger("intake.tasks.worker_reports")
@@ -62,14 +83,70 @@ RESULT_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.BLOC
 #: Refusals that are the task's own fault: the broker ends the task with them.
 TASK_FAULTS = {"stale_policy": TaskState.FAILED, "misrouted": TaskState.FAILED,
                "token_spec_mismatch": TaskState.FAILED}
+#: Rejected reports are audited at most this often per stream (the rest are counted into the
+#: next record), so junk XADDs cannot flood the sealed log.
+REJECT_AUDIT_INTERVAL_S = 60.0
+#: How many rejections of *authenticated* reports (a valid MAC under the worker's current key)
+#: are audited one by one per stream and interval before they are summarised too; junk (no
+#: valid MAC) gets one record per interval.
+REJECT_AUDIT_BURST = 10
+#: Reasons that mean "not from this worker's current key": junk anyone who can XADD can send.
+JUNK_REASONS = frozenset({"malformed", "too_large", "bad_mac", "no_current_key"})
+#: Accept a heartbeat only when its sequence number is above the highest accepted for that run
+#: (compare-and-set in one step, so two broker processes agree); 0: replayed or out of order.
+_BEAT_CAS = """
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= cur then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 
 # -- issuing keys ----------------------------------------------------------------------------
-def issue_worker_key(broker: BrokerHandle, worker: str, *, actor: str) -> tuple[int, bytes]:
-    """A new report key generation for ``worker`` (the previous one stops working at once).
+_QUEUE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_REPO_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}/[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+_CHANGE_TYPE = r"[a-z][a-z0-9-]{0,39}"
+
+
+def worker_scope(queues: tuple[str, ...] | list[str], repos: tuple[str, ...] | list[str],
+                 change_types: tuple[str, ...] | list[str]) -> WorkerScope:
+    """A registration scope from names given on the command line, checked (one line on bad input)."""
+    for what, names, pattern in (("--queue", queues, _QUEUE_NAME), ("--repo", repos, _REPO_NAME),
+                                 ("--change-type", change_types, _CHANGE_TYPE)):
+        if not names:
+            raise InvalidInput(f"{what}: give at least one")
+        for name in names:
+            if not re.fullmatch(pattern, name):
+                raise InvalidInput(f"{what} {name!r}: not a valid name")
+    return WorkerScope(frozenset(queues), frozenset(repos), frozenset(change_types))
+
+
+def policy_scope(policy: Any) -> WorkerScope:
+    """Everything ``policy`` routes: every repo's queue, every repo, every change type (what dev
+    mode's embedded worker serves)."""
+    return WorkerScope(frozenset(policy.queue_for(r) for r in policy.repos), frozenset(r.name for r in policy.repos),
+                       frozenset(c for r in policy.repos for c in r.change_types))
+
+
+def register_worker(broker: BrokerHandle, worker: str, scope: WorkerScope, *, actor: str) -> None:
+    """Seal ``worker.registered``: what ``worker`` may serve from now on (replacing any earlier
+    registration). Claims outside it are refused."""
+    if not re.fullmatch(WORKER_NAME, worker):
+        raise InvalidInput(f"worker name {worker!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+    broker.audit.record(actor, "worker.registered", worker, **scope.as_data())
+    broker.audit.seal_pending()
+
+
+def issue_worker_key(broker: BrokerHandle, worker: str, *, actor: str,
+                     scope: WorkerScope | None = None) -> tuple[int, bytes]:
+    """A new report key generation for ``worker`` (the previous one stops working at once),
+    registering ``scope`` first when given (a worker never registered serves nothing).
     Returns (generation, key); the caller writes the key file."""
     if not re.fullmatch(WORKER_NAME, worker):
         raise InvalidInput(f"worker name {worker!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+    if scope is not None:
+        register_worker(broker, worker, scope, actor=actor)
     ledger = broker.ledger.follow()
     generation = ledger.worker_generations.get(worker, 0) + 1
     broker.audit.record(actor, "worker.key_issued", worker, generation=generation)
@@ -77,11 +154,14 @@ def issue_worker_key(broker: BrokerHandle, worker: str, *, actor: str) -> tuple[
     return generation, broker.audit.worker_key(worker, generation)
 
 
-def ensure_worker_key(broker: BrokerHandle, worker: str) -> None:
-    """Issue ``worker`` a key file unless it holds the current one (dev mode's embedded worker)."""
+def ensure_worker_key(broker: BrokerHandle, worker: str, scope: WorkerScope | None = None) -> None:
+    """Issue ``worker`` a key file unless it holds the current one, and register ``scope`` unless
+    that is the registration already (dev mode's embedded worker)."""
     from intake.core.errors import ConfigError
     from intake.protocol.keyfiles import load_worker_key, write_worker_key
 
+    if scope is not None and broker.ledger.follow().worker_scope(worker) != scope:
+        register_worker(broker, worker, scope, actor="system")
     path = broker.settings.worker_key_path(worker)
     try:
         name, generation, _ = load_worker_key(path)
@@ -131,6 +211,9 @@ class ReportProcessor:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.claim_idle_ms = claim_idle_ms
         self._groups: set[str] = set()
+        self._beats: dict[tuple[str, str], int] = {}  # (task, run) -> highest heartbeat seq seen
+        self._beat_cas = self.r.register_script(_BEAT_CAS)
+        self._rejects: dict[str, _RejectBucket] = {}  # per stream: what was audited, what suppressed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -157,12 +240,25 @@ class ReportProcessor:
         handled = 0
         for stream in streams:
             _, claimed, *_ = self.r.xautoclaim(stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=50)
-            for entry, fields in claimed:
-                handled += self.handle(stream, entry, fields)
+            handled += self._handle_batch(stream, claimed)
         fresh = self.r.xreadgroup(GROUP, self.consumer, {s: ">" for s in streams}, count=100, block=block_ms)
         for stream, entries in fresh or []:
+            handled += self._handle_batch(stream, entries)
+        self._flush_rejects()
+        return handled
+
+    def _handle_batch(self, stream: str, entries: list[tuple[str, dict[str, str] | None]]) -> int:
+        """Handle a batch of one stream's entries, then acknowledge them all in one XACK (junk
+        costs one round trip per batch, not one per entry)."""
+        done: list[str] = []
+        handled = 0
+        try:
             for entry, fields in entries:
-                handled += self.handle(stream, entry, fields)
+                handled += self._handle_one(stream, entry, fields)
+                done.append(entry)
+        finally:
+            if done:
+                self.r.xack(stream, GROUP, *done)
         return handled
 
     def drained(self) -> bool:
@@ -201,9 +297,13 @@ class ReportProcessor:
 
     # -- one report ------------------------------------------------------------------------
     def handle(self, stream: str, entry: str, fields: dict[str, str] | None) -> int:
-        """Check and apply one entry, then acknowledge it: a bad one is quarantined (audited
-        and skipped), so it never stalls the reports behind it. Only a Redis failure leaves it
-        pending, to be handled again (by this or another broker) once Redis answers."""
+        """Check and apply one entry, then acknowledge it (see :meth:`_handle_one`)."""
+        return self._handle_batch(stream, [(entry, fields)])
+
+    def _handle_one(self, stream: str, entry: str, fields: dict[str, str] | None) -> int:
+        """Check and apply one entry (the caller acknowledges it): a bad one is quarantined
+        (audited, rate-limited, and skipped), so it never stalls the reports behind it. Only a
+        Redis failure leaves it pending, to be handled again once Redis answers."""
         worker = stream.rsplit(":", 1)[-1]
         try:
             if fields:
@@ -211,16 +311,70 @@ class ReportProcessor:
         except redis.RedisError:
             raise
         except ReportRejected as exc:
-            log.warning("report %s from %s rejected: %s", entry, worker, exc.reason)
-            self.store.audit.record("system", "report.rejected", worker, entry=entry, reason=exc.reason)
+            self._rejected(stream, worker, entry, exc.reason)
         except IntakeError as exc:
             log.warning("report %s not applied: %s", entry, type(exc).__name__)
         except Exception as exc:  # a report that trips a bug: on the record, never a stalled stream
             log.error("report %s from %s could not be applied: %s", entry, worker, type(exc).__name__)
-            self.store.audit.record("system", "report.rejected", worker, entry=entry,
-                                    reason=f"unhandled:{type(exc).__name__}")
-        self.r.xack(stream, GROUP, entry)
+            self._rejected(stream, worker, entry, f"unhandled:{type(exc).__name__}")
         return 1 if fields else 0
+
+    # -- rejections, rate-limited ------------------------------------------------------------
+    def _rejected(self, stream: str, worker: str, entry: str, reason: str) -> None:
+        """Audit a rejected report unless this stream's allowance for the interval is spent;
+        then it is only counted, into the next record (:meth:`_flush_rejects`)."""
+        now = time.monotonic()
+        bucket = self._rejects.get(stream)
+        if bucket is None or now - bucket.since >= REJECT_AUDIT_INTERVAL_S:
+            if bucket is not None and bucket.suppressed:
+                self._record_suppressed(worker, bucket)
+            bucket = self._rejects[stream] = _RejectBucket(since=now)
+        junk = reason in JUNK_REASONS
+        allowed = bucket.junk < 1 if junk else bucket.authenticated < REJECT_AUDIT_BURST
+        if not allowed:
+            bucket.suppressed += 1
+            bucket.reasons[reason] = bucket.reasons.get(reason, 0) + 1
+            return
+        if junk:
+            bucket.junk += 1
+        else:
+            bucket.authenticated += 1
+        log.warning("report %s from %s rejected: %s", entry, worker, reason)
+        self.store.audit.record("system", "report.rejected", worker, entry=entry, reason=reason)
+
+    def _audit_for(self, report: Report, action: str, subject: str, **data: Any) -> None:
+        """Record what a worker's own report caused but that changes no state (a refused claim,
+        a discarded result, a stop): within the stream's allowance for authenticated reports
+        (:data:`REJECT_AUDIT_BURST` per interval), beyond it only counted into the summary, so a
+        worker key cannot flood the sealed log either (issue 19: every amplification)."""
+        now = time.monotonic()
+        bucket = self._rejects.get(report.stream)
+        if bucket is None or now - bucket.since >= REJECT_AUDIT_INTERVAL_S:
+            if bucket is not None and bucket.suppressed:
+                self._record_suppressed(report.worker, bucket)
+            bucket = self._rejects[report.stream] = _RejectBucket(since=now)
+        if bucket.authenticated >= REJECT_AUDIT_BURST:
+            bucket.suppressed += 1
+            bucket.reasons[action] = bucket.reasons.get(action, 0) + 1
+            return
+        bucket.authenticated += 1
+        self.store.audit.record("system", action, subject, **data)
+
+    def _flush_rejects(self) -> None:
+        """Record, once its interval is over, how many rejections each stream had suppressed."""
+        now = time.monotonic()
+        for stream, bucket in list(self._rejects.items()):
+            if now - bucket.since >= REJECT_AUDIT_INTERVAL_S:
+                if bucket.suppressed:
+                    self._record_suppressed(stream.rsplit(":", 1)[-1], bucket)
+                del self._rejects[stream]
+
+    def _record_suppressed(self, worker: str, bucket: _RejectBucket) -> None:
+        top = dict(sorted(bucket.reasons.items(), key=lambda kv: -kv[1])[:5])
+        log.warning("%d more reports from %s rejected (%s)", bucket.suppressed, worker, top)
+        self.store.audit.record("system", "report.rejected", worker, reason="suppressed",
+                                suppressed=bucket.suppressed, reasons=top)
+        bucket.suppressed, bucket.reasons = 0, {}
 
     def parse(self, stream: str, entry: str, fields: dict[str, str]) -> Report:
         """Verify before parsing: exact fields, size, then the MAC under the worker's current key."""
@@ -256,11 +410,10 @@ class ReportProcessor:
     def _actor(self, report: Report) -> str:
         return f"worker:{report.worker}"
 
-    def _lease(self, task_id: str, attempt: int, run: str, status: str = "granted", reason: str = "") -> None:
-        ttl = self.broker.settings.lease_ttl
-        token, _ = mint_lease(self.broker.signer, task_id=task_id, attempt=attempt, run_id=run,
-                              now=self.store.clock(), status=status, reason=reason, ttl_s=ttl)
-        self.r.set(self.keys.lease(task_id), token, ex=ttl + LEASE_GRACE_S * 2)
+    def _lease(self, worker: str, task_id: str, attempt: int, run: str, status: str = "granted",
+               reason: str = "") -> None:
+        """Answer ``worker`` with a signed lease (granted or a refusal) under its own name."""
+        self.broker.dispatcher.write_lease(worker, task_id, attempt, run, status, reason)
 
     def _evidence(self, report: Report) -> Callable[[Any, Task], None]:
         return lambda pipe, _task: self.store.audit.append_report(pipe, report.fields)
@@ -273,8 +426,8 @@ class ReportProcessor:
             raise ReportRejected("malformed")
         why = self._claim_refusal(report, attempt, nonce)
         if why is not None:
-            self._lease(report.task, attempt, run, status="refused", reason=why)
-            self.store.audit.record("system", "job.refused", report.task, reason=why, worker=report.worker,
+            self._lease(report.worker, report.task, attempt, run, status="refused", reason=why)
+            self._audit_for(report, "job.refused", report.task, reason=why, worker=report.worker,
                                     job=str(d.get("job", "")), attempt=attempt)
             return
         fact = self.ledger.task(report.task)
@@ -298,12 +451,12 @@ class ReportProcessor:
                 sandbox=str(d.get("sandbox", "")),
             )
         except (IllegalTransition, InvalidInput, NotFound) as exc:
-            self._lease(report.task, attempt, run, status="refused", reason=str(exc)[:200])
+            self._lease(report.worker, report.task, attempt, run, status="refused", reason=str(exc)[:200])
             self.store.audit.record("system", "job.refused", report.task, reason="changed_meanwhile",
                                     worker=report.worker, attempt=attempt)
             return
         self.store.audit.seal_pending()
-        self._lease(report.task, attempt, run)
+        self._lease(report.worker, report.task, attempt, run)
 
     def _delivery_started(self, report: Report, attempt: int, run: str, nonce: str) -> None:
         """A delivery claim the ledger allows: the attempt starts (``task.delivery_started``,
@@ -324,12 +477,12 @@ class ReportProcessor:
             return True
 
         if not self.store.transact([self.keys.task(report.task)], build):
-            self._lease(report.task, attempt, run, status="refused", reason="changed meanwhile")
+            self._lease(report.worker, report.task, attempt, run, status="refused", reason="changed meanwhile")
             self.store.audit.record("system", "job.refused", report.task, reason="changed_meanwhile",
                                     worker=report.worker, attempt=attempt)
             return
         self.store.audit.seal_pending()
-        self._lease(report.task, attempt, run)
+        self._lease(report.worker, report.task, attempt, run)
 
     def _claim_refusal(self, report: Report, attempt: int, nonce: str) -> str | None:
         """Why this claim may not start the attempt (from the ledger), or None."""
@@ -367,6 +520,10 @@ class ReportProcessor:
         if (why := self.ledger.tampered(record)) is not None:
             self.broker.dispatcher.tamper(report.task, why)
             return "tampered"
+        scope = self.ledger.worker_scope(report.worker)
+        if scope is None or not scope.serves(queue=dispatch.queue, repo=record.spec.repo,
+                                             change_type=record.spec.change_type):
+            return "not_registered"  # issue 19: only a worker registered for this queue and repo
         return None
 
     def _live_run(self, report: Report) -> tuple[int, str, str | None]:
@@ -378,6 +535,10 @@ class ReportProcessor:
         fact = self.ledger.task(report.task)
         if self.ledger.halted is not None:
             return attempt, run, "halted"
+        if fact is not None and fact.worker is not None and fact.worker != report.worker:
+            # Issue 19: only the worker that claimed the live run may report on the task's run;
+            # anyone else's report is rejected (audited) and changes nothing.
+            raise ReportRejected("not_your_run")
         live = fact is not None and fact.run == run and (
             (fact.state is TaskState.RUNNING and fact.attempts == attempt)
             or (fact.state is TaskState.DELIVERING and fact.deliveries == attempt))
@@ -394,10 +555,28 @@ class ReportProcessor:
 
     def _heartbeat(self, report: Report) -> None:
         attempt, run, why = self._live_run(report)
+        seq = report.data.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise ReportRejected("malformed")
+        if not self._beat_is_new(report.task, run, seq):
+            raise ReportRejected("stale_heartbeat")  # a replayed or out-of-order copy renews nothing
         if why is None:
-            self._lease(report.task, attempt, run)
+            self._lease(report.worker, report.task, attempt, run)
         else:
-            self._lease(report.task, attempt, run, status=why, reason=f"the run is no longer live ({why})")
+            self._lease(report.worker, report.task, attempt, run, status=why, reason=f"the run is no longer live ({why})")
+
+    def _beat_is_new(self, task_id: str, run: str, seq: int) -> bool:
+        """Whether ``seq`` is above every heartbeat seq accepted for this run (here and, through
+        Redis, in every other broker process); records it if so."""
+        if seq <= self._beats.get((task_id, run), 0):
+            return False
+        ttl = self.broker.settings.lease_ttl * 4 + JOB_TIMEOUT_MARGIN_S * 4
+        if not int(self._beat_cas(keys=[self.keys.beats(task_id)], args=[run, seq, ttl])):
+            return False
+        if len(self._beats) > 10_000:
+            self._beats.clear()  # bounded; Redis still holds the highest seq per run
+        self._beats[(task_id, run)] = seq
+        return True
 
     def _result(self, report: Report) -> None:
         attempt, run, why = self._live_run(report)
@@ -427,13 +606,13 @@ class ReportProcessor:
                                                  also=self._evidence(report), update={"result": result},
                                                  **{**_flat(extra), **data, "attempt": attempt, "run": run,
                                                     "worker": report.worker})
-                    self.r.delete(self.keys.lease(report.task))
+                    self.r.delete(self.keys.lease(report.worker, report.task))
                     if target is TaskState.DELIVERING:
                         self.store.audit.seal_pending()
                         self.broker.dispatcher.on_queued(moved)
                     return
         state = self.ledger.task(report.task)
-        self.store.audit.record("system", "run.discarded", report.task, attempt=attempt, worker=report.worker,
+        self._audit_for(report, "run.discarded", report.task, attempt=attempt, worker=report.worker,
                                 outcome=to.value, state=state.state.value if state else None, **_flat(extra))
 
     def _settling(self, report: Report, phase: TaskState, to: TaskState,
@@ -461,6 +640,14 @@ class ReportProcessor:
         paths = report.data.get("paths")
         complete = report.data.get("paths_complete") is True and isinstance(paths, list)
         listed = [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+        # The paths that decide result approval are the gates' own list (the same ``changed``
+        # the worker's gates ran on): they must cover every file the result names and its
+        # count, or the list is treated as incomplete (which needs a result approval).
+        files = (result or {}).get("files")
+        count = (result or {}).get("files_changed")
+        if (not isinstance(files, list) or not set(map(str, files)) <= set(listed)
+                or not isinstance(count, int) or count > len(listed)):
+            complete = False
         rule = self.broker.gatekeeper.result_rule(self.store.get_task(report.task), listed, complete)
         if rule is None:
             return TaskState.DELIVERING, {"commit": commit}, result
@@ -471,7 +658,7 @@ class ReportProcessor:
         reason = str(d.get("reason", "refused"))[:100]
         job = str(d.get("job", ""))[:100]
         extra = {k: str(d[k])[:200] for k in ("func", "queue", "message") if k in d}
-        self.store.audit.record("system", "job.refused", report.task or job, reason=reason, worker=report.worker,
+        self._audit_for(report, "job.refused", report.task or job, reason=reason, worker=report.worker,
                                 job=job, **extra)
         if not report.task:
             return
@@ -480,6 +667,9 @@ class ReportProcessor:
         fact = self.ledger.follow().task(report.task)
         if to is None or fact is None or fact.state is not TaskState.QUEUED or nonce not in fact.dispatches:
             return  # not this worker's to end: it held no current token for the task
+        scope = self.ledger.worker_scope(report.worker)
+        if scope is None or fact.dispatches[nonce].queue not in scope.queues:
+            return  # issue 19: a worker that does not serve the task's queue cannot end it
 
         def check(current: Task) -> None:
             if current.state is not TaskState.QUEUED:
@@ -493,9 +683,23 @@ class ReportProcessor:
 
     def _stopped(self, report: Report) -> None:
         d = report.data
-        self.store.audit.record("system", "run.stopped", report.task, worker=report.worker,
+        fact = self.ledger.follow().task(report.task) if report.task else None
+        if fact is not None and fact.worker is not None and fact.worker != report.worker:
+            raise ReportRejected("not_your_run")  # issue 19: only the claimer speaks for its run
+        self._audit_for(report, "run.stopped", report.task, worker=report.worker,
                                 attempt=d.get("attempt") if isinstance(d.get("attempt"), int) else None,
                                 why=str(d.get("why", ""))[:100])
+
+
+@dataclass
+class _RejectBucket:
+    """One stream's rejected-report audit allowance for the current interval."""
+
+    since: float
+    junk: int = 0
+    authenticated: int = 0
+    suppressed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
 
 
 def _flat(data: dict[str, Any]) -> dict[str, Any]:

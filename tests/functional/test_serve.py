@@ -74,8 +74,8 @@ def test_the_cli_talks_to_the_dev_server(dev_env: dict[str, str]) -> None:
         assert (data / "redis" / "redis.pid").read_text() == pid
         assert wait_http(f"{base}/readyz", serve)["redis"] == "up"
         verified = subprocess.run([*INTAKE, "audit", "verify", "--json"], env=dev_env, capture_output=True, text=True)
-        # dev mode's people (the admin, erin and her token), the dev worker's key, then the idea
-        assert verified.returncode == 0 and json.loads(verified.stdout)["events"] == 5
+        # dev mode's people (the admin, erin and her token), the dev worker's registration and key, then the idea
+        assert verified.returncode == 0 and json.loads(verified.stdout)["events"] == 6
     finally:
         serve.send_signal(signal.SIGINT)
         serve.communicate(timeout=30)  # waits and closes the pipe

@@ -16,7 +16,7 @@ from intake.core.models import TaskState
 from intake.core.policy import load_policy
 from intake.core.settings import load_settings
 from intake.runtime import open_broker, prepare_dev
-from intake.tasks.worker_reports import ensure_worker_key
+from intake.tasks.worker_reports import ensure_worker_key, policy_scope
 from intake.workers.dev import DEV_WORKER_NAME, prepare_dev_worker, start_dev_worker, stop_dev_worker, worker_env
 from tests.api_harness import link_os_user, running_broker
 from tests.conftest import FakeClock
@@ -51,7 +51,7 @@ def test_prepare_dev_worker_maps_every_policy_repo_to_a_local_bare_repo(dev_sett
 def test_dev_mode_runs_an_idea_all_the_way_to_a_pushed_branch(dev_settings, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
     with open_broker(dev_settings) as broker:  # the server's hold on the embedded Redis
         rig = make_rig(dev_settings.data_dir.parent, broker.url, broker.client, clock, settings=dev_settings)
-        ensure_worker_key(rig.broker, DEV_WORKER_NAME)  # what `serve --dev` does before it starts the worker
+        ensure_worker_key(rig.broker, DEV_WORKER_NAME, policy_scope(rig.broker.policy))  # what `serve --dev` does before it starts the worker
         rig.serve_reports()
         worker = start_dev_worker(dev_settings)
         try:

@@ -81,7 +81,7 @@ def test_writing_running_back_after_a_revoke_does_not_keep_the_agent_alive(rig: 
     stop = threading.Event()
     try:
         pid = read_pid(marker)
-        granted = wait_for(lambda: rig.r.get(rig.store.keys.lease(task.id)), 10, "the first lease")
+        granted = wait_for(lambda: rig.r.get(rig.store.keys.lease("test", task.id)), 10, "the first lease")
         key = rig.store.keys.task(task.id)
 
         def attacker() -> None:
@@ -89,7 +89,7 @@ def test_writing_running_back_after_a_revoke_does_not_keep_the_agent_alive(rig: 
                 data = json.loads(rig.r.get(key))
                 data.update(state="running", reason=None)
                 rig.r.set(key, json.dumps(data))
-                rig.r.set(rig.store.keys.lease(task.id), granted)  # an old, granted lease, replayed
+                rig.r.set(rig.store.keys.lease("test", task.id), granted)  # an old, granted lease, replayed
                 time.sleep(0.02)
 
         thread = threading.Thread(target=attacker, daemon=True)

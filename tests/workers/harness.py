@@ -29,7 +29,7 @@ from intake.core.settings import Settings, load_settings
 from intake.protocol.keyfiles import generate_keys, load_secret, write_worker_key
 from intake.runtime import EXAMPLE_POLICY, Broker
 from intake.storage.store import Store
-from intake.tasks.worker_reports import ReportProcessor, issue_worker_key
+from intake.tasks.worker_reports import ReportProcessor, issue_worker_key, worker_scope
 from intake.workers.config import load_worker_config
 from intake.workers.dev import create_bare_repo
 from intake.workers.rundirs import RunRoot
@@ -169,9 +169,13 @@ class Rig:
         reports = self.serve_reports()
         wait_for(reports.drained, timeout, "the broker to handle every worker report")
 
-    def issue_key(self, name: str = "test") -> Path:
-        """Issue worker ``name`` its report key, written where the worker looks for it."""
-        generation, key = issue_worker_key(self.broker, name, actor="cli:root")
+    def issue_key(self, name: str = "test", *, queues: tuple[str, ...] = ("tier-standard", "tier-privileged"),
+                  repos: tuple[str, ...] = ("acme/web", "acme/payments"),
+                  change_types: tuple[str, ...] = ("docs", "tests", "bugfix", "dependency-bump")) -> Path:
+        """Register worker ``name`` for ``queues``/``repos``/``change_types`` and issue it its
+        report key, written where the worker looks for it."""
+        generation, key = issue_worker_key(self.broker, name, actor="cli:root",
+                                           scope=worker_scope(queues, repos, change_types))
         path = self.settings.worker_key_path(name)
         write_worker_key(path, name, generation, key)
         return path
@@ -214,7 +218,8 @@ class Rig:
         path.write_text(_to_toml(data))
         path.chmod(0o600)  # a bwrap worker refuses a config the agent user could read
         if not self.settings.worker_key_path(name).exists():
-            self.issue_key(name)
+            self.issue_key(name, queues=tuple(queues), repos=tuple(repos),
+                           change_types=tuple({c for r in data["repos"] for c in r["change_types"]}))
         return path
 
     def work(self, config: Path, *, url: str | None = None) -> bool:

@@ -162,6 +162,7 @@ class SlackNotifier:
         while not stop.is_set():
             try:
                 await asyncio.to_thread(self.outbox.ensure_group)
+                await asyncio.to_thread(self.outbox.probe)  # notices Slack's recovery within seconds
                 deliveries = await asyncio.to_thread(self.outbox.fetch, self.pacer.burst, block_ms)
                 # Start deliveries only in the first third of their lease, so each one ends
                 # while it is still ours; the rest go back for anyone to take.

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from intake.audit.ledger import Ledger
-from intake.audit.log import OK, Anomaly, AuditLog, Head, SealedEntry
+from intake.audit.log import OK, REPLAY, Anomaly, AuditLog, Head, SealedEntry
 from intake.core.errors import IntakeError, InvalidInput
 from intake.core.models import AuditEvent, sha256_hex
 from intake.core.policy import Policy
@@ -235,6 +235,9 @@ class Timeline:
 
     def _entry(self, sealed: SealedEntry) -> None:
         self.entries += 1
+        if sealed.verdict == REPLAY:  # a genuine entry's copy, recognised by the sealer
+            self.replayed += 1
+            return
         if sealed.verdict != OK:
             self.rejected += 1
             return
