@@ -31,6 +31,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intake.api import identity as broker_identity
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.channels.cli import cli_draft
 from intake.core.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
@@ -656,9 +657,22 @@ IDEAS_SCOPE = frozenset({"me", "ideas", "file_idea", "idea", "resolve_id", "task
                          "person", "audit_verify", "audit_export", "provenance", "report"})
 
 
+async def _identity(request: web.Request) -> web.Response:
+    """Unauthenticated: who answers here (the CLI asks before it sends a token)."""
+    return web.json_response(broker_identity.SERVICE)
+
+
+async def _mark_api_response(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path == PREFIX or request.path.startswith(PREFIX + "/"):
+        response.headers[broker_identity.HEADER] = broker_identity.VALUE
+
+
 def mount_api(app: web.Application, broker: Callable[[web.Request], Broker]) -> None:
-    """Add every ``/api/v1`` route to ``app``."""
+    """Add every ``/api/v1`` route to ``app``; every response under it names the service
+    (:mod:`intake.api.identity`), whichever layer produced it."""
     api = Api(broker)
+    app.on_response_prepare.append(_mark_api_response)
+    app.router.add_get(PREFIX + broker_identity.PATH, _identity)
     for method, path, name, takes_body in ROUTES:
         # Every read but "who am I" is for a person: an unlinked OS user on the socket is nobody.
         reads = method == "GET" and name != "me"

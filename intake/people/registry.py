@@ -42,6 +42,9 @@ IDENTITY_KINDS: dict[str, str] = {
     "jira": r"[A-Za-z0-9:_-]{1,128}",
     "os": r"[a-z_][a-z0-9_.-]{0,31}",
     "cli": r"[a-z][a-z0-9_.-]{0,39}",
+    # OpenID Connect: the issuer URL exactly as the provider states it, '#', the subject
+    # (oidc:https://idp.example.com#248289761001): console single sign-on, intake/console/sso.py.
+    "oidc": r"https?://[A-Za-z0-9.:\[\]_~%/-]{1,253}#[\x21-\x7e]{1,255}",
 }
 # Logins and mail addresses are case-insensitive on their platforms; ids are not.
 _FOLD = {"email", "github", "gitlab"}
