@@ -14,6 +14,7 @@ from typing import Any
 import pyotp
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from intake.console.enrol import EnrolLinks
 from intake.core.models import Channel, TaskState
@@ -57,12 +58,15 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
     ctx.close()
 
 
-def sign_in(page: Page, app: Running, who: str, totp: pyotp.TOTP) -> None:
+def sign_in(page: Page, app: Running, who: str, totp: pyotp.TOTP, code: str | None = None) -> None:
     page.goto(f"{app.url}/console/signin")
     page.fill("#signin input[name=approver]", who)
-    page.fill("#signin input[name=code]", code_now(totp))
+    page.fill("#signin input[name=code]", code or code_now(totp))
     page.click("#signin .totp-submit")
-    page.wait_for_url(f"{app.url}/console/ideas")
+    try:
+        page.wait_for_url(f"{app.url}/console/ideas")
+    except PlaywrightTimeout:
+        pytest.fail(f"sign-in as {who} failed at {page.url}: {page.inner_text('body')[:600]}")
     assert page.text_content("#who") == who
 
 

@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, BrowserContext, Page
 
 from intake.core.models import Channel, TaskState
 from tests.factories import draft
-from tests.functional.console_harness import Running, console_settings, enrol, free_port, serve
+from tests.functional.console_harness import Running, code_next, console_settings, enrol, free_port, serve
 from tests.functional.test_console import CHROMIUM, app, browser, sign_in  # noqa: F401
 from tests.workers.harness import Rig, rig  # noqa: F401
 
@@ -130,7 +130,8 @@ def test_the_task_page_shows_checks_sbom_and_verified_provenance_at_desktop_and_
     with console_for(rig) as app:
         ctx = _context(browser, DESKTOP)
         page = ctx.new_page()
-        sign_in(page, app, "dave", rig.totps["dave"])  # one sign-in (dave spent no code in the rig)
+        # The rig confirmed dave's authenticator with the current step's code: sign in with the next.
+        sign_in(page, app, "dave", rig.totps["dave"], code_next(rig.totps["dave"]))
         for name, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
             page.set_viewport_size(viewport)
             page.goto(f"{app.url}/console/tasks/{delivered}")
@@ -169,7 +170,7 @@ def test_a_tampered_provenance_envelope_is_shown_as_not_verified(rig: Rig, deliv
     with console_for(rig) as app:
         ctx = _context(browser, DESKTOP)
         page = ctx.new_page()
-        sign_in(page, app, "dave", rig.totps["dave"])
+        sign_in(page, app, "dave", rig.totps["dave"], code_next(rig.totps["dave"]))
         page.goto(f"{app.url}/console/tasks/{delivered}")
         assert (page.text_content("#provenance-status") or "").startswith("NOT verified")
         ctx.close()
