@@ -171,7 +171,7 @@ def test_a_setsid_grandchild_is_gone_after_a_revocation(rig: Rig) -> None:
         rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="stop")
         # The stop is pushed at once (a signed refusal on the run's lease key, which the worker
         # polls every 0.25 s), not left for the next heartbeat's answer.
-        lease = verify_lease(rig.r.get(f"intake:lease:{task.id}"), rig.broker.keyring)
+        lease = verify_lease(rig.r.get(rig.store.keys.lease("test", task.id)), rig.broker.keyring)
         stops.append(lease.status)
 
     stops: list[str] = []
