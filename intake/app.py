@@ -1,5 +1,11 @@
 """The aiohttp application: ``create_app(settings)`` builds it; resources open and close in
 ``cleanup_ctx`` entries; app state uses typed ``web.AppKey``s. Channels mount their routes here.
+
+Start-up (Redis, which may still be loading a long AOF, then the ledger) runs as one task,
+:class:`Startup`. ``intake serve`` accepts connections while it runs: ``/healthz`` answers at
+once, ``/readyz`` and every other route answer 503 ``starting`` until the broker is ready (a
+start that fails stops the server with its one-line reason). Embedders and tests that want the
+app whole before the first request pass ``wait_ready=True``.
 """
 
 from __future__ import annotations
@@ -7,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import redis
 from aiohttp import web
@@ -48,14 +57,113 @@ METRICS_PORT = web.AppKey("metrics_port", int)  # where /metrics listens (when I
 OUTAGE = web.AppKey("redis_outage", RedisOutage)
 
 
+class Startup:
+    """The broker's start-up, run in the background. Each resource that needs the broker
+    (:func:`after_start`) enters in registration order once the one before it has; the app is
+    :attr:`ready` when the last has. :attr:`error` holds why a start failed."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()  # the broker is open and its ledger caught up
+        self._last = self.opened
+        self.error: BaseException | None = None
+
+    def next_turn(self) -> tuple[asyncio.Event, asyncio.Event]:
+        """(the event to wait for, the event to set when entered) for the next resource."""
+        prev, mine = self._last, asyncio.Event()
+        self._last = mine
+        return prev, mine
+
+    @property
+    def ready(self) -> bool:
+        return self._last.is_set()
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.ready else "failed" if self.error is not None else "starting"
+
+    def failed(self, exc: BaseException, app: web.Application) -> None:
+        """Note why the start failed; `intake serve` then stops and prints it."""
+        if self.error is None:
+            self.error = exc
+        log.error("start-up failed: %s", exc)
+        if not app[WAIT_READY]:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def after_start(ctx: CleanupCtx) -> CleanupCtx:
+    """``ctx`` (a cleanup context that needs the open broker) entered in the background once the
+    broker and every resource registered before it are up, and left at shutdown if it entered."""
+
+    async def deferred(app: web.Application) -> AsyncIterator[None]:
+        startup = app[STARTUP]
+        prev, mine = startup.next_turn()
+        gen = ctx(app)
+        entered = False
+
+        async def enter() -> None:
+            nonlocal entered
+            await prev.wait()
+            try:
+                await gen.__anext__()
+            except Exception as exc:
+                startup.failed(exc, app)
+                if app[WAIT_READY]:
+                    raise
+                return
+            entered = True
+            mine.set()
+
+        task = asyncio.create_task(enter(), name=f"start:{getattr(ctx, '__name__', 'ctx')}")
+        if app[WAIT_READY]:
+            await task
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if entered:
+                with contextlib.suppress(StopAsyncIteration):
+                    await gen.__anext__()
+
+    return deferred
+
+
+STARTUP = web.AppKey("startup", Startup)
+WAIT_READY = web.AppKey("wait_ready", bool)
+_ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz"})
+
+
+@web.middleware
+async def _starting_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Until start-up is done, only the health endpoints answer; the rest is a quick 503 (a
+    channel's sender retries), never a request served by a half-open broker."""
+    if request.path not in _ALWAYS_ANSWERED and not request.app[STARTUP].ready:
+        return web.json_response({"status": request.app[STARTUP].state}, status=503,
+                                 headers={"Retry-After": "1"})
+    return await handler(request)
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers and the ledger is not halted by broken history."""
+    """Readiness: start-up is done, Redis answers and the ledger is not halted by broken history."""
+    startup = request.app[STARTUP]
+    if not startup.ready:
+        return web.json_response({"status": startup.state}, status=503)
     broker = request.app[BROKER]
+    if request.app[SETTINGS].edge:  # an edge keeps no ledger: Redis answering is all it needs
+        try:
+            await asyncio.to_thread(broker.client.ping)
+        except redis.RedisError:
+            return web.json_response({"status": "unavailable", "redis": "down"}, status=503)
+        return web.json_response({"status": "ok", "redis": "up", "ledger": "none (edge)"})
     try:
         await asyncio.to_thread(broker.client.ping)
         halted = (await asyncio.to_thread(broker.ledger.follow, seal=False)).halted
@@ -100,39 +208,71 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the broker in the background (:class:`Startup`) and close it at the end."""
+    startup = app[STARTUP]
     opened = open_broker(app[SETTINGS])
-    broker = await asyncio.to_thread(opened.__enter__)
-    app[BROKER] = broker
-    app[METRICS] = metrics_registry(broker)
-    broker.outage = app[OUTAGE]
-    broker.audit.on_fault = broker.outage.failed
-    edge = broker.audit.sealed_elsewhere = app[SETTINGS].edge
-    if not edge:
-        broker.audit.start_sealer()  # one sealer per Redis holds the lease; the others wait on it
-    # Verify the chain before serving anything (an edge applies what the full serves sealed).
-    await asyncio.to_thread(broker.ledger.follow, seal=not edge)
-    if broker.ledger.halted:
-        log.error("the ledger is halted: %s (dispatch is stopped until an operator acts)", broker.ledger.halted)
-    reports = ReportProcessor(broker)
-    if not edge:
-        reports.start()
-    capture = CaptureQueue(broker.store, broker.url, ttl_s=broker.policy.clocks.idea_ttl)
-    await capture.start()
-    app[CAPTURE] = capture
+    parts: dict[str, Any] = {}
+
+    async def start() -> None:
+        broker = await asyncio.to_thread(opened.__enter__)
+        parts["opened"] = True
+        app[BROKER] = broker
+        app[METRICS] = metrics_registry(broker)
+        broker.outage = app[OUTAGE]
+        broker.audit.on_fault = broker.outage.failed
+        edge = broker.audit.sealed_elsewhere = app[SETTINGS].edge
+        if not edge:
+            broker.audit.start_sealer()  # one sealer per Redis holds the lease; the others wait on it
+            # Catch up from the newest ledger snapshot, then verify what was sealed after it.
+            # An edge builds no ledger: it decides nothing that grants power.
+            await asyncio.to_thread(broker.ledger.start)
+            if broker.ledger.halted:
+                log.error("the ledger is halted: %s (dispatch is stopped until an operator acts)",
+                          broker.ledger.halted)
+        reports = parts["reports"] = ReportProcessor(broker)
+        if not edge:
+            reports.start()
+        capture = CaptureQueue(broker.store, broker.url, ttl_s=broker.policy.clocks.idea_ttl)
+        await capture.start()
+        app[CAPTURE] = parts["capture"] = capture
+        startup.opened.set()
+
+    async def run() -> None:
+        try:
+            await start()
+        except Exception as exc:
+            startup.failed(exc, app)
+
+    task = asyncio.create_task(run(), name="startup")
+    if app[WAIT_READY]:
+        await task
+        if startup.error is not None:
+            raise startup.error
     try:
         yield
     finally:
-        await capture.stop()
-        await asyncio.to_thread(reports.stop)
-        await asyncio.to_thread(broker.audit.stop_sealer)
-        await asyncio.to_thread(opened.__exit__, None, None, None)
+        # Not cancelled: a start in a worker thread would go on holding Redis unseen. A stop
+        # during start-up waits for it, then closes what it opened.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(task)
+        if "capture" in parts:
+            await parts["capture"].stop()
+        if "reports" in parts:
+            await asyncio.to_thread(parts["reports"].stop)
+        if "opened" in parts:
+            await asyncio.to_thread(app[BROKER].audit.stop_sealer)
+            await asyncio.to_thread(opened.__exit__, None, None, None)
 
 
 def sweep(broker: Broker) -> None:
     """One pass of the broker's clocks and repairs: expiries, escalations, queued tasks whose
-    enqueue was lost, runs whose worker died, sealing stragglers, and now and then a walk of the
-    whole sealed chain (history rewritten behind the ledger's cursor halts it too)."""
-    broker.ledger.recheck_if_due()
+    enqueue was lost, runs whose worker died, sealing stragglers, a cheap check that sealed
+    history behind the ledger's cursor still stands (a full walk once a day, off the ledger lock),
+a ledger snapshot when one is due, and archiving what left the hot window."""
+    broker.ledger.check_anchor()
+    broker.ledger.recheck_if_due()  # the daily full walk, in its own thread
+    broker.ledger.snapshot_if_due()
+    broker.archive_due()
     broker.gatekeeper.expire_due()
     broker.gatekeeper.escalate_due()
     broker.dispatcher.reconcile()
@@ -195,14 +335,19 @@ async def _dev_worker_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(stop_dev_worker, handle)
 
 
-def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
+def create_app(settings: Settings, *, dev: bool = False, wait_ready: bool = True) -> web.Application:
     """Build the broker's web app (routes and resource lifecycles; nothing runs until started).
 
-    Cleanup contexts unwind in reverse, so the dev worker stops before Redis is released."""
+    ``wait_ready=False`` (``intake serve``) accepts connections while the broker starts (see the
+    module docstring). Cleanup contexts unwind in reverse, so the dev worker stops before Redis
+    is released."""
     app = web.Application(client_max_size=settings.slack_max_body)
     app[SETTINGS] = settings
     app[OUTAGE] = RedisOutage()
-    app.middlewares.append(outage_middleware(app[OUTAGE]))  # outermost: a Redis fault is a 503
+    app[STARTUP] = Startup()
+    app[WAIT_READY] = wait_ready
+    app.middlewares.append(_starting_middleware)  # outermost: nothing is served half-started
+    app.middlewares.append(outage_middleware(app[OUTAGE]))  # a Redis fault is a 503
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_outage_ctx)
     if settings.metrics_port is not None:
@@ -211,6 +356,7 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
         app.cleanup_ctx.append(_clocks_ctx)
     if dev:
         app.cleanup_ctx.append(_dev_worker_ctx)
+    first_deferred = 1
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     mount_console(app, settings, BROKER, dev=dev)
@@ -221,4 +367,8 @@ def create_app(settings: Settings, *, dev: bool = False) -> web.Application:
     mount_webhooks(app, settings, forges, CAPTURE)
     # Replies to tickets and acknowledgement mails, from the outbox (retried through outages).
     mount_replies(app, settings, BROKER, [*webhook_senders(settings, forges), email_sender(settings.smtp_relay)])
+    # Everything after the broker needs it open: entered in the background, in this order.
+    ctxs = list(app.cleanup_ctx)
+    app.cleanup_ctx.clear()
+    app.cleanup_ctx.extend(ctxs[:first_deferred] + [after_start(ctx) for ctx in ctxs[first_deferred:]])
     return app

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from intake.audit.archive import Archive, LocalDir
+from intake.audit.archiver import archive_due
 from intake.audit.ledger import Ledger
 from intake.audit.log import AuditLog
 from intake.core.errors import ConfigError
@@ -61,6 +63,18 @@ class Broker:
         """The broker's verified view of the sealed chain (the authority; Redis is a cache)."""
         return Ledger(self.audit)
 
+    def archive_due(self, *, now: float | None = None) -> int:
+        """Move sealed entries older than ``INTAKE_AUDIT_HOT`` out of Redis into the archive, each
+        segment followed by a signed tree head (:mod:`intake.audit.archive`). Only the sealer
+        lease holder archives, and only entries before the newest ledger snapshot (a start
+        never needs the archive). Returns how many entries moved."""
+        archive = self.audit.archive
+        snap = self.ledger.snapshot_at
+        if archive is None or snap is None or self.audit.lease.token is None or self.ledger.halted:
+            return 0
+        return archive_due(archive, self.audit, self.signer, self.keyring.keys, hot_s=self.settings.audit_hot,
+                           below_seq=snap.seq, now=now)
+
     @cached_property
     def timeline(self) -> Timeline:
         """The report's source: the sealed chain followed incrementally (:mod:`intake.operations.indicators`)."""
@@ -90,7 +104,7 @@ class Broker:
         # Queued tasks go to RQ right after their commit; Dispatcher.reconcile catches up on
         # any enqueue that this hook could not do.
         return Gatekeeper(self.store, self.approvers, self.policy, self.ledger,
-                          on_queued=self.dispatcher.on_queued)
+                          on_queued=self.dispatcher.on_queued, on_revoked=self.dispatcher.on_revoked)
 
     @cached_property
     def dispatcher(self) -> Dispatcher:
@@ -126,8 +140,9 @@ def open_broker(settings: Settings) -> Iterator[Broker]:
     with open_redis(settings) as (url, client):
         broker: Broker | None = None
         try:
-            audit = AuditLog(client, audit_key, settings.key_prefix,
-                             checkpoint=settings.audit_checkpoint)
+            assert settings.audit_archive is not None
+            audit = AuditLog(client, audit_key, settings.key_prefix, checkpoint=settings.audit_checkpoint,
+                             archive=Archive(LocalDir(settings.audit_archive)))
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from intake.app import create_app
+from intake.app import STARTUP, create_app
 from intake.channels.slack.auth import SlackUnreachable, auth_test
 from intake.channels.slack.transport import SlackMode, slack_mode
 from intake.core.errors import ConfigError
@@ -164,7 +164,7 @@ def _run(settings: Settings, tcp: socket.socket, *, dev: bool) -> None:
     sock_path = settings.data_dir / "intake.sock"
     sock = listen_unix(sock_path)
     try:
-        app = create_app(settings, dev=dev)
+        app = create_app(settings, dev=dev, wait_ready=False)
         click.echo(f"intake: {slack}")
         if settings.edge:
             click.echo("intake: edge: answering requests only; full serves on this Redis seal, dispatch and post cards")
@@ -182,6 +182,8 @@ def _run(settings: Settings, tcp: socket.socket, *, dev: bool) -> None:
         click.echo(f"intake: serving on http://{settings.host}:{port} and unix:{sock_path}  (Ctrl-C to stop)")
         web.run_app(app, sock=[tcp, sock], print=None, access_log_class=AccessLogger,
                     loop=event_loop())
+        if app[STARTUP].error is not None:  # the start failed in the background: its one line
+            raise app[STARTUP].error
     finally:
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()

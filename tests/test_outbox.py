@@ -147,3 +147,27 @@ def test_dead_consumers_are_removed_and_their_entries_delivered(audit: AuditLog)
             pytest.fail("the dead consumer's entry was never delivered")
     assert got[0].event.action == "idea.captured"
     assert [c["name"] for c in r.xinfo_consumers(audit.stream, "g")] == [live.consumer]
+
+
+def test_a_success_or_a_probe_ends_the_wait_of_backed_off_deliveries(audit: AuditLog) -> None:
+    """Slack was down long enough for retries to back off to the cap; the first delivery that
+    gets through makes every waiting one due now, and while all fail a probe tries one early."""
+    outbox = Outbox(audit, "g", retry_ms=60_000, retry_cap_s=300, lease_s=30)
+    outbox.ensure_group()
+    for n in (1, 2, 3):
+        audit.record("system", "idea.captured", f"I-00000000000{n}")
+    waiting = outbox.fetch(count=3, block_ms=10)
+    assert len(waiting) == 3
+    for delivery in waiting:
+        outbox.failed(delivery, "TimeoutError")
+    assert outbox.fetch(block_ms=10) == []  # all backed off
+    assert outbox.probe() is True  # the one due soonest is tried now
+    assert outbox.probe() is False  # and not again before PROBE_S
+    [probed] = outbox.fetch(block_ms=10)
+    assert outbox.fetch(block_ms=10) == []  # only one
+    outbox.ack(probed)  # it got through: Slack is back
+    rest = outbox.fetch(count=10, block_ms=10)
+    assert sorted(d.id for d in rest) == sorted(d.id for d in waiting if d.id != probed.id)
+    for delivery in rest:
+        outbox.ack(delivery)
+    assert audit.r.hlen(outbox.tries_key) == 0 and outbox.probe() is False

@@ -78,3 +78,39 @@ def test_start_up_disk_errors_name_the_path(tmp_path: Path) -> None:
     (broken / "redis" / "appendonlydir").write_text("")  # (Redis 7 names its AOF folder so)
     with pytest.raises(RedisUnavailable, match=re.escape(str(broken / "redis"))):
         EmbeddedRedis(broken).acquire(timeout=3)
+
+
+def test_the_last_user_leaving_never_stops_a_server_another_process_waits_for(tmp_path: Path) -> None:
+    """A process that is still waiting to join (here: for the start lock) already counts as a
+    user, so the last user leaving meanwhile leaves the server running for it."""
+    import fcntl
+    import threading
+    import time
+
+    first = EmbeddedRedis(tmp_path)
+    first.acquire()
+    pid = (tmp_path / "redis" / "redis.pid").read_text()
+    joined: list[str] = []
+    with open(tmp_path / "redis" / "start.lock", "a") as start:
+        fcntl.flock(start, fcntl.LOCK_EX)  # hold the joiner at the start lock
+        joiner = EmbeddedRedis(tmp_path)
+        thread = threading.Thread(target=lambda: joined.append(joiner.acquire(timeout=30)))
+        thread.start()
+        deadline = time.monotonic() + 10
+        inode = (tmp_path / "redis" / "users.lock").stat().st_ino
+
+        def shared_holds() -> int:
+            return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+                       if "FLOCK" in line and "READ" in line and line.split()[5].endswith(f":{inode}"))
+
+        while shared_holds() < 2:  # until the joiner holds its shared users lock too
+            assert time.monotonic() < deadline, "the joiner never took the users lock"
+            time.sleep(0.01)
+        fcntl.flock(start, fcntl.LOCK_UN)
+        first.release()  # the last *joined* user leaves while the joiner waits
+    thread.join(timeout=30)
+    assert joined, "the joiner never joined"
+    assert (tmp_path / "redis" / "redis.pid").read_text() == pid  # the same server, never stopped
+    assert make_client(joiner.url).ping()
+    joiner.release()
+    assert not joiner.sock.exists()

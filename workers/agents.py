@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from intake.core.errors import IntakeError
 
-from .sandbox import AgentResult, Sandbox, SandboxError
+from .sandbox import AgentResult, RunLimits, Sandbox, SandboxError
 
 PROMPT_FILE_ENV = "INTAKE_PROMPT_FILE"
 TASK_ID_ENV = "INTAKE_TASK_ID"
@@ -47,6 +47,7 @@ class Agent(Protocol):
         max_output_bytes: int,
         should_stop: Callable[[], bool] | None = None,
         poll_interval: float = 0.25,
+        limits: RunLimits | None = None,
     ) -> AgentResult: ...
 
 
@@ -158,6 +159,7 @@ class CommandAgent:
         max_output_bytes: int,
         should_stop: Callable[[], bool] | None = None,
         poll_interval: float = 0.25,
+        limits: RunLimits | None = None,
     ) -> AgentResult:
         """Run the agent in ``workdir`` until it exits, times out or ``should_stop()`` is true.
 
@@ -182,7 +184,8 @@ class CommandAgent:
             return sandbox.run(argv, workdir=root, home=home, env={**env, PROMPT_FILE_ENV: inside},
                                stdin=prompt.encode("utf-8"), timeout_s=timeout_s,
                                max_output_bytes=max_output_bytes, should_stop=should_stop,
-                               poll_interval=poll_interval, inputs=inputs, ro_paths=self.ro_paths)
+                               poll_interval=poll_interval, inputs=inputs, ro_paths=self.ro_paths,
+                               limits=limits)
         except SandboxError as exc:
             raise AgentError(f"agent {exc}") from None
 
@@ -219,6 +222,7 @@ class DemoAgent:
         max_output_bytes: int,
         should_stop: Callable[[], bool] | None = None,
         poll_interval: float = 0.25,
+        limits: RunLimits | None = None,
     ) -> AgentResult:
         """Write the demo file; see the class docstring. The other arguments bound nothing."""
         if should_stop is not None and should_stop():

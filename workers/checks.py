@@ -16,7 +16,7 @@ from typing import Any
 from intake.core.models import TaskSpec
 
 from .rundirs import RunRoot
-from .sandbox import Sandbox
+from .sandbox import RunLimits, Sandbox
 from .workspace import Workspace
 
 #: How much of a check's output is kept in the result.
@@ -44,12 +44,15 @@ def run_checks(sandbox: Sandbox, ws: Workspace, run_dir: Path, spec: TaskSpec, e
         ws.export("HEAD", tree)
         ran = offline.run(list(check.argv), workdir=tree, home=RunRoot.private(run_dir, f"check-{i}-home"),
                           env=env, timeout_s=check.timeout_s, max_output_bytes=spec.limits.max_output_bytes,
-                          should_stop=should_stop, poll_interval=POLL_INTERVAL_S)
+                          should_stop=should_stop, poll_interval=POLL_INTERVAL_S,
+                          limits=RunLimits(spec.limits.max_disk_bytes, spec.limits.max_processes))
         if ran.stopped:
             break
-        outcomes.append({"name": check.name, "ok": ran.ok, "exit_code": ran.exit_code,
-                         "timed_out": ran.timed_out,
-                         "tail": _redact(ran.output_tail, secrets)[-CHECK_TAIL_CHARS:]})
+        outcome = {"name": check.name, "ok": ran.ok, "exit_code": ran.exit_code, "timed_out": ran.timed_out,
+                   "tail": _redact(ran.output_tail, secrets)[-CHECK_TAIL_CHARS:]}
+        if ran.limit_reason is not None:
+            outcome["limit"] = ran.limit_reason
+        outcomes.append(outcome)
     return outcomes
 
 
@@ -57,4 +60,6 @@ def describe_failure(outcome: Mapping[str, Any]) -> str:
     """``"ci/test exited 1"`` or ``"ci/test timed out"``."""
     if outcome["timed_out"]:
         return f"{outcome['name']} timed out"
+    if outcome.get("limit"):
+        return f"{outcome['name']} stopped: {outcome['limit']}"
     return f"{outcome['name']} exited {outcome['exit_code']}"

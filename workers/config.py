@@ -128,7 +128,9 @@ class RepoConfig(_Strict):
     # They reach only the agent's environment and are redacted from its output. The push
     # credential never does, so the agent cannot push around the gates.
     agent_env: dict[Annotated[str, Field(pattern=_ENV_NAME)], CredentialSource] = Field(default_factory=dict)
-    # "none": no network inside the sandbox; "host": the host's network (recorded on every run).
+    # "none": the agent gets the network the approved spec names (its egress allowlist, through
+    # the filtering proxy; no allowlist: no network). "host": the host's whole network, an
+    # explicit opt-out, warned at start and recorded on every run.
     network: Literal["none", "host"] = "none"
     forge: ForgeConfig | None = None
 

@@ -1,7 +1,7 @@
 """What a worker checks before it takes a job, so a broken set-up fails at start, not mid-task.
 
 :func:`worker_problems` lists, one line each: an agent program that is missing or not
-executable, a credential that does not resolve (an unset variable, a missing or group-readable
+executable, a sandbox helper that is missing (``setpriv``, ``prlimit``, ``socat``), a credential that does not resolve (an unset variable, a missing or group-readable
 file), and a report key that is missing, unreadable or another worker's. ``intake worker``
 stops on the first (:func:`preflight`); ``intake doctor --worker-config`` prints them all.
 Reaching Redis as the worker's user is checked where the worker opens it
@@ -19,7 +19,7 @@ from intake.core.settings import Settings
 from intake.protocol.keyfiles import load_worker_key
 
 from .config import CommandAgentConfig, WorkerConfig
-from .sandbox import safe_path
+from .sandbox import PRLIMIT, SETPRIV, SOCAT, safe_path
 
 
 def agent_problem(config: WorkerConfig) -> str | None:
@@ -41,6 +41,17 @@ def agent_problem(config: WorkerConfig) -> str | None:
     if shutil.which(program, path=search) is None:
         return f"agent.argv[0]: {program!r} is not on PATH ({search})"
     return None
+
+
+def sandbox_problems(config: WorkerConfig) -> list[str]:
+    """What the bwrap sandbox needs besides bubblewrap and the agent user (checked when it
+    starts): ``setpriv`` to start it without the worker's capabilities and to kill it as the
+    agent user, and ``socat`` to bridge a spec's egress allowlist into it."""
+    if config.sandbox != "bwrap":
+        return []
+    needs = [(SETPRIV, "util-linux"), (PRLIMIT, "util-linux"), (SOCAT, "socat")]
+    return [f"sandbox: {path} is missing (apt-get install {package})" for path, package in needs
+            if not os.access(path, os.X_OK)]
 
 
 def credential_problems(config: WorkerConfig) -> list[str]:
@@ -70,7 +81,7 @@ def report_key_problem(settings: Settings, config: WorkerConfig) -> str | None:
 def worker_problems(settings: Settings, config: WorkerConfig) -> list[str]:
     """Everything :mod:`preflight` checks, one line per problem (empty when ready)."""
     problems = [p for p in (agent_problem(config),) if p]
-    problems += credential_problems(config)
+    problems += sandbox_problems(config) + credential_problems(config)
     key = report_key_problem(settings, config)
     return problems + ([key] if key else [])
 

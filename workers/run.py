@@ -48,7 +48,7 @@ from typing import Any
 from rq.timeouts import JobTimeoutException
 
 from intake.core.errors import ConfigError, IntakeError
-from intake.core.models import TaskState
+from intake.core.models import TaskSpec, TaskState
 from intake.protocol.envelope import (
     NOTES_REF,
     digest_of,
@@ -62,12 +62,13 @@ from .checks import describe_failure, run_checks
 from .claim import Claim, Claimer
 from .config import RepoConfig, WorkerConfig
 from .deps.gate import check_dependency_change
+from .egress import EgressError, parse_allowlist
 from .forge import ForgeError, create_pull_request
 from .gates import run_gates
 from .lease import LeaseKeeper
 from .refusal import JobRefused
 from .rundirs import RunRoot
-from .sandbox import SandboxError
+from .sandbox import Network, RunLimits, SandboxError
 from .workspace import GitError, Workspace
 
 log = logging.getLogger("intake.worker")
@@ -82,6 +83,14 @@ MAX_LISTED_FILES = 100
 #: longer list is reported incomplete, and the broker then asks for a result approval.
 MAX_REPORTED_PATHS = 1000
 POLL_INTERVAL_S = 0.25
+
+
+def network_for(repo: RepoConfig | None, spec: TaskSpec) -> Network:
+    """The agent's network: the host's if the worker config opts the repo into it (recorded on
+    every run), else the spec's egress allowlist through the proxy, else none."""
+    if repo is not None and repo.network == "host":
+        return "host"
+    return "egress" if spec.egress else "none"
 
 
 def redact(text: str, secrets: list[str]) -> str:
@@ -149,7 +158,10 @@ class TaskRunner:
     def _attempt(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
         outcome = self._attempt_work(claim, lease)
         repo = self.config.repo(claim.task.spec.repo)
-        isolation = {"sandbox": self.sandbox.mode, "network": repo.network if repo else "none"}
+        isolation = {"sandbox": self.sandbox.mode, "network": network_for(repo, claim.task.spec)}
+        egress = outcome.result.get("egress") if outcome.result else None
+        if isinstance(egress, dict):  # counted per repo in the leading-indicator report
+            isolation["egress_refused"] = egress.get("refused", 0)
         outcome.data.update(isolation)
         if outcome.result:
             outcome.result.update(isolation)
@@ -223,17 +235,28 @@ class TaskRunner:
                 spec.prompt, task_id=task.id, repo=spec.repo, change_type=spec.change_type,
                 allowed_paths=spec.allowed_paths, blocked_paths=spec.blocked_paths,
             )
+            network = network_for(repo, spec)
+            try:
+                allowlist = parse_allowlist(spec.egress) if network == "egress" else ()
+            except EgressError as exc:
+                raise ConfigError(f"the spec's egress allowlist: {exc}") from None
             ran: AgentResult = self.agent.run(
-                self.sandbox.with_network(repo.network), workdir=ws.path,
+                self.sandbox.with_network(network, allowlist), workdir=ws.path,
                 home=RunRoot.private(run_dir, "home"), inputs=RunRoot.private(run_dir, "inputs"),
                 prompt=prompt, env=self.agent_env(task.id, agent_secrets),
                 timeout_s=spec.limits.run_timeout_s, max_output_bytes=spec.limits.max_output_bytes,
                 should_stop=stop, poll_interval=POLL_INTERVAL_S,
+                limits=RunLimits(spec.limits.max_disk_bytes, spec.limits.max_processes),
             )
             tail = redact(ran.output_tail, secrets)[-OUTPUT_TAIL_CHARS:]
             base = {"output_tail": tail, "output_truncated": ran.output_truncated, "worker": self.claimer.name}
+            if ran.egress is not None:
+                base["egress"] = ran.egress
             if ran.stopped:
                 return self._stopped(claim, stop.why or "stopped", tail)
+            if ran.limit is not None:
+                return Outcome(TaskState.BLOCKED, f"stopped at a limit: {ran.limit_reason}",
+                               {**base, "limit": ran.limit, "pushed": False}, {"limit": ran.limit})
             if ran.timed_out:
                 return Outcome(TaskState.FAILED,
                                f"the agent timed out after {spec.limits.run_timeout_s}s", base)

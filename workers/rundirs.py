@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .sandbox import SANDBOX_RECORD, kill_namespaces
+from .sandbox import SANDBOX_RECORD, chown_tree, kill_namespaces
 
 
 class RunRoot:
@@ -38,8 +39,10 @@ class RunRoot:
                 raise OSError(f"run root {directory} is not a directory owned by this user")
             os.chmod(directory, 0o711)
 
-    def sweep(self) -> int:
-        """Remove what dead runs left; returns how many runs were removed."""
+    def sweep(self, agent: pwd.struct_passwd | None = None) -> int:
+        """Remove what dead runs left; returns how many runs were removed. ``agent``: the
+        sandbox's agent user (a worker that is not root kills its leftovers as that user, and
+        takes its files back before removing them)."""
         removed = 0
         for lock in self.path.glob("*.lock"):
             fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
@@ -48,7 +51,9 @@ class RunRoot:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live run
-                kill_namespaces(lock.with_suffix("") / SANDBOX_RECORD)  # what it left running
+                kill_namespaces(lock.with_suffix("") / SANDBOX_RECORD, agent)  # what it left running
+                if agent is not None and lock.with_suffix("").is_dir():
+                    chown_tree(lock.with_suffix(""), os.getuid(), os.getgid())
                 shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
                 lock.unlink(missing_ok=True)
                 removed += 1

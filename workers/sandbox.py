@@ -5,27 +5,51 @@ user (``agent_user``, never root, never the worker's own uid) in new user, pid, 
 and (unless the repo opts into ``network = "host"``) network namespaces. Inside it sees:
 
 * the system read-only: ``/usr`` and the ``/bin``, ``/lib*`` links, and a handful of ``/etc``
-  files programs need (passwd, group, hosts, resolv.conf, TLS certificates, alternatives);
-* a fresh ``/proc`` (only its own pids), ``/dev`` and ``/tmp``;
-* the work tree read-write at ``/work``, a fresh HOME read-write at ``/home/agent``, an inputs
+  files programs need (passwd, group, hosts, TLS certificates, alternatives; ``resolv.conf``
+  only with the host's network);
+* a fresh ``/proc`` (only its own pids) and ``/dev``;
+* the work tree read-write at ``/work``, a fresh HOME read-write at ``/home/agent`` and a fresh
+  ``/tmp`` (directories of the run, next to HOME), an inputs
   directory (the prompt file) read-only at ``/intake``, and any read-only paths the agent
   configuration names (an agent's own install);
 * exactly the environment it is given (passed through bwrap's own environment rather than
   ``--setenv``, so that no secret lands in an argv that every local user can read).
 
 Nothing else: not the worker's config, credential files, keys, data dir or Redis socket, which
-are simply never mounted. The work tree and HOME are chowned to the agent user before the run and
-back to the worker after it, once every process of the sandbox is gone, so the worker never
-reads files the agent could still change.
+are simply never mounted. The work tree, HOME and ``/tmp`` are chowned to the agent user before the
+run and back to the worker after it, once every process of the sandbox is gone, so the worker
+never reads files the agent could still change.
 
-Starting bwrap as another user needs root or ``CAP_SETUID`` + ``CAP_SETGID`` (the worker's
-systemd unit: ``AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_CHOWN CAP_FOWNER`` and
-``User=intake``), plus unprivileged user namespaces in the kernel.
+Starting bwrap as another user needs root or ``CAP_SETUID`` + ``CAP_SETGID`` (+ ``CAP_CHOWN``
+and ``CAP_FOWNER`` for the chowns: the worker's systemd unit, ``AmbientCapabilities=CAP_SETUID
+CAP_SETGID CAP_CHOWN CAP_FOWNER`` and ``User=intake``), ``setpriv``, plus unprivileged user
+namespaces in the kernel.
 
 Whatever ends the run (the program exits, the timeout, ``should_stop()``, an exception), the
 sandbox's pid namespace is killed: SIGKILL to its pid 1 makes the kernel kill every process in
 it, ``setsid`` and double-forked grandchildren included. :meth:`Sandbox.run` returns only once
 no process of that namespace is left (it raises :class:`SandboxError` if one is).
+
+Network: ``"none"`` (an empty network namespace), ``"egress"`` (the same empty namespace plus the
+filtering proxy of :mod:`workers.egress`, reached through its unix socket bind-mounted at
+``/run/intake-egress.sock`` and a ``socat`` forwarder on the sandbox's own ``127.0.0.1:3128``;
+``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` point there) or ``"host"`` (the host's network: the
+explicit opt-out, recorded on every run).
+
+Limits (:class:`RunLimits`), each of which **stops** the run with a reason
+(:attr:`AgentResult.limit`) rather than truncating: output past ``max_output_bytes``; disk past
+``max_disk_bytes`` (HOME and ``/tmp`` are directories of the run, not memory, so the work tree,
+HOME and ``/tmp`` are all on the run's disk: the kernel caps every single file at the bound
+(``RLIMIT_FSIZE``) and the worker measures the three trees every poll); processes past
+``max_processes`` (``RLIMIT_NPROC`` of the agent user, which the kernel enforces at fork; the
+worker stops the run when the agent user's process count reaches it).
+
+Killing works without ``CAP_KILL``: a root worker SIGKILLs the namespace's init itself; a worker
+that is not root may not signal another user's process, so a helper that becomes the agent user
+(:func:`kill_as`, through ``setpriv``) does it. The worker then waits on a pidfd of that init,
+which becomes readable only once the namespace is empty. Bubblewrap is started through
+``prlimit`` (the process and file-size caps) and ``setpriv``, which drops every inheritable and
+ambient capability: bubblewrap refuses to run with capabilities it was not installed setuid for.
 
 Mode ``"none"`` is the explicit opt-out: the program runs as the worker's own user in its own
 process group (killed whole at the end), with none of the isolation above.
@@ -38,17 +62,21 @@ import ctypes
 import json
 import os
 import pwd
+import resource
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from intake.core.errors import IntakeError
+
+from .egress import PROXY_PORT, EgressProxy, Resolver, Rule
 
 BWRAP = "/usr/bin/bwrap"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -57,7 +85,12 @@ HOME_INSIDE = "/home/agent"
 INPUTS_INSIDE = "/intake"
 
 Mode = Literal["bwrap", "none"]
-Network = Literal["none", "host"]
+Network = Literal["none", "egress", "host"]
+SETPRIV = "/usr/bin/setpriv"
+PRLIMIT = "/usr/bin/prlimit"
+SOCAT = "/usr/bin/socat"
+EGRESS_SOCKET_INSIDE = "/run/intake-egress.sock"
+TMP_INSIDE = "/tmp"
 
 _CHUNK = 65536
 _DRAIN_S = 2.0  # after the kill, how long to wait for the last output
@@ -89,11 +122,24 @@ class AgentResult:
     stopped: bool
     output_tail: str
     output_truncated: bool
+    #: Which limit stopped the run ("output", "disk", "processes"), with ``limit_reason``.
+    limit: str | None = None
+    limit_reason: str | None = None
+    #: The egress proxy's facts for this run (see :meth:`workers.egress.EgressProxy.summary`).
+    egress: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
         """True when the program finished by itself with exit status 0."""
-        return self.exit_code == 0 and not self.timed_out and not self.stopped
+        return self.exit_code == 0 and not self.timed_out and not self.stopped and self.limit is None
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """What one sandboxed run may use beyond time and output (see the module docstring)."""
+
+    max_disk_bytes: int = 1024 * 1024 * 1024
+    max_processes: int = 256
 
 
 class _Tail:
@@ -132,11 +178,37 @@ def safe_path(value: str | None) -> str:
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
     """``chown -R`` without following symlinks (a link in the tree must not hand the owner a
-    file outside it)."""
-    os.chown(root, uid, gid, follow_symlinks=False)
-    for top, dirs, files in os.walk(root, followlinks=False):
-        for name in (*dirs, *files):
-            os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+    file outside it). Raises :class:`SandboxError` (one line) on any failure, never skips.
+
+    A worker that is not root can list only directories it owns: giving the tree away goes
+    bottom-up (each directory is listed while still the worker's), taking it back top-down
+    (each directory is the worker's again, and searchable by it, before it is listed)."""
+    def fail(exc: OSError) -> None:
+        raise SandboxError(f"cannot chown {exc.filename}: {exc.strerror}")
+
+    try:
+        if uid == os.getuid():
+            os.chown(root, uid, gid, follow_symlinks=False)
+            _searchable(str(root))
+            for top, dirs, files in os.walk(root, followlinks=False, onerror=fail):
+                for name in (*dirs, *files):
+                    os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+                for name in dirs:
+                    _searchable(os.path.join(top, name))
+        else:
+            for top, dirs, files in os.walk(root, topdown=False, followlinks=False, onerror=fail):
+                for name in (*dirs, *files):
+                    os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+            os.chown(root, uid, gid, follow_symlinks=False)
+    except OSError as exc:
+        fail(exc)
+
+
+def _searchable(path: str) -> None:
+    """Give the (now worker-owned) directory ``path`` owner rwx: the agent may have taken it away."""
+    info = os.lstat(path)
+    if stat.S_ISDIR(info.st_mode) and info.st_mode & 0o700 != 0o700:
+        os.chmod(path, stat.S_IMODE(info.st_mode) | 0o700)
 
 
 def _can_setuid() -> bool:
@@ -153,22 +225,32 @@ def _can_setuid() -> bool:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """How agents and checks are run; see the module docstring."""
+    """How agents and checks are run; see the module docstring.
+
+    ``egress`` is the allowlist of a ``network = "egress"`` sandbox. ``resolver`` replaces the
+    egress proxy's resolver; only tests set it (no configuration can), to make a name resolve
+    to an address of their choosing.
+    """
 
     mode: Mode = "bwrap"
     agent_user: str = "intake-agent"
     network: Network = "none"
     bwrap: str = BWRAP
     term_grace_s: float = 3.0  # mode "none" only: SIGTERM, then SIGKILL after this
+    egress: tuple[Rule, ...] = ()
+    resolver: Resolver | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("bwrap", "none"):
             raise ValueError(f"sandbox mode must be 'bwrap' or 'none', not {self.mode!r}")
-        if self.network not in ("none", "host"):
-            raise ValueError(f"network must be 'none' or 'host', not {self.network!r}")
+        if self.network not in ("none", "egress", "host"):
+            raise ValueError(f"network must be 'none', 'egress' or 'host', not {self.network!r}")
+        if self.network == "egress" and self.mode == "none":
+            raise SandboxError('network = "egress" needs the bwrap sandbox (an unsandboxed program '
+                             "would reach the host's network directly)")
 
-    def with_network(self, network: Network) -> Sandbox:
-        return replace(self, network=network)
+    def with_network(self, network: Network, egress: tuple[Rule, ...] = ()) -> Sandbox:
+        return replace(self, network=network, egress=tuple(egress) if network == "egress" else ())
 
     # -- can it run here --------------------------------------------------------------------
     def user(self) -> pwd.struct_passwd:
@@ -192,6 +274,12 @@ class Sandbox:
         if not (os.path.isfile(self.bwrap) and os.access(self.bwrap, os.X_OK)):
             raise SandboxError(f"bubblewrap not found at {self.bwrap} (apt-get install bubblewrap), "
                                'or set sandbox = "none" in the worker config to run agents unsandboxed')
+        for tool in (SETPRIV, PRLIMIT):
+            if not os.access(tool, os.X_OK):
+                raise SandboxError(f"{tool} not found (apt-get install util-linux)")
+        if self.network == "egress" and not os.access(SOCAT, os.X_OK):
+            raise SandboxError(f"socat not found at {SOCAT} (apt-get install socat); it bridges the "
+                               "egress proxy into the sandbox")
         self.user()
         if not _can_setuid():
             raise SandboxError("the worker cannot start processes as the agent user: run it as root "
@@ -204,13 +292,13 @@ class Sandbox:
             return View(str(workdir), str(home), str(inputs) if inputs is not None else None)
         return View(WORKDIR_INSIDE, HOME_INSIDE, INPUTS_INSIDE if inputs is not None else None)
 
-    def _bwrap_argv(self, argv: Sequence[str], workdir: Path, home: Path, inputs: Path | None,
-                    ro_paths: Sequence[Path], info_fd: int) -> list[str]:
+    def _bwrap_argv(self, argv: Sequence[str], workdir: Path, home: Path, tmp: Path, inputs: Path | None,
+                    ro_paths: Sequence[Path], info_fd: int, socket: Path | None) -> list[str]:
         args = [self.bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try", "--die-with-parent", "--new-session",
                 "--hostname", "intake-sandbox", "--ro-bind", "/usr", "/usr"]
-        if self.network == "none":
-            args.append("--unshare-net")
+        if self.network != "host":
+            args.append("--unshare-net")  # loopback only: no route, no DNS, no UDP or raw sockets out
         for name in _ROOT_LINKS:
             host = Path("/") / name
             if host.is_symlink():
@@ -219,13 +307,19 @@ class Sandbox:
                 args += ["--ro-bind", str(host), f"/{name}"]
         args += ["--dir", "/etc"]
         for name in _ETC:
+            if self.network != "host" and name in {"resolv.conf", "host.conf"}:
+                continue  # no resolver inside: names are the egress proxy's to resolve
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        # /tmp is a directory of the run (on disk, measured), not a tmpfs in the host's memory.
+        args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(tmp), TMP_INSIDE,
                  "--bind", str(workdir), WORKDIR_INSIDE, "--bind", str(home), HOME_INSIDE]
         if inputs is not None:
             args += ["--ro-bind", str(inputs), INPUTS_INSIDE]
         for path in ro_paths:
             args += ["--ro-bind", str(path), str(path)]
+        if socket is not None:
+            args += ["--ro-bind", str(socket), EGRESS_SOCKET_INSIDE]
+            argv = ["/bin/sh", "-c", _FORWARDER, "intake-egress", *argv]
         args += ["--chdir", WORKDIR_INSIDE, "--info-fd", str(info_fd), "--", *argv]
         return args
 
@@ -244,39 +338,87 @@ class Sandbox:
         poll_interval: float = 0.25,
         inputs: Path | None = None,
         ro_paths: Sequence[Path] = (),
+        limits: RunLimits | None = None,
     ) -> AgentResult:
-        """Run ``argv`` in the sandbox until it exits, times out or ``should_stop()`` is true.
+        """Run ``argv`` in the sandbox until it exits, times out, hits a limit or
+        ``should_stop()`` is true.
 
         ``env`` is the program's whole environment (``PATH`` is cleaned of relative entries;
-        ``HOME`` and ``TMPDIR`` are set to the sandbox's). ``stdin`` is written to its standard
-        input. ``should_stop`` is called about every ``poll_interval`` seconds. ``inputs`` is a
-        directory of files the program may read (mounted read-only), ``ro_paths`` extra
-        read-only paths (mounted at the same place). Raises :class:`SandboxError` if the
-        program cannot be started or a process of it survives the kill.
+        ``HOME`` and ``TMPDIR`` are set to the sandbox's, and the proxy variables for
+        ``network = "egress"``). ``stdin`` is written to its standard input. ``should_stop`` is
+        called about every ``poll_interval`` seconds. ``inputs`` is a directory of files the
+        program may read (mounted read-only), ``ro_paths`` extra read-only paths (mounted at
+        the same place). Raises :class:`SandboxError` if the program cannot be started or a
+        process of it survives the kill.
         """
         if timeout_s <= 0 or max_output_bytes <= 0 or poll_interval <= 0:
             raise ValueError("timeout_s, max_output_bytes and poll_interval must be positive")
+        limits = limits or RunLimits()
         workdir = Path(workdir).resolve(strict=True)
         home = Path(home).resolve(strict=True)
         view = self.view(workdir, home, inputs)
         child_env = {**env, "PATH": safe_path(env.get("PATH")), "HOME": view.home, "TMPDIR": "/tmp"}
         if self.mode == "none":
             child_env["TMPDIR"] = view.home
-            return _Run(self, None, list(argv), workdir, child_env).go(
+            return _Run(self, None, list(argv), workdir, child_env, limits).go(
                 stdin, timeout_s, max_output_bytes, should_stop, poll_interval)
         self.check()
         user = self.user()
-        chown_tree(workdir, user.pw_uid, user.pw_gid)
-        chown_tree(home, user.pw_uid, user.pw_gid)
-        result = _Run(self, user, list(argv), workdir, child_env, home=home, inputs=inputs,
-                      ro_paths=tuple(ro_paths)).go(stdin, timeout_s, max_output_bytes, should_stop,
-                                                   poll_interval)
+        tmp = _sibling(home, "tmp", 0o700)
+        proxy = None
+        if self.network == "egress":
+            url = f"http://127.0.0.1:{PROXY_PORT}"
+            for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+                child_env[name] = url
+            child_env["NO_PROXY"] = child_env["no_proxy"] = ""
+            proxy = EgressProxy(self.egress, _sibling(home, "egress", 0o711) / "proxy.sock",
+                                resolver=self.resolver)
+            try:
+                proxy.start()
+            except OSError as exc:
+                raise SandboxError(str(exc)) from None
+        try:
+            for tree in (workdir, home, tmp):
+                chown_tree(tree, user.pw_uid, user.pw_gid)
+            result = _Run(self, user, list(argv), workdir, child_env, limits, home=home, tmp=tmp,
+                          inputs=inputs, ro_paths=tuple(ro_paths),
+                          socket=proxy.socket_path if proxy else None).go(
+                stdin, timeout_s, max_output_bytes, should_stop, poll_interval)
+        finally:
+            if proxy is not None:
+                proxy.stop()
         # Reached only once the namespace is empty (on any error the caller throws the
         # directories away unread): take the files back, so nothing the agent started can
         # change them while the worker reads them.
-        chown_tree(workdir, os.getuid(), os.getgid())
-        chown_tree(home, os.getuid(), os.getgid())
+        for tree in (workdir, home, tmp):
+            chown_tree(tree, os.getuid(), os.getgid())
+        if proxy is not None:
+            result = replace(result, egress=proxy.summary())
         return result
+
+
+def _sibling(home: Path, name: str, mode: int) -> Path:
+    """A fresh directory next to ``home`` (in the run directory) for the sandbox's ``name``."""
+    path = home.parent / f"{home.name}-{name}"
+    path.mkdir(mode=mode)
+    os.chmod(path, mode)
+    return path
+
+
+# Runs inside the sandbox, as the agent, before the agent: bridge 127.0.0.1:3128 to the proxy's
+# unix socket, wait until it listens (read from the namespace's own /proc/net/tcp, so the wait
+# makes no connection the proxy would record), then become the agent.
+_FORWARDER = (
+    f"{SOCAT} TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:{EGRESS_SOCKET_INSIDE}"
+    " </dev/null >/dev/null 2>&1 &\n"
+    "i=0\n"
+    f"until grep -q ':{PROXY_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do\n"
+    "  i=$((i+1)); if [ $i -gt 1000 ]; then echo 'intake-sandbox: the egress forwarder did not start' >&2;"
+    " exit 125; fi; sleep 0.01\n"
+    "done\n"
+    'exec "$@"\n'
+)
+
 
 
 _PR_SET_PDEATHSIG = 1
@@ -303,21 +445,82 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
 SANDBOX_RECORD = "sandboxes"
 
 
-def kill_namespaces(record: Path) -> int:
+def kill_namespaces(record: Path, user: pwd.struct_passwd | None = None) -> int:
     """SIGKILL every process still in a pid namespace listed in ``record`` (a dead run's):
     returns how many were found. A namespace whose init is gone is empty, so the inodes cannot
-    point at anything else while one of its processes lives."""
+    point at anything else while one of its processes lives. A worker that is not root cannot
+    see or signal the agent user's processes: given ``user``, a helper running as that user
+    does it (:func:`kill_as`)."""
     try:
         inodes = {int(line) for line in record.read_text(encoding="ascii").split() if line.isdigit()}
     except OSError:
         return 0
+    if not inodes:
+        return 0
+    if os.geteuid() != 0 and user is not None:
+        return kill_as(user, sorted(inodes))
     killed = 0
     for inode in inodes:
         for pid in _processes_where(_in_namespace(inode)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                raise SandboxError(f"cannot kill process {pid} left by a dead run: permission denied "
+                                   "(run the worker as root or with CAP_SETUID and CAP_SETGID)") from None
     return killed
+
+
+# Run as the agent user (setpriv): SIGKILL every process in the given pid namespaces until none is
+# left; prints how many it found. The agent user may read its own processes' /proc entries.
+_KILLER = """
+import os, sys, time
+want = {"pid:[%s]" % n for n in sys.argv[1:]}
+found = set()
+deadline = time.monotonic() + 5
+while True:
+    left = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/ns/pid") not in want:
+                continue
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            if stat[stat.rfind(")") + 2] in "ZX":
+                continue
+            os.kill(int(name), 9)
+            left.append(int(name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # gone, or another user's (not in a namespace of ours)
+    found.update(left)
+    if not left:
+        break
+    if time.monotonic() > deadline:
+        sys.exit(3)
+    time.sleep(0.01)
+print(len(found))
+"""
+
+
+def kill_as(user: pwd.struct_passwd, inodes: Sequence[int]) -> int:
+    """SIGKILL, as ``user``, every process in the pid namespaces ``inodes`` and wait until none
+    is left; returns how many there were. Raises :class:`SandboxError` (one line) if that fails."""
+    argv = [SETPRIV, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--inh-caps=-all",
+            "--ambient-caps=-all", "--", sys.executable, "-I", "-S", "-c", _KILLER, *map(str, inodes)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=_GONE_S + 5, env={}, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxError(f"cannot kill the sandbox as {user.pw_name}: {type(exc).__name__}") from None
+    if done.returncode != 0:
+        why = (done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"])[-1]
+        if done.returncode == 3:
+            why = "processes of the sandbox survived the kill"
+        raise SandboxError(f"cannot kill the sandbox as {user.pw_name}: {why[:200]}")
+    return int(done.stdout.strip() or 0)
 
 
 def _processes_where(match: Callable[[str], bool]) -> list[int]:
@@ -351,13 +554,16 @@ def _in_group(pgid: int) -> Callable[[str], bool]:
 
 
 class _Run:
-    """One process run: start, feed stdin, collect output, kill, confirm nothing is left."""
+    """One process run: start, feed stdin, collect output, watch the limits, kill, confirm
+    nothing is left."""
 
     def __init__(self, box: Sandbox, user: pwd.struct_passwd | None, argv: list[str], workdir: Path,
-                 env: dict[str, str], *, home: Path | None = None, inputs: Path | None = None,
-                 ro_paths: tuple[Path, ...] = ()) -> None:
+                 env: dict[str, str], limits: RunLimits, *, home: Path | None = None,
+                 tmp: Path | None = None, inputs: Path | None = None, ro_paths: tuple[Path, ...] = (),
+                 socket: Path | None = None) -> None:
         self.box, self.user, self.argv, self.workdir, self.env = box, user, argv, workdir, env
-        self.home, self.inputs, self.ro_paths = home, inputs, ro_paths
+        self.limits, self.home, self.tmp, self.inputs, self.ro_paths = limits, home, tmp, inputs, ro_paths
+        self.socket = socket
         self.ns_inode: int | None = None
         self.init_pidfd: int | None = None
 
@@ -370,15 +576,23 @@ class _Run:
                                         preexec_fn=_die_with_parent(os.getpid()), **common)  # type: ignore[call-overload]
             except OSError as exc:
                 raise SandboxError(f"could not be started: {self.argv[0]}: {exc.strerror}") from None
-        assert self.home is not None
+        assert self.home is not None and self.tmp is not None
         info_r, info_w = os.pipe()
         try:
-            argv = self.box._bwrap_argv(self.argv, self.workdir, self.home, self.inputs,
-                                        self.ro_paths, info_w)
+            inner = self.box._bwrap_argv(self.argv, self.workdir, self.home, self.tmp, self.inputs,
+                                         self.ro_paths, info_w, self.socket)
+            # setpriv: become the agent user and drop every inheritable and ambient capability
+            # (a worker with ambient capabilities would otherwise hand them to bubblewrap).
+            drop = [SETPRIV, f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--clear-groups",
+                    "--inh-caps=-all", "--ambient-caps=-all", "--"]
+            # prlimit: the agent user's process cap (counted from setpriv's uid change on) and the
+            # per-file size cap. Each of the three execs the next: bubblewrap is the worker's own
+            # child, so --die-with-parent ties the sandbox to the worker process.
+            nproc, fsize = _nproc_limit(self.limits.max_processes), self.limits.max_disk_bytes
+            argv = [PRLIMIT, f"--nproc={nproc}:{nproc}", f"--fsize={fsize}:{fsize}", "--", *drop, *inner]
             try:
                 proc = subprocess.Popen(  # type: ignore[call-overload]
-                    argv, cwd="/", user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[],
-                    pass_fds=(info_w,), start_new_session=True, **common)
+                    argv, cwd="/", pass_fds=(info_w,), start_new_session=True, **common)
             except OSError as exc:
                 raise SandboxError(f"bubblewrap could not be started: {exc.strerror}") from None
             os.close(info_w)
@@ -403,9 +617,10 @@ class _Run:
         child = int(info["child-pid"])
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(child)
-            # The pid could in theory have been reused already: it is ours only if it is in
-            # the sandbox's namespace. If it is not, the namespace's init already exited.
-            if _in_namespace(self.ns_inode)(f"/proc/{child}"):
+            # The pid could in theory have been reused already: it is ours only if its parent is
+            # bubblewrap (read from /proc/PID/stat, which needs no permission over the agent
+            # user's processes). Else the namespace's init is gone.
+            if _parent(child) == proc.pid:
                 self.init_pidfd = pidfd
             else:
                 os.close(pidfd)
@@ -437,19 +652,58 @@ class _Run:
         if self.user is None:
             _kill_group(proc.pid, self.box.term_grace_s)
             return
-        if self.init_pidfd is not None:
-            with contextlib.suppress(ProcessLookupError, OSError):
+        assert self.ns_inode is not None
+        # SIGKILL to the namespace's init makes the kernel kill every process in it. A root
+        # worker signals it directly; a worker with only CAP_SETUID/CAP_SETGID may not signal
+        # another user's process, so a helper that becomes the agent user does it.
+        try:
+            if self.init_pidfd is not None:
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            kill_as(self.user, [self.ns_inode])
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            proc.kill()  # bubblewrap itself (the agent user's: a non-root worker relies on kill_as)
+        if self.init_pidfd is not None:
+            # Readable once the namespace's init has exited, which the kernel lets happen only
+            # after every other process of the namespace is gone.
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.init_pidfd, selectors.EVENT_READ)
+                empty = bool(sel.select(_GONE_S))
             os.close(self.init_pidfd)
             self.init_pidfd = None
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()  # bwrap itself; --die-with-parent takes the namespace with it too
-        assert self.ns_inode is not None
+            if not empty:
+                raise SandboxError("processes of the sandbox survived the kill")
+            return
+        if os.geteuid() != 0:
+            kill_as(self.user, [self.ns_inode])  # it waits until the namespace is empty
+            return
         deadline = time.monotonic() + _GONE_S
         while _processes_where(_in_namespace(self.ns_inode)):
             if time.monotonic() > deadline:
                 raise SandboxError("processes of the sandbox survived the kill")
             time.sleep(0.01)
+
+    def _over_limit(self) -> tuple[str, str] | None:
+        """The limit the running sandbox has reached, if any (``(limit, reason)``)."""
+        if self.user is None:
+            return None
+        roots = (self.workdir, self.home, self.tmp)
+        used = _disk_usage(roots)  # type: ignore[arg-type]
+        if used is None and os.geteuid() != 0:
+            # A worker that is not root cannot read the agent's private directories (a cache
+            # made 0700): measure them as the agent user.
+            used = disk_usage_as(self.user, roots)  # type: ignore[arg-type]
+        if used is None:
+            return "disk", "the agent made part of its files unreadable to the worker's disk bound"
+        if used >= self.limits.max_disk_bytes:
+            return "disk", f"the run wrote {used} bytes, reaching limits.max_disk_bytes ({self.limits.max_disk_bytes})"
+        count = _processes_of(self.user.pw_uid)
+        if count >= self.limits.max_processes:
+            return "processes", (f"the agent user ran {count} processes, reaching limits.max_processes "
+                                 f"({self.limits.max_processes})")
+        return None
 
     def go(self, stdin: bytes | None, timeout_s: float, cap: int,
            should_stop: Callable[[], bool] | None, poll_interval: float) -> AgentResult:
@@ -469,6 +723,7 @@ class _Run:
         else:
             proc.stdin.close()
         timed_out = stopped = False
+        limit: tuple[str, str] | None = None
         deadline = time.monotonic() + timeout_s
         next_check = 0.0
         try:
@@ -477,10 +732,13 @@ class _Run:
                 if now >= deadline:
                     timed_out = True
                     break
-                if should_stop is not None and now >= next_check:
+                if now >= next_check:
                     next_check = now + poll_interval
-                    if should_stop():
+                    if should_stop is not None and should_stop():
                         stopped = True
+                        break
+                    limit = self._over_limit()
+                    if limit is not None:
                         break
                 for key, _ in selector.select(min(poll_interval, deadline - now)):
                     if key.fd == pidfd:
@@ -493,6 +751,9 @@ class _Run:
                             selector.unregister(out_fd)
                     else:
                         pending = _feed_stdin(proc, selector, pending)
+                if tail.total > cap:
+                    limit = ("output", f"the output passed limits.max_output_bytes ({cap})")
+                    break
         finally:
             # Also on a normal exit: helpers the program left running must not outlive it.
             self._kill(proc)
@@ -507,13 +768,109 @@ class _Run:
             _drain(selector, out_fd, tail)
             selector.close()
             proc.stdout.close()
+        if limit is None and not (timed_out or stopped):
+            # A file cut at RLIMIT_FSIZE, or the last writes before the exit.
+            limit = self._over_limit() if self.user is not None else None
+            if limit is not None and limit[0] == "processes":
+                limit = None  # counted after the kill: not this run's
+            if limit is None and proc.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ):
+                limit = ("disk", f"a file reached limits.max_disk_bytes ({self.limits.max_disk_bytes})")
+        if limit is None and tail.total > cap:
+            limit = ("output", f"the output passed limits.max_output_bytes ({cap})")
+        cut = timed_out or stopped or limit is not None
         return AgentResult(
-            exit_code=None if timed_out or stopped else proc.returncode,
+            exit_code=None if cut else proc.returncode,
             timed_out=timed_out,
             stopped=stopped,
             output_tail=tail.text(),
             output_truncated=tail.total > cap,
+            limit=limit[0] if limit else None,
+            limit_reason=limit[1] if limit else None,
         )
+
+
+def _parent(pid: int) -> int | None:
+    """``pid``'s parent, from the world-readable /proc/PID/stat (None if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def _nproc_limit(wanted: int) -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+def _disk_usage(roots: Sequence[Path]) -> int | None:
+    """Bytes allocated under ``roots`` (not following links), or None if a directory could not
+    be read (the agent can hide a directory from the worker by taking its permissions away)."""
+    total = 0
+    stack = [str(r) for r in roots]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    info = entry.stat(follow_symlinks=False)
+                    total += info.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return total
+
+
+_DU = """
+import os, sys
+total, stack = 0, list(sys.argv[1:])
+while stack:
+    top = stack.pop()
+    try:
+        with os.scandir(top) as entries:
+            for entry in entries:
+                info = entry.stat(follow_symlinks=False)
+                total += info.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    except FileNotFoundError:
+        continue
+    except OSError:
+        sys.exit(3)
+print(total)
+"""
+
+
+def disk_usage_as(user: pwd.struct_passwd, roots: Sequence[Path]) -> int | None:
+    """:func:`_disk_usage` measured by a helper running as ``user`` (None if it cannot)."""
+    argv = [SETPRIV, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--inh-caps=-all",
+            "--ambient-caps=-all", "--", sys.executable, "-I", "-S", "-c", _DU, *map(str, roots)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=30, env={}, cwd="/")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return int(done.stdout) if done.returncode == 0 and done.stdout.strip().isdigit() else None
+
+
+def _processes_of(uid: int) -> int:
+    """How many live processes have ``uid`` as their real uid (/proc/PID/status is readable by
+    everyone)."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/status", encoding="ascii", errors="replace") as handle:
+                for line in handle:
+                    if line.startswith("Uid:"):
+                        count += line.split()[1] == str(uid)
+                        break
+        except OSError:
+            continue
+    return count
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:

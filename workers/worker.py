@@ -148,7 +148,7 @@ def build_worker(settings: Settings, url: str, client: redis.Redis, config: Work
                       config=config, clock=clock)
     runner = TaskRunner(claimer, config)
     # Whatever runs killed with SIGKILL left behind (work trees, homes, git dirs) goes now.
-    runner.runs.sweep()
+    runner.runs.sweep(runner.sandbox.user() if runner.sandbox.mode == "bwrap" else None)
     return IntakeWorker(
         list(config.queues), runner=runner, reporter=reporter, name=worker_name,
         connection=make_client(url, decode=False),
@@ -211,6 +211,10 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
     if sandbox.mode == "none":
         log.warning('sandbox = "none": agents and checks run as this worker\'s own user, '
                     "unsandboxed, with its network and files in reach")
+    for repo in config.repos:
+        if repo.network == "host":
+            log.warning('repo %s: network = "host": its agents reach everything this host can (cloud '
+                        "metadata, internal services, Redis); the egress allowlist is not applied", repo.name)
     from intake.core.policy import load_policy
 
     config.check_covers(load_policy(settings.policy_path))

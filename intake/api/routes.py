@@ -305,7 +305,7 @@ class Api:
         """Every anomaly in the chain (not only the first); 409 when sealed history was changed."""
         try:
             broker.audit.seal_pending()  # what was appended before this call is verified sealed
-            report = broker.audit.verify()
+            report = broker.audit.verify(broker.keyring.keys)
             broken: AuditBroken | None = None
         except AuditBroken as exc:
             report, broken = exc.report, exc  # type: ignore[assignment]

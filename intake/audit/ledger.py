@@ -18,24 +18,55 @@ loss (``intake audit accept-rollback``), which is itself a sealed event the ledg
 Several broker processes on one Redis each keep their own ledger over the same chain; every state
 change they make is a WATCHed transaction on the record it changes, so a decision taken on a
 ledger that is a moment behind still cannot overwrite a newer honest change.
+
+**Checkpoints.** Replaying a long log costs about 20 µs an entry, so the ledger's state is
+snapshotted now and then (:meth:`Ledger.snapshot_if_due`, every :data:`SNAPSHOT_EVERY` sealed
+entries) at its cursor, a sealed position: the snapshot is canonical JSON MAC'd with a key derived
+from the audit key (:meth:`AuditLog.snapshot_mac`: whoever writes Redis cannot forge one), and its
+SHA-256 is put on the sealed chain itself (a ``ledger.snapshot`` event). A start
+(:meth:`Ledger.follow` with no cursor) loads the newest snapshot whose MAC holds and whose anchor
+(the sealed entry at its cursor) is still on the chain with the same seal, then replays only what
+was sealed after it; unless that replay meets the ``ledger.snapshot`` event naming exactly this
+snapshot's hash, the snapshot is dropped and the whole log is replayed. Each entry is verified
+once, as it is followed; instead of walking the whole chain again now and then (which grew with
+the log and held the ledger lock), the sweep runs :meth:`Ledger.check_anchor`: the head is not
+behind the cursor and the entries at the cursor and at the snapshot still carry the seals the
+ledger saw. A full walk is ``intake audit verify``, which never takes the ledger lock.
+
+What a snapshot does *not* keep: the ids of events that change nothing here (captured ideas and
+the like), so a verbatim replay of such an event after the snapshot is found by ``intake audit
+verify``, not by the ledger; a replay of any event the ledger applies is still refused and halts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
 
 from intake.audit.log import Anomaly, AuditLog, Head, SealedEntry, event
 from intake.core.errors import AuditBroken, LedgerHalted
-from intake.core.models import TASK_OPEN, AuditEvent, Task, TaskState
+from intake.core.models import TASK_OPEN, AuditEvent, Task, TaskState, canonical_json
 
 log = logging.getLogger("intake.audit.ledger")
 
 _TERMINAL = frozenset(TaskState) - TASK_OPEN
+
+#: A snapshot is due after this many sealed entries since the last one.
+SNAPSHOT_EVERY = 10_000
+SNAPSHOT_VERSION = 1
+#: How often the clocks walk the whole chain again (in a thread, outside the ledger lock).
+FULL_CHECK_EVERY_S = 24 * 3600.0
+#: The actions whose events change the ledger: only their unique ids are kept for replay checks.
+_APPLIED_KINDS = ("task.", "approval.", "result.", "broker.", "approver.", "worker.", "audit.rollback")
 
 
 @dataclass(frozen=True)
@@ -136,11 +167,16 @@ class Ledger:
         self._accepted = 0  # anomalies[:_accepted] were accepted by an operator
         self._reported: set[tuple[str, str]] = set()
         self._eids: set[str] = set()  # every applied event's unique id: a copy is a replay
+        self.snapshot_at: Head | None = None  # the sealed position of the snapshot loaded or written
+        self._snapshot_sha: str | None = None  # the loaded snapshot's hash, until the chain names it
+        self._loaded = False  # a snapshot was looked for (once per reset)
         self._rechecked = time.monotonic()
+        self._rechecking: threading.Thread | None = None
 
     # -- following -------------------------------------------------------------------------
     def follow(self, *, seal: bool = True) -> Ledger:
         """Seal what is pending, then apply every newly sealed entry. Cheap when nothing is new.
+        The first call starts from the newest valid snapshot (see the module docstring).
 
         ``seal=False`` applies only what is sealed already, without waiting for the sealer
         (which, after its holder died, can take until the lease runs out): for readiness."""
@@ -160,25 +196,147 @@ class Ledger:
                     self._mark(self.anomalies[first:])
                     return self
                 self._reset()
+                self._loaded = True  # after an accepted rollback: a full replay, no snapshot
+            if not self._loaded:
+                self._loaded = True
+                self._load_snapshot(head)
             self.cursor = self.audit.follow(self.cursor, self._entry, self._anomaly)
+            if self._snapshot_sha is not None and self.cursor == head:
+                # The chain never named the snapshot we started from: start again without it.
+                log.warning("ledger: the snapshot at #%s is not named on the sealed chain; replaying the whole log",
+                            self.snapshot_at.seq if self.snapshot_at else "?")
+                self._reset()
+                self._loaded = True
+                self.cursor = self.audit.follow(None, self._entry, self._anomaly)
             self._mark(self.anomalies[first:])
             return self
 
-    def recheck_if_due(self, every_s: float = 60.0) -> None:
+    def start(self) -> Ledger:
+        """Catch up at start-up (from the newest snapshot), then snapshot at once when the log
+        has grown by :data:`SNAPSHOT_EVERY` since: the next start replays little."""
+        self.follow()
+        self.snapshot_if_due()
+        return self
+
+    def check_anchor(self) -> Ledger:
+        """The cheap periodic check that replaced the full walk: sealed history did not go behind
+        the cursor, and the sealed entries at the cursor and at the snapshot still carry the seals
+        this ledger followed (history rewritten at them halts it). Entries rewritten between
+        them are found by ``intake audit verify`` (a full walk, outside the ledger lock)."""
+        with self._lock:
+            first = len(self.anomalies)
+            archived = self.audit.archived_through()  # another broker may have archived an old anchor
+            for mark in (self.snapshot_at, self.cursor):
+                if mark is not None and mark.seq > archived and not self.audit.sealed_at(mark):
+                    self._anomaly(Anomaly(mark.id, "altered", f"event {mark.id} (#{mark.seq}): the sealed entry "
+                                          "the ledger followed was changed or removed", mark.seq))
+            self._mark(self.anomalies[first:])
+        return self.follow(seal=False)
+
+    def recheck_if_due(self, every_s: float = FULL_CHECK_EVERY_S) -> None:
+        """Start the scheduled full walk (:meth:`recheck`) in a thread of its own when due."""
         now = time.monotonic()
-        if now - self._rechecked >= every_s:
-            self._rechecked = now
-            self.recheck()
+        if now - self._rechecked < every_s or (self._rechecking is not None and self._rechecking.is_alive()):
+            return
+        self._rechecked = now
+        self._rechecking = threading.Thread(target=self.recheck, name="ledger-recheck", daemon=True)
+        self._rechecking.start()
 
     def recheck(self) -> Ledger:
-        """Walk the whole sealed chain again (without re-applying it), so history rewritten
-        behind the cursor is found too and halts this process; the sweep runs it now and then
-        (its cost grows with the log)."""
+        """Walk the whole sealed chain again (without re-applying it) *outside* the ledger lock,
+        so dispatch, leases and approvals never wait on it; any break found (history rewritten
+        behind the cursor) then halts this ledger. The clocks run it once a day."""
+        found: list[Anomaly] = []
+        try:
+            self.audit.follow(None, lambda _entry: None, found.append)
+        except redis.RedisError as exc:
+            log.warning("ledger: the full re-check stopped (%s)", type(exc).__name__)
+            return self
         with self._lock:
             before = len(self.anomalies)
-            self.audit.follow(None, lambda _entry: None, self._anomaly)
+            for anomaly in found:
+                self._anomaly(anomaly)
             self._mark(self.anomalies[before:])
-            return self
+        return self
+
+    # -- snapshots -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        """The ledger's state as plain JSON data (sets sorted, so equal states hash equally)."""
+        tasks = []
+        for fact in self.tasks.values():
+            raw = asdict(fact)
+            raw["state"] = fact.state.value
+            raw["used_nonces"] = sorted(fact.used_nonces)
+            tasks.append(raw)
+        return {"tasks": tasks, "approvers": {k: asdict(v) for k, v in self.approvers.items()},
+                "workers": self.workers, "worker_generations": self.worker_generations,
+                "worker_scopes": {k: v.as_data() for k, v in self.worker_scopes.items()},
+                "frozen": self.frozen, "eids": sorted(self._eids)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for raw in state["tasks"]:
+            raw = dict(raw)
+            raw["state"] = TaskState(raw["state"])
+            raw["approvals"] = [ApprovalFact(**a) for a in raw["approvals"]]
+            raw["result_approvals"] = [ApprovalFact(**a) for a in raw["result_approvals"]]
+            raw["dispatches"] = {k: DispatchFact(**d) for k, d in raw["dispatches"].items()}
+            raw["used_nonces"] = set(raw["used_nonces"])
+            self.tasks[raw["id"]] = TaskFact(**raw)
+        self.approvers = {k: ApproverFact(**v) for k, v in state["approvers"].items()}
+        self.workers = dict(state["workers"])
+        self.worker_generations = {k: int(v) for k, v in state["worker_generations"].items()}
+        self.worker_scopes = {k: WorkerScope.from_data(v) for k, v in state["worker_scopes"].items()}
+        self.frozen = state["frozen"]
+        self._eids = set(state["eids"])
+
+    def snapshot_if_due(self, every: int = SNAPSHOT_EVERY) -> bool:
+        """Snapshot the state at the cursor when ``every`` entries were sealed since the last
+        snapshot (and the ledger is not halted: a snapshot only ever holds verified history).
+        The blob goes to Redis beside the log; its hash goes on the sealed chain."""
+        with self._lock:
+            cursor = self.cursor
+            done = self.snapshot_at.seq if self.snapshot_at else 0
+            if cursor is None or cursor.seq - done < every or self.halted is not None:
+                return False
+            body = canonical_json({"v": SNAPSHOT_VERSION, "cursor": cursor.encode(), "state": self._state()})
+        sha = hashlib.sha256(body).hexdigest()
+        try:
+            if not self.audit.store_snapshot(cursor, body):
+                return False  # another broker stored a newer one
+            self.audit.record("system", "ledger.snapshot", "audit", seq=cursor.seq, entry=cursor.id, sha256=sha,
+                              bytes=len(body))
+        except redis.RedisError as exc:
+            log.warning("ledger: snapshot at #%s not stored (%s)", cursor.seq, type(exc).__name__)
+            return False
+        with self._lock:
+            if self.snapshot_at is None or self.snapshot_at.seq < cursor.seq:
+                self.snapshot_at = cursor
+        log.info("ledger: snapshot at #%s (%d bytes)", cursor.seq, len(body))
+        return True
+
+    def _load_snapshot(self, head: Head | None) -> None:
+        """Start from the stored snapshot when its MAC holds, it is not past the head and its
+        anchor entry still carries the seal it names; otherwise from the beginning."""
+        body = self.audit.load_snapshot()
+        if body is None or head is None:
+            return
+        try:
+            data = json.loads(body)
+            cursor = Head.decode(data["cursor"])
+            if data.get("v") != SNAPSHOT_VERSION or cursor is None:
+                raise ValueError("unknown snapshot version")
+            if cursor.seq > head.seq or not self.audit.sealed_at(cursor):
+                log.warning("ledger: the snapshot at #%s does not match the sealed chain; replaying the whole log",
+                            cursor.seq)
+                return
+            self._restore(data["state"])
+        except (ValueError, KeyError, TypeError, AuditBroken) as exc:
+            log.warning("ledger: unusable snapshot (%s); replaying the whole log", type(exc).__name__)
+            self._reset()
+            self._loaded = True
+            return
+        self.cursor = self.snapshot_at = cursor
+        self._snapshot_sha = hashlib.sha256(body).hexdigest()
 
     def _mark(self, found: list[Anomaly]) -> None:
         """Put a marker on the log for each break this process found (once each): the log
@@ -212,6 +370,13 @@ class Ledger:
         ev = sealed.event
         if ev is None:
             return
+        if ev.action == "ledger.snapshot":
+            if (self._snapshot_sha is not None and self.snapshot_at is not None
+                    and ev.data.get("seq") == self.snapshot_at.seq and ev.data.get("sha256") == self._snapshot_sha):
+                self._snapshot_sha = None  # the chain vouches for the snapshot this ledger started from
+            return
+        if not ev.action.startswith(_APPLIED_KINDS):
+            return  # changes nothing here (see the module docstring)
         if ev.eid in self._eids:
             if self.first_report((sealed.id, "replayed")):
                 log.warning("audit entry %s (#%d) is a replayed copy of an earlier event; skipped",

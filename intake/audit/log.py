@@ -49,6 +49,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from intake.audit.archive import Archive, ArchiveBroken
 from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
 from intake.core.errors import AuditBroken
 from intake.core.models import AuditEvent, canonical_json
@@ -80,6 +81,15 @@ for i = 7, 6 + n * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 for i = 7 + n * 2, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return 1
+"""
+
+
+# Store a ledger snapshot only if it is newer than the one stored (several brokers share it).
+_STORE_SNAPSHOT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'body', ARGV[2], 'mac', ARGV[3])
 return 1
 """
 
@@ -154,6 +164,7 @@ class SealedEntry:
     verdict: str
     event: AuditEvent | None  # set when the verdict is ok and the entry is a broker event
     fields: dict[str, str] = field(repr=False, default_factory=dict)
+    seal: str = ""  # its seal on the chain (the Merkle leaf names it: intake.audit.archive.entry_line)
 
 
 def entry_uid(fields: dict[str, str]) -> str:
@@ -187,8 +198,10 @@ class AuditLog:
     it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
 
     def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 archive: Archive | None = None, clock: Callable[[], float] | None = None) -> None:
         self.r = client
+        #: Sealed history moved out of Redis (:mod:`intake.audit.archive`); the chain walks it first.
+        self.archive = archive
         self.checkpoint = checkpoint
         self.clock = clock  # stamps :meth:`record`'s events (a test's clock); None: the time
         self._key = key
@@ -202,7 +215,11 @@ class AuditLog:
         # uid (so a planted uid cannot get a fresh genuine event sealed as a replay), and a
         # deleted hint only lets a replay be sealed ok, which every reader skips by its uid.
         self.uids = f"{prefix}:audit:uids"
+        self.snapshot = f"{prefix}:audit:snapshot"
         self._cas = client.register_script(_FENCED_SEALS)
+        self._store_snapshot = client.register_script(_STORE_SNAPSHOT)
+        # One secret per purpose: ledger snapshots are MAC'd with their own derived key.
+        self._snapshot_key = hmac.new(key, b"intake-ledger-snapshot-v1", hashlib.sha256).digest()
         self.lease = SealerLease(client, prefix)
         self._wake = threading.Event()
         self._sealer: threading.Thread | None = None
@@ -272,6 +289,39 @@ class AuditLog:
         if event.actor.startswith("worker:") or event.action in REPORT_ACTIONS:
             return "rejected:broker_key_for_worker"  # the broker never speaks as a worker
         return OK
+
+    # -- ledger snapshots (see intake.audit.ledger) -----------------------------------------
+    def snapshot_mac(self, body: bytes) -> str:
+        """The MAC of a ledger snapshot: nobody without the audit key can make one that loads."""
+        return hmac.new(self._snapshot_key, b"snapshot|" + body, hashlib.sha256).hexdigest()
+
+    def store_snapshot(self, cursor: Head, body: bytes) -> bool:
+        """Store ``body`` (taken at ``cursor``) unless a newer snapshot is stored already."""
+        return bool(self._store_snapshot(keys=[self.snapshot], args=[cursor.seq, body, self.snapshot_mac(body)]))
+
+    def load_snapshot(self) -> bytes | None:
+        """The stored snapshot when its MAC holds (checked before it is parsed), else None."""
+        raw = self.r.hmget(self.snapshot, ["body", "mac"])
+        body, mac = raw[0], raw[1]
+        if not body or not mac:
+            return None
+        data = body.encode() if isinstance(body, str) else body
+        if not hmac.compare_digest(self.snapshot_mac(data), str(mac)):
+            log.warning("ledger snapshot in Redis has a bad MAC; ignored (tampering?)")
+            return None
+        return data
+
+    def sealed_at(self, mark: Head) -> bool:
+        """Whether the sealed entry ``mark`` names is still on the stream with that very seal
+        (two reads: the cheap check that history at a known position was not rewritten)."""
+        stored = self.r.hget(self.seals, mark.id)
+        if not self.r.xrange(self.stream, mark.id, mark.id) or stored is None:
+            return False
+        try:
+            seq, seal, _ = _split_seal(stored)
+        except ValueError:
+            return False
+        return seq == mark.seq and hmac.compare_digest(seal, mark.seal)
 
     # -- the checkpoint outside Redis ------------------------------------------------------
     def read_checkpoint(self) -> Head | None:
@@ -580,6 +630,56 @@ class AuditLog:
                 return
             start = f"({batch[-1][0]}"
 
+    def redis_entries(self, start: str = "-") -> Iterator[tuple[str, dict[str, str], str | None]]:
+        """The entries still in Redis from ``start``: (stream id, fields, stored seal)."""
+        return self._entries(start)
+
+    def check_sealed(self, prev: str, seq: int, stream_id: str, fields: dict[str, str],
+                     stored: str | None) -> str | Anomaly:
+        """The entry's verdict when its seal chains from ``prev`` at ``seq``, else the anomaly."""
+        return self._check_sealed(prev, seq, stream_id, fields, stored)
+
+    def archived_through(self) -> int:
+        """The last sealed position moved to the archive (0: none)."""
+        if self.archive is None:
+            return 0
+        segments = self.archive.segments()
+        return segments[-1][1] if segments else 0
+
+    def drop_archived(self, tail: Head) -> int:
+        """Remove archived entries (up to and including ``tail``) and their seals from Redis."""
+        dropped = 0
+        while True:
+            batch = [stream_id for stream_id, _ in self.r.xrange(self.stream, "-", tail.id, count=_PAGE)]
+            if not batch:
+                return dropped
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(self.seals, *batch)
+            pipe.xdel(self.stream, *batch)
+            pipe.execute()
+            dropped += len(batch)
+
+    def _chain(self, cursor: Head | None, on_anomaly: Callable[[Anomaly], None]
+               ) -> Iterator[tuple[str, dict[str, str], str | None]]:
+        """The sealed chain after ``cursor``: archived entries first (when the cursor is before
+        the archive's end), then the stream in Redis after the last of them."""
+        start = f"({cursor.id}" if cursor else "-"
+        if self.archive is not None and self.archive.segments():
+            last_seg = self.archive.segments()[-1][1]
+            if cursor is None or cursor.seq < last_seg:
+                last_id = None
+                try:
+                    for seq, stream_id, fields, verdict, seal in self.archive.entries():
+                        last_id = stream_id
+                        if cursor is None or seq > cursor.seq:
+                            yield stream_id, fields, f"{seq} {seal} {verdict}"
+                except ArchiveBroken as exc:
+                    on_anomaly(Anomaly("archive", "archive", f"the audit archive: {exc}", None))
+                    return
+                if last_id is not None:
+                    start = f"({last_id}"
+        yield from self._entries(start)
+
     def follow(self, cursor: Head | None, on_entry: Callable[[SealedEntry], None],
                on_anomaly: Callable[[Anomaly], None]) -> Head | None:
         """Walk the sealed chain after ``cursor`` up to the head, checking every seal against the
@@ -595,9 +695,8 @@ class AuditLog:
                 on_anomaly(Anomaly(head.id, "head", f"event {head.id} (#{head.seq}): the head was rewritten", head.seq))
             return cursor
         prev, seq = (cursor.seal, cursor.seq) if cursor else (GENESIS, 0)
-        start = f"({cursor.id}" if cursor else "-"
         last = cursor
-        for stream_id, fields, stored in self._entries(start):
+        for stream_id, fields, stored in self._chain(cursor, on_anomaly):
             if _id_key(stream_id) > _id_key(head.id):
                 break
             seq += 1
@@ -617,7 +716,7 @@ class AuditLog:
             ev = None
             if verdict == OK and fields.get("k") is None:
                 ev = AuditEvent.model_validate_json(fields["e"]).model_copy(update={"id": stream_id, "seq": seq})
-            on_entry(SealedEntry(stream_id, seq, verdict, ev, fields))
+            on_entry(SealedEntry(stream_id, seq, verdict, ev, fields, prev))
         if last is None or last.id != head.id or last.seq != head.seq:
             on_anomaly(Anomaly(head.id, "truncated",
                                f"event {head.id} (#{head.seq}): last sealed event is missing (log truncated)", head.seq))
@@ -645,10 +744,17 @@ class AuditLog:
             return Anomaly(stream_id, "altered", f"event {stream_id} (#{seq}): contents altered (MAC mismatch)", seq)
         return verdict
 
-    def verify(self) -> VerifyReport:
-        """Walk the whole chain and list every anomaly. Raises :class:`AuditBroken` (carrying
-        the report) when sealed history was changed; rejected entries alone do not raise."""
+    def verify(self, public_keys: dict[str, Any] | None = None) -> VerifyReport:
+        """Walk the whole chain (archived segments, then Redis) and list every anomaly; with
+        ``public_keys``, also check the archive's signed tree heads against its entries. Raises
+        :class:`AuditBroken` (carrying the report) when sealed history was changed; rejected
+        entries alone do not raise."""
         anomalies: list[Anomaly] = []
+        if self.archive is not None and public_keys is not None:
+            from intake.audit.archive import verify_offline
+
+            for problem in verify_offline(self.archive.store, public_keys).problems:
+                anomalies.append(Anomaly("archive", "archive", f"the audit archive: {problem}", None))
         seen: dict[str, str] = {}
         count = 0
 

@@ -251,8 +251,16 @@ def audit() -> None:
 
 @audit.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(as_json: bool) -> None:
+@click.option("--offline", "offline", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Check an archive copy alone (segments, signed tree heads, consistency): "
+                                  "no broker, no Redis, no audit key.")
+@click.option("--public-key", "public_key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="PEM", help="With --offline: the broker's public key(s) the tree heads must be signed by.")
+def verify(as_json: bool, offline: Path | None, public_key: Path | None) -> None:
     """Check the whole chain and list every anomaly; exit 1 when sealed history was changed."""
+    if offline is not None or public_key is not None:
+        _verify_offline(offline, public_key, as_json)
+        return
     client = _api()
     status, _, raw = client.request("GET", "/audit/verify")
     report = json.loads(raw)
@@ -271,6 +279,28 @@ def verify(as_json: bool) -> None:
         if as_json:
             sys.exit(1)
         raise AuditBroken(report.get("event", "?"), report.get("message", "the audit log is broken"))
+
+
+def _verify_offline(directory: Path | None, public_key: Path | None, as_json: bool) -> None:
+    from intake.audit.archive import LocalDir, verify_offline
+    from intake.protocol.keyfiles import load_public_keys
+
+    if directory is None or public_key is None:
+        raise InvalidInput("--offline DIR and --public-key PEM go together")
+    if not directory.is_dir():
+        raise InvalidInput(f"--offline: no archive directory at {directory}")
+    report = verify_offline(LocalDir(directory), load_public_keys(public_key).keys)
+    if as_json:
+        _out_json({"ok": not report.problems, "entries": report.entries, "segments": report.segments,
+                   "tree_heads": report.tree_heads, "problems": list(report.problems)})
+    else:
+        for problem in report.problems:
+            click.echo(f"BROKEN: {safe(problem)}")
+        if not report.problems:
+            click.echo(f"archive intact: {report.entries} entries in {report.segments} segments, "
+                       f"{report.tree_heads} signed tree heads verified and consistent")
+    if report.problems:
+        sys.exit(1)
 
 
 @audit.command(name="accept-rollback")

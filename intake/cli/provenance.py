@@ -128,11 +128,13 @@ def verify(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_j
             .get("externalParameters", {}).get("task")) if statement else known.get("task")
     if as_json:
         click.echo(json.dumps({"ok": not failures, "commit": commit, "task": task, "source": source,
-                               "failures": failures}, ensure_ascii=True, sort_keys=True))
+                               "inclusion": known.get("inclusion_verified"), "failures": failures},
+                              ensure_ascii=True, sort_keys=True))
     elif failures:
         for line in failures:
             click.echo(f"FAIL {safe(line)}")
     else:
         click.echo(f"provenance verified: commit {commit}, task {safe(str(task))}: signature, subject and "
                    "every fact agree with the sealed audit log")
+        click.echo(f"inclusion proof verified: {safe(str(known.get('inclusion_verified')))}")
     return not failures

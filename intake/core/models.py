@@ -175,6 +175,8 @@ class Limits(_Model):
 
     run_timeout_s: int
     max_output_bytes: int
+    max_disk_bytes: int = 1024 * 1024 * 1024
+    max_processes: int = 256
 
 
 class RequiredCheck(_Model):
@@ -206,6 +208,9 @@ class TaskSpec(_Model):
     required_checks: tuple[RequiredCheck, ...]
     limits: Limits
     policy_version: str
+    #: The egress allowlist (policy ``repos.egress``): where the agent may connect, through the
+    #: worker's filtering proxy. Empty: no network.
+    egress: tuple[str, ...] = ()
 
     def spec_hash(self) -> str:
         """SHA-256 over the canonical JSON of every field: any change is a new spec."""

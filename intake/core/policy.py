@@ -236,7 +236,17 @@ class Admins(_Strict):
 
 
 class Limits(_Strict):
+    """What one run may use: output (captured), disk (work tree, HOME and /tmp together) and
+    processes (of the agent user). Passing any of them stops the run as blocked."""
+
     max_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_disk_bytes: int = Field(1024 * 1024 * 1024, ge=1024 * 1024, le=1024 ** 4)
+    max_processes: int = Field(256, ge=8, le=65536)
+
+
+_EGRESS_HOST = r"(?:\*\.)?[a-z0-9](?:[a-z0-9.-]{0,252})|\[[0-9a-f:.]+\]"
+#: An egress allowlist entry: ``host:port``, ``*.suffix:port`` or a literal address and port.
+EgressEntry = Annotated[str, Field(pattern=rf"^(?:{_EGRESS_HOST}):[0-9]{{1,5}}$", max_length=270)]
 
 
 class Check(_Strict):
@@ -271,6 +281,9 @@ class Repo(_Strict):
     queue: Name | None = None
     #: Paths whose change needs a result approval whatever the tier (e.g. ``auth/**``).
     privileged_paths: tuple[Glob, ...] = ()
+    #: Where the agent may connect, through the worker's filtering proxy (``host:port`` or
+    #: ``*.suffix:port``); empty: no network at all. Part of the task spec, so approvals bind to it.
+    egress: tuple[EgressEntry, ...] = ()
 
     def touches_privileged(self, paths: list[str]) -> bool:
         """Whether any of ``paths`` matches a privileged pattern (case-insensitively: a

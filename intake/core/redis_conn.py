@@ -10,9 +10,16 @@ folder (``keys/redis-<role>.pass``, mode 0600); the server reads only their SHA-
 an ``aclfile`` in its own directory, so no password is ever on a command line or in redis.conf.
 
 Every process that uses the embedded server (``intake serve`` and each CLI command) holds a
-shared lock on ``users.lock`` while it does. Starting and stopping happen under an exclusive
-``start.lock``: the first user starts the server, the last one out shuts it down (an fsync of the
-AOF), and two processes never start a second server on the same data.
+shared lock on ``users.lock`` while it does, taken *before* it asks to start the server, so a
+process that is still waiting for the server (for the start lock, or for the AOF to load) counts
+as a user and is never left with a server shut down under it. Starting and stopping happen under
+an exclusive ``start.lock``: the first user starts the server, the last one out shuts it down (an
+fsync of the AOF), and two processes never start a second server on the same data.
+
+A server with history takes a while to load its AOF. Until it has, it answers a raw ``PING``
+with ``-NOAUTH`` and every authenticated command with ``-LOADING``; :meth:`EmbeddedRedis.acquire`
+waits (outside the start lock, up to :data:`LOAD_TIMEOUT_S`) until ``INFO persistence`` says
+``loading:0``, so no caller ever meets a half-loaded server.
 """
 
 from __future__ import annotations
@@ -63,6 +70,10 @@ maxmemory-policy noeviction
 """
 
 Role = Literal["broker", "worker", "readonly"]
+
+#: How long a process waits for the embedded server to finish loading its AOF (a log of
+#: millions of entries takes tens of seconds on a slow disk).
+LOAD_TIMEOUT_S = 600.0
 APPENDFSYNC = ("always", "everysec", "no")
 
 
@@ -262,27 +273,59 @@ class EmbeddedRedis:
             return False
         return reply.startswith((b"+PONG", b"-NOAUTH"))
 
-    def acquire(self, timeout: float = 20.0, *, role: Role = "broker") -> str:
-        """Join (or start) the data dir's server; returns ``role``'s URL."""
+    def acquire(self, timeout: float = 20.0, *, role: Role = "broker", load_timeout: float = LOAD_TIMEOUT_S) -> str:
+        """Join (or start) the data dir's server once it has loaded its data; returns ``role``'s URL."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise RedisUnavailable(f"INTAKE_DATA_DIR: cannot create {self.dir}: {exc.strerror or exc}") from None
-        with open(self.dir / "start.lock", "a") as start:
-            _lock(start, fcntl.LOCK_EX, timeout, "start")
-            try:
-                self._users = open(self.dir / "users.lock", "a")  # noqa: SIM115 - held until release
-                _lock(self._users, fcntl.LOCK_SH, timeout, "users")
-                if not self._ping():
-                    self._start(timeout)
-                url = self.url_for(role)
-                self._check_login(url)
-            except BaseException:
-                self._drop_users()
-                raise
-            finally:
-                fcntl.flock(start, fcntl.LOCK_UN)
+        # The shared hold first: from here on a last user leaving leaves this server running.
+        self._users = open(self.dir / "users.lock", "a")  # noqa: SIM115 - held until release
+        try:
+            _lock(self._users, fcntl.LOCK_SH, timeout, "users")
+            with open(self.dir / "start.lock", "a") as start:
+                _lock(start, fcntl.LOCK_EX, timeout, "start")
+                try:
+                    if not self._ping():
+                        self._start(timeout)
+                finally:
+                    fcntl.flock(start, fcntl.LOCK_UN)
+            url = self.url_for(role)
+            self._wait_loaded(url, load_timeout)
+        except BaseException:
+            self._drop_users()
+            raise
         return url
+
+    def _wait_loaded(self, url: str, timeout: float) -> None:
+        """Log in as ``url``'s user and wait until the server has loaded its data (``INFO
+        persistence`` ``loading:0``; INFO and AUTH are answered while loading, PING is not)."""
+        client = make_client(url)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if int(client.info("persistence").get("loading", 0)) == 0:
+                        client.ping()
+                        return
+                except redis.AuthenticationError:
+                    raise RedisUnavailable(
+                        f"the embedded Redis in {self.dir} refuses intake's password files in {self.keys_dir} "
+                        "(started before them, or they changed): stop every intake process on this data dir "
+                        "and start again"
+                    ) from None
+                except redis.BusyLoadingError:
+                    pass
+                except redis.ConnectionError:
+                    if not self._ping():
+                        raise RedisUnavailable(f"embedded redis-server in {self.dir} stopped while loading: "
+                                               f"{self._log_tail()} (see {self.dir / 'redis.log'})") from None
+                if time.monotonic() > deadline:
+                    raise RedisUnavailable(f"embedded redis-server in {self.dir} is still loading its data "
+                                           f"after {timeout:.0f} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def revive(self, timeout: float = 20.0) -> bool:
         """Start the server again if it died while this process uses it (same data dir, same
@@ -297,19 +340,6 @@ class EmbeddedRedis:
                 return True
             finally:
                 fcntl.flock(start, fcntl.LOCK_UN)
-
-    def _check_login(self, url: str) -> None:
-        client = make_client(url)
-        try:
-            client.ping()
-        except redis.AuthenticationError:
-            raise RedisUnavailable(
-                f"the embedded Redis in {self.dir} refuses intake's password files in {self.keys_dir} "
-                "(started before them, or they changed): stop every intake process on this data dir "
-                "and start again"
-            ) from None
-        finally:
-            client.close()
 
     def release(self) -> None:
         """Leave the server; the last user out shuts it down cleanly."""
@@ -331,7 +361,7 @@ class EmbeddedRedis:
     def stop_if_unused(self) -> bool:
         """Shut the server down if no process is using it (e.g. after a user's hold was lost
         to an interrupted shutdown). Returns True if it stopped a running server."""
-        if not self.dir.exists():
+        if not self.dir.is_dir():
             return False
         with open(self.dir / "start.lock", "a") as start, open(self.dir / "users.lock", "a") as users:
             _lock(start, fcntl.LOCK_EX, 30.0, "start")
@@ -425,7 +455,7 @@ class EmbeddedRedis:
             return
         with contextlib.suppress(ProcessLookupError):  # it may already be going down
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a loaded host can take a while to fsync and exit
         while self._ping() and time.monotonic() < deadline:
             time.sleep(0.02)
 

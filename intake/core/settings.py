@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # Where this host records the newest sealed audit head it saw (a rollback detector, per
     # host). Writable state, so it lives in the data dir even when the keys are mounted read-only.
     audit_checkpoint: Path | None = None
+    # Sealed audit entries older than audit_hot seconds move out of Redis into segment files in
+    # audit_archive (default $INTAKE_DATA_DIR/audit-archive); see intake/audit/archive.py.
+    audit_hot: float = Field(30 * 86400.0, gt=0)
+    audit_archive: Path | None = None
     # Where people reach the web console; passkeys are bound to its origin and host (the RP id).
     # Browsers refuse an IP address as a WebAuthn RP id, hence localhost rather than 127.0.0.1.
     console_origin: str = "http://localhost:8080"
@@ -213,6 +217,7 @@ class Settings(BaseSettings):
         self.secrets_key = self.secrets_key or keys / "secrets.key"
         self.console_key = self.console_key or keys / "console.key"
         self.audit_checkpoint = self.audit_checkpoint or keys / "audit.checkpoint"
+        self.audit_archive = self.audit_archive or self.data_dir / "audit-archive"
         return self
 
     # Typed accessors: the validator above guarantees these are set.

@@ -10,6 +10,10 @@ queued. One Redis consumer group, shared by every broker process, reads it at le
 - a delivery that failed is rescheduled in that same set with **exponential backoff and full
   jitter** (capped, and never sooner than a Retry-After Slack asked for), so an outage of any
   length only delays follow-ups;
+- an outage ends as soon as one delivery gets through: a success makes every failed delivery
+  waiting on its backoff due at once (:meth:`Outbox.ack`), and while deliveries are failing a
+  **probe** (:meth:`Outbox.probe`, every :data:`PROBE_S`) makes the one due soonest due now, so
+  recovery is noticed within seconds even when every retry has backed off to the cap;
 - only once an event is older than ``max_age_s`` does a failure give it up: it is acknowledged and
   ``outbox.dropped`` is audited (idea, attempts, last error) and counted in the metrics;
 - consumers idle for longer than two leases (dead processes) are removed from the group, after
@@ -70,6 +74,18 @@ return {'new', out}
 """
 
 
+#: While deliveries are failing, one of them is tried this often whatever its backoff says.
+PROBE_S = 10.0
+
+# A success after failures: every failed delivery still waiting on its backoff becomes due now
+# (only moved earlier, never later). KEYS: tries, due; ARGV: now_ms
+_RECOVERED = """
+local ids = redis.call('HKEYS', KEYS[1])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[2], 'XX', 'LT', ARGV[1], id) end
+return #ids
+"""
+
+
 def backoff_delay(failures: int, base: float, cap: float, rand: float) -> float:
     """Seconds to wait after the ``failures``-th failure: full jitter ("AWS backoff") over an
     exponential that doubles from ``base`` up to ``cap``. ``rand`` in [0, 1) is the jitter; the
@@ -119,7 +135,9 @@ class Outbox:
         self.due_key = f"{prefix}:outbox:{group}:due"  # entry id -> when it may be taken (ms)
         self.tries_key = f"{prefix}:outbox:{group}:tries"  # entry id -> {"n": failures, "error": last}
         self._take = self.r.register_script(_TAKE)
+        self._recovered = self.r.register_script(_RECOVERED)
         self._next_reap = 0.0
+        self._next_probe = 0.0
 
     def ensure_group(self, start: str = "0") -> None:
         """Create the group, if it does not exist yet, at ``start``: the start of the stream
@@ -181,8 +199,34 @@ class Outbox:
         return bool(pipe.execute()[0])
 
     def ack(self, delivery: Delivery) -> None:
-        """Done with it: acknowledged and off the schedule."""
+        """Done with it: acknowledged and off the schedule. When other deliveries are waiting
+        on a backoff, this success says the far side is back: they are all due now (the
+        notifier's pacer still spaces the calls)."""
         self._done(delivery.id)
+        if self.r.hlen(self.tries_key):
+            moved = int(self._recovered(keys=[self.tries_key, self.due_key], args=[int(time.time() * 1000)]))
+            if moved:
+                log.info("outbox: a delivery got through; %d waiting deliveries are due now", moved)
+
+    def probe(self) -> bool:
+        """While deliveries are failing, make the one due soonest due now, at most once every
+        :data:`PROBE_S` seconds: one early try that, when it gets through, brings the rest
+        forward (:meth:`ack`). Returns True when it moved one."""
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_S
+        failing = self.r.hkeys(self.tries_key)
+        if not failing:
+            return False
+        scores = self.r.zmscore(self.due_key, failing)
+        waiting = [(score, entry) for entry, score in zip(failing, scores, strict=True)
+                   if score is not None and score > time.time() * 1000]
+        if not waiting:
+            return False
+        _, first = min(waiting)
+        self.r.zadd(self.due_key, {first: int(time.time() * 1000)}, xx=True, lt=True)
+        return True
 
     def hand_back(self, deliveries: list[Delivery]) -> None:
         """Deliveries taken but not started: due now, for whichever consumer comes first."""

@@ -46,7 +46,7 @@ from intake.core.models import Task, TaskState
 from intake.core.redis_conn import make_client
 from intake.protocol.envelope import ProvenanceInvalid
 from intake.protocol.jobs import ENTRY_POINT, FAILURE_TTL_S
-from intake.protocol.tokens import mint_dispatch, verify_lease
+from intake.protocol.tokens import mint_dispatch, mint_lease, verify_lease
 from intake.tasks import provenance
 from intake.tasks.handle import BrokerHandle
 
@@ -265,6 +265,32 @@ class Dispatcher:
             pass  # another process enqueued the same attempt first
         log.info("dispatched %s on %s", job_id, queue_name)
         return job_id
+
+    def write_lease(self, worker: str, task_id: str, attempt: int, run: str, status: str = "granted",
+                    reason: str = "") -> None:
+        """Put a broker-signed lease (a grant, or a refusal saying why) on the run's lease key,
+        under the claiming worker's name, which that worker polls every 0.25 s (:mod:`workers.lease`)."""
+        ttl = self.broker.settings.lease_ttl
+        token, _ = mint_lease(self.broker.signer, task_id=task_id, attempt=attempt, run_id=run,
+                              now=self.store.clock(), status=status, reason=reason, ttl_s=ttl)
+        self.store.r.set(self.keys.lease(worker, task_id), token, ex=ttl + LEASE_GRACE_S * 2)
+        if status == "granted":
+            # A grant decided just before a revoke was sealed may land after the revoke's pushed
+            # refusal: look again now, and put the refusal back if the run is no longer live.
+            fact = self.ledger.follow(seal=False).task(task_id)
+            if fact is not None and fact.state is TaskState.REVOKED:
+                self.write_lease(worker, task_id, attempt, run, status="revoked", reason="the task was revoked")
+
+    def on_revoked(self, task_id: str, worker: str, attempt: int, run: str) -> None:
+        """The gatekeeper's hook after a revoke is sealed: tell the live run to stop now (a
+        signed refusal on its lease key) instead of at its next heartbeat. Someone who can
+        write Redis can delete the refusal, but not forge a grant: the run then stops when its
+        last lease runs out. A failure here is logged: the next heartbeat is refused anyway."""
+        try:
+            self.write_lease(worker, task_id, attempt, run, status="revoked", reason="the task was revoked")
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not tell %s's run to stop now (%s); its next heartbeat is refused",
+                        task_id, type(exc).__name__)
 
     def on_queued(self, task: Task) -> None:
         """The gatekeeper's hook, called after the commit. A failure here is logged, not

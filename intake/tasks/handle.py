@@ -30,6 +30,9 @@ class Dispatching(Protocol):
 
     def lease_ok(self, fact: TaskFact) -> bool: ...
 
+    def write_lease(self, worker: str, task_id: str, attempt: int, run: str, status: str = "granted",
+                    reason: str = "") -> None: ...
+
 
 class BrokerHandle(Protocol):
     """The broker's Redis, audit log, store, policy, ledger and keys, opened together."""

@@ -75,6 +75,7 @@ class Gatekeeper:
         ledger: Ledger,
         *,
         on_queued: Callable[[Task], None] | None = None,
+        on_revoked: Callable[[str, str, int, str], None] | None = None,
         people: People | None = None,
     ) -> None:
         self.store = store
@@ -83,6 +84,7 @@ class Gatekeeper:
         self.policy = policy
         self.ledger = ledger
         self.on_queued = on_queued
+        self.on_revoked = on_revoked  # (task, worker, attempt, run): tell a live run to stop now
 
     # -- helpers ---------------------------------------------------------------------------
     def _refuse(self, actor: str, subject: str, reason: str, message: str, **data: Any) -> Refused:
@@ -146,8 +148,11 @@ class Gatekeeper:
             limits=Limits(
                 run_timeout_s=self.policy.clocks.run_timeout,
                 max_output_bytes=self.policy.limits.max_output_bytes,
+                max_disk_bytes=self.policy.limits.max_disk_bytes,
+                max_processes=self.policy.limits.max_processes,
             ),
             policy_version=self.policy.version_hash,
+            egress=repo.egress,
         )
 
     def approval(self, approver: Approver, spec_hash: str, now: float, via: str, note: str) -> Approval:
@@ -532,8 +537,12 @@ class Gatekeeper:
         if not is_approver and identity != task.requester and not caller & self.people.persons_of(task.requester):
             raise self._refuse(identity, task_id, "not_allowed",
                                "only the requester or an approver can revoke a task")
+        live = self.ledger.follow().task(task_id)
         revoked = self.store.move_task(task_id, TaskState.REVOKED, actor=identity, reason=reason)
         self.store.audit.seal_pending()  # sealed at once: no lease is renewed after this
+        if live is not None and live.run and live.worker and self.on_revoked is not None:
+            attempt = live.deliveries if live.state is TaskState.DELIVERING else live.attempts
+            self.on_revoked(task_id, live.worker, attempt, live.run)
         return revoked
 
     def frozen(self) -> dict[str, Any] | None:

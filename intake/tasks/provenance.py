@@ -19,6 +19,14 @@ and the spec body (whose hash the log names) come from records. Verification
 the subject is the commit, and then rebuilds the same predicate from the sealed log and compares
 every fact (:func:`compare`): a forged, rewritten or re-signed envelope disagrees somewhere.
 
+**Inclusion proofs.** The same walk computes the RFC 9162 Merkle tree over every sealed entry
+(the tree the archive's signed tree heads are over, :mod:`intake.audit.archive`), and the
+broker's answer (:func:`lookup`) carries a tree head over the whole log signed with its Ed25519
+key and, for each approval of the task's spec, the entry itself and its inclusion proof.
+:func:`verify` checks the tree head with the public key and each proof against its root, and that
+every approval the statement names is one of the proven entries: the approvals are in the log
+anyone can check, not only in the broker's say-so.
+
 The envelope's format (DSSE, in-toto) is the wire's: :mod:`intake.protocol.envelope`.
 """
 
@@ -26,10 +34,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from intake.audit import merkle
+from intake.audit.archive import TreeHead, entry_line
 from intake.audit.log import OK, Anomaly, AuditLog, SealedEntry
 from intake.core.models import Task, TaskSpec, canonical_json
 from intake.protocol.envelope import (
@@ -71,6 +82,8 @@ class LogFacts:
     report: dict[str, Any] | None = None
     issued: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
+    leaves: list[bytes] = field(default_factory=list, repr=False)  # every sealed entry's Merkle leaf
+    approval_entries: list[tuple[int, bytes]] = field(default_factory=list, repr=False)  # (index, line)
 
     def missing(self) -> str | None:
         """Which fact the log lacks for a statement (None when all are there)."""
@@ -94,6 +107,8 @@ def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
     current: dict[str, Any] = {}
 
     def on_entry(sealed: SealedEntry) -> None:
+        line = entry_line(sealed.seq, sealed.id, sealed.fields, sealed.verdict, sealed.seal)
+        facts.leaves.append(merkle.leaf_hash(line))
         if sealed.verdict != OK:
             return
         ev = sealed.event
@@ -117,9 +132,11 @@ def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
                                         ("idea", "repo", "change_type", "spec_hash", "policy_version", "tier")
                                         if k in data or k not in base}}
             facts.approvals = []
+            facts.approval_entries = []
         elif action == "approval.recorded" and facts.created and facts.running is None:
             if data.get("spec_hash") == facts.created.get("spec_hash"):
                 facts.approvals.append(_approval(ev.actor, ev.at, data))
+                facts.approval_entries.append((len(facts.leaves) - 1, line))
         elif action == "task.dispatched" and data.get("kind", "run") == "run":
             dispatches[str(data.get("nonce"))] = {"kind": "run", "job": data.get("job"),
                                                   "tokenId": data.get("nonce"), "kid": data.get("kid"),
@@ -187,6 +204,18 @@ def spec_view(spec: TaskSpec) -> dict[str, Any]:
     return {**body, "promptSha256": digest_of(prompt)}
 
 
+def _egress(facts: Any) -> dict[str, Any] | None:
+    """The run's egress facts as the worker reported them (None: the agent had no allowlist)."""
+    if not isinstance(facts, dict):
+        return None
+    attempts = facts.get("attempts") if isinstance(facts.get("attempts"), list) else []
+    return {"allowlist": facts.get("allowlist"), "allowed": facts.get("allowed"), "refused": facts.get("refused"),
+            "bytesUp": facts.get("bytes_up"), "bytesDown": facts.get("bytes_down"),
+            "attempts": [{"host": a.get("host"), "port": a.get("port"), "allowed": a.get("allowed"),
+                          "reason": a.get("reason"), "bytesUp": a.get("bytes_up"), "bytesDown": a.get("bytes_down")}
+                         for a in attempts if isinstance(a, dict)]}
+
+
 def build_statement(facts: LogFacts, record: dict[str, Any] | None) -> dict[str, Any]:
     """The in-toto Statement v1 for ``facts`` (complete: see :meth:`LogFacts.missing`).
     ``record`` holds the parts under :data:`RECORD_PATHS` (None: left null, for comparing)."""
@@ -220,6 +249,7 @@ def build_statement(facts: LogFacts, record: dict[str, Any] | None) -> dict[str,
         "dispatch": [{k: facts.dispatch.get(k) for k in ("kind", "job", "tokenId", "kid")}],
         "worker": {"name": report.get("w"), "claimedAs": run.get("worker")},
         "sandbox": {"mode": report.get("sandbox"), "network": report.get("network")},
+        "egress": _egress(report.get("egress")),
         "gates": report.get("gates"),
         "checks": [{"name": c.get("name"), "ok": c.get("ok"), "exitCode": c.get("exit_code")}
                    for c in checks if isinstance(c, dict)],
@@ -361,7 +391,60 @@ def lookup(broker: BrokerHandle, ref: str) -> dict[str, Any]:
         "missing": facts.missing(),
         "issued": sorted({str(i.get("envelope_sha256")) for i in facts.issued}),
         "anomalies": facts.anomalies,
+        "inclusion": inclusion(broker, facts) if facts.leaves else None,
     }
+
+
+def inclusion(broker: BrokerHandle, facts: LogFacts) -> dict[str, Any]:
+    """A tree head over the whole sealed log, signed now, and each approval entry of the task
+    with its inclusion proof in that tree."""
+    frontier = merkle.Frontier()
+    for leaf in facts.leaves:
+        frontier.append(leaf)
+    signer = broker.signer
+    head = TreeHead(size=frontier.size, root=frontier.root(), at=time.time(), last="", frontier=frontier,
+                    kid=signer.kid, sig=b"")
+    head = TreeHead(**{**head.__dict__, "sig": signer.sign_bytes(head.body())})
+    return {"tree_head": head.encode().decode(),
+            "entries": [{"index": index, "line": line.decode(),
+                         "proof": [p.hex() for p in merkle.inclusion_proof(index, facts.leaves)]}
+                        for index, line in facts.approval_entries]}
+
+
+def verify_inclusion(statement: dict[str, Any], found: Any, keyring: Keyring) -> tuple[str | None, list[str]]:
+    """Check the approvals' inclusion proofs (see the module docstring): (a one-line summary
+    when they hold, one line per failure)."""
+    if not isinstance(found, dict):
+        return None, ["inclusion: the broker gave no inclusion proof of the approvals"]
+    try:
+        head = TreeHead.decode(str(found["tree_head"]).encode())
+        entries = list(found["entries"])
+    except (ValueError, KeyError, TypeError):
+        return None, ["inclusion: the tree head or proofs are malformed"]
+    if not head.verify(keyring.keys):
+        return None, ["inclusion: the tree head is not signed by the broker's public key"]
+    proven: set[str] = set()
+    task = statement.get("predicate", {}).get("buildDefinition", {}).get("externalParameters", {}).get("task")
+    for item in entries:
+        try:
+            line = str(item["line"]).encode()
+            proof = [bytes.fromhex(p) for p in item["proof"]]
+            index = int(item["index"])
+            entry = json.loads(line)
+            event = json.loads(entry["f"]["e"])
+        except (ValueError, KeyError, TypeError):
+            return None, ["inclusion: a proven entry is malformed"]
+        if not merkle.verify_inclusion(index, head.size, merkle.leaf_hash(line), proof, head.root):
+            return None, [f"inclusion: entry #{index + 1}'s proof does not verify against the signed tree head"]
+        if (entry.get("verdict") == OK and event.get("action") == "approval.recorded"
+                and event.get("subject") == task and str(event.get("actor", "")).startswith("approver:")):
+            proven.add(str(event["actor"]).removeprefix("approver:"))
+    named = {str(a.get("person")) for a in statement.get("predicate", {}).get("approvals", []) if isinstance(a, dict)}
+    if not named or not named <= proven:
+        return None, [f"inclusion: approvals by {', '.join(sorted(named - proven)) or 'nobody'} are not proven "
+                      "in the signed tree"]
+    return (f"{len(named)} approval(s) proven in the log's Merkle tree of {head.size} entries "
+            f"(tree head signed by {head.kid})"), []
 
 
 def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any],
@@ -389,6 +472,10 @@ def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any
         failures.append(f"audit log: the delivered commit of {known.get('task')} is {known.get('commit')}")
     if digest_of(envelope.strip()) not in known.get("issued", []):
         failures.append("issued: the broker never issued this envelope (no provenance.issued with its sha256)")
+    summary, missing = verify_inclusion(statement, known.get("inclusion"), keyring)
+    failures += missing
+    if summary is not None:
+        known["inclusion_verified"] = summary
     expected = known.get("expected")
     if expected is None:
         failures.append(f"audit log: no {known.get('missing')} fact for the task's run")

@@ -69,9 +69,8 @@ from intake.protocol.reports import (
     WORKER_NAME,
     report_mac,
 )
-from intake.protocol.tokens import mint_lease
 from intake.storage.outage import OUTAGE_ERRORS
-from intake.tasks.dispatch import JOB_TIMEOUT_MARGIN_S, LEASE_GRACE_S
+from intake.tasks.dispatch import JOB_TIMEOUT_MARGIN_S
 from intake.tasks.handle import BrokerHandle
 
 log = logging.getLogger("intake.tasks.worker_reports")
@@ -414,10 +413,7 @@ class ReportProcessor:
     def _lease(self, worker: str, task_id: str, attempt: int, run: str, status: str = "granted",
                reason: str = "") -> None:
         """Answer ``worker`` with a signed lease (granted or a refusal) under its own name."""
-        ttl = self.broker.settings.lease_ttl
-        token, _ = mint_lease(self.broker.signer, task_id=task_id, attempt=attempt, run_id=run,
-                              now=self.store.clock(), status=status, reason=reason, ttl_s=ttl)
-        self.r.set(self.keys.lease(worker, task_id), token, ex=ttl + LEASE_GRACE_S * 2)
+        self.broker.dispatcher.write_lease(worker, task_id, attempt, run, status, reason)
 
     def _evidence(self, report: Report) -> Callable[[Any, Task], None]:
         return lambda pipe, _task: self.store.audit.append_report(pipe, report.fields)

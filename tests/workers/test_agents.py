@@ -184,12 +184,20 @@ def test_exit_code_and_combined_output(workdir: Path) -> None:
     assert not result.timed_out and not result.stopped
 
 
-def test_output_is_capped_to_the_last_bytes_while_input_streams(workdir: Path) -> None:
+def test_input_and_output_stream_together(workdir: Path) -> None:
     # cat echoes a 2 MB prompt: stdin and stdout must flow together or both sides block.
     prompt = "".join(f"line {i:07d}\n" for i in range(150_000))
-    result = run_agent(CommandAgent(["cat"]), workdir, prompt, {}, 60, 1000)
-    assert result.ok and result.output_truncated
-    assert result.output_tail == prompt[-1000:]
+    result = run_agent(CommandAgent(["cat"]), workdir, prompt, {}, 60, 3_000_000)
+    assert result.ok and not result.output_truncated and result.limit is None
+    assert result.output_tail == prompt
+
+
+def test_output_past_the_cap_stops_the_run(workdir: Path) -> None:
+    """Never a silent truncation: the run is stopped at the limit, with the reason."""
+    result = run_agent(CommandAgent(["sh", "-c", "yes x; sleep 60"]), workdir, "p", {}, 60, 1000)
+    assert not result.ok and result.exit_code is None and not result.timed_out
+    assert result.limit == "output" and result.limit_reason == "the output passed limits.max_output_bytes (1000)"
+    assert result.output_truncated and len(result.output_tail) <= 1000
 
 
 def test_agent_that_ignores_stdin_still_runs(workdir: Path) -> None:

@@ -86,6 +86,9 @@ def test_a_delivered_branch_carries_a_verifying_note(delivered, rig: Rig) -> Non
                  (f"intake/{task_id}",)):
         code, out = cli_verify(env, *args)
         assert code == 0 and out["ok"] is True and out["failures"] == [] and out["task"] == task_id, (args, out)
+        assert str(out["inclusion"]).startswith("1 approval(s) proven in the log's Merkle tree of ")
+    text = CliRunner().invoke(cli, ["provenance", "verify", sha, "--repo", str(clone)], env=env)
+    assert text.exit_code == 0 and "inclusion proof verified: 1 approval(s) proven" in text.stdout
     shown = CliRunner().invoke(cli, ["provenance", "show", sha, "--repo", str(clone)], env=env)
     assert shown.exit_code == 0 and "signature ok" in shown.stdout and "approved by alice" in shown.stdout
 
@@ -176,3 +179,31 @@ def test_a_hostile_agents_own_note_is_neither_delivered_nor_verified(
     with running_broker(rig.settings) as running:
         code, out = cli_verify(rig.env(INTAKE_URL=running.socket_url), sha, "--repo", str(clone))
     assert code == 1 and out["failures"][0].startswith("signature:")
+
+
+def test_a_forged_inclusion_proof_or_tree_head_fails(delivered, rig: Rig) -> None:  # noqa: F811
+    """The broker's answer is checked, not trusted: a proof for another entry, a changed
+    approval line, or a tree head signed by another key each fail the inclusion check."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from intake.audit.archive import TreeHead
+    from intake.tasks.provenance import lookup, verify
+
+    _, task_id, sha, clone, env = delivered
+    note = git(clone, "notes", f"--ref={provenance.NOTES_REF}", "show", sha)
+    known = lookup(rig.broker, sha)
+    assert verify(note, rig.broker.keyring, commit=sha, known=dict(known))[1] == []
+    proof = known["inclusion"]
+
+    def failures(inclusion: dict[str, object]) -> list[str]:
+        return [f for f in verify(note, rig.broker.keyring, commit=sha, known={**known, "inclusion": inclusion})[1]
+                if f.startswith("inclusion")]
+
+    [entry] = proof["entries"]
+    assert failures({**proof, "entries": [{**entry, "index": entry["index"] + 1}]})
+    assert failures({**proof, "entries": [{**entry, "line": entry["line"].replace("alice", "alicf")}]})
+    assert failures({**proof, "entries": []})
+    assert failures({"tree_head": "{}", "entries": []})
+    head = TreeHead.decode(proof["tree_head"].encode())
+    forged = TreeHead(**{**head.__dict__, "sig": Ed25519PrivateKey.generate().sign(head.body())})
+    assert failures({**proof, "tree_head": forged.encode().decode()})

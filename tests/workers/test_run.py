@@ -96,14 +96,17 @@ def test_no_change_is_a_failure(rig: Rig) -> None:
     assert rig.task(task.id).reason == "the agent made no changes"
 
 
-def test_agent_output_is_capped_and_credentials_redacted(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agent_output_past_the_cap_blocks_the_run_and_credentials_are_redacted(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEB_AGENT_TOKEN", "agent-token-abc123")
     task = rig.promote()
     script = 'echo "token=$MODEL_API_KEY"; head -c 3000000 /dev/zero | tr "\\0" x; echo; echo done > docs/a.md'
     config = rig.config(agent=sh(script), repos={"acme/web": {"agent_env": {"MODEL_API_KEY": {"env": "WEB_AGENT_TOKEN"}}}})
     rig.work(config)
     result = rig.task(task.id).result or {}
-    assert rig.task(task.id).state is TaskState.SUCCEEDED
+    assert rig.task(task.id).state is TaskState.BLOCKED
+    assert rig.task(task.id).reason == "stopped at a limit: the output passed limits.max_output_bytes (1048576)"
+    assert result["limit"] == "output" and result["pushed"] is False
     assert result["output_truncated"] is True and len(result["output_tail"]) <= 4000
     assert "agent-token-abc123" not in json.dumps(rig.task(task.id).model_dump(mode="json"))
 

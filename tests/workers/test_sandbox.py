@@ -20,6 +20,7 @@ import redis
 
 from intake.core.models import TaskState
 from intake.core.redis_conn import redis_server_binary
+from intake.protocol.tokens import verify_lease
 from intake.runtime import EXAMPLE_POLICY
 from intake.workers.rundirs import RunRoot
 from intake.workers.sandbox import Sandbox, SandboxError
@@ -168,13 +169,19 @@ def test_a_setsid_grandchild_is_gone_after_a_revocation(rig: Rig) -> None:
     def revoke_when_running() -> None:
         wait_for(lambda: pids_with(marker), 20, "the grandchild")
         rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="stop")
+        # The stop is pushed at once (a signed refusal on the run's lease key, which the worker
+        # polls every 0.25 s), not left for the next heartbeat's answer.
+        lease = verify_lease(rig.r.get(f"intake:lease:{task.id}"), rig.broker.keyring)
+        stops.append(lease.status)
 
+    stops: list[str] = []
     helper = threading.Thread(target=revoke_when_running)
     helper.start()
     rig.work(rig.config(agent=grandchild_agent(marker, "exec sleep 60")))
     helper.join(timeout=30)
     assert rig.task(task.id).state is TaskState.REVOKED
     assert pids_with(marker) == []
+    assert stops == ["revoked"]
 
 
 def test_nothing_an_agent_starts_reaches_a_later_task(rig: Rig) -> None:

@@ -75,7 +75,9 @@ def state_line(idea: Idea, task: Task | None) -> str:
         return f"{idea.state.value}" + (f": {idea.reason}" if idea.reason else "")
     if task.state is TaskState.AWAITING_APPROVALS:
         names = ", ".join(a.approver for a in task.approvals) or "nobody yet"
-        return f"{len(task.approvals)} of {task.required} approvals by {names} · {task.spec.repo} {task.spec.change_type}"
+        egress = ", ".join(task.spec.egress) if task.spec.egress else "none (no network)"
+        return (f"{len(task.approvals)} of {task.required} approvals by {names} · {task.spec.repo} "
+                f"{task.spec.change_type} · egress: {egress}")
     line = f"task {task.id} {task.state.value} · {task.spec.repo} {task.spec.change_type}"
     return line + (f": {task.reason}" if task.reason else "")
 
@@ -162,6 +164,7 @@ class SlackNotifier:
         while not stop.is_set():
             try:
                 await asyncio.to_thread(self.outbox.ensure_group)
+                await asyncio.to_thread(self.outbox.probe)  # notices Slack's recovery within seconds
                 deliveries = await asyncio.to_thread(self.outbox.fetch, self.pacer.burst, block_ms)
                 # Start deliveries only in the first third of their lease, so each one ends
                 # while it is still ours; the rest go back for anyone to take.

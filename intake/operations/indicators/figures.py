@@ -172,6 +172,7 @@ class Figures(BaseModel):
     denied: int = 0
     expired: int = 0
     refused_egress: int = 0  # egress requests refused by the sandbox's proxy, from accepted results
+    refused_egress_by_repo: dict[str, int] = Field(default_factory=dict)  # the same, per repo
     segments: list[Segment] = Field(default_factory=list)
     provenance: ProvenanceFigures = Field(default_factory=ProvenanceFigures)
     dependencies: DependencyFigures = Field(default_factory=DependencyFigures)
@@ -551,6 +552,7 @@ def compute_figures(timeline: Timeline, since: float, *, now: float, until: floa
     fig.time_to_promote, fig.time_to_deliver = spread(to_promote), spread(to_deliver)
     fig.revoke_to_stop = spread(to_stop)
     fig.mfa_failures, fig.gate_blocks = dict(sorted(mfa.items())), dict(sorted(gates.items()))
+    fig.refused_egress_by_repo = _capped(Counter(fig.refused_egress_by_repo))
     deps.licenses = _capped(licenses)
     deps.bumped = deps.upgraded + deps.downgraded
     deps.sbom_coverage = deps.with_sbom / deps.changes if deps.changes else None
@@ -575,7 +577,10 @@ def _settle(fig: Figures, f: Fact, t: _Task, what: str, issued: set[tuple[str, s
             captured: dict[str, tuple[float, str]]) -> None:
     """Fold one outcome inside the window: delivery, provenance, dependencies, gates, notables."""
     deps = fig.dependencies
-    fig.refused_egress += _refused_egress(t.result) if what in ("succeeded", "blocked", "failed") else 0
+    refused = _refused_egress(t.result) if what in ("succeeded", "blocked", "failed") else 0
+    fig.refused_egress += refused
+    if refused:
+        fig.refused_egress_by_repo[t.repo] = fig.refused_egress_by_repo.get(t.repo, 0) + refused
     repo = _repo(fig, t.repo) if what in ("succeeded", "blocked") else None
     if what == "succeeded":
         fig.provenance.delivered += 1

@@ -131,6 +131,7 @@ def charts(fig: Figures) -> list[Chart]:
                   key="durations", unit="s"),
         bar_chart("Gate blocks by reason", list(fig.gate_blocks.items()), key="gate-blocks"),
         bar_chart("MFA failures by reason", list(fig.mfa_failures.items()), key="mfa-failures"),
+        bar_chart("Refused egress by repo", list(fig.refused_egress_by_repo.items()), key="egress-refused"),
         bar_chart("Time to rotate and to revoke credentials",
                   spread_values("rotate", fig.credentials.time_to_rotate)
                   + spread_values("revoke", fig.credentials.time_to_revoke), key="credential-times", unit="s"),
@@ -201,7 +202,8 @@ def render_text(fig: Figures) -> str:
     for name, spread in (("time to promote", fig.time_to_promote), ("time to deliver", fig.time_to_deliver)):
         lines.append(f"{name}: p50 {seconds(spread.p50)}, p90 {seconds(spread.p90)} ({spread.count})")
     lines.append(f"revoke to stop: mean {seconds(fig.revoke_to_stop.mean)} ({fig.revoke_to_stop.count})")
-    for name, counts in (("MFA failures", fig.mfa_failures), ("gate blocks", fig.gate_blocks)):
+    for name, counts in (("MFA failures", fig.mfa_failures), ("gate blocks", fig.gate_blocks),
+                         ("refused egress by repo", fig.refused_egress_by_repo)):
         lines.append(f"{name}: " + (", ".join(f"{safe(k)} {v}" for k, v in counts.items()) or "none"))
     lines += ["", "changes by risk tier and change type:"]
     width = max([len(s.tier) + len(s.change_type) + 3 for s in fig.segments] + [20])
