@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -129,7 +130,8 @@ def after_start(ctx: CleanupCtx) -> CleanupCtx:
                 with contextlib.suppress(StopAsyncIteration):
                     await gen.__anext__()
 
-    return deferred
+    # Keeps the wrapped context's name: logs, tasks and whoever picks a context out by name.
+    return functools.update_wrapper(deferred, ctx)
 
 
 STARTUP = web.AppKey("startup", Startup)

@@ -102,7 +102,7 @@ def prepare_dev_people(settings: Settings) -> list[str]:
         token_file = settings.data_dir / f"dev-{DEV_REQUESTER}.token"
         if people.find(DEV_REQUESTER) is None:
             people.upsert(DEV_REQUESTER, name=DEV_REQUESTER.title(), actor="system:dev")
-            _, token = ApiTokens(broker.store, people).create(DEV_REQUESTER, actor="system:dev")
+            _, token = ApiTokens(broker.store, people).create(DEV_REQUESTER, actor="system:dev", scope="ideas")
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(token + "\n")

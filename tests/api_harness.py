@@ -85,8 +85,9 @@ def enrol(settings: Settings, people: dict[str, tuple[str, tuple[str, ...]]]) ->
         approvers = Approvers(past, SecretBox(load_secret(settings, "secrets")), StepUp(past), Ledger(past.audit))
         policy = load_policy(settings.policy_path)
         for who, (group, links) in people.items():
-            enrolment = approvers.add(policy, who, name=who.title(), groups=(group,), slack_user=None,
+            approvers.add(policy, who, name=who.title(), groups=(group,), slack_user=None,
                                       email=None, actor="test:setup")
+            enrolment = approvers.enrol(who, actor=f"approver:{who}")
             totp = pyotp.parse_uri(enrolment.otpauth_uri)
             approvers.confirm(who, totp.at(time.time() - 3600), actor=f"approver:{who}")
             if links:

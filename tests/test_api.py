@@ -109,32 +109,24 @@ def test_a_token_record_edited_in_redis_is_not_believed(api: RunningBroker, sett
     assert err.value.status == 401
 
 
-def test_on_behalf_of_is_audited_and_needs_the_persons_code(api: RunningBroker, settings: Settings,
-                                                           rclient: redis.Redis) -> None:
-    """carol has no channel; alice (an admin) relays carol's approval with carol's code."""
+def test_on_behalf_of_never_carries_power(api: RunningBroker, settings: Settings, rclient: redis.Redis) -> None:
+    """alice (an admin) holds carol's code: relaying carol's approval is refused all the same
+    (an approval counts only when its person made it); relaying a deny still works, audited."""
     codes = enrol(settings, {"alice": ("platform", (ME,)), "carol": ("security", ())})
     admin = ApiClient(api.socket_url)
-    idea = ApiClient(api.socket_url).call("POST", "/ideas", {"text": "fix rounding", "requester": "erin"})
-    with pytest.raises(ApiError) as err:  # alice filed it: she may not relay an approval of it either
-        admin.call("POST", f"/ideas/{idea['id']}/promote", {"repo": "acme/payments", "change_type": "bugfix",
-                                                            "code": codes["alice"].next()})
-    assert err.value.reason == "self_approval"
-    with pytest.raises(ApiError) as err:  # nor relay someone else's approval of what she filed
-        admin.call("POST", f"/ideas/{idea['id']}/promote", {"repo": "acme/payments", "change_type": "bugfix",
-                                                            "code": codes["carol"].next(), "on_behalf_of": "carol"})
-    assert err.value.reason == "self_approval"
     with open_broker(settings) as broker:  # erin files one herself, through her own channel
         theirs = broker.store.capture(draft(channel=Channel.CLI, requester="cli:erin", text="fix rounding"))[0]
-    decided = admin.call("POST", f"/ideas/{theirs.id}/promote",
-                         {"repo": "acme/payments", "change_type": "bugfix", "code": codes["carol"].next(),
-                          "on_behalf_of": "carol"})
-    assert decided["approvers"] == ["carol"] and decided["status"] == "awaiting_approvals"
+    with pytest.raises(ApiError) as err:
+        admin.call("POST", f"/ideas/{theirs.id}/promote",
+                   {"repo": "acme/payments", "change_type": "bugfix", "code": codes["carol"].next(),
+                    "on_behalf_of": "carol"})
+    assert (err.value.status, err.value.reason) == (403, "relay_refused")
+    assert ApiClient(api.socket_url).call("GET", f"/ideas/{theirs.id}")["state"] == theirs.state.value
+    denied = admin.call("POST", f"/ideas/{theirs.id}/deny", {"reason": "dup", "on_behalf_of": "carol"})
+    assert denied["state"] == "denied"
     events = [json.loads(e[1]["e"]) for e in rclient.xrange("intake:audit")]
-    relayed = [e for e in events if e["action"] == "api.on_behalf_of"]
-    assert [(r["actor"], r["data"]) for r in relayed] == [("person:alice", {"person": "carol", "act": "promote"})]
-    with pytest.raises(ApiError) as err:  # a non-admin may not relay
-        ApiClient(api.socket_url).call("POST", "/people", {"id": "mal", "name": "M", "code": "1"})
-    assert err.value.status in (400, 403)
+    assert [e["data"]["reason"] for e in events if e["action"] == "approval.refused"] == ["relay_refused"]
+    assert [e["data"]["act"] for e in events if e["action"] == "api.on_behalf_of"] == ["deny"]
 
 
 def test_unknown_routes_and_methods_are_4xx(api: RunningBroker) -> None:

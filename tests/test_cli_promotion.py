@@ -78,8 +78,8 @@ def test_an_idea_filed_under_another_cli_name_by_its_approver_is_refused(env: di
 def test_approving_via_a_second_linked_identity_is_refused(env: dict[str, str], settings: Settings) -> None:
     """alice files from her GitHub login and another approver promotes; alice, on the CLI as
     her OS user, may not add the second approval to her own request."""
-    codes = enrol(settings, {"alice": ("platform", (ME, "github:alice-gh")), "carol": ("security", ())})
-    idea_id = capture(settings, "github:alice-gh", Channel.GITHUB, "rotate the payments key")
+    codes = enrol(settings, {"alice": ("platform", (ME, "github:id:4242")), "carol": ("security", ())})
+    idea_id = capture(settings, "github:id:4242", Channel.GITHUB, "rotate the payments key")
     with open_broker(settings) as broker:
         task = broker.gatekeeper.promote(idea_id, repo="acme/payments", change_type="bugfix",
                                          approver_id="carol", code=codes["carol"].next()).task

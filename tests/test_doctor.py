@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from intake.core.redis_conn import make_client, redis_server_binary
+from intake.core.redis_conn import EmbeddedRedis, make_client, redis_server_binary
 from intake.core.settings import Settings, load_settings
 from intake.operations.doctor import check_slack, problems, run_doctor
 from intake.protocol.keyfiles import generate_keys
@@ -92,8 +92,15 @@ def test_doctor_reports_a_world_readable_key_and_an_evicting_redis(tmp_path: Pat
 def test_doctor_passes_on_the_embedded_redis(tmp_path: Path) -> None:
     """The embedded Redis is set up as doctor wants it: AOF, noeviction, its own ACL users."""
     data = tmp_path / "d"
-    generate_keys(load_settings(_env_file=None, data_dir=data, policy=EXAMPLE_POLICY))
-    done = subprocess.run([*INTAKE, "doctor", "--json"], env=_env(data), capture_output=True, text=True, timeout=120)
+    settings = load_settings(_env_file=None, data_dir=data, policy=EXAMPLE_POLICY)
+    generate_keys(settings)
+    embedded = EmbeddedRedis(data, prefix=settings.key_prefix)  # doctor inspects a running one, starts none
+    embedded.acquire()
+    try:
+        done = subprocess.run([*INTAKE, "doctor", "--json"], env=_env(data), capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        embedded.release()
     report = json.loads(done.stdout)
     assert done.returncode == 0, report
     messages = [f["message"] for f in report["findings"]]
@@ -101,6 +108,34 @@ def test_doctor_passes_on_the_embedded_redis(tmp_path: Path) -> None:
     assert "connected as ACL user intake-broker" in messages
     # The Redis passwords it generated are private files, and doctor checked them.
     assert any(m.startswith("redis-broker.pass:") for m in messages)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_doctor_in_an_empty_directory_creates_nothing(short_tmp: Path) -> None:
+    """Read-only: no .intake/, no embedded Redis (no AOF, no socket), no password or key file,
+    in the directory or in HOME, however many times it runs, and it says what it could not check.
+    (A short path: the embedded Redis's socket path must fit, or doctor says that instead.)"""
+    cwd, home = short_tmp / "empty", short_tmp / "home"
+    cwd.mkdir()
+    home.mkdir()
+    (home / "existing").write_text("x")
+    before = _tree(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "SLACK_"))}
+    env["HOME"] = str(home)
+    for _ in range(2):
+        done = subprocess.run([*INTAKE, "doctor", "--json"], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=120)
+        report = json.loads(done.stdout)
+        assert done.returncode == 1, report  # missing keys are problems
+        assert list(cwd.iterdir()) == [], sorted(p.name for p in cwd.rglob("*"))
+        assert _tree(home) == before
+    redis_finding = [f for f in report["findings"] if f["check"] == "redis"]
+    assert redis_finding and redis_finding[0]["status"] == "warning"
+    assert "no embedded Redis running" in redis_finding[0]["message"]
+    assert any("run `intake keys generate`" in f["message"] for f in report["findings"])
 
 
 def test_a_doctor_with_unparseable_settings_says_which(tmp_path: Path) -> None:

@@ -38,8 +38,9 @@ async def test_metrics_match_a_scripted_scenario(settings: Settings, clock: Fake
         store, gk = broker.store, broker.gatekeeper
         totps = {}
         for name in ("alice", "bob"):
-            enrolment = broker.approvers.add(broker.policy, name, name=name, groups=("platform",), slack_user=None,
+            broker.approvers.add(broker.policy, name, name=name, groups=("platform",), slack_user=None,
                                              email=None, actor="cli:root")
+            enrolment = broker.approvers.enrol(name, actor=f"approver:{name}")
             totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
             broker.approvers.confirm(name, totps[name].at(time.time() - 30), actor=f"approver:{name}")
         one, _ = store.capture(draft(channel=Channel.SLACK))

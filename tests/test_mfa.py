@@ -69,8 +69,9 @@ def approvers(store: Store, settings: Settings) -> Approvers:
 
 
 def enrol_alice(approvers: Approvers) -> tuple[Approver, pyotp.TOTP]:
-    enrolment = approvers.add(load_policy(EXAMPLE_POLICY), "alice", name="Alice", groups=("platform",),
+    approvers.add(load_policy(EXAMPLE_POLICY), "alice", name="Alice", groups=("platform",),
                               slack_user="UALICE0001", email=None, actor="cli:root")
+    enrolment = approvers.enrol("alice", actor="approver:alice")
     return enrolment.approver, pyotp.parse_uri(enrolment.otpauth_uri)
 
 
@@ -218,7 +219,8 @@ def test_failures_are_audited_without_the_code(approvers: Approvers, alice: tupl
 
 def test_reset_kills_the_old_secret(approvers: Approvers, alice: tuple, clock: FakeClock) -> None:
     approver, old = alice
-    enrolment = approvers.reset("alice", actor="cli:root")
+    approvers.reset("alice", actor="cli:root")
+    enrolment = approvers.enrol("alice", actor="approver:alice")
     new = pyotp.parse_uri(enrolment.otpauth_uri)
     refreshed = approvers.get("alice")
     assert not refreshed.confirmed

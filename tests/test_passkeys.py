@@ -38,8 +38,9 @@ def test_a_passkey_tier_refuses_a_totp_code(settings: Settings, tmp_path: Path) 
     s = load_settings(_env_file=None, data_dir=settings.data_dir, redis_url=settings.redis_url.get_secret_value(),
                       policy=_with(tmp_path, 'step_up = "passkey"\n'))
     with open_broker(s) as broker:
-        enrolment = broker.approvers.add(broker.policy, "alice", name="Alice", groups=("platform",),
+        broker.approvers.add(broker.policy, "alice", name="Alice", groups=("platform",),
                                          slack_user=None, email=None, actor="cli:root")
+        enrolment = broker.approvers.enrol("alice", actor="approver:alice")
         totp = pyotp.parse_uri(enrolment.otpauth_uri)
         broker.approvers.confirm("alice", totp.at(time.time() - 30), actor="approver:alice")
         idea, _ = broker.store.capture(draft(channel=Channel.CLI, requester="cli:erin"))

@@ -50,8 +50,9 @@ def w(store: Store, settings: Settings, clock: FakeClock) -> World:
     approvers = Approvers(store, SecretBox(load_secret(settings, "secrets")), StepUp(store), ledger)
     totps = {}
     for name, group in PEOPLE.items():
-        enrolment = approvers.add(policy, name, name=name.title(), groups=(group,),
+        approvers.add(policy, name, name=name.title(), groups=(group,),
                                   slack_user=f"U{name.upper():0<9}", email=f"{name}@acme.test", actor="cli:root")
+        enrolment = approvers.enrol(name, actor=f"approver:{name}")
         totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
         approvers.confirm(name, totps[name].at(clock.now), actor=f"approver:{name}")
     clock.advance(30)  # the confirmation codes' steps are spent
@@ -306,8 +307,9 @@ def test_removed_then_readded_approvers_old_approval_does_not_count(w: World) ->
     task = w.gate.promote(w.idea(), repo="acme/payments", change_type="bugfix", approver_id="alice",
                           code=w.code("alice")).task
     w.gate.approvers.remove("alice", actor="cli:root")
-    enrolment = w.gate.approvers.add(w.gate.policy, "alice", name="Alice", groups=("platform",),
+    w.gate.approvers.add(w.gate.policy, "alice", name="Alice", groups=("platform",),
                                      slack_user="UALICE0000", email=None, actor="cli:root")
+    enrolment = w.gate.approvers.enrol("alice", actor="approver:alice")
     w.totps["alice"] = pyotp.parse_uri(enrolment.otpauth_uri)
     w.clock.advance(30)
     w.gate.approvers.confirm("alice", w.code("alice"), actor="approver:alice")
@@ -321,7 +323,8 @@ def test_approver_record_and_seed_restored_from_before_a_reset_are_refused(w: Wo
     key = w.store.keys.approver("bob")
     before = w.store.r.get(key)
     old_code_source = w.totps["bob"]
-    enrolment = w.gate.approvers.reset("bob", actor="cli:root")
+    w.gate.approvers.reset("bob", actor="cli:root")
+    enrolment = w.gate.approvers.enrol("bob", actor="approver:bob")
     w.totps["bob"] = pyotp.parse_uri(enrolment.otpauth_uri)
     w.clock.advance(30)
     w.gate.approvers.confirm("bob", w.code("bob"), actor="approver:bob")

@@ -306,9 +306,11 @@ class TaskRunner:
             quarantine = f"refs/intake/{task.id}"
             pushed = ws.quarantine(quarantine)
             added, removed = ws.numstat()
+            # What an approver reviews (issue 20): the diff from the worker's trusted objects,
+            # bounded, with its SHA-256; the broker stores it and a result approval binds to it.
             result = {**base, "commit": pushed, "tree": ws.tree_of(pushed), "base": ws.base_sha,
                       "quarantine": quarantine, "files": files, "files_changed": len(changed),
-                      "additions": added, "deletions": removed, "gates": "passed"}
+                      "additions": added, "deletions": removed, "gates": "passed", "review": ws.review()}
             paths = sorted({p for c in changed for p in (c.path, c.old_path) if p})
             return Outcome(TaskState.SUCCEEDED, None, result,
                            {"commit": pushed, "files_changed": len(changed), "additions": added,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 from intake.core.errors import IntakeError
@@ -102,6 +104,11 @@ _USERINFO = re.compile(r"://[^/@\s]*@")
 
 class GitError(IntakeError):
     """A git command failed; the message is one line and never contains a credential."""
+
+
+#: The largest diff a review carries (bytes of UTF-8); a result report must stay under
+#: MAX_REPORT_BYTES, and JSON escaping can triple hostile text.
+REVIEW_CAP_BYTES = 48 * 1024
 
 
 def _scrub(text: str, secret: str | None) -> str:
@@ -568,6 +575,37 @@ class Workspace:
             if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
                 added, removed = added + int(parts[0]), removed + int(parts[1])
         return added, removed
+
+    def review(self, cap: int = REVIEW_CAP_BYTES) -> dict[str, Any]:
+        """The result as an approver reviews it: the unified diff of :attr:`head` against the
+        base, from the worker's own objects (as a bare repository, like :meth:`numstat`, so the
+        agent's ``.gitattributes`` cannot hide lines with ``-diff`` or run a textconv), with the
+        ``--stat`` summary and the binary files named. Bounded: a diff over ``cap`` bytes is cut
+        at a line end and the review says so (``truncated``, ``bytes``); the stat still covers
+        everything. ``sha256`` is over exactly the ``diff`` text returned (what is shown), and
+        is what a result approval binds to."""
+        self._verify_git_dir()
+        bare = {"GIT_DIR": str(self._git_dir)}
+        common = ["--bare", "diff", "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames"]
+        full = run_git([*common, "--full-index", self.base_sha, self.head], cwd=self._private, env=bare)
+        summary = run_git([*common, "--stat=120,100", self.base_sha, self.head], cwd=self._private, env=bare)
+        numstat = run_git([*common, "--numstat", "-z", self.base_sha, self.head], cwd=self._private, env=bare)
+        binary = sorted(r.split("\t", 2)[2] for r in numstat.split("\0")
+                        if r.startswith("-\t-\t") and r.count("\t") >= 2)[:200]
+        raw = full.encode()
+        diff, truncated, limit = full, False, cap
+        # Bound by the encoded size too: control characters escape to six bytes in JSON.
+        while len(diff.encode()) > limit or len(json.dumps(diff)) > 2 * REVIEW_CAP_BYTES:
+            if truncated:
+                limit //= 2
+            cut = raw[:limit]
+            cut = cut[:cut.rfind(b"\n") + 1] if b"\n" in cut else cut
+            diff, truncated = cut.decode("utf-8", "ignore"), True
+        if truncated:
+            diff += (f"\n[review truncated: the diff is {len(raw)} bytes; only the first {len(diff.encode())} are "
+                     "shown. The stat covers every file.]\n")
+        return {"diff": diff, "sha256": hashlib.sha256(diff.encode()).hexdigest(), "truncated": truncated,
+                "bytes": len(raw), "stat": summary[-8000:], "binary": binary}
 
     def tree_of(self, sha: str) -> str:
         """The tree id of commit ``sha`` in the worker's own objects."""

@@ -5,7 +5,12 @@
   linked to (if any). Nothing the client sends can change that.
 - Over TCP the caller presents ``Authorization: Bearer <token>``. Tokens are 256 bits from
   :mod:`secrets`, shown once, stored only as their SHA-256 in a record MAC'd with the broker's
-  record key, created by an admin, revocable, and every change is audited.
+  record key, revocable, and every change is audited.
+- A token has a **scope**. ``power``: the person made it themselves, with their own fresh code,
+  so it may do everything they may. ``ideas``: an admin made it for someone else; it reads and
+  files ideas, nothing more, so an admin who holds the token they minted for dave still cannot
+  confirm, approve, promote or accept as dave. A record without a scope (made before scopes)
+  is ``ideas``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Caller:
     identity: str
     person: str | None
     via: str  # "socket" or "token"
+    scope: str = "power"  # "power" (socket, own token) or "ideas" (a token an admin made)
 
     @property
     def actor(self) -> str:
@@ -76,22 +82,28 @@ class ApiTokens:
         return f"{self.store.keys.p}:apitoken:{digest}"
 
     def _fields(self, rec: dict[str, Any]) -> dict[str, Any]:
-        return {k: rec[k] for k in ("id", "person", "sha256", "created_at")}
+        fields = {k: rec[k] for k in ("id", "person", "sha256", "created_at")}
+        if "scope" in rec:  # records from before scopes were MAC'd without one (and are "ideas")
+            fields["scope"] = rec["scope"]
+        return fields
 
-    def create(self, person_id: str, *, actor: str) -> tuple[str, str]:
-        """A new token for ``person_id``: returns (token id, the token itself, shown once)."""
+    def create(self, person_id: str, *, actor: str, scope: str) -> tuple[str, str]:
+        """A new token for ``person_id``: returns (token id, the token itself, shown once).
+        ``scope`` is ``power`` only when the person makes it for themselves (the caller checks)."""
+        if scope not in ("power", "ideas"):
+            raise InvalidInput(f"scope: {scope!r} is not power or ideas")
         self.people.get(parse_person_id(person_id))
         token = "itk_" + secrets.token_urlsafe(32)
         token_id = f"tok-{secrets.token_hex(6)}"
         rec: dict[str, Any] = {"id": token_id, "person": person_id, "sha256": _sha(token),
-                               "created_at": self.store.clock()}
+                               "created_at": self.store.clock(), "scope": scope}
         rec["mac"] = self.store.audit.record_mac("api_token", self._fields(rec))
 
         def build(pipe: Pipe) -> None:
             pipe.multi()
             pipe.hset(self._records, token_id, json.dumps(rec))
             pipe.set(self._by_hash(rec["sha256"]), token_id)
-            self.store.emit(pipe, actor, "api_token.created", person_id, token=token_id)
+            self.store.emit(pipe, actor, "api_token.created", person_id, token=token_id, scope=scope)
 
         self.store.transact([self._records], build)
         return token_id, token
@@ -115,11 +127,12 @@ class ApiTokens:
 
     def listing(self, person_id: str | None = None) -> list[dict[str, Any]]:
         rows = [json.loads(raw) for raw in self.store.r.hvals(self._records)]
-        return sorted(({k: r[k] for k in ("id", "person", "created_at")} for r in rows
+        return sorted(({**{k: r[k] for k in ("id", "person", "created_at")}, "scope": r.get("scope", "ideas")}
+                       for r in rows
                        if person_id is None or r.get("person") == person_id), key=lambda r: r["id"])
 
-    def authenticate(self, token: str) -> str | None:
-        """The person a token belongs to, or None. Checks the record's MAC and hash, and that
+    def authenticate(self, token: str) -> tuple[str, str] | None:
+        """``(person, scope)`` of a token, or None. Checks the record's MAC and hash, and that
         the person still exists."""
         if not _TOKEN.fullmatch(token):
             return None
@@ -137,8 +150,9 @@ class ApiTokens:
                 and hmac.compare_digest(str(rec["sha256"]), digest) and rec["id"] == token_id):
             return None
         person = str(rec["person"])
+        scope = "power" if rec.get("scope") == "power" else "ideas"
         try:
-            return person if self.people.find(person) is not None else None
+            return (person, scope) if self.people.find(person) is not None else None
         except Refused:  # the person's record was edited in Redis: nobody is believed
             return None
 
@@ -156,7 +170,8 @@ def identify(request: web.Request, people: People, tokens: ApiTokens) -> Caller:
     scheme, _, token = header.partition(" ")
     if scheme != "Bearer" or not token:
         raise Unauthenticated("send Authorization: Bearer <token> (or use the broker's local socket)")
-    person = tokens.authenticate(token.strip())
-    if person is None:
+    found = tokens.authenticate(token.strip())
+    if found is None:
         raise Unauthenticated("the API token is not valid")
-    return Caller(f"cli:{person}", person, "token")
+    person, scope = found
+    return Caller(f"cli:{person}", person, "token", scope)

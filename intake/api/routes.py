@@ -9,8 +9,13 @@ Rules, beyond what the gatekeeper checks:
   approver's for approvals, the admin's own for admin actions.
 - Actions that only take power away (deny, revoke, freeze, removing an approver, unlinking an
   identity, revoking a token) need an authenticated caller with the role, no code.
-- Admins come from the policy's ``[admins]``. An admin may act ``on_behalf_of`` a person who has
-  no channel of their own; the person's own code is still required and the relay is audited.
+- Nobody acts as someone else. ``on_behalf_of`` is refused on every action that grants power
+  (promote, approve, accept, amend, confirm): a relay would let one person hold and use another
+  person's factor. An admin may still relay a *deny* (it only takes power away), audited.
+- A token an admin made for someone else (scope ``ideas``) reads and files ideas and nothing
+  more (:data:`IDEAS_SCOPE`); power needs the local socket or a token the person made themselves.
+- Enrolment is the person's own act: an admin invites (``POST /approvers``, no secret in the
+  answer), the person enrols (``POST /approvers/{id}/enrol``, only as themselves) and confirms.
 - Errors are ``{"error": reason, "message": …}`` with a 4xx; bodies and codes are never logged.
 """
 
@@ -26,6 +31,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intake.api import identity as broker_identity
 from intake.api.callers import ApiTokens, Caller, Unauthenticated, identify
 from intake.channels.cli import cli_draft
 from intake.core.errors import AuditBroken, IllegalTransition, IntakeError, InvalidInput, NotFound, Refused
@@ -35,6 +41,7 @@ from intake.operations.indicators.figures import broker_figures
 from intake.people.registry import People, parse_identity, parse_person_id
 from intake.runtime import Broker
 from intake.storage.outage import OUTAGE_ERRORS
+from intake.tasks.review import load_review, privileged_files
 
 PREFIX = "/api/v1"
 #: Names of credentials intake does not issue (``slack-bot``, ``slack-signing``, ``forge-token``).
@@ -72,6 +79,7 @@ class ApproveBody(_Body):
 class AcceptBody(_Body):
     code: str = Field(max_length=20)
     sha: str = Field(pattern=r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+    diff_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # the reviewed diff (GET .../review)
     note: str = Field("", max_length=2000)
     on_behalf_of: str | None = None
 
@@ -90,7 +98,11 @@ class ReasonBody(_Body):
 
 class CodeBody(_Body):
     code: str = Field(max_length=20)
-    on_behalf_of: str | None = None
+    on_behalf_of: str | None = None  # refused: see _refuse_relay
+
+
+class EmptyBody(_Body):
+    pass
 
 
 class ApproverBody(_Body):
@@ -158,6 +170,9 @@ class Api:
                 caller = await asyncio.to_thread(identify, request, people, tokens)
             except Unauthenticated as exc:
                 return _error(401, "unauthenticated", str(exc))
+            if caller.scope != "power" and work.__name__ not in IDEAS_SCOPE:
+                return _error(403, "token_scope", "this token was made by an admin and only files ideas; "
+                                                  "make your own token (intake token create YOU) for this")
             if linked and caller.person is None:
                 return _error(403, "not_linked", f"{caller.identity} is not linked to a person in intake, so it "
                                                  "reads nothing; an admin can link it (intake person link ID IDENTITY)")
@@ -208,6 +223,16 @@ class Api:
             raise Refused("not_linked", f"{caller.identity} is not linked to a person in intake; "
                                         "an admin can link it (intake person link ID IDENTITY)")
         return caller.person
+
+    @staticmethod
+    def _refuse_relay(broker: Broker, caller: Caller, on_behalf_of: str | None, action: str, subject: str) -> None:
+        """Refuse ``on_behalf_of`` naming anyone but the caller on an action that grants power:
+        an approval counts as a distinct person only when that person made it (audited)."""
+        if on_behalf_of is None or on_behalf_of == caller.person:
+            return
+        broker.store.audit.record(caller.actor, "approval.refused", subject, reason="relay_refused", act=action)
+        raise Refused("relay_refused", "nobody approves for someone else: each person acts with their own "
+                                       "factor through their own channel (on_behalf_of is only for deny)")
 
     def _acting(self, broker: Broker, caller: Caller, on_behalf_of: str | None, action: str, subject: str) -> str:
         """The person an action is for: the caller, or (for an admin) ``on_behalf_of``, audited."""
@@ -287,6 +312,20 @@ class Api:
     def task(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         return task_json(broker.store.get_task(request.match_info["id"]))
 
+    def review(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
+        """The diff a task's result is reviewed by (issue 20), as the sealed history names it."""
+        task = broker.store.get_task(request.match_info["id"])
+        fact = broker.ledger.follow().task(task.id)
+        found = load_review(broker.store, task.id, fact.result_diff if fact else None, (task.result or {}).get("review"))
+        if found is None:
+            raise NotFound(f"task {task.id} has no reviewed result")
+        if found.diff is None:
+            raise Refused("review_unavailable", f"task {task.id}'s stored diff is missing or does not match its "
+                                                "sealed digest")
+        return {"task": task.id, "commit": fact.result_commit if fact else None, "sha256": found.sha256,
+                "diff": found.diff, "truncated": found.truncated, "bytes": found.size, "stat": found.stat,
+                "binary": list(found.binary), "privileged": privileged_files(found, broker.policy, task.spec.repo)}
+
     def resolve_id(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """The one idea or task id a typed prefix names (any case; an ``I-`` prefix searches
         ideas only, ``T-`` tasks only). 404 when none, 409 ``ambiguous`` with the count."""
@@ -350,14 +389,16 @@ class Api:
     def promote(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         body = PromoteBody.model_validate(data)
         subject = request.match_info["id"]
-        who = self._acting(broker, caller, body.on_behalf_of, "promote", subject)
+        self._refuse_relay(broker, caller, body.on_behalf_of, "promote", subject)
+        who = self._person(caller)
         return broker.gatekeeper.promote(subject, repo=body.repo, change_type=body.change_type, approver_id=who,
                                          code=body.code, note=body.note, via="api").as_json()
 
     def approve(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         body = ApproveBody.model_validate(data)
         subject = request.match_info["id"]
-        who = self._acting(broker, caller, body.on_behalf_of, "approve", subject)
+        self._refuse_relay(broker, caller, body.on_behalf_of, "approve", subject)
+        who = self._person(caller)
         return broker.gatekeeper.approve(subject, approver_id=who, code=body.code, spec_hash=body.spec_hash,
                                          note=body.note, via="api").as_json()
 
@@ -365,9 +406,10 @@ class Api:
         """Approve a task's quarantined result (its commit sha), with a fresh code."""
         body = AcceptBody.model_validate(data)
         subject = request.match_info["id"]
-        who = self._acting(broker, caller, body.on_behalf_of, "accept", subject)
+        self._refuse_relay(broker, caller, body.on_behalf_of, "accept", subject)
+        who = self._person(caller)
         task = broker.gatekeeper.accept(subject, approver_id=who, code=body.code, sha=body.sha, note=body.note,
-                                        via="api").task
+                                        via="api", diff_sha256=body.diff_sha256).task
         return {"task": task.id, "status": task.state.value, "sha": body.sha,
                 "result_approvals": [a.approver for a in task.result_approvals]}
 
@@ -383,7 +425,8 @@ class Api:
         subject = request.match_info["id"]
         if body.repo is None and body.change_type is None:
             raise InvalidInput("amend: give repo and/or change_type")
-        who = self._acting(broker, caller, body.on_behalf_of, "amend", subject)
+        self._refuse_relay(broker, caller, body.on_behalf_of, "amend", subject)
+        who = self._person(caller)
         approver = broker.approvers.active(who)
         broker.approvers.check_code(approver, body.code, purpose="amend", subject=subject)
         return task_json(broker.gatekeeper.amend(subject, approver_id=who, repo=body.repo,
@@ -426,34 +469,62 @@ class Api:
                  "locked": broker.approvers.is_locked(a.id)} for a in broker.approvers.all()]
 
     def approver_add(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
-        """Enrol an approver: an admin with their own code. Bootstrap: while no admin has a
-        confirmed authenticator, an admin may enrol themselves without one."""
+        """Invite an approver: an admin with their own code. The answer carries no secret,
+        except when the admin invites *themselves* (their own channel: the socket as their OS
+        user, or their own token), which enrols them at once. Bootstrap: while no admin has a
+        confirmed authenticator, an admin may invite themselves without a code."""
         body = ApproverBody.model_validate(data)
         me = self._admin(broker, caller)
         bootstrap = body.id == me and not any(
             a.confirmed and broker.policy.is_admin(a.id) for a in broker.approvers.all())
         if not bootstrap:
             self._admin_stepup(broker, caller, body.code, "approver.add", body.id)
-        enrolment = broker.approvers.add(broker.policy, body.id, name=body.name, groups=tuple(body.groups),
-                                         slack_user=body.slack_user, email=body.email, actor=caller.actor)
-        return {"id": enrolment.approver.id, "otpauth_uri": enrolment.otpauth_uri, "confirmed": False}
+        invited = broker.approvers.add(broker.policy, body.id, name=body.name, groups=tuple(body.groups),
+                                       slack_user=body.slack_user, email=body.email, actor=caller.actor)
+        if invited.id == me:
+            enrolment = broker.approvers.enrol(me, actor=caller.actor)
+            return {"id": me, "otpauth_uri": enrolment.otpauth_uri, "confirmed": False}
+        return {"id": invited.id, "invited": True, "confirmed": False}
+
+    def _as_self(self, caller: Caller, target: str, what: str) -> None:
+        if caller.person != target:
+            raise Refused("forbidden", f"only {target} themselves can {what} (from their own OS account, "
+                                       "their own token, or a one-time link sent to them)")
+
+    def approver_enrol(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
+        """The person enrols their own authenticator (invited or reset; not yet confirmed): a
+        fresh secret, shown once, to them alone."""
+        EmptyBody.model_validate(data)
+        target = parse_person_id(request.match_info["id"])
+        self._as_self(caller, target, "enrol their authenticator")
+        enrolment = broker.approvers.enrol(target, actor=caller.actor)
+        return {"id": target, "otpauth_uri": enrolment.otpauth_uri, "confirmed": False}
 
     def approver_confirm(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
-        """The enrollee proves one code (that code is the step-up)."""
+        """The enrollee proves one code (that code is the step-up); only as themselves."""
         body = CodeBody.model_validate(data)
         target = parse_person_id(request.match_info["id"])
-        who = self._acting(broker, caller, body.on_behalf_of, "approver.confirm", target)
-        if who != target:
-            raise Refused("forbidden", "only the approver themselves can confirm their authenticator")
+        self._refuse_relay(broker, caller, body.on_behalf_of, "approver.confirm", target)
+        self._as_self(caller, target, "confirm their authenticator")
         broker.approvers.confirm(target, body.code, actor=f"approver:{target}")
         return {"id": target, "confirmed": True}
 
     def approver_reset(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
+        """Yourself, with your own code: your factors are revoked and you enrol anew (the new
+        secret is in the answer). An admin, with their own code, for someone else: a revoke
+        only; that person enrols again themselves."""
         body = CodeBody.model_validate(data)
         target = parse_person_id(request.match_info["id"])
+        self._refuse_relay(broker, caller, body.on_behalf_of, "approver.reset", target)
+        if caller.person == target:
+            approver = broker.approvers.active(target)
+            broker.approvers.check_code(approver, body.code, purpose="approver.reset", subject=target)
+            broker.approvers.reset(target, actor=caller.actor)
+            enrolment = broker.approvers.enrol(target, actor=caller.actor)
+            return {"id": target, "otpauth_uri": enrolment.otpauth_uri, "confirmed": False}
         self._admin_stepup(broker, caller, body.code, "approver.reset", target)
-        enrolment = broker.approvers.reset(target, actor=caller.actor)
-        return {"id": target, "otpauth_uri": enrolment.otpauth_uri, "confirmed": False}
+        broker.approvers.reset(target, actor=caller.actor)
+        return {"id": target, "revoked": True, "confirmed": False}
 
     def approver_unlock(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         body = CodeBody.model_validate(data)
@@ -507,11 +578,19 @@ class Api:
         return unlinked.model_dump(mode="json", exclude={"mac"})
 
     def token_create(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
+        """Your own token, with your own code: scope ``power``. An admin's token for someone
+        else, with the admin's code: scope ``ideas`` (reads and filing ideas only)."""
         body = CodeBody.model_validate(data)
         pid = parse_person_id(request.match_info["id"])
-        self._admin_stepup(broker, caller, body.code, "api_token.create", pid)
-        token_id, token = ApiTokens(broker.store, People(broker.store)).create(pid, actor=caller.actor)
-        return {"id": token_id, "person": pid, "token": token}
+        if caller.person == pid:
+            approver = broker.approvers.active(pid)
+            broker.approvers.check_code(approver, body.code, purpose="api_token.create", subject=pid)
+            scope = "power"
+        else:
+            self._admin_stepup(broker, caller, body.code, "api_token.create", pid)
+            scope = "ideas"
+        token_id, token = ApiTokens(broker.store, People(broker.store)).create(pid, actor=caller.actor, scope=scope)
+        return {"id": token_id, "person": pid, "token": token, "scope": scope}
 
     def credential_rotated(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         """An operator declares that a credential intake does not issue (a Slack token, a forge
@@ -543,6 +622,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/ids/{prefix}", "resolve_id", False),
     ("GET", "/tasks", "tasks", False),
     ("GET", "/tasks/{id}", "task", False),
+    ("GET", "/tasks/{id}/review", "review", False),
     ("POST", "/tasks/{id}/approve", "approve", True),
     ("POST", "/tasks/{id}/accept", "accept", True),
     ("POST", "/tasks/{id}/deny", "deny", True),
@@ -552,6 +632,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("POST", "/thaw", "thaw", True),
     ("GET", "/approvers", "approvers", False),
     ("POST", "/approvers", "approver_add", True),
+    ("POST", "/approvers/{id}/enrol", "approver_enrol", True),
     ("POST", "/approvers/{id}/confirm", "approver_confirm", True),
     ("POST", "/approvers/{id}/reset", "approver_reset", True),
     ("POST", "/approvers/{id}/unlock", "approver_unlock", True),
@@ -571,9 +652,27 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
 )
 
 
+# What a token of scope "ideas" (made by an admin for someone else) may call: reads, filing.
+IDEAS_SCOPE = frozenset({"me", "ideas", "file_idea", "idea", "resolve_id", "tasks", "task", "review", "approvers",
+                         "person", "audit_verify", "audit_export", "provenance", "report"})
+
+
+async def _identity(request: web.Request) -> web.Response:
+    """Unauthenticated: who answers here (the CLI asks before it sends a token)."""
+    return web.json_response(broker_identity.SERVICE)
+
+
+async def _mark_api_response(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path == PREFIX or request.path.startswith(PREFIX + "/"):
+        response.headers[broker_identity.HEADER] = broker_identity.VALUE
+
+
 def mount_api(app: web.Application, broker: Callable[[web.Request], Broker]) -> None:
-    """Add every ``/api/v1`` route to ``app``."""
+    """Add every ``/api/v1`` route to ``app``; every response under it names the service
+    (:mod:`intake.api.identity`), whichever layer produced it."""
     api = Api(broker)
+    app.on_response_prepare.append(_mark_api_response)
+    app.router.add_get(PREFIX + broker_identity.PATH, _identity)
     for method, path, name, takes_body in ROUTES:
         # Every read but "who am I" is for a person: an unlinked OS user on the socket is nobody.
         reads = method == "GET" and name != "me"

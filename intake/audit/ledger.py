@@ -108,6 +108,7 @@ class TaskFact:
     # The commit a run produced and quarantined (from task.awaiting_result_approval or
     # task.delivering), the approvals of exactly that commit, and delivery attempts started.
     result_commit: str | None = None
+    result_diff: str | None = None  # SHA-256 of the reviewed diff of result_commit
     result_approvals: list[ApprovalFact] = field(default_factory=list)
     result_rule: dict[str, object] | None = None  # the ApprovalRule it waits for, None: none
     deliveries: int = 0
@@ -480,6 +481,8 @@ class Ledger:
         if previous is TaskState.RUNNING and state in (TaskState.AWAITING_RESULT_APPROVAL, TaskState.DELIVERING):
             # A new commit: a new quarantined result, and approvals of any earlier one are void.
             fact.result_commit = str(data.get("commit", "")) or None
+            # issue 20: the SHA-256 of the diff the result is reviewed by (approvals bind to it)
+            fact.result_diff = str(data.get("diff_sha256", "")) or None
             fact.result_approvals = []
             fact.result_worker = fact.worker
             rule = data.get("rule")

@@ -11,7 +11,8 @@ Events: ``ping`` is answered; ``issues`` ``opened`` is captured (or, when
 ``labeled`` for an issue created with labels, and one issue must be one idea);
 ``issue_comment`` ``created`` whose body starts with ``/intake`` captures the words after it.
 Bots' events are ignored (our own reply must never file an idea). The requester is
-``github:<login>`` of whoever wrote the words; their ``author_association`` is provenance only:
+``github:id:<user id>`` of whoever wrote the words (the immutable numeric id; the login, which
+can be renamed, is provenance for display only); their ``author_association`` is provenance only:
 it grants nothing, and a forge identity can never approve (approvals happen only through the
 broker's API with a step-up).
 """
@@ -96,9 +97,11 @@ class GitHub:
         if field(author, "type", required=False) == "Bot":
             return Outcome(ignored="bot")
         login = field(author, "login")
+        user_id = field(author, "id", kind=int)
+        forge_identity("github", login)  # the login is shown beside the id: it must be a well-formed one
         association = field(payload, via if via == "issue" else "comment", "author_association", required=False)
         draft = IdeaDraft(
-            channel=Channel.GITHUB, requester=forge_identity("github", login), delivery_id=f"{repo_id}:{thing}",
+            channel=Channel.GITHUB, requester=forge_identity("github", f"id:{user_id}"), delivery_id=f"{repo_id}:{thing}",
             text=text, title=issue_title[:200],
             provenance={"via": via, "repo": repo[:200], "issue": str(number), "login": login,
                         "author_association": association if association in _ASSOCIATIONS else "unknown",

@@ -12,7 +12,7 @@ fresh key is the first idea again. The key (else the event UUID) is provenance.
 
 Events: ``Issue Hook`` with action ``open``, and ``Note Hook`` on an issue whose note starts
 with ``/intake``. Confidential issues and notes are ignored (their text must not reach an
-approvals channel). The requester is ``gitlab:<username>``.
+approvals channel). The requester is ``gitlab:id:<user id>`` (the immutable numeric id; the username is provenance).
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ class GitLab:
         project_id = field(payload, "project", "id", kind=int)
         project = field(payload, "project", "path_with_namespace")
         username = field(payload, "user", "username")
+        user_id = field(payload, "user", "id", kind=int)
+        forge_identity("gitlab", username)  # the username is shown beside the id: it must be a well-formed one
         issue = payload.get("issue") if event == "Note Hook" else payload.get("object_attributes")
         if not isinstance(issue, dict):
             raise WebhookRefused("malformed_issue")
@@ -132,7 +134,7 @@ class GitLab:
             url = field(payload, "object_attributes", "url", required=False) or ""
         thing = token(field(payload, "object_attributes", "id", kind=int), "object_attributes.id")
         draft = IdeaDraft(
-            channel=Channel.GITLAB, requester=forge_identity("gitlab", username),
+            channel=Channel.GITLAB, requester=forge_identity("gitlab", f"id:{user_id}"),
             delivery_id=f"{project_id}:{via}:{thing}", text=text, title=title[:200],
             provenance={"via": via, "project": project[:200], "project_id": str(project_id), "issue": str(iid),
                         "username": username[:100],

@@ -2,6 +2,10 @@
 
 The CLI holds no broker key. On the socket the kernel tells the broker who the caller is; over
 TCP the caller sends ``INTAKE_TOKEN`` as a bearer token (never over the socket, never logged).
+
+Whatever answers must say it is an intake broker (:mod:`intake.api.identity`): over TCP the client
+asks the unauthenticated identity route before it sends a token, and every answer must carry the
+header; anything else is refused by URL. Every connection or authentication error names the URL.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import socket
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from intake.api import identity
 from intake.core.errors import IntakeError
 from intake.core.settings import Settings
 
@@ -53,6 +58,7 @@ class ApiClient:
         if parts.scheme not in ("unix", "http", "https") or (parts.scheme != "unix" and not parts.hostname):
             raise IntakeError(f"INTAKE_URL: {url!r} is not unix:///path or http(s)://host:port")
         self.url, self._parts, self._token, self._timeout = url, parts, token, timeout
+        self._identified = False
 
     def _connection(self) -> http.client.HTTPConnection:
         p = self._parts
@@ -63,6 +69,8 @@ class ApiClient:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 query: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+        if not self._identified and self._token and self._parts.scheme != "unix":
+            self._exchange("GET", "/api/v1" + identity.PATH, None, {"Accept": "application/json"})
         headers = {"Accept": "application/json"}
         payload = None
         if body is not None:
@@ -71,16 +79,27 @@ class ApiClient:
         if self._token and self._parts.scheme != "unix":
             headers["Authorization"] = f"Bearer {self._token}"
         target = "/api/v1" + path + (f"?{urlencode(query)}" if query else "")
+        return self._exchange(method, target, payload, headers)
+
+    def _exchange(self, method: str, target: str, payload: bytes | None,
+                  headers: dict[str, str]) -> tuple[int, str, bytes]:
+        """One request; refuses an answer without the broker's identity header."""
         conn = self._connection()
         try:
             conn.request(method, target, body=payload, headers=headers)
             resp = conn.getresponse()
-            return resp.status, resp.getheader("Content-Type") or "", resp.read()
-        except OSError as exc:
+            status, ctype, raw = resp.status, resp.getheader("Content-Type") or "", resp.read()
+            claimed = resp.getheader(identity.HEADER)
+        except (OSError, http.client.HTTPException) as exc:
             raise IntakeError(f"cannot reach the broker at {self.url} ({type(exc).__name__}); "
                               "is `intake serve` running? (INTAKE_URL)") from None
         finally:
             conn.close()
+        if claimed != identity.VALUE:
+            raise IntakeError(f"{self.url} answered HTTP {status} but is not an intake broker (no "
+                              f"{identity.HEADER} header); refusing to talk to it: check INTAKE_URL")
+        self._identified = True
+        return status, ctype, raw
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              query: dict[str, str] | None = None) -> Any:
@@ -88,13 +107,16 @@ class ApiClient:
         status, ctype, raw = self.request(method, path, body, query)
         if not ctype.startswith("application/json"):
             if status >= 400:
-                raise ApiError(status, "http_error", f"the broker answered HTTP {status}")
+                raise ApiError(status, "http_error", f"the broker at {self.url} answered HTTP {status}")
             return raw.decode()
         data = json.loads(raw)
         if status >= 400:
             if isinstance(data, dict) and "error" in data:
-                raise ApiError(status, str(data["error"]), str(data.get("message") or data["error"]))
-            raise ApiError(status, "http_error", f"the broker answered HTTP {status}")
+                message = str(data.get("message") or data["error"])
+                if status == 401:  # which broker refused the credentials matters as much as why
+                    message = f"the broker at {self.url} did not accept the credentials: {message}"
+                raise ApiError(status, str(data["error"]), message)
+            raise ApiError(status, "http_error", f"the broker at {self.url} answered HTTP {status}")
         return data
 
 

@@ -226,9 +226,31 @@ def list_cmd(show_all: bool, tasks: bool, limit: int, as_json: bool) -> None:
 @click.argument("ident")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @click.option("--sbom", is_flag=True, help="Print a task's CycloneDX SBOM (JSON) of its dependency delta.")
-def show(ident: str, as_json: bool, sbom: bool) -> None:
+@click.option("--diff", "diff", is_flag=True, help="Print the diff a task's result is reviewed by, and its sha256.")
+def show(ident: str, as_json: bool, sbom: bool, diff: bool) -> None:
     """Show an idea (I-…) or a task (T-…); IDENT may be a unique prefix, in any case."""
     ident = resolve_id(ident)
+    if ident.startswith("T-") and diff:
+        review = _api().call("GET", f"/tasks/{seg(ident)}/review")
+        if as_json:
+            _out_json(review)
+            return
+        # The diff is the agent's text: terminal controls and bidi characters are made visible.
+        for line in review["stat"].splitlines():
+            click.echo(safe(line))
+        if review["binary"]:
+            click.echo("binary files (not shown): " + ", ".join(safe(b) for b in review["binary"]))
+        for path in review["privileged"]:
+            click.echo(f"PRIVILEGED PATH CHANGED: {safe(path)}")
+        click.echo("")
+        for line in review["diff"].split("\n"):
+            click.echo(safe(line))
+        if review["truncated"]:
+            click.echo(f"[the diff is {review['bytes']} bytes; only its first part is shown]")
+        click.echo(f"diff sha256: {review['sha256']}")
+        click.echo(f"accept what you reviewed: intake accept {ident} --sha {review['commit']} "
+                   f"--diff-sha256 {review['sha256']}")
+        return
     if ident.startswith("T-"):
         task = _api().call("GET", f"/tasks/{seg(ident)}")
         if sbom:
@@ -640,7 +662,7 @@ def _code_option(func: Any) -> Any:
 def _behalf_option(func: Any) -> Any:
     return click.option(
         "--on-behalf-of", "on_behalf_of", metavar="PERSON",
-        help="Admins: act for PERSON, who has no channel of their own (their code; audited as such).",
+        help="Admins: deny for PERSON, who has no channel of their own (audited; only deny can be relayed).",
     )(func)
 
 
@@ -677,19 +699,35 @@ def _show_enrolment(enrolment: dict[str, Any], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def approver_add(approver_id: str, name: str, groups: str, slack_user: str | None, email: str | None,
                  code: str | None, as_json: bool) -> None:
-    """Enrol APPROVER_ID (a person) with a fresh TOTP secret, shown once as a URI and QR code."""
+    """Invite APPROVER_ID (a person) to become an approver; they enrol their own authenticator
+    (`intake approver enrol`). Inviting yourself enrols you at once: your secret, shown once."""
     body = {"id": approver_id, "name": name, "groups": [g.strip() for g in groups.split(",") if g.strip()],
             "slack_user": slack_user, "email": email, "code": code}
-    _show_enrolment(_api().call("POST", "/approvers", body), as_json)
+    made = _api().call("POST", "/approvers", body)
+    if "otpauth_uri" in made:
+        _show_enrolment(made, as_json)
+    elif as_json:
+        _out_json(made)
+    else:
+        click.echo(f"{made['id']} invited; they enrol their own authenticator: `intake approver enrol "
+                   f"{made['id']}` as their own OS user, or the console's link sent to their Slack DM")
+
+
+@approver.command(name="enrol")
+@click.argument("approver_id", callback=_casefold)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def approver_enrol(approver_id: str, as_json: bool) -> None:
+    """Enrol your own authenticator (you are APPROVER_ID, invited or reset): a fresh TOTP secret,
+    shown once, to you alone (run it as your own OS user on the broker host, or with your own token)."""
+    _show_enrolment(_api().call("POST", f"/approvers/{seg(approver_id)}/enrol", {}), as_json)
 
 
 @approver.command(name="confirm")
 @click.argument("approver_id", callback=_casefold)
 @_code_option
-@_behalf_option
-def approver_confirm(approver_id: str, code: str, on_behalf_of: str | None) -> None:
+def approver_confirm(approver_id: str, code: str) -> None:
     """Activate APPROVER_ID (yourself) by proving one valid code."""
-    _api().call("POST", f"/approvers/{seg(approver_id)}/confirm", {"code": code, "on_behalf_of": on_behalf_of})
+    _api().call("POST", f"/approvers/{seg(approver_id)}/confirm", {"code": code})
     click.echo(f"approver {approver_id} confirmed")
 
 
@@ -723,8 +761,17 @@ def approver_remove(approver_id: str) -> None:
 @_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def approver_reset(approver_id: str, code: str, as_json: bool) -> None:
-    """Give APPROVER_ID a new secret; the old one stops working at once (admins, with their code)."""
-    _show_enrolment(_api().call("POST", f"/approvers/{seg(approver_id)}/reset", {"code": code}), as_json)
+    """Reset APPROVER_ID's factors. Yourself: a new secret (shown once), the old one and your
+    passkeys stop working at once. Someone else (admins, with their code): their factors are
+    revoked; they enrol again."""
+    made = _api().call("POST", f"/approvers/{seg(approver_id)}/reset", {"code": code})
+    if "otpauth_uri" in made:
+        _show_enrolment(made, as_json)
+    elif as_json:
+        _out_json(made)
+    else:
+        click.echo(f"{approver_id}'s authenticator and passkeys are revoked; they enrol again "
+                   f"(`intake approver enrol {approver_id}`)")
 
 
 @approver.command(name="unlock")
@@ -818,12 +865,13 @@ def token() -> None:
 @_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def token_create(person_id: str, code: str, as_json: bool) -> None:
-    """A new API token for PERSON_ID, shown once (admins, with their code)."""
+    """A new API token for PERSON_ID, shown once. Your own (your code): it can do what you can.
+    An admin's for someone else (the admin's code): it only reads and files ideas."""
     made = _api().call("POST", f"/people/{seg(person_id)}/tokens", {"code": code})
     if as_json:
         _out_json(made)
     else:
-        click.echo(f"token {made['id']} for {made['person']} (shown once): {made['token']}")
+        click.echo(f"token {made['id']} for {made['person']}, scope {made['scope']} (shown once): {made['token']}")
 
 
 @token.command(name="revoke")
@@ -865,12 +913,11 @@ def _print_decision(data: dict[str, Any], as_json: bool) -> None:
 @click.option("--change-type", required=True, help="One of the repo's change types in the policy (docs, tests, …).")
 @click.option("--note", default="", help="A note for the audit log and the other approvers.")
 @_code_option
-@_behalf_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def promote(idea_id: str, repo: str, change_type: str, note: str, code: str, on_behalf_of: str | None,
+def promote(idea_id: str, repo: str, change_type: str, note: str, code: str,
             as_json: bool) -> None:
     """Promote IDEA_ID into a task and record your approval (you are who the broker says)."""
-    body = {"repo": repo, "change_type": change_type, "note": note, "code": code, "on_behalf_of": on_behalf_of}
+    body = {"repo": repo, "change_type": change_type, "note": note, "code": code,}
     _print_decision(_api().call("POST", f"/ideas/{seg(resolve_id(idea_id, 'I'))}/promote", body), as_json)
 
 
@@ -879,25 +926,24 @@ def promote(idea_id: str, repo: str, change_type: str, note: str, code: str, on_
 @click.option("--spec-hash", help="The spec hash you reviewed; refused if the task changed since.")
 @click.option("--note", default="", help="A note for the audit log and the other approvers.")
 @_code_option
-@_behalf_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def approve(task_id: str, spec_hash: str | None, note: str, code: str, on_behalf_of: str | None,
+def approve(task_id: str, spec_hash: str | None, note: str, code: str,
             as_json: bool) -> None:
     """Add your approval to TASK_ID's current spec."""
-    body = {"spec_hash": spec_hash, "note": note, "code": code, "on_behalf_of": on_behalf_of}
+    body = {"spec_hash": spec_hash, "note": note, "code": code,}
     _print_decision(_api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/approve", body), as_json)
 
 
 @cli.command()
 @click.argument("task_id")
 @click.option("--sha", required=True, help="The result commit you reviewed (refs/intake/TASK_ID).")
+@click.option("--diff-sha256", "diff_sha256", help="The sha256 of the diff you reviewed (`intake show TASK --diff`).")
 @click.option("--note", default="", help="A note for the audit log and the other approvers.")
-@_behalf_option
 @_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def accept(task_id: str, sha: str, note: str, on_behalf_of: str | None, code: str, as_json: bool) -> None:
-    """Approve TASK_ID's result, commit SHA, so it may be delivered as a branch and PR."""
-    body = {"sha": sha, "note": note, "code": code, "on_behalf_of": on_behalf_of}
+def accept(task_id: str, sha: str, diff_sha256: str | None, note: str, code: str, as_json: bool) -> None:
+    """Approve TASK_ID's result, commit SHA and the diff you reviewed, so it may be delivered."""
+    body = {"sha": sha, "diff_sha256": diff_sha256, "note": note, "code": code}
     data = _api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/accept", body)
     if as_json:
         _out_json(data)
@@ -923,14 +969,13 @@ def deny(ident: str, reason: str, on_behalf_of: str | None) -> None:
 @click.option("--repo", help="The new repo (owner/name).")
 @click.option("--change-type", help="The new change type.")
 @_code_option
-@_behalf_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def amend(task_id: str, repo: str | None, change_type: str | None, code: str, on_behalf_of: str | None,
+def amend(task_id: str, repo: str | None, change_type: str | None, code: str,
           as_json: bool) -> None:
     """Change TASK_ID's spec; every approval is discarded."""
     if repo is None and change_type is None:
         raise InvalidInput("amend: give --repo and/or --change-type")
-    body = {"repo": repo, "change_type": change_type, "code": code, "on_behalf_of": on_behalf_of}
+    body = {"repo": repo, "change_type": change_type, "code": code,}
     task = _api().call("POST", f"/tasks/{seg(resolve_id(task_id, 'T'))}/amend", body)
     if as_json:
         _out_json(task)

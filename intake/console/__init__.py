@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
 from intake.console.session import SessionBox
-from intake.console.views import STATIC_DIR, Console
+from intake.console.sso import OidcClient
+from intake.console.views import STATIC_DIR, STOPPING, Console
 from intake.core.resources import TEMPLATES_DIR
 from intake.core.settings import Settings
 from intake.protocol.keyfiles import load_secret
@@ -28,20 +31,29 @@ def mount_console(app: web.Application, settings: Settings, broker_key: web.AppK
     """Add the console sub-application at ``/console``. Loads the console key now, so a
     missing or unreadable key stops the server at start. ``dev``: also accept the loopback
     origin the browser used (see :meth:`Console.origins`)."""
-    box = SessionBox(load_secret(settings, "console"))
-    console = Console(settings, broker_key, box, dev=dev)
+    key = load_secret(settings, "console")
+    sso = OidcClient(settings, key) if settings.oidc_issuer else None
+    console = Console(settings, broker_key, SessionBox(key), sso, dev=dev)
     sub = web.Application(middlewares=[console.headers, console.sessions, console.errors])
     env = aiohttp_jinja2.setup(
         sub, loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "console"), autoescape=True,
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, finalize=show_hidden,
     )
     env.filters["when"] = _when
+    sub[STOPPING] = asyncio.Event()
+
+    async def _stop_streams(_: web.Application) -> None:
+        sub[STOPPING].set()
+
+    sub.on_shutdown.append(_stop_streams)
     r = sub.router
     r.add_get("/", console.home)
     r.add_get("/signin", console.signin_page)
     r.add_post("/signin", console.signin)
     r.add_post("/signin/options", console.signin_options)
     r.add_post("/signout", console.signout)
+    r.add_get("/sso/start", console.sso_start)
+    r.add_get("/sso/callback", console.sso_callback)
     r.add_get("/ideas", console.ideas)
     r.add_get("/ideas/{idea_id}", console.idea)
     r.add_post("/ideas/{idea_id}/promote", console.promote)
@@ -66,5 +78,6 @@ def mount_console(app: web.Application, settings: Settings, broker_key: web.AppK
     r.add_post("/freeze", console.freeze)
     r.add_post("/thaw", console.thaw)
     r.add_get("/dashboard", console.dashboard)
+    r.add_get("/events", console.events)
     r.add_static("/static/", STATIC_DIR)
     app.add_subapp("/console", sub)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiohttp_jinja2
 import qrcode
 import qrcode.image.svg
@@ -22,15 +24,22 @@ from aiohttp import web
 from markupsafe import Markup
 
 from intake.console.enrol import EnrolLinks, send_by_dm
+from intake.console.listing import WINDOW, Filters, event_checks, idea_checks, match_all, paginate, task_checks
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
+from intake.console.sso import FLOW_COOKIE, FLOW_PATH, FLOW_TTL_S, OidcClient, identity_for
 from intake.core.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
-from intake.core.models import IDEA_PENDING, Approver, TaskState
+from intake.core.models import IDEA_PENDING, Approver, IdeaState, TaskState
 from intake.core.settings import Settings
 from intake.operations.indicators.figures import broker_figures
+from intake.people.mfa import PERIOD
 from intake.people.passkeys import PasskeyProof
+from intake.people.registry import People
 from intake.runtime import Broker
 from intake.storage.outage import OUTAGE_ERRORS
+from intake.tasks import provenance
 from intake.tasks.dependency_view import summarize_dependencies
+from intake.tasks.promotion import accept_bound
+from intake.tasks.review import load_review, split_files
 from intake.text.html import visible_segments
 
 log = logging.getLogger("intake.console")
@@ -39,10 +48,22 @@ DASHBOARD_SINCE = "12w"  # the dashboard's default window: a quarter, week by we
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; "
        "base-uri 'none'; form-action 'self'")
-PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/")
+PUBLIC = ("/console/signin", "/console/enrol/", "/console/static/", "/console/sso/")
 SESSION = web.RequestKey("session", Session)
+STOPPING = web.AppKey("console_stopping", asyncio.Event)  # set at shutdown: open event streams end
+STREAM_S = 60  # one event stream's life; the browser reconnects (bounded work per connection)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUS = {Refused: 403, NotFound: 404, InvalidInput: 400}
+
+
+def _sse_line(fields: dict[str, str]) -> str:
+    """One audit entry as an SSE ``change`` event: its action and subject only."""
+    try:
+        entry = json.loads(fields.get("e", "{}"))
+    except ValueError:
+        entry = {}
+    data = json.dumps({"action": str(entry.get("action", "")), "subject": str(entry.get("subject", ""))})
+    return f"event: change\ndata: {data}\n\n"
 
 
 def redirect(location: str) -> web.Response:
@@ -57,11 +78,12 @@ def _status(exc: IntakeError) -> int:
 class Console:
     """Handlers and middlewares of the ``/console`` sub-application."""
 
-    def __init__(self, settings: Settings, broker_key: web.AppKey[Broker], box: SessionBox, *,
-                 dev: bool = False) -> None:
+    def __init__(self, settings: Settings, broker_key: web.AppKey[Broker], box: SessionBox,
+                 sso: OidcClient | None = None, *, dev: bool = False) -> None:
         self.settings = settings
         self.broker_key = broker_key
         self.box = box
+        self.sso = sso
         self.dev = dev
         self.secure = settings.console_origin.startswith("https://")
 
@@ -175,10 +197,26 @@ class Console:
         broker = self.broker(request)
         ctx.setdefault("error", None)
         ctx.setdefault("notice", request.query.get("done"))
+        ctx.setdefault("next_code_in", self._next_code_in(broker, session.who))
         return aiohttp_jinja2.render_template(
             template, request, {"csrf": session.csrf, "who": session.who, "frozen": broker.gatekeeper.frozen(),
-                                "is_admin": self._is_admin(broker, session.who), **ctx}, status=status,
+                                "is_admin": self._is_admin(broker, session.who), "sso": self.sso is not None,
+                                **ctx}, status=status,
         )
+
+    @staticmethod
+    def _next_code_in(broker: Broker, who: str | None) -> int:
+        """Seconds until ``who``'s authenticator shows a code they have not used yet (0: now).
+        A code works once: right after a TOTP sign-in (or any action) the code on the screen is
+        spent, so the page says when the next one is due and console.js holds the code forms
+        until then, instead of letting the approver meet "already used"."""
+        if who is None:
+            return 0
+        last = broker.client.get(broker.store.keys.totp_last_step(who))
+        if last is None or not str(last).lstrip("-").isdigit():
+            return 0
+        due = (int(last) + 1) * PERIOD - broker.store.clock()
+        return max(0, math.ceil(due))
 
     @staticmethod
     def _is_admin(broker: Broker, who: str | None) -> bool:
@@ -213,9 +251,10 @@ class Console:
         approver_id = str(form.get("approver", "")).strip()
         broker = self.broker(request)
         try:
-            approver = await self.call(broker.approvers.active, approver_id)
-            await self.call(broker.approvers.check_stepup, approver, self.proof(form),
-                            purpose="signin", subject=approver.id)
+            # One answer for every failure, known id or not (Approvers.signin); failures are
+            # throttled per source address, never on the approver.
+            approver = await self.call(broker.approvers.signin, approver_id, self.proof(form),
+                                       source=request.remote or "unknown")
         except IntakeError as exc:
             return self.render(request, "signin.html", status=403, error=str(exc))
         session = request[SESSION].signed_in(approver.id, broker.store.clock())
@@ -225,15 +264,64 @@ class Console:
         request[SESSION] = session
         return redirect("/console/ideas")
 
+    async def sso_start(self, request: web.Request) -> web.StreamResponse:
+        """Send the browser to the identity provider (a GET link: a form POST redirecting to
+        another origin would break the CSP's form-action 'self'), with a sealed flow cookie."""
+        if self.sso is None:
+            raise web.HTTPNotFound()
+        flow = self.sso.new_flow()
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = await self.sso.authorization_url(http, flow)
+        except IntakeError as exc:
+            return self.render(request, "signin.html", status=502, error=str(exc))
+        response = redirect(url)
+        # Lax, not Strict: the provider's redirect back is a cross-site navigation.
+        response.set_cookie(FLOW_COOKIE, self.sso.seal(flow), max_age=FLOW_TTL_S, path=FLOW_PATH,
+                            httponly=True, samesite="Lax", secure=self.secure)
+        return response
+
+    async def sso_callback(self, request: web.Request) -> web.StreamResponse:
+        """The provider's redirect back: state, PKCE exchange, ID token checks (intake/console/sso.py),
+        then the person linked to ``oidc:<issuer>#<sub>`` is signed in if they are an active approver."""
+        if self.sso is None:
+            raise web.HTTPNotFound()
+        broker = self.broker(request)
+        query = request.query
+        try:
+            if "error" in query:
+                raise Refused("sso_denied", "the identity provider did not sign you in")
+            flow = self.sso.open(request.cookies.get(FLOW_COOKIE), query.get("state", ""))
+            async with aiohttp.ClientSession() as http:
+                sub = await self.sso.subject(http, flow, query.get("code", ""))
+            identity = identity_for(self.sso.issuer, sub)
+            person = await self.call(People(broker.store).resolve, identity)
+            if person is None:
+                raise Refused("sso_unlinked", f"{identity} is linked to nobody: ask an admin to "
+                                              "`intake person link YOU` it")
+            approver = await self.call(broker.approvers.active, person)
+        except IntakeError as exc:
+            failed = self.render(request, "signin.html", status=403, error=str(exc))
+            failed.del_cookie(FLOW_COOKIE, path=FLOW_PATH)
+            return failed
+        session = request[SESSION].signed_in(approver.id, broker.store.clock())
+        await self.call(broker.client.set, broker.store.keys.console_session(session.sid), approver.id,
+                        ex=SESSION_TTL_S)
+        await self.call(broker.audit.record, f"approver:{approver.id}", "console.signed_in", approver.id,
+                        via="oidc", identity=identity)
+        request[SESSION] = session
+        # A page, not a redirect: the next navigation starts here (same site), so the browser
+        # sends the SameSite=Strict session cookie with it.
+        done = self.render(request, "sso_done.html", target="/console/ideas")
+        done.del_cookie(FLOW_COOKIE, path=FLOW_PATH)
+        return done
+
     async def signin_options(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         broker = self.broker(request)
-        try:
-            approver = await self.call(broker.approvers.active, str(body.get("approver", "")))
-            challenge_id, options = await self.call(
-                broker.approvers.passkeys.assertion_options, approver, action="signin", subject=approver.id)
-        except IntakeError as exc:
-            return web.json_response({"error": str(exc)}, status=403)
+        approver_id = str(body.get("approver", ""))[:64]
+        # The same answer for any id (nothing says whether it exists): see Passkeys.signin_options.
+        challenge_id, options = await self.call(broker.approvers.passkeys.signin_options, approver_id)
         return web.json_response({"challenge_id": challenge_id, "options": options})
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
@@ -258,8 +346,12 @@ class Console:
         return redirect("/console/ideas")
 
     async def ideas(self, request: web.Request) -> web.Response:
-        ideas = await self.call(self.broker(request).store.pending_ideas)
-        return self.render(request, "ideas.html", ideas=ideas)
+        """Ideas, newest first: pending by default; search, filters, pages (intake/console/listing.py)."""
+        f = Filters.parse(request.query, ("q", "state", "requester", "since"), {"state": "pending"})
+        recent = await self.call(self.broker(request).store.recent_ideas, WINDOW)
+        page = paginate(match_all(recent, idea_checks(f)), f.page)
+        return self.render(request, "ideas.html", ideas=page.items, page=page, filters=f,
+                           states=["pending", *(s.value for s in IdeaState)])
 
     async def idea(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
         broker = self.broker(request)
@@ -294,8 +386,13 @@ class Console:
 
     # -- tasks -----------------------------------------------------------------------------
     async def tasks(self, request: web.Request) -> web.Response:
-        tasks = await self.call(self.broker(request).store.recent_tasks, 100)
-        return self.render(request, "tasks.html", tasks=tasks)
+        broker = self.broker(request)
+        f = Filters.parse(request.query, ("q", "state", "repo", "requester", "approver", "tier", "since"))
+        recent = await self.call(broker.store.recent_tasks, WINDOW)
+        page = paginate(match_all(recent, task_checks(f)), f.page)
+        return self.render(request, "tasks.html", tasks=page.items, page=page, filters=f,
+                           states=[s.value for s in TaskState], repos=[r.name for r in broker.policy.repos],
+                           tiers=list(broker.policy.risk_tiers))
 
     async def task(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
         broker = self.broker(request)
@@ -305,14 +402,24 @@ class Console:
         approvals = [{"who": a.approver, "at": a.at, "via": a.via.partition("+")[0],
                       "factor": "passkey" if a.via.endswith("+passkey") else "totp",
                       "current": a.spec_hash == task.spec_hash} for a in task.approvals]
-        # The Accept form names the commit the sealed history holds, never the record's copy.
+        # The Accept form names the commit the sealed history holds, never the record's copy, and
+        # the digest of the diff this page renders (issue 20): no rendered diff, no form.
         accept_sha = await self.call(self._result_commit, broker, task.id) \
             if task.state is TaskState.AWAITING_RESULT_APPROVAL else None
+        fact = await self.call(lambda: broker.ledger.follow().task(task.id))
+        review = await self.call(load_review, broker.store, task.id, fact.result_diff if fact else None,
+                                 (task.result or {}).get("review"))
+        review_files = split_files(review.diff, broker.policy, task.spec.repo) if review and review.diff else []
+        if accept_sha and fact is not None and fact.result_diff is not None and not review_files:
+            accept_sha = None  # the diff cannot be shown (missing or altered in storage): no accept
+        provenance = await self.call(self._provenance, broker, task)
         return self.render(
-            request, "task.html", status=status, task=task, idea=idea, approvals=approvals,
+            request, "task.html", status=status, task=task, idea=idea, approvals=approvals, provenance=provenance,
             segments=visible_segments(task.spec.prompt), result=task.result or {},
             dependencies=summarize_dependencies(task.result),
             approvable=task.state is TaskState.AWAITING_APPROVALS, accept_sha=accept_sha,
+            review=review, review_files=[(f, [(k, visible_segments(t)) for k, t in f.lines]) for f in review_files],
+            accept_diff=review.sha256 if review is not None and review_files else "",
             result_approvals=task.result_approvals,
             # Deny and revoke win over a result waiting for approval too.
             deniable=task.state in (TaskState.AWAITING_APPROVALS, TaskState.QUEUED,
@@ -321,6 +428,22 @@ class Console:
                                      TaskState.AWAITING_RESULT_APPROVAL),
             passkey_only=tier is not None and tier.step_up == "passkey", error=error,
         )
+
+    @staticmethod
+    def _provenance(broker: Broker, task: Any) -> dict[str, Any] | None:
+        """The delivered commit's signed statement and `intake provenance verify`'s verdict on it
+        (signature with the public keyring, subject, every fact against the sealed log)."""
+        if not (task.result or {}).get("commit") or task.state is not TaskState.SUCCEEDED:
+            return None
+        try:
+            known = provenance.lookup(broker, task.id)
+        except IntakeError:
+            return None
+        if not known.get("envelope"):
+            return {"commit": known["commit"], "statement": None, "failures": ["no stored envelope"]}
+        statement, failures = provenance.verify(known["envelope"], broker.keyring, commit=known["commit"],
+                                                known=known)
+        return {"commit": known["commit"], "statement": statement, "failures": failures}
 
     async def approve(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -341,7 +464,8 @@ class Console:
         task_id = request.match_info["task_id"]
         try:
             await self.call(broker.gatekeeper.accept, task_id, approver_id=request[SESSION].who,
-                            code=self.proof(form), sha=str(form.get("sha", "")), via="console")
+                            code=self.proof(form), sha=str(form.get("sha", "")), via="console",
+                            diff_sha256=str(form.get("diff_sha256", "")) or None)
         except IntakeError as exc:
             return await self.task(request, error=str(exc), status=_status(exc))
         return redirect(f"/console/tasks/{task_id}?done=accepted")
@@ -390,9 +514,10 @@ class Console:
                 task = await self.call(broker.store.get_task, subject)
                 bound = task.spec_hash
             elif action == "accept":
-                bound = await self.call(self._result_commit, broker, subject) or ""
-                if not bound:
+                fact = await self.call(lambda: broker.ledger.follow().task(subject))
+                if fact is None or not fact.result_commit:
                     raise NotFound(f"the sealed history holds no result for {subject}")
+                bound = accept_bound(fact.result_commit, fact.result_diff)
             elif action == "thaw" and subject == "broker":
                 bound = ""
             else:
@@ -412,19 +537,51 @@ class Console:
             ok = True
         except AuditBroken as exc:
             status, ok = f"BROKEN: {exc}", False
-        events = await self.call(lambda: list(broker.audit.export())[-200:])
-        return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=list(reversed(events)))
+        f = Filters.parse(request.query, ("q", "actor", "action", "since"))
+        events = await self.call(lambda: list(broker.audit.export())[-WINDOW:])
+        page = paginate(match_all(reversed(events), event_checks(f)), f.page)
+        return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=page.items, page=page,
+                           filters=f)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: one ``change`` event (the audit action and subject, never data) per
+        audit entry appended after the stream opened; a comment every second keeps it alive and
+        notices a closed tab. Pages reload their own ``data-live`` part on each (console.js)."""
+        broker = self.broker(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        last = await self.call(lambda: (broker.client.xrevrange(broker.audit.stream, "+", "-", count=1)
+                                        or [("0-0", {})])[0][0])
+        stopping: asyncio.Event = request.app[STOPPING]
+        ends = asyncio.get_running_loop().time() + STREAM_S  # EventSource reconnects by itself
+        try:
+            await response.write(b"retry: 2000\n\n")
+            while not stopping.is_set() and asyncio.get_running_loop().time() < ends:
+                batch = await self.call(broker.client.xread, {broker.audit.stream: last}, count=50, block=1000)
+                lines = []
+                for _stream, entries in batch or []:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        lines.append(_sse_line(fields))
+                await response.write("".join(lines).encode() or b": keep-alive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response
 
     # -- approvers and enrolment -----------------------------------------------------------
-    async def approvers(self, request: web.Request, error: str | None = None, link: str | None = None,
+    async def approvers(self, request: web.Request, error: str | None = None, invited: str | None = None,
                         status: int = 200, sent: str | None = None) -> web.Response:
         approvers = await self.call(self.broker(request).approvers.all)
-        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error, link=link,
-                           sent=sent)
+        return self.render(request, "approvers.html", status=status, approvers=approvers, error=error,
+                           invited=invited, sent=sent)
 
     async def enrol_create(self, request: web.Request) -> web.StreamResponse:
-        """An admin enrols a person: an unconfirmed approver and a one-time link. The admin's
-        own step-up is required (enrolment grants power)."""
+        """An admin invites a person: an unconfirmed approver with no secret, and a one-time
+        enrolment link sent to the person's own Slack DM. The admin's own step-up is required
+        (enrolment grants power). The link is never shown to the admin: whoever opens it first
+        sees the seed, so only a channel the person alone controls may carry it. Without one,
+        the person enrols from their own OS account (``intake approver enrol``)."""
         form = await request.post()
         broker = self.broker(request)
         who = request[SESSION].who
@@ -439,15 +596,17 @@ class Console:
             await self.call(broker.approvers.add, broker.policy, approver_id, name=str(form.get("name", "")).strip(),
                             groups=groups, slack_user=str(form.get("slack_user", "")).strip() or None,
                             email=str(form.get("email", "")).strip() or None, actor=f"approver:{who}")
-            token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
+            slack_user = str(form.get("slack_user", "")).strip()
+            if slack_user and self.settings.slack_bot_token is not None:
+                token = await self.call(EnrolLinks(broker.store).create, approver_id, actor=f"approver:{who}")
+                link = f"{self.settings.console_origin}/console/enrol/{token}"
+                if await send_by_dm(self.settings, broker.store, slack_user, approver_id, link,
+                                    actor=f"approver:{who}"):
+                    return await self.approvers(request, sent=slack_user)
+                await self.call(EnrolLinks(broker.store).finish, token)  # never shown: dropped at once
         except IntakeError as exc:
             return await self.approvers(request, error=str(exc), status=_status(exc))
-        link = f"{self.settings.console_origin}/console/enrol/{token}"
-        slack_user = str(form.get("slack_user", "")).strip()
-        if slack_user and await send_by_dm(self.settings, broker.store, slack_user, approver_id, link,
-                                           actor=f"approver:{who}"):
-            return await self.approvers(request, sent=slack_user)
-        return await self.approvers(request, link=link)
+        return await self.approvers(request, invited=approver_id)
 
     async def enrol_page(self, request: web.Request) -> web.Response:
         broker = self.broker(request)
@@ -463,7 +622,7 @@ class Console:
         token = request.match_info["token"]
         try:
             approver_id = await self.call(EnrolLinks(broker.store).reveal, token)
-            enrolment = await self.call(broker.approvers.reset, approver_id, actor="console:enrolment-link")
+            enrolment = await self.call(broker.approvers.enrol, approver_id, actor="console:enrolment-link")
         except IntakeError as exc:
             return self.render(request, "enrol.html", status=_status(exc), error=str(exc), stage="gone")
         svg = qrcode.make(enrolment.otpauth_uri, image_factory=qrcode.image.svg.SvgPathImage).to_string(encoding="unicode")

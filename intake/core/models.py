@@ -231,6 +231,8 @@ class Approval(_Model):
     generation: int = 0
     #: For a result approval: the commit SHA approved (None for an approval of the spec).
     sha: str | None = None
+    # For a result approval: the SHA-256 of the diff the approver was shown (issue 20).
+    diff_sha256: str | None = None
 
 
 class Task(_Model):

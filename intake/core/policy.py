@@ -225,6 +225,15 @@ class Channels(_Strict):
     email: EmailChannel = EmailChannel()
 
 
+class Identities(_Strict):
+    """``[identities]``: how identities are compared. ``email_subaddress_domains`` lists the mail
+    domains whose system delivers ``local+tag@domain`` to ``local@domain``; for those, a
+    ``+tag`` is stripped before an address is matched to a person (the local part is compared
+    case-insensitively everywhere)."""
+
+    email_subaddress_domains: tuple[Annotated[str, Field(pattern=r"^[a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})+$")], ...] = ()
+
+
 class Group(_Strict):
     members: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")], ...] = Field(min_length=1)
 
@@ -313,6 +322,7 @@ class Policy(_Strict):
     repos: tuple[Repo, ...] = Field(min_length=1)
     admins: Admins = Admins()
     channels: Channels = Channels()
+    identities: Identities = Identities()
     credentials: Credentials = Credentials()
 
     @model_validator(mode="after")

@@ -258,6 +258,17 @@ class EmbeddedRedis:
         """The broker user's URL."""
         return self.url_for("broker")
 
+    def running_url(self, role: Role) -> str | None:
+        """``role``'s URL when a server already answers on the socket and its password file
+        exists, else None. Read-only: unlike :meth:`acquire` and :meth:`url_for` it creates no
+        directory, password or server (``intake doctor`` inspects, it never sets up)."""
+        password_file = self.password_file(role)
+        if not self._ping() or not password_file.is_file():
+            return None
+        user = ROLES[role].user(self.prefix)
+        password = password_file.read_text().strip()
+        return f"unix://{quote(user, safe='')}:{quote(password, safe='')}@{self.sock}"
+
     def _ping(self) -> bool:
         """Whether a server answers on the socket. A raw unauthenticated PING: the answer is
         PONG or a NOAUTH refusal, and either means it is up (no client library retry loop)."""

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     # Where people reach the web console; passkeys are bound to its origin and host (the RP id).
     # Browsers refuse an IP address as a WebAuthn RP id, hence localhost rather than 127.0.0.1.
     console_origin: str = "http://localhost:8080"
+    # Single sign-on for the console (OpenID Connect, code flow with PKCE; intake/console/sso.py):
+    # on when all three are set. SSO names the person; power still needs a fresh step-up.
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = None
 
     # Slack uses its own well-known variable names, without our prefix.
     slack_signing_secret: SecretStr | None = Field(None, validation_alias="SLACK_SIGNING_SECRET")
@@ -113,9 +118,11 @@ class Settings(BaseSettings):
     # ... and only on connections from these addresses/networks (the MTA that wrote them): a
     # client connecting directly could write the same header itself.
     smtp_trusted_peers: str = ""
+    # Domains whose ARC seal (ARC-Seal d=) makes an ARC set's results count; empty: ARC never does.
+    smtp_arc_sealers: str = ""
     smtp_relay: str | None = None  # host:port of the relay that carries replies
 
-    @field_validator("smtp_recipients", "smtp_trusted_authserv")
+    @field_validator("smtp_recipients", "smtp_trusted_authserv", "smtp_arc_sealers")
     @classmethod
     def _comma_list(cls, value: str) -> str:
         items = [v.strip().lower() for v in value.split(",") if v.strip()]
@@ -199,6 +206,23 @@ class Settings(BaseSettings):
         parse_sentinel_url(url)  # ValueError names the expected shape
         return value
 
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _issuer_shape(cls, value: str | None) -> str | None:
+        # https, or http on the loopback only (a provider on the same host, as in the tests).
+        if value is not None and not re.fullmatch(
+                r"(https://[A-Za-z0-9.-]{1,253}|http://(127\.0\.0\.1|localhost|\[::1\]))(:[0-9]{1,5})?"
+                r"(/[A-Za-z0-9._~%/-]{0,200})?", value):
+            raise ValueError("must be the provider's issuer URL: https://…, or http:// on 127.0.0.1/localhost")
+        return value
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        given = [self.oidc_issuer is not None, self.oidc_client_id is not None, self.oidc_client_secret is not None]
+        if any(given) and not all(given):
+            raise ValueError("INTAKE_OIDC_ISSUER, INTAKE_OIDC_CLIENT_ID and INTAKE_OIDC_CLIENT_SECRET go together")
+        return self
+
     @field_validator("console_origin")
     @classmethod
     def _origin_shape(cls, value: str) -> str:
@@ -266,5 +290,6 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        raise ConfigError(f"{_env_name(field)}: {first['msg']}") from None
+        if not first["loc"]:  # a rule across fields: its message names them
+            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
+        raise ConfigError(f"{_env_name(str(first['loc'][0]))}: {first['msg']}") from None

@@ -2,14 +2,15 @@
 
 Each check returns :class:`Finding`\\ s: ``ok``, ``warning`` (could not be verified, or works
 with less protection) or ``problem`` (something that loses data, leaks a secret or stops work).
-``intake doctor`` exits non-zero when there is any problem. What is checked:
+``intake doctor`` exits non-zero when there is any problem. It only reads: run in an empty
+directory it creates nothing (no data dir, no Redis, no password file). What is checked:
 
 - settings: every ``INTAKE_*`` / ``SLACK_*`` value parses (:func:`intake.core.settings.load_settings`);
 - key files: present; private ones (signing, audit, secrets, console, worker keys, Redis
   passwords) readable by their owner only; the public keyring and the audit checkpoint not
   writable by group or others (whoever rewrites them can make workers trust another key or
   hide a rollback);
-- Redis: reachable, version (6.2+, 7+ for ACL selectors), connected as its own ACL user (not
+- Redis (INTAKE_REDIS_URL, or the data dir's embedded server if it is running): reachable, version (6.2+, 7+ for ACL selectors), connected as its own ACL user (not
   ``default``, unable to manage ACLs), the intake users present when they can be listed, AOF on,
   ``appendfsync`` as intended, and ``maxmemory-policy noeviction`` (any ``allkeys-*`` or
   ``volatile-*`` policy may evict ledger state and queued work);
@@ -200,20 +201,30 @@ def check_redis_server(client: redis.Redis, *, prefix: str, appendfsync: str, us
 
 
 def check_redis(settings: Settings) -> list[Finding]:
-    """Connect as the broker (joining the embedded server when no URL is set) and check it."""
-    from intake.core.redis_conn import make_client, redis_urls
+    """Connect as the broker and check the server. With no INTAKE_REDIS_URL, only an embedded
+    server that is already running is inspected: doctor never starts one or writes its files."""
+    from intake.core.redis_conn import EmbeddedRedis, make_client, with_tls_files
 
     expected = settings.redis_appendfsync if settings.redis_url is None else "always"
     try:
-        with redis_urls(settings) as urls:
-            client = make_client(urls["broker"])
-            try:
-                client.ping()
-                return check_redis_server(client, prefix=settings.key_prefix, appendfsync=expected,
-                                          username=urlsplit(urls["broker"]).username,
-                                          conf=None if settings.redis_url else settings.data_dir / "redis" / "redis.conf")
-            finally:
-                client.close()
+        if settings.redis_url is not None:
+            url = with_tls_files(settings.redis_url.get_secret_value(), settings)
+        else:
+            embedded = EmbeddedRedis(settings.data_dir, prefix=settings.key_prefix,
+                                     appendfsync=settings.redis_appendfsync)
+            running = embedded.running_url("broker")
+            if running is None:
+                return [warning("redis", f"no embedded Redis running at {embedded.sock} (doctor starts none: "
+                                         "check again while `intake serve` runs, or set INTAKE_REDIS_URL)")]
+            url = running
+        client = make_client(url)
+        try:
+            client.ping()
+            return check_redis_server(client, prefix=settings.key_prefix, appendfsync=expected,
+                                      username=urlsplit(url).username,
+                                      conf=None if settings.redis_url else settings.data_dir / "redis" / "redis.conf")
+        finally:
+            client.close()
     except IntakeError as exc:
         return [problem("redis", str(exc))]
     except redis.RedisError as exc:
@@ -305,7 +316,7 @@ def run_doctor(worker_configs: Sequence[Path] = (), *, settings: Settings | None
         except ConfigError as exc:
             return [problem("settings", str(exc))]
     found = [ok("settings", f"data dir {settings.data_dir}")]
-    # Redis before keys: joining the embedded server creates its password files, checked next.
+    # Read-only throughout: nothing here creates the data dir, a key, a password file or a Redis.
     for check in (check_redis, check_keys, check_policy, check_slack):
         found += check(settings)
     for path in worker_configs:

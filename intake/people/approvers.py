@@ -1,8 +1,12 @@
 """Approver enrolment and lookup. TOTP secrets are encrypted at rest with a key Redis never sees.
 
-An approver is created unconfirmed with a fresh secret, shown once (otpauth URI and QR code),
-and becomes active only after one valid code. Group membership comes from the policy file; the
-groups given at enrolment must agree with it.
+Nobody holds another person's factor. An admin *invites* a person (:meth:`Approvers.add`: an
+unconfirmed approver with no secret at all, a sealed ``approver.added`` event); the person then
+*enrols* (:meth:`Approvers.enrol`: a fresh secret, shown once to whoever called it) through a
+channel only they control, and becomes active only after one valid code. Who may call ``enrol``
+is the callers' business (the API and console check that the caller *is* the person); this
+module never returns a secret from ``add`` or ``reset``. Group membership comes from the policy
+file; the groups given at enrolment must agree with it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from intake.audit.ledger import Ledger
 from intake.core.errors import InvalidInput, NotFound, Refused
 from intake.core.models import Approver
 from intake.core.policy import Policy
-from intake.people.mfa import StepUp, new_secret, provisioning_uri
+from intake.people.mfa import SIGNIN_REFUSED, StepUp, new_secret, provisioning_uri
 from intake.people.passkeys import PasskeyProof, Passkeys
 from intake.people.registry import People
 from intake.storage.store import Pipe, Store
@@ -114,6 +118,10 @@ class Approvers:
                           "restored or altered in storage (reset them)")
 
     def check_code(self, approver: Approver, code: str, *, purpose: str, subject: str) -> int:
+        """One TOTP code of ``approver``'s, from a caller already authenticated as them (their
+        own session, socket, token or Slack id): failures count on the approver's throttle."""
+        if not approver.secret_enc:
+            raise Refused("not_enrolled", f"approver {approver.id} has not enrolled an authenticator yet")
         return self.stepup.verify(approver, self.box.open(approver), code, purpose=purpose, subject=subject)
 
     def check_stepup(
@@ -136,6 +144,34 @@ class Approvers:
         self.check_code(approver, proof, purpose=purpose, subject=subject)
         return "totp"
 
+    def signin(self, approver_id: str, proof: str | PasskeyProof, *, source: str) -> Approver:
+        """Sign-in by someone not yet authenticated: the confirmed, current approver
+        ``approver_id`` proven by a TOTP code or a passkey assertion, else one uniform
+        :class:`Refused` (``signin_failed``/``throttled``) whether the id exists or not. Code
+        failures are throttled per ``source`` (see :meth:`StepUp.verify_signin`), never on the
+        approver; a passkey sign-in spends no TOTP step."""
+        try:
+            approver: Approver | None = self.active(approver_id)
+        except (Refused, InvalidInput):
+            approver = None
+        if isinstance(proof, PasskeyProof):
+            if approver is None or self.passkeys is None:
+                raise Refused("signin_failed", SIGNIN_REFUSED)
+            try:
+                self.passkeys.verify(approver, proof, action="signin", subject=approver.id)
+            except Refused:
+                raise Refused("signin_failed", SIGNIN_REFUSED) from None
+            return approver
+        secret = None
+        if approver is not None and approver.secret_enc:
+            try:
+                secret = self.box.open(approver)
+            except Refused:
+                secret = None
+        self.stepup.verify_signin(approver, secret, proof, approver_id=approver_id, source=source)
+        assert approver is not None  # verify_signin only returns for a real approver
+        return approver
+
     # -- changes ---------------------------------------------------------------------------
     def _index(self, pipe: Pipe, approver: Approver) -> None:
         pipe.hset(self.store.keys.approvers, f"id:{approver.id}", approver.id)
@@ -152,8 +188,9 @@ class Approvers:
         slack_user: str | None,
         email: str | None,
         actor: str,
-    ) -> Enrolment:
-        """Create an unconfirmed approver with a fresh secret (returned once, in the URI)."""
+    ) -> Approver:
+        """Invite a person: an unconfirmed approver with no secret. They enrol themselves
+        (:meth:`enrol`); the inviter never sees a seed."""
         for group in groups:
             if group not in policy.groups:
                 raise InvalidInput(f"--groups: no group {group!r} in the policy")
@@ -161,7 +198,6 @@ class Approvers:
                 raise InvalidInput(
                     f"--groups: the policy's group {group!r} does not list {approver_id!r}; add it there first"
                 )
-        secret = new_secret()
         generation = self.ledger.follow().next_generation(approver_id)
         try:
             approver = Approver(
@@ -170,7 +206,7 @@ class Approvers:
                 groups=groups,
                 slack_user=slack_user,
                 email=email.lower() if email else None,
-                secret_enc=self.box.seal(secret, approver_id, slack_user, generation),
+                secret_enc="",  # invited: no factor until the person enrols
                 created_at=self.store.clock(),
                 generation=generation,
             )
@@ -196,10 +232,28 @@ class Approvers:
             self._index(pipe, approver)
             pipe.delete(keys.totp_last_step(approver_id), keys.totp_failures(approver_id), keys.totp_lock(approver_id))
             self.store.emit(pipe, actor, "approver.added", approver_id, groups=list(groups), slack_user=slack_user,
-                            generation=generation)
+                            generation=generation, invited=True)
 
         self.store.transact([keys.approver(approver_id), keys.approvers], build)
-        return Enrolment(approver, provisioning_uri(secret, f"{approver_id}@intake"))
+        return approver
+
+    def enrol(self, approver_id: str, *, actor: str) -> Enrolment:
+        """The person's own enrolment: a fresh secret for an invited (or reset) approver, returned
+        once in the URI. Enrolling again before confirming replaces the secret (a lost QR code).
+        A confirmed approver re-enrols only through a reset. Callers must have established that
+        the caller *is* ``approver_id`` (their own channel); audited as ``approver.enrolling``."""
+        approver = self.get(approver_id)
+        if approver.confirmed:
+            raise Refused("already_enrolled",
+                          f"approver {approver_id} already has a confirmed authenticator; reset it first")
+        self.check_current(approver)
+        secret = new_secret()
+        sealed = self.box.seal(secret, approver.id, approver.slack_user, approver.generation)
+        keys = self.store.keys
+        self._update(approver_id, actor, "approver.enrolling", secret_enc=sealed,
+                     expect_generation=approver.generation, expect_unconfirmed=True,
+                     clear=[keys.totp_last_step(approver_id)])
+        return Enrolment(self.get(approver_id), provisioning_uri(secret, f"{approver_id}@intake"))
 
     def confirm(self, approver_id: str, code: str, *, actor: str) -> Approver:
         approver = self.get(approver_id)
@@ -210,21 +264,18 @@ class Approvers:
         return self._update(approver_id, actor, "approver.confirmed", confirmed=True,
                             expect_generation=approver.generation)
 
-    def reset(self, approver_id: str, *, actor: str) -> Enrolment:
-        """A new secret; the old one (and every passkey) is dead at once. The approver must
-        confirm again."""
-        approver = self.get(approver_id)
-        secret = new_secret()
+    def reset(self, approver_id: str, *, actor: str) -> Approver:
+        """Revoke the approver's factors: the old secret (and every passkey) is dead at once, no
+        new one is made here. The person enrols again (:meth:`enrol`) and confirms."""
+        self.get(approver_id)
         generation = self.ledger.follow().next_generation(approver_id)
-        sealed = self.box.seal(secret, approver.id, approver.slack_user, generation)
         keys = self.store.keys
-        self._update(
-            approver_id, actor, "approver.reset", secret_enc=sealed, confirmed=False, generation=generation,
+        return self._update(
+            approver_id, actor, "approver.reset", secret_enc="", confirmed=False, generation=generation,
             # A reset means the old factors are in doubt: passkeys go with the old secret.
             clear=[keys.totp_last_step(approver_id), keys.totp_failures(approver_id), keys.totp_lock(approver_id),
                    keys.passkeys(approver_id)],
         )
-        return Enrolment(self.get(approver_id), provisioning_uri(secret, f"{approver_id}@intake"))
 
     def unlock(self, approver_id: str, *, actor: str) -> None:
         keys = self.store.keys
@@ -257,7 +308,8 @@ class Approvers:
         return bool(self.store.r.exists(self.store.keys.totp_lock(approver_id)))
 
     def _update(self, approver_id: str, actor: str, action: str, clear: list[str] | None = None,
-                expect_generation: int | None = None, **changes: object) -> Approver:
+                expect_generation: int | None = None, expect_unconfirmed: bool = False,
+                **changes: object) -> Approver:
         keys = self.store.keys
 
         def build(pipe: Pipe) -> Approver:
@@ -267,6 +319,8 @@ class Approvers:
             current = Approver.model_validate_json(raw)
             if expect_generation is not None and current.generation != expect_generation:
                 raise Refused("stale_enrolment", f"approver {approver_id} changed meanwhile; try again")
+            if expect_unconfirmed and current.confirmed:
+                raise Refused("already_enrolled", f"approver {approver_id} confirmed meanwhile")
             updated = current.model_copy(update=changes)
             pipe.multi()
             pipe.set(keys.approver(approver_id), updated.model_dump_json())

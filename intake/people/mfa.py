@@ -14,11 +14,20 @@ Order of a check (the TOTP habits of pypi/warehouse and django-otp, tightened):
    compare-and-set is a Lua script, so of many concurrent uses of one code exactly one wins.
 
 Every refusal is audited with its reason; the code itself is never logged or stored.
+
+**Throttles strangers cannot aim.** The approver's own failure window and lock above count only
+codes sent by a caller already authenticated as that approver (their session, socket user, own
+token, Slack id): :meth:`StepUp.verify`. A sign-in is not yet anybody, so :meth:`StepUp.verify_signin`
+counts its failures per source address, per (source, approver id) pair and under one global
+ceiling, never on the approver: a thousand anonymous wrong codes for ``alice`` throttle the
+source that sent them and leave alice's own step-up alone. Sign-in answers are the same for ids
+that exist and ids that do not (an unknown id is checked against a throwaway secret).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import re
 import secrets
@@ -74,6 +83,27 @@ return 1
 """
 
 
+# Anonymous sign-in: reserve one slot in each window (source, pair, global) or none. Never locks.
+# KEYS: the zsets. ARGV: member, then (window s, max) per key. Returns {verdict, seconds}.
+_RESERVE_ANON = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i, key in ipairs(KEYS) do
+  local window, max = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) >= max then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    return {'throttled', math.floor(tonumber(oldest[2]) + window - now) + 1}
+  end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now, ARGV[1])
+  redis.call('EXPIRE', key, ARGV[2 * i])
+end
+return {'ok', 0}
+"""
+
+
 def new_secret() -> str:
     """A fresh 160-bit TOTP secret from the CSPRNG, base32 (RFC 4226 §4, RFC 6238 §5.1)."""
     return base64.b32encode(secrets.token_bytes(20)).decode()
@@ -122,6 +152,19 @@ class Throttle:
     long_s: int = 3600
 
 
+@dataclass(frozen=True)
+class SigninThrottle:
+    """Failure limits for sign-in by people not yet authenticated: per source address, per
+    (source, approver id) and a global ceiling. None of them touches the approver's own window."""
+
+    per_pair_max: int = 5
+    per_source_max: int = 30
+    global_max: int = 600
+    window_s: int = 300
+
+
+SIGNIN_REFUSED = "sign-in failed: the id, the code or the passkey is not valid"
+
 _MESSAGES = {
     "invalid": "the authenticator code is not valid",
     "out_of_sync": "the authenticator code is for another time; check the device's clock",
@@ -132,10 +175,15 @@ _MESSAGES = {
 class StepUp:
     """Verifies an approver's TOTP code against Redis-held single-use and throttle state."""
 
-    def __init__(self, store: Store, throttle: Throttle = Throttle()) -> None:
+    def __init__(self, store: Store, throttle: Throttle = Throttle(),
+                 signin: SigninThrottle = SigninThrottle()) -> None:
         self.store = store
         self.throttle = throttle
+        self.signin = signin
         self._reserve = store.r.register_script(_RESERVE)
+        self._reserve_anon = store.r.register_script(_RESERVE_ANON)
+        # An unknown id is checked against this, so it costs the same as a known one.
+        self._decoy = new_secret()
         self._consume = store.r.register_script(_CONSUME)
         self._lock = store.r.register_script(_LOCK)
 
@@ -175,6 +223,13 @@ class StepUp:
                 self.store.r.zrem(fails, slot)  # success gives the reserved slot back
                 return step
             reason = "replayed"
+            last = int(self.store.r.get(keys.totp_last_step(approver.id)) or step)
+            due = max(1, int((last + 1) * PERIOD - now) + 1)
+            refusal = self._refuse(approver, reason, f"that authenticator code was already used (a code works "
+                                   f"once); the next one is due in {due} s", purpose, subject)
+            if self._lock(keys=[fails, lock], args=[t.long_max]):
+                self.store.audit.record("system", "approver.locked", approver.id, failures=t.long_max)
+            raise refusal
         elif _CODE.fullmatch(code) and is_out_of_sync(secret, code, now):
             reason = "out_of_sync"
         # The reserved slot stays as the recorded failure.
@@ -182,3 +237,35 @@ class StepUp:
         if self._lock(keys=[fails, lock], args=[t.long_max]):
             self.store.audit.record("system", "approver.locked", approver.id, failures=t.long_max)
         raise refusal
+
+    def verify_signin(self, approver: Approver | None, secret: str | None, code: str, *, approver_id: str,
+                      source: str) -> int:
+        """A sign-in code from someone not yet authenticated (see the module docstring). Throttled
+        per ``source``, per (``source``, ``approver_id``) and globally, never on the approver; the
+        matched step is consumed like any other (a code works once). Every refusal raises
+        :class:`Refused` with the same reason and message whether or not ``approver_id`` exists."""
+        keys = self.store.keys
+        t = self.signin
+        src = hashlib.sha256(source.encode()).hexdigest()[:32]
+        pair = hashlib.sha256(f"{source}|{approver_id}".encode()).hexdigest()[:32]
+        zsets = [f"{keys.p}:signin:fail:src:{src}", f"{keys.p}:signin:fail:pair:{pair}", f"{keys.p}:signin:fail:all"]
+        slot = secrets.token_hex(8)
+        verdict, resets_in = self._reserve_anon(
+            keys=zsets, args=[slot, t.window_s, t.per_source_max, t.window_s, t.per_pair_max, t.window_s, t.global_max])
+        if verdict == "throttled":
+            # Not audited: a stranger could otherwise write to the log at request rate. The
+            # refusals that reached the check are (at most the throttles' worth).
+            raise Refused("throttled", f"too many failed sign-ins from here; try again in {resets_in} s")
+        step = None
+        if _CODE.fullmatch(code):
+            step = matching_step(secret if approver is not None and secret else self._decoy, code, self.store.clock())
+        if step is not None and approver is not None and secret:
+            if self._consume(keys=[keys.totp_last_step(approver.id)], args=[step]):
+                pipe = self.store.r.pipeline(transaction=False)
+                for key in zsets:
+                    pipe.zrem(key, slot)
+                pipe.execute()
+                return step
+        # The slots stay as the recorded failure; nothing is recorded against the approver.
+        self.store.audit.record("anonymous", "signin.refused", "console", source=src[:12])
+        raise Refused("signin_failed", SIGNIN_REFUSED)

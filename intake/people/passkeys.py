@@ -158,7 +158,7 @@ class Passkeys:
             user_id=hashlib.sha256(b"intake-user|" + approver.id.encode()).digest()[:16],
             challenge=nonce,
             authenticator_selection=AuthenticatorSelectionCriteria(
-                resident_key=ResidentKeyRequirement.PREFERRED,
+                resident_key=ResidentKeyRequirement.REQUIRED,
                 user_verification=UserVerificationRequirement.REQUIRED,
             ),
             exclude_credentials=[PublicKeyCredentialDescriptor(id=base64url_to_bytes(p.id))
@@ -206,6 +206,18 @@ class Passkeys:
             challenge=bound_challenge(nonce, approver.id, action, subject, bound),
             allow_credentials=[PublicKeyCredentialDescriptor(id=base64url_to_bytes(p.id))
                                for p in self.list(approver.id)],
+            user_verification=UserVerificationRequirement.REQUIRED,
+        )
+        return challenge_id, json.loads(options_to_json(options))
+
+    def signin_options(self, approver_id: str) -> tuple[str, dict[str, Any]]:
+        """Sign-in options for a typed id, whether or not it is an approver: no
+        ``allowCredentials`` (the authenticator offers its discoverable credential), so the
+        answer for a known id and an unknown one differs only in the random challenge."""
+        challenge_id, nonce = self._issue({"kind": "assert", "approver": approver_id, "action": "signin",
+                                          "subject": approver_id, "bound": ""})
+        options = webauthn.generate_authentication_options(
+            rp_id=self.rp_id, challenge=bound_challenge(nonce, approver_id, "signin", approver_id, ""),
             user_verification=UserVerificationRequirement.REQUIRED,
         )
         return challenge_id, json.loads(options_to_json(options))

@@ -2,8 +2,19 @@
 
 A person is the unit the no-self-approval rule compares. Each has one intake id (the approver
 id format; an approver id *is* a person id) and identities on the channels: ``slack:U…``,
-``email:addr`` (lower-cased), ``github:login``, ``gitlab:login``, ``jira:accountId``,
+``email:addr`` (lower-cased), ``github:id:<n>``, ``gitlab:id:<n>``, ``jira:accountId``,
 ``os:username`` and ``cli:<id>``. An identity belongs to at most one person.
+
+Forge identities are the platform's **numeric user id** (``github:id:1234``), never the login:
+a login can be renamed (and a freed login taken by someone else), the id cannot. The login is
+kept beside it as provenance, for display only. Links made before this (``github:<login>``)
+still parse, so old records and old ideas keep their meaning, but a new link must be the id
+form, and webhooks only ever produce it (migration: ``intake person link ID github:id:<n>``,
+the id from ``GET https://api.github.com/users/<login>``, then unlink the login form).
+
+Email addresses are compared per the policy's ``[identities]`` (see :func:`canonical_identity`):
+case-insensitive, and with a ``+tag`` subaddress stripped where the domain is declared to use it,
+so an alias of a linked mailbox is that person.
 
 Records are MAC'd with the broker's record key (like ideas and approvals), so a person edited in
 Redis, or an index entry pointing an identity at someone else, is not believed. Every change
@@ -25,11 +36,15 @@ from intake.storage.store import Pipe, Store
 IDENTITY_KINDS: dict[str, str] = {
     "slack": r"[UW][A-Z0-9]{8,20}",
     "email": r"[a-z0-9._%+-]{1,64}@[a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})+",
-    "github": r"[a-z0-9](?:[a-z0-9-]{0,38})",
-    "gitlab": r"[a-z0-9_][a-z0-9_.-]{0,254}",
+    # id:<n> is the immutable user id; a bare login is the legacy (pre-issue-20) form.
+    "github": r"id:[0-9]{1,20}|[a-z0-9](?:[a-z0-9-]{0,38})",
+    "gitlab": r"id:[0-9]{1,20}|[a-z0-9_][a-z0-9_.-]{0,254}",
     "jira": r"[A-Za-z0-9:_-]{1,128}",
     "os": r"[a-z_][a-z0-9_.-]{0,31}",
     "cli": r"[a-z][a-z0-9_.-]{0,39}",
+    # OpenID Connect: the issuer URL exactly as the provider states it, '#', the subject
+    # (oidc:https://idp.example.com#248289761001): console single sign-on, intake/console/sso.py.
+    "oidc": r"https?://[A-Za-z0-9.:\[\]_~%/-]{1,253}#[\x21-\x7e]{1,255}",
 }
 # Logins and mail addresses are case-insensitive on their platforms; ids are not.
 _FOLD = {"email", "github", "gitlab"}
@@ -53,6 +68,35 @@ def parse_identity(value: str) -> str:
     if not re.fullmatch(IDENTITY_KINDS[kind], rest):
         raise InvalidInput(f"{value!r} is not a valid {kind} identity")
     return f"{kind}:{rest}"
+
+
+_FORGES = ("github", "gitlab")
+
+
+def canonical_identity(identity: str, subaddress_domains: frozenset[str] = frozenset()) -> str:
+    """The form of ``identity`` that names its owner: an email address with its ``+tag``
+    removed when its domain is one of ``subaddress_domains`` (the policy declares which mail
+    systems deliver ``alice+x@`` to ``alice@``); anything else unchanged."""
+    kind, _, rest = identity.partition(":")
+    if kind != "email" or not subaddress_domains:
+        return identity
+    local, _, domain = rest.rpartition("@")
+    if domain in subaddress_domains and "+" in local:
+        local = local.split("+", 1)[0]
+        if local:
+            return f"email:{local}@{domain}"
+    return identity
+
+
+def parse_link(value: str) -> str:
+    """An identity as a *new* link: as :func:`parse_identity`, and a forge identity must be the
+    numeric id form (``github:id:1234``); a login is refused, as it can be renamed."""
+    ident = parse_identity(value)
+    kind, _, rest = ident.partition(":")
+    if kind in _FORGES and not rest.startswith("id:"):
+        raise InvalidInput(f"{value!r}: link the {kind} user's numeric id ({kind}:id:<n>), not a login, "
+                           "which its owner can rename")
+    return ident
 
 
 class Person(_Model):
@@ -134,9 +178,17 @@ class People:
             return None
         return pid if person is not None and ident in person.identities else None
 
-    def persons_of(self, *identities: str) -> set[str]:
-        """Every person behind these identities (unlinked ones contribute nothing)."""
-        return {pid for i in identities if i and (pid := self.resolve(i)) is not None}
+    def persons_of(self, *identities: str, subaddress_domains: frozenset[str] = frozenset()) -> set[str]:
+        """Every person behind these identities, each also in its canonical form
+        (:func:`canonical_identity`); unlinked ones contribute nothing."""
+        found = set()
+        for ident in identities:
+            if not ident:
+                continue
+            for form in {ident, canonical_identity(ident, subaddress_domains)}:
+                if (pid := self.resolve(form)) is not None:
+                    found.add(pid)
+        return found
 
     # -- changes ---------------------------------------------------------------------------
     def _write(self, pipe: Pipe, person: Person) -> Person:
@@ -161,7 +213,7 @@ class People:
         """Create ``person_id`` (when ``create``) or add ``identities`` to it; audited."""
         parse_person_id(person_id)
         # Every person answers to cli:<their id> (a token caller's identity, `idea --as`).
-        links = tuple(dict.fromkeys([f"cli:{person_id}", *(parse_identity(i) for i in identities)]))
+        links = tuple(dict.fromkeys([f"cli:{person_id}", *(parse_link(i) for i in identities)]))
         key = self._key(person_id)
 
         def build(pipe: Pipe) -> Person:

@@ -8,6 +8,9 @@ on every read: Redis is storage, never authority.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -135,6 +138,27 @@ class Store:
 
     def get_idea(self, idea_id: str) -> Idea:
         return self.read_idea(self.r, idea_id)
+
+    # -- result reviews (issue 20) -------------------------------------------------------------
+    def _review_key(self, task_id: str, digest: str) -> str:
+        return f"{self.keys.p}:review:{task_id}:{digest}"
+
+    def put_review(self, task_id: str, diff: str) -> str:
+        """Store the diff a result is reviewed by, keyed by its SHA-256 (returned). Redis is only
+        a cache here: :meth:`get_review` hands back text only when it still hashes to the digest
+        the sealed history names."""
+        digest = hashlib.sha256(diff.encode()).hexdigest()
+        self.r.set(self._review_key(task_id, digest), diff)
+        return digest
+
+    def get_review(self, task_id: str, digest: str) -> str | None:
+        """The stored diff whose SHA-256 is ``digest``, or None (missing, or altered in Redis)."""
+        if not re.fullmatch(r"[0-9a-f]{64}", digest or ""):
+            return None
+        raw = self.r.get(self._review_key(task_id, digest))
+        if raw is None or not hmac.compare_digest(hashlib.sha256(raw.encode()).hexdigest(), digest):
+            return None
+        return str(raw)
 
     def get_task(self, task_id: str) -> Task:
         return self.read_task(self.r, task_id)

@@ -14,6 +14,7 @@ Refusals raise :class:`Refused` with a stable reason tag, are audited, and chang
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from intake.core.models import (
 from intake.core.policy import ApprovalRule, Policy, ResultApprovalRule, RiskTier
 from intake.people.approvers import Approvers
 from intake.people.passkeys import PasskeyProof
-from intake.people.registry import People
+from intake.people.registry import People, canonical_identity
 from intake.storage.store import Pipe, Store, idea_fields
 
 
@@ -62,6 +63,12 @@ class Decision:
             "spec_hash": self.task.spec_hash,
             "approvers": [a.approver for a in self.task.approvals],
         }
+
+
+def accept_bound(sha: str, diff_sha256: str | None) -> str:
+    """What a passkey assertion for a result approval names: the commit, and the reviewed diff's
+    digest when the result has one (``<sha>:<digest>``)."""
+    return f"{sha}:{diff_sha256}" if diff_sha256 else sha
 
 
 class Gatekeeper:
@@ -109,13 +116,17 @@ class Gatekeeper:
         to them now or linked to them before (unlinking one's own identity, or re-linking it to
         a throwaway person, does not make one's words someone else's). Compares persons, not
         strings; an unlinked identity still matches the approver's own registered ids."""
-        claimed = {idea.requester, idea.filed_by or idea.requester}
-        if approver is not None and claimed & approver.identities():
+        # issue 20: identities are compared in their canonical form (an email's +tag stripped
+        # where the policy's [identities] declares the domain subaddresses), on both sides.
+        domains = frozenset(self.policy.identities.email_subaddress_domains)
+        raw = {idea.requester, idea.filed_by or idea.requester}
+        claimed = raw | {canonical_identity(i, domains) for i in raw}
+        if approver is not None and claimed & {canonical_identity(i, domains) for i in approver.identities()}:
             return True
         me = self.people.find(person_id)
-        if me is not None and claimed & me.ever():  # also identities unlinked since
+        if me is not None and claimed & {canonical_identity(i, domains) for i in me.ever()}:  # also unlinked since
             return True
-        return person_id in self.people.persons_of(*claimed)
+        return person_id in self.people.persons_of(*claimed, subaddress_domains=domains)
 
     def _tier(self, spec: TaskSpec) -> tuple[str, RiskTier]:
         repo = self.policy.find_repo(spec.repo)
@@ -382,9 +393,11 @@ class Gatekeeper:
         return tier.result_rule(bool(repo.privileged_paths) and touches)
 
     def accept(self, task_id: str, *, approver_id: str, code: str | PasskeyProof, sha: str, via: str = "cli",
-               note: str = "") -> Decision:
-        """Approve a task's *result*: the quarantined commit ``sha``, as the sealed history
-        names it (step-up code required, never by the requester). When the approvals of that
+               note: str = "", diff_sha256: str | None = None) -> Decision:
+        """Approve a task's *result*: the quarantined commit ``sha`` **and** the diff the approver
+        was shown (``diff_sha256``), as the sealed history names them (step-up code required,
+        never by the requester). An approval for another diff, or for none when the result has
+        one, is refused (issue 20: nobody accepts a result blind). When the approvals of that
         commit meet the rule it waits for, the task moves to ``delivering`` and a delivery job
         bound to that sha is dispatched. A new commit needs new approvals; deny and revoke win."""
         actor = f"approver:{approver_id}"
@@ -392,18 +405,19 @@ class Gatekeeper:
         approver = self._active(approver_id, task_id)
         task = self.store.get_task(task_id)
         groups = self.policy.groups_of(approver.id)
-        self._check_acceptable(task, approver, groups, sha, actor)
+        self._check_acceptable(task, approver, groups, sha, actor, diff_sha256)
         _, tier = self._tier(task.spec)
-        factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id, bound=sha,
-                                             require=tier.step_up)
+        # A passkey assertion names the commit and (issue 20) the reviewed diff's digest.
+        factor = self.approvers.check_stepup(approver, code, purpose="accept", subject=task_id,
+                                             bound=accept_bound(sha, diff_sha256), require=tier.step_up)
         via = self._via(via, factor)
 
         def build(pipe: Pipe) -> Task:
             now = self.store.clock()
             current = self.store.read_task(pipe, task_id)
-            rule = self._check_acceptable(current, approver, groups, sha, actor)
+            rule = self._check_acceptable(current, approver, groups, sha, actor, diff_sha256)
             approval = Approval(approver=approver.id, groups=groups, spec_hash=current.spec_hash, at=now, via=via,
-                                note=note, generation=approver.generation, sha=sha)
+                                note=note, generation=approver.generation, sha=sha, diff_sha256=diff_sha256)
             counted = [*self.valid_result_approvals(current), approval]
             done = self.satisfied(rule, counted)
             kept = [a for a in current.result_approvals if a.sha == sha]
@@ -416,7 +430,7 @@ class Gatekeeper:
             fact = self.ledger.task(task_id)
             self.store.emit(pipe, actor, "result.approved", task_id, sha=sha, spec_hash=current.spec_hash,
                             groups=list(groups), via=via, count=len(counted), required=rule.approvals,
-                            generation=approver.generation,
+                            generation=approver.generation, diff_sha256=diff_sha256,
                             # bound to the worker whose run produced the commit, too (issue 19)
                             worker=fact.result_worker if fact is not None else None)
             if done:
@@ -448,7 +462,7 @@ class Gatekeeper:
                          at=a.at, via=a.via, generation=a.generation) for a in counted]
 
     def _check_acceptable(self, task: Task, approver: Approver, groups: tuple[str, ...], sha: str,
-                          actor: str) -> ApprovalRule:
+                          actor: str, diff_sha256: str | None = None) -> ApprovalRule:
         """The rule the result waits for, if ``approver`` may approve commit ``sha`` now."""
         if task.state is TaskState.DENIED:
             raise self._refuse(actor, task.id, "already_denied", f"task {task.id} was denied")
@@ -466,6 +480,14 @@ class Gatekeeper:
             raise self._refuse(actor, task.id, "wrong_sha",
                                f"task {task.id}'s result is commit {fact.result_commit[:12]}, not {sha[:12]}; "
                                "review the result again", sha=sha[:64])
+        # issue 20: bound to the diff the approver was shown, as the sealed history names it
+        # (results sealed before diffs were reviewed have none and bind to the commit alone).
+        if fact.result_diff is not None and not (
+                isinstance(diff_sha256, str) and hmac.compare_digest(diff_sha256, fact.result_diff)):
+            reason = "review_required" if not diff_sha256 else "wrong_diff"
+            raise self._refuse(actor, task.id, reason,
+                               f"task {task.id}'s result is reviewed by its diff (sha256 {fact.result_diff[:12]}); "
+                               "open it (console task page, or `intake show TASK --diff`) and accept what you saw")
         idea = self.store.get_idea(task.idea_id)
         self._check_idea_intact(idea, actor)
         if task.idea_id != idea.id or self.own_work(approver.id, idea, approver):
@@ -534,7 +556,9 @@ class Gatekeeper:
             raise InvalidInput("--reason: say why")
         task = self.store.get_task(task_id)
         caller = {person} if person else self.people.persons_of(identity)
-        if not is_approver and identity != task.requester and not caller & self.people.persons_of(task.requester):
+        domains = frozenset(self.policy.identities.email_subaddress_domains)
+        if not is_approver and identity != task.requester and not caller & self.people.persons_of(
+                task.requester, subaddress_domains=domains):
             raise self._refuse(identity, task_id, "not_allowed",
                                "only the requester or an approver can revoke a task")
         live = self.ledger.follow().task(task_id)

@@ -45,6 +45,7 @@ Workers are separate principals (issue 19):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -649,9 +650,31 @@ class ReportProcessor:
                 or not isinstance(count, int) or count > len(listed)):
             complete = False
         rule = self.broker.gatekeeper.result_rule(self.store.get_task(report.task), listed, complete)
+        # issue 20: the review an approver is shown. The worker's diff must hash to the SHA-256
+        # it reported; the text is stored beside the task (only its digest goes on the record
+        # and into the sealed event, which the result approval then binds to).
+        result, diff_sha = self._review(report.task, result or {})
         if rule is None:
-            return TaskState.DELIVERING, {"commit": commit}, result
-        return TaskState.AWAITING_RESULT_APPROVAL, {"commit": commit, "rule": rule.model_dump(mode="json")}, result
+            return TaskState.DELIVERING, {"commit": commit, "diff_sha256": diff_sha}, result
+        return TaskState.AWAITING_RESULT_APPROVAL, {"commit": commit, "rule": rule.model_dump(mode="json"),
+                                                    "diff_sha256": diff_sha}, result
+
+    def _review(self, task_id: str, result: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """(the result without the diff text, the diff's SHA-256) for a succeeded run's report;
+        a missing or mismatched review is a malformed report (issue 20)."""
+        review = result.get("review")
+        if not isinstance(review, dict) or not isinstance(review.get("diff"), str):
+            raise ReportRejected("malformed")
+        diff, claimed = review["diff"], review.get("sha256")
+        if not isinstance(claimed, str) or not hmac.compare_digest(hashlib.sha256(diff.encode()).hexdigest(), claimed):
+            raise ReportRejected("malformed")
+        digest = self.store.put_review(task_id, diff)
+        summary = {"sha256": digest, "truncated": review.get("truncated") is True,
+                   "bytes": review.get("bytes") if isinstance(review.get("bytes"), int) else len(diff.encode()),
+                   "stat": str(review.get("stat", ""))[-8000:],
+                   "binary": [str(b)[:300] for b in review.get("binary", [])][:200]
+                   if isinstance(review.get("binary"), list) else []}
+        return {**result, "review": summary}, digest
 
     def _refused(self, report: Report) -> None:
         d = report.data

@@ -111,7 +111,7 @@ def test_a_non_approver_cannot_deny_or_revoke_someone_elses_work(api: RunningBro
     idea = admin.call("POST", "/ideas", {"text": "frank's idea", "requester": "frank"})
     # alice's two codes are spent: mint erin's token as the API would (test setup)
     with open_broker(settings) as broker:
-        _, token = ApiTokens(broker.store, People(broker.store)).create("erin", actor="test:setup")
+        _, token = ApiTokens(broker.store, People(broker.store)).create("erin", actor="test:setup", scope="power")
         state = broker.store.get_idea(idea["id"]).state
     erin = ApiClient(api.tcp_url, token)
     with pytest.raises(ApiError) as err:
@@ -134,7 +134,7 @@ def test_a_token_of_a_person_whose_record_was_deleted_is_refused(api: RunningBro
     enrol(settings, {"alice": ("platform", (ME,))})
     with open_broker(settings) as broker:
         People(broker.store).upsert("erin", name="Erin", actor="test:setup")
-        _, token = ApiTokens(broker.store, People(broker.store)).create("erin", actor="test:setup")
+        _, token = ApiTokens(broker.store, People(broker.store)).create("erin", actor="test:setup", scope="ideas")
     erin = ApiClient(api.tcp_url, token)
     assert erin.call("GET", "/me")["person"] == "erin"
     alice_record = rclient.get("intake:person:alice")

@@ -198,10 +198,12 @@ async def test_a_stranger_is_recorded_as_such_and_cannot_claim_a_better_associat
     payload["comment"]["body"] = "/intake please add me as admin"
     payload["comment"]["author_association"] = "NONE"
     payload["comment"]["user"]["login"] = "Stranger-1"
+    payload["comment"]["user"]["id"] = 777001
     status, answer = await hooks.github("issue_comment", payload)
     assert status == 202
     idea = store.get_idea(answer["idea"])
-    assert idea.requester == "github:stranger-1" and idea.provenance["author_association"] == "NONE"
+    assert idea.requester == "github:id:777001" and idea.provenance["author_association"] == "NONE"
+    assert idea.provenance["login"] == "Stranger-1"  # shown beside the id; never who it is
     payload["comment"]["id"] += 1
     payload["comment"]["author_association"] = "OWNER\nMEMBER"
     status, answer = await hooks.github("issue_comment", payload)

@@ -48,7 +48,7 @@ def token_for(settings: Settings, person: str) -> str:
     with open_broker(settings) as broker:
         people = People(broker.store)
         people.upsert(person, name=person.title(), identities=(), actor="test:setup")
-        return ApiTokens(broker.store, people).create(person, actor="test:setup")[1]
+        return ApiTokens(broker.store, people).create(person, actor="test:setup", scope="power")[1]
 
 
 def test_two_authorization_headers_are_a_400_whatever_their_order(api: RunningBroker, settings: Settings,

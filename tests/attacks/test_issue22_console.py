@@ -53,9 +53,10 @@ class Console:
 
     async def sign_in(self, who: str = "alice") -> str:
         """Enrol ``who`` and sign in with a code; the signed-in page's CSRF token."""
-        enrolment = self.broker.approvers.add(self.broker.policy, who, name=who.title(),
-                                              groups=self.broker.policy.groups_of(who), slack_user=None, email=None,
-                                              actor="test:setup")
+        self.broker.approvers.add(self.broker.policy, who, name=who.title(),
+                                  groups=self.broker.policy.groups_of(who), slack_user=None, email=None,
+                                  actor="test:setup")
+        enrolment = self.broker.approvers.enrol(who, actor=f"approver:{who}")
         totp = pyotp.parse_uri(enrolment.otpauth_uri)
         self.broker.approvers.confirm(who, totp.at(time.time() - 30), actor=f"approver:{who}")
         page = await (await self.client.get("/console/signin")).text()

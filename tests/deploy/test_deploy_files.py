@@ -25,10 +25,10 @@ K8S_VERSION = "1.31.0"
 SANDBOX_CAPS = {"SETUID", "SETGID", "CHOWN", "FOWNER"}
 
 # What a secret looks like when someone pastes one: Slack tokens, a Redis URL with a password,
-# PEM private keys, long base64 or hex blobs, password=… assignments.
+# PEM private keys, long base64 or hex blobs (but not an image digest, `@sha256:<hex>`), password=… assignments.
 SECRET = re.compile(
     r"xox[abposr]-[0-9A-Za-z-]{6,}|xapp-[0-9A-Za-z-]{6,}|rediss?://[^:@\s/]*:[^@\s]{6,}@"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----|(?<![\w/.-])[A-Za-z0-9+/]{40,}={0,2}(?![\w/.-])"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----|(?<![\w/.-])(?<!@sha256:)[A-Za-z0-9+/]{40,}={0,2}(?![\w/.-])"
     r"|(?i:password|passwd|secret|token)\s*[:=]\s*['\"]?(?![/.$])[A-Za-z0-9+/_-]{12,}"
 )
 
@@ -48,6 +48,8 @@ def test_the_secret_pattern_catches_what_it_must() -> None:
                     "key: " + "QUJD" * 11):
         assert SECRET.search(planted), planted
     assert not SECRET.search("INTAKE_SIGNING_KEY: /run/secrets/signing_key")
+    assert not SECRET.search("FROM redis:7.2@sha256:" + "ab" * 32)
+    assert SECRET.search("token:" + "ab" * 32), "only an image digest is exempt, not any hex after a colon"
 
 
 def test_no_deploy_file_holds_a_secret() -> None:
@@ -78,10 +80,52 @@ def test_dockerfile_is_multi_stage_non_root_with_bubblewrap_and_a_healthcheck() 
     assert not any(op == "COPY" and re.search(r"\.intake|keys", arg) for op, arg in steps)
 
 
+DIGEST = re.compile(r"[a-z0-9./-]+(:[A-Za-z0-9._-]+)?@sha256:[0-9a-f]{64}")
+OWN_IMAGE = "intake:0.1.0"  # built from deploy/Dockerfile: its digest exists only once built and pushed
+
+
+def _images() -> dict[str, list[str]]:
+    """Every image each recipe names: FROM lines, compose and Kubernetes ``image:`` values."""
+    found: dict[str, list[str]] = {"Dockerfile": [arg.split()[0] for op, arg in _dockerfile() if op == "FROM"]}
+    found["compose.yaml"] = [s["image"] for s in yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+                             .values() if "image" in s]
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in _docs(path):
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            found.setdefault(f"k8s/{path.name}", []).extend(
+                c["image"] for c in pod.get("containers", []) + pod.get("initContainers", []))
+    return found
+
+
+def test_every_base_and_third_party_image_is_pinned_by_digest() -> None:
+    images = _images()
+    assert len(images["Dockerfile"]) >= 2 and images["compose.yaml"] and images["k8s/redis.yaml"]
+    loose = {where: image for where, names in images.items() for image in names
+             if image != OWN_IMAGE and not DIGEST.fullmatch(image)}
+    assert not loose, f"images named by a tag only: {loose}"
+    for bad in ("redis:7.2-bookworm", "redis@sha256:abc", "caddy:2.8@sha256:" + "A" * 64):
+        assert not DIGEST.fullmatch(bad), bad
+
+
+def test_compose_and_kubernetes_name_every_image_the_same_way() -> None:
+    images = _images()
+    by_repo: dict[str, set[str]] = {}
+    for where, names in images.items():
+        if where == "Dockerfile":
+            continue
+        for image in names:
+            by_repo.setdefault(image.split("@")[0].rsplit(":", 1)[0], set()).add(image)
+    assert {r: v for r, v in by_repo.items() if len(v) > 1} == {}, "one image, one name, in every recipe"
+    assert by_repo["intake"] == {OWN_IMAGE} and by_repo["redis"] <= set(images["k8s/redis.yaml"])
+    assert OWN_IMAGE in images["k8s/broker.yaml"] and OWN_IMAGE in images["k8s/worker.yaml"]
+    assert f"-t {OWN_IMAGE} " in (DEPLOY / "Dockerfile").read_text(), "the tag the build comment gives"
+
+
 def test_dockerignore_keeps_local_state_and_keys_out_of_the_build_context() -> None:
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert lines[[i for i, l in enumerate(lines) if not l.startswith("#")][0]] == "*", "allow-list, not deny-list"
-    assert "**/.intake" in lines and "**/*.key" in lines and "**/*.pem" in lines
+    assert "**/.intake" in lines and "**/*.key" in lines and "**/*.pem" in lines and "deploy/state" in lines
+    # (tests/deploy/test_build_context.py lists the actual context with the recipe's state in place.)
 
 
 # -- compose -----------------------------------------------------------------------------------
@@ -324,8 +368,9 @@ def _code_needs() -> tuple[set[str], set[str]]:
     scopes |= {EVENT_SCOPES[e] for e in events}
     if any(re.search(r"app\.(command|shortcut)\(", t) for t in source.values()):
         scopes.add("commands")
-    if "def send_by_dm" in source[REPO_ROOT / "intake" / "console" / "enrol.py"]:
-        scopes.add("im:write")  # enrolment links go to the approver's DM with the app
+    # Enrolment links go to the approver's DM with the app as chat.postMessage with the user id as
+    # the channel (the app's Messages tab): chat:write, no im:write (that is conversations.open's).
+    assert "channel=slack_user" in source[REPO_ROOT / "intake" / "console" / "enrol.py"]
     return scopes, events
 
 

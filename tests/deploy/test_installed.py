@@ -1,5 +1,5 @@
-"""The package as an operator gets it: a built wheel, installed (not editable), run from an empty
-directory. The wheel must carry every runtime file and no generic top-level package, and the
+"""The package as an operator gets it: the distribution `intake-broker` from a built wheel, installed
+by that name (not editable), run from an empty directory. The wheel must carry every runtime file and no generic top-level package, and the
 installed broker must take an idea to a pushed branch in dev mode, rendering Slack cards."""
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO_ROOT)],
                    check=True, timeout=300, capture_output=True)
-    (built,) = out.glob("intake-*.whl")
+    (built,) = out.glob("*.whl")
+    assert built.name.startswith("intake_broker-"), built.name  # the distribution name, not PyPI's `intake`
     return built
 
 
 @pytest.fixture(scope="module")
 def site(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+    # By name, from the directory holding only the built wheel: what `pip install intake-broker` does.
+    subprocess.run([sys.executable, "-m", "pip", "--isolated", "install", "-q", "--no-deps", "--no-index",
+                    "--find-links", str(wheel.parent), "--target", str(target), "intake-broker"],
                    check=True, timeout=300, capture_output=True)
     return target
 
@@ -80,9 +83,15 @@ def test_the_installed_broker_runs_the_readme_walkthrough_from_an_empty_director
         site: Path, tmp_path: Path, short_tmp: Path) -> None:
     run_dir = short_tmp
     env = _env(site, tmp_path)
-    where = subprocess.run([sys.executable, "-c", "import intake, intake.workers; print(intake.__file__)"],
-                           cwd=run_dir, env=env, capture_output=True, text=True, check=True, timeout=60)
-    assert Path(where.stdout.strip()).is_relative_to(site), "the test must exercise the installed copy"
+    where = subprocess.run(
+        [sys.executable, "-c", "import importlib.metadata as m, intake, intake.workers; print(intake.__file__); "
+         "d = m.distribution('intake-broker'); print(d.locate_file('')); "
+         "print([e.value for e in d.entry_points if e.name == 'intake'])"],
+        cwd=run_dir, env=env, capture_output=True, text=True, check=True, timeout=60)
+    module, dist_root, scripts = where.stdout.splitlines()
+    assert Path(module).is_relative_to(site), "the test must exercise the installed copy"
+    assert Path(dist_root) == site, "the installed distribution is intake-broker"
+    assert scripts == "['intake.cli.main:main']", "the command stays `intake`"
     port = _free_port()
     env_serve = {**env, "INTAKE_PORT": str(port)}
     log = (tmp_path / "serve.log").open("w")

@@ -21,8 +21,9 @@ from tests.email.email_harness import RecordResolver, Signer, mail, rfc8463_mess
 NONE: frozenset[str] = frozenset()
 
 
-def verdict(raw: bytes, resolver: RecordResolver, trusted: frozenset[str] = NONE):  # type: ignore[no-untyped-def]
-    return authenticate(raw, parse_message(raw), resolver, trusted)
+def verdict(raw: bytes, resolver: RecordResolver, trusted: frozenset[str] = NONE,  # type: ignore[no-untyped-def]
+            sealers: frozenset[str] = NONE):
+    return authenticate(raw, parse_message(raw), resolver, trusted, sealers)
 
 
 @pytest.mark.parametrize("selector", ["brisbane", "test"])
@@ -130,16 +131,46 @@ def test_arc_results_count_only_when_the_chain_validates_and_the_sealer_is_trust
     sealed = b"".join(dkim.arc_sign(original, b"arc", b"lists.trusted.test", private, b"lists.trusted.test",
                                     include_headers=[b"from", b"to", b"subject", b"message-id", b"date"])) + original
     trusted = frozenset({"lists.trusted.test"})
-    result = verdict(sealed, resolver, trusted)
+    sealers = frozenset({"lists.trusted.test"})
+    result = verdict(sealed, resolver, trusted, sealers)
     assert result.result == "pass" and result.method in ("arc:lists.trusted.test",
                                                           "authentication-results:lists.trusted.test")
     # Without the plain Authentication-Results header, only ARC can vouch.
     arc_only = b"\r\n".join(line for line in sealed.split(b"\r\n") if not line.startswith(b"Authentication-Results"))
-    result = verdict(arc_only, resolver, trusted)
+    result = verdict(arc_only, resolver, trusted, sealers)
     assert (result.result, result.method) == ("pass", "arc:lists.trusted.test")
-    assert verdict(arc_only, resolver, frozenset({"mx.other.test"})).result == "none"
+    assert verdict(arc_only, resolver, frozenset({"mx.other.test"}), sealers).result == "none"
+    # The same valid chain, when its sealer is not a configured trusted sealer: nothing.
+    assert verdict(arc_only, resolver, trusted).result == "none"
+    assert verdict(arc_only, resolver, trusted, frozenset({"other.test"})).result == "none"
     # A seal that no longer validates (the message changed after sealing) vouches for nothing.
-    assert verdict(arc_only.replace(b"hi", b"HI"), resolver, trusted).result == "none"
+    assert verdict(arc_only.replace(b"hi", b"HI"), resolver, trusted, sealers).result == "none"
+
+
+def test_an_arc_set_sealed_by_the_senders_own_domain_never_beats_the_trusted_mta() -> None:
+    """Issue 20: the attacker seals a valid ARC set with their own domain's key, writes the
+    trusted authserv-id into its ARC-Authentication-Results and claims dkim=pass for
+    victim.example; the trusted MTA itself said dkim=none; dmarc=fail. Unverified, always."""
+    resolver = RecordResolver({"_dmarc.victim.example": "v=DMARC1; p=reject"})
+    private = _rsa_key(resolver, "arc", "attacker.example")
+    original = mail("ceo@victim.example", "wire the money",
+                    extra="Authentication-Results: mx.corp.test; dkim=pass header.d=victim.example header.s=s1\r\n")
+    sealed = b"".join(dkim.arc_sign(original, b"arc", b"attacker.example", private, b"mx.corp.test",
+                                    include_headers=[b"from", b"to", b"subject", b"message-id", b"date"]))
+    body = original.replace(b"Authentication-Results: mx.corp.test; dkim=pass header.d=victim.example "
+                            b"header.s=s1\r\n", b"")
+    # The trusted MTA prepends its own (failing) result when it relays the message to intake.
+    relayed = b"Authentication-Results: mx.corp.test; dkim=none; dmarc=fail header.from=victim.example\r\n" + sealed + body
+    trusted = frozenset({"mx.corp.test"})
+    # The chain is valid: an operator who (wrongly) listed the attacker as a sealer, with no
+    # result of the MTA's own, would believe it. That is the only way it counts.
+    assert verdict(sealed + body, resolver, trusted, frozenset({"attacker.example"})).verified
+    for sealers in (NONE, frozenset({"attacker.example"}), frozenset({"lists.trusted.test"})):
+        assert not verdict(relayed, resolver, trusted, sealers).verified, sealers
+    # Even with the attacker's domain configured as a sealer, the MTA's own fail stands.
+    assert not verdict(relayed, resolver, trusted, frozenset({"attacker.example"})).verified
+    # Without the MTA's own header, an untrusted sealer still vouches for nothing.
+    assert not verdict(sealed + body, resolver, trusted, frozenset({"lists.trusted.test"})).verified
 
 
 def test_a_signature_over_part_of_the_body_does_not_pass() -> None:

@@ -45,9 +45,10 @@ def enrol(settings: Settings, *names: str) -> dict[str, pyotp.TOTP]:
     totps = {}
     with open_broker(settings) as broker:
         for name in names:
-            enrolment = broker.approvers.add(broker.policy, name, name=name.title(),
+            broker.approvers.add(broker.policy, name, name=name.title(),
                                              groups=broker.policy.groups_of(name), slack_user=None,
                                              email=None, actor="cli:root")
+            enrolment = broker.approvers.enrol(name, actor=f"approver:{name}")
             totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
             broker.approvers.confirm(name, totps[name].at(time.time() - 30), actor=f"approver:{name}")
     return totps

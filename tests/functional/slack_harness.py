@@ -52,8 +52,9 @@ def enrol_approvers(settings: Settings) -> dict[str, pyotp.TOTP]:
     with open_broker(settings) as broker:
         for name, slack_user in SLACK_USERS.items():
             group = broker.policy.groups_of(name)
-            enrolment = broker.approvers.add(broker.policy, name, name=name.title(), groups=group,
+            broker.approvers.add(broker.policy, name, name=name.title(), groups=group,
                                              slack_user=slack_user, email=None, actor="cli:root")
+            enrolment = broker.approvers.enrol(name, actor=f"approver:{name}")
             totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
             # The previous step's code: "now" stays free for the test's first approval.
             broker.approvers.confirm(name, totps[name].at(time.time() - 30), actor=f"approver:{name}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from typing import Any
 import pyotp
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from intake.console.enrol import EnrolLinks
 from intake.core.models import Channel, TaskState
 from intake.core.settings import Settings
 from tests.factories import draft
@@ -55,12 +58,15 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
     ctx.close()
 
 
-def sign_in(page: Page, app: Running, who: str, totp: pyotp.TOTP) -> None:
+def sign_in(page: Page, app: Running, who: str, totp: pyotp.TOTP, code: str | None = None) -> None:
     page.goto(f"{app.url}/console/signin")
     page.fill("#signin input[name=approver]", who)
-    page.fill("#signin input[name=code]", code_now(totp))
+    page.fill("#signin input[name=code]", code or code_now(totp))
     page.click("#signin .totp-submit")
-    page.wait_for_url(f"{app.url}/console/ideas")
+    try:
+        page.wait_for_url(f"{app.url}/console/ideas")
+    except PlaywrightTimeout:
+        pytest.fail(f"sign-in as {who} failed at {page.url}: {page.inner_text('body')[:600]}")
     assert page.text_content("#who") == who
 
 
@@ -97,7 +103,31 @@ def test_sign_in_with_totp_sets_a_strict_httponly_cookie_under_a_csp(app: Runnin
     page.click("#signin .totp-submit")
     assert "not valid" in (page.text_content("#error") or "")
 
+    while 30 - time.time() % 30 < 3:  # wait for the clock: sign in early in a TOTP step, so the
+        time.sleep(0.05)              # code it spends is still the one on the screen below
     sign_in(page, app, "alice", totps["alice"])
+    # The sign-in spent the code on alice's screen: the page says when the next one is due
+    # (issue 20), and using the spent code again says the same instead of a bare "invalid".
+    due = int(page.get_attribute("#next-code", "data-due-in") or "0")
+    assert 0 < due <= 31
+    idea_id = file_idea(app)
+    page.goto(f"{app.url}/console/ideas/{idea_id}")
+    page.select_option("#promote select[name=repo]", "acme/web")
+    page.select_option("#promote select[name=change_type]", "docs")
+    refusals = len([a for a in audit_actions(app) if a == "mfa.refused"])
+    spent = page.evaluate("sessionStorage.getItem('intake-spent-code')")  # the code she signed in with
+    assert spent and len(spent) == 6
+    page.fill("#promote input[name=code]", spent)
+    page.click("#promote .totp-submit")
+    assert "next code is due in" in (page.text_content("#error") or "")  # held in the page, not sent
+    assert len([a for a in audit_actions(app) if a == "mfa.refused"]) == refusals
+    assert app.broker.store.get_idea(idea_id).task_id is None
+    # Sent anyway (another tab, a script): the broker's refusal says when the next code is due.
+    csrf = page.get_attribute('meta[name="csrf-token"]', "content") or ""
+    answer = page.request.post(f"{app.url}/console/ideas/{idea_id}/promote",
+                               form={"csrf": csrf, "repo": "acme/web", "change_type": "docs",
+                                     "code": spent})
+    assert answer.status == 403 and "already used" in answer.text() and "next one is due in" in answer.text()
     (cookie,) = [c for c in context.cookies() if c["name"] == "intake_console"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/console"
     assert not cookie["secure"]  # served over plain http on localhost; https origins set Secure
@@ -309,10 +339,13 @@ def test_enrolment_by_a_one_time_link(app: Running, browser: Browser) -> None:
     page.fill("#enrol input[name=groups]", "platform")
     page.fill("#enrol input[name=code]", code_next(totps["alice"]))
     page.click("#enrol button")
-    link = page.text_content("#enrol-link") or ""
-    assert link.startswith(f"{app.url}/console/enrol/")
+    assert "bob is invited" in (page.text_content("#enrol-invited") or "")
+    assert "/console/enrol/" not in page.content()  # the admin never sees a link (nor a seed)
     assert not app.broker.approvers.get("bob").confirmed
+    assert not app.broker.approvers.get("bob").secret_enc  # invited: no secret exists yet
     admin.close()
+    # The link bob gets in his own Slack DM (send_by_dm: tests/test_enrol_dm.py).
+    link = f"{app.url}/console/enrol/" + EnrolLinks(app.broker.store).create("bob", actor="approver:alice")
 
     person = browser.new_context()
     page = person.new_page()

@@ -142,9 +142,9 @@ ACCEPT_ASSERTION = """async ({subject}) => {
   const cred = await navigator.credentials.get({publicKey: pk});
   return {challenge_id: data.challenge_id, credential: credentialJSON(cred), bound: data.bound};
 }"""
-POST_ACCEPT = """async ({post_to, challenge_id, credential, sha}) => {
+POST_ACCEPT = """async ({post_to, challenge_id, credential, sha, diff_sha256}) => {
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
-  const body = new URLSearchParams({csrf, challenge_id, credential, sha});
+  const body = new URLSearchParams({csrf, challenge_id, credential, sha, diff_sha256});
   const resp = await fetch(`/console/tasks/${post_to}/accept`, {method: 'POST', body});
   return resp.status;
 }"""
@@ -171,9 +171,10 @@ def test_a_passkey_assertion_for_one_result_does_not_accept_another(
         assert f"docs/<b>{first}.md" in (page.text_content("#result") or "")
         assert page.locator("#result b").count() == 0
         got = page.evaluate(ACCEPT_ASSERTION, {"subject": second})
-        assert got["bound"] == second_sha
+        assert got["bound"] == f"{second_sha}:{rig.fact(second).result_diff}"  # commit and reviewed diff
         status = page.evaluate(POST_ACCEPT, {"post_to": first, "challenge_id": got["challenge_id"],
-                                             "credential": got["credential"], "sha": first_sha})
+                                             "credential": got["credential"], "sha": first_sha,
+                                             "diff_sha256": rig.fact(first).result_diff})
         assert status == 403
         refusals = [e["data"]["reason"] for e in app.broker.audit.export() if e["action"] == "mfa.refused"]
         assert refusals == ["passkey_challenge_mismatch"]
@@ -186,3 +187,61 @@ def test_a_passkey_assertion_for_one_result_does_not_accept_another(
         [approval] = rig.task(first).result_approvals
         assert approval.sha == first_sha and approval.via == "console+passkey"
         assert rig.task(second).state is TaskState.AWAITING_RESULT_APPROVAL
+
+
+def test_a_privileged_result_is_accepted_only_by_the_diff_its_page_rendered(
+        rig: Rig, context: BrowserContext) -> None:  # noqa: F811
+    """Issue 20: the agent changes a privileged path with markup and bidi characters in the
+    changed lines. The accept page shows the diff escaped (as text, bidi as markers), the
+    privileged file highlighted; the form carries the digest it rendered; an approval for another
+    digest, or none, is refused; the approval records the digest."""
+    task = rig.promote(repo="acme/web", change_type="docs")
+    hostile = {"type": "command", "argv": ["/bin/sh", "-c",
+               "mkdir -p auth && printf '<script>alert(1)</script>\\nlet ok = \\342\\200\\256true\\n' > auth/notes.md"]}
+    rig.work(rig.config(agent=hostile))
+    assert rig.task(task.id).state is TaskState.AWAITING_RESULT_APPROVAL, rig.task(task.id).reason
+    fact = rig.fact(task.id)
+    assert fact.result_diff and len(fact.result_diff) == 64
+    dialogs: list[str] = []
+    with console_for(rig) as app:
+        page = context.new_page()
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        sign_in(page, app, "bob", rig.totps["bob"])
+        page.goto(f"{app.url}/console/tasks/{task.id}")
+        assert page.text_content("#review-sha") == fact.result_diff
+        shown = page.locator("pre.diff").all_text_contents()
+        assert any("+<script>alert(1)</script>" in t for t in shown), shown
+        assert any("+let ok = \u27e8U+202E\u27e9true" in t for t in shown), shown  # the bidi mark, made visible
+        assert page.locator("pre.diff script").count() == 0 and dialogs == []
+        assert "\u202e" not in page.content()  # the raw bidi character never reaches the page
+        assert "auth/notes.md" in (page.text_content(".privileged-note") or "")
+        assert page.locator(".diff-file.privileged").count() == 1
+        assert page.get_attribute("#accept-form input[name=diff_sha256]", "value") == fact.result_diff
+
+        csrf = page.get_attribute('meta[name="csrf-token"]', "content") or ""
+        for forged_diff, reason in (("0" * 64, "wrong_diff"), ("", "review_required")):
+            before = len(list(app.broker.audit.export()))
+            answer = page.request.post(f"{app.url}/console/tasks/{task.id}/accept",
+                                       form={"csrf": csrf, "sha": fact.result_commit, "diff_sha256": forged_diff,
+                                             "code": code_next(rig.totps["bob"])})
+            assert answer.status == 403
+            events = list(app.broker.audit.export())[before:]
+            assert [(e["action"], e["data"].get("reason")) for e in events] == [("approval.refused", reason)]
+        assert not rig.task(task.id).result_approvals
+
+        # The stored diff altered in Redis: the page refuses to offer an accept at all.
+        key = f"intake:review:{task.id}:{fact.result_diff}"
+        original = rig.r.get(key)
+        rig.r.set(key, original.replace("<script>", "<em>"))
+        page.goto(f"{app.url}/console/tasks/{task.id}")
+        assert page.locator("#review-missing").count() == 1 and page.locator("#accept-form").count() == 0
+        rig.r.set(key, original)
+
+        page.goto(f"{app.url}/console/tasks/{task.id}")
+        page.fill("#accept-form input[name=code]", code_next(rig.totps["bob"]))
+        page.click("#accept-form .totp-submit")
+        page.wait_for_url(f"{app.url}/console/tasks/{task.id}?done=accepted")
+        [approval] = rig.task(task.id).result_approvals
+        assert approval.approver == "bob" and approval.diff_sha256 == fact.result_diff
+        [approved] = [e for e in app.broker.audit.export() if e["action"] == "result.approved"]
+        assert approved["data"]["diff_sha256"] == fact.result_diff and approved["data"]["sha"] == fact.result_commit

@@ -110,6 +110,12 @@ def test_quick_start_runs_an_idea_to_a_pushed_branch(dev_env: dict[str, str]) ->
         )
         idea = json.loads(filed.stdout)
         assert idea["requester"] == "cli:erin"
+        # erin's token was made for her by dev mode, not by her: it files ideas and nothing more.
+        enrol = subprocess.run(
+            [*INTAKE, "approver", "enrol", "erin"], capture_output=True, text=True, timeout=60,
+            env={**dev_env, "INTAKE_URL": f"http://127.0.0.1:{dev_env['INTAKE_PORT']}", "INTAKE_TOKEN": token},
+        )
+        assert enrol.returncode == 1 and "only files ideas" in enrol.stderr, enrol.stderr
         promoted = cli("promote", idea["id"], "--repo", "acme/web", "--change-type", "docs",
                        "--code", codes.next(), "--json")
         assert promoted.returncode == 0, promoted.stderr

@@ -59,7 +59,7 @@ async def test_github_issue_three_redeliveries_one_idea_and_one_reply(hooks: Sen
     idea_id = answers[0][1]["idea"]
     assert {a["idea"] for _, a in answers} == {idea_id}
     idea = store.get_idea(idea_id)
-    assert idea.channel is Channel.GITHUB and idea.requester == "github:codertocat"
+    assert idea.channel is Channel.GITHUB and idea.requester == "github:id:21031067"
     assert idea.title == "Spelling error in the README file"
     assert idea.text.startswith("Spelling error in the README file\n\nIt looks like you accidently spelled")
     assert idea.provenance["author_association"] == "OWNER" and idea.provenance["login"] == "Codertocat"
@@ -83,7 +83,7 @@ async def test_github_comment_ping_and_ignored_events(hooks: Sender, store: Stor
     status, answer = await hooks.github("issue_comment", comment("/intake bump the   README links\nplease"))
     assert status == 202
     idea = store.get_idea(answer["idea"])
-    assert idea.text == "bump the   README links\nplease" and idea.requester == "github:codertocat"
+    assert idea.text == "bump the   README links\nplease" and idea.requester == "github:id:21031067"
     assert idea.provenance["via"] == "issue_comment" and idea.provenance["author_association"] == "OWNER"
     await hooks.forge.wait_for(1)
 
@@ -100,14 +100,14 @@ async def test_github_label_mode_takes_only_the_label(settings: Settings, store:
     async with running_webhooks(settings, github_label="bug") as hooks:
         assert (await hooks.github("issues", vector("github/issues_opened.json")))[1] == {"ignored": "issues.opened"}
         status, answer = await hooks.github("issues", vector("github/issues_labeled.json"))
-        assert status == 202 and store.get_idea(answer["idea"]).requester == "github:codertocat"
+        assert status == 202 and store.get_idea(answer["idea"]).requester == "github:id:21031067"
 
 
 async def test_gitlab_issue_and_note_each_one_idea_with_a_note_back(hooks: Sender, store: Store) -> None:
     answers = [await hooks.gitlab("Issue Hook", vector("gitlab/issue_open.json"), key="idem-1") for _ in range(3)]
     assert [s for s, _ in answers] == [202] * 3 and [a["created"] for _, a in answers] == [True, False, False]
     idea = store.get_idea(answers[0][1]["idea"])
-    assert idea.channel is Channel.GITLAB and idea.requester == "gitlab:root"
+    assert idea.channel is Channel.GITLAB and idea.requester == "gitlab:id:1"
     assert idea.text == "New API: create/update/delete file\n\nCreate new API for manipulations with repository"
     assert idea.provenance["project"] == "gitlabhq/gitlab-test" and idea.provenance["issue"] == "23"
     note = vector("gitlab/note_issue.json")
@@ -235,7 +235,7 @@ async def test_gitlab_signing_token_is_required_and_fresh_when_configured(
                                    stamp=int(time.time()) - 301))[0] == 401
         assert written(rclient) == before
         status, answer = await hooks.gitlab("Issue Hook", issue, signing=GITLAB_SIGNING)
-        assert status == 202 and store.get_idea(answer["idea"]).requester == "gitlab:root"
+        assert status == 202 and store.get_idea(answer["idea"]).requester == "gitlab:id:1"
 
 
 async def test_an_idea_of_only_invisible_characters_is_refused(hooks: Sender, rclient: redis.Redis) -> None:
@@ -265,13 +265,17 @@ async def test_a_client_hanging_up_mid_body_is_quiet(
 
 
 async def test_a_linked_forge_login_is_the_person_who_cannot_approve_it(settings: Settings) -> None:
+    """Issue 20: alice is linked by her GitHub numeric id; she renames her login and files an
+    issue: still alice, refused as self-approval. A login can no longer be linked at all."""
     from intake.core.errors import Refused
     from intake.runtime import open_broker
     from tests.api_harness import enrol
 
-    codes = enrol(settings, {"alice": ("platform", ("github:codertocat",))})
+    codes = enrol(settings, {"alice": ("platform", ("github:id:21031067",))})
+    payload = vector("github/issues_opened.json")
+    payload["issue"]["user"]["login"] = "alice-renamed"  # she renamed her login; the id stays
     async with running_webhooks(settings) as hooks:
-        status, answer = await hooks.github("issues", vector("github/issues_opened.json"))
+        status, answer = await hooks.github("issues", payload)
         assert status == 202
     with open_broker(settings) as broker:
         with pytest.raises(Refused) as refused:
@@ -279,3 +283,9 @@ async def test_a_linked_forge_login_is_the_person_who_cannot_approve_it(settings
                                       code=codes["alice"].next())
         assert refused.value.reason == "self_approval"
         assert broker.store.get_idea(answer["idea"]).task_id is None
+        assert broker.store.get_idea(answer["idea"]).provenance["login"] == "alice-renamed"
+        from intake.core.errors import InvalidInput
+        from intake.people.registry import People
+        with pytest.raises(InvalidInput, match="numeric id"):
+            People(broker.store).upsert("alice", name=None, identities=("github:alice-renamed",), actor="t",
+                                        create=False)

@@ -15,11 +15,13 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from intake.api.callers import ApiTokens
 from intake.cli.client import ApiClient, ApiError
 from intake.cli.main import cli
 from intake.core.models import canonical_json
 from intake.core.settings import Settings
-from intake.runtime import Broker
+from intake.people.registry import People
+from intake.runtime import Broker, open_broker
 from tests.api_harness import RunningBroker, enrol, link_os_user, running_broker
 from tests.conftest import FakeClock
 from tests.report.weeks import DAY, HOUR, Weeks, run_weeks, weeks_broker
@@ -153,10 +155,16 @@ def test_credentials_rotated_is_an_admins_act_with_a_code(api: RunningBroker, se
     # Someone with only the keyspace plants a newer declaration for another name: sealed as
     # rejected, it dates nothing.
     rclient.xadd("intake:audit", forged_event("credentials.rotated", "forge-token", 4_000_000_000.0))
-    # A person who is not an admin cannot declare one (over TCP with their own token).
+    # A person who is not an admin cannot declare one: with a token an admin made for them it is
+    # refused by the token's scope (issue 20), with their own token by their role.
     made = admin.call("POST", "/people/bob/tokens", {"code": codes["alice"].next()})
     with pytest.raises(ApiError) as err:
         ApiClient(api.tcp_url, made["token"]).call("POST", "/credentials/slack-bot/rotated", {"code": "123456"})
+    assert (err.value.status, err.value.reason) == (403, "token_scope")
+    with open_broker(settings) as broker:
+        _, own = ApiTokens(broker.store, People(broker.store)).create("bob", actor="person:bob", scope="power")
+    with pytest.raises(ApiError) as err:
+        ApiClient(api.tcp_url, own).call("POST", "/credentials/slack-bot/rotated", {"code": "123456"})
     assert (err.value.status, err.value.reason) == (403, "forbidden")
 
     fig = report_json(env)

@@ -72,7 +72,7 @@ def run_weeks(broker: Broker, clock: FakeClock) -> Weeks:
     people.upsert("carol", name="Carol", identities=("cli:carol",), actor="test:setup")
     people.upsert("dave", name="Dave", identities=("cli:dave",), actor="test:setup")
     tokens = ApiTokens(store, people)
-    w.old_token, _ = tokens.create("carol", actor="person:alice")  # never rotated: ages past 30 days
+    w.old_token, _ = tokens.create("carol", actor="person:alice", scope="ideas")  # never rotated: ages past 30 days
     issue_worker_key(broker, "w1", actor="os:intake")
     generation = 1
     n = 0
@@ -120,10 +120,10 @@ def run_weeks(broker: Broker, clock: FakeClock) -> Weeks:
             emit(store, "system", "task.failed", held, abandoned=True, attempt=1)
             w.revoked_worker = (revoked, clock.now)
         if week == 8:
-            first, _ = tokens.create("dave", actor="person:alice")
+            first, _ = tokens.create("dave", actor="person:alice", scope="ideas")
             clock.advance(DAY)
             created = clock.now
-            second, _ = tokens.create("dave", actor="person:alice")
+            second, _ = tokens.create("dave", actor="person:alice", scope="ideas")
             clock.advance(DAY)
             tokens.revoke(first, actor="person:alice")
             w.token_rotation = (first, second, created, clock.now)

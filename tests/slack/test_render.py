@@ -360,6 +360,22 @@ def test_result_card_shows_the_facts_escaped_and_binds_the_button_to_the_sha() -
     assert all(b["type"] != "actions" for b in delivered)
 
 
+def test_a_reviewed_result_card_shows_the_stat_and_links_to_the_diff_never_an_accept_button() -> None:
+    """Issue 20: a result reviewed by its diff is accepted where the diff is shown (the console)."""
+    result = {"commit": "a" * 40, "files": ["auth/x.md"], "files_changed": 1, "additions": 2, "deletions": 0,
+              "gates": "passed", "review": {"sha256": "f" * 64, "stat": " auth/<!here>.md | 2 ++\n 1 file changed",
+                                            "truncated": False, "bytes": 90, "binary": []}}
+    blocks = render.result_card(task_id="T-0123456789ab", result=result, waiting=True,
+                                console_origin="https://intake.example")
+    text = json.dumps(blocks)
+    assert "intake_accept" not in text and "<!here>" not in text and "&lt;!here&gt;" in text
+    stat = next(b for b in blocks if b.get("block_id") == "result_stat")
+    assert "1 file changed" in stat["text"]["text"]
+    [button] = blocks[-1]["elements"]
+    assert button["action_id"] == "intake_review_link"
+    assert button["url"] == "https://intake.example/console/tasks/T-0123456789ab"
+
+
 def test_accept_modal_names_the_commit_and_asks_for_a_code() -> None:
     view = render.accept_modal(task_id="T-0123456789ab", sha="b" * 40, summary="acme/web · docs\n<@U0000000000>",
                                private_metadata=json.dumps({"task": "T-0123456789ab", "sha": "b" * 40}))

@@ -133,7 +133,7 @@ class Rig:
         """Approve the task's quarantined result (the commit the sealed history names)."""
         fact = self.fact(task_id)
         task = self.broker.gatekeeper.accept(task_id, approver_id=who, code=self.code(who),
-                                             sha=sha or fact.result_commit).task
+                                             sha=sha or fact.result_commit, diff_sha256=fact.result_diff).task
         self.clock.advance(30)  # the code's step is spent
         return task
 
@@ -321,8 +321,9 @@ def make_rig(tmp_path: Path, redis_url: str, rclient: redis.Redis, clock: FakeCl
     broker = Broker(settings, redis_url, rclient, audit, store)
     totps = {}
     for name, group in PEOPLE.items():
-        enrolment = broker.approvers.add(broker.policy, name, name=name.title(), groups=(group,),
+        broker.approvers.add(broker.policy, name, name=name.title(), groups=(group,),
                                          slack_user=f"U{name.upper():0<9}", email=None, actor="cli:root")
+        enrolment = broker.approvers.enrol(name, actor=f"approver:{name}")
         totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
         broker.approvers.confirm(name, totps[name].at(clock.now), actor=f"approver:{name}")
     clock.advance(30)  # the confirmation codes' steps are spent

@@ -87,10 +87,10 @@ def test_privileged_work_waits_on_the_quarantine_ref_until_its_result_is_accepte
         gate.accept(task.id, approver_id="carol", code=rig.code("carol"), sha=other)
     assert wrong_sha.value.reason == "wrong_sha"
     with pytest.raises(Refused) as wrong_group:
-        gate.accept(task.id, approver_id="alice", code=rig.code("alice"), sha=sha)
+        gate.accept(task.id, approver_id="alice", code=rig.code("alice"), sha=sha, diff_sha256=fact.result_diff)
     assert wrong_group.value.reason == "wrong_group"  # the result needs security
     with pytest.raises(Refused) as bad_code:
-        gate.accept(task.id, approver_id="carol", code="000000", sha=sha)
+        gate.accept(task.id, approver_id="carol", code="000000", sha=sha, diff_sha256=fact.result_diff)
     assert rig.task(task.id).state is TaskState.AWAITING_RESULT_APPROVAL and bad_code.value.reason
     assert heads(rig, "acme/payments") == set()
 
@@ -235,7 +235,7 @@ def test_intake_accept_on_the_cli_refuses_another_sha(rig: Rig, fake_forge: Fake
 
     task = privileged_result(rig, forge_config(rig, fake_forge))
     wrong = "f" * 40
-    _, token = ApiTokens(rig.store, People(rig.store)).create("carol", actor="cli:root")
+    _, token = ApiTokens(rig.store, People(rig.store)).create("carol", actor="cli:root", scope="power")
     with running_broker(rig.settings) as api:
         out = subprocess.run([sys.executable, "-m", "intake", "accept", task.id, "--sha", wrong,
                               "--code", rig.code("carol")], env=rig.env(INTAKE_URL=api.tcp_url, INTAKE_TOKEN=token),

@@ -167,7 +167,7 @@ def test_intake_show_summarises_the_delta_and_prints_the_sbom(deps_rig: Rig) -> 
 
     rig = deps_rig
     ended = run(rig, {"requirements.txt": f"attrs==24.2.0 --hash=sha256:{SHA}\n"})
-    _, token = ApiTokens(rig.store, People(rig.store)).create("alice", actor="cli:root")
+    _, token = ApiTokens(rig.store, People(rig.store)).create("alice", actor="cli:root", scope="power")
     with running_broker(rig.settings) as api:
         env = rig.env(INTAKE_URL=api.tcp_url, INTAKE_TOKEN=token)
 

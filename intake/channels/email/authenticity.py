@@ -235,25 +235,44 @@ def _verdict_from_results(results: list[dict[str, str]], mail: ParsedMail, resol
     return None
 
 
-def trusted_results(mail: ParsedMail, trusted: frozenset[str], resolver: TxtResolver) -> Verdict | None:
-    """The topmost ``Authentication-Results`` header from a trusted authserv-id, read as a
-    verdict when it says pass; every other such header is ignored. The trusted MX must delete
-    incoming copies bearing its own id (RFC 8601 §5), as Postfix/OpenDMARC and hosted mail do."""
+def trusted_results(mail: ParsedMail, trusted: frozenset[str], resolver: TxtResolver,
+                    ) -> tuple[bool, Verdict | None]:
+    """The topmost ``Authentication-Results`` header from a trusted authserv-id: ``(found,
+    verdict)``, the verdict only when it says pass; every other such header is ignored. The
+    trusted MX must delete incoming copies bearing its own id (RFC 8601 §5), as
+    Postfix/OpenDMARC and hosted mail do."""
     if not trusted:
-        return None
+        return False, None
     for name, value in mail.headers:
         if name.lower() != "authentication-results":
             continue
         authserv, results = parse_authentication_results(value)
         if authserv in trusted:
-            return _verdict_from_results(results, mail, resolver, f"authentication-results:{authserv}")
-    return None
+            return True, _verdict_from_results(results, mail, resolver, f"authentication-results:{authserv}")
+    return False, None
 
 
-def trusted_arc(raw: bytes, mail: ParsedMail, trusted: frozenset[str], resolver: TxtResolver) -> Verdict | None:
+def _seal_domains(mail: ParsedMail) -> dict[int, str]:
+    """Each ARC set's sealer: instance ``i=`` -> the ``d=`` of its ARC-Seal (lower-cased)."""
+    found: dict[int, str] = {}
+    for name, value in mail.headers:
+        if name.lower() != "arc-seal":
+            continue
+        tags = dict((k.strip().lower(), v.strip()) for k, _, v in
+                    (t.partition("=") for t in re.sub(r"\s+", "", value).split(";") if "=" in t))
+        if re.fullmatch(r"\d{1,2}", tags.get("i", "")) and tags.get("d"):
+            found[int(tags["i"])] = tags["d"].lower()
+    return found
+
+
+def trusted_arc(raw: bytes, mail: ParsedMail, trusted: frozenset[str], resolver: TxtResolver,
+                sealers: frozenset[str] = frozenset()) -> Verdict | None:
     """A pass recorded by a trusted authserv-id in an ARC set (RFC 8617), believed only when
-    the whole chain validates (so the results were sealed by that hop and not changed since)."""
-    if not trusted or not any(n.lower() == "arc-seal" for n, _ in mail.headers):
+    the whole chain validates (so the results were sealed by that hop and not changed since)
+    **and** that set was sealed by a configured trusted sealer domain (``sealers``): anyone can
+    seal a valid chain with their own key and write any authserv-id into it, so the chain's
+    validity says nothing about who vouched. No sealers configured: ARC never counts."""
+    if not trusted or not sealers or not any(n.lower() == "arc-seal" for n, _ in mail.headers):
         return None
     crlf = re.sub(rb"(?<!\r)\n", b"\r\n", raw)
     try:
@@ -269,17 +288,27 @@ def trusted_arc(raw: bytes, mail: ParsedMail, trusted: frozenset[str], resolver:
             match = re.fullmatch(r"\s*i\s*=\s*(\d{1,2})\s*", instance)
             if match:
                 sets.append((int(match.group(1)), rest))
-    for _, rest in sorted(sets, reverse=True):  # the most recent hop first
+    seal_domains = _seal_domains(mail)
+    for instance, rest in sorted(sets, reverse=True):  # the most recent hop first
         authserv, results = parse_authentication_results(rest)
-        if authserv in trusted:
+        if authserv in trusted and seal_domains.get(instance) in sealers:
             return _verdict_from_results(results, mail, resolver, f"arc:{authserv}")
     return None
 
 
-def authenticate(raw: bytes, mail: ParsedMail, resolver: TxtResolver, trusted: frozenset[str]) -> Verdict:
+def authenticate(raw: bytes, mail: ParsedMail, resolver: TxtResolver, trusted: frozenset[str],
+                 sealers: frozenset[str] = frozenset()) -> Verdict:
     """The message's verdict: our own DKIM check; failing that, a pass vouched for by a
-    trusted authserv-id (Authentication-Results, then ARC); otherwise our own fail or none."""
+    trusted authserv-id (its own Authentication-Results, then an ARC set sealed by one of
+    ``sealers``); otherwise our own fail or none. When the trusted MTA's own
+    Authentication-Results is there and does not pass, ARC is not asked: what the trusted
+    hop saw itself is never overridden by what an earlier hop claims it saw."""
     own = verify_dkim(raw, mail, resolver)
     if own.verified:
         return own
-    return trusted_results(mail, trusted, resolver) or trusted_arc(raw, mail, trusted, resolver) or own
+    found, vouched = trusted_results(mail, trusted, resolver)
+    if vouched is not None:
+        return vouched
+    if found:
+        return own
+    return trusted_arc(raw, mail, trusted, resolver, sealers) or own

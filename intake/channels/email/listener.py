@@ -108,6 +108,7 @@ class EmailHandler:
                  resolver: TxtResolver) -> None:
         self.recipients = frozenset(r for r in settings.smtp_recipients.split(",") if r)
         self.trusted = frozenset(a for a in settings.smtp_trusted_authserv.split(",") if a)
+        self.sealers = frozenset(a for a in settings.smtp_arc_sealers.split(",") if a)
         self.trusted_peers = tuple(ipaddress.ip_network(n) for n in settings.smtp_trusted_peers.split(",") if n)
         self.relay = settings.smtp_relay
         self.policy = policy
@@ -177,7 +178,7 @@ class EmailHandler:
     def _read(self, raw: bytes, trusted: frozenset[str]) -> tuple[ParsedMail, Verdict]:
         """Parse and authenticate (blocking: DNS); runs in a worker thread."""
         mail = parse_message(raw)
-        return mail, authenticate(raw, mail, self.resolver, trusted)
+        return mail, authenticate(raw, mail, self.resolver, trusted, self.sealers)
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -76,6 +76,7 @@ class SlackIntake:
         app.action("intake_accept")(self.on_accept_button)
         app.action("intake_deny")(self.on_deny_button)
         app.action("intake_passkey_link")(self.on_link_button)
+        app.action("intake_review_link")(self.on_link_button)
         app.view("intake_promote_submit")(self.on_promote_submit)
         app.view("intake_approve_submit")(self.on_approve_submit)
         app.view("intake_accept_submit")(self.on_accept_submit)

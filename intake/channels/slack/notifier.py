@@ -82,6 +82,15 @@ def state_line(idea: Idea, task: Task | None) -> str:
     return line + (f": {task.reason}" if task.reason else "")
 
 
+def requester_label(idea: Idea) -> str:
+    """The requester as shown: a forge id with the login it had when it wrote (issue 20: the id
+    is who it is; the login, which can be renamed, is only a reminder)."""
+    login = idea.provenance.get("login") or idea.provenance.get("username")
+    if idea.requester.startswith(("github:id:", "gitlab:id:")) and isinstance(login, str) and login:
+        return f"{idea.requester} ({login})"
+    return idea.requester
+
+
 def card_blocks(idea: Idea, task: Task | None, console_origin: str | None = None) -> list[dict[str, Any]]:
     """The card for an idea and its task as they are now; with ``console_origin``, a link
     button opens the same action (promote the idea, approve the task) in the web console."""
@@ -95,7 +104,7 @@ def card_blocks(idea: Idea, task: Task | None, console_origin: str | None = None
     return render.idea_card(
         idea_id=idea.id,
         requester_slack_id=slack_user_of(idea.requester),
-        requester_label=idea.requester,
+        requester_label=requester_label(idea),
         source_channel=source,
         provenance=idea.provenance,
         text=idea.text,
@@ -296,6 +305,7 @@ class SlackNotifier:
         if task is not None and task.result and event.action in _RESULT_EVENTS and "attempt" in event.data:
             # The run's own result event (not an acceptance): the card with the facts.
             blocks = render.result_card(task_id=task.id, result=task.result,
+                                        console_origin=self.broker.settings.console_origin,
                                         waiting=event.action == "task.awaiting_result_approval")
         else:
             blocks = render.status_message(subject_id=event.subject, state=state, detail=detail, link=link,

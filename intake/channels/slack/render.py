@@ -272,10 +272,13 @@ def approve_modal(*, task_id: str, summary: str, spec_hash: str, private_metadat
     )
 
 
-def result_card(*, task_id: str, result: dict[str, Any], waiting: bool) -> list[dict[str, Any]]:
+def result_card(*, task_id: str, result: dict[str, Any], waiting: bool,
+                console_origin: str | None = None) -> list[dict[str, Any]]:
     """Blocks for a run's quarantined result: commit, files changed, +/- lines, gate and check
-    outcomes, and (while it waits for result approval) the ``intake_accept`` button, whose
-    value names the task and the commit so an acceptance binds to what the card showed."""
+    outcomes, the diff's stat, and (while it waits for result approval) how to accept it. A
+    result reviewed by its diff (issue 20) is accepted only where the diff is shown: the card
+    carries a link to the console's task page, never an accept button. (A result sealed
+    before diffs existed keeps the ``intake_accept`` button, bound to its commit.)"""
     sha = str(result.get("commit", ""))
     files = [str(f) for f in result.get("files") or []]
     # A path is the agent's choice: a newline or other control character in one would forge
@@ -283,13 +286,18 @@ def result_card(*, task_id: str, result: dict[str, Any], waiting: bool) -> list[
     shown = [_cap_plain("".join(c if c.isprintable() else repr(c)[1:-1] for c in f), 200) for f in files[:20]] + ([f"… and {len(files) - 20} more"] if len(files) > 20 else [])
     checks = [f"{c.get('name')}: {'passed' if c.get('ok') else 'failed'}"
               for c in result.get("checks") or [] if isinstance(c, dict)]
+    review = result.get("review") if isinstance(result.get("review"), dict) else None
+    # The stat is the agent's file names: controls shown escaped, as for the file list.
+    stat = _cap_plain("".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1]
+                              for c in str(review.get("stat", ""))), 2500) if review else ""
+    review_url = f"{console_origin}/console/tasks/{task_id}" if review and console_origin else ""
     data = render(
         "slack/result_card.json.j2",
         task_id=task_id, sha=sha[:12], files=shown or ["(none listed)"],
         files_changed=int(result.get("files_changed") or len(files)),
         additions=int(result.get("additions") or 0), deletions=int(result.get("deletions") or 0),
         gates=str(result.get("gates") or "passed"), checks=checks[:20], waiting=waiting,
-        accept_value=f"{task_id}|{sha}",
+        accept_value=f"{task_id}|{sha}", stat=stat, review_url=review_url,
     )
     return data["blocks"]
 

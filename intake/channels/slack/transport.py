@@ -97,6 +97,21 @@ def notifier_client(settings: Settings, session: aiohttp.ClientSession) -> Async
                           retry_handlers=[], **kwargs)
 
 
+class _ClientGivenNotice(logging.Filter):
+    """Drops bolt's "As you gave `client` as well, `token` will be unused." at every start: bolt
+    reads SLACK_BOT_TOKEN from the environment itself even when handed a client, which here is
+    built from that very token (with SLACK_API_URL and the shared session). Nothing else is
+    filtered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`token` will be unused" not in record.getMessage()
+
+
+_BOLT_LOG = logging.getLogger("slack_bolt.AsyncApp")
+if not any(isinstance(f, _ClientGivenNotice) for f in _BOLT_LOG.filters):
+    _BOLT_LOG.addFilter(_ClientGivenNotice())
+
+
 def build_bolt(
     settings: Settings, broker: Broker, capture: CaptureQueue, session: aiohttp.ClientSession
 ) -> tuple[AsyncApp, SlackIntake]:

@@ -87,7 +87,60 @@ async function createWith(button) {
   form.submit();
 }
 
+// A code works once: after a sign-in (or an action) with a code, the code on the approver's
+// screen is spent. The page counts down to the next one, and a code form holding the code just
+// spent in this tab is held (not sent, so no refusal is recorded) until the next code is due.
+const SPENT = "intake-spent-code";
+const PENDING = "intake-sent-code";
+let codeDueIn = 0;
+
+function remember(form) {
+  // Sent, not yet known to be spent: the next page says (no error shown: it was accepted).
+  const code = form.elements.code ? form.elements.code.value.trim() : "";
+  if (code) sessionStorage.setItem(PENDING, code);
+}
+
+function settleSentCode() {
+  const sent = sessionStorage.getItem(PENDING);
+  sessionStorage.removeItem(PENDING);
+  if (sent && !document.getElementById("error")) sessionStorage.setItem(SPENT, sent);  // a spent one-time code
+}
+
+function guardCodeForms() {
+  for (const form of document.querySelectorAll("form")) {
+    if (!form.querySelector("button.totp-submit")) continue;
+    form.addEventListener("submit", (event) => {
+      const code = form.elements.code ? form.elements.code.value.trim() : "";
+      if (codeDueIn > 0 && code && code === sessionStorage.getItem(SPENT)) {
+        event.preventDefault();
+        showError(`That code was already used (a code works once); your next code is due in ${codeDueIn} s.`);
+        return;
+      }
+      remember(form);
+    });
+  }
+}
+
+function waitForNextCode() {
+  const notice = document.getElementById("next-code");
+  if (!notice) return;
+  codeDueIn = parseInt(notice.dataset.dueIn, 10) || 0;
+  const tick = () => {
+    if (codeDueIn > 0) {
+      notice.querySelector(".due").textContent = String(codeDueIn);
+      codeDueIn -= 1;
+      setTimeout(tick, 1000);
+    } else {
+      notice.textContent = "Your next authenticator code is ready.";
+    }
+  };
+  tick();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  settleSentCode();
+  waitForNextCode();
+  guardCodeForms();
   for (const b of document.querySelectorAll("button.passkey-assert")) {
     b.addEventListener("click", () => assertWith(b).catch((e) => showError("passkey: " + e.message)));
   }
@@ -95,3 +148,52 @@ document.addEventListener("DOMContentLoaded", () => {
     b.addEventListener("click", () => createWith(b).catch((e) => showError("passkey: " + e.message)));
   }
 });
+
+// Live updates (progressive enhancement: every page works without this). The broker streams one
+// "change" event per audit entry (/console/events, Server-Sent Events); the page then fetches its
+// own URL and swaps its [data-live] parts, so forms being filled in are never replaced, and says
+// so in the polite live region for screen readers.
+(function live() {
+  const url = document.body && document.body.dataset.events;
+  const parts = document.querySelectorAll("[data-live]");
+  if (!url || !parts.length || !window.EventSource) return;
+  let pending = false;
+  async function refresh() {
+    pending = false;
+    const resp = await fetch(window.location.href, {credentials: "same-origin"});
+    if (!resp.ok) return;
+    const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
+    for (const part of parts) {
+      const fresh = doc.getElementById(part.id);
+      if (fresh) part.replaceChildren(...Array.from(fresh.childNodes).map((n) => document.importNode(n, true)));
+    }
+    const status = document.getElementById("live-status");
+    if (status) status.textContent = "Updated " + new Date().toLocaleTimeString();
+    document.body.dataset.liveUpdates = String(Number(document.body.dataset.liveUpdates || 0) + 1);
+  }
+  const source = new EventSource(url);
+  source.addEventListener("change", () => {
+    if (!pending) { pending = true; setTimeout(refresh, 200); }  // one fetch per burst of events
+  });
+  source.addEventListener("open", () => { document.body.dataset.liveConnected = "1"; });
+})();
+
+// A countdown beside every code field: codes change every 30 s, and each step's code works once,
+// so an action right after another needs the next one.
+(function countdown() {
+  const fields = document.querySelectorAll("input.code");
+  if (!fields.length) return;
+  const notes = Array.from(fields).map((field) => {
+    const note = document.createElement("span");
+    note.className = "countdown muted";
+    note.setAttribute("aria-live", "off");
+    field.closest("label").after(note);
+    return note;
+  });
+  function tick() {
+    const left = 30 - Math.floor(Date.now() / 1000) % 30;
+    for (const note of notes) note.textContent = ` next code in ${left} s (a code works once)`;
+  }
+  tick();
+  setInterval(tick, 1000);
+})();
