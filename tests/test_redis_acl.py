@@ -447,3 +447,28 @@ def _accepts(port: int) -> bool:
 
     with _socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_worker_given_its_queues_gets_only_their_rq_keys(tmp_path: Path) -> None:
+    """`--queue` narrows a named worker's RQ grant to its queues (no ``rq:*``); a queue for a
+    worker not given, or not a policy queue name, is refused with a one-line error."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO_ROOT)}
+
+    def intake(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "intake", "redis", *args], capture_output=True, text=True,
+                              timeout=60, cwd=REPO_ROOT, env=env)
+
+    done = intake("acl", "--worker", "w1", "--queue", "tier-standard")
+    assert done.returncode == 0, done.stderr
+    [line] = [x for x in done.stdout.splitlines() if "intake-worker-w1" in x]
+    assert "~rq:*" not in line and "&rq:pubsub:*" not in line
+    assert "~rq:queue:tier-standard " in line and "~rq:job:tier-standard_T-* " in line
+    assert "&rq:pubsub:w1@*" in line and "~rq:worker:w1@*" in line
+    unnarrowed = intake("acl", "--worker", "w1")
+    assert "~rq:* " in unnarrowed.stdout  # no queues given: the old shared grant, as the README says
+    for bad in (["aclfile", str(tmp_path / "a"), "--worker", "w1", "--queue", "w2=tier-standard"],
+                ["aclfile", str(tmp_path / "b"), "--worker", "w1", "--queue", "w1=rq:*"],
+                ["acl", "--worker", "w1", "--queue", "Tier*"], ["acl", "--queue", "tier-standard"]):
+        refused = intake(*bad)
+        assert refused.returncode != 0 and "--queue" in refused.stderr, bad
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -57,8 +57,8 @@ JOB_HASH_FIELDS = frozenset({
 })
 
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
-# A run attempt is <task id>_<n>, a delivery attempt <task id>_d<n>.
-_JOB_ID = re.compile(r"(T-[0-9a-f]{12})_(d?[1-9][0-9]{0,3})")
+# A run attempt is <queue>_<task id>_<n>, a delivery attempt <queue>_<task id>_d<n>.
+_JOB_ID = re.compile(r"([a-z][a-z0-9_-]{0,63})_(T-[0-9a-f]{12})_(d?[1-9][0-9]{0,3})")
 
 
 def printable(value: Any, limit: int = 200) -> str:
@@ -175,9 +175,9 @@ def inspect_job(job: Job, queue: Queue) -> str | None:
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or not _TOKEN_SHAPE.match(token):
         return "token is not shaped like a dispatch token"
     match = _JOB_ID.fullmatch(job.id)
-    if match is None or match.group(1) != task_id:
+    if match is None or match.group(2) != task_id:
         return "job id does not name the task"
-    if job.origin != queue.name:
+    if job.origin != queue.name or match.group(1) != queue.name:
         return "job belongs to another queue"
     if job._dependency_ids:
         return "job has dependencies"

@@ -40,6 +40,7 @@ from rq.worker import SimpleWorker
 
 from intake.core.errors import ConfigError
 from intake.core.logs import configure_logging
+from intake.core.redis_acl import RQ_NAME_SEP
 from intake.core.redis_conn import make_client, open_redis
 from intake.core.settings import Settings
 from intake.protocol.keyfiles import load_public_keys, load_worker_key
@@ -82,6 +83,12 @@ class IntakeWorker(SimpleWorker):
         self.pubsub_thread = self.pubsub.run_in_thread(
             sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
         )
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's maintenance without its job groups: intake never enqueues a grouped job (the job
+        guard refuses one), and a named worker's Redis user holds no ``rq:groups`` or
+        ``rq:group:*`` key (RQ's scheduler is not started: no ``with_scheduler``)."""
+        self.clean_registries()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         reason = inspect_job(job, queue)
@@ -126,7 +133,9 @@ def build_worker(settings: Settings, url: str, client: redis.Redis, config: Work
     keyring = load_public_keys(public)
     keys = Keys(settings.key_prefix)
     reporter = Reporter(client, settings.key_prefix, config.name, generation, key)
-    worker_name = name or f"{config.name}-{os.getpid()}-{secrets.token_hex(2)}"
+    # The RQ worker name starts with ``<worker>@``: a named worker's Redis user may only write
+    # RQ worker hashes and command channels under its own name (see intake.core.redis_acl).
+    worker_name = f"{config.name}{RQ_NAME_SEP}{name or f'{os.getpid()}-{secrets.token_hex(2)}'}"
 
     def current_keyring() -> Any:
         nonlocal keyring
@@ -209,7 +218,7 @@ def run_worker(settings: Settings, config_path: Path, *, burst: bool = False, ex
     from intake.core.policy import load_policy
 
     config.check_covers(load_policy(settings.policy_path))
-    with open_redis(settings, role="worker", worker=config.name) as (url, client):
+    with open_redis(settings, role="worker", worker=config.name, queues=tuple(config.queues)) as (url, client):
         worker = build_worker(settings, url, client, config)
         log.info("worker %s listening on %s for %s", worker.name, ", ".join(config.queues),
                  ", ".join(r.name for r in config.repos))

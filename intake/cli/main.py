@@ -560,18 +560,27 @@ def _check_worker_name(name: str) -> None:
 @click.option("--prefix", default=None, help="Key prefix the users are for (default: INTAKE_KEY_PREFIX).")
 @click.option("--worker", "worker_name", default=None,
               help="Render the worker user for one worker (its own report stream only).")
+@click.option("--queue", "queues", multiple=True,
+              help="A queue the --worker is registered for (repeatable): its user then reaches only "
+                   "those queues' RQ keys, not every rq:* key.")
 @click.option("--no-selectors", is_flag=True,
               help="Flat rules for Redis 6.2 (no selectors: workers can then also overwrite leases "
                    "and delete report streams).")
-def redis_acl(prefix: str | None, worker_name: str | None, no_selectors: bool) -> None:
+def redis_acl(prefix: str | None, worker_name: str | None, queues: tuple[str, ...], no_selectors: bool) -> None:
     """Print ACL SETUSER lines for the broker, worker and read-only users (passwords as placeholders)."""
     from intake.core.redis_acl import setuser_commands
 
     prefix = _acl_prefix(prefix)
     if worker_name is not None:
         _check_worker_name(worker_name)
+    if queues and worker_name is None:
+        raise InvalidInput("--queue: needs --worker")
+    for q in queues:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", q):
+            raise InvalidInput("--queue: must be a policy queue name ([a-z][a-z0-9_-]*)")
     click.echo(_ACL_HOWTO.format(prefix=prefix), err=True, nl=False)
-    for line in setuser_commands(prefix, selectors=not no_selectors, worker=worker_name or "*"):
+    for line in setuser_commands(prefix, selectors=not no_selectors, worker=worker_name or "*",
+                                 queues=queues or None):
         click.echo(line)
 
 
@@ -580,11 +589,14 @@ def redis_acl(prefix: str | None, worker_name: str | None, no_selectors: bool) -
 @click.option("--prefix", default=None, help="Key prefix the users are for (default: INTAKE_KEY_PREFIX).")
 @click.option("--worker", "workers", multiple=True,
               help="A worker to give its own user (repeatable); without it, one shared worker user.")
+@click.option("--queue", "worker_queues", multiple=True, metavar="WORKER=QUEUE",
+              help="A queue WORKER is registered for (repeatable): that worker's user then reaches "
+                   "only its queues' RQ keys, not every rq:* key.")
 @click.option("--host", default="redis:6379", show_default=True,
               help="HOST:PORT the Redis URLs written beside the file point at.")
 @click.option("--no-selectors", is_flag=True, help="Flat rules for Redis 6.2 (see `redis acl`).")
-def redis_aclfile(directory: Path, prefix: str | None, workers: tuple[str, ...], host: str,
-                  no_selectors: bool) -> None:
+def redis_aclfile(directory: Path, prefix: str | None, workers: tuple[str, ...], worker_queues: tuple[str, ...],
+                  host: str, no_selectors: bool) -> None:
     """Write DIRECTORY/users.acl (password hashes only) and one 0600 Redis URL file per user.
 
     Each user gets a new random password; the ACL file holds only its SHA-256, so it can be
@@ -597,6 +609,12 @@ def redis_aclfile(directory: Path, prefix: str | None, workers: tuple[str, ...],
     prefix = _acl_prefix(prefix)
     for w in workers:
         _check_worker_name(w)
+    queues: dict[str, tuple[str, ...]] = {}
+    for item in worker_queues:
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})=([a-z][a-z0-9_-]{0,63})", item)
+        if match is None or match.group(1) not in workers:
+            raise InvalidInput("--queue: must be WORKER=QUEUE, for a WORKER given with --worker")
+        queues[match.group(1)] = (*queues.get(match.group(1), ()), match.group(2))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}:[0-9]{1,5}", host):
         raise InvalidInput("--host: must be HOST:PORT")
     directory.mkdir(parents=True, exist_ok=True)
@@ -606,7 +624,7 @@ def redis_aclfile(directory: Path, prefix: str | None, workers: tuple[str, ...],
         hashes[user] = password_hash(password)
         write_atomic(directory / f"{user}.url", f"redis://{user}:{password}@{host}/0\n".encode(), 0o600)
     write_atomic(directory / "users.acl",
-                 aclfile(prefix, hashes, selectors=not no_selectors, workers=workers).encode(), 0o644)
+                 aclfile(prefix, hashes, selectors=not no_selectors, workers=workers, queues=queues).encode(), 0o644)
     click.echo(f"wrote {directory / 'users.acl'} and {len(hashes)} URL files (mode 0600)")
 
 

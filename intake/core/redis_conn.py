@@ -198,21 +198,32 @@ class EmbeddedRedis:
                        for p in self.keys_dir.glob("redis-worker-*.pass"))
         return tuple(found)
 
-    def worker_url(self, worker: str) -> str:
-        """Worker ``worker``'s own user (its own leases and report stream only), created on the
-        running server if it is new: the users file is rewritten (for the next start) and the
-        one new user set (``ACL SETUSER``, the only thing the loader user may do; ``ACL LOAD``
-        would drop every client of every user on Redis 6.2)."""
+    def _worker_queues_file(self, worker: str) -> Path:
+        return self.keys_dir / f"redis-worker-{worker}.queues"
+
+    def _worker_queues(self, worker: str) -> tuple[str, ...] | None:
+        path = self._worker_queues_file(worker)
+        return tuple(path.read_text().split()) if path.exists() else None
+
+    def worker_url(self, worker: str, queues: tuple[str, ...] | None = None) -> str:
+        """Worker ``worker``'s own user (its own leases and report stream only; with ``queues``,
+        only those queues' RQ keys), created or narrowed on the running server if it is new or
+        its queues changed: the users file is rewritten (for the next start) and the one user
+        set (``ACL SETUSER``, the only thing the loader user may do; ``ACL LOAD`` would drop
+        every client of every user on Redis 6.2)."""
         password_file = self._worker_password_file(worker)
         new = not password_file.exists()
         password = read_or_create_secret_text(password_file)
-        if new or worker_user(self.prefix, worker) not in (self.dir / "users.acl").read_text():
+        changed = queues is not None and self._worker_queues(worker) != tuple(queues)
+        if new or changed or worker_user(self.prefix, worker) not in (self.dir / "users.acl").read_text():
             with open(self.dir / "start.lock", "a") as start:
                 _lock(start, fcntl.LOCK_EX, 20.0, "start")
                 try:
+                    if queues is not None:
+                        write_atomic(self._worker_queues_file(worker), " ".join(queues).encode(), 0o600)
                     self._write_users()
                     rules = acl_rules(ROLES["worker"], self.prefix, password_hash(password), selectors=False,
-                                      worker=worker)
+                                      worker=worker, queues=self._worker_queues(worker))
                     loader = make_client(self._loader_url())
                     try:
                         loader.execute_command("ACL", "SETUSER", worker_user(self.prefix, worker), *rules)
@@ -238,7 +249,9 @@ class EmbeddedRedis:
         hashes[f"{self.prefix}-{ACL_LOADER}"] = password_hash(
             read_or_create_secret_text(self.keys_dir / f"redis-{ACL_LOADER}.pass"))
         write_atomic(self.dir / "users.acl",
-                     aclfile(self.prefix, hashes, workers=workers, shared_worker=True, loader=True).encode(), 0o600)
+                     aclfile(self.prefix, hashes, workers=workers, shared_worker=True, loader=True,
+                             queues={w: q for w in workers if (q := self._worker_queues(w)) is not None}).encode(),
+                     0o600)
 
     @property
     def url(self) -> str:
@@ -459,7 +472,8 @@ class EmbeddedRedis:
 
 
 @contextmanager
-def redis_urls(settings: Settings, *, worker: str | None = None) -> Iterator[dict[Role, str]]:
+def redis_urls(settings: Settings, *, worker: str | None = None,
+               queues: tuple[str, ...] | None = None) -> Iterator[dict[Role, str]]:
     """The Redis URL per role for the duration of the block (joining the embedded server if
     needed). A configured ``INTAKE_REDIS_URL`` serves every role: each process is given the URL
     of its own user. With ``worker``, the embedded server's ``worker`` URL is that worker's own
@@ -473,7 +487,7 @@ def redis_urls(settings: Settings, *, worker: str | None = None) -> Iterator[dic
     try:
         urls = {role: embedded.url_for(role) for role in ROLES}
         if worker is not None:
-            urls["worker"] = embedded.worker_url(worker)
+            urls["worker"] = embedded.worker_url(worker, queues)
         yield urls  # type: ignore[misc]
     finally:
         embedded.release()
@@ -497,11 +511,12 @@ def check_server(client: redis.Redis) -> None:
 
 
 @contextmanager
-def open_redis(settings: Settings, *, role: str = "broker", worker: str | None = None) -> Iterator[tuple[str, redis.Redis]]:
+def open_redis(settings: Settings, *, role: str = "broker", worker: str | None = None,
+               queues: tuple[str, ...] | None = None) -> Iterator[tuple[str, redis.Redis]]:
     """Redis (embedded or configured) for the block's duration, as ``role``'s Redis user (see
     :mod:`intake.core.redis_acl`; a configured URL is used as given): its URL and a text client.
     ``worker``: on the embedded server, that worker's own user."""
-    with redis_urls(settings, worker=worker) as urls:
+    with redis_urls(settings, worker=worker, queues=queues) as urls:
         url = urls[role]
         client = make_client(url)
         try:

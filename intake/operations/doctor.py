@@ -150,8 +150,9 @@ def check_redis_server(client: redis.Redis, *, prefix: str, appendfsync: str, us
         found.append(problem(c, f"version {version}: intake needs Redis 6.2+ (7+ for ACL selectors)"))
     elif _version(version) < SELECTORS_REDIS:
         found.append(warning(c, f"version {version}: no ACL selectors before 7.0, so each worker user may "
-                                "also overwrite or delete its own leases and delete its own report stream "
-                                "(never another worker's; README: Redis users)"))
+                                "also overwrite or delete its own leases, delete its own report stream "
+                                "(never another worker's) and set or clear RQ's rq:suspended flag, "
+                                "pausing every RQ worker (README: Redis users)"))
     else:
         found.append(ok(c, f"version {version}"))
 

@@ -65,9 +65,12 @@ LEASE_GRACE_S = 5
 _LIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
 
 
-def job_id_for(task_id: str, attempt: int) -> str:
-    """The deterministic RQ job id of a task's ``attempt`` (1-based). RQ allows ``[A-Za-z0-9_-]``."""
-    return f"{task_id}_{attempt}"
+def job_id_for(queue: str, task_id: str, attempt: int | str) -> str:
+    """The deterministic RQ job id of a task's ``attempt`` (1-based; ``d<n>`` for a delivery) on
+    ``queue``. RQ allows ``[A-Za-z0-9_-]``. The queue comes first so that a named worker's Redis
+    user can be granted only its queues' job keys (``rq:job:<queue>_T-*``, see
+    ``intake.core.redis_acl``): queue names are lower case, task ids start ``T-``."""
+    return f"{queue}_{task_id}_{attempt}"
 
 
 def job_timeout_for(task: Task) -> int:
@@ -176,11 +179,12 @@ class Dispatcher:
 
     @staticmethod
     def next_job(fact: TaskFact) -> tuple[int, str]:
-        """(attempt, RQ job id) of the task's next dispatch: a run ``<id>_<n>`` while queued, a
-        delivery ``<id>_d<n>`` while delivering."""
+        """(attempt, RQ job id) of the task's next dispatch on its queue: a run
+        ``<queue>_<id>_<n>`` while queued, a delivery ``<queue>_<id>_d<n>`` while delivering."""
+        queue = fact.queue or ""
         if fact.state is TaskState.DELIVERING:
-            return fact.deliveries + 1, f"{fact.id}_d{fact.deliveries + 1}"
-        return fact.attempts + 1, job_id_for(fact.id, fact.attempts + 1)
+            return fact.deliveries + 1, job_id_for(queue, fact.id, f"d{fact.deliveries + 1}")
+        return fact.attempts + 1, job_id_for(queue, fact.id, fact.attempts + 1)
 
     def enqueue(self, task_id: str) -> str | None:
         """Dispatch a task's next attempt to RQ; returns the job id, or None if skipped.

@@ -36,6 +36,7 @@ from intake.protocol.keyfiles import load_worker_key
 from intake.protocol.reports import Reporter
 from intake.protocol.tokens import verify_dispatch
 from intake.tasks import provenance
+from intake.tasks.dispatch import job_id_for
 from tests.conftest import REPO_ROOT, FakeClock
 from tests.workers.harness import Rig, in_a_work_tree, make_rig, wait_for
 
@@ -63,7 +64,8 @@ def _redis7_users(tmp: Path) -> Iterator[dict[str, str]]:
     port = _free_port()
     acl = tmp / "acl"
     subprocess.run([sys.executable, "-m", "intake", "redis", "aclfile", str(acl), "--worker", "good",
-                    "--worker", "mallory", "--host", f"127.0.0.1:{port}"], check=True, timeout=60, cwd=REPO_ROOT,
+                    "--worker", "mallory", "--queue", "good=tier-standard", "--queue", "mallory=tier-privileged",
+                    "--host", f"127.0.0.1:{port}"], check=True, timeout=60, cwd=REPO_ROOT,
                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO_ROOT)},
                    capture_output=True)
     proc = subprocess.Popen([REDIS7, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -90,7 +92,8 @@ def _embedded_users(tmp: Path) -> Iterator[dict[str, str]]:
     server = EmbeddedRedis(tmp / "emb")
     broker = server.acquire()
     try:
-        yield {"broker": broker, "good": server.worker_url("good"), "mallory": server.worker_url("mallory")}
+        yield {"broker": broker, "good": server.worker_url("good", ("tier-standard",)),
+               "mallory": server.worker_url("mallory", ("tier-privileged",))}
     finally:
         server.release()
 
@@ -119,6 +122,39 @@ def _rejections(rig: Rig, worker: str) -> list[str]:
            [str(e["data"].get("reason")) for e in rig.events("job.refused") if e["data"].get("worker") == worker]
 
 
+_RQ_ATTACKS: dict[str, Any] = {
+    "lpop": lambda r, job: r.lpop("rq:queue:tier-standard"),
+    "lmove": lambda r, job: r.lmove("rq:queue:tier-standard", "rq:queue:tier-privileged"),
+    "blmove": lambda r, job: r.blmove("rq:queue:tier-standard", "rq:queue:tier-privileged", 0.01),
+    "lrange": lambda r, job: r.lrange("rq:queue:tier-standard", 0, -1),
+    "lmove_intermediate": lambda r, job: r.lmove("rq:queue:tier-standard:intermediate", "rq:queue:tier-privileged"),
+    "job_hash": lambda r, job: r.hgetall(f"rq:job:{job}"),
+    "job_write": lambda r, job: r.hset(f"rq:job:{job}", "status", "canceled"),
+    "job_delete": lambda r, job: r.delete(f"rq:job:{job}"),
+    "results": lambda r, job: r.xadd(f"rq:results:{job}", {"x": "1"}),
+    "executions": lambda r, job: r.zrange(f"rq:executions:{job}", 0, -1),
+    "wip": lambda r, job: r.zrange("rq:wip:tier-standard", 0, -1),
+    "wip_write": lambda r, job: r.zadd("rq:wip:tier-standard", {job: 1}),
+    "finished": lambda r, job: r.zadd("rq:finished:tier-standard", {job: 1}),
+    "failed": lambda r, job: r.zadd("rq:failed:tier-standard", {job: 1}),
+    "scheduled": lambda r, job: r.zadd("rq:scheduled:tier-standard", {job: 1}),
+    "workers_of_queue": lambda r, job: r.smembers("rq:workers:tier-standard"),
+    "good_rq_worker": lambda r, job: r.hgetall("rq:worker:good@1-ab12"),
+}
+
+
+def _rq_refusals(client: redis.Redis, job: str) -> dict[str, str]:
+    """Each RQ-key attack by ``client`` on good's queue and job: "refused" (NOPERM) or "allowed"."""
+    out = {}
+    for name, attack in _RQ_ATTACKS.items():
+        try:
+            attack(client, job)
+            out[name] = "allowed"
+        except NoPerm:
+            out[name] = "refused"
+    return out
+
+
 def test_mallory_cannot_touch_goods_run(two: tuple[Rig, dict[str, str]]) -> None:
     rig, users = two
     good_config = rig.config(name="good", queues=("tier-standard",), repos={"acme/web": {}},
@@ -133,13 +169,15 @@ def test_mallory_cannot_touch_goods_run(two: tuple[Rig, dict[str, str]]) -> None
     task = rig.promote()  # acme/web docs: tier-standard, good's queue
     keys = rig.store.keys
 
-    # 1. Pop good's queue (rq:* is shared: this still works, see the module docstring), read the
-    #    token, and claim the job with mallory's own key: refused (not registered), audited.
-    popped = mallory_rq.lpop("rq:queue:tier-standard")
-    assert popped is not None
-    token = rig.rq().hget(f"rq:job:{popped.decode()}", "data")
-    assert token is not None
-    job = f"{task.id}_1"
+    # 1. Good's queue, its jobs and registries are out of reach of mallory's Redis user: no pop,
+    #    no move, no peek, no read of the job hash (and so of the dispatch token in it).
+    job = job_id_for("tier-standard", task.id, 1)
+    assert rig.rq().lrange("rq:queue:tier-standard", 0, -1) == [job.encode()]
+    assert _rq_refusals(mallory_rq, job) == {name: "refused" for name in _RQ_ATTACKS}, _rq_refusals(mallory_rq, job)
+    assert rig.rq().lrange("rq:queue:tier-standard", 0, -1) == [job.encode()]  # untouched
+    # Mallory's own queue still works for it (the grants are per queue, not none at all).
+    assert mallory_rq.lrange("rq:queue:tier-privileged", 0, -1) == []
+    # Told the token anyway (as if it had learnt it), its claim is refused and audited.
     fact = rig.fact(task.id)
     nonce = next(iter(fact.dispatches))
     claims = verify_dispatch(rig.job_token(task.id), rig.broker.keyring, now=rig.clock())
@@ -152,7 +190,7 @@ def test_mallory_cannot_touch_goods_run(two: tuple[Rig, dict[str, str]]) -> None
     reporter.send("report.refused", task.id, reason="misrouted", job=job, nonce=nonce, message="no")
     rig.drain()
     assert rig.fact(task.id).state is TaskState.QUEUED
-    rig.reconcile()  # the popped job is gone: the broker dispatches the attempt again
+    rig.reconcile()  # the job is still live: nothing is dispatched again
 
     attacks: dict[str, Any] = {}
 
@@ -185,6 +223,8 @@ def test_mallory_cannot_touch_goods_run(two: tuple[Rig, dict[str, str]]) -> None
                 attacks.setdefault("writes", []).append("allowed")
             except NoPerm:
                 attacks.setdefault("writes", []).append("refused")
+        # 5. While good runs the job, mallory still cannot reach it, its queue or registries.
+        attacks["rq"] = _rq_refusals(mallory_rq, job)
         go = in_a_work_tree("docs/running.md", worker="good")
         assert go is not None
         (go.parent / "go.md").write_text("go\n")
@@ -195,7 +235,7 @@ def test_mallory_cannot_touch_goods_run(two: tuple[Rig, dict[str, str]]) -> None
     assert rig.work(good_config, url=good_url)
     helper.join(timeout=60)
     assert attacks == {"lease": "refused", "state": TaskState.RUNNING, "lease_after": True,
-                       "writes": ["refused", "refused"]}
+                       "writes": ["refused", "refused"], "rq": {name: "refused" for name in _RQ_ATTACKS}}
     rejected = _rejections(rig, "mallory")
     assert rejected.count("not_your_run") == 3, rejected
     # Good's run completed normally, and was delivered with provenance for good's commit only.
@@ -204,7 +244,7 @@ def test_mallory_cannot_touch_goods_run(two: tuple[Rig, dict[str, str]]) -> None
     commit = rig.fact(task.id).result_commit
     issued = {e["data"]["commit"] for e in rig.events("provenance.issued") if e["subject"] == task.id}
     assert issued == {commit}
-    # 5. No provenance for any other commit, whoever asks.
+    # 6. No provenance for any other commit, whoever asks.
     with pytest.raises(ProvenanceInvalid) as err:
         provenance.issue(rig.broker, done, "c" * 40)
     assert err.value.reason in ("not_quarantined", "incomplete")

@@ -23,6 +23,7 @@ from intake.audit.ledger import Ledger
 from intake.core.errors import AuditBroken, LedgerHalted, Refused
 from intake.core.models import TaskState, canonical_json
 from intake.protocol.reports import report_mac
+from intake.tasks.dispatch import job_id_for
 from tests.workers.harness import Rig, rig  # noqa: F401
 
 
@@ -111,7 +112,7 @@ def test_a_replayed_queued_event_does_not_requeue_a_running_task(rig: Rig) -> No
     store = rig.store
     nonce = next(iter(fact.dispatches))
     store.move_task(task.id, TaskState.RUNNING, actor="system", update={"attempts": 1},
-                    attempt=1, run="r" * 16, nonce=nonce, job=f"{task.id}_1", queue=fact.queue, worker="w")
+                    attempt=1, run="r" * 16, nonce=nonce, job=job_id_for(fact.queue, task.id, 1), queue=fact.queue, worker="w")
     store.audit.seal_pending()
     running = rig.r.get(store.keys.task(task.id))
     _replay(rig, "task.queued", task.id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from intake.core.models import TaskState
 from intake.protocol.keyfiles import load_worker_key
 from intake.protocol.reports import Reporter
+from intake.tasks.dispatch import job_id_for
 from intake.tasks.worker_reports import ReportProcessor
 from tests.workers.harness import Rig, rig  # noqa: F401
 
@@ -19,7 +20,7 @@ def test_summary_fields_named_like_parameters_are_dropped_not_fatal(rig: Rig) ->
     nonce = next(iter(fact.dispatches))
     run = "r" * 16
     rig.store.move_task(task.id, TaskState.RUNNING, actor="system", update={"attempts": 1},
-                        attempt=1, run=run, nonce=nonce, job=f"{task.id}_1", queue=fact.queue, worker=name)
+                        attempt=1, run=run, nonce=nonce, job=job_id_for(fact.queue, task.id, 1), queue=fact.queue, worker=name)
     rig.store.audit.seal_pending()
     reporter = Reporter(rig.r, rig.settings.key_prefix, name, generation, key)
     reporter.send("report.result", task.id, attempt=1, run=run, state="failed", reason="checks",

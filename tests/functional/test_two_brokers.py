@@ -51,7 +51,7 @@ def test_refusals_hold_and_each_event_is_sealed_once_with_two_brokers(rig: Rig, 
     done = rig.promote(text="run me")
     revoked = rig.promote(text="revoke me")
     revoked_token = rig.job_token(revoked.id)
-    rig.rq().lrem("rq:queue:tier-standard", 0, job_id_for(revoked.id, 1))
+    rig.rq().lrem("rq:queue:tier-standard", 0, job_id_for("tier-standard", revoked.id, 1))
     rig.broker.gatekeeper.revoke(revoked.id, identity="cli:bob", is_approver=True, reason="no")
     for _ in range(3):  # the run, then its delivery (dispatched by a serve once the result is in)
         worker = rig.spawn(config, burst=True, reports=False)  # the two serves answer its reports
@@ -77,7 +77,7 @@ def test_refusals_hold_and_each_event_is_sealed_once_with_two_brokers(rig: Rig, 
         rig.r.set(key, json.dumps(data))
         rig.r.zadd(rig.store.keys.tasks_open, {task.id: 1})
         rig.queue().enqueue_call(ENTRY_POINT, kwargs={"task_id": task.id, "token": token},
-                                 job_id=job_id_for(task.id, 1))
+                                 job_id=job_id_for("tier-standard", task.id, 1))
     rig.r.delete(rig.store.keys.freeze)
     worker = rig.spawn(config, burst=True, reports=False)
     assert worker.wait(timeout=120) == 0, rig.worker_log()

@@ -29,6 +29,7 @@ from intake.core.settings import Settings, load_settings
 from intake.protocol.keyfiles import generate_keys, load_secret, write_worker_key
 from intake.runtime import EXAMPLE_POLICY, Broker
 from intake.storage.store import Store
+from intake.tasks.dispatch import job_id_for
 from intake.tasks.worker_reports import ReportProcessor, issue_worker_key, worker_scope
 from intake.workers.config import load_worker_config
 from intake.workers.dev import create_bare_repo
@@ -141,7 +142,7 @@ class Rig:
 
     def job_token(self, task_id: str, attempt: int = 1) -> str:
         """The dispatch token the broker put in the task's RQ job (as an attacker reads it)."""
-        raw = self.rq().hget(f"rq:job:{task_id}_{attempt}", "data")
+        raw = self.rq().hget(f"rq:job:{job_id_for(self.fact(task_id).queue, task_id, attempt)}", "data")
         assert raw is not None, f"no job for {task_id} attempt {attempt}"
         return str(json.loads(zlib.decompress(raw))[3]["token"])
 

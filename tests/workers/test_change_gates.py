@@ -13,6 +13,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from intake.core.models import TaskState
+from intake.tasks.dispatch import job_id_for
 from intake.workers.dev import create_bare_repo
 from tests.workers.harness import Rig, git_refs, rig  # noqa: F401
 
@@ -44,8 +45,8 @@ def test_a_docs_task_that_edits_tests_is_blocked(rig: Rig) -> None:
     assert blocked(rig, task.id) == ["path outside the change type's paths: tests/conftest.py"]
     assert not branches(rig.bare("acme/web"))
     # What `rq info` and rq-dashboard show: the job failed, with the reason.
-    job = Job.fetch(f"{task.id}_1", connection=rig.rq(), serializer=JSONSerializer)
-    assert job.get_status() == "failed" and f"{task.id}_1" in FailedJobRegistry("tier-standard", connection=rig.rq())
+    job = Job.fetch(job_id_for("tier-standard", task.id, 1), connection=rig.rq(), serializer=JSONSerializer)
+    assert job.get_status() == "failed" and job_id_for("tier-standard", task.id, 1) in FailedJobRegistry("tier-standard", connection=rig.rq())
     assert "blocked by the gates: path outside the change type's paths" in (job.latest_result().exc_string or "")
 
 

@@ -41,15 +41,15 @@ def rewrite(rig: Rig, task_id: str, **changes: object) -> None:
 
 def replant(rig: Rig, task: Task, token: str, attempt: int = 1, queue: str = "tier-standard") -> None:
     rig.queue(queue).enqueue_call(ENTRY_POINT, kwargs={"task_id": task.id, "token": token},
-                                  job_id=job_id_for(task.id, attempt))
+                                  job_id=job_id_for(queue, task.id, attempt))
 
 
 def test_forged_token_job_is_refused_and_the_real_job_still_runs(rig: Rig) -> None:
     task = rig.promote()
     forged, _ = mint_dispatch(Signer(Ed25519PrivateKey.generate()), task_id=task.id, attempt=1,
-                              job_id=job_id_for(task.id, 9), queue="tier-standard", spec=task.spec, now=rig.clock.now)
+                              job_id=job_id_for("tier-standard", task.id, 9), queue="tier-standard", spec=task.spec, now=rig.clock.now)
     rig.queue().enqueue_call(ENTRY_POINT, kwargs={"task_id": task.id, "token": forged},
-                             job_id=job_id_for(task.id, 9), at_front=True)
+                             job_id=job_id_for("tier-standard", task.id, 9), at_front=True)
     rig.work(rig.config())
     assert refusal_reasons(rig) == ["token_unknown_key"]
     done = rig.task(task.id)
@@ -190,7 +190,7 @@ def test_a_job_on_the_wrong_queue_is_refused(rig: Rig) -> None:
 
 def test_a_rerouted_record_does_not_reroute_the_work(rig: Rig) -> None:
     task = rig.promote()
-    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for(task.id, 1)}")
+    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for('tier-standard', task.id, 1)}")
     rewrite(rig, task.id, queue="tier-privileged")
     rig.clock.advance(200)  # the first token expired in the (emptied) queue
     rig.reconcile()
@@ -217,7 +217,7 @@ def test_claim_is_recorded_with_its_nonce_and_attempt(rig: Rig) -> None:
     assert done.attempts == 1
     running = rig.events("task.running")
     dispatched = rig.events("task.dispatched")
-    assert running[0]["data"]["attempt"] == 1 and running[0]["data"]["job"] == job_id_for(task.id, 1)
+    assert running[0]["data"]["attempt"] == 1 and running[0]["data"]["job"] == job_id_for("tier-standard", task.id, 1)
     assert running[0]["data"]["nonce"] == dispatched[0]["data"]["nonce"]
     assert running[0]["actor"] == "system" and running[0]["data"]["worker"] == "test"
     claimed = [e for e in rig.broker.audit.export() if e.get("action") == "report.claimed"]

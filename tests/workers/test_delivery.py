@@ -175,9 +175,9 @@ def test_a_replayed_delivery_job_does_nothing(rig: Rig, fake_forge: FakeForge) -
     assert rig.task(task.id).state is TaskState.SUCCEEDED
     [call] = fake_forge.calls
     assert call["json"]["draft"] is False
-    raw = rig.rq().hget(f"rq:job:{task.id}_d1", "data")
+    raw = rig.rq().hget(f"rq:job:tier-standard_{task.id}_d1", "data")
     token = json.loads(__import__("zlib").decompress(raw))[3]["token"]
-    rig.queue().enqueue_call(ENTRY_POINT, kwargs={"task_id": task.id, "token": token}, job_id=f"{task.id}_d1")
+    rig.queue().enqueue_call(ENTRY_POINT, kwargs={"task_id": task.id, "token": token}, job_id=f"tier-standard_{task.id}_d1")
     rig.work(config)
     assert [e["data"]["reason"] for e in rig.events("job.refused")] == ["task_succeeded"]
     assert len(fake_forge.calls) == 1 and len(rig.events("task.delivery_started")) == 1

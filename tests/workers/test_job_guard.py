@@ -77,6 +77,7 @@ REASONS = {
     "not_json": "job data is not the JSON of a call",
     "entry_with_unknown_field": "job hash has fields RQ never writes (x_callback)",
     "wrong_job_id": "job id does not name the task",
+    "job_id_of_another_queue": "job belongs to another queue",
     "invalid_job_id": "job id is not a valid RQ job id",
 }
 
@@ -106,12 +107,14 @@ def test_hand_written_jobs_are_refused(rig: Rig, tmp_path: Path, case: str) -> N
         "entry_with_unknown_field": (entry, {"x_callback": "os.system"}),
     }
     if case == "wrong_job_id":
-        _plant(rig, "T-000000000000_1", entry)
+        _plant(rig, "tier-standard_T-000000000000_1", entry)
+    elif case == "job_id_of_another_queue":  # on this queue, named for another (its ACL grant)
+        _plant(rig, f"tier-privileged_{task_id}_7", entry)
     elif case == "invalid_job_id":
         rig.rq().rpush("rq:queue:tier-standard", "../../etc:passwd")
     else:
         call, fields = planted[case]
-        _plant(rig, f"{task_id}_7", call, **fields)
+        _plant(rig, f"tier-standard_{task_id}_7", call, **fields)
     rig.work(rig.config())
     assert not pwned.exists() and not markers.MARKER.exists()
     refused = _refusals(rig)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from intake.core.errors import ConfigError
+from intake.tasks.dispatch import job_id_for
 from intake.workers.config import load_worker_config
 from intake.workers.preflight import preflight, worker_problems
 from tests.workers.harness import Rig, rig  # noqa: F401  (fixture)
@@ -84,7 +85,7 @@ def test_a_worker_logs_json_lines_without_its_token(rig: Rig) -> None:  # noqa: 
     config = rig.config()
     proc = rig.spawn(config, burst=True, INTAKE_LOG_FORMAT="json", INTAKE_LOG_LEVEL="DEBUG")
     assert proc.wait(timeout=120) == 0, rig.worker_log()
-    assert f"{task.id}_1" not in rig.queue().job_ids  # it took the job and ran it
+    assert job_id_for("tier-standard", task.id, 1) not in rig.queue().job_ids  # it took the job and ran it
     lines = [json.loads(line) for line in rig.worker_log().splitlines()]  # every line is JSON
     assert any(line["logger"].startswith("rq.") for line in lines)
     assert token not in rig.worker_log() and token.split(".")[-1] not in rig.worker_log()

@@ -30,7 +30,7 @@ from tests.workers.harness import Rig, make_rig, rig  # noqa: F401
 def test_promotion_enqueues_a_json_job_with_only_the_task_id_and_token(rig: Rig) -> None:
     task = rig.promote()
     r = rig.rq()
-    job_id = job_id_for(task.id, 1)
+    job_id = job_id_for("tier-standard", task.id, 1)
     assert r.lrange("rq:queue:tier-standard", 0, -1) == [job_id.encode()]
     raw = r.hgetall(f"rq:job:{job_id}")
     token = rig.job_token(task.id)
@@ -49,7 +49,7 @@ def test_promotion_enqueues_a_json_job_with_only_the_task_id_and_token(rig: Rig)
 
 def test_enqueueing_the_same_attempt_twice_is_a_no_op(rig: Rig) -> None:
     task = rig.promote()
-    assert rig.broker.dispatcher.enqueue(task.id) == job_id_for(task.id, 1)
+    assert rig.broker.dispatcher.enqueue(task.id) == job_id_for("tier-standard", task.id, 1)
     assert rig.broker.dispatcher.reconcile() == 0
     assert rig.rq().llen("rq:queue:tier-standard") == 1
 
@@ -62,7 +62,7 @@ def test_a_lost_enqueue_is_repaired_by_reconcile(rig: Rig) -> None:
     dispatcher.close()  # back to the real Redis
     assert rig.rq().llen("rq:queue:tier-standard") == 0
     assert dispatcher.reconcile() == 1
-    assert rig.rq().lrange("rq:queue:tier-standard", 0, -1) == [job_id_for(task.id, 1).encode()]
+    assert rig.rq().lrange("rq:queue:tier-standard", 0, -1) == [job_id_for("tier-standard", task.id, 1).encode()]
 
 
 def test_a_token_that_expired_in_the_queue_is_replaced(rig: Rig) -> None:
@@ -75,7 +75,7 @@ def test_a_token_that_expired_in_the_queue_is_replaced(rig: Rig) -> None:
 
 def test_tasks_whose_window_closed_are_not_dispatched(rig: Rig) -> None:
     task = rig.promote()
-    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for(task.id, 1)}")
+    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for('tier-standard', task.id, 1)}")
     rig.clock.advance(rig.broker.policy.clocks.approval_validity + 1)
     assert rig.broker.dispatcher.reconcile() == 0
 
@@ -86,7 +86,7 @@ def _claim(rig: Rig, task_id: str, attempt: int = 1) -> Claim:
     worker = build_worker(rig.settings, rig.broker.url, rig.r, load_worker_config(rig.config()), clock=rig.clock)
     try:
         return worker.runner.claimer.claim(task_id, rig.job_token(task_id, attempt),
-                                           job_id=job_id_for(task_id, attempt), queue="tier-standard")
+                                           job_id=job_id_for("tier-standard", task_id, attempt), queue="tier-standard")
     finally:
         worker.connection.close()
 
@@ -132,7 +132,7 @@ def test_an_abandoned_run_is_retried_with_a_new_token(retry_rig: Rig) -> None:
     assert (requeued.reason or "").startswith("retrying: attempt 1 was abandoned")
     queued = rig.events("task.queued")[-1]["data"]
     assert queued["retry"] is True and queued["attempt"] == 1
-    assert job_id_for(task.id, 2).encode() in rig.rq().lrange("rq:queue:tier-standard", 0, -1)
+    assert job_id_for("tier-standard", task.id, 2).encode() in rig.rq().lrange("rq:queue:tier-standard", 0, -1)
     second = rig.job_token(task.id, 2)
     assert second != first and verify_dispatch(second, rig.broker.keyring, now=rig.clock.now).attempt == 2
     rig.work(rig.config())
@@ -163,7 +163,7 @@ def test_a_revoked_task_set_back_to_running_gets_no_token(retry_rig: Rig) -> Non
     """Issue 8: a revoked task rewritten as running, attempts=1, with no lease: no new token."""
     rig = retry_rig
     task = rig.promote()
-    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for(task.id, 1)}")
+    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for('tier-standard', task.id, 1)}")
     rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="stop")
     before = len(rig.events("task.dispatched"))
     key = rig.store.keys.task(task.id)
@@ -183,7 +183,7 @@ def test_a_queued_task_goes_back_when_its_approver_is_removed(rig: Rig) -> None:
     """Issue 8: the approvals of a removed approver stop counting; a queued task that no longer
     meets its policy goes back to awaiting approvals, audited, and is dispatched no more."""
     task = rig.promote()  # alice's one approval queued it
-    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for(task.id, 1)}")
+    rig.rq().delete("rq:queue:tier-standard", f"rq:job:{job_id_for('tier-standard', task.id, 1)}")
     rig.broker.approvers.remove("alice", actor="cli:root")
     before = len(rig.events("task.dispatched"))
     rig.clock.advance(200)  # its first token expired too

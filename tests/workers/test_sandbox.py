@@ -168,10 +168,11 @@ def test_a_setsid_grandchild_is_gone_after_a_revocation(rig: Rig) -> None:
 
     def revoke_when_running() -> None:
         wait_for(lambda: pids_with(marker), 20, "the grandchild")
+        lease_key = rig.store.keys.lease(rig.fact(task.id).worker, task.id)  # the running worker's
         rig.broker.gatekeeper.revoke(task.id, identity="cli:bob", is_approver=True, reason="stop")
         # The stop is pushed at once (a signed refusal on the run's lease key, which the worker
         # polls every 0.25 s), not left for the next heartbeat's answer.
-        lease = verify_lease(rig.r.get(rig.store.keys.lease("test", task.id)), rig.broker.keyring)
+        lease = verify_lease(rig.r.get(lease_key), rig.broker.keyring)
         stops.append(lease.status)
 
     stops: list[str] = []
