@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import json
 import os
 import pwd
@@ -803,9 +804,11 @@ def _nproc_limit(wanted: int) -> int:
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
 
 
-def _disk_usage(roots: Sequence[Path]) -> int | None:
+def _disk_usage(roots):  # type: ignore[no-untyped-def]  # self-contained: also run as a script (_DU)
     """Bytes allocated under ``roots`` (not following links), or None if a directory could not
     be read (the agent can hide a directory from the worker by taking its permissions away)."""
+    import os
+
     total = 0
     stack = [str(r) for r in roots]
     while stack:
@@ -824,24 +827,9 @@ def _disk_usage(roots: Sequence[Path]) -> int | None:
     return total
 
 
-_DU = """
-import os, sys
-total, stack = 0, list(sys.argv[1:])
-while stack:
-    top = stack.pop()
-    try:
-        with os.scandir(top) as entries:
-            for entry in entries:
-                info = entry.stat(follow_symlinks=False)
-                total += info.st_blocks * 512
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    except FileNotFoundError:
-        continue
-    except OSError:
-        sys.exit(3)
-print(total)
-"""
+#: The same walk as a script, for a helper running as the agent user (:func:`disk_usage_as`).
+_DU = inspect.getsource(_disk_usage) + (
+    "import sys\nused = _disk_usage(sys.argv[1:])\nsys.exit(3) if used is None else print(used)\n")
 
 
 def disk_usage_as(user: pwd.struct_passwd, roots: Sequence[Path]) -> int | None:
