@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +15,7 @@ from intake.core.errors import Refused
 from intake.core.models import Channel, TaskState
 from intake.core.settings import Settings, load_settings
 from tests.conftest import FakeClock
-from tests.factories import draft
+from tests.factories import draft, previous_step_code
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -42,7 +41,7 @@ async def test_metrics_match_a_scripted_scenario(settings: Settings, clock: Fake
                                              email=None, actor="cli:root")
             enrolment = broker.approvers.enrol(name, actor=f"approver:{name}")
             totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
-            broker.approvers.confirm(name, totps[name].at(time.time() - 30), actor=f"approver:{name}")
+            broker.approvers.confirm(name, previous_step_code(totps[name]), actor=f"approver:{name}")
         one, _ = store.capture(draft(channel=Channel.SLACK))
         two, _ = store.capture(draft(channel=Channel.CLI, requester="cli:erin"))
         three, _ = store.capture(draft(channel=Channel.CLI, requester="cli:alice"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from pathlib import Path
 
 import pyotp
@@ -17,7 +16,7 @@ from intake.core.policy import load_policy
 from intake.core.settings import Settings, load_settings
 from intake.people.passkeys import PasskeyProof, bound_challenge
 from intake.runtime import EXAMPLE_POLICY, open_broker
-from tests.factories import draft
+from tests.factories import draft, previous_step_code
 
 
 def _with(tmp: Path, text: str) -> Path:
@@ -42,7 +41,7 @@ def test_a_passkey_tier_refuses_a_totp_code(settings: Settings, tmp_path: Path) 
                                          slack_user=None, email=None, actor="cli:root")
         enrolment = broker.approvers.enrol("alice", actor="approver:alice")
         totp = pyotp.parse_uri(enrolment.otpauth_uri)
-        broker.approvers.confirm("alice", totp.at(time.time() - 30), actor="approver:alice")
+        broker.approvers.confirm("alice", previous_step_code(totp), actor="approver:alice")
         idea, _ = broker.store.capture(draft(channel=Channel.CLI, requester="cli:erin"))
         with pytest.raises(Refused) as err:
             broker.gatekeeper.promote(idea.id, repo="acme/web", change_type="docs", approver_id="alice",

@@ -4,7 +4,6 @@ signed-in victim, the dev-mode origins, and hidden characters on every page that
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from intake.core.settings import Settings, load_settings
 from intake.operations.indicators.figures import Timeline, compute_figures
 from intake.operations.indicators.render import render_html
 from intake.runtime import Broker
-from tests.factories import draft
+from tests.factories import draft, previous_step_code
 from tests.report.events import emit, settle
 
 HIDDEN = "approve\u202eevil\u200bnow\u2066x\u2069"
@@ -58,7 +57,7 @@ class Console:
                                   actor="test:setup")
         enrolment = self.broker.approvers.enrol(who, actor=f"approver:{who}")
         totp = pyotp.parse_uri(enrolment.otpauth_uri)
-        self.broker.approvers.confirm(who, totp.at(time.time() - 30), actor=f"approver:{who}")
+        self.broker.approvers.confirm(who, previous_step_code(totp), actor=f"approver:{who}")
         page = await (await self.client.get("/console/signin")).text()
         resp = await self.client.post("/console/signin", data={"csrf": csrf_of(page), "approver": who,
                                                                "code": totp.now()})

@@ -20,6 +20,7 @@ from aiohttp import web
 from intake.app import BROKER, SETTINGS, create_app
 from intake.core.settings import Settings, load_settings
 from intake.runtime import EXAMPLE_POLICY, Broker, open_broker
+from tests.factories import previous_step_code
 from tests.functional.test_serve import free_port
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -50,7 +51,7 @@ def enrol(settings: Settings, *names: str) -> dict[str, pyotp.TOTP]:
                                              email=None, actor="cli:root")
             enrolment = broker.approvers.enrol(name, actor=f"approver:{name}")
             totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
-            broker.approvers.confirm(name, totps[name].at(time.time() - 30), actor=f"approver:{name}")
+            broker.approvers.confirm(name, previous_step_code(totps[name]), actor=f"approver:{name}")
     return totps
 
 

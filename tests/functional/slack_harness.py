@@ -23,6 +23,7 @@ from intake.app import create_app
 from intake.channels.slack.verify import compute_signature
 from intake.core.settings import Settings, load_settings
 from intake.runtime import open_broker
+from tests.factories import previous_step_code
 from tests.slack_sim import SlackSim, SocketModeServer
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -57,7 +58,7 @@ def enrol_approvers(settings: Settings) -> dict[str, pyotp.TOTP]:
             enrolment = broker.approvers.enrol(name, actor=f"approver:{name}")
             totps[name] = pyotp.parse_uri(enrolment.otpauth_uri)
             # The previous step's code: "now" stays free for the test's first approval.
-            broker.approvers.confirm(name, totps[name].at(time.time() - 30), actor=f"approver:{name}")
+            broker.approvers.confirm(name, previous_step_code(totps[name]), actor=f"approver:{name}")
     return totps
 
 
