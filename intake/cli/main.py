@@ -689,6 +689,16 @@ def _show_enrolment(enrolment: dict[str, Any], as_json: bool) -> None:
     click.echo(f"then: intake approver confirm {enrolment['id']} --code CODE")
 
 
+def _enrolment_or(made: dict[str, Any], as_json: bool, line: str) -> None:
+    """Show the secret when the answer holds one (it is the caller's own), else ``line``."""
+    if "otpauth_uri" in made:
+        _show_enrolment(made, as_json)
+    elif as_json:
+        _out_json(made)
+    else:
+        click.echo(line)
+
+
 @approver.command(name="add")
 @click.argument("approver_id", callback=_casefold)
 @click.option("--name", required=True, help="The approver's display name.")
@@ -704,13 +714,8 @@ def approver_add(approver_id: str, name: str, groups: str, slack_user: str | Non
     body = {"id": approver_id, "name": name, "groups": [g.strip() for g in groups.split(",") if g.strip()],
             "slack_user": slack_user, "email": email, "code": code}
     made = _api().call("POST", "/approvers", body)
-    if "otpauth_uri" in made:
-        _show_enrolment(made, as_json)
-    elif as_json:
-        _out_json(made)
-    else:
-        click.echo(f"{made['id']} invited; they enrol their own authenticator: `intake approver enrol "
-                   f"{made['id']}` as their own OS user, or the console's link sent to their Slack DM")
+    _enrolment_or(made, as_json, f"{made['id']} invited; they enrol their own authenticator: `intake approver "
+                                 f"enrol {made['id']}` as their own OS user, or the console's link sent to their Slack DM")
 
 
 @approver.command(name="enrol")
@@ -765,13 +770,8 @@ def approver_reset(approver_id: str, code: str, as_json: bool) -> None:
     passkeys stop working at once. Someone else (admins, with their code): their factors are
     revoked; they enrol again."""
     made = _api().call("POST", f"/approvers/{seg(approver_id)}/reset", {"code": code})
-    if "otpauth_uri" in made:
-        _show_enrolment(made, as_json)
-    elif as_json:
-        _out_json(made)
-    else:
-        click.echo(f"{approver_id}'s authenticator and passkeys are revoked; they enrol again "
-                   f"(`intake approver enrol {approver_id}`)")
+    _enrolment_or(made, as_json, f"{approver_id}'s authenticator and passkeys are revoked; they enrol again "
+                                 f"(`intake approver enrol {approver_id}`)")
 
 
 @approver.command(name="unlock")
