@@ -68,22 +68,26 @@ class Filters:
     """The valid filters of one request, and where its page starts."""
 
     values: dict[str, str] = field(default_factory=dict)
+    #: Defaults the request set to ``any`` (kept in the pager's links, or the default returns).
+    cleared: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, query: Mapping[str, str], allowed: Iterable[str], defaults: Mapping[str, str] | None = None
               ) -> Filters:
         values = dict(defaults or {})
+        cleared = set()
         for name in (*allowed, *_CURSORS):
             raw = query.get(name)
             if raw is None:
                 continue
             raw = raw.strip()
             if raw == "" or raw == "any":
-                values.pop(name, None)
+                if values.pop(name, None) is not None:
+                    cleared.add(name)
             elif re.fullmatch(_FIELDS[name], raw) and (name not in ("since", "until") or raw[-1] in "hd"
                                                        or _day(raw) is not None):
                 values[name] = raw
-        return cls(values)
+        return cls(values, frozenset(cleared))
 
     def get(self, name: str) -> str | None:
         return self.values.get(name)
@@ -114,7 +118,8 @@ class Filters:
 
     def query(self, **change: str | None) -> str:
         """This view's query string with ``change`` applied (a cursor for the pager)."""
-        merged = {**self.filtering, **{k: v for k, v in change.items() if v}}
+        merged = {**dict.fromkeys(sorted(self.cleared), "any"), **self.filtering,
+                  **{k: v for k, v in change.items() if v}}
         return urlencode(merged)
 
 
