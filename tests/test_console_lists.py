@@ -20,6 +20,7 @@ from intake.core.settings import Settings
 from intake.runtime import Broker, open_broker
 from tests.conftest import FakeClock
 from tests.console_history import History, build
+from tests.factories import draft
 
 
 @pytest.fixture
@@ -102,3 +103,44 @@ def test_audit_filters(broker: Broker, history: History) -> None:
     assert all(e["actor"] == "approver:bob" and e["action"].startswith("task.") for e in bob.items)
     exact = audit_page(broker, Filters.parse({"action": "task.revoked"}, AUDIT_FILTERS))
     assert [e["subject"] for e in exact.items] == [h.web_task]
+
+
+def test_the_audit_list_says_what_it_covers_and_pages_into_the_archive(settings: Settings) -> None:
+    from intake.console.lists import archive_page, audit_coverage
+
+    hot = settings.model_copy(update={"audit_hot": 3600.0})
+    with open_broker(hot) as broker:
+        import intake.audit.archive as archive_mod
+
+        saved, archive_mod.SEGMENT_MAX = archive_mod.SEGMENT_MAX, 40
+        try:
+            for n in range(120):
+                broker.store.capture(draft(text=f"archived request {n}"))
+            broker.audit.seal_pending()
+            assert broker.ledger.follow().snapshot_if_due(every=1)
+            for n in range(5):
+                broker.store.capture(draft(text=f"hot request {n}"))
+            broker.audit.seal_pending()
+            assert broker.audit.lease.acquire() is not None
+            import time
+
+            moved = broker.archive_due(now=time.time() + 2 * 3600)
+        finally:
+            archive_mod.SEGMENT_MAX = saved
+        assert moved > 100
+        cover = audit_coverage(broker)
+        assert cover.archived_through == moved and cover.first_seq == moved + 1 and cover.segments >= 3
+        # The indexes left with the entries: a filter lists the hot window only.
+        captured = audit_page(broker, Filters.parse({"action": "idea.captured"}, AUDIT_FILTERS))
+        assert [e["data"] for e in captured.items] and all(e["seq"] > moved for e in captured.items)
+        in_redis = [sid for sid, f in broker.client.xrange(broker.audit.stream) if '"idea.captured"' in f["e"]]
+        assert sorted(e["id"] for e in captured.items) == sorted(in_redis) and len(in_redis) >= 5
+        # The archive, a page at a time, newest first, back to #1.
+        seen: list[int] = []
+        page = archive_page(broker, None)
+        while page is not None:
+            assert page.error is None
+            seen += [row.item["seq"] for row in page.rows]
+            assert all(row.item["verified"] for row in page.rows)
+            page = archive_page(broker, page.older) if page.older else None
+        assert seen == list(range(moved, 0, -1))

@@ -18,10 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from intake.audit.archive import ArchiveBroken, read_segment
 from intake.audit.index import entry_kind, entry_subjects, entry_time, entry_view
 from intake.audit.ledger import Ledger, TaskFact
 from intake.audit.log import OK
 from intake.console.listing import (
+    PER_PAGE,
     Filters,
     IndexSource,
     Page,
@@ -291,3 +293,48 @@ def audit_coverage(broker: Broker) -> Coverage:
     return Coverage(seq, when, segments[-1][1] if segments else 0, len(segments),
                     str(broker.settings.audit_archive or ""))
 
+
+
+@dataclass(frozen=True)
+class ArchivePage:
+    """One page of archived audit entries, by sealed position (newest first)."""
+
+    rows: list[Row[dict[str, Any]]]
+    segment: str
+    first: int  # the segment's first and last positions
+    last: int
+    archived: int  # the last archived position
+    older: int | None  # ``to`` of the older page
+    newer: int | None
+    error: str | None = None
+
+
+def archive_page(broker: Broker, to: int | None) -> ArchivePage | None:
+    """Up to a page of archived entries ending at position ``to`` (default: the newest archived),
+    read from the one segment that holds it: a view costs one segment (at most
+    :data:`intake.audit.archive.SEGMENT_MAX` lines) and no Redis, whatever the archive's size.
+    Each entry's MAC is checked again; the seal chain across segments is ``intake audit verify``'s."""
+    archive = broker.audit.archive
+    segments = archive.segments() if archive is not None else []
+    if archive is None or not segments:
+        return None
+    archived = segments[-1][1]
+    to = archived if to is None or not 1 <= to <= archived else to
+    found = next((s for s in segments if s[0] <= to <= s[1]), None)
+    if found is None:
+        return ArchivePage([], "", 0, 0, archived, None, None, f"no segment holds entry #{to} (a segment is missing)")
+    first, last, name = found
+    low = max(first, to - PER_PAGE + 1)
+    try:
+        lines = [line for line in read_segment(archive.store.read(name), name) if low <= line["seq"] <= to]
+    except ArchiveBroken as exc:
+        return ArchivePage([], name, first, last, archived, None, None, str(exc))
+    rows = []
+    for line in reversed(lines):
+        fields = {str(k): str(v) for k, v in line["f"].items()}
+        genuine = line.get("verdict") == OK and broker.audit.judge(fields) == OK
+        item = {**entry_view(fields), "id": line.get("id"), "seq": line["seq"], "verified": genuine,
+                "time": entry_time(str(line.get("id", "0-0")))}
+        rows.append(Row("", item, "" if genuine else f"not genuine: {line.get('verdict')}"))
+    return ArchivePage(rows, name, first, last, archived, low - 1 if low > 1 else None,
+                       min(to + PER_PAGE, archived) if to < archived else None)

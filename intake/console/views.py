@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from intake.console.lists import (
     AUDIT_FILTERS,
     IDEA_FILTERS,
     TASK_FILTERS,
+    archive_page,
     audit_coverage,
     audit_page,
     ideas_page,
@@ -557,6 +559,14 @@ class Console:
         coverage = await self.call(audit_coverage, broker)
         return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=page.rows, page=page,
                            filters=f, coverage=coverage)
+
+    async def audit_archive(self, request: web.Request) -> web.Response:
+        """Archived audit entries by sealed position (``?to=N``: the page ending at #N), one
+        segment read per view (intake/console/lists.py)."""
+        raw = request.query.get("to", "")
+        to = int(raw) if re.fullmatch(r"[0-9]{1,12}", raw) else None
+        page = await self.call(archive_page, self.broker(request), to)
+        return self.render(request, "audit_archive.html", page=page)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: one ``change`` event (the audit action and subject, never data) per
