@@ -99,6 +99,10 @@ def run(size: int) -> dict[str, tuple[int, int]]:
             out["before: ideas (newest 1,000 read)"] = (n, len(old))
             n, _ = counted(broker.client, lambda: (broker.audit.verify(), list(broker.audit.export())))
             out["before: audit page (verify + export)"] = (n, size)
+            index_bytes = sum(int(broker.client.memory_usage(k) or 0)
+                              for k in broker.client.scan_iter(f"{broker.store.keys.p}:ix:*", count=1000))
+            print(f"{size} ideas: the listing indexes hold {index_bytes / (size + 1):.0f} bytes of Redis memory per idea "
+                  "(with its audit entry)")
             return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
