@@ -10,7 +10,6 @@ record never appears under a filter it does not belong to as if it did.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -18,10 +17,11 @@ import redis
 from intake.console.listing import SCAN_BUDGET, Filters
 from intake.console.lists import AUDIT_FILTERS, IDEA_FILTERS, TASK_FILTERS, audit_page, ideas_page, tasks_page
 from intake.core.models import Task, TaskState
-from intake.core.redis_conn import EmbeddedRedis, make_client
+from intake.core.redis_conn import make_client
 from intake.core.settings import Settings
-from intake.protocol.keyspace import index_member
+from intake.protocol.keyspace import Keys, index_member
 from intake.runtime import Broker, open_broker
+from tests.attacks.test_issue19_workers import users  # noqa: F401
 from tests.conftest import FakeClock
 from tests.console_history import History, build
 
@@ -37,22 +37,29 @@ def history(broker: Broker, clock: FakeClock) -> History:
     return build(broker, clock, newer=60)
 
 
-def test_a_worker_user_cannot_touch_an_index(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path / "d")
-    server.acquire()
+def test_a_worker_user_cannot_touch_an_index(users: dict[str, str]) -> None:  # noqa: F811
+    """A named worker's narrowed Redis user (Redis 7 selectors, and the embedded 6.2's flat
+    rules) can neither read, add to nor remove from any listing index, nor the backfill mark."""
+    broker, mallory = make_client(users["broker"]), make_client(users["mallory"])
     try:
-        worker = make_client(server.url_for("worker"))  # type: ignore[arg-type]
-        for key in ("intake:ix:idea:all", "intake:ix:task:state:0123", "intake:ix:audit:actor:0123",
-                    "intake:ix:backfill"):
+        keys = Keys("intake")
+        targets = [keys.index("idea", "all"), keys.index("task", "state", "succeeded"),
+                   keys.index("audit", "actor", "approver:alice"), keys.index("idea", "requester", "cli:mallory")]
+        for key in targets:
+            broker.zadd(key, {index_member(1.0, "T-000000000001"): 0})
+        for key in [*targets, keys.index_backfill]:
             with pytest.raises(redis.exceptions.NoPermissionError):
-                worker.zadd(key, {index_member(0, "T-000000000001"): 0})
+                mallory.zadd(key, {index_member(2e9, "T-00000000000f"): 0})
             with pytest.raises(redis.exceptions.NoPermissionError):
-                worker.zrem(key, "x")
+                mallory.zrem(key, index_member(1.0, "T-000000000001"))
             with pytest.raises(redis.exceptions.NoPermissionError):
-                worker.zrevrangebylex(key, "+", "-")
-        worker.close()
+                mallory.zrevrangebylex(key, "+", "-")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                mallory.delete(key)
+        assert all(broker.zcard(k) == 1 for k in targets)
     finally:
-        server.release()
+        mallory.close()
+        broker.close()
 
 
 def test_a_planted_member_lists_nothing_it_does_not_belong_to(broker: Broker, history: History) -> None:
