@@ -144,3 +144,13 @@ def test_the_audit_list_says_what_it_covers_and_pages_into_the_archive(settings:
             assert all(row.item["verified"] for row in page.rows)
             page = archive_page(broker, page.older) if page.older else None
         assert seen == list(range(moved, 0, -1))
+
+
+def test_filters_are_validated_whole_and_a_cleared_default_stays_cleared() -> None:
+    f = Filters.parse({"state": "any", "since": "2026-02-30", "until": "2026-01-31", "after": "1|I-x",
+                       "requester": "a b", "q": "x\x00"}, IDEA_FILTERS, {"state": "pending"})
+    assert f.values == {"until": "2026-01-31"} and f.cleared == {"state"}
+    assert f.query(after="0000000000000001|I-0123456789ab").startswith("state=any&until=2026-01-31&after=")
+    assert f.until_ts() == 1769817600.0 + 86400  # the end of the 31st (2026-01-31 00:00 UTC + a day), exclusive
+    assert Filters.parse({"since": "2026-01-31"}, IDEA_FILTERS).since_ts() == 1769817600.0
+    assert Filters.parse({"since": "7d"}, IDEA_FILTERS).since_ts(now=1e9) == 1e9 - 7 * 86400
