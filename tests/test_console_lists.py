@@ -101,6 +101,8 @@ def test_audit_filters(broker: Broker, history: History) -> None:
     bob = audit_page(broker, Filters.parse({"actor": "approver:bob", "action": "task"}, AUDIT_FILTERS))
     assert {e["action"] for e in bob.items} >= {"task.created", "task.revoked"}
     assert all(e["actor"] == "approver:bob" and e["action"].startswith("task.") for e in bob.items)
+    by_id = audit_page(broker, Filters.parse({"q": h.web_task}, AUDIT_FILTERS))  # read by the subject index
+    assert by_id.index == "subject" and {e["id"] for e in by_id.items} == {e["id"] for e in page.items}
     exact = audit_page(broker, Filters.parse({"action": "task.revoked"}, AUDIT_FILTERS))
     assert [e["subject"] for e in exact.items] == [h.web_task]
 

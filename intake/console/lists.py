@@ -219,6 +219,8 @@ def audit_page(broker: Broker, f: Filters) -> Page[dict[str, Any]]:
         facets.append(action_facet(f.values["action"]))
     if f.get("subject"):
         facets.append(("subject", f.values["subject"]))
+    elif _WHOLE_ID.fullmatch(f.get("q") or ""):  # a whole id searched: the entries about it
+        facets.append(("subject", f.values["q"]))
     if not facets:  # the stream itself, newest first: every entry, genuine or not, with its verdict
         source: Source[Any] = _SealedStream(broker, f.since_ts(), f.until_ts())
         index, exact = "all", not f.get("q")
