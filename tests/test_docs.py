@@ -36,7 +36,7 @@ def test_the_docs_build_strictly_with_no_broken_link(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     built = {p.name for p in (tmp_path / "site").glob("*.html")}
     for page in ("index.html", "concepts.html", "policy.html", "channels.html", "deploy.html", "operations.html",
-                 "cli.html", "threat-model.html"):
+                 "configuration.html", "cli.html", "threat-model.html"):
         assert page in built, page
 
 
@@ -71,7 +71,8 @@ def test_the_threat_model_names_each_boundary_with_tests_that_exist() -> None:
         heading = f"{n}. {name}"
         assert heading in titled, f"the threat model has no section '### {heading}'"
         body = titled[heading]
-        assert "**Stops:**" in body and "**Does not stop:**" in body, heading
+        for part in ("**Assets:**", "**Actors:**", "**Controls:**", "**Stops:**", "**Does not stop:**"):
+            assert part in body, f"{heading}: no {part}"
         assert TEST_REF.search(body), f"{heading}: no test proves it"
 
 
