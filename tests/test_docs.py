@@ -76,9 +76,12 @@ def test_the_threat_model_names_each_boundary_with_tests_that_exist() -> None:
         assert TEST_REF.search(body), f"{heading}: no test proves it"
 
 
-@pytest.mark.parametrize("doc", sorted(p.name for p in DOCS.glob("*.md")) + ["../SECURITY.md"])
+@pytest.mark.parametrize("doc", sorted(p.name for p in DOCS.glob("*.md")) + ["../SECURITY.md", "../README.md"])
 def test_every_test_a_doc_cites_exists(doc: str) -> None:
-    for path, name in TEST_REF.findall((DOCS / doc).read_text()):
+    text = (DOCS / doc).read_text()
+    for path in re.findall(r"`((?:tests|bench)/[\w/]+\.py)(?:::\w+)?`", text):
+        assert (REPO_ROOT / path).is_file(), f"{doc}: {path} does not exist"
+    for path, name in TEST_REF.findall(text):
         source = REPO_ROOT / path
         assert source.is_file(), f"{doc}: {path} does not exist"
         assert re.search(rf"^(async )?def {name}\(", source.read_text(), flags=re.M), f"{doc}: {path}::{name}"
