@@ -714,9 +714,8 @@ class Console:
         broker = self.broker(request)
         who = request[SESSION].who
         try:
-            if not self._is_admin(broker, who):
-                raise Refused("not_admin", "only an admin (the policy's [admins]) can freeze intake")
-            await self.call(broker.gatekeeper.freeze, actor=f"approver:{who}", reason=str(form.get("reason", "")))
+            await self.call(broker.gatekeeper.freeze, by=who, actor=f"approver:{who}",
+                            reason=str(form.get("reason", "")))
         except IntakeError as exc:
             return await self.killswitch(request, error=str(exc), status=_status(exc))
         return redirect("/console/killswitch?done=frozen")

@@ -573,8 +573,12 @@ class Gatekeeper:
         """The kill switch as the sealed history says (the Redis key is only a cache)."""
         return self.ledger.follow().frozen
 
-    def freeze(self, *, actor: str, reason: str) -> None:
-        """The kill switch: no task starts until thawed (running ones are not touched)."""
+    def freeze(self, *, by: str, actor: str, reason: str) -> None:
+        """The kill switch, pulled by person ``by`` (any admin or confirmed approver; no code:
+        stopping is always safe): no task starts until thawed, and running ones lose their
+        leases. One rule for every channel that offers it."""
+        if not self.policy.is_admin(by):
+            self.approvers.active(by)
         if not reason.strip():
             raise InvalidInput("--reason: say why")
 
