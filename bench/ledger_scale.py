@@ -89,9 +89,13 @@ def build_log(settings: Settings, entries: int, *, snapshots: bool = True) -> No
                 broker.ledger.follow()
                 broker.ledger.snapshot_if_due()
         broker.audit.seal_pending(max_rounds=10 ** 6)
-        # The console's one-off index backfill, which a serve's sweeps finish a batch at a time
-        # (records written by this code are indexed already; it cannot know that): done here, so
-        # the idle figure is a broker's steady state, not the first hours after an upgrade.
+
+
+def finish_backfill(settings: Settings) -> None:
+    """The console's one-off index backfill, which a serve's sweeps finish a batch at a time
+    (records written by this code are indexed already; it cannot know that): done here, so the
+    idle figure is a broker's steady state, not its first hours on an upgraded data dir."""
+    with open_broker(settings) as broker:
         while broker.store.backfill_indexes() is not None:
             pass
 
@@ -203,6 +207,7 @@ def measure(size: int, root: Path, idle_s: float, starts: int) -> dict[str, floa
         began = time.perf_counter()
         build_log(settings, size)
         built = time.perf_counter() - began
+        finish_backfill(settings)
         marker.write_text(f"{size}\n")
     settings = settings_for(data)
     log = root / f"serve-{size}.log"
