@@ -38,8 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from intake.core.models import Task
 from intake.core.redis_conn import EmbeddedRedis, make_client
 from tests.conftest import FakeClock
+from tests.factories import draft
 from tests.slack_sim import Call, SlackSim
 from tests.workers.harness import Rig, make_rig
 
@@ -224,17 +226,29 @@ STEPS = (  # (label, from, to): the medians printed between the two ends
 )
 
 
+def promote(rig: Rig, slack: Slack, text: str) -> Task:
+    """Capture an idea, wait for its card in Slack (the thread the delivery is told in), then
+    promote it with an approver's code, as :meth:`Rig.promote` does."""
+    idea = rig.store.capture(draft(text=text), ttl_s=rig.broker.policy.clocks.idea_ttl)[0]
+    slack.wait(f"New idea {idea.id}", CARD_BOUND_S)
+    task = rig.broker.gatekeeper.promote(idea.id, repo="acme/web", change_type="docs", approver_id="alice",
+                                         code=rig.code("alice")).task
+    rig.clock.advance(30)  # the code's step is spent
+    return task
+
+
 def one(rig: Rig, slack: Slack, pushes: Path, n: int) -> dict[str, float]:
     before = len(pushes.read_text().splitlines()) if pushes.exists() else 0
-    task = rig.promote(text=f"Document the deploy steps, part {n}")
+    task = promote(rig, slack, f"Document the deploy steps, part {n}")
     told = slack.wait(f"{task.id} is now succeeded", TASK_BOUND_S)
     marks: dict[str, float] = {"told": told}
     reports = reports_of(rig, "bench", task.id)
     results = [(at, d) for at, action, d in reports if action == "report.result"]
-    claims = [at for at, action, d in reports if action == "report.claimed"]
-    if len(results) != 2 or results[0][1].get("state") != "succeeded" or len(claims) != 2:
+    deliveries = [at for at, action, d in reports if action == "report.claimed" and "_d" in str(d.get("job"))]
+    if len(results) != 2 or results[0][1].get("state") != "succeeded" or len(deliveries) != 1:
         raise SystemExit(f"{task.id}: expected a run and a delivery, got {[a for _, a, _ in reports]}")
-    marks.update(result=results[0][0], delivered_report=results[1][0], claim=claims[1])
+    marks.update(result=results[0][0], delivered_report=results[1][0], claim=deliveries[0],
+                 extra_claims=sum(1 for _, action, _ in reports if action == "report.claimed") - 2)
     marks.update(audit_of(rig, task.id))
     spans = [tuple(map(float, line.split())) for line in pushes.read_text().splitlines()[before:]]
     if not spans:
@@ -280,6 +294,7 @@ def main() -> None:
         except SystemExit:
             for log in (tmp / "serve.log", tmp / "worker-subprocess.log"):
                 if log.exists():
+                    shutil.copy(log, Path(tempfile.gettempdir()) / f"delivery-latency-{log.name}")
                     print(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
             raise
         finally:
@@ -303,6 +318,9 @@ def report(samples: list[dict[str, float]]) -> None:
                           ("(c) hop = (a) - (b)", hop), ("    run finished -> marked delivered", marked),
                           ("    hop to marked delivered", hop_marked)):
         print(f"{label:44} {pct(values, 0.5):>7.3f} {pct(values, 0.95):>7.3f} {pct(values, 0.99):>7.3f}")
+    extra = sum(int(s["extra_claims"]) for s in samples)
+    if extra:
+        print(f"note: {extra} extra claim(s) of a job dispatched twice (refused by the broker)")
     print("step medians:")
     for label, a, b in STEPS:
         values = [s[b] - s[a] for s in samples if a in s and b in s]

@@ -13,9 +13,10 @@ branch), and reports:
 * ``failed`` with a reason (agent error or timeout, no change, git trouble);
 * nothing, when the run was stopped (revoked, frozen, superseded: the broker says so).
 
-A delivery job (a token with ``kind = "deliver"``) runs no agent: :meth:`TaskRunner._deliver`
-fetches the quarantined commit, checks it is exactly the token's ``deliver_sha``, pushes it to
-``<prefix>/<task id>`` and opens the pull request (draft when the result needed approval).
+A delivery job (a token with ``kind = "deliver"``) runs no agent and makes no clone:
+:meth:`TaskRunner._deliver` fetches the quarantined commit into an empty private git directory,
+checks it is exactly the token's ``deliver_sha``, pushes it to ``<prefix>/<task id>`` and opens the
+pull request (draft when the result needed approval).
 
 The worker settles nothing itself: it reports the outcome (``report.result``) and the broker
 applies it if its ledger says this run is still the live one. While the agent runs,
@@ -327,8 +328,9 @@ class TaskRunner:
         stop = _Stopper(lease)
         credential, _ = self._secrets(repo)
         secrets = [s for s in (credential,) if s]
-        with self.runs.run() as run_dir, Workspace.clone(
-            repo.url, spec.base_ref, credential, username=repo.username, ca_file=repo.ca_file, root=run_dir,
+        with self.runs.run() as run_dir, Workspace.for_delivery(
+            repo.url, credential, object_format="sha256" if len(sha) == 64 else "sha1",
+            username=repo.username, ca_file=repo.ca_file, root=run_dir,
         ) as ws:
             if stop():
                 return self._stopped(claim, stop.why or "stopped")

@@ -99,6 +99,8 @@ esac
 _HEX_SHA = re.compile(r"^[0-9a-f]{7,64}$")
 _FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _QUARANTINE_REF = re.compile(r"refs/intake/T-[0-9a-f]{12}")
+#: Where a delivery keeps the remote's provenance notes ref while it adds its own note.
+_FETCHED_NOTES = "refs/intake-fetched/notes"
 _USERINFO = re.compile(r"://[^/@\s]*@")
 
 
@@ -290,8 +292,47 @@ class Workspace:
         ``root`` is the directory (a run's, see :mod:`workers.rundirs`) to make the work tree
         and the private git directory in.
         """
-        _check_ref_arg(url, "repository URL")
         _check_ref_arg(base_ref, "base ref")
+        ws = cls._empty(url, credential, username=username, ca_file=ca_file, root=root)
+        try:
+            ws._clone(base_ref, timeout)
+        except BaseException:
+            ws.cleanup()
+            raise
+        return ws
+
+    @classmethod
+    def for_delivery(
+        cls,
+        url: str,
+        credential: str | None,
+        *,
+        object_format: str = "sha1",
+        username: str = "x-access-token",
+        ca_file: Path | None = None,
+        root: Path | None = None,
+    ) -> Workspace:
+        """An empty private git directory for a delivery (:meth:`deliver`), with no clone and
+        no checkout: a delivery runs no agent and needs only the quarantined commit, which
+        :meth:`deliver` fetches (with the provenance notes) in one round trip. The URL and
+        credential rules are :meth:`clone`'s."""
+        ws = cls._empty(url, credential, username=username, ca_file=ca_file, root=root)
+        try:
+            os.chmod(ws._private, 0o700)
+            run_git(["init", "--quiet", "--bare", "--template=", f"--object-format={object_format}",
+                     str(ws._git_dir)], cwd=ws._private, env={})
+            ws.object_format = object_format
+            ws._fingerprint = _fingerprint(ws._git_dir)
+        except BaseException:
+            ws.cleanup()
+            raise
+        return ws
+
+    @classmethod
+    def _empty(cls, url: str, credential: str | None, *, username: str, ca_file: Path | None,
+               root: Path | None) -> Workspace:
+        """A workspace with its directories made and nothing in them, after checking ``url``."""
+        _check_ref_arg(url, "repository URL")
         parts = urlsplit(url) if "://" in url else None
         if parts is not None and (parts.username or parts.password):
             raise GitError("credentials must not be embedded in the repository URL")
@@ -301,14 +342,8 @@ class Workspace:
             url = str(Path(url).resolve())
         path = Path(tempfile.mkdtemp(prefix="intake-ws-", dir=root))
         private = Path(tempfile.mkdtemp(prefix="intake-git-", dir=root))
-        ws = cls(path=path, private_dir=private, url=url, credential=credential,
-                 username=username, ca_file=ca_file)
-        try:
-            ws._clone(base_ref, timeout)
-        except BaseException:
-            ws.cleanup()
-            raise
-        return ws
+        return cls(path=path, private_dir=private, url=url, credential=credential,
+                   username=username, ca_file=ca_file)
 
     def _clone(self, base_ref: str, timeout: float) -> None:
         os.chmod(self._private, 0o700)
@@ -617,39 +652,45 @@ class Workspace:
         (the one the approvers accepted), and push it to ``refs/heads/<branch>`` (never forced:
         an existing branch elsewhere makes git refuse). With ``note`` (the broker's signed
         provenance) the note goes on ``refs/notes/intake`` for ``sha`` and is pushed with the
-        branch in one atomic push. Returns the sha."""
+        branch in one atomic push; the remote's notes come in the same fetch as the commit.
+        Returns the sha. Works on a clone and on :meth:`for_delivery`'s empty directory."""
         if not _QUARANTINE_REF.fullmatch(ref) or not _FULL_SHA.fullmatch(sha):
             raise GitError("refusing to deliver: not a quarantine ref and a full commit sha")
-        self.create_branch(branch)
-        with self._remote() as (env, fds):
-            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, f"+{ref}:refs/intake-fetched/head"],
-                    cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential)
-        self._fingerprint = _fingerprint(self._git_dir)  # the fetch was ours
+        specs = [f"+{ref}:refs/intake-fetched/head"]
+        if note is not None:
+            self._git_result(["update-ref", "-d", _FETCHED_NOTES])  # absent is fine
+            specs.append(f"+{NOTES_REF}*:{_FETCHED_NOTES}*")  # a glob: no error when there are none
+        self._fetch(specs)
         fetched = self._git(["rev-parse", "--verify", "--quiet", "refs/intake-fetched/head^{commit}"]).strip()
         if fetched != sha:
             raise GitError(f"the quarantined commit is {fetched[:12] or 'missing'}, not the accepted {sha[:12]}")
         self.head = sha
-        self._git(["update-ref", f"refs/heads/{branch}", sha])
+        self.create_branch(branch)  # at the accepted commit; refuses an existing branch
         if note is None:
             return self.push(branch)
-        for _ in range(NOTE_PUSH_TRIES - 1):
+        for attempt in range(NOTE_PUSH_TRIES):
             try:
-                return self._push_with_note(branch, note)
+                return self._push_with_note(branch, note, fetch=attempt > 0)
             except GitError:
-                continue  # another delivery moved the notes ref meanwhile: fetch it again
-        return self._push_with_note(branch, note)
+                if attempt == NOTE_PUSH_TRIES - 1:
+                    raise
+                # another delivery moved the notes ref meanwhile: fetch it again
+        raise AssertionError("unreachable")
 
-    def _push_with_note(self, branch: str, note: str) -> str:
-        """The remote's notes ref (if any) plus our note for :attr:`head`, pushed atomically
-        with the branch; the note is the exact bytes given (a blob, no clean-up)."""
-        fetched = "refs/intake-fetched/notes"
-        self._git_result(["update-ref", "-d", fetched])  # absent is fine
+    def _fetch(self, specs: list[str]) -> None:
         with self._remote() as (env, fds):
-            # A glob refspec: no error when the remote has no notes yet.
-            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, f"+{NOTES_REF}*:{fetched}*"],
+            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, *specs],
                     cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential)
         self._fingerprint = _fingerprint(self._git_dir)  # the fetch was ours
-        remote_notes = self._git_result(["rev-parse", "--verify", "--quiet", f"{fetched}^{{commit}}"])
+
+    def _push_with_note(self, branch: str, note: str, *, fetch: bool) -> str:
+        """The remote's notes ref (if any; fetched again when ``fetch``) plus our note for
+        :attr:`head`, pushed atomically with the branch; the note is the exact bytes given (a
+        blob, no clean-up)."""
+        if fetch:
+            self._git_result(["update-ref", "-d", _FETCHED_NOTES])  # absent is fine
+            self._fetch([f"+{NOTES_REF}*:{_FETCHED_NOTES}*"])
+        remote_notes = self._git_result(["rev-parse", "--verify", "--quiet", f"{_FETCHED_NOTES}^{{commit}}"])
         if remote_notes.returncode == 0:
             self._git(["update-ref", NOTES_REF, remote_notes.stdout.decode().strip()])
         else:
