@@ -657,8 +657,7 @@ class Workspace:
         if not _QUARANTINE_REF.fullmatch(ref) or not _FULL_SHA.fullmatch(sha):
             raise GitError("refusing to deliver: not a quarantine ref and a full commit sha")
         specs = [f"+{ref}:refs/intake-fetched/head"]
-        if note is not None:
-            self._git_result(["update-ref", "-d", _FETCHED_NOTES])  # absent is fine
+        if note is not None:  # (a fresh workspace holds no notes refs of its own yet)
             specs.append(f"+{NOTES_REF}*:{_FETCHED_NOTES}*")  # a glob: no error when there are none
         self._fetch(specs)
         fetched = self._git(["rev-parse", "--verify", "--quiet", "refs/intake-fetched/head^{commit}"]).strip()
@@ -693,8 +692,8 @@ class Workspace:
         remote_notes = self._git_result(["rev-parse", "--verify", "--quiet", f"{_FETCHED_NOTES}^{{commit}}"])
         if remote_notes.returncode == 0:
             self._git(["update-ref", NOTES_REF, remote_notes.stdout.decode().strip()])
-        else:
-            self._git_result(["update-ref", "-d", NOTES_REF])
+        elif fetch:
+            self._git_result(["update-ref", "-d", NOTES_REF])  # our note of the failed try
         blob = self._git(["hash-object", "-w", "--stdin"], stdin=note.encode()).strip()
         self._git(["notes", f"--ref={NOTES_REF}", "add", "--force", "-C", blob, self.head], WORKER_IDENTITY)
         with self._remote() as (env, fds):
