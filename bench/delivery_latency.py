@@ -58,7 +58,13 @@ for a in "$@"; do
     exit $rc
   fi
 done
-exec {git} "$@"
+{trace}exec {git} "$@"
+"""
+# With --trace-git every other git command is timed too (each costs two more `date` forks, so
+# the figures printed are then a little worse than without).
+_TRACE = """s=$(date +%s.%N); {git} "$@"; rc=$?; e=$(date +%s.%N)
+for a in "$@"; do case "$a" in -*|*=*) ;; *) echo "$s $e $a" >> {log}.trace; exit $rc;; esac; done
+exit $rc
 """
 
 
@@ -258,9 +264,23 @@ def one(rig: Rig, slack: Slack, pushes: Path, n: int) -> dict[str, float]:
     return marks
 
 
+def git_calls(pushes: Path, marks: dict[str, float]) -> Any:
+    """(subcommand, seconds) of every git command between the delivery's grant and its report."""
+    out = []
+    trace = pushes.with_name(pushes.name + ".trace")
+    for line in trace.read_text().splitlines() if trace.exists() else []:
+        start, end, sub = line.split(" ", 2)
+        if marks["task.delivery_started"] - 0.05 <= float(start) <= marks["delivered_report"]:
+            if not out:
+                out.append(("(granted -> first git)", float(start) - marks["task.delivery_started"]))
+            out.append((sub, float(end) - float(start)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--trace-git", action="store_true", help="time every git command of the worker")
     args = parser.parse_args()
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="intake-delivery-") as name:
@@ -279,7 +299,9 @@ def main() -> None:
             shim_dir.mkdir()
             pushes = tmp / "pushes.log"
             shim = shim_dir / "git"
-            shim.write_text(_SHIM.format(git=shutil.which("git"), log=pushes))
+            git = shutil.which("git")
+            trace = _TRACE.format(git=git, log=pushes) if args.trace_git else ""
+            shim.write_text(_SHIM.format(git=git, log=pushes, trace=trace))
             shim.chmod(0o755)
             config = rig.config(name="bench", repos={
                 r: {"url": f"git://127.0.0.1:{port}/{r}.git"} for r in ("acme/web", "acme/payments")})
@@ -289,6 +311,8 @@ def main() -> None:
             samples = []
             for n in range(args.tasks):
                 samples.append(one(rig, slack, pushes, n))
+                if args.trace_git:
+                    samples[-1]["git"] = git_calls(pushes, samples[-1])
                 if worker.poll() is not None:
                     raise SystemExit("the worker exited")
         except SystemExit:
@@ -326,6 +350,14 @@ def report(samples: list[dict[str, float]]) -> None:
         values = [s[b] - s[a] for s in samples if a in s and b in s]
         if values:
             print(f"  {label:50} {pct(values, 0.5):>7.3f}")
+    traced = [s["git"] for s in samples if "git" in s]
+    if traced:
+        print("git commands of a delivery besides the push (median count and seconds):")
+        subs = sorted({sub for calls in traced for sub, _ in calls})
+        for sub in subs:
+            counts = [sum(1 for x, _ in calls if x == sub) for calls in traced]
+            times = [sum(t for x, t in calls if x == sub) for calls in traced]
+            print(f"  {sub:20} {pct(counts, 0.5):>4} {pct(times, 0.5):>7.3f}")
     p50, p99 = pct(hop, 0.5), pct(hop, 0.99)
     print(f"hop vs the 1 s target: p50 {p50:.2f}x, p99 {p99:.2f}x "
           f"({'meets' if p99 <= 1.0 else 'misses'} it at p99, {'meets' if p50 <= 1.0 else 'misses'} it at p50)")

@@ -678,7 +678,10 @@ class Workspace:
 
     def _fetch(self, specs: list[str]) -> None:
         with self._remote() as (env, fds):
-            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, *specs],
+            # No FETCH_HEAD and no background maintenance: nothing reads them in a directory
+            # removed right after the push, and each is another process in the delivery hop.
+            run_git(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-maintenance",
+                     "--", self.url, *specs],
                     cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential)
         self._fingerprint = _fingerprint(self._git_dir)  # the fetch was ours
 
