@@ -250,8 +250,11 @@ def one(rig: Rig, slack: Slack, pushes: Path, n: int) -> dict[str, float]:
     marks: dict[str, float] = {"told": told}
     reports = reports_of(rig, "bench", task.id)
     results = [(at, d) for at, action, d in reports if action == "report.result"]
+    # The first claim of a delivery job is the one that delivered: a job enqueued twice (the
+    # sweep's reconcile racing the result's own enqueue, a known and harmless race: the broker
+    # refuses the copy's claim) claims again after it.
     deliveries = [at for at, action, d in reports if action == "report.claimed" and "_d" in str(d.get("job"))]
-    if len(results) != 2 or results[0][1].get("state") != "succeeded" or len(deliveries) != 1:
+    if len(results) != 2 or results[0][1].get("state") != "succeeded" or not deliveries:
         raise SystemExit(f"{task.id}: expected a run and a delivery, got {[a for _, a, _ in reports]}")
     marks.update(result=results[0][0], delivered_report=results[1][0], claim=deliveries[0],
                  extra_claims=sum(1 for _, action, _ in reports if action == "report.claimed") - 2)
