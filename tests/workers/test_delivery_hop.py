@@ -50,7 +50,8 @@ def result_data(task: Task, run: str, sha: str = "ab" * 20) -> dict[str, Any]:
     quarantined at the task's ref)."""
     path = "docs/x.md"
     return {"attempt": 1, "run": run, "state": "succeeded", "reason": None,
-            "result": {"commit": sha, "quarantine": f"refs/intake/{task.id}", "files": [path], "files_changed": 1, "additions": 1, "deletions": 0,
+            "result": {"commit": sha, "base": "cd" * 20, "quarantine": f"refs/intake/{task.id}", "files": [path],
+                       "files_changed": 1, "additions": 1, "deletions": 0,
                        "gates": "passed", "review": {"diff": DIFF, "sha256": hashlib.sha256(DIFF.encode()).hexdigest()}},
             "summary": {"commit": sha, "files_changed": 1}, "paths": [path], "paths_complete": True}
 
