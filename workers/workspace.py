@@ -101,6 +101,9 @@ _HEX_SHA = re.compile(r"^[0-9a-f]{7,64}$")
 _FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _QUARANTINE_REF = re.compile(r"refs/intake/T-[0-9a-f]{12}")
+#: How a review's diff is taken (as a bare repository: the agent's ``.gitattributes`` cannot
+#: hide lines with ``-diff`` or run a textconv).
+_REVIEW_DIFF = ("--bare", "diff", "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames")
 #: Where a delivery keeps the remote's provenance notes ref while it adds its own note.
 _FETCHED_NOTES = "refs/intake-fetched/notes"
 _USERINFO = re.compile(r"://[^/@\s]*@")
@@ -622,15 +625,22 @@ class Workspace:
         everything. ``sha256`` is over exactly the ``diff`` text returned (what is shown), and
         is what a result approval binds to. ``base`` (default :attr:`base_sha`) is the commit the
         diff is taken from: a delivery recomputes the run's review from the run's base."""
-        self._verify_git_dir()
         base = base or self.base_sha
+        diff, truncated, size = self._review_diff(base, cap)
         bare = {"GIT_DIR": str(self._git_dir)}
-        common = ["--bare", "diff", "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames"]
-        full = run_git([*common, "--full-index", base, self.head], cwd=self._private, env=bare)
-        summary = run_git([*common, "--stat=120,100", base, self.head], cwd=self._private, env=bare)
-        numstat = run_git([*common, "--numstat", "-z", base, self.head], cwd=self._private, env=bare)
+        summary = run_git([*_REVIEW_DIFF, "--stat=120,100", base, self.head], cwd=self._private, env=bare)
+        numstat = run_git([*_REVIEW_DIFF, "--numstat", "-z", base, self.head], cwd=self._private, env=bare)
         binary = sorted(r.split("\t", 2)[2] for r in numstat.split("\0")
                         if r.startswith("-\t-\t") and r.count("\t") >= 2)[:200]
+        return {"diff": diff, "sha256": hashlib.sha256(diff.encode()).hexdigest(), "truncated": truncated,
+                "bytes": size, "stat": summary[-8000:], "binary": binary}
+
+    def _review_diff(self, base: str, cap: int = REVIEW_CAP_BYTES) -> tuple[str, bool, int]:
+        """(the review's diff text, whether it was cut, the full diff's size in bytes): the part
+        of :meth:`review` that its ``sha256`` is over, and all a delivery's check needs."""
+        self._verify_git_dir()
+        bare = {"GIT_DIR": str(self._git_dir)}
+        full = run_git([*_REVIEW_DIFF, "--full-index", base, self.head], cwd=self._private, env=bare)
         raw = full.encode()
         diff, truncated, limit = full, False, cap
         # Bound by the encoded size too: control characters escape to six bytes in JSON.
@@ -643,8 +653,7 @@ class Workspace:
         if truncated:
             diff += (f"\n[review truncated: the diff is {len(raw)} bytes; only the first {len(diff.encode())} are "
                      "shown. The stat covers every file.]\n")
-        return {"diff": diff, "sha256": hashlib.sha256(diff.encode()).hexdigest(), "truncated": truncated,
-                "bytes": len(raw), "stat": summary[-8000:], "binary": binary}
+        return diff, truncated, len(raw)
 
     def tree_of(self, sha: str) -> str:
         """The tree id of commit ``sha`` in the worker's own objects."""
@@ -710,7 +719,7 @@ class Workspace:
             if found.returncode != 0:
                 raise GitError(f"refusing to deliver: the reviewed diff's base {base[:12]} is not in the history "
                                f"of {what}")
-        recomputed = self.review(base=base)["sha256"]
+        recomputed = hashlib.sha256(self._review_diff(base)[0].encode()).hexdigest()
         if not hmac.compare_digest(recomputed, diff_sha256):
             raise GitError(f"refusing to deliver: commit {self.head[:12]}'s diff (sha256 {recomputed[:12]}) is not "
                            f"the reviewed one (sha256 {diff_sha256[:12]})")
