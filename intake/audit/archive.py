@@ -35,7 +35,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from intake.audit import merkle
 from intake.core.models import canonical_json
+from intake.protocol.tokens import Signer
 
 SEGMENT_MAX = 50_000
 _SEGMENT = re.compile(r"seg-(\d{12})-(\d{12})\.jsonl\.gz")
@@ -127,12 +128,28 @@ class TreeHead:
         return canonical_json({"v": 1, "size": self.size, "root": self.root.hex(), "at": self.at,
                                "last": self.last, "frontier": self.frontier.as_json(), "kid": self.kid})
 
+    @classmethod
+    def signed(cls, signer: Signer, frontier: merkle.Frontier, last: str, at: float) -> TreeHead:
+        """A tree head over ``frontier``'s tree (whose last entry is ``last``) signed by ``signer``."""
+        head = cls(size=frontier.size, root=frontier.root(), at=at, last=last,
+                   frontier=merkle.Frontier(frontier.size, list(frontier.nodes)), kid=signer.kid, sig=b"")
+        return replace(head, sig=signer.sign_bytes(head.body()))
+
+    def as_json(self) -> dict[str, Any]:
+        return {**json.loads(self.body()), "sig": base64.b64encode(self.sig).decode()}
+
     def encode(self) -> bytes:
-        return canonical_json({**json.loads(self.body()), "sig": base64.b64encode(self.sig).decode()})
+        return canonical_json(self.as_json())
 
     @classmethod
     def decode(cls, raw: bytes) -> TreeHead:
+        """Parse a tree head (raises ValueError, KeyError or TypeError when malformed; its
+        signature is checked by :meth:`verify`)."""
         data = json.loads(raw)
+        return cls.from_json(data)
+
+    @classmethod
+    def from_json(cls, data: Any) -> TreeHead:
         if not isinstance(data, dict) or data.get("v") != 1:
             raise ValueError("not a tree head")
         return cls(size=int(data["size"]), root=bytes.fromhex(data["root"]), at=float(data["at"]),
