@@ -61,18 +61,6 @@ def read_note(repo: Path, ref: str) -> tuple[str, str | None, str | None]:
     return commit, tree, note
 
 
-def _note_tree_size(envelope: str | None, keyring: Keyring) -> int | None:
-    """The size of the tree head a (signature-checked) note carries, or None."""
-    if envelope is None:
-        return None
-    try:
-        statement, _ = open_envelope(envelope, keyring)
-        size = statement["predicate"]["logInclusion"]["treeHead"]["size"]
-    except (ProvenanceInvalid, KeyError, TypeError):
-        return None
-    return size if isinstance(size, int) and size > 0 else None
-
-
 def _ask(api: ApiClient, ref: str, tree_size: int | None) -> dict[str, Any]:
     query = {"ref": ref, **({"tree_size": str(tree_size)} if tree_size is not None else {})}
     try:
@@ -87,14 +75,12 @@ def _ask(api: ApiClient, ref: str, tree_size: int | None) -> dict[str, Any]:
 def _gather(api: ApiClient, keyring: Keyring, ref: str, repo: Path | None
             ) -> tuple[str, str | None, str | None, dict[str, Any], str]:
     """(commit, tree, envelope, the broker's view, where the envelope came from)."""
-    if repo is None:
+    if repo is None:  # the broker proves consistency from its stored copy's tree head
         known = _ask(api, ref, None)
-        envelope = known.get("envelope")
-        if (size := _note_tree_size(envelope, keyring)) is not None:
-            known = {**_ask(api, ref, size), "envelope": envelope}  # the copy that was checked
-        return str(known.get("commit") or ref), None, envelope, known, "the broker's stored copy"
+        return str(known.get("commit") or ref), None, known.get("envelope"), known, "the broker's stored copy"
     commit, tree, note = read_note(repo, ref)
-    return commit, tree, note, _ask(api, commit, _note_tree_size(note, keyring)), f"the {NOTES_REF} note in {repo}"
+    return (commit, tree, note, _ask(api, commit, provenance.note_tree_size(note, keyring)),
+            f"the {NOTES_REF} note in {repo}")
 
 
 def show(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_json: bool) -> None:

@@ -390,7 +390,8 @@ def lookup(broker: BrokerHandle, ref: str, tree_size: int | None = None) -> dict
     ``<prefix>/T-…``): the task, the stored envelope, the statement the sealed log gives, the
     envelope digests it issued, the approvals' inclusion proofs against a tree head over the
     whole sealed log signed now, and (given the ``tree_size`` of the tree head a note carries)
-    the consistency proof from that tree to this one. For ``intake provenance show/verify``."""
+    the consistency proof from that tree to this one (by default, the tree head of the stored
+    envelope). For ``intake provenance show/verify`` and the console."""
     from intake.core.errors import InvalidInput, NotFound
 
     ledger = broker.ledger.follow()
@@ -408,6 +409,8 @@ def lookup(broker: BrokerHandle, ref: str, tree_size: int | None = None) -> dict
     commit = str(fact.result_commit)
     facts = gather(broker.audit, fact.id, commit)
     stored = broker.store.r.get(envelope_key(broker.store.keys.p, commit))
+    if tree_size is None and isinstance(stored, str):
+        tree_size = note_tree_size(stored, broker.keyring)
     consistency = None
     if tree_size is not None and facts.leaves:
         consistency = {"size": tree_size, "path": (
@@ -423,6 +426,18 @@ def lookup(broker: BrokerHandle, ref: str, tree_size: int | None = None) -> dict
         "inclusion": inclusion(broker, facts) if facts.leaves else None,
         "consistency": consistency,
     }
+
+
+def note_tree_size(envelope: str | None, keyring: Keyring) -> int | None:
+    """The size of the tree head an envelope's statement carries (its signature checked), or None."""
+    if envelope is None:
+        return None
+    try:
+        statement, _ = open_envelope(envelope, keyring)
+        size = statement["predicate"]["logInclusion"]["treeHead"]["size"]
+    except (ProvenanceInvalid, KeyError, TypeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def inclusion(broker: BrokerHandle, facts: LogFacts) -> dict[str, Any]:
