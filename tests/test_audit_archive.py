@@ -146,3 +146,43 @@ def test_each_tampered_archive_is_rejected_online_and_offline(archived: tuple[Ri
     assert offline(directory, stranger).returncode == 1
     assert offline(directory, pem).returncode == 0
     online(rig, directory)  # the untouched archive still verifies
+
+
+def test_export_is_the_whole_chain_archived_segments_first(archived: tuple[Rig, Path, int], tmp_path: Path) -> None:
+    """`intake audit export` on a log with a 1-day hot window: the entries aged into segments
+    come first, then Redis's, exactly as the export before archiving listed them."""
+    import json
+
+    from click.testing import CliRunner
+
+    from intake.cli.main import cli
+    from tests.api_harness import link_os_user, running_broker
+
+    rig, directory, total = archived
+    audit = rig.broker.audit
+    before = list(audit.export())
+    assert [e["seq"] for e in before] == list(range(1, total + 1)) and all(e["verified"] for e in before)
+    assert audit.lease.acquire() is not None
+    moved = rig.broker.archive_due(now=time.time() + 2 * DAY)
+    audit.lease.release()
+    assert moved > 0 and rig.r.xlen(audit.stream) == total - moved  # most of it is only in segments now
+    assert list(audit.export()) == before
+
+    link_os_user(rig.settings)
+    settings = rig.settings.model_copy(update={"audit_archive": directory})
+    with running_broker(settings) as running:
+        out = tmp_path / "export.jsonl"
+        done = CliRunner().invoke(cli, ["audit", "export", "-o", str(out)],
+                                  env=rig.env(INTAKE_URL=running.socket_url), catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        exported = [json.loads(line) for line in out.read_text().splitlines()]
+        assert exported[:total] == [json.loads(json.dumps(e)) for e in before]
+        assert [e["seq"] for e in exported] == list(range(1, len(exported) + 1))  # sealed on, no gap
+
+        # A segment gone from the archive: the export fails rather than leave history out.
+        segments = Archive(LocalDir(directory)).segments()
+        (directory / segments[1][2]).unlink()
+        with pytest.raises(AuditBroken, match="segment"):
+            list(audit.export())
+        done = CliRunner().invoke(cli, ["audit", "export", "-o", str(out)], env=rig.env(INTAKE_URL=running.socket_url))
+        assert done.exit_code != 0 and done.output.count("\n") == 1 and "a segment is missing" in done.output

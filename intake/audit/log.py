@@ -792,9 +792,16 @@ class AuditLog:
         return report
 
     def export(self) -> Iterator[dict[str, Any]]:
-        """Every entry as a dict (JSON Lines material): stream id, seq, seal, verdict, which
-        key MAC'd it, and whether it is verified genuine (sealed with verdict ok)."""
-        for stream_id, fields, stored in self._entries():
+        """Every entry as a dict (JSON Lines material), the whole chain in order: the archived
+        segments, then the stream in Redis (sealed or not). Each: stream id, seq, seal, verdict,
+        which key MAC'd it, and whether it is verified genuine (sealed with verdict ok). Raises
+        :class:`AuditBroken` when the archive cannot be read whole (an export never silently
+        leaves out history)."""
+
+        def broken(anomaly: Anomaly) -> None:
+            raise AuditBroken(anomaly.id, anomaly.message)
+
+        for stream_id, fields, stored in self._chain(None, broken):
             try:
                 record = json.loads(fields.get("e", "{}"))
                 if not isinstance(record, dict):
