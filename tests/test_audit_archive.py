@@ -186,3 +186,52 @@ def test_export_is_the_whole_chain_archived_segments_first(archived: tuple[Rig, 
             list(audit.export())
         done = CliRunner().invoke(cli, ["audit", "export", "-o", str(out)], env=rig.env(INTAKE_URL=running.socket_url))
         assert done.exit_code != 0 and done.output.count("\n") == 1 and "a segment is missing" in done.output
+
+
+def test_the_replay_index_holds_the_hot_window_and_copies_of_archived_entries_are_refused(
+        archived: tuple[Rig, Path, int]) -> None:
+    """`intake:audit:uids` loses the archived entries' uids with them; a Redis writer who
+    replays an archived entry verbatim (and wipes the index for good measure) still gets it
+    sealed as not genuine (stale: stamped before the archive's boundary), while a fresh event
+    is sealed ok and a copy of a hot one is still a replay."""
+    import json
+
+    import redis
+
+    from intake.audit.log import OK, REPLAY, STALE, entry_uid
+
+    rig, directory, total = archived
+    audit, r = rig.broker.audit, rig.r
+    audit.hot_s = DAY
+    assert r.hlen(audit.uids) > 150  # every genuine entry so far
+    assert audit.archive_boundary() is None  # nothing archived: no time rule at all
+    assert audit.lease.acquire() is not None
+    moved = rig.broker.archive_due(now=time.time() + 2 * DAY)
+    audit.lease.release()
+    hot_uids = {entry_uid(f) for _, f in r.xrange(audit.stream)} - {""}
+    assert r.hlen(audit.uids) == len(hot_uids) <= r.xlen(audit.stream) == total - moved  # the hot window only
+    assert set(r.hkeys(audit.uids)) == hot_uids
+
+    # Two days on (the broker's clock; Redis's stream ids are what the archive went by).
+    rig.clock.advance(2 * DAY)
+    rig.store.capture(draft())
+    audit.seal_pending()
+    fresh_id, fresh = r.xrevrange(audit.stream, "+", "-", count=1)[0]
+    assert r.hget(audit.seals, fresh_id).split(" ")[2] == OK
+
+    segment = Archive(LocalDir(directory)).segments()[0][2]
+    archived_line = json.loads(gzip.decompress((directory / segment).read_bytes()).splitlines()[5])
+    assert archived_line["verdict"] == OK and entry_uid(archived_line["f"])
+    attacker = redis.Redis.from_url(rig.settings.redis_url.get_secret_value(), decode_responses=True)  # a plain client
+    hot_copy = attacker.xadd(audit.stream, fresh)  # a copy of a hot entry: the index knows it
+    audit.seal_pending()
+    assert r.hget(audit.seals, hot_copy).split(" ")[2] == REPLAY
+    attacker.delete(audit.uids)  # the time rule does not depend on anything in Redis
+    old_copy = attacker.xadd(audit.stream, archived_line["f"])
+    rig.store.capture(draft())
+    audit.seal_pending()
+    verdicts = [r.hget(audit.seals, sid).split(" ")[2] for sid, _ in r.xrange(audit.stream, old_copy, "+")]
+    assert verdicts == [STALE, OK]  # the archived entry's copy, the new capture
+    report = audit.verify(rig.broker.keyring.keys)  # not a break in sealed history
+    assert {a.id for a in report.anomalies} >= {old_copy} and not [a for a in report.anomalies if a.fatal]
+    assert rig.broker.ledger.follow().halted is None
