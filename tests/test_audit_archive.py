@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -235,3 +236,50 @@ def test_the_replay_index_holds_the_hot_window_and_copies_of_archived_entries_ar
     report = audit.verify(rig.broker.keyring.keys)  # not a break in sealed history
     assert {a.id for a in report.anomalies} >= {old_copy} and not [a for a in report.anomalies if a.fatal]
     assert rig.broker.ledger.follow().halted is None
+
+
+class InMemoryStore:
+    """A second :class:`~intake.audit.archive.SegmentStore` (objects in a dict, as a bucket
+    would hold them): the archiver and both verifies work through the four calls alone."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return sorted(self.objects)
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.objects[name]
+        except KeyError:
+            raise FileNotFoundError(name) from None
+
+    def create(self, name: str, data: bytes) -> None:
+        if name in self.objects:
+            raise FileExistsError(name)
+        self.objects[name] = bytes(data)
+
+    def locked(self):  # type: ignore[no-untyped-def]
+        return self.lock
+
+
+def test_the_archive_goes_through_the_segment_store_interface_alone(archived: tuple[Rig, Path, int]) -> None:
+    from intake.audit.archive import SegmentStore, verify_offline
+
+    rig, directory, total = archived
+    store: SegmentStore = InMemoryStore()
+    rig.broker.audit.archive = Archive(store)
+    assert rig.broker.audit.lease.acquire() is not None
+    moved = rig.broker.archive_due(now=time.time() + 2 * DAY)
+    assert moved > 0 and not directory.exists()  # nothing reached around the interface
+    names = store.names()
+    assert names and all(n.startswith(("seg-", "sth-")) for n in names)
+    assert rig.broker.audit.verify(rig.broker.keyring.keys).events == total  # online, through the store
+    report = verify_offline(store, rig.broker.keyring.keys)  # offline, through the store
+    assert report.problems == () and report.entries == moved
+    assert [e["seq"] for e in rig.broker.audit.export()] == list(range(1, total + 1))
+    with pytest.raises(FileExistsError):  # create-only: the archiver never rewrites
+        store.create(names[0], b"x")
+    del store.objects[names[0]]  # type: ignore[attr-defined]
+    assert verify_offline(store, rig.broker.keyring.keys).problems

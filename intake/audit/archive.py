@@ -52,19 +52,29 @@ _STH = re.compile(r"sth-(\d{12})\.json")
 
 
 class SegmentStore(Protocol):
-    """Where archived segments and tree heads live: named, create-only objects."""
+    """Where archived segments and tree heads live: a flat namespace of named, create-only
+    objects. Everything that touches the archive goes through these four calls (the archiver
+    :func:`intake.audit.archiver.archive_due`, the chain walk and ``intake audit verify``
+    through :class:`Archive`, and :func:`verify_offline`), so an S3-compatible bucket (objects
+    created with ``If-None-Match: *``, a lock held as a lease object or by the sealer lease
+    alone) is another implementation of the same calls. :class:`LocalDir` is the one shipped
+    and tested."""
 
-    def names(self) -> list[str]: ...
-
-    def read(self, name: str) -> bytes: ...
-
-    def create(self, name: str, data: bytes) -> None:
-        """Store ``data`` under a new ``name``; refuses to replace an existing object."""
+    def names(self) -> list[str]:
+        """Every object's name, sorted ascending (names are fixed-width, so this is their order)."""
         ...
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """One archiver at a time."""
+    def read(self, name: str) -> bytes:
+        """The exact bytes stored under ``name`` (raises ``OSError`` when it is not there)."""
+        ...
+
+    def create(self, name: str, data: bytes) -> None:
+        """Store ``data`` under a new ``name``, durably, all or nothing; refuses
+        (``FileExistsError``) to replace an existing object."""
+        ...
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Held while archiving: one archiver at a time."""
         ...
 
 
