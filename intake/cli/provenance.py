@@ -115,6 +115,10 @@ def show(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_jso
                f"checks {', '.join(safe(str(c.get('name'))) + (' ok' if c.get('ok') else ' FAILED') for c in p.get('checks', [])) or 'none'}")
     sbom = p.get("sbom", {})
     click.echo(f"  sbom {safe(str(sbom.get('sha256')))}" if "sha256" in sbom else "  sbom: no dependency changes")
+    proof = p.get("logInclusion")
+    if isinstance(proof, dict) and isinstance(proof.get("treeHead"), dict) and isinstance(proof.get("entries"), list):
+        click.echo(f"  log inclusion: {len(proof['entries'])} approval entr(ies) against a tree head of "
+                   f"{safe(str(proof['treeHead'].get('size')))} entries (checked by `intake provenance verify`)")
 
 
 def verify(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_json: bool) -> bool:

@@ -91,6 +91,7 @@ def test_a_delivered_branch_carries_a_verifying_note(delivered, rig: Rig) -> Non
     assert text.exit_code == 0 and "inclusion proof verified: 1 approval(s) proven" in text.stdout
     shown = CliRunner().invoke(cli, ["provenance", "show", sha, "--repo", str(clone)], env=env)
     assert shown.exit_code == 0 and "signature ok" in shown.stdout and "approved by alice" in shown.stdout
+    assert "log inclusion: 1 approval entr(ies) against a tree head of" in shown.stdout
 
 
 def test_any_changed_byte_fails(delivered) -> None:  # noqa: F811
