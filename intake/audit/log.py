@@ -49,7 +49,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from intake.audit.archive import Archive, ArchiveBroken
+from intake.audit.archive import Archive, ArchiveBroken, TreeHead
 from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
 from intake.core.errors import AuditBroken
 from intake.core.models import AuditEvent, canonical_json
@@ -628,8 +628,6 @@ class AuditLog:
         boundary = None
         names = self.archive.tree_heads()
         if names:
-            from intake.audit.archive import TreeHead
-
             try:
                 last = TreeHead.decode(self.archive.store.read(names[-1])).last.split(" ")[0]
                 boundary = _id_key(last)[0] / 1000
@@ -722,11 +720,15 @@ class AuditLog:
             if not found:
                 return dropped
             batch = [stream_id for stream_id, _ in found]
-            uids = {uid for _, fields in found if (uid := entry_uid(fields))}
+            ids = set(batch)
+            uids = sorted({uid for _, fields in found if (uid := entry_uid(fields))})
+            # Only the hints that name an archived entry (a later entry's is not this one's).
+            hinted = [u for u, at in zip(uids, self.r.hmget(self.uids, uids) if uids else [], strict=True)
+                      if at in ids]
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.seals, *batch)
-            if uids:
-                pipe.hdel(self.uids, *uids)
+            if hinted:
+                pipe.hdel(self.uids, *hinted)
             pipe.xdel(self.stream, *batch)
             pipe.execute()
             dropped += len(batch)
