@@ -480,11 +480,13 @@ def check_inclusion(statement: dict[str, Any], found: Any, keyring: Keyring
         try:
             line = str(item["entry"]).encode()
             path = [bytes.fromhex(p) for p in item["inclusionPath"]]
-            index = int(item["leafIndex"])
+            index = item["leafIndex"]
             entry = json.loads(line)
             event = json.loads(entry["f"]["e"])
             data = event.get("data") or {}
-        except (ValueError, KeyError, TypeError, AttributeError):
+            if not isinstance(index, int) or isinstance(index, bool) or not isinstance(data, dict):
+                raise TypeError("malformed")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None, None, ["inclusion: a proven entry is malformed"]
         if not merkle.verify_inclusion(index, head.size, merkle.leaf_hash(line), path, head.root):
             return None, None, [f"inclusion: entry #{index + 1}'s proof does not verify against the signed tree head"]

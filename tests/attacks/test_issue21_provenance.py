@@ -234,3 +234,28 @@ def test_a_tree_head_the_brokers_log_does_not_extend_is_refused_online(delivered
 
     forge(rig, clone, sha, beyond)
     refused(env, clone, sha, pem, f"consistency: the note's tree head covers {real.size + 50} entries", online=True)
+
+
+def test_malformed_proofs_fail_cleanly(delivered, rig: Rig) -> None:  # noqa: F811
+    """Whatever shape a re-signed note's proof takes, verify says so in one line (no crash)."""
+    from intake.tasks.provenance import check_inclusion
+
+    _, _, sha, clone, _ = delivered
+    note = git(clone, "notes", f"--ref={provenance.NOTES_REF}", "show", sha)
+    statement, _ = provenance.open_envelope(note, rig.broker.keyring)
+    good = statement["predicate"]["logInclusion"]
+    [entry] = good["entries"]
+    line = json.loads(entry["entry"])
+    bad_event = {**line, "f": {**line["f"], "e": json.dumps({**json.loads(line["f"]["e"]), "data": [1]})}}
+    shapes: list[Any] = [
+        None, [], "x", {"treeHead": None, "entries": []}, {"treeHead": {**good["treeHead"], "root": 5}, "entries": []},
+        {"treeHead": {**good["treeHead"], "frontier": "x"}, "entries": []},
+        {**good, "entries": {"a": 1}}, {**good, "entries": [None]}, {**good, "entries": [{**entry, "leafIndex": True}]},
+        {**good, "entries": [{**entry, "leafIndex": -1}]}, {**good, "entries": [{**entry, "inclusionPath": ["zz"]}]},
+        {**good, "entries": [{**entry, "entry": "[" * 100000}]},
+        {**good, "entries": [{**entry, "entry": json.dumps(bad_event)}]},
+    ]
+    for shape in shapes:
+        head, summary, failures = check_inclusion(statement, shape, rig.broker.keyring)
+        assert head is None and summary is None and len(failures) == 1 and failures[0].startswith("inclusion: "), shape
+    assert check_inclusion(statement, good, rig.broker.keyring)[2] == []
