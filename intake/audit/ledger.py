@@ -109,6 +109,7 @@ class TaskFact:
     # task.delivering), the approvals of exactly that commit, and delivery attempts started.
     result_commit: str | None = None
     result_diff: str | None = None  # SHA-256 of the reviewed diff of result_commit
+    result_base: str | None = None  # the commit that diff is taken from (the run's base)
     result_approvals: list[ApprovalFact] = field(default_factory=list)
     result_rule: dict[str, object] | None = None  # the ApprovalRule it waits for, None: none
     deliveries: int = 0
@@ -483,6 +484,7 @@ class Ledger:
             fact.result_commit = str(data.get("commit", "")) or None
             # issue 20: the SHA-256 of the diff the result is reviewed by (approvals bind to it)
             fact.result_diff = str(data.get("diff_sha256", "")) or None
+            fact.result_base = str(data.get("base", "")) or None
             fact.result_approvals = []
             fact.result_worker = fact.worker
             rule = data.get("rule")

@@ -462,7 +462,7 @@ def keys() -> None:
 @keys.command()
 @click.option("--force", is_flag=True, help="Replace existing keys (breaks the old audit chain).")
 def generate(force: bool) -> None:
-    """Write the signing key (0600), its public key, the audit key and the secrets key."""
+    """Write the signing key (0600), its public key, the audit, secrets and console keys (0600)."""
     from intake.protocol.keyfiles import generate_keys
 
     settings: Settings = load_settings()
