@@ -97,6 +97,12 @@ class TaskFact:
     tier: str
     requester: str = ""
     approvals: list[ApprovalFact] = field(default_factory=list)
+    # Issue 23 (the console's filters): the idea it was promoted from, by whom, and when (None:
+    # from a snapshot taken before these were kept).
+    idea: str = ""
+    repo: str = ""
+    promoted_by: str = ""
+    created_at: float | None = None
     attempts: int = 0  # attempts started
     # Dispatch tokens minted while the task waits in its current queued spell, by nonce.
     dispatches: dict[str, DispatchFact] = field(default_factory=dict)
@@ -443,6 +449,7 @@ class Ledger:
             self.tasks[subject] = TaskFact(
                 id=subject, state=TaskState.AWAITING_APPROVALS, spec_hash=str(data.get("spec_hash", "")),
                 tier=str(data.get("tier", "")), requester=str(data.get("requester", "")),
+                idea=str(data.get("idea", "")), repo=str(data.get("repo", "")), promoted_by=ev.actor.removeprefix("approver:"), created_at=ev.at,
             )
             return
         fact = self.tasks.get(subject)
@@ -471,6 +478,7 @@ class Ledger:
         if what == "amended":
             fact.spec_hash = str(data.get("spec_hash", ""))
             fact.tier = str(data.get("tier", fact.tier))
+            fact.repo = str(data.get("repo", fact.repo))
             fact.approvals = []
         try:
             state = TaskState("awaiting_approvals" if what == "amended" else what)
