@@ -1,8 +1,9 @@
 """deploy/Dockerfile really built, unchanged, by a daemonless builder (Buildah: vfs storage, chroot
 isolation, host network for RUN steps), and the image it makes really run: the build installs
 every dependency from the hashed lock from PyPI, `intake --version` and `pip check` pass in the
-image, the image holds exactly the lock's pins, and a lock with a wrong hash, an unhashed line or
-a missing dependency fails the build.
+image, the image holds exactly the lock's pins, `intake serve --dev` in it passes its own
+HEALTHCHECK, and a lock with a wrong hash, an unhashed line or a missing dependency fails the
+build.
 
 What differs from a production build, and only that: the base images. Docker Hub is not reachable
 where this runs, so the digest-pinned `python:3.11-*bookworm` bases are replaced (through the
@@ -22,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -251,6 +254,37 @@ def test_the_image_runs_as_uid_10001_without_compilers_and_with_the_sandbox_tool
     config = json.loads(buildah("inspect", "--type", "image", image).stdout)["Docker"]["config"]
     assert config["User"] == "10001:10001" and config["Entrypoint"] == ["intake"] and config["Cmd"] == ["serve"]
     assert "/readyz" in " ".join(config["Healthcheck"]["Test"])
+
+
+def test_the_image_serves_and_its_healthcheck_passes(buildah: Buildah, image: str,
+                                                    run: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """`intake serve --dev` from the image, probed by the image's own HEALTHCHECK command. Chroot
+    isolation shares the host's network, so the broker binds 127.0.0.1 on a free port (not the
+    image's 0.0.0.0:8080) and the probe's port is changed to match; nothing else is."""
+    probe = json.loads(buildah("inspect", "--type", "image", image).stdout)["Docker"]["config"]["Healthcheck"]["Test"]
+    assert probe[0] == "CMD", probe
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [arg.replace("127.0.0.1:8080/", f"127.0.0.1:{port}/") for arg in probe[1:]]
+    assert argv != probe[1:], "the HEALTHCHECK no longer probes 127.0.0.1:8080"
+    # The image's INTAKE_SECRETS_DIR (/run/secrets) is mounted by the recipes; here an empty one.
+    script = f"""export INTAKE_HOST=127.0.0.1 INTAKE_PORT={port} INTAKE_SECRETS_DIR=/tmp/secrets
+mkdir -p /tmp/secrets
+intake serve --dev > /tmp/serve.log 2>&1 &
+pid=$!
+i=0
+while [ $i -lt 480 ] && kill -0 $pid 2>/dev/null; do
+  if {shlex.join(argv)} 2>/dev/null; then healthy=1; break; fi
+  i=$((i + 1)); sleep 0.25
+done
+kill $pid; wait $pid
+cat /tmp/serve.log
+[ "${{healthy:-}}" = 1 ]
+"""
+    done = run("sh", "-c", script)
+    assert done.returncode == 0, f"the HEALTHCHECK never passed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}"
+    assert f"serving on http://127.0.0.1:{port}" in done.stdout and "GET /readyz 200" in done.stdout, done.stdout
 
 
 def _refused(build: Build) -> str:
