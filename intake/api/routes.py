@@ -450,10 +450,7 @@ class Api:
     def freeze(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         """The kill switch: any admin or confirmed approver, no code (stopping is always safe)."""
         body = ReasonBody.model_validate(data)
-        me = self._person(caller)
-        if not broker.policy.is_admin(me):
-            broker.approvers.active(me)
-        broker.gatekeeper.freeze(actor=caller.actor, reason=body.reason)
+        broker.gatekeeper.freeze(by=self._person(caller), actor=caller.actor, reason=body.reason)
         return {"frozen": True}
 
     def thaw(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:

@@ -50,9 +50,11 @@ import redis
 from pydantic import ValidationError
 
 from intake.audit.archive import Archive, ArchiveBroken
+from intake.audit.index import entry_facets, entry_member
 from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
 from intake.core.errors import AuditBroken
 from intake.core.models import AuditEvent, canonical_json
+from intake.protocol.keyspace import Keys
 from intake.protocol.reports import REPORT_ACTIONS, report_mac
 
 log = logging.getLogger("intake.audit.log")
@@ -69,16 +71,19 @@ REPLAY = "rejected:replay"
 # Publish a batch of seals only while the caller holds the sealer lease with a current fencing
 # token (-1 otherwise: a paused old holder cannot seal) and nobody advanced the head meanwhile
 # (0). A publish renews the lease, so a long catch-up never outlives it. ARGV[6] is how many
-# (stream id, seal) pairs follow; after them come (unique id, stream id) pairs for the index of
-# genuine entries the sealer uses to recognise replays.
+# (stream id, seal) pairs follow and ARGV[7] how many (unique id, stream id) pairs for the index
+# of genuine entries the sealer uses to recognise replays; after them come (index key, member)
+# pairs: the console's listing indexes of the genuine entries (intake.audit.index).
 _FENCED_SEALS = """
 if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -1 end
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then return -1 end
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[6])
-for i = 7, 6 + n * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-for i = 7 + n * 2, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
+local u = tonumber(ARGV[7])
+for i = 8, 7 + n * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 8 + n * 2, 7 + (n + u) * 2, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
+for i = 8 + (n + u) * 2, #ARGV, 2 do redis.call('ZADD', ARGV[i], 0, ARGV[i + 1]) end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return 1
@@ -208,6 +213,7 @@ class AuditLog:
         # A separate key for record MACs, derived from the audit key (one secret per purpose).
         self._record_key = hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
         self.stream = f"{prefix}:audit"
+        self.keys = Keys(prefix)
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
         # uid -> stream id of the first genuine entry with it: the sealer's replay index. Only a
@@ -534,12 +540,17 @@ class AuditLog:
             args: list[str] = []
             verdicts = self._verdicts(entries)
             uid_args: list[str] = []
+            index_args: list[str] = []
             last = head
             for stream_id, fields in entries:
                 seq += 1
                 verdict, uid = verdicts[stream_id]
                 if verdict == OK and uid:
                     uid_args += [uid, stream_id]
+                if verdict == OK:
+                    member = entry_member(stream_id)
+                    for key in sorted(entry_facets(self.keys, fields)):
+                        index_args += [key, member]
                 if verdict != OK:
                     log.warning("audit entry %s sealed as %s", stream_id, verdict)
                 prev = self._seal(prev, seq, stream_id, fields.get("m", ""), verdict)
@@ -548,7 +559,7 @@ class AuditLog:
             assert last is not None
             done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence, self.uids],
                                  args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms,
-                                       len(args) // 2, *args, *uid_args]))
+                                       len(args) // 2, len(uid_args) // 2, *args, *uid_args, *index_args]))
             if done < 0:
                 self.lease.lost()
                 raise LeaseLost()
@@ -639,6 +650,22 @@ class AuditLog:
         """The entry's verdict when its seal chains from ``prev`` at ``seq``, else the anomaly."""
         return self._check_sealed(prev, seq, stream_id, fields, stored)
 
+    def index_entries(self, after: str, batch: int) -> str | None:
+        """Add up to ``batch`` sealed genuine entries after stream id ``after`` ('' : from the
+        start) to the console's indexes (for entries sealed before the indexes existed; the
+        sealer indexes new ones). Idempotent. Returns where to go on, or None at the head."""
+        entries = self.r.xrange(self.stream, f"({after}" if after else "-", "+", count=batch)
+        if not entries:
+            return None
+        seals = self.r.hmget(self.seals, [stream_id for stream_id, _ in entries])
+        pipe = self.r.pipeline(transaction=True)
+        for (stream_id, fields), stored in zip(entries, seals, strict=True):
+            if stored is not None and stored.endswith(f" {OK}") and self.judge(fields) == OK:
+                for key in entry_facets(self.keys, fields):
+                    pipe.zadd(key, {entry_member(stream_id): 0})
+        pipe.execute()
+        return entries[-1][0] if len(entries) == batch else None
+
     def archived_through(self) -> int:
         """The last sealed position moved to the archive (0: none)."""
         if self.archive is None:
@@ -650,12 +677,16 @@ class AuditLog:
         """Remove archived entries (up to and including ``tail``) and their seals from Redis."""
         dropped = 0
         while True:
-            batch = [stream_id for stream_id, _ in self.r.xrange(self.stream, "-", tail.id, count=_PAGE)]
+            entries = self.r.xrange(self.stream, "-", tail.id, count=_PAGE)
+            batch = [stream_id for stream_id, _ in entries]
             if not batch:
                 return dropped
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.seals, *batch)
             pipe.xdel(self.stream, *batch)
+            for stream_id, fields in entries:  # the console's indexes hold the hot window only
+                for key in entry_facets(self.keys, fields):
+                    pipe.zrem(key, entry_member(stream_id))
             pipe.execute()
             dropped += len(batch)
 

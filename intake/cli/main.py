@@ -13,7 +13,6 @@ text is shown through :func:`intake.text.terminal.safe`; ``--json`` output is AS
 
 from __future__ import annotations
 
-import getpass
 import json
 import re
 import sys
@@ -27,6 +26,7 @@ import click
 from intake.cli.client import ApiClient, broker_url, seg
 from intake.cli.records import idea_lines, idea_table, task_lines, task_table
 from intake.core.errors import AuditBroken, IntakeError, InvalidInput
+from intake.core.osuser import os_user
 from intake.core.settings import Settings, load_settings
 from intake.text.terminal import fields, safe, table
 
@@ -51,7 +51,7 @@ def _local_broker() -> Iterator[tuple[Any, str]]:
     from intake.runtime import open_broker
 
     with open_broker(load_settings()) as broker:
-        yield broker, f"os:{getpass.getuser()}"
+        yield broker, f"os:{os_user()}"
 
 
 def _casefold(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -447,7 +447,7 @@ def keys() -> None:
 @keys.command()
 @click.option("--force", is_flag=True, help="Replace existing keys (breaks the old audit chain).")
 def generate(force: bool) -> None:
-    """Write the signing key (0600), its public key, the audit key and the secrets key."""
+    """Write the signing key (0600), its public key, the audit, secrets and console keys (0600)."""
     from intake.protocol.keyfiles import generate_keys
 
     settings: Settings = load_settings()
@@ -645,7 +645,7 @@ def admin_bootstrap(person_id: str, name: str) -> None:
     from intake.people.registry import People, bootstrap_admin
     from intake.runtime import open_broker
 
-    user = getpass.getuser()
+    user = os_user()
     with open_broker(load_settings()) as broker:
         person = bootstrap_admin(People(broker.store), broker.policy.admins.members, person_id, name=name,
                                  os_user=user, actor=f"os:{user}")

@@ -35,13 +35,14 @@ from intake.core.models import (
     new_id,
     sha256_hex,
 )
-from intake.protocol.keyspace import Keys
+from intake.protocol.keyspace import Keys, index_member
+from intake.storage import indexes
 from intake.text.normalise import normalise, normalise_title
 
 T = TypeVar("T")
 
-# Capture in one round trip: claim the delivery id, store the idea, index it and append its audit
-# event atomically; or, for a delivery seen before, change nothing and name the first idea.
+# Capture in one round trip: claim the delivery id, store the idea, index it (KEYS[8..]: the
+# console's listing indexes, member ARGV[7]) and append its audit event atomically; or, for a delivery seen before, change nothing and name the first idea.
 CAPTURE_SCRIPT = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
@@ -52,6 +53,7 @@ redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1]) end
 redis.call('XADD', KEYS[5], '*', 'e', ARGV[4], 'm', ARGV[5])
+for i = 8, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[7]) end
 return false
 """
 Pipe = redis.client.Pipeline
@@ -200,10 +202,17 @@ class Store:
         found = [str(i) for i, _ in self.r.zscan_iter(index, match=f"{prefix}*", count=1000)]
         return sorted(found)[:limit], len(found)
 
+    def backfill_indexes(self, batch: int = indexes.BACKFILL_BATCH) -> int | None:
+        """Index a bounded batch of records written before the console's indexes existed
+        (:func:`intake.storage.indexes.backfill`); None once all are."""
+        return indexes.backfill(self.r, self.keys, self.audit, batch)
+
     # -- writing ---------------------------------------------------------------------------
-    def write_idea(self, pipe: Pipe, idea: Idea) -> None:
-        """Store an idea and keep its indexes (pending, expiry, escalation) in step."""
+    def write_idea(self, pipe: Pipe, idea: Idea, task: Task | None = None) -> None:
+        """Store an idea and keep its indexes (pending, expiry, escalation, the console's) in
+        step; ``task``: the task it was just promoted into (its repo, tier and promoter)."""
         pipe.set(self.keys.idea(idea.id), idea.model_dump_json())
+        indexes.queue_idea(pipe, self.keys, idea, task)
         if idea.state not in IDEA_PENDING:
             for index in (self.keys.ideas_pending, self.keys.ideas_expiry, self.keys.ideas_unescalated):
                 pipe.zrem(index, idea.id)
@@ -216,8 +225,11 @@ class Store:
         else:
             pipe.zrem(self.keys.ideas_unescalated, idea.id)
 
-    def write_task(self, pipe: Pipe, task: Task) -> None:
+    def write_task(self, pipe: Pipe, task: Task, before: Task | None = None) -> None:
+        """Store a task and keep its indexes in step; ``before``: the record as read, so the
+        console's indexes drop facets it no longer has."""
         pipe.set(self.keys.task(task.id), task.model_dump_json())
+        indexes.queue_task(pipe, self.keys, task, before)
         pipe.zadd(self.keys.tasks, {task.id: task.created_at}, nx=True)
         if task.state in TASK_OPEN:
             pipe.zadd(self.keys.tasks_open, {task.id: task.created_at})
@@ -285,9 +297,10 @@ class Store:
         ))
         keys = [self.keys.delivery(draft.channel.value, draft.delivery_id), self.keys.idea(idea.id),
                 self.keys.ideas, self.keys.ideas_pending, self.audit.stream, self.keys.ideas_expiry,
-                self.keys.ideas_unescalated]
+                self.keys.ideas_unescalated, *sorted(indexes.idea_facets(self.keys, idea))]
         expires = "" if idea.expires_at is None else idea.expires_at
-        return idea, keys, [idea.id, idea.model_dump_json(), now, body, mac, expires]
+        return idea, keys, [idea.id, idea.model_dump_json(), now, body, mac, expires,
+                            index_member(idea.created_at, idea.id)]
 
     def capture_many(
         self, drafts: list[IdeaDraft], *, ttl_s: int | None = None
@@ -407,7 +420,7 @@ class Store:
                 changes["reason"] = reason
             moved = task.model_copy(update=changes)
             pipe.multi()
-            self.write_task(pipe, moved)
+            self.write_task(pipe, moved, task)
             if also is not None:
                 also(pipe, moved)
             extra = {"reason": reason} if reason else {}
