@@ -215,7 +215,8 @@ def image(builds: dict[str, Build]) -> str:
     assert done.returncode == 0 and done.tagged, f"the image build failed:\n{done.output[-8000:]}"
     assert re.search(r"RUN python -m venv /opt/intake\s+&& /opt/intake/bin/pip install --no-cache-dir "
                      r"--require-hashes --no-deps -r requirements.lock", done.output), "not the Dockerfile's step"
-    assert "Successfully installed intake-broker-" in done.output and "No broken requirements found." in done.output
+    assert "Successfully installed intake-broker-" in done.output, "intake itself was not installed"
+    assert "No broken requirements found." in done.output, "the build did not run pip check"
     return "localhost/intake:image"
 
 
