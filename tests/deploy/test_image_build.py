@@ -108,10 +108,11 @@ def _import_base(buildah: Buildah, kind: str, tree: Path) -> None:
     for junk in ("var/lib/apt/lists", "var/cache/apt/archives"):
         subprocess.run(["find", str(mnt / junk), "-type", "f", "-delete"], check=True, timeout=60)
     (mnt / "usr" / "local" / "bin" / "python").symlink_to("/usr/bin/python3")
-    if kind == "build":
+    host_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    if kind == "build" and host_bundle.is_file():
         # Trust what the host trusts (a TLS-inspecting egress proxy's CA, where there is one).
-        shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", mnt / "etc" / "ssl" / "certs" / "ca-certificates.crt")
-        (mnt / "etc" / "pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
+        shutil.copyfile(host_bundle, mnt / "etc" / "ssl" / "certs" / "ca-certificates.crt")
+        (mnt / "etc" / "pip.conf").write_text(f"[global]\ncert = {host_bundle}\n")
     buildah("umount", ctr)
     buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "--env", "LANG=C.UTF-8", "--cmd", "python3", ctr)
