@@ -49,7 +49,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from intake.audit.archive import Archive, ArchiveBroken
+from intake.audit.archive import Archive, ArchiveBroken, TreeHead
 from intake.audit.index import entry_facets, entry_member
 from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
 from intake.core.errors import AuditBroken
@@ -66,6 +66,10 @@ OK = "ok"
 #: holds, but it is not a new event. Sealed, kept in order, and never applied: a Redis writer
 #: replaying history gets a rejected entry, not a halted broker (issue 19).
 REPLAY = "rejected:replay"
+#: The verdict for a genuine entry stamped before the archive's boundary (see
+#: :meth:`AuditLog.archive_boundary`): the replay index holds the hot window only, so a copy of
+#: an archived entry is recognised by its time, not its uid. Sealed, kept, never applied.
+STALE = "rejected:stale"
 
 #: What a worker may say, on its own report key; everything else is the broker's to say.
 # Publish a batch of seals only while the caller holds the sealer lease with a current fencing
@@ -185,6 +189,15 @@ def entry_uid(fields: dict[str, str]) -> str:
     return uid if isinstance(uid, str) else ""
 
 
+def _stamped(fields: dict[str, str]) -> float:
+    """The ``at`` inside an entry's MAC'd body (a broker event's or a worker report's)."""
+    try:
+        at = json.loads(fields.get("e", "")).get("at")
+    except (ValueError, AttributeError):
+        return float("inf")
+    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else float("inf")
+
+
 def _id_key(stream_id: str) -> tuple[int, int]:
     ms, _, n = stream_id.partition("-")
     return int(ms), int(n or 0)
@@ -203,10 +216,15 @@ class AuditLog:
     it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
 
     def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None,
-                 archive: Archive | None = None, clock: Callable[[], float] | None = None) -> None:
+                 archive: Archive | None = None, hot_s: float | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.r = client
         #: Sealed history moved out of Redis (:mod:`intake.audit.archive`); the chain walks it first.
         self.archive = archive
+        #: The hot window (``INTAKE_AUDIT_HOT``): half of it is the clock skew the stale rule
+        #: tolerates (:meth:`archive_boundary`); None: no tolerance.
+        self.hot_s = hot_s
+        self._boundary: tuple[float, float | None] = (-1e18, None)  # (checked at, monotonic; boundary)
         self.checkpoint = checkpoint
         self.clock = clock  # stamps :meth:`record`'s events (a test's clock); None: the time
         self._key = key
@@ -220,6 +238,8 @@ class AuditLog:
         # hint: a hit counts only when that earlier entry is there and judges ok with the same
         # uid (so a planted uid cannot get a fresh genuine event sealed as a replay), and a
         # deleted hint only lets a replay be sealed ok, which every reader skips by its uid.
+        # It holds the hot window only: archiving an entry drops its uid with it, and a copy of
+        # an archived entry is sealed STALE by its time instead (see archive_boundary).
         self.uids = f"{prefix}:audit:uids"
         self.snapshot = f"{prefix}:audit:snapshot"
         self._cas = client.register_script(_FENCED_SEALS)
@@ -570,9 +590,17 @@ class AuditLog:
 
     def _verdicts(self, entries: list[tuple[str, dict[str, str]]]) -> dict[str, tuple[str, str]]:
         """Each entry's verdict and uid for sealing: :meth:`judge`'s, except that a genuine entry
-        whose uid an earlier genuine entry carries (in this batch, or per the index, checked
-        against the entry it names) is sealed :data:`REPLAY`."""
+        stamped before :meth:`archive_boundary` is sealed :data:`STALE`, and one whose uid an
+        earlier genuine entry carries (in this batch, or per the index, checked against the
+        entry it names) is sealed :data:`REPLAY`."""
         judged = {sid: (self.judge(f), entry_uid(f)) for sid, f in entries}
+        boundary = self.archive_boundary() if any(v == OK and u for v, u in judged.values()) else None
+        if boundary is not None:
+            for sid, fields in entries:
+                verdict, uid = judged[sid]
+                if verdict == OK and uid and _stamped(fields) < boundary:
+                    log.warning("audit entry %s is stamped before the archived history; sealed stale", sid)
+                    judged[sid] = (STALE, uid)
         uids = [uid for verdict, uid in judged.values() if verdict == OK and uid]
         hints = dict(zip(uids, self.r.hmget(self.uids, uids), strict=True)) if uids else {}
         first: dict[str, str] = {}
@@ -587,6 +615,42 @@ class AuditLog:
                     first[uid] = sid
             out[sid] = (verdict, uid)
         return out
+
+    def archive_boundary(self) -> float | None:
+        """The time (seconds) before which a new genuine entry is sealed :data:`STALE`, or None
+        while nothing is archived.
+
+        Archived entries' uids leave the replay index, so the sealer cannot recognise a copy of
+        one by its uid. It recognises it by its time instead: an entry's ``at`` is inside its
+        MAC'd body, so a copy carries the original's, and every archived entry was appended
+        before the newest archived entry's stream id (Redis's clock, which no writer sets). The
+        boundary is that time plus half the hot window (the skew tolerated between the clock
+        that stamped an entry and Redis's): a copy of an archived entry is refused unless its
+        original was stamped more than that ahead of Redis. A genuine new entry is refused only
+        if it was stamped more than half the hot window before it reached the stream (the
+        archive holds entries at least a hot window old). Bounded by the first entry still in
+        Redis too, so neither a forged tree head in the archive directory nor a Redis writer
+        alone can move it later. Cached for 10 s (:meth:`drop_archived` updates it at once)."""
+        if self.archive is None:
+            return None
+        checked, boundary = self._boundary
+        if time.monotonic() - checked < 10:
+            return boundary
+        boundary = None
+        names = self.archive.tree_heads()
+        if names:
+            try:
+                last = TreeHead.decode(self.archive.store.read(names[-1])).last.split(" ")[0]
+                boundary = _id_key(last)[0] / 1000
+            except (ValueError, KeyError, TypeError, IndexError, OSError):
+                log.warning("audit archive: the newest tree head %s is unreadable", names[-1])
+        if boundary is not None:
+            first = self.r.xrange(self.stream, "-", "+", count=1)
+            if first:
+                boundary = min(boundary, _id_key(first[0][0])[0] / 1000)
+            boundary += (self.hot_s or 0) / 2
+        self._boundary = (time.monotonic(), boundary)
+        return boundary
 
     def _genuine_earlier(self, hint: str | None, uid: str, stream_id: str) -> str | None:
         """``hint`` when it names an earlier entry that judges ok and carries ``uid``."""
@@ -674,17 +738,26 @@ class AuditLog:
         return segments[-1][1] if segments else 0
 
     def drop_archived(self, tail: Head) -> int:
-        """Remove archived entries (up to and including ``tail``) and their seals from Redis."""
+        """Remove archived entries (up to and including ``tail``), their seals and their uids in
+        the replay index from Redis: Redis holds the hot window only."""
         dropped = 0
+        self._boundary = (-1e18, None)  # the boundary moves: read it afresh
         while True:
-            entries = self.r.xrange(self.stream, "-", tail.id, count=_PAGE)
-            batch = [stream_id for stream_id, _ in entries]
-            if not batch:
+            found = self.r.xrange(self.stream, "-", tail.id, count=_PAGE)
+            if not found:
                 return dropped
+            batch = [stream_id for stream_id, _ in found]
+            ids = set(batch)
+            uids = sorted({uid for _, fields in found if (uid := entry_uid(fields))})
+            # Only the hints that name an archived entry (a later entry's is not this one's).
+            hinted = [u for u, at in zip(uids, self.r.hmget(self.uids, uids) if uids else [], strict=True)
+                      if at in ids]
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.seals, *batch)
+            if hinted:
+                pipe.hdel(self.uids, *hinted)
             pipe.xdel(self.stream, *batch)
-            for stream_id, fields in entries:  # the console's indexes hold the hot window only
+            for stream_id, fields in found:  # the console's indexes hold the hot window only
                 for key in entry_facets(self.keys, fields):
                     pipe.zrem(key, entry_member(stream_id))
             pipe.execute()
@@ -769,8 +842,8 @@ class AuditLog:
             return Anomaly(stream_id, "reordered",
                            f"event {stream_id} (#{seq}): seal mismatch; history was reordered or altered", seq)
         verdict = self.judge(fields)
-        if verdict == OK and stored_verdict == REPLAY:
-            return REPLAY  # the sealer recognised a copy (the seal's MAC vouches for the verdict)
+        if verdict == OK and stored_verdict in (REPLAY, STALE):
+            return stored_verdict  # the sealer recognised a copy (the seal's MAC vouches for the verdict)
         if verdict != stored_verdict:
             return Anomaly(stream_id, "altered", f"event {stream_id} (#{seq}): contents altered (MAC mismatch)", seq)
         return verdict
@@ -823,9 +896,16 @@ class AuditLog:
         return report
 
     def export(self) -> Iterator[dict[str, Any]]:
-        """Every entry as a dict (JSON Lines material): stream id, seq, seal, verdict, which
-        key MAC'd it, and whether it is verified genuine (sealed with verdict ok)."""
-        for stream_id, fields, stored in self._entries():
+        """Every entry as a dict (JSON Lines material), the whole chain in order: the archived
+        segments, then the stream in Redis (sealed or not). Each: stream id, seq, seal, verdict,
+        which key MAC'd it, and whether it is verified genuine (sealed with verdict ok). Raises
+        :class:`AuditBroken` when the archive cannot be read whole (an export never silently
+        leaves out history)."""
+
+        def broken(anomaly: Anomaly) -> None:
+            raise AuditBroken(anomaly.id, anomaly.message)
+
+        for stream_id, fields, stored in self._chain(None, broken):
             try:
                 record = json.loads(fields.get("e", "{}"))
                 if not isinstance(record, dict):

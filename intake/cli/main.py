@@ -370,13 +370,28 @@ def provenance_show(ref: str, repo: Path | None, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Verify the git note in this repository (else the broker's stored envelope).")
+@click.option("--offline", is_flag=True,
+              help="With --repo: check the note with the public key alone (signature, subject, the approvals' "
+                   "inclusion proof); no broker.")
+@click.option("--public-key", "public_key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              metavar="PEM", help="With --offline: the broker's public key(s) (default INTAKE_PUBLIC_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def provenance_verify(ref: str, repo: Path | None, as_json: bool) -> None:
-    """Check REF's provenance: the signature (public key alone), the subject, and every fact
-    against the sealed audit log. Exit 1 with one line per failing check."""
-    from intake.cli.provenance import verify
+def provenance_verify(ref: str, repo: Path | None, offline: bool, public_key: Path | None, as_json: bool) -> None:
+    """Check REF's provenance: the signature (public key alone), the subject, the approvals'
+    inclusion proof against the signed tree head the note carries, and (online) every fact
+    against the sealed audit log and that tree head's consistency with the broker's current
+    one. Exit 1 with one line per failing check."""
+    from intake.cli.provenance import verify, verify_offline
 
-    if not verify(_api(), load_settings(), ref, repo, as_json):
+    if offline:
+        if repo is None:
+            raise InvalidInput("--offline reads the note from a repository: give --repo PATH")
+        ok = verify_offline(public_key or load_settings().keys["public"], ref, repo, as_json)
+    elif public_key is not None:
+        raise InvalidInput("--public-key goes with --offline (online, the keyring is INTAKE_PUBLIC_KEY)")
+    else:
+        ok = verify(_api(), load_settings(), ref, repo, as_json)
+    if not ok:
         sys.exit(1)
 
 
