@@ -27,7 +27,8 @@ README = REPO_ROOT / "README.md"
 PAGES = sorted(DOCS.glob("*.md")) + [README, REPO_ROOT / "SECURITY.md"]
 #: Names of the `INTAKE_` family that are not settings: the secrets directory (read before the
 #: settings are), the Compose recipe's public name, and what the worker hands an agent.
-NOT_SETTINGS = {"INTAKE_SECRETS_DIR", "INTAKE_DOMAIN", "INTAKE_PROMPT_FILE"}
+NOT_SETTINGS = {"INTAKE_SECRETS_DIR", "INTAKE_DOMAIN", "INTAKE_PROMPT_FILE",
+                "INTAKE_IMAGE_BUILD"}  # the last: the image-build test's switch (tests/deploy/test_image_build.py)
 
 
 def _text(path: Path) -> str:
