@@ -40,19 +40,31 @@ from intake.text.normalise import normalise, normalise_title
 
 T = TypeVar("T")
 
-# Capture in one round trip: claim the delivery id, store the idea, index it and append its audit
-# event atomically; or, for a delivery seen before, change nothing and name the first idea.
+# Capture a batch in one call: for each capture in turn (7 keys and 6 arguments each, in the
+# order :meth:`Store.prepare_capture` gives them), claim the delivery id, store the idea, index
+# it and append its audit event; or, for a delivery seen before (earlier, or earlier in this
+# batch), change nothing and name the first idea. One script call per batch, not per capture: invoking a script costs Redis
+# more than the writes inside it (bench/slack_capture.py). The batch runs atomically, so each
+# capture in it does.
 CAPTURE_SCRIPT = """
-local existing = redis.call('GET', KEYS[1])
-if existing then return existing end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
-if ARGV[6] ~= '' then redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1]) end
-redis.call('XADD', KEYS[5], '*', 'e', ARGV[4], 'm', ARGV[5])
-return false
+local out = {}
+for i = 0, #KEYS / 7 - 1 do
+  local k, a = i * 7, i * 6
+  local existing = redis.call('GET', KEYS[k + 1])
+  if existing then
+    out[i + 1] = existing
+  else
+    redis.call('SET', KEYS[k + 1], ARGV[a + 1])
+    redis.call('SET', KEYS[k + 2], ARGV[a + 2])
+    redis.call('ZADD', KEYS[k + 3], ARGV[a + 3], ARGV[a + 1])
+    redis.call('ZADD', KEYS[k + 4], ARGV[a + 3], ARGV[a + 1])
+    redis.call('ZADD', KEYS[k + 7], ARGV[a + 3], ARGV[a + 1])
+    if ARGV[a + 6] ~= '' then redis.call('ZADD', KEYS[k + 6], ARGV[a + 6], ARGV[a + 1]) end
+    redis.call('XADD', KEYS[k + 5], '*', 'e', ARGV[a + 4], 'm', ARGV[a + 5])
+    out[i + 1] = false
+  end
+end
+return out
 """
 Pipe = redis.client.Pipeline
 Clock = Callable[[], float]
@@ -293,23 +305,26 @@ class Store:
         self, drafts: list[IdeaDraft], *, ttl_s: int | None = None
     ) -> list[tuple[Idea, bool] | IntakeError]:
         """Capture several ideas in one round trip (group commit); one result per draft, in
-        order: ``(idea, created)`` or the refusal for that draft. Each capture is its own atomic
-        script, so one refused draft never affects another."""
+        order: ``(idea, created)`` or the refusal for that draft. A draft refused here (empty,
+        oversize) never reaches Redis, so it never affects another; the rest are stored by one
+        :data:`CAPTURE_SCRIPT` call."""
         results: list[tuple[Idea, bool] | IntakeError] = []
-        prepared: list[tuple[int, Idea]] = []
-        pipe = self.r.pipeline(transaction=False)
+        prepared: list[int] = []
+        keys: list[str] = []
+        args: list[Any] = []
         for i, draft in enumerate(drafts):
             try:
-                idea, keys, args = self.prepare_capture(draft, ttl_s)
+                idea, its_keys, its_args = self.prepare_capture(draft, ttl_s)
             except IntakeError as exc:
                 results.append(exc)
                 continue
             results.append((idea, True))
-            prepared.append((i, idea))
-            self._capture(keys=keys, args=args, client=pipe)
+            prepared.append(i)
+            keys += its_keys
+            args += its_args
         if not prepared:
             return results
-        for (i, _idea), existing in zip(prepared, pipe.execute(), strict=True):
+        for i, existing in zip(prepared, self._capture(keys=keys, args=args), strict=True):
             if existing is not None:  # a delivery seen before: hand back the first idea
                 try:
                     results[i] = (self.get_idea(existing), False)
