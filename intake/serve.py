@@ -248,11 +248,14 @@ def run(settings: Settings, *, dev: bool, listen_fd: int | None = None, parent_f
             sock.close()
 
 
-def _prepare(settings: Settings) -> None:
+def _switch_interval() -> None:
     # Redis calls run in worker threads next to a busy event loop; with the default 5 ms GIL
     # switch interval each blocked call can wait that long to resume (a "convoy"), which
     # capped capture throughput. 1 ms keeps them moving (bench/slack_capture.py measures it).
     sys.setswitchinterval(0.001)
+
+
+def _check_keys(settings: Settings) -> None:
     for purpose in ("audit", "secrets"):
         load_secret(settings, purpose)
 
@@ -269,8 +272,9 @@ def _release_embedded(settings: Settings) -> None:
 def _run_child(settings: Settings, tcp: socket.socket) -> None:
     """An edge's extra process: the same app on its own socket; no banner, no local API socket,
     no /metrics listener (the parent has those), no second Slack token check."""
+    _switch_interval()
     load_policy(settings.policy_path)
-    _prepare(settings)
+    _check_keys(settings)
     try:
         app = create_app(settings, wait_ready=False)
         web.run_app(app, sock=[tcp], print=None, access_log_class=AccessLogger, loop=event_loop())
@@ -281,7 +285,7 @@ def _run_child(settings: Settings, tcp: socket.socket) -> None:
 
 
 def _run(settings: Settings, tcp: socket.socket, extra: list[socket.socket], *, dev: bool) -> None:
-    _prepare(settings)
+    _switch_interval()
     if dev:
         for line in prepare_dev(settings):
             click.echo(f"dev: {line}")
@@ -289,6 +293,7 @@ def _run(settings: Settings, tcp: socket.socket, extra: list[socket.socket], *, 
     if dev:
         for line in prepare_dev_people(settings):
             click.echo(f"dev: {line}")
+    _check_keys(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the API socket lives there
     slack = slack_status(settings, slack_mode(settings))  # a token Slack refuses stops serve here
     sock_path = settings.data_dir / "intake.sock"
