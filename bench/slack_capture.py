@@ -21,8 +21,9 @@ next to the servers. Rounds are interleaved and the median of each target is rep
 ratios; targets: capture >= 0.8x bolt, forged rejection >= 0.8x bare. Each round's own ratios are
 printed too (their spread says how noisy the machine was), and the CPU each target's processes
 used per request (its server processes; for intake also the full serve and Redis), which other
-load on the machine disturbs far less than req/s. Loopback only, bounded in count. Not a CI
-test: wall-clock figures belong here, never in tests.
+load on the machine disturbs far less than req/s, and the disk's fsync latency before and after
+each round (every durable batch waits for one; on a disk other work keeps busy it dominates).
+Loopback only, bounded in count. Not a CI test: wall-clock figures belong here, never in tests.
 """
 
 from __future__ import annotations
@@ -157,6 +158,24 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     raise SystemExit(f"server on {port} did not start")
 
 
+def fsync_ms(directory: Path, count: int = 200) -> tuple[float, float]:
+    """p50 and p90 of an append + fsync in ``directory`` (ms): what each durable batch waits for
+    on this disk at the moment (a disk shared with other busy work makes it slow)."""
+    path = directory / "fsync-probe"
+    took = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 1024)
+            start = time.perf_counter()
+            os.fsync(fd)
+            took.append((time.perf_counter() - start) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(took), statistics.quantiles(took, n=10)[8]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU a process has used so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -229,6 +248,7 @@ def main() -> None:
         for kind, port in ports.items():
             asyncio.run(load(kind, port, build_requests(port, 200), args.concurrency))
         family = [k for k in ROUND if k.startswith("intake")]
+        disk = [fsync_ms(tmp)]
         for n in range(args.rounds):
             # The intake variants take turns going first: each round's background work (sealing,
             # paced card posts) then falls on each of them alike.
@@ -243,6 +263,7 @@ def main() -> None:
                 before = sum(cpu_seconds(p) for p in watched)
                 results[kind].append(asyncio.run(load(kind, port, reqs, args.concurrency)))
                 cpu[kind].append((sum(cpu_seconds(p) for p in watched) - before) * 1e6 / args.requests)
+        disk.append(fsync_ms(tmp))
 
         print(f"\n{args.rounds} rounds x {args.requests} requests, {args.concurrency} connections, "
               f"{os.cpu_count()}-core loopback")
@@ -259,6 +280,8 @@ def main() -> None:
             print(f"{kind:<17} {rps:>15.0f} {p99:>16.1f} {statistics.median(cpu[kind]):>11.0f}  {statuses}")
         print("(CPU us/req: the target's own processes during its rounds; for the intake targets also the full"
               " serve and Redis, which seal and store for every one of them)")
+        print("fsync on the data dir's disk before and after the run and each round (p50/p90 ms; each durable"
+              " capture batch waits for one, bolt writes nothing): " + " ".join(f"{a:.1f}/{b:.1f}" for a, b in disk))
 
         def ratios(kind: str, base: str) -> list[float]:
             return [a.rps / b.rps for a, b in zip(results[kind], results[base], strict=True)]
