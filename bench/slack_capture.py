@@ -263,7 +263,7 @@ def main() -> None:
                 before = sum(cpu_seconds(p) for p in watched)
                 results[kind].append(asyncio.run(load(kind, port, reqs, args.concurrency)))
                 cpu[kind].append((sum(cpu_seconds(p) for p in watched) - before) * 1e6 / args.requests)
-        disk.append(fsync_ms(tmp))
+            disk.append(fsync_ms(tmp))
 
         print(f"\n{args.rounds} rounds x {args.requests} requests, {args.concurrency} connections, "
               f"{os.cpu_count()}-core loopback")
@@ -280,7 +280,7 @@ def main() -> None:
             print(f"{kind:<17} {rps:>15.0f} {p99:>16.1f} {statistics.median(cpu[kind]):>11.0f}  {statuses}")
         print("(CPU us/req: the target's own processes during its rounds; for the intake targets also the full"
               " serve and Redis, which seal and store for every one of them)")
-        print("fsync on the data dir's disk before and after the run and each round (p50/p90 ms; each durable"
+        print("fsync on the data dir's disk before the run and after each round (p50/p90 ms; each durable"
               " capture batch waits for one, bolt writes nothing): " + " ".join(f"{a:.1f}/{b:.1f}" for a, b in disk))
 
         def ratios(kind: str, base: str) -> list[float]:
