@@ -270,7 +270,8 @@ def sweep(broker: Broker) -> None:
     """One pass of the broker's clocks and repairs: expiries, escalations, queued tasks whose
     enqueue was lost, runs whose worker died, sealing stragglers, a cheap check that sealed
     history behind the ledger's cursor still stands (a full walk once a day, off the ledger lock),
-a ledger snapshot when one is due, and archiving what left the hot window."""
+a ledger snapshot when one is due, archiving what left the hot window, and indexing for the
+console what was written before its indexes existed."""
     broker.ledger.check_anchor()
     broker.ledger.recheck_if_due()  # the daily full walk, in its own thread
     broker.ledger.snapshot_if_due()
@@ -279,6 +280,7 @@ a ledger snapshot when one is due, and archiving what left the hot window."""
     broker.gatekeeper.escalate_due()
     broker.dispatcher.reconcile()
     broker.audit.seal_pending()
+    broker.store.backfill_indexes()  # once, a batch a sweep: records from before the indexes
 
 
 async def _clocks_ctx(app: web.Application) -> AsyncIterator[None]:

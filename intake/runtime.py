@@ -142,7 +142,7 @@ def open_broker(settings: Settings) -> Iterator[Broker]:
         try:
             assert settings.audit_archive is not None
             audit = AuditLog(client, audit_key, settings.key_prefix, checkpoint=settings.audit_checkpoint,
-                             archive=Archive(LocalDir(settings.audit_archive)))
+                             archive=Archive(LocalDir(settings.audit_archive)), hot_s=settings.audit_hot)
             store = Store(
                 client, audit, prefix=settings.key_prefix, max_text_bytes=settings.max_text_bytes
             )

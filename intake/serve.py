@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import getpass
 import os
 import signal
 import socket
@@ -22,6 +21,7 @@ from intake.channels.slack.auth import SlackUnreachable, auth_test
 from intake.channels.slack.transport import SlackMode, slack_mode
 from intake.core.errors import ConfigError
 from intake.core.logs import AccessLogger, configure_logging
+from intake.core.osuser import os_user
 from intake.core.policy import load_policy
 from intake.core.redis_conn import EmbeddedRedis
 from intake.core.settings import Settings
@@ -178,7 +178,7 @@ def prepare_dev_people(settings: Settings) -> list[str]:
     done = []
     with open_broker(settings) as broker:
         people, admins = People(broker.store), broker.policy.admins.members
-        user = getpass.getuser()
+        user = os_user()
         if admins:
             with contextlib.suppress(InvalidInput):  # an admin exists already: nothing to do
                 bootstrap_admin(people, admins, admins[0], name=admins[0].title(), os_user=user, actor="system:dev")

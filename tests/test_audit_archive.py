@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,3 +147,139 @@ def test_each_tampered_archive_is_rejected_online_and_offline(archived: tuple[Ri
     assert offline(directory, stranger).returncode == 1
     assert offline(directory, pem).returncode == 0
     online(rig, directory)  # the untouched archive still verifies
+
+
+def test_export_is_the_whole_chain_archived_segments_first(archived: tuple[Rig, Path, int], tmp_path: Path) -> None:
+    """`intake audit export` on a log with a 1-day hot window: the entries aged into segments
+    come first, then Redis's, exactly as the export before archiving listed them."""
+    import json
+
+    from click.testing import CliRunner
+
+    from intake.cli.main import cli
+    from tests.api_harness import link_os_user, running_broker
+
+    rig, directory, total = archived
+    audit = rig.broker.audit
+    before = list(audit.export())
+    assert [e["seq"] for e in before] == list(range(1, total + 1)) and all(e["verified"] for e in before)
+    assert audit.lease.acquire() is not None
+    moved = rig.broker.archive_due(now=time.time() + 2 * DAY)
+    audit.lease.release()
+    assert moved > 0 and rig.r.xlen(audit.stream) == total - moved  # most of it is only in segments now
+    assert list(audit.export()) == before
+
+    link_os_user(rig.settings)
+    settings = rig.settings.model_copy(update={"audit_archive": directory})
+    with running_broker(settings) as running:
+        out = tmp_path / "export.jsonl"
+        done = CliRunner().invoke(cli, ["audit", "export", "-o", str(out)],
+                                  env=rig.env(INTAKE_URL=running.socket_url), catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        exported = [json.loads(line) for line in out.read_text().splitlines()]
+        assert exported[:total] == [json.loads(json.dumps(e)) for e in before]
+        assert [e["seq"] for e in exported] == list(range(1, len(exported) + 1))  # sealed on, no gap
+
+        # A segment gone from the archive: the export fails rather than leave history out.
+        segments = Archive(LocalDir(directory)).segments()
+        (directory / segments[1][2]).unlink()
+        with pytest.raises(AuditBroken, match="segment"):
+            list(audit.export())
+        done = CliRunner().invoke(cli, ["audit", "export", "-o", str(out)], env=rig.env(INTAKE_URL=running.socket_url))
+        assert done.exit_code != 0 and done.output.count("\n") == 1 and "a segment is missing" in done.output
+
+
+def test_the_replay_index_holds_the_hot_window_and_copies_of_archived_entries_are_refused(
+        archived: tuple[Rig, Path, int]) -> None:
+    """`intake:audit:uids` loses the archived entries' uids with them; a Redis writer who
+    replays an archived entry verbatim (and wipes the index for good measure) still gets it
+    sealed as not genuine (stale: stamped before the archive's boundary), while a fresh event
+    is sealed ok and a copy of a hot one is still a replay."""
+    import json
+
+    import redis
+
+    from intake.audit.log import OK, REPLAY, STALE, entry_uid
+
+    rig, directory, total = archived
+    audit, r = rig.broker.audit, rig.r
+    audit.hot_s = DAY
+    assert r.hlen(audit.uids) > 150  # every genuine entry so far
+    assert audit.archive_boundary() is None  # nothing archived: no time rule at all
+    assert audit.lease.acquire() is not None
+    moved = rig.broker.archive_due(now=time.time() + 2 * DAY)
+    audit.lease.release()
+    hot_uids = {entry_uid(f) for _, f in r.xrange(audit.stream)} - {""}
+    assert r.hlen(audit.uids) == len(hot_uids) <= r.xlen(audit.stream) == total - moved  # the hot window only
+    assert set(r.hkeys(audit.uids)) == hot_uids
+
+    # Two days on (the broker's clock; Redis's stream ids are what the archive went by).
+    rig.clock.advance(2 * DAY)
+    rig.store.capture(draft())
+    audit.seal_pending()
+    fresh_id, fresh = r.xrevrange(audit.stream, "+", "-", count=1)[0]
+    assert r.hget(audit.seals, fresh_id).split(" ")[2] == OK
+
+    segment = Archive(LocalDir(directory)).segments()[0][2]
+    archived_line = json.loads(gzip.decompress((directory / segment).read_bytes()).splitlines()[5])
+    assert archived_line["verdict"] == OK and entry_uid(archived_line["f"])
+    attacker = redis.Redis.from_url(rig.settings.redis_url.get_secret_value(), decode_responses=True)  # a plain client
+    hot_copy = attacker.xadd(audit.stream, fresh)  # a copy of a hot entry: the index knows it
+    audit.seal_pending()
+    assert r.hget(audit.seals, hot_copy).split(" ")[2] == REPLAY
+    attacker.delete(audit.uids)  # the time rule does not depend on anything in Redis
+    old_copy = attacker.xadd(audit.stream, archived_line["f"])
+    rig.store.capture(draft())
+    audit.seal_pending()
+    verdicts = [r.hget(audit.seals, sid).split(" ")[2] for sid, _ in r.xrange(audit.stream, old_copy, "+")]
+    assert verdicts == [STALE, OK]  # the archived entry's copy, the new capture
+    report = audit.verify(rig.broker.keyring.keys)  # not a break in sealed history
+    assert {a.id for a in report.anomalies} >= {old_copy} and not [a for a in report.anomalies if a.fatal]
+    assert rig.broker.ledger.follow().halted is None
+
+
+class InMemoryStore:
+    """A second :class:`~intake.audit.archive.SegmentStore` (objects in a dict, as a bucket
+    would hold them): the archiver and both verifies work through the four calls alone."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return sorted(self.objects)
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.objects[name]
+        except KeyError:
+            raise FileNotFoundError(name) from None
+
+    def create(self, name: str, data: bytes) -> None:
+        if name in self.objects:
+            raise FileExistsError(name)
+        self.objects[name] = bytes(data)
+
+    def locked(self):  # type: ignore[no-untyped-def]
+        return self.lock
+
+
+def test_the_archive_goes_through_the_segment_store_interface_alone(archived: tuple[Rig, Path, int]) -> None:
+    from intake.audit.archive import SegmentStore, verify_offline
+
+    rig, directory, total = archived
+    store: SegmentStore = InMemoryStore()
+    rig.broker.audit.archive = Archive(store)
+    assert rig.broker.audit.lease.acquire() is not None
+    moved = rig.broker.archive_due(now=time.time() + 2 * DAY)
+    assert moved > 0 and not directory.exists()  # nothing reached around the interface
+    names = store.names()
+    assert names and all(n.startswith(("seg-", "sth-")) for n in names)
+    assert rig.broker.audit.verify(rig.broker.keyring.keys).events == total  # online, through the store
+    report = verify_offline(store, rig.broker.keyring.keys)  # offline, through the store
+    assert report.problems == () and report.entries == moved
+    assert [e["seq"] for e in rig.broker.audit.export()] == list(range(1, total + 1))
+    with pytest.raises(FileExistsError):  # create-only: the archiver never rewrites
+        store.create(names[0], b"x")
+    del store.objects[names[0]]  # type: ignore[attr-defined]
+    assert verify_offline(store, rig.broker.keyring.keys).problems

@@ -213,3 +213,24 @@ def test_worker_key_issue_registers_what_the_worker_serves(env: dict[str, str], 
     [registered] = [e for e in events if e.get("action") == "worker.registered"]
     assert registered["subject"] == "w1" and registered["data"] == {
         "queues": ["tier-standard"], "repos": ["acme/web"], "change_types": ["docs", "tests"]}
+
+
+
+def test_a_spoofed_logname_does_not_decide_who_the_host_commands_record(
+        env: dict[str, str], settings: Settings, tmp_path: Path) -> None:
+    """``LOGNAME``/``USER`` are the caller's to set: a host command (here `worker-key issue`,
+    which registers a worker) records the account of the effective uid on the audit log, as the
+    local socket's SO_PEERCRED check names callers."""
+    import os
+    import pwd
+
+    from intake.runtime import open_broker
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    spoofed = {**env, "LOGNAME": "mallory", "USER": "mallory", "LNAME": "mallory", "USERNAME": "mallory"}
+    result = run(spoofed, "worker-key", "issue", "w-spoof", "-o", str(tmp_path / "w.key"), "--queue", "tier-standard",
+                 "--repo", "acme/web", "--change-type", "docs")
+    assert result.exit_code == 0, result.output
+    with open_broker(settings) as broker:
+        actors = {e["actor"] for e in broker.store.audit.export() if e["subject"] == "w-spoof"}
+    assert actors == {f"os:{me}"}

@@ -36,7 +36,7 @@ def test_the_docs_build_strictly_with_no_broken_link(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     built = {p.name for p in (tmp_path / "site").glob("*.html")}
     for page in ("index.html", "concepts.html", "policy.html", "channels.html", "deploy.html", "operations.html",
-                 "cli.html", "threat-model.html"):
+                 "configuration.html", "cli.html", "threat-model.html"):
         assert page in built, page
 
 
@@ -71,13 +71,17 @@ def test_the_threat_model_names_each_boundary_with_tests_that_exist() -> None:
         heading = f"{n}. {name}"
         assert heading in titled, f"the threat model has no section '### {heading}'"
         body = titled[heading]
-        assert "**Stops:**" in body and "**Does not stop:**" in body, heading
+        for part in ("**Assets:**", "**Actors:**", "**Controls:**", "**Stops:**", "**Does not stop:**"):
+            assert part in body, f"{heading}: no {part}"
         assert TEST_REF.search(body), f"{heading}: no test proves it"
 
 
-@pytest.mark.parametrize("doc", sorted(p.name for p in DOCS.glob("*.md")) + ["../SECURITY.md"])
+@pytest.mark.parametrize("doc", sorted(p.name for p in DOCS.glob("*.md")) + ["../SECURITY.md", "../README.md"])
 def test_every_test_a_doc_cites_exists(doc: str) -> None:
-    for path, name in TEST_REF.findall((DOCS / doc).read_text()):
+    text = (DOCS / doc).read_text()
+    for path in re.findall(r"`((?:tests|bench)/[\w/]+\.py)(?:::\w+)?`", text):
+        assert (REPO_ROOT / path).is_file(), f"{doc}: {path} does not exist"
+    for path, name in TEST_REF.findall(text):
         source = REPO_ROOT / path
         assert source.is_file(), f"{doc}: {path} does not exist"
         assert re.search(rf"^(async )?def {name}\(", source.read_text(), flags=re.M), f"{doc}: {path}::{name}"

@@ -9,7 +9,7 @@ import pyotp
 import pytest
 
 from intake.audit.ledger import Ledger
-from intake.core.errors import IllegalTransition, Refused
+from intake.core.errors import IllegalTransition, IntakeError, Refused
 from intake.core.models import Channel, IdeaState, TaskState
 from intake.core.policy import load_policy
 from intake.core.settings import Settings
@@ -231,9 +231,21 @@ def test_revocation(w: World) -> None:
 
 def test_freeze_and_thaw_are_audited(w: World) -> None:
     assert w.gate.frozen() is None
-    w.gate.freeze(actor="cli:ops", reason="incident 42")
+    w.gate.freeze(by="alice", actor="cli:ops", reason="incident 42")
     assert w.gate.frozen()["reason"] == "incident 42"  # type: ignore[index]
     w.gate.thaw(actor="cli:ops")
+
+
+def test_only_an_admin_or_a_confirmed_approver_pulls_the_kill_switch(w: World) -> None:
+    """The one rule every channel's freeze goes through (the console once allowed only admins,
+    the API admins and approvers)."""
+    w.gate.freeze(by="bob", actor="approver:bob", reason="bob is an approver")
+    assert (w.gate.frozen() or {})["by"] == "approver:bob"
+    w.gate.thaw(actor="cli:ops")
+    for stranger in ("mallory", "nobody"):
+        with pytest.raises(IntakeError):
+            w.gate.freeze(by=stranger, actor=f"approver:{stranger}", reason="not theirs to pull")
+    assert w.gate.frozen() is None
     assert w.gate.frozen() is None
     assert w.actions()[-2:] == ["broker.frozen", "broker.thawed"]
 
@@ -298,7 +310,7 @@ def test_window_lasts_only_as_long_as_the_oldest_approval(w: World) -> None:
 
 
 def test_kill_switch_is_the_ledgers_not_the_redis_key(w: World) -> None:
-    w.gate.freeze(actor="cli:ops", reason="incident 43")
+    w.gate.freeze(by="alice", actor="cli:ops", reason="incident 43")
     w.store.r.delete(w.store.keys.freeze)  # an attacker with Redis write access
     assert w.gate.frozen() is not None and w.gate.frozen()["reason"] == "incident 43"  # type: ignore[index]
 

@@ -116,3 +116,18 @@ def test_rotation_keeps_old_tokens_valid_until_retired(signer: Signer) -> None:
 def test_oversize_and_malformed_tokens(signer: Signer) -> None:
     for bad in ["", "a", "a.b.c", "x" * (600 * 1024), "!!.!!"]:
         assert reason(lambda b=bad: verify_dispatch(b, ring(signer), now=NOW)) == "malformed"
+
+
+def test_a_delivery_token_carries_its_reviewed_diff_whole_and_a_run_token_none(signer: Signer) -> None:
+    base, commit, digest = "b" * 40, "c" * 40, "d" * 64
+    token, _ = dispatch(signer, deliver_sha=commit, reviewed=(base, digest))
+    got = verify_dispatch(token, ring(signer), now=NOW)
+    assert (got.kind, got.deliver_sha, got.deliver_base, got.deliver_diff) == ("deliver", commit, base, digest)
+    # Signed by the broker's key but shaped wrong: half a reviewed diff, or one on a run token.
+    half = _resign(token, signer, lambda p: p.update(deliver_diff=None))
+    assert reason(lambda: verify_dispatch(half, ring(signer), now=NOW)) == "malformed"
+    run, _ = dispatch(signer)
+    on_run = _resign(run, signer, lambda p: p.update(deliver_base=base, deliver_diff=digest))
+    assert reason(lambda: verify_dispatch(on_run, ring(signer), now=NOW)) == "malformed"
+    not_hex = _resign(token, signer, lambda p: p.update(deliver_base="--upload-pack=x" + "0" * 25))
+    assert reason(lambda: verify_dispatch(not_hex, ring(signer), now=NOW)) == "malformed"

@@ -334,7 +334,9 @@ class TaskRunner:
                 return self._stopped(claim, stop.why or "stopped")
             branch = f"{spec.branch_prefix}/{task.id}"
             envelope = self._provenance(claim, sha)
-            pushed = ws.deliver(f"refs/intake/{task.id}", sha, branch, note=envelope)
+            claims = claim.claims
+            reviewed = (claims.deliver_base, claims.deliver_diff) if claims.deliver_base and claims.deliver_diff else None
+            pushed = ws.deliver(f"refs/intake/{task.id}", sha, branch, note=envelope, reviewed=reviewed)
             result: dict[str, Any] = {"branch": branch, "commit": pushed, "pr_url": None, "delivered_by": self.claimer.name,
                                       "provenance": {"notes_ref": NOTES_REF, "envelope_sha256": digest_of(envelope)}}
             if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile

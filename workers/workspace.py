@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -98,6 +99,7 @@ esac
 
 _HEX_SHA = re.compile(r"^[0-9a-f]{7,64}$")
 _FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _QUARANTINE_REF = re.compile(r"refs/intake/T-[0-9a-f]{12}")
 _USERINFO = re.compile(r"://[^/@\s]*@")
 
@@ -576,20 +578,22 @@ class Workspace:
                 added, removed = added + int(parts[0]), removed + int(parts[1])
         return added, removed
 
-    def review(self, cap: int = REVIEW_CAP_BYTES) -> dict[str, Any]:
+    def review(self, cap: int = REVIEW_CAP_BYTES, base: str | None = None) -> dict[str, Any]:
         """The result as an approver reviews it: the unified diff of :attr:`head` against the
         base, from the worker's own objects (as a bare repository, like :meth:`numstat`, so the
         agent's ``.gitattributes`` cannot hide lines with ``-diff`` or run a textconv), with the
         ``--stat`` summary and the binary files named. Bounded: a diff over ``cap`` bytes is cut
         at a line end and the review says so (``truncated``, ``bytes``); the stat still covers
         everything. ``sha256`` is over exactly the ``diff`` text returned (what is shown), and
-        is what a result approval binds to."""
+        is what a result approval binds to. ``base`` (default :attr:`base_sha`) is the commit the
+        diff is taken from: a delivery recomputes the run's review from the run's base."""
         self._verify_git_dir()
+        base = base or self.base_sha
         bare = {"GIT_DIR": str(self._git_dir)}
         common = ["--bare", "diff", "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames"]
-        full = run_git([*common, "--full-index", self.base_sha, self.head], cwd=self._private, env=bare)
-        summary = run_git([*common, "--stat=120,100", self.base_sha, self.head], cwd=self._private, env=bare)
-        numstat = run_git([*common, "--numstat", "-z", self.base_sha, self.head], cwd=self._private, env=bare)
+        full = run_git([*common, "--full-index", base, self.head], cwd=self._private, env=bare)
+        summary = run_git([*common, "--stat=120,100", base, self.head], cwd=self._private, env=bare)
+        numstat = run_git([*common, "--numstat", "-z", base, self.head], cwd=self._private, env=bare)
         binary = sorted(r.split("\t", 2)[2] for r in numstat.split("\0")
                         if r.startswith("-\t-\t") and r.count("\t") >= 2)[:200]
         raw = full.encode()
@@ -612,14 +616,20 @@ class Workspace:
         _check_ref_arg(sha, "commit")
         return self._git(["rev-parse", "--verify", "--quiet", f"{sha}^{{tree}}"]).strip()
 
-    def deliver(self, ref: str, sha: str, branch: str, note: str | None = None) -> str:
+    def deliver(self, ref: str, sha: str, branch: str, note: str | None = None,
+                reviewed: tuple[str, str] | None = None) -> str:
         """Fetch the quarantined commit from ``ref`` on the remote, check it is exactly ``sha``
         (the one the approvers accepted), and push it to ``refs/heads/<branch>`` (never forced:
         an existing branch elsewhere makes git refuse). With ``note`` (the broker's signed
         provenance) the note goes on ``refs/notes/intake`` for ``sha`` and is pushed with the
-        branch in one atomic push. Returns the sha."""
+        branch in one atomic push. Returns the sha.
+
+        With ``reviewed`` = (base, diff SHA-256), the diff the approvers were shown is checked
+        to be this commit's (see :meth:`_check_reviewed`) before anything is pushed."""
         if not _QUARANTINE_REF.fullmatch(ref) or not _FULL_SHA.fullmatch(sha):
             raise GitError("refusing to deliver: not a quarantine ref and a full commit sha")
+        if reviewed is not None and not (_FULL_SHA.fullmatch(reviewed[0]) and _SHA256.fullmatch(reviewed[1])):
+            raise GitError("refusing to deliver: the reviewed diff is not a base commit and a sha256")
         self.create_branch(branch)
         with self._remote() as (env, fds):
             run_git(["fetch", "--quiet", "--no-tags", "--", self.url, f"+{ref}:refs/intake-fetched/head"],
@@ -629,6 +639,8 @@ class Workspace:
         if fetched != sha:
             raise GitError(f"the quarantined commit is {fetched[:12] or 'missing'}, not the accepted {sha[:12]}")
         self.head = sha
+        if reviewed is not None:
+            self._check_reviewed(*reviewed)
         self._git(["update-ref", f"refs/heads/{branch}", sha])
         if note is None:
             return self.push(branch)
@@ -638,6 +650,23 @@ class Workspace:
             except GitError:
                 continue  # another delivery moved the notes ref meanwhile: fetch it again
         return self._push_with_note(branch, note)
+
+    def _check_reviewed(self, base: str, diff_sha256: str) -> None:
+        """Refuse unless the diff from ``base`` to :attr:`head`, recomputed here from the
+        fetched objects exactly as the run worker computed its review, hashes to
+        ``diff_sha256``, and ``base`` is real history of the base branch (an ancestor of both
+        the branch's tip and the commit). The diff and the commit both come from the run's
+        worker; without this a worker could show approvers one diff and quarantine another
+        commit, or pick a base of its own making so that a small diff hides a large change."""
+        for descendant, what in ((self.base_sha, "the base branch"), (self.head, "the commit")):
+            found = self._git_result(["merge-base", "--is-ancestor", base, descendant])
+            if found.returncode != 0:
+                raise GitError(f"refusing to deliver: the reviewed diff's base {base[:12]} is not in the history "
+                               f"of {what}")
+        recomputed = self.review(base=base)["sha256"]
+        if not hmac.compare_digest(recomputed, diff_sha256):
+            raise GitError(f"refusing to deliver: commit {self.head[:12]}'s diff (sha256 {recomputed[:12]}) is not "
+                           f"the reviewed one (sha256 {diff_sha256[:12]})")
 
     def _push_with_note(self, branch: str, note: str) -> str:
         """The remote's notes ref (if any) plus our note for :attr:`head`, pushed atomically

@@ -365,10 +365,15 @@ class Api:
         return web.Response(text=lines, content_type="application/x-ndjson")
 
     def provenance(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
-        """A delivered commit's stored envelope and what the sealed log says of it."""
+        """A delivered commit's stored envelope and what the sealed log says of it; with
+        ``?tree_size=N`` (the size of the tree head a note carries) also the consistency proof
+        from that tree to the broker's current one."""
         from intake.tasks.provenance import lookup
 
-        return lookup(broker, request.query.get("ref", ""))
+        raw_size = request.query.get("tree_size")
+        if raw_size is not None and not re.fullmatch(r"[1-9][0-9]{0,12}", raw_size):
+            raise InvalidInput("tree_size must be a positive integer")
+        return lookup(broker, request.query.get("ref", ""), int(raw_size) if raw_size is not None else None)
 
     def report(self, broker: Broker, caller: Caller, request: web.Request, _: dict[str, Any]) -> Any:
         """The leading-indicator figures over ``?since=`` (default 7d), per ``?by=`` period (day,
@@ -450,10 +455,7 @@ class Api:
     def freeze(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:
         """The kill switch: any admin or confirmed approver, no code (stopping is always safe)."""
         body = ReasonBody.model_validate(data)
-        me = self._person(caller)
-        if not broker.policy.is_admin(me):
-            broker.approvers.active(me)
-        broker.gatekeeper.freeze(actor=caller.actor, reason=body.reason)
+        broker.gatekeeper.freeze(by=self._person(caller), actor=caller.actor, reason=body.reason)
         return {"frozen": True}
 
     def thaw(self, broker: Broker, caller: Caller, request: web.Request, data: dict[str, Any]) -> Any:

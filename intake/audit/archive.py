@@ -35,7 +35,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from intake.audit import merkle
 from intake.core.models import canonical_json
+from intake.protocol.tokens import Signer
 
 SEGMENT_MAX = 50_000
 _SEGMENT = re.compile(r"seg-(\d{12})-(\d{12})\.jsonl\.gz")
@@ -51,19 +52,29 @@ _STH = re.compile(r"sth-(\d{12})\.json")
 
 
 class SegmentStore(Protocol):
-    """Where archived segments and tree heads live: named, create-only objects."""
+    """Where archived segments and tree heads live: a flat namespace of named, create-only
+    objects. Everything that touches the archive goes through these four calls (the archiver
+    :func:`intake.audit.archiver.archive_due`, the chain walk and ``intake audit verify``
+    through :class:`Archive`, and :func:`verify_offline`), so an S3-compatible bucket (objects
+    created with ``If-None-Match: *``, a lock held as a lease object or by the sealer lease
+    alone) is another implementation of the same calls. :class:`LocalDir` is the one shipped
+    and tested."""
 
-    def names(self) -> list[str]: ...
-
-    def read(self, name: str) -> bytes: ...
-
-    def create(self, name: str, data: bytes) -> None:
-        """Store ``data`` under a new ``name``; refuses to replace an existing object."""
+    def names(self) -> list[str]:
+        """Every object's name, sorted ascending (names are fixed-width, so this is their order)."""
         ...
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """One archiver at a time."""
+    def read(self, name: str) -> bytes:
+        """The exact bytes stored under ``name`` (raises ``OSError`` when it is not there)."""
+        ...
+
+    def create(self, name: str, data: bytes) -> None:
+        """Store ``data`` under a new ``name``, durably, all or nothing; refuses
+        (``FileExistsError``) to replace an existing object."""
+        ...
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Held while archiving: one archiver at a time."""
         ...
 
 
@@ -127,12 +138,28 @@ class TreeHead:
         return canonical_json({"v": 1, "size": self.size, "root": self.root.hex(), "at": self.at,
                                "last": self.last, "frontier": self.frontier.as_json(), "kid": self.kid})
 
+    @classmethod
+    def signed(cls, signer: Signer, frontier: merkle.Frontier, last: str, at: float) -> TreeHead:
+        """A tree head over ``frontier``'s tree (whose last entry is ``last``) signed by ``signer``."""
+        head = cls(size=frontier.size, root=frontier.root(), at=at, last=last,
+                   frontier=merkle.Frontier(frontier.size, list(frontier.nodes)), kid=signer.kid, sig=b"")
+        return replace(head, sig=signer.sign_bytes(head.body()))
+
+    def as_json(self) -> dict[str, Any]:
+        return {**json.loads(self.body()), "sig": base64.b64encode(self.sig).decode()}
+
     def encode(self) -> bytes:
-        return canonical_json({**json.loads(self.body()), "sig": base64.b64encode(self.sig).decode()})
+        return canonical_json(self.as_json())
 
     @classmethod
     def decode(cls, raw: bytes) -> TreeHead:
+        """Parse a tree head (raises ValueError, KeyError or TypeError when malformed; its
+        signature is checked by :meth:`verify`)."""
         data = json.loads(raw)
+        return cls.from_json(data)
+
+    @classmethod
+    def from_json(cls, data: Any) -> TreeHead:
         if not isinstance(data, dict) or data.get("v") != 1:
             raise ValueError("not a tree head")
         return cls(size=int(data["size"]), root=bytes.fromhex(data["root"]), at=float(data["at"]),

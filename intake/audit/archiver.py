@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import time
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -18,9 +17,10 @@ from intake.audit import archive as archive_mod
 from intake.audit import merkle
 from intake.audit.archive import Archive, ArchiveBroken, TreeHead, entry_line, segment_name
 from intake.audit.log import GENESIS, AuditLog, Head
+from intake.protocol.tokens import Signer
 
 
-def archive_due(archive: Archive, audit: AuditLog, signer: Any, keys: dict[str, Ed25519PublicKey], *, hot_s: float,
+def archive_due(archive: Archive, audit: AuditLog, signer: Signer, keys: dict[str, Ed25519PublicKey], *, hot_s: float,
                 below_seq: int, now: float | None = None, segment_max: int | None = None) -> int:
     """Move sealed entries older than ``hot_s`` (and before sealed position ``below_seq``,
     the ledger snapshot's anchor, which stays in Redis) into new segments, each followed by a
@@ -56,9 +56,7 @@ def archive_due(archive: Archive, audit: AuditLog, signer: Any, keys: dict[str, 
                 return moved
             first = seq - len(lines) + 1
             archive.store.create(segment_name(first, seq), gzip.compress(b"".join(x + b"\n" for x in lines), 6))
-            head = TreeHead(size=frontier.size, root=frontier.root(), at=time.time(), last=last.encode(),
-                            frontier=frontier, kid=signer.kid, sig=b"")
-            head = TreeHead(**{**head.__dict__, "sig": signer.sign_bytes(head.body())})
+            head = TreeHead.signed(signer, frontier, last.encode(), time.time())
             archive.store.create(f"sth-{head.size:012d}.json", head.encode())
             audit.drop_archived(last)
             moved += len(lines)

@@ -97,6 +97,12 @@ class TaskFact:
     tier: str
     requester: str = ""
     approvals: list[ApprovalFact] = field(default_factory=list)
+    # Issue 23 (the console's filters): the idea it was promoted from, by whom, and when (None:
+    # from a snapshot taken before these were kept).
+    idea: str = ""
+    repo: str = ""
+    promoted_by: str = ""
+    created_at: float | None = None
     attempts: int = 0  # attempts started
     # Dispatch tokens minted while the task waits in its current queued spell, by nonce.
     dispatches: dict[str, DispatchFact] = field(default_factory=dict)
@@ -109,6 +115,7 @@ class TaskFact:
     # task.delivering), the approvals of exactly that commit, and delivery attempts started.
     result_commit: str | None = None
     result_diff: str | None = None  # SHA-256 of the reviewed diff of result_commit
+    result_base: str | None = None  # the commit that diff is taken from (the run's base)
     result_approvals: list[ApprovalFact] = field(default_factory=list)
     result_rule: dict[str, object] | None = None  # the ApprovalRule it waits for, None: none
     deliveries: int = 0
@@ -442,6 +449,7 @@ class Ledger:
             self.tasks[subject] = TaskFact(
                 id=subject, state=TaskState.AWAITING_APPROVALS, spec_hash=str(data.get("spec_hash", "")),
                 tier=str(data.get("tier", "")), requester=str(data.get("requester", "")),
+                idea=str(data.get("idea", "")), repo=str(data.get("repo", "")), promoted_by=ev.actor.removeprefix("approver:"), created_at=ev.at,
             )
             return
         fact = self.tasks.get(subject)
@@ -470,6 +478,7 @@ class Ledger:
         if what == "amended":
             fact.spec_hash = str(data.get("spec_hash", ""))
             fact.tier = str(data.get("tier", fact.tier))
+            fact.repo = str(data.get("repo", fact.repo))
             fact.approvals = []
         try:
             state = TaskState("awaiting_approvals" if what == "amended" else what)
@@ -483,6 +492,7 @@ class Ledger:
             fact.result_commit = str(data.get("commit", "")) or None
             # issue 20: the SHA-256 of the diff the result is reviewed by (approvals bind to it)
             fact.result_diff = str(data.get("diff_sha256", "")) or None
+            fact.result_base = str(data.get("base", "")) or None
             fact.result_approvals = []
             fact.result_worker = fact.worker
             rule = data.get("rule")

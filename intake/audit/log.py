@@ -49,10 +49,12 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from intake.audit.archive import Archive, ArchiveBroken
+from intake.audit.archive import Archive, ArchiveBroken, TreeHead
+from intake.audit.index import entry_facets, entry_member
 from intake.audit.sealer import RENEW_S, LeaseLost, SealerLease
 from intake.core.errors import AuditBroken
 from intake.core.models import AuditEvent, canonical_json
+from intake.protocol.keyspace import Keys
 from intake.protocol.reports import REPORT_ACTIONS, report_mac
 
 log = logging.getLogger("intake.audit.log")
@@ -64,21 +66,28 @@ OK = "ok"
 #: holds, but it is not a new event. Sealed, kept in order, and never applied: a Redis writer
 #: replaying history gets a rejected entry, not a halted broker (issue 19).
 REPLAY = "rejected:replay"
+#: The verdict for a genuine entry stamped before the archive's boundary (see
+#: :meth:`AuditLog.archive_boundary`): the replay index holds the hot window only, so a copy of
+#: an archived entry is recognised by its time, not its uid. Sealed, kept, never applied.
+STALE = "rejected:stale"
 
 #: What a worker may say, on its own report key; everything else is the broker's to say.
 # Publish a batch of seals only while the caller holds the sealer lease with a current fencing
 # token (-1 otherwise: a paused old holder cannot seal) and nobody advanced the head meanwhile
 # (0). A publish renews the lease, so a long catch-up never outlives it. ARGV[6] is how many
-# (stream id, seal) pairs follow; after them come (unique id, stream id) pairs for the index of
-# genuine entries the sealer uses to recognise replays.
+# (stream id, seal) pairs follow and ARGV[7] how many (unique id, stream id) pairs for the index
+# of genuine entries the sealer uses to recognise replays; after them come (index key, member)
+# pairs: the console's listing indexes of the genuine entries (intake.audit.index).
 _FENCED_SEALS = """
 if redis.call('GET', KEYS[3]) ~= ARGV[3] then return -1 end
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then return -1 end
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[6])
-for i = 7, 6 + n * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-for i = 7 + n * 2, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
+local u = tonumber(ARGV[7])
+for i = 8, 7 + n * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 8 + n * 2, 7 + (n + u) * 2, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
+for i = 8 + (n + u) * 2, #ARGV, 2 do redis.call('ZADD', ARGV[i], 0, ARGV[i + 1]) end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return 1
@@ -180,6 +189,15 @@ def entry_uid(fields: dict[str, str]) -> str:
     return uid if isinstance(uid, str) else ""
 
 
+def _stamped(fields: dict[str, str]) -> float:
+    """The ``at`` inside an entry's MAC'd body (a broker event's or a worker report's)."""
+    try:
+        at = json.loads(fields.get("e", "")).get("at")
+    except (ValueError, AttributeError):
+        return float("inf")
+    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else float("inf")
+
+
 def _id_key(stream_id: str) -> tuple[int, int]:
     ms, _, n = stream_id.partition("-")
     return int(ms), int(n or 0)
@@ -198,22 +216,30 @@ class AuditLog:
     it holds the audit key (workers report through :mod:`intake.tasks.worker_reports` instead)."""
 
     def __init__(self, client: redis.Redis, key: bytes, prefix: str, *, checkpoint: Path | None = None,
-                 archive: Archive | None = None, clock: Callable[[], float] | None = None) -> None:
+                 archive: Archive | None = None, hot_s: float | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.r = client
         #: Sealed history moved out of Redis (:mod:`intake.audit.archive`); the chain walks it first.
         self.archive = archive
+        #: The hot window (``INTAKE_AUDIT_HOT``): half of it is the clock skew the stale rule
+        #: tolerates (:meth:`archive_boundary`); None: no tolerance.
+        self.hot_s = hot_s
+        self._boundary: tuple[float, float | None] = (-1e18, None)  # (checked at, monotonic; boundary)
         self.checkpoint = checkpoint
         self.clock = clock  # stamps :meth:`record`'s events (a test's clock); None: the time
         self._key = key
         # A separate key for record MACs, derived from the audit key (one secret per purpose).
         self._record_key = hmac.new(key, b"intake-record-mac-v1", hashlib.sha256).digest()
         self.stream = f"{prefix}:audit"
+        self.keys = Keys(prefix)
         self.seals = f"{prefix}:audit:seals"
         self.head = f"{prefix}:audit:head"
         # uid -> stream id of the first genuine entry with it: the sealer's replay index. Only a
         # hint: a hit counts only when that earlier entry is there and judges ok with the same
         # uid (so a planted uid cannot get a fresh genuine event sealed as a replay), and a
         # deleted hint only lets a replay be sealed ok, which every reader skips by its uid.
+        # It holds the hot window only: archiving an entry drops its uid with it, and a copy of
+        # an archived entry is sealed STALE by its time instead (see archive_boundary).
         self.uids = f"{prefix}:audit:uids"
         self.snapshot = f"{prefix}:audit:snapshot"
         self._cas = client.register_script(_FENCED_SEALS)
@@ -534,12 +560,17 @@ class AuditLog:
             args: list[str] = []
             verdicts = self._verdicts(entries)
             uid_args: list[str] = []
+            index_args: list[str] = []
             last = head
             for stream_id, fields in entries:
                 seq += 1
                 verdict, uid = verdicts[stream_id]
                 if verdict == OK and uid:
                     uid_args += [uid, stream_id]
+                if verdict == OK:
+                    member = entry_member(stream_id)
+                    for key in sorted(entry_facets(self.keys, fields)):
+                        index_args += [key, member]
                 if verdict != OK:
                     log.warning("audit entry %s sealed as %s", stream_id, verdict)
                 prev = self._seal(prev, seq, stream_id, fields.get("m", ""), verdict)
@@ -548,7 +579,7 @@ class AuditLog:
             assert last is not None
             done = int(self._cas(keys=[self.head, self.seals, self.lease.key, self.lease.fence, self.uids],
                                  args=[raw_head, last.encode(), lease_value, token, self.lease.ttl_ms,
-                                       len(args) // 2, *args, *uid_args]))
+                                       len(args) // 2, len(uid_args) // 2, *args, *uid_args, *index_args]))
             if done < 0:
                 self.lease.lost()
                 raise LeaseLost()
@@ -559,9 +590,17 @@ class AuditLog:
 
     def _verdicts(self, entries: list[tuple[str, dict[str, str]]]) -> dict[str, tuple[str, str]]:
         """Each entry's verdict and uid for sealing: :meth:`judge`'s, except that a genuine entry
-        whose uid an earlier genuine entry carries (in this batch, or per the index, checked
-        against the entry it names) is sealed :data:`REPLAY`."""
+        stamped before :meth:`archive_boundary` is sealed :data:`STALE`, and one whose uid an
+        earlier genuine entry carries (in this batch, or per the index, checked against the
+        entry it names) is sealed :data:`REPLAY`."""
         judged = {sid: (self.judge(f), entry_uid(f)) for sid, f in entries}
+        boundary = self.archive_boundary() if any(v == OK and u for v, u in judged.values()) else None
+        if boundary is not None:
+            for sid, fields in entries:
+                verdict, uid = judged[sid]
+                if verdict == OK and uid and _stamped(fields) < boundary:
+                    log.warning("audit entry %s is stamped before the archived history; sealed stale", sid)
+                    judged[sid] = (STALE, uid)
         uids = [uid for verdict, uid in judged.values() if verdict == OK and uid]
         hints = dict(zip(uids, self.r.hmget(self.uids, uids), strict=True)) if uids else {}
         first: dict[str, str] = {}
@@ -576,6 +615,42 @@ class AuditLog:
                     first[uid] = sid
             out[sid] = (verdict, uid)
         return out
+
+    def archive_boundary(self) -> float | None:
+        """The time (seconds) before which a new genuine entry is sealed :data:`STALE`, or None
+        while nothing is archived.
+
+        Archived entries' uids leave the replay index, so the sealer cannot recognise a copy of
+        one by its uid. It recognises it by its time instead: an entry's ``at`` is inside its
+        MAC'd body, so a copy carries the original's, and every archived entry was appended
+        before the newest archived entry's stream id (Redis's clock, which no writer sets). The
+        boundary is that time plus half the hot window (the skew tolerated between the clock
+        that stamped an entry and Redis's): a copy of an archived entry is refused unless its
+        original was stamped more than that ahead of Redis. A genuine new entry is refused only
+        if it was stamped more than half the hot window before it reached the stream (the
+        archive holds entries at least a hot window old). Bounded by the first entry still in
+        Redis too, so neither a forged tree head in the archive directory nor a Redis writer
+        alone can move it later. Cached for 10 s (:meth:`drop_archived` updates it at once)."""
+        if self.archive is None:
+            return None
+        checked, boundary = self._boundary
+        if time.monotonic() - checked < 10:
+            return boundary
+        boundary = None
+        names = self.archive.tree_heads()
+        if names:
+            try:
+                last = TreeHead.decode(self.archive.store.read(names[-1])).last.split(" ")[0]
+                boundary = _id_key(last)[0] / 1000
+            except (ValueError, KeyError, TypeError, IndexError, OSError):
+                log.warning("audit archive: the newest tree head %s is unreadable", names[-1])
+        if boundary is not None:
+            first = self.r.xrange(self.stream, "-", "+", count=1)
+            if first:
+                boundary = min(boundary, _id_key(first[0][0])[0] / 1000)
+            boundary += (self.hot_s or 0) / 2
+        self._boundary = (time.monotonic(), boundary)
+        return boundary
 
     def _genuine_earlier(self, hint: str | None, uid: str, stream_id: str) -> str | None:
         """``hint`` when it names an earlier entry that judges ok and carries ``uid``."""
@@ -639,6 +714,22 @@ class AuditLog:
         """The entry's verdict when its seal chains from ``prev`` at ``seq``, else the anomaly."""
         return self._check_sealed(prev, seq, stream_id, fields, stored)
 
+    def index_entries(self, after: str, batch: int) -> str | None:
+        """Add up to ``batch`` sealed genuine entries after stream id ``after`` ('' : from the
+        start) to the console's indexes (for entries sealed before the indexes existed; the
+        sealer indexes new ones). Idempotent. Returns where to go on, or None at the head."""
+        entries = self.r.xrange(self.stream, f"({after}" if after else "-", "+", count=batch)
+        if not entries:
+            return None
+        seals = self.r.hmget(self.seals, [stream_id for stream_id, _ in entries])
+        pipe = self.r.pipeline(transaction=True)
+        for (stream_id, fields), stored in zip(entries, seals, strict=True):
+            if stored is not None and stored.endswith(f" {OK}") and self.judge(fields) == OK:
+                for key in entry_facets(self.keys, fields):
+                    pipe.zadd(key, {entry_member(stream_id): 0})
+        pipe.execute()
+        return entries[-1][0] if len(entries) == batch else None
+
     def archived_through(self) -> int:
         """The last sealed position moved to the archive (0: none)."""
         if self.archive is None:
@@ -647,15 +738,28 @@ class AuditLog:
         return segments[-1][1] if segments else 0
 
     def drop_archived(self, tail: Head) -> int:
-        """Remove archived entries (up to and including ``tail``) and their seals from Redis."""
+        """Remove archived entries (up to and including ``tail``), their seals and their uids in
+        the replay index from Redis: Redis holds the hot window only."""
         dropped = 0
+        self._boundary = (-1e18, None)  # the boundary moves: read it afresh
         while True:
-            batch = [stream_id for stream_id, _ in self.r.xrange(self.stream, "-", tail.id, count=_PAGE)]
-            if not batch:
+            found = self.r.xrange(self.stream, "-", tail.id, count=_PAGE)
+            if not found:
                 return dropped
+            batch = [stream_id for stream_id, _ in found]
+            ids = set(batch)
+            uids = sorted({uid for _, fields in found if (uid := entry_uid(fields))})
+            # Only the hints that name an archived entry (a later entry's is not this one's).
+            hinted = [u for u, at in zip(uids, self.r.hmget(self.uids, uids) if uids else [], strict=True)
+                      if at in ids]
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.seals, *batch)
+            if hinted:
+                pipe.hdel(self.uids, *hinted)
             pipe.xdel(self.stream, *batch)
+            for stream_id, fields in found:  # the console's indexes hold the hot window only
+                for key in entry_facets(self.keys, fields):
+                    pipe.zrem(key, entry_member(stream_id))
             pipe.execute()
             dropped += len(batch)
 
@@ -738,8 +842,8 @@ class AuditLog:
             return Anomaly(stream_id, "reordered",
                            f"event {stream_id} (#{seq}): seal mismatch; history was reordered or altered", seq)
         verdict = self.judge(fields)
-        if verdict == OK and stored_verdict == REPLAY:
-            return REPLAY  # the sealer recognised a copy (the seal's MAC vouches for the verdict)
+        if verdict == OK and stored_verdict in (REPLAY, STALE):
+            return stored_verdict  # the sealer recognised a copy (the seal's MAC vouches for the verdict)
         if verdict != stored_verdict:
             return Anomaly(stream_id, "altered", f"event {stream_id} (#{seq}): contents altered (MAC mismatch)", seq)
         return verdict
@@ -792,9 +896,16 @@ class AuditLog:
         return report
 
     def export(self) -> Iterator[dict[str, Any]]:
-        """Every entry as a dict (JSON Lines material): stream id, seq, seal, verdict, which
-        key MAC'd it, and whether it is verified genuine (sealed with verdict ok)."""
-        for stream_id, fields, stored in self._entries():
+        """Every entry as a dict (JSON Lines material), the whole chain in order: the archived
+        segments, then the stream in Redis (sealed or not). Each: stream id, seq, seal, verdict,
+        which key MAC'd it, and whether it is verified genuine (sealed with verdict ok). Raises
+        :class:`AuditBroken` when the archive cannot be read whole (an export never silently
+        leaves out history)."""
+
+        def broken(anomaly: Anomaly) -> None:
+            raise AuditBroken(anomaly.id, anomaly.message)
+
+        for stream_id, fields, stored in self._chain(None, broken):
             try:
                 record = json.loads(fields.get("e", "{}"))
                 if not isinstance(record, dict):

@@ -13,7 +13,6 @@ text is shown through :func:`intake.text.terminal.safe`; ``--json`` output is AS
 
 from __future__ import annotations
 
-import getpass
 import json
 import re
 import sys
@@ -27,6 +26,7 @@ import click
 from intake.cli.client import ApiClient, broker_url, seg
 from intake.cli.records import idea_lines, idea_table, task_lines, task_table
 from intake.core.errors import AuditBroken, IntakeError, InvalidInput
+from intake.core.osuser import os_user
 from intake.core.settings import Settings, load_settings
 from intake.text.terminal import fields, safe, table
 
@@ -51,7 +51,7 @@ def _local_broker() -> Iterator[tuple[Any, str]]:
     from intake.runtime import open_broker
 
     with open_broker(load_settings()) as broker:
-        yield broker, f"os:{getpass.getuser()}"
+        yield broker, f"os:{os_user()}"
 
 
 def _casefold(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -381,13 +381,28 @@ def provenance_show(ref: str, repo: Path | None, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("--repo", "repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Verify the git note in this repository (else the broker's stored envelope).")
+@click.option("--offline", is_flag=True,
+              help="With --repo: check the note with the public key alone (signature, subject, the approvals' "
+                   "inclusion proof); no broker.")
+@click.option("--public-key", "public_key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              metavar="PEM", help="With --offline: the broker's public key(s) (default INTAKE_PUBLIC_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def provenance_verify(ref: str, repo: Path | None, as_json: bool) -> None:
-    """Check REF's provenance: the signature (public key alone), the subject, and every fact
-    against the sealed audit log. Exit 1 with one line per failing check."""
-    from intake.cli.provenance import verify
+def provenance_verify(ref: str, repo: Path | None, offline: bool, public_key: Path | None, as_json: bool) -> None:
+    """Check REF's provenance: the signature (public key alone), the subject, the approvals'
+    inclusion proof against the signed tree head the note carries, and (online) every fact
+    against the sealed audit log and that tree head's consistency with the broker's current
+    one. Exit 1 with one line per failing check."""
+    from intake.cli.provenance import verify, verify_offline
 
-    if not verify(_api(), load_settings(), ref, repo, as_json):
+    if offline:
+        if repo is None:
+            raise InvalidInput("--offline reads the note from a repository: give --repo PATH")
+        ok = verify_offline(public_key or load_settings().keys["public"], ref, repo, as_json)
+    elif public_key is not None:
+        raise InvalidInput("--public-key goes with --offline (online, the keyring is INTAKE_PUBLIC_KEY)")
+    else:
+        ok = verify(_api(), load_settings(), ref, repo, as_json)
+    if not ok:
         sys.exit(1)
 
 
@@ -458,7 +473,7 @@ def keys() -> None:
 @keys.command()
 @click.option("--force", is_flag=True, help="Replace existing keys (breaks the old audit chain).")
 def generate(force: bool) -> None:
-    """Write the signing key (0600), its public key, the audit key and the secrets key."""
+    """Write the signing key (0600), its public key, the audit, secrets and console keys (0600)."""
     from intake.protocol.keyfiles import generate_keys
 
     settings: Settings = load_settings()
@@ -656,7 +671,7 @@ def admin_bootstrap(person_id: str, name: str) -> None:
     from intake.people.registry import People, bootstrap_admin
     from intake.runtime import open_broker
 
-    user = getpass.getuser()
+    user = os_user()
     with open_broker(load_settings()) as broker:
         person = bootstrap_admin(People(broker.store), broker.policy.admins.members, person_id, name=name,
                                  os_user=user, actor=f"os:{user}")

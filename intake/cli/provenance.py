@@ -1,9 +1,11 @@
 """``intake provenance show|verify``: read a delivered commit's envelope (a git note in a
 repository, or the broker's stored copy) and check it (:func:`intake.tasks.provenance.verify`).
 
-The signature is checked here with the public keyring file alone (``INTAKE_PUBLIC_KEY``); the
-sealed audit log's view of the commit comes from the broker's API (``GET /provenance``), which
-rebuilds it from the sealed chain. Everything read from the repository or the envelope is
+The signature and the approvals' inclusion proof the note carries are checked here with the
+public keyring file alone (``INTAKE_PUBLIC_KEY``, or ``--public-key``); with ``--offline`` that is
+all (no broker, no Redis). Otherwise the sealed audit log's view of the commit comes from the
+broker's API (``GET /provenance``), which rebuilds it from the sealed chain and proves the note's
+tree head consistent with its current one. Everything read from the repository or the envelope is
 untrusted: shown through :func:`intake.text.terminal.safe`, never executed or interpolated.
 """
 
@@ -23,6 +25,7 @@ from intake.core.errors import InvalidInput, NotFound
 from intake.core.settings import Settings
 from intake.protocol.envelope import NOTES_REF, ProvenanceInvalid, open_envelope
 from intake.protocol.keyfiles import load_public_keys
+from intake.protocol.tokens import Keyring
 from intake.tasks import provenance
 from intake.text.terminal import safe
 
@@ -58,29 +61,30 @@ def read_note(repo: Path, ref: str) -> tuple[str, str | None, str | None]:
     return commit, tree, note
 
 
-def _gather(api: ApiClient, ref: str, repo: Path | None) -> tuple[str, str | None, str | None, dict[str, Any], str]:
-    """(commit, tree, envelope, the broker's view, where the envelope came from)."""
-    tree = note = None
-    if repo is not None:
-        commit, tree, note = read_note(repo, ref)
-        query = commit
-    else:
-        commit, query = ref, ref
+def _ask(api: ApiClient, ref: str, tree_size: int | None) -> dict[str, Any]:
+    query = {"ref": ref, **({"tree_size": str(tree_size)} if tree_size is not None else {})}
     try:
-        known = api.call("GET", "/provenance", query={"ref": query})
+        return dict(api.call("GET", "/provenance", query=query))
     except ApiError as exc:
         if exc.status != 404:
             raise
-        known = {"anomalies": [], "issued": [], "expected": None, "missing": "delivery", "commit": None,
-                 "envelope": None, "not_found": str(exc)}
-    if repo is None:
-        commit = str(known.get("commit") or ref)
-        return commit, None, known.get("envelope"), known, "the broker's stored copy"
-    return commit, tree, note, known, f"the {NOTES_REF} note in {repo}"
+        return {"anomalies": [], "issued": [], "expected": None, "missing": "delivery", "commit": None,
+                "envelope": None, "not_found": str(exc)}
+
+
+def _gather(api: ApiClient, keyring: Keyring, ref: str, repo: Path | None
+            ) -> tuple[str, str | None, str | None, dict[str, Any], str]:
+    """(commit, tree, envelope, the broker's view, where the envelope came from)."""
+    if repo is None:  # the broker proves consistency from its stored copy's tree head
+        known = _ask(api, ref, None)
+        return str(known.get("commit") or ref), None, known.get("envelope"), known, "the broker's stored copy"
+    commit, tree, note = read_note(repo, ref)
+    return (commit, tree, note, _ask(api, commit, provenance.note_tree_size(note, keyring)),
+            f"the {NOTES_REF} note in {repo}")
 
 
 def show(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_json: bool) -> None:
-    commit, _, envelope, known, source = _gather(api, ref, repo)
+    commit, _, envelope, known, source = _gather(api, load_public_keys(settings.keys["public"]), ref, repo)
     if envelope is None:
         raise NotFound(f"no provenance for {ref} ({source})")
     try:
@@ -111,30 +115,61 @@ def show(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_jso
                f"checks {', '.join(safe(str(c.get('name'))) + (' ok' if c.get('ok') else ' FAILED') for c in p.get('checks', [])) or 'none'}")
     sbom = p.get("sbom", {})
     click.echo(f"  sbom {safe(str(sbom.get('sha256')))}" if "sha256" in sbom else "  sbom: no dependency changes")
+    proof = p.get("logInclusion")
+    if isinstance(proof, dict) and isinstance(proof.get("treeHead"), dict) and isinstance(proof.get("entries"), list):
+        click.echo(f"  log inclusion: {len(proof['entries'])} approval entr(ies) against a tree head of "
+                   f"{safe(str(proof['treeHead'].get('size')))} entries (checked by `intake provenance verify`)")
 
 
 def verify(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_json: bool) -> bool:
     """Print the outcome (one line per failing check); True when everything holds."""
-    commit, tree, envelope, known, source = _gather(api, ref, repo)
+    keyring = load_public_keys(settings.keys["public"])
+    commit, tree, envelope, known, source = _gather(api, keyring, ref, repo)
     if envelope is None:
         failures = [f"envelope: no provenance for {commit} ({source})"]
         statement = None
     else:
-        statement, failures = provenance.verify(envelope, load_public_keys(settings.keys["public"]),
-                                                commit=commit, known=known, tree=tree)
+        statement, failures = provenance.verify(envelope, keyring, commit=commit, known=known, tree=tree)
     if known.get("not_found"):
         failures.insert(0, f"audit log: {known['not_found']}")
-    task = ((statement or {}).get("predicate", {}).get("buildDefinition", {})
-            .get("externalParameters", {}).get("task")) if statement else known.get("task")
+    task = provenance.statement_task(statement) if statement else known.get("task")
+    inclusion, consistency = known.get("inclusion_verified"), known.get("consistency_verified")
     if as_json:
         click.echo(json.dumps({"ok": not failures, "commit": commit, "task": task, "source": source,
-                               "inclusion": known.get("inclusion_verified"), "failures": failures},
-                              ensure_ascii=True, sort_keys=True))
+                               "inclusion": inclusion, "consistency": consistency, "offline": False,
+                               "failures": failures}, ensure_ascii=True, sort_keys=True))
     elif failures:
         for line in failures:
             click.echo(f"FAIL {safe(line)}")
     else:
         click.echo(f"provenance verified: commit {commit}, task {safe(str(task))}: signature, subject and "
                    "every fact agree with the sealed audit log")
-        click.echo(f"inclusion proof verified: {safe(str(known.get('inclusion_verified')))}")
+        click.echo(f"inclusion proof verified: {safe(str(inclusion))}")
+        if consistency is not None:
+            click.echo(f"tree head consistent: {safe(str(consistency))}")
+    return not failures
+
+
+def verify_offline(public_key: Path, ref: str, repo: Path, as_json: bool) -> bool:
+    """``--offline``: the note in ``repo`` checked with ``public_key`` alone (signature, subject
+    and its tree, the embedded inclusion proof); no broker, no Redis, no settings."""
+    commit, tree, note = read_note(repo, ref)
+    source = f"the {NOTES_REF} note in {repo}"
+    if note is None:
+        statement, inclusion, failures = None, None, [f"envelope: no provenance for {commit} ({source})"]
+    else:
+        statement, inclusion, failures = provenance.verify_offline(note, load_public_keys(public_key),
+                                                                   commit=commit, tree=tree)
+    task = provenance.statement_task(statement) if statement else None
+    if as_json:
+        click.echo(json.dumps({"ok": not failures, "commit": commit, "task": task, "source": source,
+                               "inclusion": inclusion, "consistency": None, "offline": True, "failures": failures},
+                              ensure_ascii=True, sort_keys=True))
+    elif failures:
+        for line in failures:
+            click.echo(f"FAIL {safe(line)}")
+    else:
+        click.echo(f"provenance verified offline: commit {commit}, task {safe(str(task))}: signature, subject and "
+                   "the approvals' inclusion proof (the other facts need the broker: run without --offline)")
+        click.echo(f"inclusion proof verified: {safe(str(inclusion))}")
     return not failures

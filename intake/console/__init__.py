@@ -66,6 +66,7 @@ def mount_console(app: web.Application, settings: Settings, broker_key: web.AppK
     r.add_post("/tasks/{task_id}/revoke", console.revoke)
     r.add_post("/stepup/options", console.stepup_options)
     r.add_get("/audit", console.audit)
+    r.add_get("/audit/archive", console.audit_archive)
     r.add_get("/approvers", console.approvers)
     r.add_post("/approvers/enrol", console.enrol_create)
     r.add_get("/enrol/{token}", console.enrol_page)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,21 @@ from aiohttp import web
 from markupsafe import Markup
 
 from intake.console.enrol import EnrolLinks, send_by_dm
-from intake.console.listing import WINDOW, Filters, event_checks, idea_checks, match_all, paginate, task_checks
+from intake.console.listing import Filters
+from intake.console.lists import (
+    AUDIT_FILTERS,
+    IDEA_FILTERS,
+    TASK_FILTERS,
+    archive_page,
+    audit_coverage,
+    audit_page,
+    ideas_page,
+    tasks_page,
+)
 from intake.console.session import COOKIE, SESSION_TTL_S, Session, SessionBox, fresh
 from intake.console.sso import FLOW_COOKIE, FLOW_PATH, FLOW_TTL_S, OidcClient, identity_for
-from intake.core.errors import AuditBroken, IntakeError, InvalidInput, NotFound, Refused
-from intake.core.models import IDEA_PENDING, Approver, IdeaState, TaskState
+from intake.core.errors import IntakeError, InvalidInput, NotFound, Refused
+from intake.core.models import IDEA_PENDING, Approver, Channel, IdeaState, TaskState
 from intake.core.settings import Settings
 from intake.operations.indicators.figures import broker_figures
 from intake.people.mfa import PERIOD
@@ -346,12 +357,14 @@ class Console:
         return redirect("/console/ideas")
 
     async def ideas(self, request: web.Request) -> web.Response:
-        """Ideas, newest first: pending by default; search, filters, pages (intake/console/listing.py)."""
-        f = Filters.parse(request.query, ("q", "state", "requester", "since"), {"state": "pending"})
-        recent = await self.call(self.broker(request).store.recent_ideas, WINDOW)
-        page = paginate(match_all(recent, idea_checks(f)), f.page)
-        return self.render(request, "ideas.html", ideas=page.items, page=page, filters=f,
-                           states=["pending", *(s.value for s in IdeaState)])
+        """Ideas, newest first: pending by default; search, filters, keyset pages over all
+        history (intake/console/lists.py)."""
+        broker = self.broker(request)
+        f = Filters.parse(request.query, IDEA_FILTERS, {"state": "pending"})
+        page = await self.call(ideas_page, broker, f)
+        return self.render(request, "ideas.html", ideas=page.rows, page=page, filters=f,
+                           states=["pending", *(s.value for s in IdeaState)], channels=[c.value for c in Channel],
+                           repos=[r.name for r in broker.policy.repos], tiers=list(broker.policy.risk_tiers))
 
     async def idea(self, request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
         broker = self.broker(request)
@@ -386,11 +399,11 @@ class Console:
 
     # -- tasks -----------------------------------------------------------------------------
     async def tasks(self, request: web.Request) -> web.Response:
+        """Tasks, newest first; search, filters (matched on the ledger's facts), keyset pages."""
         broker = self.broker(request)
-        f = Filters.parse(request.query, ("q", "state", "repo", "requester", "approver", "tier", "since"))
-        recent = await self.call(broker.store.recent_tasks, WINDOW)
-        page = paginate(match_all(recent, task_checks(f)), f.page)
-        return self.render(request, "tasks.html", tasks=page.items, page=page, filters=f,
+        f = Filters.parse(request.query, TASK_FILTERS)
+        page = await self.call(tasks_page, broker, f)
+        return self.render(request, "tasks.html", tasks=page.rows, page=page, filters=f,
                            states=[s.value for s in TaskState], repos=[r.name for r in broker.policy.repos],
                            tiers=list(broker.policy.risk_tiers))
 
@@ -530,18 +543,30 @@ class Console:
 
     # -- audit -----------------------------------------------------------------------------
     async def audit(self, request: web.Request) -> web.Response:
+        """The audit log, newest first, over the entries still in Redis (the page says which range
+        that is and where the archived rest is). The status line is the ledger's, which checks each
+        entry once as it follows the chain (a full walk is ``intake audit verify``): a page view
+        never walks the whole log."""
         broker = self.broker(request)
-        try:
-            report = await self.call(broker.audit.verify)
-            status = f"verified: {report.events} events, {report.unsealed} not yet sealed"
-            ok = True
-        except AuditBroken as exc:
-            status, ok = f"BROKEN: {exc}", False
-        f = Filters.parse(request.query, ("q", "actor", "action", "since"))
-        events = await self.call(lambda: list(broker.audit.export())[-WINDOW:])
-        page = paginate(match_all(reversed(events), event_checks(f)), f.page)
-        return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=page.items, page=page,
-                           filters=f)
+        ledger = await self.call(lambda: broker.ledger.follow(seal=False))
+        if ledger.halted:
+            status, ok = f"BROKEN: {ledger.halted}", False
+        else:
+            seq = ledger.cursor.seq if ledger.cursor else 0
+            status, ok = f"verified: {seq} sealed events followed and checked (a full walk: intake audit verify)", True
+        f = Filters.parse(request.query, AUDIT_FILTERS)
+        page = await self.call(audit_page, broker, f)
+        coverage = await self.call(audit_coverage, broker)
+        return self.render(request, "audit.html", verify_status=status, verify_ok=ok, events=page.rows, page=page,
+                           filters=f, coverage=coverage)
+
+    async def audit_archive(self, request: web.Request) -> web.Response:
+        """Archived audit entries by sealed position (``?to=N``: the page ending at #N), one
+        segment read per view (intake/console/lists.py)."""
+        raw = request.query.get("to", "")
+        to = int(raw) if re.fullmatch(r"[0-9]{1,12}", raw) else None
+        page = await self.call(archive_page, self.broker(request), to)
+        return self.render(request, "audit_archive.html", page=page)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: one ``change`` event (the audit action and subject, never data) per
@@ -689,9 +714,8 @@ class Console:
         broker = self.broker(request)
         who = request[SESSION].who
         try:
-            if not self._is_admin(broker, who):
-                raise Refused("not_admin", "only an admin (the policy's [admins]) can freeze intake")
-            await self.call(broker.gatekeeper.freeze, actor=f"approver:{who}", reason=str(form.get("reason", "")))
+            await self.call(broker.gatekeeper.freeze, by=who, actor=f"approver:{who}",
+                            reason=str(form.get("reason", "")))
         except IntakeError as exc:
             return await self.killswitch(request, error=str(exc), status=_status(exc))
         return redirect("/console/killswitch?done=frozen")

@@ -100,3 +100,41 @@ class Keys:
     def enrol_link(self, token_hash: str) -> str:
         """A one-time approver enrolment link, by the SHA-256 of its token."""
         return f"{self.p}:console:enrol:{token_hash}"
+
+    # -- listing indexes (issue 23) ------------------------------------------------------------
+    def index(self, kind: str, facet: str, value: str | None = None) -> str:
+        """One listing index: every ``kind`` record (``idea``, ``task``, ``audit``) whose
+        ``facet`` is ``value`` (``all`` with no value: every record of the kind). A sorted set
+        with every score 0 and members :func:`index_member`, so it is read newest first by
+        ``ZREVRANGEBYLEX`` with the last member seen as the cursor. The value is hashed: it may
+        come from outside (a requester, an audit subject) and never shapes a key. Written by the
+        broker only; readers re-read each record and never take membership as proof."""
+        if value is None:
+            return f"{self.p}:ix:{kind}:{facet}"
+        return f"{self.p}:ix:{kind}:{facet}:{sha256_hex(value.encode())[:32]}"
+
+    @property
+    def index_backfill(self) -> str:
+        """How far the one-off indexing of records written before the indexes has got."""
+        return f"{self.p}:ix:backfill"
+
+
+#: Digits of an index member's time (microseconds since the epoch; up to the year 2286).
+TIME_DIGITS = 16
+
+
+def index_time(ts: float) -> str:
+    """``ts`` (seconds) as an index member's sortable time part."""
+    return f"{min(max(int(ts * 1_000_000), 0), 10**TIME_DIGITS - 1):0{TIME_DIGITS}d}"
+
+
+def index_member(ts: float, ident: str) -> str:
+    """An index member: ``<time>|<id>``. Members sort by time, then id, so a member is an exact
+    keyset cursor (no two records share one)."""
+    return f"{index_time(ts)}|{ident}"
+
+
+def member_id(member: str) -> str:
+    """The record id an index member names ('' when it is not a member of our shape)."""
+    when, sep, ident = member.partition("|")
+    return ident if sep and len(when) == TIME_DIGITS and when.isdigit() else ""

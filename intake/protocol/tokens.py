@@ -30,7 +30,7 @@ from typing import Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from intake.core.errors import TokenInvalid
 from intake.core.models import TaskSpec, canonical_json
@@ -105,6 +105,12 @@ class DispatchClaims(_Claims):
     #: other) to the task branch and open the pull request, ``draft`` for privileged work.
     kind: Literal["run", "deliver"] = "run"
     deliver_sha: str | None = None
+    #: A delivery's reviewed diff as the sealed history names it: the run's base commit and the
+    #: SHA-256 of the diff from it to ``deliver_sha`` that approvers were shown. The delivery
+    #: worker recomputes that diff from the fetched objects and pushes only if it matches.
+    #: None for results sealed before diffs were reviewed.
+    deliver_base: str | None = Field(None, pattern=r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+    deliver_diff: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     draft: bool = False
     #: A delivery's signed provenance (a DSSE envelope, :mod:`intake.tasks.provenance`) for the worker
     #: to attach as a git note and embed in the pull request.
@@ -143,14 +149,17 @@ def _unb64(text: str) -> bytes:
 
 def mint_dispatch(signer: Signer, *, task_id: str, attempt: int, job_id: str, queue: str, spec: TaskSpec,
                   now: float, ttl_s: int = DISPATCH_TTL_S, deliver_sha: str | None = None,
-                  draft: bool = False, provenance: str | None = None) -> tuple[str, DispatchClaims]:
+                  draft: bool = False, provenance: str | None = None,
+                  reviewed: tuple[str, str] | None = None) -> tuple[str, DispatchClaims]:
     """Sign a fresh single-use dispatch token for one attempt of ``task_id`` (a delivery
-    attempt when ``deliver_sha`` is given: bound to that commit)."""
+    attempt when ``deliver_sha`` is given: bound to that commit, and with ``reviewed`` =
+    (base, diff SHA-256) to the diff the approvers were shown)."""
     claims = DispatchClaims(
         v=2, typ="dispatch", kid=signer.kid, task=task_id, attempt=attempt, job=job_id, queue=queue,
         nonce=secrets.token_urlsafe(18), spec_hash=spec.spec_hash(), spec=spec,
         iat=int(now), exp=int(now) + ttl_s,
         kind="deliver" if deliver_sha else "run", deliver_sha=deliver_sha, draft=draft, provenance=provenance,
+        deliver_base=reviewed[0] if reviewed else None, deliver_diff=reviewed[1] if reviewed else None,
     )
     return signer.sign(claims), claims
 
@@ -207,8 +216,10 @@ def verify_dispatch(token: str, keyring: Keyring, *, now: float) -> DispatchClai
         raise TokenInvalid("spec_mismatch", "dispatch token's spec does not match its spec hash")
     if (claims.kind == "deliver") != (claims.deliver_sha is not None):
         raise TokenInvalid("malformed", "a delivery token names exactly one commit, a run token none")
-    if claims.kind == "run" and claims.provenance is not None:
-        raise TokenInvalid("malformed", "only a delivery token carries provenance")
+    if claims.kind == "run" and (claims.provenance, claims.deliver_base, claims.deliver_diff) != (None, None, None):
+        raise TokenInvalid("malformed", "only a delivery token carries provenance and a reviewed diff")
+    if (claims.deliver_base is None) != (claims.deliver_diff is None):
+        raise TokenInvalid("malformed", "a reviewed diff names both its base and its digest")
     return claims
 
 

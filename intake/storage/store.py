@@ -35,24 +35,26 @@ from intake.core.models import (
     new_id,
     sha256_hex,
 )
-from intake.protocol.keyspace import Keys
+from intake.protocol.keyspace import Keys, index_member
+from intake.storage import indexes
 from intake.text.normalise import normalise, normalise_title
 
 T = TypeVar("T")
 
-# Capture a batch in one call: for each capture in turn (7 keys and 6 arguments each, in the
-# order :meth:`Store.prepare_capture` gives them), claim the delivery id, store the idea, index
-# it and append its audit event; or, for a delivery seen before (earlier, or earlier in this
-# batch), change nothing and name the first idea. One script call per batch, not per capture: invoking a script costs Redis
-# more than the writes inside it (bench/slack_capture.py). The batch runs atomically, so each
-# capture in it does.
+# Capture a batch in one call. Each capture brings 7 + n keys and 8 arguments, in the order
+# :meth:`Store.prepare_capture` gives them (n, its number of console listing indexes, is its
+# last argument): claim the delivery id, store the idea, index it (its n listing indexes with
+# member ARGV[7]) and append its audit event; or, for a delivery seen before (earlier, or earlier
+# in this batch), change nothing and name the first idea. One script call per batch, not per
+# capture: invoking a script costs Redis more than the writes inside it (bench/slack_capture.py).
+# The batch runs atomically, so each capture in it does.
 CAPTURE_SCRIPT = """
-local out = {}
-for i = 0, #KEYS / 7 - 1 do
-  local k, a = i * 7, i * 6
+local out, k, a = {}, 0, 0
+while a < #ARGV do
+  local n = tonumber(ARGV[a + 8])
   local existing = redis.call('GET', KEYS[k + 1])
   if existing then
-    out[i + 1] = existing
+    out[#out + 1] = existing
   else
     redis.call('SET', KEYS[k + 1], ARGV[a + 1])
     redis.call('SET', KEYS[k + 2], ARGV[a + 2])
@@ -61,8 +63,10 @@ for i = 0, #KEYS / 7 - 1 do
     redis.call('ZADD', KEYS[k + 7], ARGV[a + 3], ARGV[a + 1])
     if ARGV[a + 6] ~= '' then redis.call('ZADD', KEYS[k + 6], ARGV[a + 6], ARGV[a + 1]) end
     redis.call('XADD', KEYS[k + 5], '*', 'e', ARGV[a + 4], 'm', ARGV[a + 5])
-    out[i + 1] = false
+    for i = k + 8, k + 7 + n do redis.call('ZADD', KEYS[i], 0, ARGV[a + 7]) end
+    out[#out + 1] = false
   end
+  k, a = k + 7 + n, a + 8
 end
 return out
 """
@@ -212,10 +216,17 @@ class Store:
         found = [str(i) for i, _ in self.r.zscan_iter(index, match=f"{prefix}*", count=1000)]
         return sorted(found)[:limit], len(found)
 
+    def backfill_indexes(self, batch: int = indexes.BACKFILL_BATCH) -> int | None:
+        """Index a bounded batch of records written before the console's indexes existed
+        (:func:`intake.storage.indexes.backfill`); None once all are."""
+        return indexes.backfill(self.r, self.keys, self.audit, batch)
+
     # -- writing ---------------------------------------------------------------------------
-    def write_idea(self, pipe: Pipe, idea: Idea) -> None:
-        """Store an idea and keep its indexes (pending, expiry, escalation) in step."""
+    def write_idea(self, pipe: Pipe, idea: Idea, task: Task | None = None) -> None:
+        """Store an idea and keep its indexes (pending, expiry, escalation, the console's) in
+        step; ``task``: the task it was just promoted into (its repo, tier and promoter)."""
         pipe.set(self.keys.idea(idea.id), idea.model_dump_json())
+        indexes.queue_idea(pipe, self.keys, idea, task)
         if idea.state not in IDEA_PENDING:
             for index in (self.keys.ideas_pending, self.keys.ideas_expiry, self.keys.ideas_unescalated):
                 pipe.zrem(index, idea.id)
@@ -228,8 +239,11 @@ class Store:
         else:
             pipe.zrem(self.keys.ideas_unescalated, idea.id)
 
-    def write_task(self, pipe: Pipe, task: Task) -> None:
+    def write_task(self, pipe: Pipe, task: Task, before: Task | None = None) -> None:
+        """Store a task and keep its indexes in step; ``before``: the record as read, so the
+        console's indexes drop facets it no longer has."""
         pipe.set(self.keys.task(task.id), task.model_dump_json())
+        indexes.queue_task(pipe, self.keys, task, before)
         pipe.zadd(self.keys.tasks, {task.id: task.created_at}, nx=True)
         if task.state in TASK_OPEN:
             pipe.zadd(self.keys.tasks_open, {task.id: task.created_at})
@@ -295,11 +309,13 @@ class Store:
             channel=draft.channel.value, text_sha256=text_hash, bytes=size,
             **({"filed_by": draft.filed_by} if draft.filed_by and draft.filed_by != draft.requester else {}),
         ))
+        facets = sorted(indexes.idea_facets(self.keys, idea))
         keys = [self.keys.delivery(draft.channel.value, draft.delivery_id), self.keys.idea(idea.id),
                 self.keys.ideas, self.keys.ideas_pending, self.audit.stream, self.keys.ideas_expiry,
-                self.keys.ideas_unescalated]
+                self.keys.ideas_unescalated, *facets]
         expires = "" if idea.expires_at is None else idea.expires_at
-        return idea, keys, [idea.id, idea.model_dump_json(), now, body, mac, expires]
+        return idea, keys, [idea.id, idea.model_dump_json(), now, body, mac, expires,
+                            index_member(idea.created_at, idea.id), len(facets)]
 
     def capture_many(
         self, drafts: list[IdeaDraft], *, ttl_s: int | None = None
@@ -422,7 +438,7 @@ class Store:
                 changes["reason"] = reason
             moved = task.model_copy(update=changes)
             pipe.multi()
-            self.write_task(pipe, moved)
+            self.write_task(pipe, moved, task)
             if also is not None:
                 also(pipe, moved)
             extra = {"reason": reason} if reason else {}

@@ -222,7 +222,9 @@ class Dispatcher:
         token, claims = mint_dispatch(self.broker.signer, task_id=task.id, attempt=attempt, job_id=job_id,
                                       queue=queue_name, spec=task.spec, now=now, ttl_s=ttl,
                                       deliver_sha=sha, draft=delivering and fact.result_rule is not None,
-                                      provenance=issued.envelope if issued else None)
+                                      provenance=issued.envelope if issued else None,
+                                      reviewed=(fact.result_base, fact.result_diff)
+                                      if delivering and fact.result_base and fact.result_diff else None)
         expected = fact.state
 
         def build(pipe: Any) -> bool:

@@ -281,7 +281,7 @@ class Gatekeeper:
             task = self._queue_if_satisfied(task, now, approval)
             promoted = current.model_copy(update={"state": IdeaState.PROMOTED, "task_id": task.id, "updated_at": now})
             pipe.multi()
-            self.store.write_idea(pipe, promoted)
+            self.store.write_idea(pipe, promoted, task)
             self.store.write_task(pipe, task)
             self.store.emit(pipe, actor, "idea.promoted", idea_id, task=task.id, via=via)
             self.store.emit(pipe, actor, "task.created", task.id, idea=idea_id, repo=spec.repo,
@@ -341,7 +341,7 @@ class Gatekeeper:
             updated = current.model_copy(update={"approvals": [*kept, approval], "updated_at": now})
             updated = self._queue_if_satisfied(updated, now, approval)
             pipe.multi()
-            self.store.write_task(pipe, updated)
+            self.store.write_task(pipe, updated, current)
             self.store.emit(pipe, actor, "approval.recorded", task_id, spec_hash=current.spec_hash,
                             groups=list(groups), via=via, count=len(self.valid_approvals(current, now, adding=approval)),
                             required=updated.required, generation=approver.generation)
@@ -426,7 +426,7 @@ class Gatekeeper:
                 changes["state"] = TaskState.DELIVERING
             updated = current.model_copy(update=changes)
             pipe.multi()
-            self.store.write_task(pipe, updated)
+            self.store.write_task(pipe, updated, current)
             fact = self.ledger.task(task_id)
             self.store.emit(pipe, actor, "result.approved", task_id, sha=sha, spec_hash=current.spec_hash,
                             groups=list(groups), via=via, count=len(counted), required=rule.approvals,
@@ -538,7 +538,7 @@ class Gatekeeper:
                 "window_ends_at": None, "queue": None, "updated_at": now,
             })
             pipe.multi()
-            self.store.write_task(pipe, amended)
+            self.store.write_task(pipe, amended, task)
             self.store.emit(pipe, actor, "task.amended", task_id, old_spec_hash=task.spec_hash,
                             spec_hash=amended.spec_hash, repo=spec.repo, change_type=spec.change_type,
                             approvals_discarded=len(task.approvals), tier=tier_name)
@@ -573,8 +573,12 @@ class Gatekeeper:
         """The kill switch as the sealed history says (the Redis key is only a cache)."""
         return self.ledger.follow().frozen
 
-    def freeze(self, *, actor: str, reason: str) -> None:
-        """The kill switch: no task starts until thawed (running ones are not touched)."""
+    def freeze(self, *, by: str, actor: str, reason: str) -> None:
+        """The kill switch, pulled by person ``by`` (any admin or confirmed approver; no code:
+        stopping is always safe): no task starts until thawed, and running ones lose their
+        leases. One rule for every channel that offers it."""
+        if not self.policy.is_admin(by):
+            self.approvers.active(by)
         if not reason.strip():
             raise InvalidInput("--reason: say why")
 

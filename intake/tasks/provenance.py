@@ -19,13 +19,19 @@ and the spec body (whose hash the log names) come from records. Verification
 the subject is the commit, and then rebuilds the same predicate from the sealed log and compares
 every fact (:func:`compare`): a forged, rewritten or re-signed envelope disagrees somewhere.
 
-**Inclusion proofs.** The same walk computes the RFC 9162 Merkle tree over every sealed entry
-(the tree the archive's signed tree heads are over, :mod:`intake.audit.archive`), and the
-broker's answer (:func:`lookup`) carries a tree head over the whole log signed with its Ed25519
-key and, for each approval of the task's spec, the entry itself and its inclusion proof.
-:func:`verify` checks the tree head with the public key and each proof against its root, and that
-every approval the statement names is one of the proven entries: the approvals are in the log
-anyone can check, not only in the broker's say-so.
+**Inclusion proofs, in the note.** The same walk computes the RFC 9162 Merkle tree over every
+sealed entry (the tree the archive's signed tree heads are over, :mod:`intake.audit.archive`).
+The approvals are sealed before the delivery is dispatched, so :func:`issue` signs a tree head
+over the whole sealed log as it stands (its size and root are recorded on ``provenance.issued``)
+and embeds it in the statement as ``predicate.logInclusion``: the tree head, and for each
+approval of the task's spec its leaf index, the entry itself (its canonical archive line, the
+Merkle leaf's data) and its inclusion path. :func:`check_note` checks it with the public key
+alone (no broker, no Redis): the tree head's signature, each path against its root, and that
+every approver the statement names is in a proven, genuine ``approval.recorded`` entry of this
+task and spec. Online, the broker also answers with its current signed tree head and an RFC 9162
+consistency proof from the note's tree head to it (:func:`lookup`), so a tree head signed over a
+history the broker's log does not extend (a split view, a rewritten log) fails. Notes issued
+before the proof was embedded are proven with the broker's fresh proof instead (online only).
 
 The envelope's format (DSSE, in-toto) is the wire's: :mod:`intake.protocol.envelope`.
 """
@@ -62,6 +68,9 @@ RECORD_PATHS = (
     "predicate.buildDefinition.externalParameters.idea.rawSha256",
     "predicate.buildDefinition.externalParameters.spec",
 )
+#: The embedded inclusion proof: checked by :func:`check_inclusion` (a tree head signed at issue
+#: time cannot be rebuilt from the log later, only proven consistent with it).
+INCLUSION_PATH = "predicate.logInclusion"
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
@@ -83,6 +92,7 @@ class LogFacts:
     issued: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
     leaves: list[bytes] = field(default_factory=list, repr=False)  # every sealed entry's Merkle leaf
+    last: str = ""  # the last sealed entry walked, "id seq seal" (a tree head names it)
     approval_entries: list[tuple[int, bytes]] = field(default_factory=list, repr=False)  # (index, line)
 
     def missing(self) -> str | None:
@@ -109,6 +119,7 @@ def gather(audit: AuditLog, task_id: str, commit: str) -> LogFacts:
     def on_entry(sealed: SealedEntry) -> None:
         line = entry_line(sealed.seq, sealed.id, sealed.fields, sealed.verdict, sealed.seal)
         facts.leaves.append(merkle.leaf_hash(line))
+        facts.last = f"{sealed.id} {sealed.seq} {sealed.seal}"
         if sealed.verdict != OK:
             return
         ev = sealed.event
@@ -273,7 +284,8 @@ def compare(statement: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     ours, theirs = _flatten(statement), _flatten(expected)
     failures = []
     for path in sorted(set(ours) | set(theirs)):
-        if any(path == p or path.startswith(p + ".") or path.startswith(p + "[") for p in RECORD_PATHS):
+        if any(path == p or path.startswith(p + ".") or path.startswith(p + "[")
+               for p in (*RECORD_PATHS, INCLUSION_PATH)):
             continue
         if path not in theirs:
             failures.append(f"{path}: {_show(ours[path])} is not in the sealed audit log")
@@ -305,19 +317,23 @@ def _show(value: Any) -> str:
 # -- the broker's side -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Issued:
-    """An envelope the broker signed, with the digests ``provenance.issued`` records."""
+    """An envelope the broker signed, with the digests ``provenance.issued`` records and the
+    tree head its inclusion proof is against."""
 
     task: str
     commit: str
     envelope: str
     envelope_sha256: str
     statement_sha256: str
+    tree_size: int
+    tree_root: str
 
 
 def issue(broker: BrokerHandle, task: Task, commit: str) -> Issued:
     """Build and sign the statement for delivering ``commit`` of ``task`` (a record the caller
-    has checked against the ledger). Raises :class:`ProvenanceInvalid` when the sealed log
-    lacks a fact or the idea record fails its integrity check: then nothing is delivered."""
+    has checked against the ledger), with the approvals' inclusion proof against a tree head
+    signed now. Raises :class:`ProvenanceInvalid` when the sealed log lacks a fact or the idea
+    record fails its integrity check: then nothing is delivered."""
     from intake.storage.store import idea_fields
 
     facts = gather(broker.audit, task.id, commit)
@@ -332,8 +348,11 @@ def issue(broker: BrokerHandle, task: Task, commit: str) -> Issued:
         raise ProvenanceInvalid("tampered", f"idea {task.idea_id} failed its integrity check")
     record = {"provenance": dict(idea.provenance), "raw_sha256": idea.raw_sha256, "spec": spec_view(task.spec)}
     statement = build_statement(facts, record)
+    proof = inclusion(broker, facts)
+    statement["predicate"]["logInclusion"] = proof
     envelope = sign_statement(broker.signer, statement)
-    return Issued(task.id, commit, envelope, digest_of(envelope), digest_of(canonical_json(statement)))
+    return Issued(task.id, commit, envelope, digest_of(envelope), digest_of(canonical_json(statement)),
+                  tree_size=int(proof["treeHead"]["size"]), tree_root=str(proof["treeHead"]["root"]))
 
 
 def _not_quarantined(broker: BrokerHandle, task_id: str, commit: str, facts: LogFacts) -> str | None:
@@ -353,9 +372,12 @@ def _not_quarantined(broker: BrokerHandle, task_id: str, commit: str, facts: Log
 
 
 def record_issued(broker: BrokerHandle, pipe: Any, issued: Issued) -> None:
-    """Queue ``provenance.issued`` and the stored envelope on ``pipe`` (inside its MULTI)."""
+    """Queue ``provenance.issued`` and the stored envelope on ``pipe`` (inside its MULTI). The
+    event names the tree head the envelope's inclusion proof is against: every tree head the
+    broker signs for provenance is itself on the sealed log."""
     broker.store.emit(pipe, "system", "provenance.issued", issued.task, task=issued.task, commit=issued.commit,
-                      envelope_sha256=issued.envelope_sha256, statement_sha256=issued.statement_sha256)
+                      envelope_sha256=issued.envelope_sha256, statement_sha256=issued.statement_sha256,
+                      tree_size=issued.tree_size, tree_root=issued.tree_root)
     pipe.set(envelope_key(broker.store.keys.p, issued.commit), issued.envelope)
 
 
@@ -363,10 +385,13 @@ def envelope_key(prefix: str, commit: str) -> str:
     return f"{prefix}:provenance:{commit}"
 
 
-def lookup(broker: BrokerHandle, ref: str) -> dict[str, Any]:
+def lookup(broker: BrokerHandle, ref: str, tree_size: int | None = None) -> dict[str, Any]:
     """What the broker knows of a delivered commit (``ref``: a full SHA, or a task branch
-    ``<prefix>/T-…``): the task, the stored envelope, the statement the sealed log gives and
-    the envelope digests it issued. For ``intake provenance show/verify``."""
+    ``<prefix>/T-…``): the task, the stored envelope, the statement the sealed log gives, the
+    envelope digests it issued, the approvals' inclusion proofs against a tree head over the
+    whole sealed log signed now, and (given the ``tree_size`` of the tree head a note carries)
+    the consistency proof from that tree to this one (by default, the tree head of the stored
+    envelope). For ``intake provenance show/verify`` and the console."""
     from intake.core.errors import InvalidInput, NotFound
 
     ledger = broker.ledger.follow()
@@ -384,6 +409,13 @@ def lookup(broker: BrokerHandle, ref: str) -> dict[str, Any]:
     commit = str(fact.result_commit)
     facts = gather(broker.audit, fact.id, commit)
     stored = broker.store.r.get(envelope_key(broker.store.keys.p, commit))
+    if tree_size is None and isinstance(stored, str):
+        tree_size = note_tree_size(stored, broker.keyring)
+    consistency = None
+    if tree_size is not None and facts.leaves:
+        consistency = {"size": tree_size, "path": (
+            [p.hex() for p in merkle.consistency_proof(tree_size, facts.leaves)]
+            if 0 < tree_size <= len(facts.leaves) else None)}
     return {
         "task": fact.id, "commit": commit, "state": fact.state.value,
         "envelope": stored if isinstance(stored, str) else None,
@@ -392,73 +424,120 @@ def lookup(broker: BrokerHandle, ref: str) -> dict[str, Any]:
         "issued": sorted({str(i.get("envelope_sha256")) for i in facts.issued}),
         "anomalies": facts.anomalies,
         "inclusion": inclusion(broker, facts) if facts.leaves else None,
+        "consistency": consistency,
     }
 
 
+def note_tree_size(envelope: str | None, keyring: Keyring) -> int | None:
+    """The size of the tree head an envelope's statement carries (its signature checked), or None."""
+    if envelope is None:
+        return None
+    try:
+        statement, _ = open_envelope(envelope, keyring)
+        size = statement["predicate"]["logInclusion"]["treeHead"]["size"]
+    except (ProvenanceInvalid, KeyError, TypeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def inclusion(broker: BrokerHandle, facts: LogFacts) -> dict[str, Any]:
-    """A tree head over the whole sealed log, signed now, and each approval entry of the task
-    with its inclusion proof in that tree."""
+    """A tree head over every sealed entry ``facts`` walked, signed now, and each approval entry
+    of the task with its leaf index and RFC 9162 inclusion path in that tree (the shape
+    ``predicate.logInclusion`` has)."""
     frontier = merkle.Frontier()
     for leaf in facts.leaves:
         frontier.append(leaf)
-    signer = broker.signer
-    head = TreeHead(size=frontier.size, root=frontier.root(), at=time.time(), last="", frontier=frontier,
-                    kid=signer.kid, sig=b"")
-    head = TreeHead(**{**head.__dict__, "sig": signer.sign_bytes(head.body())})
-    return {"tree_head": head.encode().decode(),
-            "entries": [{"index": index, "line": line.decode(),
-                         "proof": [p.hex() for p in merkle.inclusion_proof(index, facts.leaves)]}
+    head = TreeHead.signed(broker.signer, frontier, facts.last, time.time())
+    return {"treeHead": head.as_json(),
+            "entries": [{"leafIndex": index, "entry": line.decode(),
+                         "inclusionPath": [p.hex() for p in merkle.inclusion_proof(index, facts.leaves)]}
                         for index, line in facts.approval_entries]}
 
 
-def verify_inclusion(statement: dict[str, Any], found: Any, keyring: Keyring) -> tuple[str | None, list[str]]:
-    """Check the approvals' inclusion proofs (see the module docstring): (a one-line summary
-    when they hold, one line per failure)."""
+def statement_task(statement: dict[str, Any]) -> Any:
+    return statement.get("predicate", {}).get("buildDefinition", {}).get("externalParameters", {}).get("task")
+
+
+def check_inclusion(statement: dict[str, Any], found: Any, keyring: Keyring
+                    ) -> tuple[TreeHead | None, str | None, list[str]]:
+    """Check an inclusion proof of the statement's approvals (``found``: the shape
+    :func:`inclusion` gives): the tree head is signed by a key of ``keyring``, each entry's
+    path leads from its leaf to the head's root, and every approver the statement names is in a
+    proven entry that is a genuine ``approval.recorded`` of this task and spec hash. Returns
+    (the verified tree head, a one-line summary, one line per failure)."""
     if not isinstance(found, dict):
-        return None, ["inclusion: the broker gave no inclusion proof of the approvals"]
+        return None, None, ["inclusion: no inclusion proof of the approvals"]
     try:
-        head = TreeHead.decode(str(found["tree_head"]).encode())
+        head = TreeHead.from_json(found["treeHead"])
         entries = list(found["entries"])
     except (ValueError, KeyError, TypeError):
-        return None, ["inclusion: the tree head or proofs are malformed"]
+        return None, None, ["inclusion: the tree head or proofs are malformed"]
     if not head.verify(keyring.keys):
-        return None, ["inclusion: the tree head is not signed by the broker's public key"]
+        return None, None, ["inclusion: the tree head is not signed by the broker's public key"]
     proven: set[str] = set()
-    task = statement.get("predicate", {}).get("buildDefinition", {}).get("externalParameters", {}).get("task")
+    ext = statement.get("predicate", {}).get("buildDefinition", {}).get("externalParameters", {})
     for item in entries:
         try:
-            line = str(item["line"]).encode()
-            proof = [bytes.fromhex(p) for p in item["proof"]]
-            index = int(item["index"])
+            line = str(item["entry"]).encode()
+            path = [bytes.fromhex(p) for p in item["inclusionPath"]]
+            index = item["leafIndex"]
             entry = json.loads(line)
             event = json.loads(entry["f"]["e"])
-        except (ValueError, KeyError, TypeError):
-            return None, ["inclusion: a proven entry is malformed"]
-        if not merkle.verify_inclusion(index, head.size, merkle.leaf_hash(line), proof, head.root):
-            return None, [f"inclusion: entry #{index + 1}'s proof does not verify against the signed tree head"]
-        if (entry.get("verdict") == OK and event.get("action") == "approval.recorded"
-                and event.get("subject") == task and str(event.get("actor", "")).startswith("approver:")):
+            data = event.get("data") or {}
+            if not isinstance(index, int) or isinstance(index, bool) or not isinstance(data, dict):
+                raise TypeError("malformed")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return None, None, ["inclusion: a proven entry is malformed"]
+        if not merkle.verify_inclusion(index, head.size, merkle.leaf_hash(line), path, head.root):
+            return None, None, [f"inclusion: entry #{index + 1}'s proof does not verify against the signed tree head"]
+        if (entry.get("verdict") == OK and "k" not in entry["f"] and event.get("action") == "approval.recorded"
+                and event.get("subject") == ext.get("task") and data.get("spec_hash") == ext.get("specHash")
+                and str(event.get("actor", "")).startswith("approver:")):
             proven.add(str(event["actor"]).removeprefix("approver:"))
     named = {str(a.get("person")) for a in statement.get("predicate", {}).get("approvals", []) if isinstance(a, dict)}
     if not named or not named <= proven:
-        return None, [f"inclusion: approvals by {', '.join(sorted(named - proven)) or 'nobody'} are not proven "
-                      "in the signed tree"]
-    return (f"{len(named)} approval(s) proven in the log's Merkle tree of {head.size} entries "
-            f"(tree head signed by {head.kid})"), []
+        return None, None, [f"inclusion: approvals by {', '.join(sorted(named - proven)) or 'nobody'} are not "
+                            f"proven in the signed tree as approvals of {statement_task(statement)}"]
+    return head, (f"{len(named)} approval(s) proven in the log's Merkle tree of {head.size} entries "
+                  f"(tree head signed by {head.kid})"), []
 
 
-def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any],
-           tree: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
-    """Every check of ``intake provenance verify``: (statement or None, one line per failure).
+def check_consistency(note_head: TreeHead, known: dict[str, Any], keyring: Keyring) -> tuple[str | None, list[str]]:
+    """Whether the broker's current tree head (in ``known``, from :func:`lookup`) extends the
+    note's: its signature and the RFC 9162 consistency proof from the note's tree to it."""
+    found, answer = known.get("inclusion"), known.get("consistency")
+    try:
+        current = TreeHead.from_json(found["treeHead"])  # type: ignore[index]
+    except (ValueError, KeyError, TypeError):
+        return None, ["consistency: the broker gave no current tree head"]
+    if not current.verify(keyring.keys):
+        return None, ["consistency: the broker's current tree head is not signed by the broker's public key"]
+    if not isinstance(answer, dict) or answer.get("size") != note_head.size:
+        return None, [f"consistency: the broker gave no consistency proof from the note's tree of {note_head.size} entries"]
+    if answer.get("path") is None:
+        return None, [f"consistency: the note's tree head covers {note_head.size} entries, the broker's log only "
+                      f"{current.size} (the log was rolled back or the tree head is forged)"]
+    try:
+        path = [bytes.fromhex(str(p)) for p in answer["path"]]
+    except (ValueError, TypeError):
+        return None, ["consistency: the broker's consistency proof is malformed"]
+    if not merkle.verify_consistency(note_head.size, current.size, path, note_head.root, current.root):
+        return None, [f"consistency: the note's tree head ({note_head.size} entries) is not consistent with the "
+                      f"broker's current tree head ({current.size} entries): the log was rewritten since, or the "
+                      "note's tree head is not of this log"]
+    return f"the note's tree head of {note_head.size} entries is consistent with the broker's of {current.size}", []
 
-    The signature with the public keys alone, the subject against ``commit`` (and ``tree``
-    when the repository was read), then the broker's sealed-log view ``known`` (from
-    :func:`lookup`): the chain is intact, this very envelope was issued, and every fact of the
-    predicate is the log's."""
+
+def check_note(envelope: str, keyring: Keyring, *, commit: str, tree: str | None = None
+               ) -> tuple[dict[str, Any] | None, TreeHead | None, str | None, list[str]]:
+    """The checks that need the public keys alone (``intake provenance verify --offline``): the
+    signature, the subject against ``commit`` (and ``tree`` when the repository was read), and
+    the embedded inclusion proof. Returns (statement or None, the note's verified tree head, the
+    inclusion summary, one line per failure)."""
     try:
         statement, _ = open_envelope(envelope, keyring)
     except ProvenanceInvalid as exc:
-        return None, [f"signature: {exc}"]
+        return None, None, None, [f"signature: {exc}"]
     failures = []
     named = subject_commit(statement)
     if named != commit:
@@ -467,13 +546,53 @@ def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any
         trees = [i.get("digest", {}).get("gitTree") for i in statement["subject"] if isinstance(i, dict)]
         if tree not in trees:
             failures.append(f"subject: the commit's tree {tree} is not the statement's")
+    head = summary = None
+    embedded = statement["predicate"].get("logInclusion")
+    if embedded is not None:
+        head, summary, missing = check_inclusion(statement, embedded, keyring)
+        failures += missing
+    return statement, head, summary, failures
+
+
+def verify_offline(envelope: str, keyring: Keyring, *, commit: str, tree: str | None = None
+                   ) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+    """``intake provenance verify --offline``: :func:`check_note`, and the note must carry its
+    inclusion proof (there is no broker to ask). Returns (statement, inclusion summary, failures).
+    The predicate's other facts are signed by the broker but not re-checked against the log."""
+    statement, _, summary, failures = check_note(envelope, keyring, commit=commit, tree=tree)
+    if statement is not None and "logInclusion" not in statement["predicate"]:
+        failures.append("inclusion: this note carries no inclusion proof (issued before proofs were embedded); "
+                        "verify it online")
+    return statement, summary, failures
+
+
+def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any],
+           tree: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """Every check of ``intake provenance verify``: (statement or None, one line per failure).
+
+    :func:`check_note`, then the broker's sealed-log view ``known`` (from :func:`lookup`): the
+    chain is intact, this very envelope was issued, every fact of the predicate is the log's,
+    and the note's tree head is consistent with the broker's current one (a note without an
+    embedded proof is proven with the broker's fresh one). Sets ``known["inclusion_verified"]``
+    and ``known["consistency_verified"]`` to the summaries of what held."""
+    statement, head, summary, failures = check_note(envelope, keyring, commit=commit, tree=tree)
+    if statement is None:
+        return None, failures
     failures += [f"audit log: {a}" for a in known.get("anomalies", [])]
     if known.get("commit") != commit:
         failures.append(f"audit log: the delivered commit of {known.get('task')} is {known.get('commit')}")
     if digest_of(envelope.strip()) not in known.get("issued", []):
         failures.append("issued: the broker never issued this envelope (no provenance.issued with its sha256)")
-    summary, missing = verify_inclusion(statement, known.get("inclusion"), keyring)
-    failures += missing
+    if "logInclusion" not in statement["predicate"]:  # issued before the proof was embedded
+        _, summary, missing = check_inclusion(statement, known.get("inclusion"), keyring)
+        failures += missing
+        if summary is not None:
+            summary += " (the broker's proof: this note carries none)"
+    elif head is not None:
+        consistent, missing = check_consistency(head, known, keyring)
+        failures += missing
+        if consistent is not None:
+            known["consistency_verified"] = consistent
     if summary is not None:
         known["inclusion_verified"] = summary
     expected = known.get("expected")
@@ -483,4 +602,3 @@ def verify(envelope: str, keyring: Keyring, *, commit: str, known: dict[str, Any
         failures += [f"predicate {line}" if line.startswith("predicate") else f"statement {line}"
                      for line in compare(statement, expected)]
     return statement, failures
-

@@ -636,7 +636,8 @@ class ReportProcessor:
             return to, {"commit": fact.result_commit}, {**earlier, **(result or {})}
         if to is not TaskState.SUCCEEDED:
             return to, {}, result
-        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+        base = str((result or {}).get("base", ""))
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", base):
             raise ReportRejected("malformed")
         paths = report.data.get("paths")
         complete = report.data.get("paths_complete") is True and isinstance(paths, list)
@@ -654,10 +655,12 @@ class ReportProcessor:
         # it reported; the text is stored beside the task (only its digest goes on the record
         # and into the sealed event, which the result approval then binds to).
         result, diff_sha = self._review(report.task, result or {})
+        # The base goes on the sealed event with the diff: the delivery worker recomputes the
+        # diff from that base to the commit and delivers only if it is the one reviewed.
+        reviewed = {"commit": commit, "base": base, "diff_sha256": diff_sha}
         if rule is None:
-            return TaskState.DELIVERING, {"commit": commit, "diff_sha256": diff_sha}, result
-        return TaskState.AWAITING_RESULT_APPROVAL, {"commit": commit, "rule": rule.model_dump(mode="json"),
-                                                    "diff_sha256": diff_sha}, result
+            return TaskState.DELIVERING, reviewed, result
+        return TaskState.AWAITING_RESULT_APPROVAL, {**reviewed, "rule": rule.model_dump(mode="json")}, result
 
     def _review(self, task_id: str, result: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """(the result without the diff text, the diff's SHA-256) for a succeeded run's report;

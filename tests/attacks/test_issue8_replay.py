@@ -49,9 +49,9 @@ def _assert_flagged(rig: Rig) -> None:
 
 def test_a_replayed_thaw_does_not_lift_the_freeze(rig: Rig) -> None:
     gate = rig.broker.gatekeeper
-    gate.freeze(actor="cli:ops", reason="drill")
+    gate.freeze(by="alice", actor="cli:ops", reason="drill")
     gate.thaw(actor="cli:ops")
-    gate.freeze(actor="cli:ops", reason="incident")
+    gate.freeze(by="alice", actor="cli:ops", reason="incident")
     task = rig.promote()
     rig.r.delete(rig.store.keys.freeze)  # the cache says thawed
     _replay(rig, "broker.thawed")  # and so, now, does a genuine-looking sealed event
@@ -137,9 +137,9 @@ def test_a_replay_the_sealer_missed_is_still_skipped_not_a_halt(rig: Rig) -> Non
     """Whoever writes Redis can wipe the sealer's replay index: the copy is then sealed ok, and
     every reader still recognises it by its eid and skips it."""
     gate = rig.broker.gatekeeper
-    gate.freeze(actor="cli:ops", reason="drill")
+    gate.freeze(by="alice", actor="cli:ops", reason="drill")
     gate.thaw(actor="cli:ops")
-    gate.freeze(actor="cli:ops", reason="incident")
+    gate.freeze(by="alice", actor="cli:ops", reason="incident")
     rig.broker.ledger.follow()
     rig.r.delete(rig.broker.audit.uids)
     _replay(rig, "broker.thawed")

@@ -263,6 +263,31 @@ def test_revoke_and_the_kill_switch(app: Running, context: BrowserContext) -> No
     assert app.broker.gatekeeper.frozen() is None
 
 
+
+def test_an_approver_who_is_no_admin_freezes_from_the_console_only_an_admin_thaws(
+        app: Running, context: BrowserContext) -> None:
+    """One rule on every channel: any admin or confirmed approver pulls the kill switch (as on
+    the API and CLI); thawing gives power back, so it stays with admins and a fresh code."""
+    totps = enrol(app.settings, "alice", "bob")
+    page = context.new_page()
+    sign_in(page, app, "bob", totps["bob"])  # bob approves; the policy's only admin is alice
+    page.goto(f"{app.url}/console/killswitch")
+    page.fill("#freeze input[name=reason]", "bob saw something")
+    page.click("#freeze button")
+    page.wait_for_url(f"{app.url}/console/killswitch?done=frozen")
+    assert (app.broker.gatekeeper.frozen() or {}).get("by") == "approver:bob"
+    assert page.locator("#thaw").count() == 0 and "Only admins can thaw" in (page.text_content("#thaw-admins") or "")
+    csrf = page.get_attribute('meta[name="csrf-token"]', "content") or ""
+    refused = page.request.post(f"{app.url}/console/thaw", form={"csrf": csrf, "code": code_next(totps["bob"])})
+    assert refused.status in (200, 403) and app.broker.gatekeeper.frozen() is not None
+    sign_in(page, app, "alice", totps["alice"])
+    page.goto(f"{app.url}/console/killswitch")
+    page.fill("#thaw input[name=code]", code_next(totps["alice"]))
+    page.click("#thaw .totp-submit")
+    page.wait_for_url(f"{app.url}/console/killswitch?done=thawed")
+    assert app.broker.gatekeeper.frozen() is None
+
+
 def test_hostile_idea_text_renders_inert(app: Running, context: BrowserContext) -> None:
     totps = enrol(app.settings, "alice")
     text = ('<script>window.__pwned = 1; alert(1)</script>'

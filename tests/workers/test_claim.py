@@ -163,7 +163,7 @@ def test_misrouted_task_is_refused_and_fails(rig: Rig) -> None:
 def test_frozen_intake_starts_nothing_and_the_task_runs_after_thaw(rig: Rig) -> None:
     task = rig.promote()
     gate = rig.broker.gatekeeper
-    gate.freeze(actor="cli:bob", reason="incident")
+    gate.freeze(by="bob", actor="cli:bob", reason="incident")
     config = rig.config()
     rig.work(config)
     assert rig.task(task.id).state is TaskState.QUEUED and refusal_reasons(rig) == ["frozen"]

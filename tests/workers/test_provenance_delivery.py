@@ -91,6 +91,7 @@ def test_a_delivered_branch_carries_a_verifying_note(delivered, rig: Rig) -> Non
     assert text.exit_code == 0 and "inclusion proof verified: 1 approval(s) proven" in text.stdout
     shown = CliRunner().invoke(cli, ["provenance", "show", sha, "--repo", str(clone)], env=env)
     assert shown.exit_code == 0 and "signature ok" in shown.stdout and "approved by alice" in shown.stdout
+    assert "log inclusion: 1 approval entr(ies) against a tree head of" in shown.stdout
 
 
 def test_any_changed_byte_fails(delivered) -> None:  # noqa: F811
@@ -181,29 +182,35 @@ def test_a_hostile_agents_own_note_is_neither_delivered_nor_verified(
     assert code == 1 and out["failures"][0].startswith("signature:")
 
 
-def test_a_forged_inclusion_proof_or_tree_head_fails(delivered, rig: Rig) -> None:  # noqa: F811
-    """The broker's answer is checked, not trusted: a proof for another entry, a changed
-    approval line, or a tree head signed by another key each fail the inclusion check."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+def test_the_brokers_own_proof_is_checked_not_trusted(delivered, rig: Rig) -> None:  # noqa: F811
+    """The broker's fresh proof (what proves a note issued before proofs were embedded) is
+    checked like the note's: a proof for another entry, a changed approval line, a missing entry
+    or a tree head signed by another key each fail the inclusion check."""
     from intake.audit.archive import TreeHead
-    from intake.tasks.provenance import lookup, verify
+    from intake.tasks.provenance import check_inclusion, lookup, verify
 
-    _, task_id, sha, clone, env = delivered
+    _, _, sha, clone, _ = delivered
     note = git(clone, "notes", f"--ref={provenance.NOTES_REF}", "show", sha)
-    known = lookup(rig.broker, sha)
-    assert verify(note, rig.broker.keyring, commit=sha, known=dict(known))[1] == []
+    statement, _ = provenance.open_envelope(note, rig.broker.keyring)
+    old = json.loads(json.dumps(statement))
+    del old["predicate"]["logInclusion"]
+    old_note = provenance.sign_statement(rig.broker.signer, old)
+    known = {**lookup(rig.broker, sha), "issued": [provenance.digest_of(old_note)]}  # as if issued so
+    assert verify(old_note, rig.broker.keyring, commit=sha, known=known)[1] == []
+    assert known["inclusion_verified"].endswith("(the broker's proof: this note carries none)")
     proof = known["inclusion"]
 
-    def failures(inclusion: dict[str, object]) -> list[str]:
-        return [f for f in verify(note, rig.broker.keyring, commit=sha, known={**known, "inclusion": inclusion})[1]
-                if f.startswith("inclusion")]
+    def failures(inclusion: object) -> list[str]:
+        return check_inclusion(old, inclusion, rig.broker.keyring)[2]
 
+    assert failures(proof) == []
     [entry] = proof["entries"]
-    assert failures({**proof, "entries": [{**entry, "index": entry["index"] + 1}]})
-    assert failures({**proof, "entries": [{**entry, "line": entry["line"].replace("alice", "alicf")}]})
+    assert failures({**proof, "entries": [{**entry, "leafIndex": entry["leafIndex"] + 1}]})
+    assert failures({**proof, "entries": [{**entry, "entry": entry["entry"].replace("alice", "alicf")}]})
     assert failures({**proof, "entries": []})
-    assert failures({"tree_head": "{}", "entries": []})
-    head = TreeHead.decode(proof["tree_head"].encode())
+    assert failures({"treeHead": {}, "entries": []})
+    assert failures(None)
+    head = TreeHead.from_json(proof["treeHead"])
     forged = TreeHead(**{**head.__dict__, "sig": Ed25519PrivateKey.generate().sign(head.body())})
-    assert failures({**proof, "tree_head": forged.encode().decode()})
+    assert failures({**proof, "treeHead": forged.as_json()}) == [
+        "inclusion: the tree head is not signed by the broker's public key"]

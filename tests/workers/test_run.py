@@ -144,7 +144,7 @@ def test_freezing_intake_stops_a_running_task_too(rig: Rig) -> None:
 
     def freeze_when_started() -> None:
         wait_for(lambda: in_a_work_tree(started), 20, "the agent to start")
-        rig.broker.gatekeeper.freeze(actor="cli:bob", reason="incident")
+        rig.broker.gatekeeper.freeze(by="bob", actor="cli:bob", reason="incident")
 
     helper = threading.Thread(target=freeze_when_started)
     helper.start()

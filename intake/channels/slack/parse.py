@@ -68,7 +68,8 @@ def check_interactive(payload: dict[str, Any]) -> None:
     for key, shape in _NEEDS[kind]:
         if not isinstance(payload.get(key), shape):
             raise SlackBodyError(f"payload_{key}")
-    if kind == "block_actions" and not all(isinstance(a, dict) for a in payload["actions"]):
+    # Non-empty: bolt reads actions[0] of every block_actions payload (an empty list was a 500).
+    if kind == "block_actions" and (not payload["actions"] or not all(isinstance(a, dict) for a in payload["actions"])):
         raise SlackBodyError("payload_actions")
     for key in ("team", "container", "channel"):
         if payload.get(key) is not None and not isinstance(payload[key], dict):
