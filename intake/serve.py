@@ -91,7 +91,8 @@ class EdgeProcesses:
     each child its socket and the read end of a pipe it never writes: a child stops when that
     pipe closes, so children never outlive their parent, even one SIGKILLed. A child that exits
     on its own stops the parent too (a supervisor then restarts the whole serve), never a serve
-    quietly short of processes. Only the parent serves the local API socket and /metrics.
+    quietly short of processes (with a non-zero exit when the child crashed, zero when it was
+    stopped cleanly). Only the parent serves the local API socket and /metrics.
 
     SO_REUSEPORT lets any process of the same user join the port and take a share of its
     connections; that user can read the keys anyway, so no boundary moves.
@@ -125,10 +126,15 @@ class EdgeProcesses:
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
         code = proc.wait()
-        if not self._stopping:
+        if self._stopping:
+            return
+        if code == 0:
+            # A clean stop: the child was signalled, usually with this process (Ctrl-C reaches
+            # the whole process group; a service manager signals every process at once).
+            click.echo(f"intake: edge process {proc.pid} stopped; stopping this serve", err=True)
+        else:  # a crash: the serve stops with this line and a non-zero exit
             self.failed = f"edge process {proc.pid} exited ({code}); stopping this serve"
-            click.echo(f"intake: {self.failed}", err=True)
-            os.kill(os.getpid(), signal.SIGTERM)  # run_app stops as on Ctrl-C
+        os.kill(os.getpid(), signal.SIGTERM)  # run_app stops as on Ctrl-C
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every child (SIGTERM, then SIGKILL after ``timeout``) and wait for them."""

@@ -144,6 +144,18 @@ async def test_edge_processes_live_and_die_together(settings: Settings, sim: Sla
     assert f"edge process {kids[0].pid} exited (-9); stopping this serve".encode() in log, log
     assert b"Traceback" not in log
 
+    # An extra process stopped cleanly (signalled, as Ctrl-C or a service manager does): the
+    # serve stops too, with a zero exit.
+    edge = start_serve(edge_env(settings, sim, 2), tmp_path / "edge3", tmp_path / "edge3.log")
+    try:
+        kids = await asyncio.to_thread(wait_until, lambda: children_ready(edge, 1), "the extra edge process")
+        os.kill(kids[0].pid, signal.SIGTERM)
+        assert await asyncio.to_thread(edge.wait, 30) == 0
+    finally:
+        stop(edge)
+    log = (tmp_path / "edge3.log").read_bytes()
+    assert f"edge process {kids[0].pid} stopped; stopping this serve".encode() in log, log
+
 
 def test_processes_without_edge_is_one_line_and_a_non_zero_exit(settings: Settings, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "SLACK_"))}
