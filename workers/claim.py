@@ -49,6 +49,9 @@ log = logging.getLogger("intake.worker")
 
 #: How long a worker waits for the broker to answer its claim.
 CLAIM_WAIT_S = 15.0
+#: The first and the longest pause between looks for that answer.
+CLAIM_POLL_MIN_S = 0.005
+CLAIM_POLL_MAX_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -156,12 +159,18 @@ class Claimer:
         return lease, raw
 
     def wait_lease(self, task_id: str, attempt: int, run_id: str) -> tuple[LeaseClaims, str]:
+        """The broker's answer to this claim. It usually comes within milliseconds (the broker
+        answers in the pass that reads the claim), so the first looks come soon and then back
+        off to :data:`CLAIM_POLL_MAX_S`: a worker's Redis user may only GET its leases, so there
+        is nothing it could block on instead."""
         deadline = time.monotonic() + self.claim_wait_s
+        pause = CLAIM_POLL_MIN_S
         while time.monotonic() < deadline:
             found = self.read_lease(task_id, attempt, run_id)
             if found is not None:
                 return found
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(pause * 2, CLAIM_POLL_MAX_S)
         self.reporter.send("report.stopped", task_id, attempt=attempt, run=run_id, why="no_lease")
         raise JobRefused("no_lease", "the broker did not answer the claim in time")
 

@@ -13,9 +13,10 @@ branch), and reports:
 * ``failed`` with a reason (agent error or timeout, no change, git trouble);
 * nothing, when the run was stopped (revoked, frozen, superseded: the broker says so).
 
-A delivery job (a token with ``kind = "deliver"``) runs no agent: :meth:`TaskRunner._deliver`
-fetches the quarantined commit, checks it is exactly the token's ``deliver_sha``, pushes it to
-``<prefix>/<task id>`` and opens the pull request (draft when the result needed approval).
+A delivery job (a token with ``kind = "deliver"``) runs no agent and makes no clone:
+:meth:`TaskRunner._deliver` fetches the quarantined commit into an empty private git directory,
+checks it is exactly the token's ``deliver_sha``, pushes it to ``<prefix>/<task id>`` and opens the
+pull request (draft when the result needed approval).
 
 The worker settles nothing itself: it reports the outcome (``report.result``) and the broker
 applies it if its ledger says this run is still the live one. While the agent runs,
@@ -40,6 +41,7 @@ same minus ``agent_env``, and never the network. Every result and settling event
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -145,18 +147,22 @@ class TaskRunner:
         """
         claim = self.claimer.claim(task_id, token, job_id=job_id, queue=queue)
         lease = LeaseKeeper(self.claimer, claim).start()
-        try:
-            outcome = self._attempt(claim, lease)
-        finally:
-            lease.stop()
-        self._report(claim, outcome)
+        # A delivery's directories are removed after its report: the broker (and the Slack
+        # thread) need not wait for that. A run's go before (so its removal is not in the hop
+        # between its result and its delivery, which the same worker may well take).
+        with contextlib.ExitStack() as later:
+            try:
+                outcome = self._attempt(claim, lease, later)
+            finally:
+                lease.stop()
+            self._report(claim, outcome)
         if outcome.state is not TaskState.SUCCEEDED:
             state = outcome.state.value if outcome.state else str(outcome.data.get("stopped", "stopped"))
             raise JobRefused(state, f"task {task_id} {state}: {outcome.reason or state}"[:500])
         return {"task": task_id, "attempt": claim.attempt, "outcome": outcome.state.value}
 
-    def _attempt(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
-        outcome = self._attempt_work(claim, lease)
+    def _attempt(self, claim: Claim, lease: LeaseKeeper, later: contextlib.ExitStack) -> Outcome:
+        outcome = self._attempt_work(claim, lease, later)
         repo = self.config.repo(claim.task.spec.repo)
         isolation = {"sandbox": self.sandbox.mode, "network": network_for(repo, claim.task.spec)}
         egress = outcome.result.get("egress") if outcome.result else None
@@ -167,10 +173,10 @@ class TaskRunner:
             outcome.result.update(isolation)
         return outcome
 
-    def _attempt_work(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
+    def _attempt_work(self, claim: Claim, lease: LeaseKeeper, later: contextlib.ExitStack) -> Outcome:
         try:
             if claim.claims.kind == "deliver":
-                return self._deliver(claim, lease)
+                return self._deliver(claim, lease, later)
             return self._work(claim, lease)
         except JobTimeoutException:
             return Outcome(TaskState.FAILED, "the run exceeded the worker's job timeout")
@@ -316,9 +322,10 @@ class TaskRunner:
                            {"commit": pushed, "files_changed": len(changed), "additions": added,
                             "deletions": removed}, paths)
 
-    def _deliver(self, claim: Claim, lease: LeaseKeeper) -> Outcome:
+    def _deliver(self, claim: Claim, lease: LeaseKeeper, later: contextlib.ExitStack) -> Outcome:
         """A delivery: push the quarantined commit the token names (verified to be exactly
-        that sha) to ``<prefix>/<task id>`` and open the pull request. No agent runs."""
+        that sha) to ``<prefix>/<task id>`` and open the pull request. No agent runs. Its
+        directories are removed when ``later`` closes (after the report)."""
         task, spec = claim.task, claim.task.spec
         sha = claim.claims.deliver_sha
         repo = self.config.repo(spec.repo)
@@ -327,24 +334,27 @@ class TaskRunner:
         stop = _Stopper(lease)
         credential, _ = self._secrets(repo)
         secrets = [s for s in (credential,) if s]
-        with self.runs.run() as run_dir, Workspace.clone(
-            repo.url, spec.base_ref, credential, username=repo.username, ca_file=repo.ca_file, root=run_dir,
-        ) as ws:
-            if stop():
-                return self._stopped(claim, stop.why or "stopped")
-            branch = f"{spec.branch_prefix}/{task.id}"
-            envelope = self._provenance(claim, sha)
-            claims = claim.claims
-            reviewed = (claims.deliver_base, claims.deliver_diff) if claims.deliver_base and claims.deliver_diff else None
-            pushed = ws.deliver(f"refs/intake/{task.id}", sha, branch, note=envelope, reviewed=reviewed)
-            result: dict[str, Any] = {"branch": branch, "commit": pushed, "pr_url": None, "delivered_by": self.claimer.name,
-                                      "provenance": {"notes_ref": NOTES_REF, "envelope_sha256": digest_of(envelope)}}
-            if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
-                result.update(self._pull_request(repo, task.id, branch, spec.base_ref, spec.change_type,
-                                                 task.spec_hash, secrets, draft=claim.claims.draft,
-                                                 provenance=envelope))
-            return Outcome(TaskState.SUCCEEDED, None, result,
-                           {"branch": branch, "pr_url": result["pr_url"], "draft": claim.claims.draft})
+        run_dir = later.enter_context(self.runs.run())
+        ws = later.enter_context(Workspace.for_delivery(
+            repo.url, credential, object_format="sha256" if len(sha) == 64 else "sha1",
+            username=repo.username, ca_file=repo.ca_file, root=run_dir,
+        ))
+        if stop():
+            return self._stopped(claim, stop.why or "stopped")
+        branch = f"{spec.branch_prefix}/{task.id}"
+        envelope = self._provenance(claim, sha)
+        claims = claim.claims
+        reviewed = (claims.deliver_base, claims.deliver_diff) if claims.deliver_base and claims.deliver_diff else None
+        pushed = ws.deliver(f"refs/intake/{task.id}", sha, branch, note=envelope, reviewed=reviewed,
+                            base_ref=spec.base_ref)
+        result: dict[str, Any] = {"branch": branch, "commit": pushed, "pr_url": None, "delivered_by": self.claimer.name,
+                                  "provenance": {"notes_ref": NOTES_REF, "envelope_sha256": digest_of(envelope)}}
+        if repo.forge is not None and not stop():  # no pull request for a task revoked meanwhile
+            result.update(self._pull_request(repo, task.id, branch, spec.base_ref, spec.change_type,
+                                             task.spec_hash, secrets, draft=claim.claims.draft,
+                                             provenance=envelope))
+        return Outcome(TaskState.SUCCEEDED, None, result,
+                       {"branch": branch, "pr_url": result["pr_url"], "draft": claim.claims.draft})
 
     def _provenance(self, claim: Claim, sha: str) -> str:
         """The broker's signed provenance the delivery token carries, checked again here (the

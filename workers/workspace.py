@@ -101,6 +101,11 @@ _HEX_SHA = re.compile(r"^[0-9a-f]{7,64}$")
 _FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _QUARANTINE_REF = re.compile(r"refs/intake/T-[0-9a-f]{12}")
+#: How a review's diff is taken (as a bare repository: the agent's ``.gitattributes`` cannot
+#: hide lines with ``-diff`` or run a textconv).
+_REVIEW_DIFF = ("--bare", "diff", "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames")
+#: Where a delivery keeps the remote's provenance notes ref while it adds its own note.
+_FETCHED_NOTES = "refs/intake-fetched/notes"
 _USERINFO = re.compile(r"://[^/@\s]*@")
 
 
@@ -292,8 +297,47 @@ class Workspace:
         ``root`` is the directory (a run's, see :mod:`workers.rundirs`) to make the work tree
         and the private git directory in.
         """
-        _check_ref_arg(url, "repository URL")
         _check_ref_arg(base_ref, "base ref")
+        ws = cls._empty(url, credential, username=username, ca_file=ca_file, root=root)
+        try:
+            ws._clone(base_ref, timeout)
+        except BaseException:
+            ws.cleanup()
+            raise
+        return ws
+
+    @classmethod
+    def for_delivery(
+        cls,
+        url: str,
+        credential: str | None,
+        *,
+        object_format: str = "sha1",
+        username: str = "x-access-token",
+        ca_file: Path | None = None,
+        root: Path | None = None,
+    ) -> Workspace:
+        """An empty private git directory for a delivery (:meth:`deliver`), with no clone and
+        no checkout: a delivery runs no agent and needs only the quarantined commit, which
+        :meth:`deliver` fetches (with the provenance notes) in one round trip. The URL and
+        credential rules are :meth:`clone`'s."""
+        ws = cls._empty(url, credential, username=username, ca_file=ca_file, root=root)
+        try:
+            os.chmod(ws._private, 0o700)
+            run_git(["init", "--quiet", "--bare", "--template=", f"--object-format={object_format}",
+                     str(ws._git_dir)], cwd=ws._private, env={})
+            ws.object_format = object_format
+            ws._fingerprint = _fingerprint(ws._git_dir)
+        except BaseException:
+            ws.cleanup()
+            raise
+        return ws
+
+    @classmethod
+    def _empty(cls, url: str, credential: str | None, *, username: str, ca_file: Path | None,
+               root: Path | None) -> Workspace:
+        """A workspace with its directories made and nothing in them, after checking ``url``."""
+        _check_ref_arg(url, "repository URL")
         parts = urlsplit(url) if "://" in url else None
         if parts is not None and (parts.username or parts.password):
             raise GitError("credentials must not be embedded in the repository URL")
@@ -303,14 +347,8 @@ class Workspace:
             url = str(Path(url).resolve())
         path = Path(tempfile.mkdtemp(prefix="intake-ws-", dir=root))
         private = Path(tempfile.mkdtemp(prefix="intake-git-", dir=root))
-        ws = cls(path=path, private_dir=private, url=url, credential=credential,
-                 username=username, ca_file=ca_file)
-        try:
-            ws._clone(base_ref, timeout)
-        except BaseException:
-            ws.cleanup()
-            raise
-        return ws
+        return cls(path=path, private_dir=private, url=url, credential=credential,
+                   username=username, ca_file=ca_file)
 
     def _clone(self, base_ref: str, timeout: float) -> None:
         os.chmod(self._private, 0o700)
@@ -587,15 +625,22 @@ class Workspace:
         everything. ``sha256`` is over exactly the ``diff`` text returned (what is shown), and
         is what a result approval binds to. ``base`` (default :attr:`base_sha`) is the commit the
         diff is taken from: a delivery recomputes the run's review from the run's base."""
-        self._verify_git_dir()
         base = base or self.base_sha
+        diff, truncated, size = self._review_diff(base, cap)
         bare = {"GIT_DIR": str(self._git_dir)}
-        common = ["--bare", "diff", "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames"]
-        full = run_git([*common, "--full-index", base, self.head], cwd=self._private, env=bare)
-        summary = run_git([*common, "--stat=120,100", base, self.head], cwd=self._private, env=bare)
-        numstat = run_git([*common, "--numstat", "-z", base, self.head], cwd=self._private, env=bare)
+        summary = run_git([*_REVIEW_DIFF, "--stat=120,100", base, self.head], cwd=self._private, env=bare)
+        numstat = run_git([*_REVIEW_DIFF, "--numstat", "-z", base, self.head], cwd=self._private, env=bare)
         binary = sorted(r.split("\t", 2)[2] for r in numstat.split("\0")
                         if r.startswith("-\t-\t") and r.count("\t") >= 2)[:200]
+        return {"diff": diff, "sha256": hashlib.sha256(diff.encode()).hexdigest(), "truncated": truncated,
+                "bytes": size, "stat": summary[-8000:], "binary": binary}
+
+    def _review_diff(self, base: str, cap: int = REVIEW_CAP_BYTES) -> tuple[str, bool, int]:
+        """(the review's diff text, whether it was cut, the full diff's size in bytes): the part
+        of :meth:`review` that its ``sha256`` is over, and all a delivery's check needs."""
+        self._verify_git_dir()
+        bare = {"GIT_DIR": str(self._git_dir)}
+        full = run_git([*_REVIEW_DIFF, "--full-index", base, self.head], cwd=self._private, env=bare)
         raw = full.encode()
         diff, truncated, limit = full, False, cap
         # Bound by the encoded size too: control characters escape to six bytes in JSON.
@@ -608,8 +653,7 @@ class Workspace:
         if truncated:
             diff += (f"\n[review truncated: the diff is {len(raw)} bytes; only the first {len(diff.encode())} are "
                      "shown. The stat covers every file.]\n")
-        return {"diff": diff, "sha256": hashlib.sha256(diff.encode()).hexdigest(), "truncated": truncated,
-                "bytes": len(raw), "stat": summary[-8000:], "binary": binary}
+        return diff, truncated, len(raw)
 
     def tree_of(self, sha: str) -> str:
         """The tree id of commit ``sha`` in the worker's own objects."""
@@ -617,39 +661,51 @@ class Workspace:
         return self._git(["rev-parse", "--verify", "--quiet", f"{sha}^{{tree}}"]).strip()
 
     def deliver(self, ref: str, sha: str, branch: str, note: str | None = None,
-                reviewed: tuple[str, str] | None = None) -> str:
+                reviewed: tuple[str, str] | None = None, base_ref: str | None = None) -> str:
         """Fetch the quarantined commit from ``ref`` on the remote, check it is exactly ``sha``
         (the one the approvers accepted), and push it to ``refs/heads/<branch>`` (never forced:
         an existing branch elsewhere makes git refuse). With ``note`` (the broker's signed
         provenance) the note goes on ``refs/notes/intake`` for ``sha`` and is pushed with the
-        branch in one atomic push. Returns the sha.
+        branch in one atomic push; the remote's notes come in the same fetch as the commit.
+        Returns the sha. Works on a clone and on :meth:`for_delivery`'s empty directory.
 
         With ``reviewed`` = (base, diff SHA-256), the diff the approvers were shown is checked
-        to be this commit's (see :meth:`_check_reviewed`) before anything is pushed."""
+        to be this commit's (see :meth:`_check_reviewed`) before anything is pushed; an empty
+        directory then fetches the remote's branches and tags too (as a clone would) and
+        resolves ``base_ref``, the base branch that check needs."""
         if not _QUARANTINE_REF.fullmatch(ref) or not _FULL_SHA.fullmatch(sha):
             raise GitError("refusing to deliver: not a quarantine ref and a full commit sha")
         if reviewed is not None and not (_FULL_SHA.fullmatch(reviewed[0]) and _SHA256.fullmatch(reviewed[1])):
             raise GitError("refusing to deliver: the reviewed diff is not a base commit and a sha256")
-        self.create_branch(branch)
-        with self._remote() as (env, fds):
-            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, f"+{ref}:refs/intake-fetched/head"],
-                    cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential)
-        self._fingerprint = _fingerprint(self._git_dir)  # the fetch was ours
+        specs = [f"+{ref}:refs/intake-fetched/head"]
+        if note is not None:  # (a fresh workspace holds no notes refs of its own yet)
+            specs.append(f"+{NOTES_REF}*:{_FETCHED_NOTES}*")  # a glob: no error when there are none
+        resolve = reviewed is not None and not self.base_sha
+        if resolve:
+            if base_ref is None:
+                raise GitError("refusing to deliver: no base branch to check the reviewed diff against")
+            _check_ref_arg(base_ref, "base ref")
+            specs += ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
+        self._fetch(specs)
+        if resolve and base_ref is not None:
+            self.base_sha = self._resolve_base(base_ref)
         fetched = self._git(["rev-parse", "--verify", "--quiet", "refs/intake-fetched/head^{commit}"]).strip()
         if fetched != sha:
             raise GitError(f"the quarantined commit is {fetched[:12] or 'missing'}, not the accepted {sha[:12]}")
         self.head = sha
         if reviewed is not None:
             self._check_reviewed(*reviewed)
-        self._git(["update-ref", f"refs/heads/{branch}", sha])
+        self.create_branch(branch)  # at the accepted commit; refuses an existing branch
         if note is None:
             return self.push(branch)
-        for _ in range(NOTE_PUSH_TRIES - 1):
+        for attempt in range(NOTE_PUSH_TRIES):
             try:
-                return self._push_with_note(branch, note)
+                return self._push_with_note(branch, note, fetch=attempt > 0)
             except GitError:
-                continue  # another delivery moved the notes ref meanwhile: fetch it again
-        return self._push_with_note(branch, note)
+                if attempt == NOTE_PUSH_TRIES - 1:
+                    raise
+                # another delivery moved the notes ref meanwhile: fetch it again
+        raise AssertionError("unreachable")
 
     def _check_reviewed(self, base: str, diff_sha256: str) -> None:
         """Refuse unless the diff from ``base`` to :attr:`head`, recomputed here from the
@@ -663,26 +719,32 @@ class Workspace:
             if found.returncode != 0:
                 raise GitError(f"refusing to deliver: the reviewed diff's base {base[:12]} is not in the history "
                                f"of {what}")
-        recomputed = self.review(base=base)["sha256"]
+        recomputed = hashlib.sha256(self._review_diff(base)[0].encode()).hexdigest()
         if not hmac.compare_digest(recomputed, diff_sha256):
             raise GitError(f"refusing to deliver: commit {self.head[:12]}'s diff (sha256 {recomputed[:12]}) is not "
                            f"the reviewed one (sha256 {diff_sha256[:12]})")
 
-    def _push_with_note(self, branch: str, note: str) -> str:
-        """The remote's notes ref (if any) plus our note for :attr:`head`, pushed atomically
-        with the branch; the note is the exact bytes given (a blob, no clean-up)."""
-        fetched = "refs/intake-fetched/notes"
-        self._git_result(["update-ref", "-d", fetched])  # absent is fine
+    def _fetch(self, specs: list[str]) -> None:
         with self._remote() as (env, fds):
-            # A glob refspec: no error when the remote has no notes yet.
-            run_git(["fetch", "--quiet", "--no-tags", "--", self.url, f"+{NOTES_REF}*:{fetched}*"],
+            # No FETCH_HEAD and no background maintenance: nothing reads them in a directory
+            # removed right after the push, and each is another process in the delivery hop.
+            run_git(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-maintenance",
+                     "--", self.url, *specs],
                     cwd=self.path, env=self._env(env), timeout=300, pass_fds=fds, secret=self._credential)
         self._fingerprint = _fingerprint(self._git_dir)  # the fetch was ours
-        remote_notes = self._git_result(["rev-parse", "--verify", "--quiet", f"{fetched}^{{commit}}"])
+
+    def _push_with_note(self, branch: str, note: str, *, fetch: bool) -> str:
+        """The remote's notes ref (if any; fetched again when ``fetch``) plus our note for
+        :attr:`head`, pushed atomically with the branch; the note is the exact bytes given (a
+        blob, no clean-up)."""
+        if fetch:
+            self._git_result(["update-ref", "-d", _FETCHED_NOTES])  # absent is fine
+            self._fetch([f"+{NOTES_REF}*:{_FETCHED_NOTES}*"])
+        remote_notes = self._git_result(["rev-parse", "--verify", "--quiet", f"{_FETCHED_NOTES}^{{commit}}"])
         if remote_notes.returncode == 0:
             self._git(["update-ref", NOTES_REF, remote_notes.stdout.decode().strip()])
-        else:
-            self._git_result(["update-ref", "-d", NOTES_REF])
+        elif fetch:
+            self._git_result(["update-ref", "-d", NOTES_REF])  # our note of the failed try
         blob = self._git(["hash-object", "-w", "--stdin"], stdin=note.encode()).strip()
         self._git(["notes", f"--ref={NOTES_REF}", "add", "--force", "-C", blob, self.head], WORKER_IDENTITY)
         with self._remote() as (env, fds):

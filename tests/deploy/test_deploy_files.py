@@ -84,9 +84,21 @@ DIGEST = re.compile(r"[a-z0-9./-]+(:[A-Za-z0-9._-]+)?@sha256:[0-9a-f]{64}")
 OWN_IMAGE = "intake:0.1.0"  # built from deploy/Dockerfile: its digest exists only once built and pushed
 
 
+def _dockerfile_bases() -> list[str]:
+    """The FROM images as a build with no --build-arg gets them: ``${NAME}`` is the default of a
+    global ARG (one before the first FROM); an ARG without a default stays unresolved."""
+    steps = _dockerfile()
+    first = next(i for i, (op, _) in enumerate(steps) if op == "FROM")
+    defaults = dict(arg.split("=", 1) for op, arg in steps[:first] if op == "ARG" and "=" in arg)
+    return [re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m[1] or m[2], m[0]), arg.split()[0])
+            for op, arg in steps if op == "FROM"]
+
+
 def _images() -> dict[str, list[str]]:
     """Every image each recipe names: FROM lines, compose and Kubernetes ``image:`` values."""
-    found: dict[str, list[str]] = {"Dockerfile": [arg.split()[0] for op, arg in _dockerfile() if op == "FROM"]}
+    found: dict[str, list[str]] = {"Dockerfile": _dockerfile_bases()}
+    # A `# syntax=` parser directive is an image too (BuildKit pulls that frontend before building).
+    found["Dockerfile"] += re.findall(r"(?im)^#\s*syntax\s*=\s*(\S+)", (DEPLOY / "Dockerfile").read_text())
     found["compose.yaml"] = [s["image"] for s in yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
                              .values() if "image" in s]
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
@@ -105,6 +117,10 @@ def test_every_base_and_third_party_image_is_pinned_by_digest() -> None:
     assert not loose, f"images named by a tag only: {loose}"
     for bad in ("redis:7.2-bookworm", "redis@sha256:abc", "caddy:2.8@sha256:" + "A" * 64):
         assert not DIGEST.fullmatch(bad), bad
+    # The bases are build arguments (tests/deploy/test_image_build.py swaps them for local ones);
+    # a build passing none gets the pinned python images.
+    assert [image.split("@")[0] for image in images["Dockerfile"]] == ["python:3.11-bookworm",
+                                                                       "python:3.11-slim-bookworm"]
 
 
 def test_compose_and_kubernetes_name_every_image_the_same_way() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from typing import NamedTuple
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -18,11 +19,20 @@ PIN = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(?P<vers
 HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
 
 
-def _entries(text: str) -> dict[str, tuple[Version, list[str]]]:
-    """The lock's requirements: name -> (pinned version, hashes). Continuation lines are joined;
-    comments dropped. Anything that is not `name==version [; marker] --hash=...` is an error."""
+class Pin(NamedTuple):
+    """One lock entry: the exact version, its sha256 hashes, and its environment marker ("" when
+    it applies everywhere)."""
+
+    version: Version
+    hashes: list[str]
+    marker: str
+
+
+def lock_entries(text: str) -> dict[str, Pin]:
+    """The lock's requirements by canonical name. Continuation lines are joined; comments
+    dropped. Anything that is not `name==version [; marker] --hash=...` is an error."""
     joined = re.sub(r"\\\n\s*", " ", text)
-    out: dict[str, tuple[Version, list[str]]] = {}
+    out: dict[str, Pin] = {}
     for raw in joined.splitlines():
         line = raw.split("#", 1)[0].strip()  # "--hash=sha256:" holds no "#"
         if not line:
@@ -31,7 +41,7 @@ def _entries(text: str) -> dict[str, tuple[Version, list[str]]]:
         m = PIN.fullmatch(head.strip())
         assert m, f"not an exact pin: {line[:80]}"
         found = HASH.findall("--hash" + hashes) if hashes else []
-        out[canonicalize_name(m["name"])] = (Version(m["version"]), found)
+        out[canonicalize_name(m["name"])] = Pin(Version(m["version"]), found, (m["marker"] or "").strip(" ;"))
     return out
 
 
@@ -40,21 +50,21 @@ def _pyproject() -> dict:
 
 
 def test_every_lock_line_is_an_exact_pin_with_hashes() -> None:
-    entries = _entries(LOCK.read_text())
+    entries = lock_entries(LOCK.read_text())
     assert len(entries) > 20
-    bare = [name for name, (_, hashes) in entries.items() if not hashes]
+    bare = [name for name, pin in entries.items() if not pin.hashes]
     assert not bare, f"pins without --hash: {bare}"
 
 
 def test_the_lock_covers_every_runtime_dependency_and_the_build_backend_at_accepted_versions() -> None:
-    entries = _entries(LOCK.read_text())
+    entries = lock_entries(LOCK.read_text())
     project = _pyproject()
     wanted = [Requirement(r) for r in project["project"]["dependencies"]]
     wanted += [Requirement(r) for r in project["build-system"]["requires"]]
     for req in wanted:
         name = canonicalize_name(req.name)
         assert name in entries, f"{req.name} is in pyproject.toml but not in requirements.lock: re-lock"
-        version = entries[name][0]
+        version = entries[name].version
         assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} violates {req.specifier}"
         for extra in req.extras:  # redis[hiredis]: the extra's own packages are locked too
             assert canonicalize_name(extra) in entries, f"{req.name}[{extra}]: {extra} is not locked"
@@ -66,11 +76,11 @@ def test_the_lock_covers_every_runtime_dependency_and_the_build_backend_at_accep
 
 def test_the_parser_refuses_a_loose_or_unhashed_line() -> None:
     good = "aiohttp==3.9.0 \\\n    --hash=sha256:" + "a" * 64 + "\n"
-    assert _entries(good)["aiohttp"][1]
-    assert not _entries("aiohttp==3.9.0\n")["aiohttp"][1], "a pin without hashes is seen as such"
+    assert lock_entries(good)["aiohttp"].hashes
+    assert not lock_entries("aiohttp==3.9.0\n")["aiohttp"].hashes, "a pin without hashes is seen as such"
     for loose in ("aiohttp>=3.9 \\\n    --hash=sha256:" + "a" * 64, "-e .", "aiohttp"):
         try:
-            _entries(loose)
+            lock_entries(loose)
         except AssertionError:
             continue
         raise AssertionError(f"accepted a loose line: {loose!r}")

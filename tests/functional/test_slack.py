@@ -250,6 +250,12 @@ async def test_two_approver_flow_from_the_card(slack: SlackDriver, store: Store,
     assert "revoked" in (await slack.command(REQUESTER, f"revoke {task_id} not needed"))["text"]
     assert store.get_task(task_id).state is TaskState.REVOKED
     await thread_says("*revoked*")
+    # The dispatch token minted for the queued task (task.dispatched, before the revoke in the
+    # outbox's order) is the broker's plumbing: it is not posted as a second "queued" (issue 21:
+    # each post costs paced Slack calls that the next real change waits behind).
+    assert any(e["action"] == "task.dispatched" and e["subject"] == task_id for e in store.audit.export())
+    thread = [c for c in slack.sim.calls_to("chat.postMessage") if c.params.get("thread_ts")]
+    assert len([c for c in thread if "*queued*" in blocks_text(c)]) == 1
 
 
 async def test_deny_from_the_card(slack: SlackDriver, store: Store) -> None:

@@ -36,6 +36,11 @@ _TASK_STATES = {s.value for s in TaskState}
 # Task events the requester is told about (mentioned in the thread).
 _TELL_REQUESTER = {"queued", "running", "succeeded", "failed", "blocked", "revoked", "expired", "denied",
                    "awaiting_result_approval"}
+#: Task events that are the broker's own plumbing, not news for the thread: a dispatch token
+#: minted and a delivery attempt claimed change neither the card nor the task's state (the
+#: thread would say "queued" or "delivering" a second time), and each would spend two paced
+#: Slack calls that the next real change then waits behind.
+_PLUMBING = {"task.created", "task.dispatched", "task.delivery_started"}
 #: The events on which a run's quarantined result is shown as a result card.
 _RESULT_EVENTS = {"task.awaiting_result_approval", "task.delivering"}
 # How far before the idea's capture a card of it may be stamped (clock skew between hosts).
@@ -220,7 +225,7 @@ class SlackNotifier:
         elif action in {"idea.promoted", "idea.denied", "idea.expired", "idea.withdrawn", "idea.escalated"}:
             idea = await asyncio.to_thread(store.get_idea, event.subject)
             await self.refresh(idea, event)
-        elif action == "approval.recorded" or (action.startswith("task.") and action != "task.created"):
+        elif action == "approval.recorded" or (action.startswith("task.") and action not in _PLUMBING):
             task = await asyncio.to_thread(store.get_task, event.subject)
             idea = await asyncio.to_thread(store.get_idea, task.idea_id)
             await self.refresh(idea, event, task)
