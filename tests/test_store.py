@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from intake.audit.log import AuditLog
 from intake.core.errors import IllegalTransition, InvalidInput, NotFound
-from intake.core.models import Channel, IdeaState
+from intake.core.models import Channel, IdeaDraft, IdeaState
+from intake.core.settings import Settings
+from intake.storage.capture_queue import CaptureQueue
 from intake.storage.store import Store
 from tests.conftest import FakeClock
 from tests.factories import draft
@@ -99,3 +103,42 @@ def test_unknown_and_malformed_ids(store: Store) -> None:
         store.get_idea("I-000000000000")
     with pytest.raises(InvalidInput, match="not an idea id"):
         store.get_idea("I-../../etc")
+
+
+def _batch_with_every_case(store: Store) -> tuple[list[IdeaDraft], str]:
+    """A batch holding a new idea, a refused draft, a retry of the first within the batch, another
+    new idea and a retry of a delivery captured before it: (drafts, the earlier idea's id)."""
+    earlier, _ = store.capture(draft(delivery_id="Ev-earlier"))
+    drafts = [draft(delivery_id="Ev-a"), draft(delivery_id="Ev-empty", text="  "),
+              draft(delivery_id="Ev-a", text="the same delivery again"), draft(delivery_id="Ev-b"),
+              draft(delivery_id="Ev-earlier", text="a retry of an old delivery")]
+    return drafts, earlier.id
+
+
+def _check_batch(results: list[Any], earlier: str, audit: AuditLog) -> None:
+    (a, a_new), refused, (a_again, a_again_new), (b, b_new), (old, old_new) = results
+    assert isinstance(refused, InvalidInput)
+    assert a_new and b_new and not a_again_new and not old_new
+    assert a_again.id == a.id and a_again.text == a.text and old.id == earlier and a.id != b.id
+    captured = [e["subject"] for e in audit.export() if e["action"] == "idea.captured"]
+    assert sorted(captured) == sorted([earlier, a.id, b.id]), "one audit event per new idea, none for retries"
+    assert audit.verify().anomalies == ()
+
+
+def test_capture_many_stores_a_batch_in_one_call_each_capture_on_its_own(store: Store, audit: AuditLog) -> None:
+    drafts, earlier = _batch_with_every_case(store)
+    _check_batch(store.capture_many(drafts), earlier, audit)
+
+
+async def test_the_capture_queue_batches_concurrent_captures_alike(
+        store: Store, audit: AuditLog, settings: Settings) -> None:
+    assert settings.redis_url is not None
+    drafts, earlier = _batch_with_every_case(store)
+    queue = CaptureQueue(store, settings.redis_url.get_secret_value(), ttl_s=3600, writers=1)
+    await queue.start()
+    try:
+        results = await asyncio.gather(*(queue.capture(d) for d in drafts), return_exceptions=True)
+    finally:
+        await queue.stop()
+    audit.seal_pending()
+    _check_batch(list(results), earlier, audit)

@@ -125,14 +125,25 @@ def main() -> None:
 @click.option("--edge", is_flag=True,
               help="Only answer requests (capture, reads); full serves on the same Redis seal, process worker "
                    "reports, dispatch, sweep and post cards (also INTAKE_EDGE=1).")
-def serve(dev: bool, edge: bool) -> None:
+@click.option("--processes", type=click.IntRange(1, 64), default=None, metavar="N",
+              help="With --edge: serve the port from N processes (SO_REUSEPORT), one event loop each "
+                   "(also INTAKE_EDGE_PROCESSES).")
+@click.option("--listen-fd", type=int, default=None, hidden=True)  # an edge's extra process (EdgeProcesses)
+@click.option("--parent-fd", type=int, default=None, hidden=True)
+def serve(dev: bool, edge: bool, processes: int | None, listen_fd: int | None, parent_fd: int | None) -> None:
     """Run the broker's web app (GET /healthz, /readyz; channels mount here)."""
     from intake.serve import run
 
-    settings = load_settings(**({"edge": True} if edge else {}))
+    overrides: dict[str, Any] = {"edge": True} if edge else {}
+    if processes is not None:
+        overrides["edge_processes"] = processes
+    settings = load_settings(**overrides)
     if settings.edge and dev:
         raise InvalidInput("--edge: dev mode is one full serve with its own worker; start edges beside it")
-    run(settings, dev=dev)
+    if settings.edge_processes > 1 and not settings.edge:
+        raise InvalidInput("--processes: only an edge (--edge) runs as several processes; "
+                           "start full serves as separate replicas")
+    run(settings, dev=dev, listen_fd=listen_fd, parent_fd=parent_fd)
 
 
 @cli.command()

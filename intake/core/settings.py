@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # leaves sealing, worker reports, dispatch, sweeps and the Slack outbox to the full serves
     # on the same Redis, so none of that shares a core with its requests.
     edge: bool = False
+    # How many processes an edge serve runs on its port (`intake serve --edge --processes N`):
+    # each its own event loop on its own SO_REUSEPORT socket, the kernel spreading connections
+    # over them. Only edges: they keep no per-process state a request depends on.
+    edge_processes: int = Field(1, ge=1, le=64)
     # The outbox (README, "Delivery guarantees"): first retry after outbox_retry_ms, doubling with
     # full jitter up to outbox_retry_cap seconds; an event is given up (audited) only once it is
     # outbox_max_age seconds old; a delivery (and a card reservation) is one consumer's for

@@ -1,8 +1,8 @@
 """Group commit for captures in a long-running server.
 
 Each channel request awaits :meth:`CaptureQueue.capture`; a few writer tasks each drain what
-queued up while other batches were in flight and store it in one Redis round trip, each capture
-its own atomic script (:data:`intake.storage.store.CAPTURE_SCRIPT`, the one the CLI's
+queued up while other batches were in flight and store it in one Redis round trip, one call of
+the batch capture script (:data:`intake.storage.store.CAPTURE_SCRIPT`, the one the CLI's
 :meth:`~intake.storage.store.Store.capture` runs). The writers use an asyncio Redis client in the event
 loop: no thread hop, so no wait for the GIL between a reply and its request. A request is
 answered only after its batch is stored, so "durable before ack" holds.
@@ -58,29 +58,30 @@ class CaptureQueue:
 
     async def _store(self, drafts: list[IdeaDraft]) -> list[tuple[Idea, bool] | IntakeError]:
         results: list[tuple[Idea, bool] | IntakeError] = []
-        calls: list[tuple[int, list[str], list[object]]] = []
+        prepared: list[int] = []
+        keys: list[str] = []
+        args: list[object] = []
         for i, draft in enumerate(drafts):
             try:
-                idea, keys, args = self.store.prepare_capture(draft, self.ttl_s)
+                idea, its_keys, its_args = self.store.prepare_capture(draft, self.ttl_s)
             except IntakeError as exc:
                 results.append(exc)
                 continue
             results.append((idea, True))
-            calls.append((i, keys, args))
-        if not calls:
+            prepared.append(i)
+            keys += its_keys
+            args += its_args
+        if not prepared:
             return results
         for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
-            for _, keys, args in calls:
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
             try:
-                replies = await pipe.execute()
+                replies = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
                 break
             except NoScriptError:  # Redis restarted and lost its script cache
                 if attempt:
                     raise
                 self._sha = await self._redis.script_load(CAPTURE_SCRIPT)
-        for (i, _, _), existing in zip(calls, replies, strict=True):
+        for i, existing in zip(prepared, replies, strict=True):
             if existing is not None:  # a delivery seen before: hand back the first idea
                 raw = await self._redis.get(self.store.keys.idea(existing))
                 results[i] = (Idea.model_validate_json(raw), False) if raw else NotFound(

@@ -41,20 +41,34 @@ from intake.text.normalise import normalise, normalise_title
 
 T = TypeVar("T")
 
-# Capture in one round trip: claim the delivery id, store the idea, index it (KEYS[8..]: the
-# console's listing indexes, member ARGV[7]) and append its audit event atomically; or, for a delivery seen before, change nothing and name the first idea.
+# Capture a batch in one call. Each capture brings 7 + n keys and 8 arguments, in the order
+# :meth:`Store.prepare_capture` gives them (n, its number of console listing indexes, is its
+# last argument): claim the delivery id, store the idea, index it (its n listing indexes with
+# member ARGV[7]) and append its audit event; or, for a delivery seen before (earlier, or earlier
+# in this batch), change nothing and name the first idea. One script call per batch, not per
+# capture: invoking a script costs Redis more than the writes inside it (bench/slack_capture.py).
+# The batch runs atomically, so each capture in it does.
 CAPTURE_SCRIPT = """
-local existing = redis.call('GET', KEYS[1])
-if existing then return existing end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
-if ARGV[6] ~= '' then redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1]) end
-redis.call('XADD', KEYS[5], '*', 'e', ARGV[4], 'm', ARGV[5])
-for i = 8, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[7]) end
-return false
+local out, k, a = {}, 0, 0
+while a < #ARGV do
+  local n = tonumber(ARGV[a + 8])
+  local existing = redis.call('GET', KEYS[k + 1])
+  if existing then
+    out[#out + 1] = existing
+  else
+    redis.call('SET', KEYS[k + 1], ARGV[a + 1])
+    redis.call('SET', KEYS[k + 2], ARGV[a + 2])
+    redis.call('ZADD', KEYS[k + 3], ARGV[a + 3], ARGV[a + 1])
+    redis.call('ZADD', KEYS[k + 4], ARGV[a + 3], ARGV[a + 1])
+    redis.call('ZADD', KEYS[k + 7], ARGV[a + 3], ARGV[a + 1])
+    if ARGV[a + 6] ~= '' then redis.call('ZADD', KEYS[k + 6], ARGV[a + 6], ARGV[a + 1]) end
+    redis.call('XADD', KEYS[k + 5], '*', 'e', ARGV[a + 4], 'm', ARGV[a + 5])
+    for i = k + 8, k + 7 + n do redis.call('ZADD', KEYS[i], 0, ARGV[a + 7]) end
+    out[#out + 1] = false
+  end
+  k, a = k + 7 + n, a + 8
+end
+return out
 """
 Pipe = redis.client.Pipeline
 Clock = Callable[[], float]
@@ -295,34 +309,38 @@ class Store:
             channel=draft.channel.value, text_sha256=text_hash, bytes=size,
             **({"filed_by": draft.filed_by} if draft.filed_by and draft.filed_by != draft.requester else {}),
         ))
+        facets = sorted(indexes.idea_facets(self.keys, idea))
         keys = [self.keys.delivery(draft.channel.value, draft.delivery_id), self.keys.idea(idea.id),
                 self.keys.ideas, self.keys.ideas_pending, self.audit.stream, self.keys.ideas_expiry,
-                self.keys.ideas_unescalated, *sorted(indexes.idea_facets(self.keys, idea))]
+                self.keys.ideas_unescalated, *facets]
         expires = "" if idea.expires_at is None else idea.expires_at
         return idea, keys, [idea.id, idea.model_dump_json(), now, body, mac, expires,
-                            index_member(idea.created_at, idea.id)]
+                            index_member(idea.created_at, idea.id), len(facets)]
 
     def capture_many(
         self, drafts: list[IdeaDraft], *, ttl_s: int | None = None
     ) -> list[tuple[Idea, bool] | IntakeError]:
         """Capture several ideas in one round trip (group commit); one result per draft, in
-        order: ``(idea, created)`` or the refusal for that draft. Each capture is its own atomic
-        script, so one refused draft never affects another."""
+        order: ``(idea, created)`` or the refusal for that draft. A draft refused here (empty,
+        oversize) never reaches Redis, so it never affects another; the rest are stored by one
+        :data:`CAPTURE_SCRIPT` call."""
         results: list[tuple[Idea, bool] | IntakeError] = []
-        prepared: list[tuple[int, Idea]] = []
-        pipe = self.r.pipeline(transaction=False)
+        prepared: list[int] = []
+        keys: list[str] = []
+        args: list[Any] = []
         for i, draft in enumerate(drafts):
             try:
-                idea, keys, args = self.prepare_capture(draft, ttl_s)
+                idea, its_keys, its_args = self.prepare_capture(draft, ttl_s)
             except IntakeError as exc:
                 results.append(exc)
                 continue
             results.append((idea, True))
-            prepared.append((i, idea))
-            self._capture(keys=keys, args=args, client=pipe)
+            prepared.append(i)
+            keys += its_keys
+            args += its_args
         if not prepared:
             return results
-        for (i, _idea), existing in zip(prepared, pipe.execute(), strict=True):
+        for i, existing in zip(prepared, self._capture(keys=keys, args=args), strict=True):
             if existing is not None:  # a delivery seen before: hand back the first idea
                 try:
                     results[i] = (self.get_idea(existing), False)
