@@ -479,8 +479,19 @@ class EmbeddedRedis:
         with contextlib.suppress(ProcessLookupError):  # it may already be going down
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30  # a loaded host can take a while to fsync and exit
-        while self._ping() and time.monotonic() < deadline:
+        # Until the process is gone, not only deaf: Redis stops answering before it has removed
+        # its socket file and exited, and a start in that gap would find a server going away.
+        while (self._ping() or _running(pid)) and time.monotonic() < deadline:
             time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, which nobody may have reaped yet, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
 
 
 @contextmanager
