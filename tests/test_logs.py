@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ from pydantic import SecretStr
 
 from intake.core.logs import REDACTED, configure_logging
 from intake.core.settings import Settings
+from tests.ports import free_port
 
 INTAKE = [sys.executable, "-m", "intake"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
@@ -42,7 +36,7 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
 
 
 def test_serve_logs_json_without_bodies_codes_or_tokens(tmp_path: Path) -> None:
-    data, port, log_path = tmp_path / "d", _free_port(), tmp_path / "serve.log"
+    data, port, log_path = tmp_path / "d", free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "SLACK_"))}
     env.update(INTAKE_DATA_DIR=str(data), INTAKE_PORT=str(port), INTAKE_LOG_FORMAT="json", INTAKE_LOG_LEVEL="debug")
     with log_path.open("w") as log:

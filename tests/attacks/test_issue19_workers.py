@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from intake.protocol.tokens import verify_dispatch
 from intake.tasks import provenance
 from intake.tasks.dispatch import job_id_for
 from tests.conftest import REPO_ROOT, FakeClock
+from tests.ports import free_port
 from tests.workers.harness import Rig, in_a_work_tree, make_rig, wait_for
 
 NoPerm = redis.exceptions.NoPermissionError
@@ -48,12 +48,6 @@ def sh(script: str) -> dict[str, object]:
     return {"type": "command", "argv": ["/bin/sh", "-c", script]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _redis7_users(tmp: Path) -> Iterator[dict[str, str]]:
     """A real Redis 7 with the users `intake redis aclfile --worker good --worker mallory` wrote."""
     if not os.path.exists(REDIS7):
@@ -61,7 +55,7 @@ def _redis7_users(tmp: Path) -> Iterator[dict[str, str]]:
     version = subprocess.run([REDIS7, "--version"], capture_output=True, text=True, check=False).stdout
     if "v=7" not in version and "v=8" not in version:
         pytest.skip("no Redis 7 at /usr/bin/redis-server")
-    port = _free_port()
+    port = free_port()
     acl = tmp / "acl"
     subprocess.run([sys.executable, "-m", "intake", "redis", "aclfile", str(acl), "--worker", "good",
                     "--worker", "mallory", "--queue", "good=tier-standard", "--queue", "mallory=tier-privileged",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from intake.core.settings import Settings
 from intake.storage.store import Store
 from tests.email.email_harness import Relay, Signer, email_settings, mail, running_mail
 from tests.functional.webhook_harness import running_webhooks, vector
+from tests.ports import free_port
 
 FAST = {"outbox_retry_ms": 50, "outbox_retry_cap": 0.3}
 
@@ -79,12 +79,6 @@ async def test_a_reply_the_forge_never_takes_is_given_up_and_audited(settings: S
         assert dropped[0]["subject"] == answer["idea"] and dropped[0]["data"]["group"] == "channel-replies"
         assert dropped[0]["data"]["error"] == "status_503"
         assert "ghp_test" not in json.dumps(dropped)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_relay_outage_during_capture_delays_the_acknowledgement_and_it_is_sent_once(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pyotp
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,6 @@ def _env(site: Path, home: Path) -> dict[str, str]:
             "LANG": "C.UTF-8"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_installed_broker_runs_the_readme_walkthrough_from_an_empty_directory(
         site: Path, tmp_path: Path, short_tmp: Path) -> None:
     run_dir = short_tmp
@@ -92,7 +86,7 @@ def test_the_installed_broker_runs_the_readme_walkthrough_from_an_empty_director
     assert Path(module).is_relative_to(site), "the test must exercise the installed copy"
     assert Path(dist_root) == site, "the installed distribution is intake-broker"
     assert scripts == "['intake.cli.main:main']", "the command stays `intake`"
-    port = _free_port()
+    port = free_port()
     env_serve = {**env, "INTAKE_PORT": str(port)}
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen([sys.executable, "-m", "intake", "serve", "--dev"], cwd=run_dir, env=env_serve,

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.api_harness import Codes
+from tests.ports import free_port  # noqa: F401 (imported from here by other tests)
 
 INTAKE = [sys.executable, "-m", "intake"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> dict:
