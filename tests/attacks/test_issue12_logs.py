@@ -23,7 +23,8 @@ from pydantic import SecretStr
 
 from intake.core.logs import REDACTED, configure_logging
 from intake.core.settings import Settings
-from tests.test_logs import INTAKE, _free_port
+from tests.ports import free_port
+from tests.test_logs import INTAKE
 
 
 def _get(url: str) -> int:
@@ -37,7 +38,7 @@ def _get(url: str) -> int:
 def test_access_log_never_shows_an_enrolment_link_token(tmp_path: Path) -> None:
     """The enrolment link ``/console/enrol/<token>`` is a bearer secret (whoever opens it first
     reveals the approver's TOTP secret). The access log must name the route, not the token."""
-    data, port, log_path = tmp_path / "d", _free_port(), tmp_path / "serve.log"
+    data, port, log_path = tmp_path / "d", free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "SLACK_"))}
     env.update(INTAKE_DATA_DIR=str(data), INTAKE_PORT=str(port), INTAKE_LOG_FORMAT="text", INTAKE_LOG_LEVEL="info")
     token = "ENROLTOKEN" + secrets.token_urlsafe(16)
