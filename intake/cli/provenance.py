@@ -134,16 +134,25 @@ def verify(api: ApiClient, settings: Settings, ref: str, repo: Path | None, as_j
         failures.insert(0, f"audit log: {known['not_found']}")
     task = provenance.statement_task(statement) if statement else known.get("task")
     inclusion, consistency = known.get("inclusion_verified"), known.get("consistency_verified")
+    return _report(as_json, commit=commit, task=task, source=source, inclusion=inclusion,
+                   consistency=consistency, failures=failures,
+                   verified="provenance verified: commit {commit}, task {task}: signature, subject and every fact "
+                            "agree with the sealed audit log")
+
+
+def _report(as_json: bool, *, commit: str, task: str | None, source: str, inclusion: Any, consistency: Any,
+            failures: list[str], verified: str, offline: bool = False) -> bool:
+    """Print a verify's outcome (JSON, one FAIL line per failing check, or the verified lines);
+    True when everything holds. ``verified`` is the first line, with ``{commit}`` and ``{task}``."""
     if as_json:
         click.echo(json.dumps({"ok": not failures, "commit": commit, "task": task, "source": source,
-                               "inclusion": inclusion, "consistency": consistency, "offline": False,
+                               "inclusion": inclusion, "consistency": consistency, "offline": offline,
                                "failures": failures}, ensure_ascii=True, sort_keys=True))
     elif failures:
         for line in failures:
             click.echo(f"FAIL {safe(line)}")
     else:
-        click.echo(f"provenance verified: commit {commit}, task {safe(str(task))}: signature, subject and "
-                   "every fact agree with the sealed audit log")
+        click.echo(verified.format(commit=commit, task=safe(str(task))))
         click.echo(f"inclusion proof verified: {safe(str(inclusion))}")
         if consistency is not None:
             click.echo(f"tree head consistent: {safe(str(consistency))}")
@@ -161,15 +170,7 @@ def verify_offline(public_key: Path, ref: str, repo: Path, as_json: bool) -> boo
         statement, inclusion, failures = provenance.verify_offline(note, load_public_keys(public_key),
                                                                    commit=commit, tree=tree)
     task = provenance.statement_task(statement) if statement else None
-    if as_json:
-        click.echo(json.dumps({"ok": not failures, "commit": commit, "task": task, "source": source,
-                               "inclusion": inclusion, "consistency": None, "offline": True, "failures": failures},
-                              ensure_ascii=True, sort_keys=True))
-    elif failures:
-        for line in failures:
-            click.echo(f"FAIL {safe(line)}")
-    else:
-        click.echo(f"provenance verified offline: commit {commit}, task {safe(str(task))}: signature, subject and "
-                   "the approvals' inclusion proof (the other facts need the broker: run without --offline)")
-        click.echo(f"inclusion proof verified: {safe(str(inclusion))}")
-    return not failures
+    return _report(as_json, commit=commit, task=task, source=source, inclusion=inclusion, consistency=None,
+                   failures=failures, offline=True,
+                   verified="provenance verified offline: commit {commit}, task {task}: signature, subject and "
+                            "the approvals' inclusion proof (the other facts need the broker: run without --offline)")
